@@ -1,0 +1,197 @@
+//! Elementwise residual ops: `add` (out = a + b), `scale` (out = s·x), and the fused
+//! `axpby` (out = sa·a + sb·b) they share, plus the in-place `add_scaled_` (dst += s·src) used
+//! for residual streams and gradient accumulation.
+//!
+//! Backward: for out = sa·a + sb·b, da = sa·dout and db = sb·dout — see [`add_backward`].
+//! Dtypes: f32, and bf16/f16 storage with f32 math (f16 on CPU only).
+
+use rayon::prelude::*;
+use smelt_engine::{bf16, f16, DType, Device, Error, Result, Tensor};
+
+crate::kernel_source!("add");
+
+/// out = a + b.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    axpby(1.0, a, 1.0, b)
+}
+
+/// out = s·x.
+pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
+    axpby(s, x, 0.0, x)
+}
+
+/// dst += s·src, in place (dst must not share storage with src).
+pub fn add_scaled_(dst: &Tensor, s: f32, src: &Tensor) -> Result<()> {
+    check("add_scaled_", dst, src)?;
+    run(1.0, dst, s, src, dst)
+}
+
+/// Gradients of out = sa·a + sb·b: (sa·dout, sb·dout).
+pub fn add_backward(dout: &Tensor, sa: f32, sb: f32) -> Result<(Tensor, Tensor)> {
+    Ok((scale(dout, sa)?, scale(dout, sb)?))
+}
+
+/// out = sa·a + sb·b.
+pub fn axpby(sa: f32, a: &Tensor, sb: f32, b: &Tensor) -> Result<Tensor> {
+    check("add", a, b)?;
+    let out = Tensor::empty(a.shape(), a.dtype(), a.device())?;
+    run(sa, a, sb, b, &out)?;
+    Ok(out)
+}
+
+fn check(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        return Err(Error::shape(op, format!("{:?} {} vs {:?} {}", a.shape(), a.dtype(), b.shape(), b.dtype())));
+    }
+    if a.device() != b.device() {
+        return Err(Error::DeviceMismatch { op, a: a.device(), b: b.device() });
+    }
+    Ok(())
+}
+
+fn run(sa: f32, a: &Tensor, sb: f32, b: &Tensor, out: &Tensor) -> Result<()> {
+    match out.device() {
+        Device::Cpu => {
+            // `out` may be `a` (in-place): read a copy of a first in that case.
+            let a_owned;
+            let a_vals: Vec<f32>;
+            let a_ref: &[f32] = if out.same_storage(a) {
+                a_owned = a.to_vec_f32()?;
+                &a_owned
+            } else {
+                a_vals = a.to_vec_f32()?;
+                &a_vals
+            };
+            let b_vals = b.to_vec_f32()?;
+            match out.dtype() {
+                DType::F32 => cpu::axpby(sa, a_ref, sb, &b_vals, &mut out.cpu_write::<f32>()?),
+                DType::BF16 => cpu::axpby_to(sa, a_ref, sb, &b_vals, &mut out.cpu_write::<bf16>()?, bf16::from_f32),
+                DType::F16 => cpu::axpby_to(sa, a_ref, sb, &b_vals, &mut out.cpu_write::<f16>()?, f16::from_f32),
+                dt => return Err(Error::UnsupportedDType { op: "add", dtype: dt }),
+            }
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => cuda::axpby(ord, sa, a, sb, b, out),
+        #[cfg(not(feature = "cuda"))]
+        d => Err(Error::UnsupportedDevice { op: "add", device: d }),
+    }
+}
+
+/// Slice-level CPU implementations (the reference for the CUDA kernels).
+pub mod cpu {
+    use super::*;
+
+    const CHUNK: usize = 1 << 14;
+
+    pub fn axpby(sa: f32, a: &[f32], sb: f32, b: &[f32], out: &mut [f32]) {
+        axpby_to(sa, a, sb, b, out, |x| x)
+    }
+
+    pub fn axpby_to<T: Send>(sa: f32, a: &[f32], sb: f32, b: &[f32], out: &mut [T], conv: fn(f32) -> T) {
+        smelt_engine::cpu::pool().install(|| {
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                let base = c * CHUNK;
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o = conv(sa * a[base + i] + sb * b[base + i]);
+                }
+            })
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::cuda::{launch, Arg, LaunchCfg};
+
+    pub fn axpby(ord: usize, sa: f32, a: &Tensor, sb: f32, b: &Tensor, out: &Tensor) -> Result<()> {
+        let n = out.elem_count() as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let (pa, pb, po) = (a.cuda_ptr()?, b.cuda_ptr()?, out.cuda_ptr()?);
+        let aligned = n % 4 == 0 && [pa, pb, po].iter().all(|p| p % 16 == 0);
+        let (func, count) = match (out.dtype(), aligned) {
+            (DType::F32, true) => ("add_f32_v4", n / 4),
+            (DType::F32, false) => ("add_f32", n),
+            (DType::BF16, true) => ("add_bf16_v4", n / 4),
+            (DType::BF16, false) => ("add_bf16", n),
+            (dt, _) => return Err(Error::UnsupportedDType { op: "add (cuda)", dtype: dt }),
+        };
+        let block = 256u32;
+        let grid = count.div_ceil(block as u64).clamp(1, 132 * 16) as u32;
+        let cfg = LaunchCfg { grid: (grid, 1, 1), block: (block, 1, 1), smem: 0 };
+        launch(ord, &SRC, func, cfg, &[Arg::Ptr(po), Arg::Ptr(pa), Arg::Ptr(pb), Arg::F32(sa), Arg::F32(sb), Arg::U64(count)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+    use smelt_engine::Rng;
+
+    fn reference(sa: f32, a: &[f32], sb: f32, b: &[f32]) -> Vec<f64> {
+        a.iter().zip(b).map(|(x, y)| sa as f64 * *x as f64 + sb as f64 * *y as f64).collect()
+    }
+
+    #[test]
+    fn add_scale_axpby_match_f64_on_odd_shapes() {
+        let mut rng = Rng::new(3);
+        for shape in [vec![1usize], vec![7, 33], vec![3, 1, 151_936], vec![1000, 9]] {
+            let n: usize = shape.iter().product();
+            let (av, bv) = (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+            let a = Tensor::from_slice(&av, &shape, Device::Cpu).unwrap();
+            let b = Tensor::from_slice(&bv, &shape, Device::Cpu).unwrap();
+            assert_close(&add(&a, &b).unwrap().to_vec().unwrap(), &reference(1.0, &av, 1.0, &bv), 1e-6, 1e-6, "add");
+            assert_close(&scale(&a, -0.37).unwrap().to_vec().unwrap(), &reference(-0.37, &av, 0.0, &bv), 1e-6, 1e-6, "scale");
+            let want = reference(1.0, &av, 2.5, &bv);
+            add_scaled_(&a, 2.5, &b).unwrap();
+            assert_close(&a.to_vec().unwrap(), &want, 1e-6, 1e-6, "add_scaled_");
+            // bf16 storage, f32 math: one rounding of the exact result.
+            let (ah, bh) = (a.to_dtype(DType::BF16).unwrap(), b.to_dtype(DType::BF16).unwrap());
+            let want = reference(1.0, &ah.to_vec_f32().unwrap(), 1.0, &bh.to_vec_f32().unwrap());
+            assert_close(&add(&ah, &bh).unwrap().to_vec_f32().unwrap(), &want, 1e-30, DType::BF16.epsilon() / 2.0, "add bf16");
+        }
+    }
+
+    #[test]
+    fn add_backward_by_finite_differences() {
+        let mut rng = Rng::new(4);
+        let (av, bv, gv) = (randn(&mut rng, 5, 1.0), randn(&mut rng, 5, 1.0), randn(&mut rng, 5, 1.0));
+        let (sa, sb) = (0.7f32, -1.3f32);
+        let g = Tensor::from_slice(&gv, &[5], Device::Cpu).unwrap();
+        let (da, db) = add_backward(&g, sa, sb).unwrap();
+        // L = Σ g·(sa·a + sb·b)
+        let loss = |a: &[f64], b: &[f64]| -> f64 {
+            (0..5).map(|i| gv[i] as f64 * (sa as f64 * a[i] + sb as f64 * b[i])).sum()
+        };
+        let (a64, b64) = (to_f64(&av), to_f64(&bv));
+        assert_close(&da.to_vec().unwrap(), &finite_diff(|a| loss(a, &b64), &a64, 1e-5), 1e-6, 1e-6, "da");
+        assert_close(&db.to_vec().unwrap(), &finite_diff(|b| loss(&a64, b), &b64, 1e-5), 1e-6, 1e-6, "db");
+    }
+
+    #[test]
+    fn shape_mismatch_names_the_op() {
+        let a = Tensor::zeros(&[2, 3], DType::F32, Device::Cpu).unwrap();
+        let b = Tensor::zeros(&[3, 2], DType::F32, Device::Cpu).unwrap();
+        let e = add(&a, &b).unwrap_err().to_string();
+        assert!(e.contains("add") && e.contains("[2, 3]"), "{e}");
+    }
+
+    #[test]
+    fn device_matches_cpu() {
+        let Some(dev) = test_cuda_device() else { return };
+        let mut rng = Rng::new(5);
+        for n in [1usize, 3, 4, 1023, 151_936] {
+            for dt in [DType::F32, DType::BF16] {
+                let a = Tensor::from_slice(&randn(&mut rng, n, 1.0), &[n], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                let b = Tensor::from_slice(&randn(&mut rng, n, 1.0), &[n], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                let want = axpby(0.5, &a, -2.0, &b).unwrap().to_vec_f32().unwrap();
+                let got = axpby(0.5, &a.to_device(dev).unwrap(), -2.0, &b.to_device(dev).unwrap()).unwrap();
+                assert_close(&got.to_vec_f32().unwrap(), &to_f64(&want), 1e-6, dt.epsilon(), &format!("add {dt} n={n}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! smelt-models: Qwen2 / Qwen2.5 / Qwen3 as Hugging Face ships them.

@@ -1,0 +1,1 @@
+//! smelt-trainer: the GRPO-family RL loop and the `smelt` command-line tool.
