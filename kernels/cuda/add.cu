@@ -1,4 +1,5 @@
-// add.cu — elementwise residual ops: out = a + b, out = s·x, and in-place dst += s·src.
+// add.cu — elementwise residual ops: out = sa·a + sb·b (add, scale, in-place dst += s·src), the
+// row-broadcast bias add x[r,:] += b, and its backward, the column sum Σ_r g[r,:].
 //
 // Layout: flat contiguous buffers of n elements (f32, or bf16 storage with f32 math).
 // Threads: a grid-stride loop; each thread handles 4 consecutive elements per step through one
@@ -43,4 +44,34 @@ extern "C" __global__ void add_bf16_v4(uint2* __restrict__ out, const uint2* __r
         r.x = rs[0]; r.y = rs[1];
         out[i] = r;
     }
+}
+
+// x[r, c] += bias[c] over a flat [rows, d] buffer (grid-stride; the modulo is cheap next to
+// the memory traffic).
+extern "C" __global__ void add_bias_f32(float* __restrict__ x, const float* __restrict__ bias, u64 n, u32 d) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        x[i] += bias[i % d];
+}
+
+extern "C" __global__ void add_bias_bf16(bf16_t* __restrict__ x, const bf16_t* __restrict__ bias, u64 n, u32 d) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(bias[i % d]));
+}
+
+// out[c] = Σ_r g[r, c]: one thread per column, a warp covers 32 adjacent columns so each row
+// read is one coalesced 128-byte segment. Sequential over rows ⇒ deterministic.
+extern "C" __global__ void column_sum_f32(float* __restrict__ out, const float* __restrict__ g, u32 rows, u32 d) {
+    u32 c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    float s = 0.0f;
+    for (u32 r = 0; r < rows; ++r) s += g[(u64)r * d + c];
+    out[c] = s;
+}
+
+extern "C" __global__ void column_sum_bf16(float* __restrict__ out, const bf16_t* __restrict__ g, u32 rows, u32 d) {
+    u32 c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    float s = 0.0f;
+    for (u32 r = 0; r < rows; ++r) s += bf16_to_f32(g[(u64)r * d + c]);
+    out[c] = s;
 }

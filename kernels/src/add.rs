@@ -2,6 +2,9 @@
 //! `axpby` (out = sa·a + sb·b) they share, plus the in-place `add_scaled_` (dst += s·src) used
 //! for residual streams and gradient accumulation.
 //!
+//! Also the row-broadcast `add_bias_` (x[r, :] += b, for Qwen2's q/k/v biases) and its
+//! backward `bias_grad` (db = Σ_rows dout).
+//!
 //! Backward: for out = sa·a + sb·b, da = sa·dout and db = sb·dout — see [`add_backward`].
 //! Dtypes: f32, and bf16/f16 storage with f32 math (f16 on CPU only).
 
@@ -37,6 +40,54 @@ pub fn axpby(sa: f32, a: &Tensor, sb: f32, b: &Tensor) -> Result<Tensor> {
     let out = Tensor::empty(a.shape(), a.dtype(), a.device())?;
     run(sa, a, sb, b, &out)?;
     Ok(out)
+}
+
+/// x[r, :] += bias for every row r, in place. `x` is [rows, D] (any leading dims), `bias` is [D]
+/// of the same dtype.
+pub fn add_bias_(x: &Tensor, bias: &Tensor) -> Result<()> {
+    let (rows, d) = x.rows_cols();
+    if bias.elem_count() != d || bias.dtype() != x.dtype() {
+        return Err(Error::shape(
+            "add_bias_",
+            format!("x {:?} {} vs bias {:?} {}", x.shape(), x.dtype(), bias.shape(), bias.dtype()),
+        ));
+    }
+    if x.device() != bias.device() {
+        return Err(Error::DeviceMismatch { op: "add_bias_", a: x.device(), b: bias.device() });
+    }
+    match x.device() {
+        Device::Cpu => {
+            let b = bias.to_vec_f32()?;
+            match x.dtype() {
+                DType::F32 => cpu::add_bias_(&mut x.cpu_write::<f32>()?, &b, rows, d),
+                DType::BF16 => cpu::add_bias_via(&mut x.cpu_write::<bf16>()?, &b, d, |v| v.to_f32(), bf16::from_f32),
+                DType::F16 => cpu::add_bias_via(&mut x.cpu_write::<f16>()?, &b, d, |v| v.to_f32(), f16::from_f32),
+                dt => return Err(Error::UnsupportedDType { op: "add_bias_", dtype: dt }),
+            }
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => cuda_bias::add_bias_(ord, x, bias, rows, d),
+        #[cfg(not(feature = "cuda"))]
+        d => Err(Error::UnsupportedDevice { op: "add_bias_", device: d }),
+    }
+}
+
+/// Gradient of a broadcast bias: Σ over rows of `dout` [rows, D], as f32 [D].
+///
+/// On CUDA this is a column-sum kernel; the sum is taken in f32 per column (deterministic).
+pub fn bias_grad(dout: &Tensor) -> Result<Tensor> {
+    let (rows, d) = dout.rows_cols();
+    match dout.device() {
+        Device::Cpu => {
+            let g = dout.to_vec_f32()?;
+            Tensor::from_slice(&cpu::column_sum(&g, rows, d), &[d], Device::Cpu)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => cuda_bias::bias_grad(ord, dout, rows, d),
+        #[cfg(not(feature = "cuda"))]
+        dev => Err(Error::UnsupportedDevice { op: "bias_grad", device: dev }),
+    }
 }
 
 fn check(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
@@ -88,6 +139,33 @@ pub mod cpu {
         axpby_to(sa, a, sb, b, out, |x| x)
     }
 
+    pub fn add_bias_(x: &mut [f32], b: &[f32], _rows: usize, d: usize) {
+        add_bias_via(x, b, d, |v| v, |v| v)
+    }
+
+    pub fn add_bias_via<T: Copy + Send>(x: &mut [T], b: &[f32], d: usize, load: fn(T) -> f32, store: fn(f32) -> T) {
+        if d == 0 {
+            return;
+        }
+        smelt_engine::cpu::pool().install(|| {
+            x.par_chunks_mut(d).for_each(|row| {
+                for (v, b) in row.iter_mut().zip(b) {
+                    *v = store(load(*v) + b);
+                }
+            })
+        })
+    }
+
+    /// Σ over rows of a [rows, d] matrix, accumulated in f64 per column.
+    pub fn column_sum(g: &[f32], rows: usize, d: usize) -> Vec<f32> {
+        smelt_engine::cpu::pool().install(|| {
+            (0..d)
+                .into_par_iter()
+                .map(|j| (0..rows).map(|r| g[r * d + j] as f64).sum::<f64>() as f32)
+                .collect()
+        })
+    }
+
     pub fn axpby_to<T: Send>(sa: f32, a: &[f32], sb: f32, b: &[f32], out: &mut [T], conv: fn(f32) -> T) {
         smelt_engine::cpu::pool().install(|| {
             out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
@@ -123,6 +201,43 @@ mod cuda {
         let grid = count.div_ceil(block as u64).clamp(1, 132 * 16) as u32;
         let cfg = LaunchCfg { grid: (grid, 1, 1), block: (block, 1, 1), smem: 0 };
         launch(ord, &SRC, func, cfg, &[Arg::Ptr(po), Arg::Ptr(pa), Arg::Ptr(pb), Arg::F32(sa), Arg::F32(sb), Arg::U64(count)])
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_bias {
+    use super::*;
+    use crate::cuda::{launch, Arg, LaunchCfg};
+
+    pub fn add_bias_(ord: usize, x: &Tensor, bias: &Tensor, rows: usize, d: usize) -> Result<()> {
+        let n = (rows * d) as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let func = match x.dtype() {
+            DType::F32 => "add_bias_f32",
+            DType::BF16 => "add_bias_bf16",
+            dt => return Err(Error::UnsupportedDType { op: "add_bias_ (cuda)", dtype: dt }),
+        };
+        let grid = n.div_ceil(256).clamp(1, 132 * 16) as u32;
+        let cfg = LaunchCfg { grid: (grid, 1, 1), block: (256, 1, 1), smem: 0 };
+        launch(ord, &SRC, func, cfg, &[Arg::Ptr(x.cuda_ptr()?), Arg::Ptr(bias.cuda_ptr()?), Arg::U64(n), Arg::U32(d as u32)])
+    }
+
+    pub fn bias_grad(ord: usize, dout: &Tensor, rows: usize, d: usize) -> Result<Tensor> {
+        let out = Tensor::empty(&[d], DType::F32, dout.device())?;
+        if d == 0 {
+            return Ok(out);
+        }
+        let func = match dout.dtype() {
+            DType::F32 => "column_sum_f32",
+            DType::BF16 => "column_sum_bf16",
+            dt => return Err(Error::UnsupportedDType { op: "bias_grad (cuda)", dtype: dt }),
+        };
+        // One thread per column, 32 columns per block: coalesced row-by-row reads.
+        let cfg = LaunchCfg { grid: ((d as u32).div_ceil(32), 1, 1), block: (32, 1, 1), smem: 0 };
+        launch(ord, &SRC, func, cfg, &[Arg::Ptr(out.cuda_ptr()?), Arg::Ptr(dout.cuda_ptr()?), Arg::U32(rows as u32), Arg::U32(d as u32)])?;
+        Ok(out)
     }
 }
 
@@ -173,6 +288,27 @@ mod tests {
     }
 
     #[test]
+    fn add_bias_and_bias_grad_match_f64() {
+        let mut rng = Rng::new(6);
+        for (rows, d) in [(1usize, 1usize), (7, 37), (64, 100)] {
+            let xv = randn(&mut rng, rows * d, 1.0);
+            let bv = randn(&mut rng, d, 1.0);
+            let x = Tensor::from_slice(&xv, &[rows, d], Device::Cpu).unwrap();
+            add_bias_(&x, &Tensor::from_slice(&bv, &[d], Device::Cpu).unwrap()).unwrap();
+            let want: Vec<f64> = (0..rows * d).map(|i| xv[i] as f64 + bv[i % d] as f64).collect();
+            assert_close(&x.to_vec().unwrap(), &want, 1e-6, 1e-6, "add_bias_");
+            // L = Σ g ∘ (x + b) ⇒ dL/db = column sums of g; checked by finite differences.
+            let g = randn(&mut rng, rows * d, 1.0);
+            let loss = |b: &[f64]| (0..rows * d).map(|i| g[i] as f64 * (xv[i] as f64 + b[i % d])).sum::<f64>();
+            let db = bias_grad(&Tensor::from_slice(&g, &[rows, d], Device::Cpu).unwrap()).unwrap();
+            assert_close(&db.to_vec().unwrap(), &finite_diff(loss, &to_f64(&bv), 1e-4), 1e-4, 1e-5, "bias_grad");
+        }
+        let x = Tensor::zeros(&[2, 3], DType::F32, Device::Cpu).unwrap();
+        let e = add_bias_(&x, &Tensor::zeros(&[4], DType::F32, Device::Cpu).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("add_bias_") && e.contains("[4]"), "{e}");
+    }
+
+    #[test]
     fn shape_mismatch_names_the_op() {
         let a = Tensor::zeros(&[2, 3], DType::F32, Device::Cpu).unwrap();
         let b = Tensor::zeros(&[3, 2], DType::F32, Device::Cpu).unwrap();
@@ -191,6 +327,21 @@ mod tests {
                 let want = axpby(0.5, &a, -2.0, &b).unwrap().to_vec_f32().unwrap();
                 let got = axpby(0.5, &a.to_device(dev).unwrap(), -2.0, &b.to_device(dev).unwrap()).unwrap();
                 assert_close(&got.to_vec_f32().unwrap(), &to_f64(&want), 1e-6, dt.epsilon(), &format!("add {dt} n={n}"));
+            }
+        }
+        for (rows, d) in [(1usize, 1usize), (33, 37), (300, 896)] {
+            for dt in [DType::F32, DType::BF16] {
+                let x = Tensor::from_slice(&randn(&mut rng, rows * d, 1.0), &[rows, d], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                let b = Tensor::from_slice(&randn(&mut rng, d, 1.0), &[d], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                let xd = x.to_device(dev).unwrap();
+                add_bias_(&x, &b).unwrap();
+                add_bias_(&xd, &b.to_device(dev).unwrap()).unwrap();
+                let want = to_f64(&x.to_vec_f32().unwrap());
+                assert_close(&xd.to_vec_f32().unwrap(), &want, 1e-6, dt.epsilon(), &format!("add_bias_ {dt} {rows}x{d}"));
+                let g = Tensor::from_slice(&randn(&mut rng, rows * d, 1.0), &[rows, d], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                let want = to_f64(&bias_grad(&g).unwrap().to_vec::<f32>().unwrap());
+                let got = bias_grad(&g.to_device(dev).unwrap()).unwrap().to_vec::<f32>().unwrap();
+                assert_close(&got, &want, 1e-4, 1e-5, &format!("bias_grad {dt} {rows}x{d}"));
             }
         }
     }

@@ -1,1 +1,34 @@
-fn main() {}
+//! The `smelt` command-line tool.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// smelt — a framework-free engine for RL training of reasoning LLMs.
+#[derive(Parser)]
+#[command(name = "smelt", version, about, long_about = None)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report the CPU threads, the CUDA libraries found, each GPU, and a kernel self-test.
+    Doctor,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Doctor => cli::doctor::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
