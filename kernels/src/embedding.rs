@@ -1,1 +1,374 @@
-//! (being written)
+//! Token embedding: gather rows of a `[V, H]` table by id, and its backward, a scatter-add of
+//! the output gradient into the table gradient.
+//!
+//! - Forward: `out[.., :] = table[ids[..], :]`, `out` of shape `ids.shape ++ [H]` and the table's
+//!   dtype (a copy: any float dtype; f32 and bf16 on CUDA too).
+//! - Backward: `d_table[ids[t], :] += d_out[t, :]` (accumulated into the caller's f32 `d_table`,
+//!   so tied-embedding gradients from the LM head can share the buffer). `d_out` f32 or bf16.
+//!   CPU: deterministic — each table row is owned by one task, which adds its tokens in
+//!   increasing token order. CUDA: `atomicAdd` per element, so the order in which repeated ids
+//!   are added (and hence the last bits of the sum) is NOT deterministic.
+//!
+//! Ids are u32 or i32. Every id is checked against V before anything runs; an out-of-range id
+//! is an error naming the id, its position and V. On CUDA this check copies the ids to the host
+//! (N·4 bytes and a stream sync), which is what makes a readable error possible.
+
+use rayon::prelude::*;
+use smelt_engine::{bf16, f16, DType, Device, Error, Result, Tensor, WithDType};
+
+crate::kernel_source!("embedding");
+
+/// `table[ids]`: shape `ids.shape ++ [H]`, dtype of `table [V, H]`.
+pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    if table.rank() != 2 || !table.dtype().is_float() {
+        return Err(Error::shape(
+            "embedding",
+            format!("table must be a 2-D float [V, H] tensor, got {:?} {}", table.shape(), table.dtype()),
+        ));
+    }
+    let (v, h) = (table.dim(0), table.dim(1));
+    let idv = checked_ids("embedding", ids, v, table.device())?;
+    let mut shape = ids.shape().to_vec();
+    shape.push(h);
+    let out = Tensor::empty(&shape, table.dtype(), table.device())?;
+    match table.device() {
+        Device::Cpu => {
+            fn go<T: WithDType>(ids: &[u32], table: &Tensor, out: &Tensor) -> Result<()> {
+                cpu::embedding(ids, &table.cpu_read::<T>()?, table.dim(1), &mut out.cpu_write::<T>()?);
+                Ok(())
+            }
+            match table.dtype() {
+                DType::F32 => go::<f32>(&idv, table, &out)?,
+                DType::BF16 => go::<bf16>(&idv, table, &out)?,
+                DType::F16 => go::<f16>(&idv, table, &out)?,
+                dtype => return Err(Error::UnsupportedDType { op: "embedding", dtype }),
+            }
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => cuda::forward(ord, ids, table, &out, idv.len())?,
+        #[cfg(not(feature = "cuda"))]
+        device => return Err(Error::UnsupportedDevice { op: "embedding", device }),
+    }
+    Ok(out)
+}
+
+/// `d_table[ids[t]] += d_out[t]` for every token t. `d_table [V, H]` f32; `d_out` has shape
+/// `ids.shape ++ [H]`, f32 or bf16.
+pub fn embedding_backward(ids: &Tensor, d_out: &Tensor, d_table: &Tensor) -> Result<()> {
+    let op = "embedding_backward";
+    if d_table.rank() != 2 || d_table.dtype() != DType::F32 {
+        return Err(Error::shape(
+            op,
+            format!("d_table must be [V, H] f32, got {:?} {}", d_table.shape(), d_table.dtype()),
+        ));
+    }
+    let (v, h) = (d_table.dim(0), d_table.dim(1));
+    let mut want = ids.shape().to_vec();
+    want.push(h);
+    if d_out.shape() != want.as_slice() || !matches!(d_out.dtype(), DType::F32 | DType::BF16) {
+        return Err(Error::shape(
+            op,
+            format!(
+                "d_out {:?} {} must be {want:?} f32/bf16 for ids {:?} and d_table {:?}",
+                d_out.shape(),
+                d_out.dtype(),
+                ids.shape(),
+                d_table.shape()
+            ),
+        ));
+    }
+    if d_out.device() != d_table.device() {
+        return Err(Error::DeviceMismatch { op, a: d_out.device(), b: d_table.device() });
+    }
+    let idv = checked_ids(op, ids, v, d_table.device())?;
+    match d_table.device() {
+        Device::Cpu => {
+            let mut dt = d_table.cpu_write::<f32>()?;
+            match d_out.dtype() {
+                DType::F32 => cpu::embedding_backward(&idv, &d_out.cpu_read::<f32>()?, h, &mut dt),
+                _ => cpu::embedding_backward(&idv, &d_out.cpu_read::<bf16>()?, h, &mut dt),
+            }
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => cuda::backward(ord, ids, d_out, d_table, idv.len()),
+        #[cfg(not(feature = "cuda"))]
+        device => Err(Error::UnsupportedDevice { op, device }),
+    }
+}
+
+/// The ids as u32 on the host, after checking dtype, device and range.
+fn checked_ids(op: &'static str, ids: &Tensor, vocab: usize, device: Device) -> Result<Vec<u32>> {
+    if ids.device() != device {
+        return Err(Error::DeviceMismatch { op, a: ids.device(), b: device });
+    }
+    let out: Vec<i64> = match ids.dtype() {
+        DType::U32 => ids.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::I32 => ids.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
+        got => return Err(Error::DType { op, expected: DType::U32, got }),
+    };
+    if let Some((pos, id)) = out.iter().enumerate().find(|(_, &id)| id < 0 || id >= vocab as i64) {
+        return Err(Error::msg(format!(
+            "{op}: token id {id} at position {pos} is out of range for vocab size V = {vocab} (ids {:?})",
+            ids.shape()
+        )));
+    }
+    Ok(out.into_iter().map(|id| id as u32).collect())
+}
+
+/// Slice-level CPU implementations (the reference for the CUDA kernels). Ids must be < V.
+pub mod cpu {
+    use super::*;
+
+    /// `out[t] = table[ids[t]]`, rows of length `h`.
+    pub fn embedding<T: Copy + Send + Sync>(ids: &[u32], table: &[T], h: usize, out: &mut [T]) {
+        if h == 0 {
+            return;
+        }
+        smelt_engine::cpu::pool().install(|| {
+            out.par_chunks_mut(h).zip(ids.par_iter()).with_min_len(64).for_each(|(o, &id)| {
+                let r = id as usize * h;
+                o.copy_from_slice(&table[r..r + h]);
+            })
+        })
+    }
+
+    /// `d_table[ids[t]] += d_out[t]`. Deterministic: tokens are bucketed by id (counting sort,
+    /// stable), and each table row adds its tokens in increasing token order.
+    pub fn embedding_backward<T: WithDType>(ids: &[u32], d_out: &[T], h: usize, d_table: &mut [f32]) {
+        if h == 0 || ids.is_empty() {
+            return;
+        }
+        let v = d_table.len() / h;
+        // CSR of token indices per id.
+        let mut start = vec![0u32; v + 1];
+        for &id in ids {
+            start[id as usize + 1] += 1;
+        }
+        for i in 0..v {
+            start[i + 1] += start[i];
+        }
+        let mut fill = start.clone();
+        let mut order = vec![0u32; ids.len()];
+        for (t, &id) in ids.iter().enumerate() {
+            order[fill[id as usize] as usize] = t as u32;
+            fill[id as usize] += 1;
+        }
+        smelt_engine::cpu::pool().install(|| {
+            d_table.par_chunks_mut(h).enumerate().with_min_len(256).for_each(|(id, row)| {
+                for &t in &order[start[id] as usize..start[id + 1] as usize] {
+                    let g = &d_out[t as usize * h..(t as usize + 1) * h];
+                    for (r, &g) in row.iter_mut().zip(g) {
+                        *r += g.to_f64() as f32;
+                    }
+                }
+            })
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::cuda::{launch, Arg, LaunchCfg};
+
+    fn cfg(n: u64) -> LaunchCfg {
+        let block = 256u32;
+        let grid = n.div_ceil(block as u64).clamp(1, 132 * 16) as u32;
+        LaunchCfg { grid: (grid, 1, 1), block: (block, 1, 1), smem: 0 }
+    }
+
+    /// A row copy in the widest unit (16, 4 or 2 bytes) that divides the row and the alignment.
+    pub fn forward(ord: usize, ids: &Tensor, table: &Tensor, out: &Tensor, n: usize) -> Result<()> {
+        let row_bytes = (table.dim(1) * table.dtype().size_in_bytes()) as u64;
+        if n == 0 || row_bytes == 0 {
+            return Ok(());
+        }
+        let (pi, pt, po) = (ids.cuda_ptr()?, table.cuda_ptr()?, out.cuda_ptr()?);
+        let fits = |u: u64| row_bytes % u == 0 && pt % u == 0 && po % u == 0;
+        let (func, unit) = if fits(16) {
+            ("embedding_fwd_v16", 16)
+        } else if fits(4) {
+            ("embedding_fwd_v4", 4)
+        } else {
+            ("embedding_fwd_v2", 2)
+        };
+        let units = row_bytes / unit;
+        let args = [Arg::Ptr(po), Arg::Ptr(pt), Arg::Ptr(pi), Arg::U64(n as u64), Arg::U64(units)];
+        launch(ord, &SRC, func, cfg(n as u64 * units), &args)
+    }
+
+    pub fn backward(ord: usize, ids: &Tensor, d_out: &Tensor, d_table: &Tensor, n: usize) -> Result<()> {
+        let h = d_table.dim(1) as u64;
+        if n == 0 || h == 0 {
+            return Ok(());
+        }
+        let func = if d_out.dtype() == DType::F32 { "embedding_bwd_f32" } else { "embedding_bwd_bf16" };
+        let args = [
+            Arg::Ptr(d_table.cuda_ptr()?),
+            Arg::Ptr(d_out.cuda_ptr()?),
+            Arg::Ptr(ids.cuda_ptr()?),
+            Arg::U64(n as u64),
+            Arg::U64(h),
+        ];
+        launch(ord, &SRC, func, cfg(n as u64 * h), &args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+    use smelt_engine::Rng;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn embedding_gathers_rows_on_odd_shapes() {
+        let mut rng = Rng::new(41);
+        for (n, v, h) in [(1usize, 1usize, 1usize), (7, 5, 37), (3000, 50, 3), (4, 151, 896)] {
+            let table = randn(&mut rng, v * h, 1.0);
+            let ids: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+            let want: Vec<f64> = ids
+                .iter()
+                .flat_map(|&id| table[id as usize * h..(id as usize + 1) * h].iter().map(|&x| x as f64))
+                .collect();
+            let tt = t(&table, &[v, h]);
+            let got = embedding(&Tensor::from_slice(&ids, &[n], Device::Cpu).unwrap(), &tt).unwrap();
+            assert_eq!(got.shape(), &[n, h]);
+            assert_close(&got.to_vec::<f32>().unwrap(), &want, 0.0, 0.0, "embedding f32");
+            // i32 ids and a 2-D ids tensor; bf16 table is an exact copy too.
+            let ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+            let th = tt.to_dtype(DType::BF16).unwrap();
+            let got = embedding(&Tensor::from_slice(&ids_i, &[1, n], Device::Cpu).unwrap(), &th).unwrap();
+            assert_eq!(got.shape(), &[1, n, h]);
+            let hv = th.to_vec::<bf16>().unwrap();
+            let want: Vec<bf16> =
+                ids.iter().flat_map(|&id| hv[id as usize * h..(id as usize + 1) * h].to_vec()).collect();
+            assert_eq!(got.to_vec::<bf16>().unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn embedding_out_of_range_names_the_id_and_vocab() {
+        let table = Tensor::zeros(&[10, 4], DType::F32, Device::Cpu).unwrap();
+        let ids = Tensor::from_slice(&[1u32, 10, 3], &[3], Device::Cpu).unwrap();
+        let e = embedding(&ids, &table).unwrap_err().to_string();
+        assert!(e.contains("embedding") && e.contains("id 10") && e.contains("V = 10"), "{e}");
+        let ids = Tensor::from_slice(&[-1i32], &[1], Device::Cpu).unwrap();
+        let e = embedding(&ids, &table).unwrap_err().to_string();
+        assert!(e.contains("id -1") && e.contains("V = 10"), "{e}");
+        let ids = Tensor::from_slice(&[12u32], &[1], Device::Cpu).unwrap();
+        let d = Tensor::zeros(&[1, 4], DType::F32, Device::Cpu).unwrap();
+        let e = embedding_backward(&ids, &d, &table).unwrap_err().to_string();
+        assert!(e.contains("embedding_backward") && e.contains("id 12"), "{e}");
+        let ids = Tensor::from_slice(&[1.0f32], &[1], Device::Cpu).unwrap();
+        assert!(embedding(&ids, &table).unwrap_err().to_string().contains("u32"));
+        let ids = Tensor::from_slice(&[1u32, 2], &[2], Device::Cpu).unwrap();
+        let e = embedding_backward(&ids, &d, &table).unwrap_err().to_string();
+        assert!(e.contains("embedding_backward") && e.contains("[1, 4]") && e.contains("[2, 4]"), "{e}");
+    }
+
+    #[test]
+    fn embedding_backward_scatter_adds_in_f64_and_by_finite_differences() {
+        let mut rng = Rng::new(42);
+        // Many repeats of few ids: the accumulation path.
+        for (n, v, h) in [(1usize, 1usize, 1usize), (500, 7, 37), (9, 3, 100)] {
+            let ids: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+            let g = randn(&mut rng, n * h, 1.0);
+            let init = randn(&mut rng, v * h, 1.0);
+            let mut want = to_f64(&init);
+            for (tk, &id) in ids.iter().enumerate() {
+                for j in 0..h {
+                    want[id as usize * h + j] += g[tk * h + j] as f64;
+                }
+            }
+            let idt = Tensor::from_slice(&ids, &[n], Device::Cpu).unwrap();
+            let dt = t(&init, &[v, h]);
+            embedding_backward(&idt, &t(&g, &[n, h]), &dt).unwrap();
+            assert_close(&dt.to_vec::<f32>().unwrap(), &want, 1e-5, 1e-5, &format!("d_table [{n},{v},{h}]"));
+            // Same bits on a second run.
+            let dt2 = t(&init, &[v, h]);
+            embedding_backward(&idt, &t(&g, &[n, h]), &dt2).unwrap();
+            assert_eq!(dt.to_bytes().unwrap(), dt2.to_bytes().unwrap());
+            // bf16 d_out.
+            let gh = t(&g, &[n, h]).to_dtype(DType::BF16).unwrap();
+            let dt3 = Tensor::zeros(&[v, h], DType::F32, Device::Cpu).unwrap();
+            embedding_backward(&idt, &gh, &dt3).unwrap();
+            let gv = gh.to_vec_f32().unwrap();
+            let mut want = vec![0f64; v * h];
+            for (tk, &id) in ids.iter().enumerate() {
+                for j in 0..h {
+                    want[id as usize * h + j] += gv[tk * h + j] as f64;
+                }
+            }
+            assert_close(&dt3.to_vec::<f32>().unwrap(), &want, 1e-5, 1e-5, "d_table from bf16 d_out");
+        }
+        // Finite differences of L = Σ g·table[ids] with respect to the table.
+        let (n, v, h) = (6usize, 4usize, 3usize);
+        let ids = [2u32, 0, 2, 3, 2, 0];
+        let (table, g) = (randn(&mut rng, v * h, 1.0), randn(&mut rng, n * h, 1.0));
+        let loss = |tb: &[f64]| -> f64 {
+            (0..n)
+                .flat_map(|tk| (0..h).map(move |j| (tk, j)))
+                .map(|(tk, j)| g[tk * h + j] as f64 * tb[ids[tk] as usize * h + j])
+                .sum()
+        };
+        let want = finite_diff(loss, &to_f64(&table), 1e-5);
+        let dt = Tensor::zeros(&[v, h], DType::F32, Device::Cpu).unwrap();
+        embedding_backward(&Tensor::from_slice(&ids, &[n], Device::Cpu).unwrap(), &t(&g, &[n, h]), &dt).unwrap();
+        assert_close(&dt.to_vec::<f32>().unwrap(), &want, 1e-6, 1e-5, "d_table by finite differences");
+    }
+
+    #[test]
+    fn embedding_device_matches_cpu() {
+        let Some(dev) = test_cuda_device() else { return };
+        let mut rng = Rng::new(43);
+        for (n, v, h) in
+            [(1usize, 1usize, 1usize), (37, 11, 37), (4096, 1000, 896), (513, 7, 64), (300, 50, 128), (10, 5, 3)]
+        {
+            for dt in [DType::F32, DType::BF16] {
+                let table = t(&randn(&mut rng, v * h, 1.0), &[v, h]).to_dtype(dt).unwrap();
+                let ids: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+                let idc = Tensor::from_slice(&ids, &[n], Device::Cpu).unwrap();
+                let idg = idc.to_device(dev).unwrap();
+                let what = format!("{dt} [{n},{v},{h}]");
+                drop(Tensor::full(f64::NAN, &[n, h], dt, dev).unwrap());
+                let got = embedding(&idg, &table.to_device(dev).unwrap()).unwrap();
+                assert_eq!(
+                    got.to_bytes().unwrap(),
+                    embedding(&idc, &table).unwrap().to_bytes().unwrap(),
+                    "embedding {what}"
+                );
+                let idi =
+                    Tensor::from_slice(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>(), &[n], Device::Cpu).unwrap();
+                let got = embedding(&idi.to_device(dev).unwrap(), &table.to_device(dev).unwrap()).unwrap();
+                assert_eq!(
+                    got.to_bytes().unwrap(),
+                    embedding(&idc, &table).unwrap().to_bytes().unwrap(),
+                    "embedding i32 {what}"
+                );
+
+                let g = t(&randn(&mut rng, n * h, 1.0), &[n, h]).to_dtype(dt).unwrap();
+                let init = randn(&mut rng, v * h, 1.0);
+                let (dc, dg) = (t(&init, &[v, h]), t(&init, &[v, h]).to_device(dev).unwrap());
+                embedding_backward(&idc, &g, &dc).unwrap();
+                embedding_backward(&idg, &g.to_device(dev).unwrap(), &dg).unwrap();
+                // atomicAdd order differs from the CPU's token order: f32 sums of up to n/v terms.
+                let tol = 1e-6 * (n as f64 / v as f64).max(1.0).sqrt() * 8.0;
+                assert_close(
+                    &dg.to_vec_f32().unwrap(),
+                    &to_f64(&dc.to_vec_f32().unwrap()),
+                    tol,
+                    1e-5,
+                    &format!("d_table {what}"),
+                );
+                // Out-of-range ids fail on CUDA too.
+                let bad = Tensor::from_slice(&[v as u32], &[1], Device::Cpu).unwrap().to_device(dev).unwrap();
+                assert!(embedding(&bad, &table.to_device(dev).unwrap()).is_err());
+            }
+        }
+    }
+}

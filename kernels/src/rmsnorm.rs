@@ -1,1 +1,578 @@
-//! (being written)
+//! RMSNorm over the last dimension, exactly as Hugging Face's `Qwen2RMSNorm` / `Qwen3RMSNorm`:
+//! `rstd = 1/sqrt(mean(x²) + eps)` computed in f32, `y = w · (x·rstd)`.
+//!
+//! In a bf16 model HF casts the normalised `x·rstd` back to bf16 before multiplying by the
+//! weight, and the product is rounded to bf16 again; we do the same for bf16 `x`, so a bf16
+//! forward matches HF's rounding order. f32 `x` has no intermediate rounding.
+//!
+//! Per-head use (Qwen3's `q_norm` / `k_norm` over head_dim) is the same op on `x` reshaped to
+//! `[tokens·heads, head_dim]` — only the caller's view changes.
+//!
+//! Backward ([`rmsnorm_backward`]): with n = x·rstd and dn = dy·w,
+//! `dx = rstd·dn − x·rstd³·Σ(dn·x)/D` and `dw = Σ_rows dy·n` (f32). The straight-through
+//! treatment of the bf16 intermediate rounding is the usual one.
+//!
+//! Dtypes: `x`/`y`/`dy`/`dx` f32 or bf16; `w` f32 or bf16 (independently of `x`); `rstd` and
+//! `dw` always f32. Both the CPU and CUDA `dw` reductions are deterministic (fixed-order partial
+//! sums over fixed row chunks, then an ordered sum of the partials).
+
+use rayon::prelude::*;
+use smelt_engine::{bf16, DType, Device, Error, Result, Tensor, WithDType};
+
+crate::kernel_source!("rmsnorm");
+
+/// `(y, rstd)`: `y` has the shape and dtype of `x` (`[.., D]`); `rstd` is `[rows]` f32 (rows =
+/// product of the leading dims), kept for the backward.
+pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let (rows, d) = check("rmsnorm", x, w)?;
+    let y = Tensor::empty(x.shape(), x.dtype(), x.device())?;
+    let rstd = Tensor::empty(&[rows], DType::F32, x.device())?;
+    match x.device() {
+        Device::Cpu => {
+            fn go<T: WithDType, W: WithDType>(x: &Tensor, w: &Tensor, eps: f32, y: &Tensor, r: &Tensor) -> Result<()> {
+                let (xv, wv) = (x.cpu_read::<T>()?, w.cpu_read::<W>()?);
+                cpu::rmsnorm(&xv, &wv, eps, &mut y.cpu_write::<T>()?, &mut r.cpu_write::<f32>()?);
+                Ok(())
+            }
+            match (x.dtype(), w.dtype()) {
+                (DType::F32, DType::F32) => go::<f32, f32>(x, w, eps, &y, &rstd)?,
+                (DType::F32, DType::BF16) => go::<f32, bf16>(x, w, eps, &y, &rstd)?,
+                (DType::BF16, DType::F32) => go::<bf16, f32>(x, w, eps, &y, &rstd)?,
+                (DType::BF16, DType::BF16) => go::<bf16, bf16>(x, w, eps, &y, &rstd)?,
+                _ => unreachable!("dtypes checked in check()"),
+            }
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => cuda::forward(ord, x, w, eps, &y, &rstd, rows, d)?,
+        #[cfg(not(feature = "cuda"))]
+        device => return Err(Error::UnsupportedDevice { op: "rmsnorm", device }),
+    }
+    let _ = d;
+    Ok((y, rstd))
+}
+
+/// `(dx, dw)`: `dx` like `x`; `dw` `[D]` f32, summed over rows. `rstd` is the forward's.
+pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (rows, d) = check("rmsnorm_backward", x, w)?;
+    if dy.shape() != x.shape() || dy.dtype() != x.dtype() {
+        return Err(Error::shape(
+            "rmsnorm_backward",
+            format!("dy {:?} {} must match x {:?} {}", dy.shape(), dy.dtype(), x.shape(), x.dtype()),
+        ));
+    }
+    if rstd.elem_count() != rows || rstd.dtype() != DType::F32 {
+        return Err(Error::shape(
+            "rmsnorm_backward",
+            format!("rstd {:?} {} must be [{rows}] f32 for x {:?}", rstd.shape(), rstd.dtype(), x.shape()),
+        ));
+    }
+    for t in [rstd, dy] {
+        if t.device() != x.device() {
+            return Err(Error::DeviceMismatch { op: "rmsnorm_backward", a: x.device(), b: t.device() });
+        }
+    }
+    let dx = Tensor::empty(x.shape(), x.dtype(), x.device())?;
+    let dw = Tensor::empty(&[d], DType::F32, x.device())?;
+    match x.device() {
+        Device::Cpu => {
+            fn go<T: WithDType, W: WithDType>(
+                x: &Tensor,
+                w: &Tensor,
+                rstd: &Tensor,
+                dy: &Tensor,
+                dx: &Tensor,
+                dw: &Tensor,
+            ) -> Result<()> {
+                let (xv, wv, rv, dyv) =
+                    (x.cpu_read::<T>()?, w.cpu_read::<W>()?, rstd.cpu_read::<f32>()?, dy.cpu_read::<T>()?);
+                cpu::rmsnorm_backward(&xv, &wv, &rv, &dyv, &mut dx.cpu_write::<T>()?, &mut dw.cpu_write::<f32>()?);
+                Ok(())
+            }
+            match (x.dtype(), w.dtype()) {
+                (DType::F32, DType::F32) => go::<f32, f32>(x, w, rstd, dy, &dx, &dw)?,
+                (DType::F32, DType::BF16) => go::<f32, bf16>(x, w, rstd, dy, &dx, &dw)?,
+                (DType::BF16, DType::F32) => go::<bf16, f32>(x, w, rstd, dy, &dx, &dw)?,
+                (DType::BF16, DType::BF16) => go::<bf16, bf16>(x, w, rstd, dy, &dx, &dw)?,
+                _ => unreachable!("dtypes checked in check()"),
+            }
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => cuda::backward(ord, x, w, rstd, dy, &dx, &dw, rows, d)?,
+        #[cfg(not(feature = "cuda"))]
+        device => return Err(Error::UnsupportedDevice { op: "rmsnorm_backward", device }),
+    }
+    Ok((dx, dw))
+}
+
+/// `(rows, D)` after checking shapes, dtypes and devices.
+fn check(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+    let (rows, d) = x.rows_cols();
+    if x.rank() == 0 || w.shape() != [d] {
+        return Err(Error::shape(op, format!("x {:?} needs w [{d}], got w {:?}", x.shape(), w.shape())));
+    }
+    for dt in [x.dtype(), w.dtype()] {
+        if !matches!(dt, DType::F32 | DType::BF16) {
+            return Err(Error::UnsupportedDType { op, dtype: dt });
+        }
+    }
+    if x.device() != w.device() {
+        return Err(Error::DeviceMismatch { op, a: x.device(), b: w.device() });
+    }
+    Ok((rows, d))
+}
+
+/// Slice-level CPU implementations (the reference for the CUDA kernels). Row length is
+/// `w.len()`; all math in f32.
+pub mod cpu {
+    use super::*;
+
+    /// Elements of work per rayon task.
+    const CHUNK: usize = 1 << 14;
+
+    #[inline(always)]
+    fn ld<T: WithDType>(v: T) -> f32 {
+        v.to_f64() as f32
+    }
+
+    #[inline(always)]
+    fn st<T: WithDType>(v: f32) -> T {
+        T::from_f64(v as f64)
+    }
+
+    /// Σ v² in f32 with 8 independent accumulators (vectorises, and the error grows like a
+    /// pairwise sum's rather than a sequential one's).
+    #[inline]
+    fn sum_sq<T: WithDType>(x: &[T]) -> f32 {
+        let mut acc = [0f32; 8];
+        let mut it = x.chunks_exact(8);
+        for c in &mut it {
+            for k in 0..8 {
+                let v = ld(c[k]);
+                acc[k] += v * v;
+            }
+        }
+        for (k, &v) in it.remainder().iter().enumerate() {
+            let v = ld(v);
+            acc[k] += v * v;
+        }
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    }
+
+    /// 1/sqrt(mean(x²) + eps) of one row, in f32 as `torch.rsqrt(variance + eps)`.
+    #[inline]
+    pub fn row_rstd<T: WithDType>(x: &[T], eps: f32) -> f32 {
+        1.0 / (sum_sq(x) / x.len() as f32 + eps).sqrt()
+    }
+
+    /// `y = w · round_T(x·rstd)` per row of `x [rows, D]`; `rstd [rows]`.
+    pub fn rmsnorm<T: WithDType, W: WithDType>(x: &[T], w: &[W], eps: f32, y: &mut [T], rstd: &mut [f32]) {
+        let d = w.len();
+        if d == 0 {
+            return;
+        }
+        let rpt = (CHUNK / d).max(1);
+        smelt_engine::cpu::pool().install(|| {
+            y.par_chunks_mut(rpt * d).zip(rstd.par_chunks_mut(rpt)).enumerate().for_each(|(c, (yc, rc))| {
+                for (i, (yr, r)) in yc.chunks_mut(d).zip(rc.iter_mut()).enumerate() {
+                    let row = (c * rpt + i) * d;
+                    let xr = &x[row..row + d];
+                    let rs = row_rstd(xr, eps);
+                    *r = rs;
+                    for ((y, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+                        // HF: weight * hidden.to(input_dtype).
+                        let n = ld(st::<T>(ld(xv) * rs));
+                        *y = st(ld(wv) * n);
+                    }
+                }
+            })
+        })
+    }
+
+    /// `dx` (like `x`) and `dw` (f32, summed over rows in a fixed order).
+    pub fn rmsnorm_backward<T: WithDType, W: WithDType>(
+        x: &[T],
+        w: &[W],
+        rstd: &[f32],
+        dy: &[T],
+        dx: &mut [T],
+        dw: &mut [f32],
+    ) {
+        let d = w.len();
+        if d == 0 {
+            return;
+        }
+        let wf: Vec<f32> = w.iter().map(|&v| ld(v)).collect();
+        // Row chunks depend only on the shape, so the dw summation order (and result) does not
+        // depend on the thread count.
+        let rpt = (CHUNK / d).max(1);
+        let partials: Vec<Vec<f32>> = smelt_engine::cpu::pool().install(|| {
+            dx.par_chunks_mut(rpt * d)
+                .enumerate()
+                .map(|(c, dxc)| {
+                    let mut part = vec![0f32; d];
+                    for (i, dxr) in dxc.chunks_mut(d).enumerate() {
+                        let r = c * rpt + i;
+                        let (xr, dyr, rs) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d], rstd[r]);
+                        let mut dot = 0f32;
+                        for j in 0..d {
+                            let (xv, g) = (ld(xr[j]), ld(dyr[j]));
+                            dot += g * wf[j] * xv;
+                            part[j] += g * (xv * rs);
+                        }
+                        let k = rs * rs * rs * dot / d as f32;
+                        for j in 0..d {
+                            dxr[j] = st(rs * (ld(dyr[j]) * wf[j]) - ld(xr[j]) * k);
+                        }
+                    }
+                    part
+                })
+                .collect()
+        });
+        dw.fill(0.0);
+        for p in &partials {
+            for (a, b) in dw.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::cuda::{launch, Arg, LaunchCfg};
+
+    /// Rows per block in the warp-per-row kernels (one warp per row, 8 warps per block).
+    const ROWS_PER_BLOCK: usize = 8;
+
+    fn suffix(x: DType, w: DType) -> &'static str {
+        match (x, w) {
+            (DType::F32, DType::F32) => "f32_f32",
+            (DType::F32, _) => "f32_bf16",
+            (_, DType::F32) => "bf16_f32",
+            _ => "bf16_bf16",
+        }
+    }
+
+    /// 16-byte vector loads along a row need D % (16/elem) == 0 and 16-byte aligned bases.
+    fn vec_ok(x: &Tensor, d: usize, ptrs: &[u64]) -> bool {
+        d % (16 / x.dtype().size_in_bytes()) == 0 && ptrs.iter().all(|p| p % 16 == 0)
+    }
+
+    fn row_cfg(rows: usize) -> LaunchCfg {
+        let grid = rows.div_ceil(ROWS_PER_BLOCK) as u32;
+        LaunchCfg { grid: (grid, 1, 1), block: (32 * ROWS_PER_BLOCK as u32, 1, 1), smem: 0 }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        ord: usize,
+        x: &Tensor,
+        w: &Tensor,
+        eps: f32,
+        y: &Tensor,
+        rstd: &Tensor,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        if rows == 0 || d == 0 {
+            return Ok(());
+        }
+        let (px, pw, py, pr) = (x.cuda_ptr()?, w.cuda_ptr()?, y.cuda_ptr()?, rstd.cuda_ptr()?);
+        let v = if vec_ok(x, d, &[px, py, pw]) { "_v2" } else { "" };
+        let func = format!("rmsnorm_fwd_{}{v}", suffix(x.dtype(), w.dtype()));
+        let args = [
+            Arg::Ptr(py),
+            Arg::Ptr(pr),
+            Arg::Ptr(px),
+            Arg::Ptr(pw),
+            Arg::F32(eps),
+            Arg::U64(rows as u64),
+            Arg::U32(d as u32),
+        ];
+        launch(ord, &SRC, &func, row_cfg(rows), &args)
+    }
+
+    /// Row chunks of the dw partial sums: a function of `rows` only, so the summation order
+    /// (and so dw, bit for bit) does not depend on the device.
+    pub(super) fn dw_chunks(rows: usize) -> (usize, usize) {
+        let chunks = rows.div_ceil(32).clamp(1, 1024);
+        let per = rows.div_ceil(chunks);
+        (rows.div_ceil(per), per)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        ord: usize,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+        dx: &Tensor,
+        dw: &Tensor,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        if d == 0 {
+            return Ok(());
+        }
+        let (px, pw, pr, pdy, pdx, pdw) =
+            (x.cuda_ptr()?, w.cuda_ptr()?, rstd.cuda_ptr()?, dy.cuda_ptr()?, dx.cuda_ptr()?, dw.cuda_ptr()?);
+        if rows == 0 {
+            // dw of an empty batch is zero.
+            dw.copy_from(&Tensor::zeros(&[d], DType::F32, Device::Cpu)?)?;
+            return Ok(());
+        }
+        let sfx = suffix(x.dtype(), w.dtype());
+        let v = if vec_ok(x, d, &[px, pdy, pdx, pw]) { "_v2" } else { "" };
+        let args = [
+            Arg::Ptr(pdx),
+            Arg::Ptr(px),
+            Arg::Ptr(pw),
+            Arg::Ptr(pr),
+            Arg::Ptr(pdy),
+            Arg::U64(rows as u64),
+            Arg::U32(d as u32),
+        ];
+        launch(ord, &SRC, &format!("rmsnorm_bwd_dx_{sfx}{v}"), row_cfg(rows), &args)?;
+
+        let (chunks, per) = dw_chunks(rows);
+        let partial = Tensor::empty(&[chunks, d], DType::F32, x.device())?;
+        let pp = partial.cuda_ptr()?;
+        let block = 256u32;
+        let cols = d.div_ceil(block as usize) as u32;
+        let xdt = if x.dtype() == DType::F32 { "f32" } else { "bf16" };
+        let cfg = LaunchCfg { grid: (cols, chunks as u32, 1), block: (block, 1, 1), smem: 0 };
+        let args = [
+            Arg::Ptr(pp),
+            Arg::Ptr(px),
+            Arg::Ptr(pr),
+            Arg::Ptr(pdy),
+            Arg::U64(rows as u64),
+            Arg::U32(d as u32),
+            Arg::U32(per as u32),
+        ];
+        launch(ord, &SRC, &format!("rmsnorm_bwd_dw_partial_{xdt}"), cfg, &args)?;
+        let cfg = LaunchCfg { grid: (cols, 1, 1), block: (block, 1, 1), smem: 0 };
+        launch(
+            ord,
+            &SRC,
+            "rmsnorm_bwd_dw_reduce",
+            cfg,
+            &[Arg::Ptr(pdw), Arg::Ptr(pp), Arg::U32(chunks as u32), Arg::U32(d as u32)],
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+    use smelt_engine::Rng;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, Device::Cpu).unwrap()
+    }
+
+    /// float64 forward: y[r, j] = w[j]·x[r, j]/sqrt(mean(x²)+eps).
+    fn reference(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+        let d = w.len();
+        x.chunks(d)
+            .flat_map(|r| {
+                let rs = 1.0 / (r.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps).sqrt();
+                r.iter().zip(w).map(move |(v, w)| v * rs * w)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rmsnorm_matches_f64_on_odd_shapes() {
+        let mut rng = Rng::new(21);
+        for (rows, d) in [(1usize, 1usize), (3, 37), (5, 100), (2000, 7), (4, 896), (1, 4099)] {
+            let (x, w) = (randn(&mut rng, rows * d, 2.0), randn(&mut rng, d, 1.0));
+            let eps = 1e-6f32;
+            let want = reference(&to_f64(&x), &to_f64(&w), eps as f64);
+            let (y, rstd) = rmsnorm(&t(&x, &[rows, d]), &t(&w, &[d]), eps).unwrap();
+            assert_eq!((y.shape(), rstd.shape()), (&[rows, d][..], &[rows][..]));
+            assert_close(&y.to_vec::<f32>().unwrap(), &want, 1e-6, 1e-5, &format!("rmsnorm f32 [{rows},{d}]"));
+            let want_r: Vec<f64> = to_f64(&x)
+                .chunks(d)
+                .map(|r| 1.0 / (r.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps as f64).sqrt())
+                .collect();
+            assert_close(&rstd.to_vec::<f32>().unwrap(), &want_r, 0.0, 1e-5, "rstd");
+
+            // bf16 x and w: two roundings (x·rstd, then ·w) — within 2 bf16 ulps of exact.
+            let (xh, wh) =
+                (t(&x, &[rows, d]).to_dtype(DType::BF16).unwrap(), t(&w, &[d]).to_dtype(DType::BF16).unwrap());
+            let want = reference(&to_f64(&xh.to_vec_f32().unwrap()), &to_f64(&wh.to_vec_f32().unwrap()), eps as f64);
+            let got = rmsnorm(&xh, &wh, eps).unwrap().0;
+            assert_eq!(got.dtype(), DType::BF16);
+            assert_close(&got.to_vec_f32().unwrap(), &want, 1e-30, 2.0 * DType::BF16.epsilon(), "rmsnorm bf16");
+            // bf16 x with an f32 weight.
+            let got = rmsnorm(&xh, &t(&w, &[d]), eps).unwrap().0;
+            let want = reference(&to_f64(&xh.to_vec_f32().unwrap()), &to_f64(&w), eps as f64);
+            assert_close(&got.to_vec_f32().unwrap(), &want, 1e-30, 2.0 * DType::BF16.epsilon(), "rmsnorm bf16/f32 w");
+        }
+    }
+
+    #[test]
+    fn rmsnorm_bf16_follows_hf_rounding_order() {
+        // y = bf16(w · bf16(x·rstd)): exactly, not merely within tolerance.
+        let mut rng = Rng::new(22);
+        let d = 64;
+        let xh = t(&randn(&mut rng, 3 * d, 1.0), &[3, d]).to_dtype(DType::BF16).unwrap();
+        let wh = t(&randn(&mut rng, d, 1.0), &[d]).to_dtype(DType::BF16).unwrap();
+        let (y, rstd) = rmsnorm(&xh, &wh, 1e-6).unwrap();
+        let (xv, wv, rv) = (xh.to_vec_f32().unwrap(), wh.to_vec_f32().unwrap(), rstd.to_vec::<f32>().unwrap());
+        let want: Vec<bf16> =
+            (0..3 * d).map(|i| bf16::from_f32(wv[i % d] * bf16::from_f32(xv[i] * rv[i / d]).to_f32())).collect();
+        assert_eq!(y.to_vec::<bf16>().unwrap(), want);
+    }
+
+    #[test]
+    fn rmsnorm_per_head_is_a_reshape() {
+        // Qwen3 q_norm: x [tokens, heads, head_dim] normalised over head_dim with one w.
+        let mut rng = Rng::new(26);
+        let (tokens, heads, hd) = (5usize, 3usize, 8usize);
+        let x = randn(&mut rng, tokens * heads * hd, 1.0);
+        let w = t(&randn(&mut rng, hd, 1.0), &[hd]);
+        let (y3, r3) = rmsnorm(&t(&x, &[tokens, heads, hd]), &w, 1e-6).unwrap();
+        let (y2, r2) = rmsnorm(&t(&x, &[tokens * heads, hd]), &w, 1e-6).unwrap();
+        assert_eq!(y3.shape(), &[tokens, heads, hd]);
+        assert_eq!(r3.shape(), &[tokens * heads]);
+        assert_eq!(y3.to_vec::<f32>().unwrap(), y2.to_vec::<f32>().unwrap());
+        assert_eq!(r3.to_vec::<f32>().unwrap(), r2.to_vec::<f32>().unwrap());
+    }
+
+    #[test]
+    fn rmsnorm_backward_by_finite_differences() {
+        let mut rng = Rng::new(23);
+        for (rows, d) in [(3usize, 5usize), (2, 37), (4, 1)] {
+            let (x, w, g) = (randn(&mut rng, rows * d, 1.5), randn(&mut rng, d, 1.0), randn(&mut rng, rows * d, 1.0));
+            let eps = 1e-5f32;
+            let loss = |x: &[f64], w: &[f64]| -> f64 {
+                reference(x, w, eps as f64).iter().zip(&g).map(|(y, g)| y * *g as f64).sum()
+            };
+            let (x64, w64) = (to_f64(&x), to_f64(&w));
+            let want_dx = finite_diff(|v| loss(v, &w64), &x64, 1e-5);
+            let want_dw = finite_diff(|v| loss(&x64, v), &w64, 1e-5);
+            let (xt, wt) = (t(&x, &[rows, d]), t(&w, &[d]));
+            let (_, rstd) = rmsnorm(&xt, &wt, eps).unwrap();
+            let (dx, dw) = rmsnorm_backward(&xt, &wt, &rstd, &t(&g, &[rows, d])).unwrap();
+            assert_eq!(dw.dtype(), DType::F32);
+            assert_close(&dx.to_vec::<f32>().unwrap(), &want_dx, 1e-5, 1e-4, &format!("dx [{rows},{d}]"));
+            assert_close(&dw.to_vec::<f32>().unwrap(), &want_dw, 1e-5, 1e-4, &format!("dw [{rows},{d}]"));
+        }
+    }
+
+    #[test]
+    fn rmsnorm_backward_many_rows_matches_f64() {
+        // The analytic backward in float64 against ours on a big shape (dw sums 3000 rows).
+        let mut rng = Rng::new(24);
+        let (rows, d) = (3000usize, 100usize);
+        let (x, w, g) = (randn(&mut rng, rows * d, 1.0), randn(&mut rng, d, 1.0), randn(&mut rng, rows * d, 1.0));
+        let (xt, wt) = (t(&x, &[rows, d]), t(&w, &[d]));
+        let (_, rstd) = rmsnorm(&xt, &wt, 1e-6).unwrap();
+        let (dx, dw) = rmsnorm_backward(&xt, &wt, &rstd, &t(&g, &[rows, d])).unwrap();
+        let mut want_dx = vec![0f64; rows * d];
+        let mut want_dw = vec![0f64; d];
+        for r in 0..rows {
+            let xr = &x[r * d..(r + 1) * d];
+            let rs = 1.0 / (xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64 + 1e-6).sqrt();
+            let dot: f64 = (0..d).map(|j| g[r * d + j] as f64 * w[j] as f64 * xr[j] as f64).sum();
+            for j in 0..d {
+                want_dx[r * d + j] =
+                    rs * g[r * d + j] as f64 * w[j] as f64 - xr[j] as f64 * rs.powi(3) * dot / d as f64;
+                want_dw[j] += g[r * d + j] as f64 * xr[j] as f64 * rs;
+            }
+        }
+        assert_close(&dx.to_vec::<f32>().unwrap(), &want_dx, 1e-5, 1e-4, "dx");
+        assert_close(&dw.to_vec::<f32>().unwrap(), &want_dw, 1e-3, 1e-4, "dw");
+    }
+
+    #[test]
+    fn rmsnorm_errors_name_op_and_shapes() {
+        let x = Tensor::zeros(&[2, 3], DType::F32, Device::Cpu).unwrap();
+        let w = Tensor::zeros(&[4], DType::F32, Device::Cpu).unwrap();
+        let e = rmsnorm(&x, &w, 1e-6).unwrap_err().to_string();
+        assert!(e.contains("rmsnorm") && e.contains("[2, 3]") && e.contains("[4]"), "{e}");
+        let w = Tensor::zeros(&[3], DType::F32, Device::Cpu).unwrap();
+        let rstd = Tensor::zeros(&[5], DType::F32, Device::Cpu).unwrap();
+        let e = rmsnorm_backward(&x, &w, &rstd, &x).unwrap_err().to_string();
+        assert!(e.contains("rmsnorm_backward") && e.contains("rstd"), "{e}");
+    }
+
+    #[test]
+    fn rmsnorm_device_matches_cpu() {
+        let Some(dev) = test_cuda_device() else { return };
+        let mut rng = Rng::new(25);
+        // Hidden 896 and per-head 64/128, odd rows, a row not a multiple of 8, a dim of 1.
+        for (rows, d) in [(1usize, 1usize), (7, 37), (33, 896), (1000, 128), (4096, 64), (5, 4099), (3, 3584)] {
+            for (xdt, wdt) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::BF16, DType::F32)] {
+                let x = t(&randn(&mut rng, rows * d, 2.0), &[rows, d]).to_dtype(xdt).unwrap();
+                let w = t(&randn(&mut rng, d, 1.0), &[d]).to_dtype(wdt).unwrap();
+                let dy = t(&randn(&mut rng, rows * d, 1.0), &[rows, d]).to_dtype(xdt).unwrap();
+                let poison = |shapes: &[(&[usize], DType)]| {
+                    let p: Vec<Tensor> =
+                        shapes.iter().map(|(s, dt)| Tensor::full(f64::NAN, s, *dt, dev).unwrap()).collect();
+                    drop(p);
+                };
+                let what = format!("{xdt}/{wdt} [{rows},{d}]");
+                let tol = if xdt == DType::F32 { 2e-6 } else { xdt.epsilon() };
+                let (yc, rc) = rmsnorm(&x, &w, 1e-6).unwrap();
+                poison(&[(&[rows, d], xdt), (&[rows], DType::F32)]);
+                let (yg, rg) = rmsnorm(&x.to_device(dev).unwrap(), &w.to_device(dev).unwrap(), 1e-6).unwrap();
+                assert_close(
+                    &yg.to_vec_f32().unwrap(),
+                    &to_f64(&yc.to_vec_f32().unwrap()),
+                    tol,
+                    tol,
+                    &format!("y {what}"),
+                );
+                assert_close(
+                    &rg.to_vec_f32().unwrap(),
+                    &to_f64(&rc.to_vec_f32().unwrap()),
+                    0.0,
+                    2e-6,
+                    &format!("rstd {what}"),
+                );
+
+                let (dxc, dwc) = rmsnorm_backward(&x, &w, &rc, &dy).unwrap();
+                poison(&[(&[rows, d], xdt), (&[d], DType::F32)]);
+                let (dxg, dwg) = rmsnorm_backward(
+                    &x.to_device(dev).unwrap(),
+                    &w.to_device(dev).unwrap(),
+                    &rc.to_device(dev).unwrap(),
+                    &dy.to_device(dev).unwrap(),
+                )
+                .unwrap();
+                let dtol = if xdt == DType::F32 { 1e-5 } else { xdt.epsilon() };
+                assert_close(
+                    &dxg.to_vec_f32().unwrap(),
+                    &to_f64(&dxc.to_vec_f32().unwrap()),
+                    dtol,
+                    dtol,
+                    &format!("dx {what}"),
+                );
+                // dw: f32 sums over `rows` in a different order than the CPU's.
+                let dwtol = 1e-6 * (rows as f64).sqrt() * 8.0;
+                assert_close(
+                    &dwg.to_vec_f32().unwrap(),
+                    &to_f64(&dwc.to_vec_f32().unwrap()),
+                    dwtol,
+                    1e-5,
+                    &format!("dw {what}"),
+                );
+                // Deterministic: a second run gives the same bits.
+                let (_, dwg2) = rmsnorm_backward(
+                    &x.to_device(dev).unwrap(),
+                    &w.to_device(dev).unwrap(),
+                    &rc.to_device(dev).unwrap(),
+                    &dy.to_device(dev).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(dwg.to_bytes().unwrap(), dwg2.to_bytes().unwrap(), "dw deterministic {what}");
+            }
+        }
+    }
+}

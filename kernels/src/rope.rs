@@ -1,1 +1,472 @@
-//! (being written)
+//! Rotary position embedding in Hugging Face's rotate-half convention (Qwen2/Qwen3).
+//!
+//! For `x [tokens, heads, head_dim]` (any rank ≥ 2: first dim tokens, last dim head_dim, the
+//! dims between are heads), h = head_dim/2, token t at position p = `positions[t]`:
+//! `out[i] = x[i]·cos − x[i+h]·sin`, `out[i+h] = x[i+h]·cos + x[i]·sin` (i < h), with
+//! cos/sin of `p·inv_freq[i]`. Positions are per token, so packed sequences restart at 0.
+//!
+//! Precision follows HF: `inv_freq = 1.0 / (theta ** (arange(0, d, 2).float() / d))` in f32
+//! ([`cpu::inv_freq`]), the angle `p·inv_freq[i]` as one f32 product (HF's `inv_freq @
+//! position_ids` with k = 1), cos/sin in f32. For bf16 `x`, HF casts cos/sin to bf16 and computes
+//! `q*cos + rotate_half(q)*sin` as three bf16 ops; we round at the same three places.
+//!
+//! Tables: [`RopeTable`] holds only `inv_freq` (head_dim/2 floats) on the tensor's device; cos and
+//! sin are computed in the kernel from the f32 angle (accurate `sincosf` on CUDA, `f32::sin_cos`
+//! on CPU), so no `max_pos` is needed and positions can be anything. Build one table per model
+//! and use its methods to avoid re-uploading `inv_freq` on every call; the free functions build
+//! a table per call.
+//!
+//! Backward is the inverse rotation (sin → −sin): [`rope_backward`]. In-place variants:
+//! [`rope_`], [`RopeTable::forward_`], [`RopeTable::backward_`].
+//! Dtypes: f32, and bf16 storage with f32 math. Positions: u32.
+
+use rayon::prelude::*;
+use smelt_engine::{bf16, DType, Device, Error, Result, Tensor, WithDType};
+
+crate::kernel_source!("rope");
+
+/// Rotates `x [tokens, .., head_dim]` by `positions [tokens]` (u32) with base `theta`.
+pub fn rope(x: &Tensor, positions: &Tensor, theta: f32) -> Result<Tensor> {
+    RopeTable::new(head_dim_of("rope", x)?, theta, x.device())?.forward(x, positions)
+}
+
+/// The gradient of [`rope`]: `dy` rotated back (the transpose of a rotation is its inverse).
+pub fn rope_backward(dy: &Tensor, positions: &Tensor, theta: f32) -> Result<Tensor> {
+    RopeTable::new(head_dim_of("rope_backward", dy)?, theta, dy.device())?.backward(dy, positions)
+}
+
+/// [`rope`] in place.
+pub fn rope_(x: &Tensor, positions: &Tensor, theta: f32) -> Result<()> {
+    RopeTable::new(head_dim_of("rope_", x)?, theta, x.device())?.forward_(x, positions)
+}
+
+fn head_dim_of(op: &'static str, x: &Tensor) -> Result<usize> {
+    match x.shape().last() {
+        Some(&d) if x.rank() >= 2 => Ok(d),
+        _ => Err(Error::shape(op, format!("x {:?} must be [tokens, .., head_dim]", x.shape()))),
+    }
+}
+
+/// HF's `inv_freq` for one head_dim and theta, resident on a device.
+#[derive(Clone, Debug)]
+pub struct RopeTable {
+    head_dim: usize,
+    theta: f32,
+    /// `[head_dim/2]` f32 on `device`.
+    inv_freq: Tensor,
+}
+
+impl RopeTable {
+    /// Fails unless `head_dim` is even and positive.
+    pub fn new(head_dim: usize, theta: f32, device: Device) -> Result<RopeTable> {
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(Error::shape("rope", format!("head_dim {head_dim} must be even and positive")));
+        }
+        let inv = cpu::inv_freq(head_dim, theta);
+        Ok(RopeTable { head_dim, theta, inv_freq: Tensor::from_slice(&inv, &[head_dim / 2], device)? })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    pub fn theta(&self) -> f32 {
+        self.theta
+    }
+    /// `[head_dim/2]` f32.
+    pub fn inv_freq(&self) -> &Tensor {
+        &self.inv_freq
+    }
+
+    pub fn forward(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        self.run_new("rope", x, positions, 1.0)
+    }
+    pub fn backward(&self, dy: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        self.run_new("rope_backward", dy, positions, -1.0)
+    }
+    pub fn forward_(&self, x: &Tensor, positions: &Tensor) -> Result<()> {
+        self.run("rope_", x, positions, 1.0, None)
+    }
+    pub fn backward_(&self, dy: &Tensor, positions: &Tensor) -> Result<()> {
+        self.run("rope_backward_", dy, positions, -1.0, None)
+    }
+
+    fn run_new(&self, op: &'static str, x: &Tensor, positions: &Tensor, sign: f32) -> Result<Tensor> {
+        let out = Tensor::empty(x.shape(), x.dtype(), x.device())?;
+        self.run(op, x, positions, sign, Some(&out))?;
+        Ok(out)
+    }
+
+    /// Writes the rotation of `x` into `out`, or into `x` itself when `out` is `None`.
+    fn run(&self, op: &'static str, x: &Tensor, positions: &Tensor, sign: f32, out: Option<&Tensor>) -> Result<()> {
+        let tokens = x.shape().first().copied().unwrap_or(0);
+        if x.rank() < 2 || x.shape().last() != Some(&self.head_dim) || positions.shape() != [tokens] {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "x {:?} must be [tokens, .., {}] with positions [tokens], got positions {:?}",
+                    x.shape(),
+                    self.head_dim,
+                    positions.shape()
+                ),
+            ));
+        }
+        if positions.dtype() != DType::U32 {
+            return Err(Error::DType { op, expected: DType::U32, got: positions.dtype() });
+        }
+        if !matches!(x.dtype(), DType::F32 | DType::BF16) {
+            return Err(Error::UnsupportedDType { op, dtype: x.dtype() });
+        }
+        for t in [positions, &self.inv_freq] {
+            if t.device() != x.device() {
+                return Err(Error::DeviceMismatch { op, a: x.device(), b: t.device() });
+            }
+        }
+        let heads = if tokens == 0 { 0 } else { x.elem_count() / (tokens * self.head_dim) };
+        match x.device() {
+            Device::Cpu => {
+                fn go<T: WithDType>(
+                    x: &Tensor,
+                    pos: &Tensor,
+                    inv: &Tensor,
+                    heads: usize,
+                    sign: f32,
+                    out: Option<&Tensor>,
+                ) -> Result<()> {
+                    let (p, f) = (pos.cpu_read::<u32>()?, inv.cpu_read::<f32>()?);
+                    match out {
+                        Some(o) => cpu::rope(&x.cpu_read::<T>()?, &p, &f, heads, sign, &mut o.cpu_write::<T>()?),
+                        None => cpu::rope_inplace(&mut x.cpu_write::<T>()?, &p, &f, heads, sign),
+                    }
+                    Ok(())
+                }
+                match x.dtype() {
+                    DType::F32 => go::<f32>(x, positions, &self.inv_freq, heads, sign, out),
+                    _ => go::<bf16>(x, positions, &self.inv_freq, heads, sign, out),
+                }
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ord) => cuda::rope(ord, x, positions, &self.inv_freq, tokens, heads, sign, out.unwrap_or(x)),
+            #[cfg(not(feature = "cuda"))]
+            device => Err(Error::UnsupportedDevice { op, device }),
+        }
+    }
+}
+
+/// Slice-level CPU implementations (the reference for the CUDA kernels).
+pub mod cpu {
+    use super::*;
+
+    /// HF's `1.0 / (theta ** (torch.arange(0, d, 2).float() / d))`, every step in f32.
+    pub fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+        (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
+    }
+
+    #[inline(always)]
+    fn round_to<T: WithDType>(v: f32) -> f32 {
+        T::from_f64(v as f64).to_f64() as f32
+    }
+
+    /// cos and sin of `pos·inv_freq[i]` (f32 angle), rounded to `T` as HF's `cos.to(x.dtype)`.
+    /// `sign = -1` gives the inverse rotation.
+    pub fn cos_sin<T: WithDType>(pos: u32, inv_freq: &[f32], sign: f32, cos: &mut [f32], sin: &mut [f32]) {
+        for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
+            let (sn, cs) = (pos as f32 * f).sin_cos();
+            *c = round_to::<T>(cs);
+            *s = sign * round_to::<T>(sn);
+        }
+    }
+
+    /// Rotates one head vector `src [2h]` into `dst [2h]`.
+    #[inline]
+    fn rotate<T: WithDType>(src: &[T], dst: &mut [T], cos: &[f32], sin: &[f32]) {
+        let h = cos.len();
+        for i in 0..h {
+            let (a, b) = (src[i].to_f64() as f32, src[i + h].to_f64() as f32);
+            // HF: (q * cos) + (rotate_half(q) * sin), each op rounded to the storage type.
+            let lo = round_to::<T>(a * cos[i]) + round_to::<T>(-b * sin[i]);
+            let hi = round_to::<T>(b * cos[i]) + round_to::<T>(a * sin[i]);
+            dst[i] = T::from_f64(lo as f64);
+            dst[i + h] = T::from_f64(hi as f64);
+        }
+    }
+
+    /// `out = rope(x)` for `x [tokens, heads, 2h]` (h = `inv_freq.len()`).
+    pub fn rope<T: WithDType>(x: &[T], positions: &[u32], inv_freq: &[f32], heads: usize, sign: f32, out: &mut [T]) {
+        let (h, row) = (inv_freq.len(), heads * 2 * inv_freq.len());
+        if row == 0 {
+            return;
+        }
+        smelt_engine::cpu::pool().install(|| {
+            out.par_chunks_mut(row).zip(x.par_chunks(row)).zip(positions.par_iter()).for_each_init(
+                || (vec![0f32; h], vec![0f32; h]),
+                |(cos, sin), ((o, xr), &p)| {
+                    cos_sin::<T>(p, inv_freq, sign, cos, sin);
+                    for (oh, xh) in o.chunks_mut(2 * h).zip(xr.chunks(2 * h)) {
+                        rotate(xh, oh, cos, sin);
+                    }
+                },
+            )
+        })
+    }
+
+    /// [`rope`] in place.
+    pub fn rope_inplace<T: WithDType>(x: &mut [T], positions: &[u32], inv_freq: &[f32], heads: usize, sign: f32) {
+        let (h, row) = (inv_freq.len(), heads * 2 * inv_freq.len());
+        if row == 0 {
+            return;
+        }
+        smelt_engine::cpu::pool().install(|| {
+            x.par_chunks_mut(row).zip(positions.par_iter()).for_each_init(
+                || (vec![0f32; h], vec![0f32; h], Vec::<T>::with_capacity(2 * h)),
+                |(cos, sin, tmp), (xr, &p)| {
+                    cos_sin::<T>(p, inv_freq, sign, cos, sin);
+                    for xh in xr.chunks_mut(2 * h) {
+                        tmp.clear();
+                        tmp.extend_from_slice(xh);
+                        rotate(tmp, xh, cos, sin);
+                    }
+                },
+            )
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::cuda::{launch, Arg, LaunchCfg};
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        ord: usize,
+        x: &Tensor,
+        positions: &Tensor,
+        inv_freq: &Tensor,
+        tokens: usize,
+        heads: usize,
+        sign: f32,
+        out: &Tensor,
+    ) -> Result<()> {
+        let h = inv_freq.elem_count();
+        let pairs = tokens * heads * h;
+        if pairs == 0 {
+            return Ok(());
+        }
+        let (px, po, pp, pf) = (x.cuda_ptr()?, out.cuda_ptr()?, positions.cuda_ptr()?, inv_freq.cuda_ptr()?);
+        let n = 16 / x.dtype().size_in_bytes();
+        let vec = h % n == 0 && px % 16 == 0 && po % 16 == 0;
+        let (func, per) = match (x.dtype(), vec) {
+            (DType::F32, false) => ("rope_f32", 1),
+            (DType::F32, true) => ("rope_f32_v2", n),
+            (DType::BF16, false) => ("rope_bf16", 1),
+            (DType::BF16, true) => ("rope_bf16_v2", n),
+            (dtype, _) => return Err(Error::UnsupportedDType { op: "rope (cuda)", dtype }),
+        };
+        let block = 256u32;
+        let grid = ((pairs / per) as u64).div_ceil(block as u64).clamp(1, 132 * 16) as u32;
+        let cfg = LaunchCfg { grid: (grid, 1, 1), block: (block, 1, 1), smem: 0 };
+        let args = [
+            Arg::Ptr(po),
+            Arg::Ptr(px),
+            Arg::Ptr(pp),
+            Arg::Ptr(pf),
+            Arg::U64(tokens as u64),
+            Arg::U32(heads as u32),
+            Arg::U32(h as u32),
+            Arg::F32(sign),
+        ];
+        launch(ord, &SRC, func, cfg, &args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+    use smelt_engine::Rng;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, Device::Cpu).unwrap()
+    }
+    fn pos_t(p: &[u32]) -> Tensor {
+        Tensor::from_slice(p, &[p.len()], Device::Cpu).unwrap()
+    }
+
+    /// float64 rotation, with the angle taken as HF forms it (f32 inv_freq, one f32 product),
+    /// or exactly in f64 when `exact_angle`.
+    fn reference(x: &[f64], pos: &[u32], heads: usize, d: usize, theta: f32, sign: f64, exact_angle: bool) -> Vec<f64> {
+        let h = d / 2;
+        let inv = cpu::inv_freq(d, theta);
+        let mut out = vec![0f64; x.len()];
+        for (tk, &p) in pos.iter().enumerate() {
+            for hd in 0..heads {
+                let base = (tk * heads + hd) * d;
+                for i in 0..h {
+                    let ang = if exact_angle {
+                        p as f64 / (theta as f64).powf(2.0 * i as f64 / d as f64)
+                    } else {
+                        (p as f32 * inv[i]) as f64
+                    };
+                    let (s, c) = (sign * ang.sin(), ang.cos());
+                    let (a, b) = (x[base + i], x[base + i + h]);
+                    out[base + i] = a * c - b * s;
+                    out[base + i + h] = b * c + a * s;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn inv_freq_matches_hf_formula() {
+        for (d, theta) in [(64usize, 10_000f32), (128, 1_000_000.0), (2, 10_000.0), (74, 500_000.0)] {
+            let inv = cpu::inv_freq(d, theta);
+            assert_eq!(inv.len(), d / 2);
+            assert_eq!(inv[0], 1.0);
+            let want: Vec<f64> = (0..d / 2).map(|i| (theta as f64).powf(-(2.0 * i as f64) / d as f64)).collect();
+            assert_close(&inv, &want, 0.0, 4.0 * f32::EPSILON as f64, &format!("inv_freq d={d}"));
+        }
+    }
+
+    #[test]
+    fn rope_matches_f64_on_odd_shapes() {
+        let mut rng = Rng::new(31);
+        for (tokens, heads, d) in [(1usize, 1usize, 2usize), (5, 3, 74), (3, 1, 200), (300, 2, 64), (7, 14, 128)] {
+            let x = randn(&mut rng, tokens * heads * d, 1.0);
+            let pos: Vec<u32> = (0..tokens).map(|_| rng.below(3000) as u32).collect();
+            let theta = 1_000_000f32;
+            let xt = t(&x, &[tokens, heads, d]);
+            let got = rope(&xt, &pos_t(&pos), theta).unwrap();
+            assert_eq!(got.shape(), &[tokens, heads, d]);
+            let got = got.to_vec::<f32>().unwrap();
+            let want = reference(&to_f64(&x), &pos, heads, d, theta, 1.0, false);
+            assert_close(&got, &want, 2e-6, 2e-6, &format!("rope [{tokens},{heads},{d}]"));
+            // Against the exact angle, the f32 angle HF uses is off by up to ~pos·2^-24.
+            let want = reference(&to_f64(&x), &pos, heads, d, theta, 1.0, true);
+            assert_close(&got, &want, 3000.0 * 1.2e-7 * 4.0, 1e-5, "rope vs exact angle");
+
+            // In place gives the same bits; a [tokens·heads... ] rank-2 view works for heads = 1.
+            let xi = t(&x, &[tokens, heads, d]);
+            rope_(&xi, &pos_t(&pos), theta).unwrap();
+            assert_eq!(xi.to_vec::<f32>().unwrap(), got, "rope_ == rope");
+
+            // bf16: inverse of HF's rounding order is checked exactly in its own test.
+            let xh = xt.to_dtype(DType::BF16).unwrap();
+            let got = rope(&xh, &pos_t(&pos), theta).unwrap().to_vec_f32().unwrap();
+            let want = reference(&to_f64(&xh.to_vec_f32().unwrap()), &pos, heads, d, theta, 1.0, false);
+            assert_close(&got, &want, 2.0 * DType::BF16.epsilon(), 2.0 * DType::BF16.epsilon(), "rope bf16");
+        }
+    }
+
+    #[test]
+    fn rope_bf16_follows_hf_rounding_order() {
+        let mut rng = Rng::new(32);
+        let (tokens, d) = (4usize, 8usize);
+        let x = t(&randn(&mut rng, tokens * d, 1.0), &[tokens, 1, d]).to_dtype(DType::BF16).unwrap();
+        let pos = [5u32, 17, 0, 1234];
+        let got = rope(&x, &pos_t(&pos), 10_000.0).unwrap().to_vec::<bf16>().unwrap();
+        let xv = x.to_vec_f32().unwrap();
+        let inv = cpu::inv_freq(d, 10_000.0);
+        let b = |v: f32| bf16::from_f32(v).to_f32();
+        for (tk, &p) in pos.iter().enumerate() {
+            for i in 0..d / 2 {
+                let ang = p as f32 * inv[i];
+                let (c, s) = (b(ang.cos()), b(ang.sin()));
+                let (x1, x2) = (xv[tk * d + i], xv[tk * d + i + d / 2]);
+                assert_eq!(got[tk * d + i], bf16::from_f32(b(x1 * c) + b(-x2 * s)));
+                assert_eq!(got[tk * d + i + d / 2], bf16::from_f32(b(x2 * c) + b(x1 * s)));
+            }
+        }
+    }
+
+    #[test]
+    fn packed_positions_restart_at_zero() {
+        let mut rng = Rng::new(33);
+        let (heads, d) = (2usize, 16usize);
+        let x = randn(&mut rng, 5 * heads * d, 1.0);
+        let pos = [0u32, 1, 2, 0, 1];
+        let got = rope(&t(&x, &[5, heads, d]), &pos_t(&pos), 10_000.0).unwrap().to_vec::<f32>().unwrap();
+        let row = heads * d;
+        // Position 0 is the identity; equal positions give equal rotations.
+        assert_eq!(&got[..row], &x[..row]);
+        assert_eq!(&got[3 * row..4 * row], &x[3 * row..4 * row]);
+        let again =
+            rope(&t(&x[row..2 * row], &[1, heads, d]), &pos_t(&[1]), 10_000.0).unwrap().to_vec::<f32>().unwrap();
+        let x4 = rope(&t(&x[4 * row..], &[1, heads, d]), &pos_t(&[1]), 10_000.0).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(&got[row..2 * row], &again[..]);
+        assert_eq!(&got[4 * row..], &x4[..]);
+    }
+
+    #[test]
+    fn rope_backward_by_finite_differences() {
+        let mut rng = Rng::new(34);
+        let (tokens, heads, d) = (3usize, 2usize, 6usize);
+        let n = tokens * heads * d;
+        let (x, g) = (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+        let pos = [3u32, 0, 41];
+        let theta = 10_000f32;
+        let loss = |x: &[f64]| -> f64 {
+            reference(x, &pos, heads, d, theta, 1.0, false).iter().zip(&g).map(|(y, g)| y * *g as f64).sum()
+        };
+        let want = finite_diff(loss, &to_f64(&x), 1e-5);
+        let dx = rope_backward(&t(&g, &[tokens, heads, d]), &pos_t(&pos), theta).unwrap();
+        assert_close(&dx.to_vec::<f32>().unwrap(), &want, 1e-5, 1e-4, "rope dx");
+        // In-place backward, and backward undoes forward.
+        let table = RopeTable::new(d, theta, Device::Cpu).unwrap();
+        let gi = t(&g, &[tokens, heads, d]);
+        table.backward_(&gi, &pos_t(&pos)).unwrap();
+        assert_eq!(gi.to_vec::<f32>().unwrap(), dx.to_vec::<f32>().unwrap());
+        let y = table.forward(&t(&x, &[tokens, heads, d]), &pos_t(&pos)).unwrap();
+        let back = table.backward(&y, &pos_t(&pos)).unwrap();
+        assert_close(&back.to_vec::<f32>().unwrap(), &to_f64(&x), 1e-6, 1e-6, "rope⁻¹(rope(x))");
+    }
+
+    #[test]
+    fn rope_errors_name_op_and_shapes() {
+        let x = Tensor::zeros(&[3, 2, 5], DType::F32, Device::Cpu).unwrap();
+        let e = rope(&x, &pos_t(&[0, 1, 2]), 1e4).unwrap_err().to_string();
+        assert!(e.contains("rope") && e.contains("head_dim 5"), "{e}");
+        let x = Tensor::zeros(&[3, 2, 4], DType::F32, Device::Cpu).unwrap();
+        let e = rope(&x, &pos_t(&[0, 1]), 1e4).unwrap_err().to_string();
+        assert!(e.contains("rope") && e.contains("[3, 2, 4]") && e.contains("[2]"), "{e}");
+        let ip = Tensor::from_slice(&[0i32, 1, 2], &[3], Device::Cpu).unwrap();
+        let e = rope(&x, &ip, 1e4).unwrap_err().to_string();
+        assert!(e.contains("rope") && e.contains("u32"), "{e}");
+    }
+
+    #[test]
+    fn rope_device_matches_cpu() {
+        let Some(dev) = test_cuda_device() else { return };
+        let mut rng = Rng::new(35);
+        for (tokens, heads, d) in [(1usize, 1usize, 2usize), (37, 3, 74), (513, 14, 64), (300, 16, 128), (64, 2, 100)] {
+            for dt in [DType::F32, DType::BF16] {
+                let x = t(&randn(&mut rng, tokens * heads * d, 1.0), &[tokens, heads, d]).to_dtype(dt).unwrap();
+                let pos: Vec<u32> = (0..tokens).map(|i| if i % 7 == 0 { 0 } else { rng.below(32768) as u32 }).collect();
+                let (xg, pg) = (x.to_device(dev).unwrap(), pos_t(&pos).to_device(dev).unwrap());
+                let tol = if dt == DType::F32 { 2e-6 } else { dt.epsilon() };
+                let what = format!("{dt} [{tokens},{heads},{d}]");
+                let cmp = |got: &Tensor, want: &Tensor, w: &str| {
+                    assert_close(
+                        &got.to_vec_f32().unwrap(),
+                        &to_f64(&want.to_vec_f32().unwrap()),
+                        tol,
+                        tol,
+                        &format!("{w} {what}"),
+                    );
+                };
+                let poison = || drop(Tensor::full(f64::NAN, x.shape(), dt, dev).unwrap());
+                poison();
+                cmp(&rope(&xg, &pg, 1e6).unwrap(), &rope(&x, &pos_t(&pos), 1e6).unwrap(), "rope");
+                poison();
+                cmp(
+                    &rope_backward(&xg, &pg, 1e6).unwrap(),
+                    &rope_backward(&x, &pos_t(&pos), 1e6).unwrap(),
+                    "rope_backward",
+                );
+                let xi = x.to_device(dev).unwrap();
+                rope_(&xi, &pg, 1e6).unwrap();
+                cmp(&xi, &rope(&x, &pos_t(&pos), 1e6).unwrap(), "rope_");
+            }
+        }
+    }
+}

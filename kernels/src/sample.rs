@@ -1,1 +1,672 @@
-//! (being written)
+//! `sample`: next-token selection for decoding — greedy argmax, or temperature + top-k +
+//! top-p (nucleus) sampling from our own counter-based random stream.
+//!
+//! Per row of logits z (`[B, V]`, f32 or bf16), with s = z/T:
+//! 1. **Greedy** (T = 0): the first index of the maximum logit. `logp` and `entropy` are then
+//!    reported under softmax(z) (T = 1: the model's own distribution, which is what eval logs
+//!    want; a point mass has no useful entropy), and `logp_truncated` = 0.
+//! 2. **Top-k** (`top_k = Some(k)`, k < V): keep every token whose s is ≥ the k-th largest s
+//!    (ties at the k-th value are all kept, as in HF's `TopKLogitsWarper`).
+//! 3. **Top-p** (`top_p < 1`): over the top-k survivors, renormalised, keep the smallest set of
+//!    most probable tokens whose mass reaches `top_p`, plus every token tied with the last one
+//!    kept. Formally, with e_v = exp(s_v − max s), τ = max{t : Σ_{e_v ≥ t} e_v ≥ top_p·Σ e_v},
+//!    keep e_v ≥ τ (HF's `TopPLogitsWarper` up to ties; top-k applies first, as in HF/vLLM).
+//! 4. Draw one uniform u ∈ [0, 1) for the row and return the first survivor, in vocabulary
+//!    order, at which the running survivor mass exceeds u·(survivor mass).
+//!
+//! Returned per row:
+//! - `tokens` (u32);
+//! - `logp` = log softmax(z/T)[token] over the **full** vocabulary — the log-prob under the
+//!   tempered policy before truncation. This is `logp_old` as the GRPO trainer needs it: the
+//!   trainer's recomputation (`logprob_entropy` at the same T) is of this quantity;
+//! - `logp_truncated` = log of the token's probability under the truncated, renormalised
+//!   distribution actually sampled from (for importance corrections of top-p/top-k rollouts);
+//! - `entropy` = entropy of softmax(z/T) over the full vocabulary (PEAR's H_t, `entropy_old`).
+//!
+//! Randomness: row r of a call with (`seed`, `step`) uses [`row_uniform`]`(seed, step, r)`, a
+//! SplitMix64 hash chain (smelt_engine's `Rng` finaliser) that the CUDA kernel computes the same
+//! way. Results are deterministic for a given seed, step and device. CPU and CUDA use the same
+//! u and the same rules, so they pick the same token except when u·mass falls within float
+//! rounding of a boundary between two tokens (the sums run in different orders).
+//!
+//! NaN logits are not supported (the token is still in range); −inf logits are fine.
+
+use rayon::prelude::*;
+use smelt_engine::{bf16, DType, Device, Error, Result, Rng, Tensor};
+
+crate::kernel_source!("sample");
+
+/// How to pick the next token. `Default` is TRL's: T = 1, no top-k, top-p = 1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingConfig {
+    /// 0 selects greedy decoding; otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (ties kept); `None` keeps all.
+    pub top_k: Option<usize>,
+    /// Nucleus mass in (0, 1]; 1 disables top-p.
+    pub top_p: f32,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 }
+    }
+}
+
+impl SamplingConfig {
+    pub fn greedy() -> Self {
+        SamplingConfig { temperature: 0.0, ..Default::default() }
+    }
+
+    /// temperature finite and ≥ 0, top_p in (0, 1], top_k ≥ 1.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::msg(format!(
+                "sample: temperature = {} must be finite and >= 0 (0 = greedy)",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::msg(format!("sample: top_p = {} must be in (0, 1] (1 = off)", self.top_p)));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::msg("sample: top_k = 0 keeps no token; use None to disable top-k"));
+        }
+        Ok(())
+    }
+}
+
+/// Per-row results, each `[B]`, on the logits' device.
+#[derive(Debug)]
+pub struct SampleOutput {
+    /// u32 token ids.
+    pub tokens: Tensor,
+    /// f32 log softmax(z/T)[token] (full distribution).
+    pub logp: Tensor,
+    /// f32 log-prob under the truncated distribution sampled from.
+    pub logp_truncated: Tensor,
+    /// f32 entropy of softmax(z/T) (full distribution).
+    pub entropy: Tensor,
+}
+
+impl SampleOutput {
+    /// Output tensors for `rows` rows on `device` (contents unspecified until written).
+    pub fn empty(rows: usize, device: Device) -> Result<Self> {
+        Ok(SampleOutput {
+            tokens: Tensor::empty(&[rows], DType::U32, device)?,
+            logp: Tensor::empty(&[rows], DType::F32, device)?,
+            logp_truncated: Tensor::empty(&[rows], DType::F32, device)?,
+            entropy: Tensor::empty(&[rows], DType::F32, device)?,
+        })
+    }
+}
+
+/// The uniform draw in [0, 1) (24 bits) for `row` of the call with (`seed`, `step`):
+/// h = next(next(next(seed) ^ step) ^ row) with next(x) = `Rng::new(x).next_u64()`
+/// (= mix64(x + golden ratio)), u = (h >> 40)·2⁻²⁴. The CUDA kernel computes the same.
+pub fn row_uniform(seed: u64, step: u64, row: u64) -> f32 {
+    let next = |x: u64| Rng::new(x).next_u64();
+    let h = next(next(next(seed) ^ step) ^ row);
+    (h >> 40) as f32 * (1.0 / (1u32 << 24) as f32)
+}
+
+/// Samples one token per row of `logits` (`[.., V]`, f32 or bf16).
+pub fn sample(logits: &Tensor, cfg: &SamplingConfig, seed: u64, step: u64) -> Result<SampleOutput> {
+    let (rows, _) = logits.rows_cols();
+    let out = SampleOutput::empty(rows, logits.device())?;
+    sample_into(logits, cfg, seed, step, &out)?;
+    Ok(out)
+}
+
+/// [`sample`] writing into caller-owned outputs (reused across decode steps).
+pub fn sample_into(logits: &Tensor, cfg: &SamplingConfig, seed: u64, step: u64, out: &SampleOutput) -> Result<()> {
+    cfg.validate()?;
+    let (rows, v) = logits.rows_cols();
+    crate::ensure_shape!(
+        logits.rank() >= 1 && v >= 1,
+        "sample",
+        "logits {:?} need a non-empty vocabulary dimension",
+        logits.shape()
+    );
+    let outs = [
+        ("tokens", &out.tokens, DType::U32),
+        ("logp", &out.logp, DType::F32),
+        ("logp_truncated", &out.logp_truncated, DType::F32),
+        ("entropy", &out.entropy, DType::F32),
+    ];
+    for (name, t, dt) in outs {
+        crate::ensure_shape!(
+            t.elem_count() == rows && t.dtype() == dt,
+            "sample",
+            "output {name} is {:?} {}, expected [{rows}] {dt} for logits {:?}",
+            t.shape(),
+            t.dtype(),
+            logits.shape()
+        );
+        if t.device() != logits.device() {
+            return Err(Error::DeviceMismatch { op: "sample", a: logits.device(), b: t.device() });
+        }
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    match logits.device() {
+        Device::Cpu => {
+            let res = match logits.dtype() {
+                DType::F32 => cpu::sample(&logits.cpu_read::<f32>()?, v, cfg, seed, step, |x| x),
+                DType::BF16 => cpu::sample(&logits.cpu_read::<bf16>()?, v, cfg, seed, step, |x| x.to_f32()),
+                dt => return Err(Error::UnsupportedDType { op: "sample", dtype: dt }),
+            };
+            let mut tok = out.tokens.cpu_write::<u32>()?;
+            let mut lp = out.logp.cpu_write::<f32>()?;
+            let mut lpt = out.logp_truncated.cpu_write::<f32>()?;
+            let mut ent = out.entropy.cpu_write::<f32>()?;
+            for (i, r) in res.iter().enumerate() {
+                (tok[i], lp[i], lpt[i], ent[i]) = (r.token, r.logp, r.logp_truncated, r.entropy);
+            }
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => cuda::sample(ord, logits, cfg, seed, step, out),
+        #[cfg(not(feature = "cuda"))]
+        d => Err(Error::UnsupportedDevice { op: "sample", device: d }),
+    }
+}
+
+/// Slice-level CPU implementation (the reference for the CUDA kernel).
+pub mod cpu {
+    use super::*;
+
+    /// One row's result.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub struct RowSample {
+        pub token: u32,
+        pub logp: f32,
+        pub logp_truncated: f32,
+        pub entropy: f32,
+    }
+
+    /// Maps f32 to u32 so that unsigned order is float order (−0 < +0); the top-k threshold
+    /// is found on these keys on both devices.
+    #[inline]
+    pub fn ord_key(x: f32) -> u32 {
+        let b = x.to_bits();
+        if b & 0x8000_0000 != 0 {
+            !b
+        } else {
+            b | 0x8000_0000
+        }
+    }
+
+    /// Samples every row of `logits` (`rows × v`, row-major), rows in parallel.
+    pub fn sample<T: Copy + Sync>(
+        logits: &[T],
+        v: usize,
+        cfg: &SamplingConfig,
+        seed: u64,
+        step: u64,
+        to_f32: fn(T) -> f32,
+    ) -> Vec<RowSample> {
+        smelt_engine::cpu::pool().install(|| {
+            logits
+                .par_chunks(v)
+                .enumerate()
+                .map(|(r, row)| {
+                    let z: Vec<f32> = row.iter().map(|&x| to_f32(x)).collect();
+                    sample_row(&z, cfg, row_uniform(seed, step, r as u64))
+                })
+                .collect()
+        })
+    }
+
+    /// One row with the uniform draw `u` (see the module docs for the rules).
+    pub fn sample_row(z: &[f32], cfg: &SamplingConfig, u: f32) -> RowSample {
+        let v = z.len();
+        let greedy = cfg.temperature == 0.0;
+        let t = if greedy { 1.0 } else { cfg.temperature };
+        // s = z/t by IEEE division, as the kernel does (not z·(1/t), which rounds differently).
+        let s: Vec<f32> = z.iter().map(|&x| x / t).collect();
+        // Strict `>` keeps the first index of the maximum (and never picks NaN).
+        let (mut m, mut arg) = (f32::NEG_INFINITY, 0usize);
+        for (i, &x) in s.iter().enumerate() {
+            if x > m {
+                (m, arg) = (x, i);
+            }
+        }
+        let e: Vec<f32> = s.iter().map(|&x| (x - m).exp()).collect();
+        let (mut zsum, mut se) = (0f64, 0f64);
+        for (&x, &ei) in s.iter().zip(&e) {
+            // e = 0 for −inf logits, whose (s − m)·e must count as 0, not NaN.
+            if ei > 0.0 {
+                zsum += ei as f64;
+                se += ei as f64 * (x - m) as f64;
+            }
+        }
+        let lnz = zsum.ln();
+        let entropy = (lnz - se / zsum) as f32;
+        let finish = |tok: usize, ln_mass: f64| {
+            let d = (s[tok] - m) as f64;
+            RowSample { token: tok as u32, logp: (d - lnz) as f32, logp_truncated: (d - ln_mass) as f32, entropy }
+        };
+        if greedy {
+            let mut r = finish(arg, lnz);
+            r.logp_truncated = 0.0;
+            return r;
+        }
+        let kth = match cfg.top_k {
+            Some(k) if k < v => {
+                let mut keys: Vec<u32> = s.iter().map(|&x| ord_key(x)).collect();
+                *keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a)).1
+            }
+            _ => 0,
+        };
+        let in_k = |i: usize| kth == 0 || ord_key(s[i]) >= kth;
+        let p_bits = if cfg.top_p < 1.0 {
+            let sk: f64 = (0..v).filter(|&i| in_k(i)).map(|i| e[i] as f64).sum();
+            let target = cfg.top_p as f64 * sk;
+            // Tokens below t0 hold less than (1 − top_p)·mass together, so τ ≥ t0: only the
+            // ones above need sorting (a handful for a peaked LLM distribution).
+            let t0 = (0.5 * (1.0 - cfg.top_p as f64) * sk / v as f64) as f32;
+            let mut cand: Vec<u32> = (0..v).filter(|&i| in_k(i) && e[i] >= t0).map(|i| e[i].to_bits()).collect();
+            cand.sort_unstable_by(|a, b| b.cmp(a));
+            let mut cum = 0f64;
+            let mut tau = cand.last().copied().unwrap_or(0);
+            for &b in &cand {
+                cum += f32::from_bits(b) as f64;
+                if cum >= target {
+                    tau = b;
+                    break;
+                }
+            }
+            tau
+        } else {
+            0
+        };
+        let keep = |i: usize| in_k(i) && e[i].to_bits() >= p_bits;
+        let sp: f64 = (0..v).filter(|&i| keep(i)).map(|i| e[i] as f64).sum();
+        let target = u as f64 * sp;
+        let mut cum = 0f64;
+        // If rounding leaves the running sum short of the target, fall back to the argmax,
+        // which always survives (the CUDA kernel does the same).
+        let mut tok = arg;
+        for i in 0..v {
+            if keep(i) && e[i] > 0.0 {
+                cum += e[i] as f64;
+                if cum > target {
+                    tok = i;
+                    break;
+                }
+            }
+        }
+        finish(tok, sp.ln())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::cuda::{launch, Arg, LaunchCfg};
+
+    pub fn sample(
+        ord: usize,
+        logits: &Tensor,
+        cfg: &SamplingConfig,
+        seed: u64,
+        step: u64,
+        out: &SampleOutput,
+    ) -> Result<()> {
+        let (rows, v) = logits.rows_cols();
+        let func = match logits.dtype() {
+            DType::F32 => "sample_f32",
+            DType::BF16 => "sample_bf16",
+            dt => return Err(Error::UnsupportedDType { op: "sample (cuda)", dtype: dt }),
+        };
+        let too_big =
+            || Error::shape("sample (cuda)", format!("logits {:?} exceed the kernel's u32 indexing", logits.shape()));
+        let v32 = u32::try_from(v).map_err(|_| too_big())?;
+        let grid = u32::try_from(rows).map_err(|_| too_big())?;
+        let top_k = cfg.top_k.map_or(v32, |k| k.min(v) as u32);
+        let lc = LaunchCfg { grid: (grid, 1, 1), block: (1024, 1, 1), smem: 0 };
+        launch(
+            ord,
+            &SRC,
+            func,
+            lc,
+            &[
+                Arg::Ptr(logits.cuda_ptr()?),
+                Arg::U32(v32),
+                Arg::F32(cfg.temperature),
+                Arg::U32(top_k),
+                Arg::F32(cfg.top_p),
+                Arg::U64(seed),
+                Arg::U64(step),
+                Arg::Ptr(out.tokens.cuda_ptr()?),
+                Arg::Ptr(out.logp.cuda_ptr()?),
+                Arg::Ptr(out.logp_truncated.cuda_ptr()?),
+                Arg::Ptr(out.entropy.cuda_ptr()?),
+            ],
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    /// The f64 reference: the truncated distribution (probabilities over the vocabulary, 0
+    /// for dropped tokens), the full log-softmax and the full entropy, by sorting.
+    struct RefRow {
+        p_trunc: Vec<f64>,
+        logp: Vec<f64>,
+        entropy: f64,
+    }
+
+    fn reference(z: &[f32], cfg: &SamplingConfig) -> RefRow {
+        let t = if cfg.temperature == 0.0 { 1.0 } else { cfg.temperature as f64 };
+        let s: Vec<f64> = z.iter().map(|&x| x as f64 / t).collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        let logp: Vec<f64> = s.iter().map(|x| x - lse).collect();
+        let entropy = -logp.iter().filter(|l| l.is_finite()).map(|l| l.exp() * l).sum::<f64>();
+        let mut order: Vec<usize> = (0..z.len()).collect();
+        order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
+        let mut keep = vec![true; z.len()];
+        if let Some(k) = cfg.top_k.filter(|&k| k < z.len()) {
+            let kth = s[order[k - 1]];
+            keep = s.iter().map(|&x| x >= kth).collect();
+        }
+        if cfg.top_p < 1.0 {
+            let mass: f64 = (0..z.len()).filter(|&i| keep[i]).map(|i| logp[i].exp()).sum();
+            let mut cum = 0.0;
+            let mut tau = f64::NEG_INFINITY;
+            for &i in order.iter().filter(|&&i| keep[i]) {
+                cum += logp[i].exp();
+                if cum >= cfg.top_p as f64 * mass {
+                    tau = s[i];
+                    break;
+                }
+            }
+            for i in 0..z.len() {
+                keep[i] &= s[i] >= tau;
+            }
+        }
+        let mass: f64 = (0..z.len()).filter(|&i| keep[i]).map(|i| logp[i].exp()).sum();
+        let p_trunc = (0..z.len()).map(|i| if keep[i] { logp[i].exp() / mass } else { 0.0 }).collect();
+        RefRow { p_trunc, logp, entropy }
+    }
+
+    fn logits_tensor(z: &[f32], rows: usize, dt: DType, dev: Device) -> Tensor {
+        let v = z.len() / rows;
+        Tensor::from_slice(z, &[rows, v], Device::Cpu).unwrap().to_dtype(dt).unwrap().to_device(dev).unwrap()
+    }
+
+    fn first_argmax(row: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &x) in row.iter().enumerate() {
+            if x > row[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn greedy_is_first_argmax_and_reports_t1_stats() {
+        let mut rng = Rng::new(21);
+        let (b, v) = (6, 1003);
+        let mut z = randn(&mut rng, b * v, 2.0);
+        // Row 1: the maximum appears three times; row 2: −inf entries; row 3: all equal.
+        z[v + 17] = 9.0;
+        z[v + 400] = 9.0;
+        z[v + 1002] = 9.0;
+        for i in (2 * v..3 * v).step_by(3) {
+            z[i] = f32::NEG_INFINITY;
+        }
+        z[3 * v..4 * v].fill(0.25);
+        for dt in [DType::F32, DType::BF16] {
+            let zt = logits_tensor(&z, b, dt, Device::Cpu);
+            let zr = zt.to_vec_f32().unwrap();
+            let out = sample(&zt, &SamplingConfig::greedy(), 1, 0).unwrap();
+            let tok = out.tokens.to_vec::<u32>().unwrap();
+            let want: Vec<u32> = zr.chunks(v).map(first_argmax).collect();
+            assert_eq!(tok, want, "{dt}");
+            assert_eq!(tok[1], 17);
+            assert_eq!(tok[3], 0);
+            let (lp, ent) = (out.logp.to_vec::<f32>().unwrap(), out.entropy.to_vec::<f32>().unwrap());
+            for r in 0..b {
+                let rf = reference(&zr[r * v..(r + 1) * v], &SamplingConfig::greedy());
+                assert_close(&[lp[r]], &[rf.logp[tok[r] as usize]], 1e-5, 1e-5, "greedy logp");
+                assert_close(&[ent[r]], &[rf.entropy], 1e-5, 1e-5, "greedy entropy");
+            }
+            assert_eq!(out.logp_truncated.to_vec::<f32>().unwrap(), vec![0.0; b]);
+            // Greedy ignores the seed.
+            let again = sample(&zt, &SamplingConfig::greedy(), 99, 5).unwrap();
+            assert_eq!(again.tokens.to_vec::<u32>().unwrap(), tok);
+        }
+    }
+
+    #[test]
+    fn logp_and_entropy_match_f64_at_several_temperatures() {
+        let mut rng = Rng::new(22);
+        for (b, v) in [(3usize, 1003usize), (1, 151_936)] {
+            let z = randn(&mut rng, b * v, 3.0);
+            for temperature in [0.6f32, 1.0, 1.3] {
+                for (top_k, top_p) in [(None, 1.0f32), (Some(50), 1.0), (None, 0.9), (Some(200), 0.7)] {
+                    let cfg = SamplingConfig { temperature, top_k, top_p };
+                    let out = sample(&logits_tensor(&z, b, DType::F32, Device::Cpu), &cfg, 7, 3).unwrap();
+                    let tok = out.tokens.to_vec::<u32>().unwrap();
+                    let lp = out.logp.to_vec::<f32>().unwrap();
+                    let lpt = out.logp_truncated.to_vec::<f32>().unwrap();
+                    let ent = out.entropy.to_vec::<f32>().unwrap();
+                    for r in 0..b {
+                        let rf = reference(&z[r * v..(r + 1) * v], &cfg);
+                        let t = tok[r] as usize;
+                        let what = format!("V={v} T={temperature} k={top_k:?} p={top_p}");
+                        assert!(rf.p_trunc[t] > 0.0, "{what}: sampled a truncated token {t}");
+                        assert_close(&[lp[r]], &[rf.logp[t]], 1e-5, 1e-5, &format!("{what}: logp"));
+                        assert_close(&[lpt[r]], &[rf.p_trunc[t].ln()], 1e-5, 1e-5, &format!("{what}: logp_trunc"));
+                        assert_close(&[ent[r]], &[rf.entropy], 1e-5, 1e-5, &format!("{what}: entropy"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pearson χ² of `counts` against probabilities `p` (only cells with p > 0), and the
+    /// degrees of freedom. Asserts that cells with p = 0 were never drawn.
+    fn chi2(counts: &[u64], p: &[f64]) -> (f64, usize) {
+        let n: u64 = counts.iter().sum();
+        let mut x = 0.0;
+        let mut cells = 0;
+        for (&c, &pi) in counts.iter().zip(p) {
+            if pi == 0.0 {
+                assert_eq!(c, 0, "drew a token outside the truncated set: {counts:?} vs {p:?}");
+                continue;
+            }
+            let e = n as f64 * pi;
+            x += (c as f64 - e) * (c as f64 - e) / e;
+            cells += 1;
+        }
+        (x, cells - 1)
+    }
+
+    /// Laurent–Massart: P(χ²_k ≥ k + 2√(k·x) + 2x) ≤ e^−x. With x = 30 a correct sampler fails
+    /// with probability below 1e-13 (and the seeds are fixed, so the test is deterministic).
+    fn chi2_bound(df: usize) -> f64 {
+        let (k, x) = (df as f64, 30.0);
+        k + 2.0 * (k * x).sqrt() + 2.0 * x
+    }
+
+    pub(super) fn counts_of(tokens: &[u32], v: usize) -> Vec<u64> {
+        let mut c = vec![0u64; v];
+        for &t in tokens {
+            c[t as usize] += 1;
+        }
+        c
+    }
+
+    /// Logits for V = 10 whose tempered top-p cumulative masses stay well clear of the cut.
+    pub(super) const SMALL_LOGITS: [f32; 10] = [1.0, 2.2, -0.5, 0.3, 2.0, -1.5, 0.9, 1.6, 0.0, 2.2];
+
+    pub(super) fn small_configs() -> Vec<SamplingConfig> {
+        vec![
+            SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 },
+            SamplingConfig { temperature: 0.7, top_k: None, top_p: 0.8 },
+            SamplingConfig { temperature: 1.3, top_k: Some(4), top_p: 1.0 },
+            SamplingConfig { temperature: 0.9, top_k: Some(6), top_p: 0.75 },
+        ]
+    }
+
+    #[test]
+    fn sampled_frequencies_match_truncated_distribution_chi2() {
+        let draws = 20_000;
+        let z: Vec<f32> = (0..draws).flat_map(|_| SMALL_LOGITS).collect();
+        let zt = logits_tensor(&z, draws, DType::F32, Device::Cpu);
+        for (ci, cfg) in small_configs().into_iter().enumerate() {
+            let rf = reference(&SMALL_LOGITS, &cfg);
+            let tokens = sample(&zt, &cfg, 1234 + ci as u64, 0).unwrap().tokens.to_vec::<u32>().unwrap();
+            let counts = counts_of(&tokens, 10);
+            let (x, df) = chi2(&counts, &rf.p_trunc);
+            assert!(x < chi2_bound(df), "{cfg:?}: χ² = {x} (df {df}) for {counts:?} vs {:?}", rf.p_trunc);
+            // The test has power: the same counts against the untruncated distribution fail.
+            if cfg.top_p < 1.0 || cfg.top_k.is_some() {
+                let full: Vec<f64> = rf.logp.iter().map(|l| l.exp()).collect();
+                let n = draws as f64;
+                let x_full: f64 = counts.iter().zip(&full).map(|(&c, &p)| (c as f64 - n * p).powi(2) / (n * p)).sum();
+                assert!(x_full > 10.0 * chi2_bound(9), "{cfg:?}: χ² vs full = {x_full}");
+            }
+        }
+        // Top-k keeps ties at the k-th value: tokens 1 and 9 tie at the top, so k = 1 keeps both.
+        let cfg = SamplingConfig { temperature: 1.0, top_k: Some(1), top_p: 1.0 };
+        let counts = counts_of(&sample(&zt, &cfg, 5, 0).unwrap().tokens.to_vec::<u32>().unwrap(), 10);
+        let (x, df) = chi2(&counts, &reference(&SMALL_LOGITS, &cfg).p_trunc);
+        assert_eq!(df, 1);
+        assert!(x < chi2_bound(1), "ties: {counts:?}");
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_streams_differ() {
+        let mut rng = Rng::new(23);
+        let (b, v) = (64, 1003);
+        let z = randn(&mut rng, b * v, 1.0);
+        let cfg = SamplingConfig { temperature: 1.0, top_k: Some(500), top_p: 0.95 };
+        for dt in [DType::F32, DType::BF16] {
+            let zt = logits_tensor(&z, b, dt, Device::Cpu);
+            let a = sample(&zt, &cfg, 42, 7).unwrap().tokens.to_vec::<u32>().unwrap();
+            let a2 = sample(&zt, &cfg, 42, 7).unwrap().tokens.to_vec::<u32>().unwrap();
+            assert_eq!(a, a2, "{dt}: same seed, different tokens");
+            let other_seed = sample(&zt, &cfg, 43, 7).unwrap().tokens.to_vec::<u32>().unwrap();
+            let other_step = sample(&zt, &cfg, 42, 8).unwrap().tokens.to_vec::<u32>().unwrap();
+            let differ = |x: &[u32]| a.iter().zip(x).filter(|(p, q)| p != q).count();
+            assert!(differ(&other_seed) > b / 2, "{dt}: seed barely changes tokens");
+            assert!(differ(&other_step) > b / 2, "{dt}: step barely changes tokens");
+        }
+        // bf16 logits sample exactly like their f32 values.
+        let zb = logits_tensor(&z, b, DType::BF16, Device::Cpu);
+        let zf = Tensor::from_slice(&zb.to_vec_f32().unwrap(), &[b, v], Device::Cpu).unwrap();
+        let (x, y) = (sample(&zb, &cfg, 1, 1).unwrap(), sample(&zf, &cfg, 1, 1).unwrap());
+        assert_eq!(x.tokens.to_vec::<u32>().unwrap(), y.tokens.to_vec::<u32>().unwrap());
+        assert_eq!(x.logp.to_vec::<f32>().unwrap(), y.logp.to_vec::<f32>().unwrap());
+        // The row streams are the documented hash chain.
+        let next = |x: u64| Rng::new(x).next_u64();
+        let h = next(next(next(42) ^ 7) ^ 3);
+        assert_eq!(row_uniform(42, 7, 3), (h >> 40) as f32 / 16_777_216.0);
+    }
+
+    #[test]
+    fn config_validation_and_shape_errors_are_clear() {
+        let bad = [
+            SamplingConfig { temperature: -1.0, ..Default::default() },
+            SamplingConfig { temperature: f32::NAN, ..Default::default() },
+            SamplingConfig { temperature: f32::INFINITY, ..Default::default() },
+            SamplingConfig { top_p: 0.0, ..Default::default() },
+            SamplingConfig { top_p: 1.5, ..Default::default() },
+            SamplingConfig { top_p: f32::NAN, ..Default::default() },
+            SamplingConfig { top_k: Some(0), ..Default::default() },
+        ];
+        let z = Tensor::zeros(&[2, 5], DType::F32, Device::Cpu).unwrap();
+        for cfg in bad {
+            let e = sample(&z, &cfg, 0, 0).unwrap_err().to_string();
+            assert!(e.starts_with("sample:"), "{e}");
+        }
+        SamplingConfig { temperature: 0.0, top_k: Some(1), top_p: 1.0 }.validate().unwrap();
+        // top_k larger than V is "no truncation".
+        let out = sample(&z, &SamplingConfig { top_k: Some(1000), ..Default::default() }, 0, 0).unwrap();
+        assert!(out.tokens.to_vec::<u32>().unwrap().iter().all(|&t| t < 5));
+        let i = Tensor::zeros(&[2, 5], DType::I32, Device::Cpu).unwrap();
+        assert!(sample(&i, &SamplingConfig::default(), 0, 0).is_err());
+        let wrong = SampleOutput::empty(3, Device::Cpu).unwrap();
+        let e = sample_into(&z, &SamplingConfig::default(), 0, 0, &wrong).unwrap_err().to_string();
+        assert!(e.contains("sample") && e.contains("[2, 5]"), "{e}");
+    }
+
+    #[test]
+    fn device_matches_cpu() {
+        let Some(dev) = test_cuda_device() else { return };
+        let poisoned = |rows: usize| SampleOutput {
+            tokens: Tensor::full(u32::MAX as f64, &[rows], DType::U32, dev).unwrap(),
+            logp: Tensor::full(f64::NAN, &[rows], DType::F32, dev).unwrap(),
+            logp_truncated: Tensor::full(f64::NAN, &[rows], DType::F32, dev).unwrap(),
+            entropy: Tensor::full(f64::NAN, &[rows], DType::F32, dev).unwrap(),
+        };
+        let mut rng = Rng::new(24);
+        for (b, v) in [(5usize, 1003usize), (8, 151_936)] {
+            let mut z = randn(&mut rng, b * v, 3.0);
+            z[v + 7] = 50.0;
+            z[v + 9] = 50.0; // a tie at the top: greedy must pick 7 on both
+            for dt in [DType::F32, DType::BF16] {
+                let zc = logits_tensor(&z, b, dt, Device::Cpu);
+                let zd = zc.to_device(dev).unwrap();
+                let configs = [
+                    SamplingConfig::greedy(),
+                    SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 },
+                    SamplingConfig { temperature: 0.6, top_k: Some(40), top_p: 1.0 },
+                    SamplingConfig { temperature: 1.3, top_k: None, top_p: 0.95 },
+                    SamplingConfig { temperature: 1.0, top_k: Some(100), top_p: 0.7 },
+                ];
+                for cfg in configs {
+                    let what = format!("sample cuda {dt} B={b} V={v} {cfg:?}");
+                    let want = sample(&zc, &cfg, 77, 3).unwrap();
+                    let got = poisoned(b);
+                    sample_into(&zd, &cfg, 77, 3, &got).unwrap();
+                    let (wt, gt) = (want.tokens.to_vec::<u32>().unwrap(), got.tokens.to_vec::<u32>().unwrap());
+                    let ent = to_f64(&want.entropy.to_vec::<f32>().unwrap());
+                    assert_close(&got.entropy.to_vec::<f32>().unwrap(), &ent, 1e-4, 1e-4, &format!("{what}: entropy"));
+                    if cfg.temperature == 0.0 {
+                        assert_eq!(gt, wt, "{what}: greedy tokens");
+                        assert_eq!(gt[1], 7);
+                    } else {
+                        // Same u, same rules: tokens agree except at rounding-level boundaries.
+                        let same = wt.iter().zip(&gt).filter(|(a, b)| a == b).count();
+                        assert!(same + 1 >= b, "{what}: tokens {gt:?} vs cpu {wt:?}");
+                    }
+                    let (wl, gl) = (want.logp.to_vec::<f32>().unwrap(), got.logp.to_vec::<f32>().unwrap());
+                    let (wlt, glt) =
+                        (want.logp_truncated.to_vec::<f32>().unwrap(), got.logp_truncated.to_vec::<f32>().unwrap());
+                    for r in 0..b {
+                        assert!(gt[r] < v as u32, "{what}: token out of range");
+                        if gt[r] == wt[r] {
+                            assert_close(&[gl[r]], &[wl[r] as f64], 1e-4, 1e-4, &format!("{what}: logp"));
+                            assert_close(&[glt[r]], &[wlt[r] as f64], 1e-4, 1e-4, &format!("{what}: logp_trunc"));
+                        }
+                    }
+                    // Deterministic on the device.
+                    let again = sample(&zd, &cfg, 77, 3).unwrap().tokens.to_vec::<u32>().unwrap();
+                    assert_eq!(again, gt, "{what}: nondeterministic");
+                }
+            }
+        }
+        // χ² of CUDA samples on the small vocabulary.
+        let draws = 20_000;
+        let z: Vec<f32> = (0..draws).flat_map(|_| SMALL_LOGITS).collect();
+        let zd = logits_tensor(&z, draws, DType::F32, dev);
+        for (ci, cfg) in small_configs().into_iter().enumerate() {
+            let rf = reference(&SMALL_LOGITS, &cfg);
+            let tokens = sample(&zd, &cfg, 4321 + ci as u64, 0).unwrap().tokens.to_vec::<u32>().unwrap();
+            let counts = counts_of(&tokens, 10);
+            let (x, df) = chi2(&counts, &rf.p_trunc);
+            assert!(x < chi2_bound(df), "cuda {cfg:?}: χ² = {x} (df {df}) for {counts:?}");
+        }
+    }
+}

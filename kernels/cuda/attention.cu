@@ -1,0 +1,603 @@
+// attention.cu — causal grouped-query attention over packed variable-length sequences:
+// forward (saves the row log-sum-exp), FlashAttention-2 backward, decode against a KV cache.
+//
+// Layout (row-major, no padding tokens):
+//   q, o, dq, dO: [T, n_heads, D]; k, v, dk, dv: [T, n_kv_heads, D]; lse, delta: [n_heads, T] f32.
+//   cu: u32[B+1] cumulative sequence offsets. Query head h reads KV head h / (n_heads/n_kv_heads).
+//   KV cache: [n_slots, max_len, n_kv_heads, D]; decode batch row b uses slot b; cache_lens[b]
+//   counts the valid rows including the n_new new tokens, the last n_new of which are the queries.
+//   Element type T: float or bf16_t (bf16 storage, f32 accumulation). D: 64 or 128.
+// Scores are kept in log2 units (q·k·scale·log2 e) so exponentials are exp2f; lse is stored in
+// natural-log units.
+//
+// Work mapping:
+//   fwd v1 (attn_fwd_v1_*): 4 warps per block, one warp per (query row, head); lanes split D;
+//     online softmax over every visible key, one key at a time. grid (ceil(T/4), n_heads).
+//   fwd v2 (attn_fwd_v2_bf16_*): one block of 4 warps per (64-row query tile of one sequence,
+//     head); each warp owns 16 query rows (Q fragments in registers) and streams 64-key K/V
+//     tiles through shared memory, S = Q·Kᵀ and O += P·V with mma.sync m16n8k16 bf16 → f32.
+//     The host passes the (sequence, tile start) list, heaviest (latest) tiles first.
+//     Budget per block: 128 threads; smem 2·64·(D+8)·2 B = 34,816 B (D=128) / 18,432 B (D=64)
+//     static; registers ≈ 4·D/8 O + D/4 Q-fragment + 32 S per thread.
+//   bwd: delta kernel (one warp per (row, head): D = rowsum(dO∘O)); dK/dV kernel: one block per
+//     (32-key tile, KV head), K/V tile in smem, loops over the group's query heads and the query
+//     rows ≥ tile start in steps of 8, recomputing P from lse; dQ kernel: one block per (8-row
+//     query tile, head), loops over key tiles of 32. No atomics (deterministic); f32 FMA.
+//     Budget per block: 128 threads; smem 2·32·(D+1)·4 + 2·8·D·4 + 2·8·32·4 + 64 B
+//     = 43,328 B (D=128) / 22,848 B (D=64) static.
+//   decode: split-K (flash-decoding). attn_decode_partial: one block (4 warps) per (split of the
+//     cache length, head, batch row × group of ≤4 new tokens); warps take keys round-robin,
+//     lanes split D; the 4 warps merge in smem (4·4·D·4 B ≤ 8 KiB) and write an unnormalised
+//     partial (m, l, acc[D]). attn_decode_combine: one block of D threads per (row, head)
+//     merges the splits. kv_cache_append: grid-stride copy of new rows into the cache.
+// Versions:
+//   fwd v1 naive warp-per-row, f32 and bf16 (correctness baseline)
+//   fwd v2 flash-tiled, mma.sync bf16 tensor cores, 64×64 tiles (bf16 only; f32 runs v1)
+//   bwd v1 tiled FMA, two passes (dK/dV per KV tile, then dQ per Q tile), f32 and bf16
+//   decode v1 split-K partial + combine, f32 and bf16
+
+#define ATT_LOG2E 1.4426950408889634f
+#define ATT_LN2 0.6931471805599453f
+
+__device__ __forceinline__ float att_ld(const float* p) { return *p; }
+__device__ __forceinline__ float att_ld(const bf16_t* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ void att_st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void att_st(bf16_t* p, float v) { *p = f32_to_bf16(v); }
+
+// Index of the sequence holding token t: the b with cu[b] <= t < cu[b+1].
+__device__ __forceinline__ int att_seq_of(const u32* cu, int nseq, u32 t) {
+    int lo = 0, hi = nseq;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) >> 1;
+        if (cu[mid] <= t) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+// ---------------------------------------------------------------- forward v1 (naive)
+template <typename T, int D>
+__device__ void attn_fwd_v1(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                            const u32* __restrict__ cu, int nseq, int ntok, int nh, int nkv, float scale,
+                            T* __restrict__ o, float* __restrict__ lse) {
+    constexpr int E = D / 32;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t = blockIdx.x * 4 + warp;
+    const int h = blockIdx.y;
+    if (t >= ntok) return;  // warp-uniform; no block-wide sync below
+    const int g = h / (nh / nkv);
+    const int start = (int)cu[att_seq_of(cu, nseq, (u32)t)];
+    const float sl2 = scale * ATT_LOG2E;
+    float qf[E], acc[E];
+    const T* qr = q + ((size_t)t * nh + h) * D;
+    #pragma unroll
+    for (int e = 0; e < E; ++e) { qf[e] = att_ld(qr + lane + 32 * e) * sl2; acc[e] = 0.f; }
+    float m = -SMELT_INF, l = 0.f;
+    for (int j = start; j <= t; ++j) {
+        const T* kr = k + ((size_t)j * nkv + g) * D;
+        const T* vr = v + ((size_t)j * nkv + g) * D;
+        float s = 0.f;
+        #pragma unroll
+        for (int e = 0; e < E; ++e) s += qf[e] * att_ld(kr + lane + 32 * e);
+        s = warp_sum(s);
+        float mn = fmaxf(m, s);
+        float alpha = exp2f(m - mn), p = exp2f(s - mn);
+        l = l * alpha + p;
+        #pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * att_ld(vr + lane + 32 * e);
+        m = mn;
+    }
+    const float inv = 1.f / l;
+    T* orow = o + ((size_t)t * nh + h) * D;
+    #pragma unroll
+    for (int e = 0; e < E; ++e) att_st(orow + lane + 32 * e, acc[e] * inv);
+    if (lane == 0) lse[(size_t)h * ntok + t] = (m + log2f(l)) * ATT_LN2;
+}
+
+#define ATT_FWD_V1(NAME, T, D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                             \
+        const T* q, const T* k, const T* v, const u32* cu, int nseq, int ntok, int nh, int nkv,         \
+        float scale, T* o, float* lse) {                                                                \
+        attn_fwd_v1<T, D>(q, k, v, cu, nseq, ntok, nh, nkv, scale, o, lse);                             \
+    }
+ATT_FWD_V1(attn_fwd_v1_f32_d64, float, 64)
+ATT_FWD_V1(attn_fwd_v1_f32_d128, float, 128)
+ATT_FWD_V1(attn_fwd_v1_bf16_d64, bf16_t, 64)
+ATT_FWD_V1(attn_fwd_v1_bf16_d128, bf16_t, 128)
+
+// ---------------------------------------------------------------- forward v2 (mma.sync bf16)
+__device__ __forceinline__ void att_mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 att_pack_bf16(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+// mma.m16n8k16 fragments (lane = 4·gid + tig): A regs {row gid | gid+8} × {cols 2tig,2tig+1 |
+// +8}; B regs: k = 2tig,2tig+1 (+8), n = gid; C: rows gid / gid+8, cols 2tig, 2tig+1.
+template <int D>
+__device__ void attn_fwd_v2(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                            const bf16_t* __restrict__ v, const u32* __restrict__ tiles,
+                            const u32* __restrict__ cu, int ntok, int nh, int nkv, float scale,
+                            bf16_t* __restrict__ o, float* __restrict__ lse) {
+    constexpr int BR = 64, BC = 64, KS = D + 8;  // KS: padded smem row (bank-conflict free)
+    constexpr int NT = BC / 8;                   // n-tiles of S per warp
+    constexpr int DT = D / 8;                    // n-tiles of O per warp
+    constexpr int KC = D / 16;                   // k-chunks of Q·Kᵀ
+    __shared__ __align__(16) bf16_t Ks[BC * KS];
+    __shared__ __align__(16) bf16_t Vs[BC * KS];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int b = (int)tiles[2 * blockIdx.x], r0 = (int)tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, g = h / (nh / nkv);
+    const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
+    const int ra = r0 + warp * 16 + gid, rb = ra + 8;  // this thread's two query rows
+    const float sl2 = scale * ATT_LOG2E;
+
+    u32 qa[KC][4];
+    {
+        const u32 zero = 0u;
+        const u32* qra = (const u32*)(q + ((size_t)(s0 + ra) * nh + h) * D);
+        const u32* qrb = (const u32*)(q + ((size_t)(s0 + rb) * nh + h) * D);
+        #pragma unroll
+        for (int kc = 0; kc < KC; ++kc) {
+            qa[kc][0] = ra < len ? qra[kc * 8 + tig] : zero;
+            qa[kc][1] = rb < len ? qrb[kc * 8 + tig] : zero;
+            qa[kc][2] = ra < len ? qra[kc * 8 + 4 + tig] : zero;
+            qa[kc][3] = rb < len ? qrb[kc * 8 + 4 + tig] : zero;
+        }
+    }
+    float acc[DT][4];
+    #pragma unroll
+    for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+    float ma = -SMELT_INF, mb = -SMELT_INF, la = 0.f, lb = 0.f;  // l: this thread's partial sums
+
+    const int kmax = min(len, r0 + BR);
+    for (int kt = 0; kt < kmax; kt += BC) {
+        __syncthreads();  // previous tile fully consumed
+        constexpr int CH = BC * D / 8;  // 16-byte chunks per tile
+        for (int c = tid; c < CH; c += 128) {
+            const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+            uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = make_uint4(0u, 0u, 0u, 0u);
+            if (kt + r < len) {
+                const size_t off = ((size_t)(s0 + kt + r) * nkv + g) * D + col;
+                kv4 = *(const uint4*)(k + off);
+                vv4 = *(const uint4*)(v + off);
+            }
+            *(uint4*)(Ks + r * KS + col) = kv4;
+            *(uint4*)(Vs + r * KS + col) = vv4;
+        }
+        __syncthreads();
+
+        float sc[NT][4];
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+            const bf16_t* kr = Ks + (nt * 8 + gid) * KS + tig * 2;
+            #pragma unroll
+            for (int kc = 0; kc < KC; ++kc) {
+                const u32 b0 = *(const u32*)(kr + kc * 16);
+                const u32 b1 = *(const u32*)(kr + kc * 16 + 8);
+                att_mma_bf16(sc[nt], qa[kc], b0, b1);
+            }
+        }
+        // Scale, causal and sequence-end mask, row max over the quad.
+        float mxa = -SMELT_INF, mxb = -SMELT_INF;
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = kt + nt * 8 + tig * 2 + (e & 1);
+                const int row = e < 2 ? ra : rb;
+                float x = sc[nt][e] * sl2;
+                if (key > row || key >= len) x = -SMELT_INF;
+                sc[nt][e] = x;
+                if (e < 2) mxa = fmaxf(mxa, x); else mxb = fmaxf(mxb, x);
+            }
+        }
+        #pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, off));
+            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, off));
+        }
+        const float mna = fmaxf(ma, mxa), mnb = fmaxf(mb, mxb);
+        const float ua = mna == -SMELT_INF ? 0.f : mna, ub = mnb == -SMELT_INF ? 0.f : mnb;
+        const float alpha_a = exp2f(ma - ua), alpha_b = exp2f(mb - ub);
+        ma = mna; mb = mnb;
+        la *= alpha_a; lb *= alpha_b;
+        #pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            acc[dt][0] *= alpha_a; acc[dt][1] *= alpha_a;
+            acc[dt][2] *= alpha_b; acc[dt][3] *= alpha_b;
+        }
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            sc[nt][0] = exp2f(sc[nt][0] - ua); sc[nt][1] = exp2f(sc[nt][1] - ua);
+            sc[nt][2] = exp2f(sc[nt][2] - ub); sc[nt][3] = exp2f(sc[nt][3] - ub);
+            la += sc[nt][0] + sc[nt][1];
+            lb += sc[nt][2] + sc[nt][3];
+        }
+        // O += P·V: two S n-tiles form one A fragment (k = 16 keys).
+        #pragma unroll
+        for (int kc = 0; kc < BC / 16; ++kc) {
+            u32 pa[4];
+            pa[0] = att_pack_bf16(sc[2 * kc][0], sc[2 * kc][1]);
+            pa[1] = att_pack_bf16(sc[2 * kc][2], sc[2 * kc][3]);
+            pa[2] = att_pack_bf16(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
+            pa[3] = att_pack_bf16(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
+            const bf16_t* v0 = Vs + (kc * 16 + tig * 2) * KS + gid;
+            #pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const bf16_t* vp = v0 + dt * 8;
+                const u32 b0 = (u32)vp[0] | ((u32)vp[KS] << 16);
+                const u32 b1 = (u32)vp[8 * KS] | ((u32)vp[9 * KS] << 16);
+                att_mma_bf16(acc[dt], pa, b0, b1);
+            }
+        }
+    }
+    #pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        la += __shfl_xor_sync(0xffffffffu, la, off);
+        lb += __shfl_xor_sync(0xffffffffu, lb, off);
+    }
+    const float ia = 1.f / la, ib = 1.f / lb;
+    if (ra < len) {
+        u32* orow = (u32*)(o + ((size_t)(s0 + ra) * nh + h) * D);
+        #pragma unroll
+        for (int dt = 0; dt < DT; ++dt) orow[dt * 4 + tig] = att_pack_bf16(acc[dt][0] * ia, acc[dt][1] * ia);
+        if (tig == 0) lse[(size_t)h * ntok + s0 + ra] = (ma + log2f(la)) * ATT_LN2;
+    }
+    if (rb < len) {
+        u32* orow = (u32*)(o + ((size_t)(s0 + rb) * nh + h) * D);
+        #pragma unroll
+        for (int dt = 0; dt < DT; ++dt) orow[dt * 4 + tig] = att_pack_bf16(acc[dt][2] * ib, acc[dt][3] * ib);
+        if (tig == 0) lse[(size_t)h * ntok + s0 + rb] = (mb + log2f(lb)) * ATT_LN2;
+    }
+}
+
+#define ATT_FWD_V2(NAME, D)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                             \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* tiles, const u32* cu, int ntok,   \
+        int nh, int nkv, float scale, bf16_t* o, float* lse) {                                          \
+        attn_fwd_v2<D>(q, k, v, tiles, cu, ntok, nh, nkv, scale, o, lse);                               \
+    }
+ATT_FWD_V2(attn_fwd_v2_bf16_d64, 64)
+ATT_FWD_V2(attn_fwd_v2_bf16_d128, 128)
+
+// ---------------------------------------------------------------- backward v1 (tiled FMA)
+// delta[h, t] = Σ_d dO[t,h,d]·O[t,h,d]; one warp per (t, h).
+template <typename T, int D>
+__device__ void attn_bwd_delta(const T* __restrict__ o, const T* __restrict__ d_o, int ntok, int nh,
+                               float* __restrict__ delta) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (row >= (long long)ntok * nh) return;
+    const T* a = o + row * D;
+    const T* b = d_o + row * D;
+    float s = 0.f;
+    #pragma unroll
+    for (int e = 0; e < D / 32; ++e) s += att_ld(a + lane + 32 * e) * att_ld(b + lane + 32 * e);
+    s = warp_sum(s);
+    const int t = (int)(row / nh), h = (int)(row % nh);
+    if (lane == 0) delta[(size_t)h * ntok + t] = s;
+}
+
+#define BWD_BK 32  // keys per tile
+#define BWD_BQ 8   // query rows per step
+
+// Shared tiles of the two backward kernels.
+template <int D>
+struct AttBwdSmem {
+    float K[BWD_BK][D + 1];  // +1: rows read by the 32 lanes at one d fall in distinct banks
+    float V[BWD_BK][D + 1];
+    float Q[BWD_BQ][D];
+    float dO[BWD_BQ][D];
+    float P[BWD_BQ][BWD_BK];
+    float dS[BWD_BQ][BWD_BK];
+    float lse[BWD_BQ];
+    float del[BWD_BQ];
+};
+
+// Loads BWD_BQ query rows i0.. (relative to the sequence at s0) of head h into smem.
+template <typename T, int D>
+__device__ __forceinline__ void att_bwd_load_q(AttBwdSmem<D>& sm, const T* q, const T* d_o, const float* lse,
+                                               const float* delta, int s0, int len, int i0, int h, int nh,
+                                               int ntok) {
+    for (int c = threadIdx.x; c < BWD_BQ * D; c += blockDim.x) {
+        const int r = c / D, d = c % D, i = i0 + r;
+        const size_t off = ((size_t)(s0 + i) * nh + h) * D + d;
+        sm.Q[r][d] = i < len ? att_ld(q + off) : 0.f;
+        sm.dO[r][d] = i < len ? att_ld(d_o + off) : 0.f;
+    }
+    if (threadIdx.x < BWD_BQ) {
+        const int i = i0 + threadIdx.x;
+        sm.lse[threadIdx.x] = i < len ? lse[(size_t)h * ntok + s0 + i] : 0.f;
+        sm.del[threadIdx.x] = i < len ? delta[(size_t)h * ntok + s0 + i] : 0.f;
+    }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void att_bwd_load_kv(AttBwdSmem<D>& sm, const T* k, const T* v, int s0, int len, int c0,
+                                                int g, int nkv) {
+    for (int c = threadIdx.x; c < BWD_BK * D; c += blockDim.x) {
+        const int r = c / D, d = c % D, j = c0 + r;
+        const size_t off = ((size_t)(s0 + j) * nkv + g) * D + d;
+        sm.K[r][d] = j < len ? att_ld(k + off) : 0.f;
+        sm.V[r][d] = j < len ? att_ld(v + off) : 0.f;
+    }
+}
+
+// P and dS for the BWD_BQ × BWD_BK pairs (query rows i0.., keys c0..); 128 threads, 2 pairs each.
+template <int D>
+__device__ __forceinline__ void att_bwd_pairs(AttBwdSmem<D>& sm, int len, int i0, int c0, float scale) {
+    for (int p = threadIdx.x; p < BWD_BQ * BWD_BK; p += blockDim.x) {
+        const int r = p / BWD_BK, j = p % BWD_BK;
+        const int i = i0 + r, key = c0 + j;
+        float s = 0.f, dp = 0.f;
+        #pragma unroll 8
+        for (int d = 0; d < D; ++d) {
+            s += sm.Q[r][d] * sm.K[j][d];
+            dp += sm.dO[r][d] * sm.V[j][d];
+        }
+        const bool valid = i < len && key < len && key <= i;
+        const float pr = valid ? expf(scale * s - sm.lse[r]) : 0.f;
+        sm.P[r][j] = pr;
+        sm.dS[r][j] = pr * (dp - sm.del[r]);
+    }
+}
+
+// dK, dV for one (32-key tile, KV head): grid (n_key_tiles, n_kv_heads), 128 threads.
+template <typename T, int D>
+__device__ void attn_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                              const T* __restrict__ d_o, const float* __restrict__ lse,
+                              const float* __restrict__ delta, const u32* __restrict__ tiles,
+                              const u32* __restrict__ cu, int ntok, int nh, int nkv, float scale,
+                              T* __restrict__ dk, T* __restrict__ dv) {
+    __shared__ AttBwdSmem<D> sm;
+    constexpr int JS = 128 / D;         // key rows sharing one column d across the block
+    constexpr int NJ = BWD_BK / JS;     // keys per thread
+    const int b = (int)tiles[2 * blockIdx.x], c0 = (int)tiles[2 * blockIdx.x + 1];
+    const int g = blockIdx.y, rep = nh / nkv;
+    const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
+    const int d = threadIdx.x % D, j0 = threadIdx.x / D;
+    float adk[NJ], adv[NJ];
+    #pragma unroll
+    for (int e = 0; e < NJ; ++e) adk[e] = adv[e] = 0.f;
+    att_bwd_load_kv<T, D>(sm, k, v, s0, len, c0, g, nkv);
+    for (int hh = 0; hh < rep; ++hh) {
+        const int h = g * rep + hh;
+        for (int i0 = c0; i0 < len; i0 += BWD_BQ) {
+            __syncthreads();  // previous step's Q/dO/P/dS consumed (and K/V loaded)
+            att_bwd_load_q<T, D>(sm, q, d_o, lse, delta, s0, len, i0, h, nh, ntok);
+            __syncthreads();
+            att_bwd_pairs<D>(sm, len, i0, c0, scale);
+            __syncthreads();
+            #pragma unroll
+            for (int e = 0; e < NJ; ++e) {
+                const int j = j0 + JS * e;
+                #pragma unroll
+                for (int r = 0; r < BWD_BQ; ++r) {
+                    adv[e] += sm.P[r][j] * sm.dO[r][d];
+                    adk[e] += sm.dS[r][j] * sm.Q[r][d];
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int e = 0; e < NJ; ++e) {
+        const int j = c0 + j0 + JS * e;
+        if (j < len) {
+            const size_t off = ((size_t)(s0 + j) * nkv + g) * D + d;
+            att_st(dk + off, adk[e] * scale);
+            att_st(dv + off, adv[e]);
+        }
+    }
+}
+
+// dQ for one (8-row query tile, head): grid (n_query_tiles, n_heads), 128 threads.
+template <typename T, int D>
+__device__ void attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                            const T* __restrict__ d_o, const float* __restrict__ lse,
+                            const float* __restrict__ delta, const u32* __restrict__ tiles,
+                            const u32* __restrict__ cu, int ntok, int nh, int nkv, float scale,
+                            T* __restrict__ dq) {
+    __shared__ AttBwdSmem<D> sm;
+    constexpr int RS = 128 / D;        // query rows sharing one column d across the block
+    constexpr int NR = BWD_BQ / RS;    // rows per thread
+    const int b = (int)tiles[2 * blockIdx.x], i0 = (int)tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, g = h / (nh / nkv);
+    const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
+    const int d = threadIdx.x % D, rr0 = threadIdx.x / D;
+    float adq[NR];
+    #pragma unroll
+    for (int e = 0; e < NR; ++e) adq[e] = 0.f;
+    att_bwd_load_q<T, D>(sm, q, d_o, lse, delta, s0, len, i0, h, nh, ntok);
+    const int kmax = min(len, i0 + BWD_BQ);
+    for (int c0 = 0; c0 < kmax; c0 += BWD_BK) {
+        __syncthreads();  // previous K/V/dS consumed (and Q loaded)
+        att_bwd_load_kv<T, D>(sm, k, v, s0, len, c0, g, nkv);
+        __syncthreads();
+        att_bwd_pairs<D>(sm, len, i0, c0, scale);
+        __syncthreads();
+        #pragma unroll
+        for (int e = 0; e < NR; ++e) {
+            const int r = rr0 + RS * e;
+            float a = 0.f;
+            #pragma unroll 8
+            for (int j = 0; j < BWD_BK; ++j) a += sm.dS[r][j] * sm.K[j][d];
+            adq[e] += a;
+        }
+    }
+    #pragma unroll
+    for (int e = 0; e < NR; ++e) {
+        const int i = i0 + rr0 + RS * e;
+        if (i < len) att_st(dq + ((size_t)(s0 + i) * nh + h) * D + d, adq[e] * scale);
+    }
+}
+
+#define ATT_BWD(SUF, T, D)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) attn_bwd_delta_##SUF(                             \
+        const T* o, const T* d_o, int ntok, int nh, float* delta) {                                     \
+        attn_bwd_delta<T, D>(o, d_o, ntok, nh, delta);                                                  \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_##SUF(                              \
+        const T* q, const T* k, const T* v, const T* d_o, const float* lse, const float* delta,         \
+        const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale, T* dk, T* dv) {        \
+        attn_bwd_dkdv<T, D>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dk, dv);         \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_##SUF(                                \
+        const T* q, const T* k, const T* v, const T* d_o, const float* lse, const float* delta,         \
+        const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale, T* dq) {               \
+        attn_bwd_dq<T, D>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dq);               \
+    }
+ATT_BWD(f32_d64, float, 64)
+ATT_BWD(f32_d128, float, 128)
+ATT_BWD(bf16_d64, bf16_t, 64)
+ATT_BWD(bf16_d128, bf16_t, 128)
+
+// ---------------------------------------------------------------- decode (split-K)
+#define DEC_MAXQ 4  // new tokens per block
+
+// Partial attention of ≤4 new tokens of batch row b, head h, over keys
+// [split·chunk, min((split+1)·chunk, limit)). Writes unnormalised acc and (m in log2 units, l).
+template <typename T, int D>
+__device__ void attn_decode_partial(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+                                    const u32* __restrict__ cache_lens, int n_new, int nh, int nkv, int max_len,
+                                    int chunk, int nsplit, float scale, float* __restrict__ part_o,
+                                    float* __restrict__ part_ml) {
+    constexpr int E = D / 32;
+    __shared__ float sm_m[4][DEC_MAXQ], sm_l[4][DEC_MAXQ];
+    __shared__ float sm_acc[4][DEC_MAXQ][D];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int split = blockIdx.x, h = blockIdx.y;
+    const int qg = (n_new + DEC_MAXQ - 1) / DEC_MAXQ;
+    const int b = blockIdx.z / qg, i0 = (blockIdx.z % qg) * DEC_MAXQ;
+    const int nq = min(DEC_MAXQ, n_new - i0);
+    const int g = h / (nh / nkv);
+    const int L = (int)cache_lens[b];
+    const int first = L - n_new;  // position of new token 0
+    const int kbeg = split * chunk;
+    const int kend = min(kbeg + chunk, L);
+    const float sl2 = scale * ATT_LOG2E;
+
+    float qf[DEC_MAXQ][E], acc[DEC_MAXQ][E], m[DEC_MAXQ], l[DEC_MAXQ];
+    #pragma unroll
+    for (int r = 0; r < DEC_MAXQ; ++r) {
+        const int rr = min(r, nq - 1);  // clamp: rows ≥ nq are computed but never stored
+        const T* qr = q + (((size_t)b * n_new + i0 + rr) * nh + h) * D + lane * E;
+        #pragma unroll
+        for (int e = 0; e < E; ++e) { qf[r][e] = att_ld(qr + e) * sl2; acc[r][e] = 0.f; }
+        m[r] = -SMELT_INF;
+        l[r] = 0.f;
+    }
+    const T* kbase = kc + ((size_t)b * max_len * nkv + g) * D + lane * E;
+    const T* vbase = vc + ((size_t)b * max_len * nkv + g) * D + lane * E;
+    for (int j = kbeg + warp; j < kend; j += 4) {
+        float kr[E], vr[E];
+        #pragma unroll
+        for (int e = 0; e < E; ++e) {
+            kr[e] = att_ld(kbase + (size_t)j * nkv * D + e);
+            vr[e] = att_ld(vbase + (size_t)j * nkv * D + e);
+        }
+        #pragma unroll
+        for (int r = 0; r < DEC_MAXQ; ++r) {
+            if (r < nq && j <= first + i0 + r) {  // warp-uniform condition
+                float s = 0.f;
+                #pragma unroll
+                for (int e = 0; e < E; ++e) s += qf[r][e] * kr[e];
+                s = warp_sum(s);
+                const float mn = fmaxf(m[r], s);
+                const float alpha = exp2f(m[r] - mn), p = exp2f(s - mn);
+                l[r] = l[r] * alpha + p;
+                #pragma unroll
+                for (int e = 0; e < E; ++e) acc[r][e] = acc[r][e] * alpha + p * vr[e];
+                m[r] = mn;
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < DEC_MAXQ; ++r) {
+        if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = l[r]; }
+        #pragma unroll
+        for (int e = 0; e < E; ++e) sm_acc[warp][r][lane * E + e] = acc[r][e];
+    }
+    __syncthreads();
+    for (int r = 0; r < nq; ++r) {
+        float M = fmaxf(fmaxf(sm_m[0][r], sm_m[1][r]), fmaxf(sm_m[2][r], sm_m[3][r]));
+        const float Mu = M == -SMELT_INF ? 0.f : M;
+        const size_t row = ((size_t)b * n_new + i0 + r) * nh + h;
+        for (int d = threadIdx.x; d < D; d += blockDim.x) {
+            float a = 0.f;
+            #pragma unroll
+            for (int w = 0; w < 4; ++w) a += sm_acc[w][r][d] * exp2f(sm_m[w][r] - Mu);
+            part_o[(row * nsplit + split) * D + d] = a;
+        }
+        if (threadIdx.x == 0) {
+            float ls = 0.f;
+            #pragma unroll
+            for (int w = 0; w < 4; ++w) ls += sm_l[w][r] * exp2f(sm_m[w][r] - Mu);
+            part_ml[(row * nsplit + split) * 2] = M;
+            part_ml[(row * nsplit + split) * 2 + 1] = ls;
+        }
+    }
+}
+
+// One block of D threads per (row, head): merges the splits and normalises.
+template <typename T, int D>
+__device__ void attn_decode_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml, int nsplit,
+                                    T* __restrict__ o) {
+    const size_t row = blockIdx.x;
+    const int d = threadIdx.x;
+    float M = -SMELT_INF;
+    for (int s = 0; s < nsplit; ++s) M = fmaxf(M, part_ml[(row * nsplit + s) * 2]);
+    float ls = 0.f, a = 0.f;
+    for (int s = 0; s < nsplit; ++s) {
+        const float ms = part_ml[(row * nsplit + s) * 2];
+        if (ms == -SMELT_INF) continue;  // split holds no visible key
+        const float w = exp2f(ms - M);
+        ls += part_ml[(row * nsplit + s) * 2 + 1] * w;
+        a += part_o[(row * nsplit + s) * D + d] * w;
+    }
+    att_st(o + row * D + d, a / ls);
+}
+
+#define ATT_DEC(SUF, T, D)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) attn_decode_partial_##SUF(                        \
+        const T* q, const T* kc, const T* vc, const u32* cache_lens, int n_new, int nh, int nkv,        \
+        int max_len, int chunk, int nsplit, float scale, float* part_o, float* part_ml) {               \
+        attn_decode_partial<T, D>(q, kc, vc, cache_lens, n_new, nh, nkv, max_len, chunk, nsplit, scale, \
+                                  part_o, part_ml);                                                     \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) attn_decode_combine_##SUF(                        \
+        const float* part_o, const float* part_ml, int nsplit, T* o) {                                  \
+        attn_decode_combine<T, D>(part_o, part_ml, nsplit, o);                                          \
+    }
+ATT_DEC(f32_d64, float, 64)
+ATT_DEC(f32_d128, float, 128)
+ATT_DEC(bf16_d64, bf16_t, 64)
+ATT_DEC(bf16_d128, bf16_t, 128)
+
+// ---------------------------------------------------------------- KV cache append
+// Row r of new [N, row] goes to cache[(slots[r]·max_len + positions[r])·row ...].
+template <typename T>
+__device__ void kv_cache_append(T* __restrict__ cache, const T* __restrict__ fresh, const u32* __restrict__ slots,
+                                const u32* __restrict__ positions, u64 n_rows, u64 row, u64 max_len) {
+    const u64 n = n_rows * row;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / row, c = i % row;
+        cache[((u64)slots[r] * max_len + positions[r]) * row + c] = fresh[i];
+    }
+}
+extern "C" __global__ void kv_cache_append_f32(float* cache, const float* fresh, const u32* slots, const u32* positions,
+                                               u64 n_rows, u64 row, u64 max_len) {
+    kv_cache_append<float>(cache, fresh, slots, positions, n_rows, row, max_len);
+}
+extern "C" __global__ void kv_cache_append_bf16(bf16_t* cache, const bf16_t* fresh, const u32* slots,
+                                                const u32* positions, u64 n_rows, u64 row, u64 max_len) {
+    kv_cache_append<bf16_t>(cache, fresh, slots, positions, n_rows, row, max_len);
+}

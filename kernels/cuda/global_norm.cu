@@ -1,0 +1,146 @@
+// global_norm.cu — gradient clipping support: the global L2 norm sqrt(Σ_t Σ_i x_t[i]²) over
+// many tensors (f32, bf16 or f16 storage, f32 math), and an in-place scale x[i] *= s.
+//
+// Layout: each tensor a flat contiguous buffer of n elements; `partials` a f32 buffer with one
+// slot per block of every sum-of-squares launch (the launcher offsets the pointer per tensor).
+// Threads:
+//   sumsq_<dt>[_v8]: one launch per tensor, grid-stride; each thread accumulates x² in f32
+//     (8 elements per step through 16-byte loads in the _v8 version, used when the pointer is
+//     16-byte aligned; the first n % 8 threads add the tail), then a block_sum writes one
+//     partial per block. The grid size depends only on n (never on the device), so the
+//     partials — and the norm — are bitwise reproducible run to run.
+//   sumsq_finish: one block of 1024 threads; thread t adds partials t, t+1024, … in f64, then a
+//     fixed-order f64 warp/shared-memory reduction; out[0] = sqrt(total) as f32 (NaN/Inf kept).
+//   scale_<dt>[_v8]: grid-stride x[i] = s·x[i], 8 elements per step where 16-byte aligned.
+// Versions:
+//   v1 scalar grid-stride loops (any alignment)
+//   v2 8 elements per thread through 16-byte vector accesses (current default where aligned)
+
+struct F32T {
+    typedef float T;
+    static __device__ __forceinline__ float ld(float x) { return x; }
+    static __device__ __forceinline__ float st(float f) { return f; }
+    static __device__ __forceinline__ void ld8(const float* p, u64 g, float* f) {
+        const float4* q = reinterpret_cast<const float4*>(p) + 2 * g;
+        float4 a = q[0], b = q[1];
+        f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+        f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+    }
+    static __device__ __forceinline__ void st8(float* p, u64 g, const float* f) {
+        float4* q = reinterpret_cast<float4*>(p) + 2 * g;
+        q[0] = make_float4(f[0], f[1], f[2], f[3]);
+        q[1] = make_float4(f[4], f[5], f[6], f[7]);
+    }
+};
+
+template <float (*LD)(unsigned short), unsigned short (*ST)(float)>
+struct H16T {
+    typedef unsigned short T;
+    static __device__ __forceinline__ float ld(T x) { return LD(x); }
+    static __device__ __forceinline__ T st(float f) { return ST(f); }
+    static __device__ __forceinline__ void ld8(const T* p, u64 g, float* f) {
+        uint4 u = reinterpret_cast<const uint4*>(p)[g];
+        u32 w[4] = {u.x, u.y, u.z, u.w};
+        #pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            f[2 * k] = LD((T)(w[k] & 0xffffu));
+            f[2 * k + 1] = LD((T)(w[k] >> 16));
+        }
+    }
+    static __device__ __forceinline__ void st8(T* p, u64 g, const float* f) {
+        u32 w[4];
+        #pragma unroll
+        for (int k = 0; k < 4; ++k) w[k] = (u32)ST(f[2 * k]) | ((u32)ST(f[2 * k + 1]) << 16);
+        reinterpret_cast<uint4*>(p)[g] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+};
+typedef H16T<bf16_to_f32, f32_to_bf16> BF16T;
+typedef H16T<f16_to_f32, f32_to_f16> F16T;
+
+template <class S>
+__device__ __forceinline__ void sumsq_scalar(const typename S::T* __restrict__ x, u64 n, float* __restrict__ partials) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float f = S::ld(x[i]);
+        acc = fmaf(f, f, acc);
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+template <class S>
+__device__ __forceinline__ void sumsq_vec8(const typename S::T* __restrict__ x, u64 n, float* __restrict__ partials) {
+    __shared__ float scratch[32];
+    const u64 tid = blockIdx.x * (u64)blockDim.x + threadIdx.x, n8 = n / 8;
+    float acc = 0.0f;
+    for (u64 g = tid; g < n8; g += (u64)gridDim.x * blockDim.x) {
+        float f[8];
+        S::ld8(x, g, f);
+        #pragma unroll
+        for (int k = 0; k < 8; ++k) acc = fmaf(f[k], f[k], acc);
+    }
+    const u64 i = n8 * 8 + tid;
+    if (i < n) {
+        const float f = S::ld(x[i]);
+        acc = fmaf(f, f, acc);
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+template <class S>
+__device__ __forceinline__ void scale_scalar(typename S::T* __restrict__ x, float s, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        x[i] = S::st(s * S::ld(x[i]));
+}
+
+template <class S>
+__device__ __forceinline__ void scale_vec8(typename S::T* __restrict__ x, float s, u64 n) {
+    const u64 tid = blockIdx.x * (u64)blockDim.x + threadIdx.x, n8 = n / 8;
+    for (u64 g = tid; g < n8; g += (u64)gridDim.x * blockDim.x) {
+        float f[8];
+        S::ld8(x, g, f);
+        #pragma unroll
+        for (int k = 0; k < 8; ++k) f[k] *= s;
+        S::st8(x, g, f);
+    }
+    const u64 i = n8 * 8 + tid;
+    if (i < n) x[i] = S::st(s * S::ld(x[i]));
+}
+
+#define SMELT_NORM_KERNELS(DT, S)                                                                    \
+    extern "C" __global__ void sumsq_##DT(const S::T* __restrict__ x, u64 n, float* __restrict__ partials) { \
+        sumsq_scalar<S>(x, n, partials);                                                             \
+    }                                                                                                \
+    extern "C" __global__ void sumsq_##DT##_v8(const S::T* __restrict__ x, u64 n, float* __restrict__ partials) { \
+        sumsq_vec8<S>(x, n, partials);                                                               \
+    }                                                                                                \
+    extern "C" __global__ void scale_##DT(S::T* __restrict__ x, float s, u64 n) { scale_scalar<S>(x, s, n); } \
+    extern "C" __global__ void scale_##DT##_v8(S::T* __restrict__ x, float s, u64 n) { scale_vec8<S>(x, s, n); }
+
+SMELT_NORM_KERNELS(f32, F32T)
+SMELT_NORM_KERNELS(bf16, BF16T)
+SMELT_NORM_KERNELS(f16, F16T)
+
+__device__ __forceinline__ double warp_sum_f64(double v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Launched with exactly one block of 1024 threads.
+extern "C" __global__ void sumsq_finish(const float* __restrict__ partials, u32 count, float* __restrict__ out) {
+    __shared__ double scratch[32];
+    double acc = 0.0;
+    for (u32 i = threadIdx.x; i < count; i += blockDim.x) acc += (double)partials[i];
+    acc = warp_sum_f64(acc);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) scratch[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        acc = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.0;
+        acc = warp_sum_f64(acc);
+        if (lane == 0) out[0] = (float)sqrt(acc);
+    }
+}

@@ -1,0 +1,309 @@
+//! Launchers for `kernels/cuda/attention.cu`. Host-side index lists (cu_seqlens, tile lists,
+//! cache slots) are uploaded as small u32 tensors per call.
+use super::*;
+use crate::cuda::{launch, Arg, LaunchCfg};
+
+/// Forward query-tile rows of v2 (must match `BR` in the kernel).
+const FWD_V2_BR: usize = 64;
+/// Backward key / query tile sizes (must match `BWD_BK` / `BWD_BQ`).
+const BWD_BK: usize = 32;
+const BWD_BQ: usize = 8;
+/// New tokens per decode block (must match `DEC_MAXQ`).
+const DEC_MAXQ: usize = 4;
+/// Decode aims at this many blocks (about 2 per SM on an H100) before splitting the cache.
+const DEC_TARGET_BLOCKS: usize = 264;
+/// Shortest cache chunk one decode block handles.
+const DEC_MIN_CHUNK: usize = 128;
+
+fn suffix(op: &'static str, dt: DType, d: usize) -> Result<String> {
+    let t = match dt {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        dt => return Err(Error::UnsupportedDType { op, dtype: dt }),
+    };
+    if d != 64 && d != 128 {
+        return Err(Error::shape(op, format!("head_dim {d}: the CUDA kernels take 64 or 128")));
+    }
+    Ok(format!("{t}_d{d}"))
+}
+
+fn upload(ord: usize, v: &[u32]) -> Result<Tensor> {
+    Tensor::from_slice(v, &[v.len()], Device::Cuda(ord))
+}
+
+/// (sequence, tile start) pairs flattened, heaviest (latest in its sequence) first.
+fn tiles(cu: &[u32], size: usize) -> Vec<u32> {
+    let mut t: Vec<(u32, u32)> = vec![];
+    for (b, w) in cu.windows(2).enumerate() {
+        let len = (w[1] - w[0]) as usize;
+        for s in (0..len).step_by(size) {
+            t.push((b as u32, s as u32));
+        }
+    }
+    t.sort_by_key(|&(_, s)| std::cmp::Reverse(s));
+    t.into_iter().flat_map(|(b, s)| [b, s]).collect()
+}
+
+fn i32_arg(op: &'static str, x: usize) -> Result<Arg> {
+    i32::try_from(x).map(Arg::I32).map_err(|_| Error::shape(op, format!("size {x} exceeds i32")))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    ord: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu: &[u32],
+    dims: Dims,
+    scale: f32,
+    version: u32,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "attention_forward (cuda)";
+    let suf = suffix(OP, q.dtype(), dims.head_dim)?;
+    let t = q.dim(0);
+    let dev = Device::Cuda(ord);
+    let o = Tensor::empty(q.shape(), q.dtype(), dev)?;
+    let lse = Tensor::empty(&[dims.n_heads, t], DType::F32, dev)?;
+    if t == 0 {
+        return Ok((o, lse));
+    }
+    let cu_d = upload(ord, cu)?;
+    let (pq, pk, pv, po) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, o.cuda_ptr()?);
+    let version = if version == 0 { LATEST_FORWARD_VERSION } else { version };
+    // v2 needs bf16 and 16-byte aligned rows (uint4 loads); anything else runs v1.
+    let v2_ok = q.dtype() == DType::BF16 && [pq, pk, pv, po].iter().all(|p| p % 16 == 0);
+    let (nh, nkv) = (i32_arg(OP, dims.n_heads)?, i32_arg(OP, dims.n_kv_heads)?);
+    let common = |tail: &[Arg]| -> Vec<Arg> {
+        let mut a = vec![Arg::Ptr(pq), Arg::Ptr(pk), Arg::Ptr(pv)];
+        a.extend_from_slice(tail);
+        a
+    };
+    match version {
+        2 if v2_ok => {
+            let tl = tiles(cu, FWD_V2_BR);
+            let tl_d = upload(ord, &tl)?;
+            let cfg = LaunchCfg { grid: ((tl.len() / 2) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
+            let args = common(&[
+                Arg::Ptr(tl_d.cuda_ptr()?),
+                Arg::Ptr(cu_d.cuda_ptr()?),
+                i32_arg(OP, t)?,
+                nh,
+                nkv,
+                Arg::F32(scale),
+                Arg::Ptr(po),
+                Arg::Ptr(lse.cuda_ptr()?),
+            ]);
+            launch(ord, &SRC, &format!("attn_fwd_v2_{suf}"), cfg, &args)?;
+        }
+        1 | 2 => {
+            let cfg = LaunchCfg { grid: (t.div_ceil(4) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
+            let args = common(&[
+                Arg::Ptr(cu_d.cuda_ptr()?),
+                i32_arg(OP, cu.len() - 1)?,
+                i32_arg(OP, t)?,
+                nh,
+                nkv,
+                Arg::F32(scale),
+                Arg::Ptr(po),
+                Arg::Ptr(lse.cuda_ptr()?),
+            ]);
+            launch(ord, &SRC, &format!("attn_fwd_v1_{suf}"), cfg, &args)?;
+        }
+        n => return Err(Error::msg(format!("{OP}: no kernel version {n} (have 1, 2)"))),
+    }
+    Ok((o, lse))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    ord: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    cu: &[u32],
+    dims: Dims,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "attention_backward (cuda)";
+    let suf = suffix(OP, q.dtype(), dims.head_dim)?;
+    let t = q.dim(0);
+    let dev = Device::Cuda(ord);
+    let dq = Tensor::empty(q.shape(), q.dtype(), dev)?;
+    let dk = Tensor::empty(k.shape(), k.dtype(), dev)?;
+    let dv = Tensor::empty(v.shape(), v.dtype(), dev)?;
+    if t == 0 {
+        return Ok((dq, dk, dv));
+    }
+    // Keys no query sees cannot occur (causal always includes the diagonal), so the kernels
+    // write every row of dk/dv; empty sequences own no rows.
+    let delta = Tensor::empty(&[dims.n_heads, t], DType::F32, dev)?;
+    let cu_d = upload(ord, cu)?;
+    let (nh, nkv, nt) = (i32_arg(OP, dims.n_heads)?, i32_arg(OP, dims.n_kv_heads)?, i32_arg(OP, t)?);
+    let rows = t * dims.n_heads;
+    launch(
+        ord,
+        &SRC,
+        &format!("attn_bwd_delta_{suf}"),
+        LaunchCfg { grid: (rows.div_ceil(4) as u32, 1, 1), block: (128, 1, 1), smem: 0 },
+        &[Arg::Ptr(o.cuda_ptr()?), Arg::Ptr(d_o.cuda_ptr()?), nt, nh, Arg::Ptr(delta.cuda_ptr()?)],
+    )?;
+    let head = [
+        Arg::Ptr(q.cuda_ptr()?),
+        Arg::Ptr(k.cuda_ptr()?),
+        Arg::Ptr(v.cuda_ptr()?),
+        Arg::Ptr(d_o.cuda_ptr()?),
+        Arg::Ptr(lse.cuda_ptr()?),
+        Arg::Ptr(delta.cuda_ptr()?),
+    ];
+    let kt = tiles(cu, BWD_BK);
+    let kt_d = upload(ord, &kt)?;
+    let mut args = head.to_vec();
+    args.extend([
+        Arg::Ptr(kt_d.cuda_ptr()?),
+        Arg::Ptr(cu_d.cuda_ptr()?),
+        nt,
+        nh,
+        nkv,
+        Arg::F32(scale),
+        Arg::Ptr(dk.cuda_ptr()?),
+        Arg::Ptr(dv.cuda_ptr()?),
+    ]);
+    let cfg = LaunchCfg { grid: ((kt.len() / 2) as u32, dims.n_kv_heads as u32, 1), block: (128, 1, 1), smem: 0 };
+    launch(ord, &SRC, &format!("attn_bwd_dkdv_{suf}"), cfg, &args)?;
+
+    let qt = tiles(cu, BWD_BQ);
+    let qt_d = upload(ord, &qt)?;
+    let mut args = head.to_vec();
+    args.extend([
+        Arg::Ptr(qt_d.cuda_ptr()?),
+        Arg::Ptr(cu_d.cuda_ptr()?),
+        nt,
+        nh,
+        nkv,
+        Arg::F32(scale),
+        Arg::Ptr(dq.cuda_ptr()?),
+    ]);
+    let cfg = LaunchCfg { grid: ((qt.len() / 2) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
+    launch(ord, &SRC, &format!("attn_bwd_dq_{suf}"), cfg, &args)?;
+    Ok((dq, dk, dv))
+}
+
+pub fn kv_cache_append(
+    ord: usize,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    k_new: &Tensor,
+    v_new: &Tensor,
+    slots: &[u32],
+    positions: &[u32],
+) -> Result<()> {
+    const OP: &str = "kv_cache_append (cuda)";
+    let func = match k_cache.dtype() {
+        DType::F32 => "kv_cache_append_f32",
+        DType::BF16 => "kv_cache_append_bf16",
+        dt => return Err(Error::UnsupportedDType { op: OP, dtype: dt }),
+    };
+    let (n, row, max_len) = (k_new.dim(0), k_new.dim(1) * k_new.dim(2), k_cache.dim(1));
+    let (s_d, p_d) = (upload(ord, slots)?, upload(ord, positions)?);
+    let grid = ((n * row).div_ceil(256) as u64).clamp(1, 132 * 16) as u32;
+    let cfg = LaunchCfg { grid: (grid, 1, 1), block: (256, 1, 1), smem: 0 };
+    for (cache, fresh) in [(k_cache, k_new), (v_cache, v_new)] {
+        launch(
+            ord,
+            &SRC,
+            func,
+            cfg,
+            &[
+                Arg::Ptr(cache.cuda_ptr()?),
+                Arg::Ptr(fresh.cuda_ptr()?),
+                Arg::Ptr(s_d.cuda_ptr()?),
+                Arg::Ptr(p_d.cuda_ptr()?),
+                Arg::U64(n as u64),
+                Arg::U64(row as u64),
+                Arg::U64(max_len as u64),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    ord: usize,
+    q: &Tensor,
+    n_new: usize,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    cache_lens: &[u32],
+    dims: Dims,
+    scale: f32,
+) -> Result<Tensor> {
+    const OP: &str = "attention_decode (cuda)";
+    let suf = suffix(OP, q.dtype(), dims.head_dim)?;
+    let dev = Device::Cuda(ord);
+    let b = q.dim(0);
+    let max_len = k_cache.dim(1);
+    let longest = cache_lens.iter().copied().max().unwrap_or(0) as usize;
+    let qg = n_new.div_ceil(DEC_MAXQ);
+    let base_blocks = b * dims.n_heads * qg;
+    let nsplit = DEC_TARGET_BLOCKS.div_ceil(base_blocks.max(1)).min(longest.div_ceil(DEC_MIN_CHUNK)).max(1);
+    let chunk = longest.div_ceil(nsplit).max(1);
+    let rows = b * n_new * dims.n_heads;
+    let part_o = Tensor::empty(&[rows, nsplit, dims.head_dim], DType::F32, dev)?;
+    let part_ml = Tensor::empty(&[rows, nsplit, 2], DType::F32, dev)?;
+    let o = Tensor::empty(q.shape(), q.dtype(), dev)?;
+    let lens_d = upload(ord, cache_lens)?;
+    let grid_z = u32::try_from(b * qg).ok().filter(|&z| z <= 65_535);
+    let grid_z =
+        grid_z.ok_or_else(|| Error::shape("attention_decode", format!("batch {b} × {qg} token groups too large")))?;
+    let cfg = LaunchCfg { grid: (nsplit as u32, dims.n_heads as u32, grid_z), block: (128, 1, 1), smem: 0 };
+    launch(
+        ord,
+        &SRC,
+        &format!("attn_decode_partial_{suf}"),
+        cfg,
+        &[
+            Arg::Ptr(q.cuda_ptr()?),
+            Arg::Ptr(k_cache.cuda_ptr()?),
+            Arg::Ptr(v_cache.cuda_ptr()?),
+            Arg::Ptr(lens_d.cuda_ptr()?),
+            i32_arg(OP, n_new)?,
+            i32_arg(OP, dims.n_heads)?,
+            i32_arg(OP, dims.n_kv_heads)?,
+            i32_arg(OP, max_len)?,
+            i32_arg(OP, chunk)?,
+            i32_arg(OP, nsplit)?,
+            Arg::F32(scale),
+            Arg::Ptr(part_o.cuda_ptr()?),
+            Arg::Ptr(part_ml.cuda_ptr()?),
+        ],
+    )?;
+    let cfg = LaunchCfg { grid: (rows as u32, 1, 1), block: (dims.head_dim as u32, 1, 1), smem: 0 };
+    launch(
+        ord,
+        &SRC,
+        &format!("attn_decode_combine_{suf}"),
+        cfg,
+        &[Arg::Ptr(part_o.cuda_ptr()?), Arg::Ptr(part_ml.cuda_ptr()?), i32_arg(OP, nsplit)?, Arg::Ptr(o.cuda_ptr()?)],
+    )?;
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tile_lists_cover_every_row_heaviest_first() {
+        let cu = [0u32, 1, 1, 130, 200];
+        let tl = tiles(&cu, 64);
+        let pairs: Vec<(u32, u32)> = tl.chunks(2).map(|c| (c[0], c[1])).collect();
+        assert_eq!(pairs, vec![(2, 128), (2, 64), (3, 64), (0, 0), (2, 0), (3, 0)]);
+        assert!(suffix("x", DType::BF16, 40).unwrap_err().to_string().contains("head_dim 40"));
+        assert_eq!(suffix("x", DType::F32, 128).unwrap(), "f32_d128");
+    }
+}

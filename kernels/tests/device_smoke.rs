@@ -1,0 +1,131 @@
+//! The CUDA smoke test: allocation and copies, an NVRTC-compiled kernel, cuBLAS matmul against
+//! the CPU, and allocator reuse. Every test skips with a printed reason when there is no GPU
+//! (`SMELT_REQUIRE_GPU=1` makes that a failure); `scripts/gpu-check` runs them on a GPU.
+//!
+//! The tests share one device and its allocator counters, so they take a lock and run one at a
+//! time.
+
+use std::sync::Mutex;
+
+use smelt_engine::{bf16, DType, Device, Rng, Tensor};
+use smelt_kernels::testing::{assert_close, randn, test_cuda_device, to_f64};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[test]
+fn device_alloc_and_copy_round_trip() {
+    let _g = serial();
+    let Some(dev) = test_cuda_device() else { return };
+    let mut rng = Rng::new(1);
+    for n in [1usize, 3, 1000, 1 << 20] {
+        let v = randn(&mut rng, n, 1.0);
+        let t = Tensor::from_slice(&v, &[n], dev).unwrap();
+        assert_eq!(t.device(), dev);
+        assert_eq!(t.to_vec::<f32>().unwrap(), v, "f32 n={n}");
+        let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        assert_eq!(Tensor::from_slice(&h, &[n], dev).unwrap().to_vec::<bf16>().unwrap(), h, "bf16 n={n}");
+        let i: Vec<i32> = (0..n as i32).map(|x| x * 7 - 3).collect();
+        assert_eq!(Tensor::from_slice(&i, &[n], dev).unwrap().to_vec::<i32>().unwrap(), i, "i32 n={n}");
+    }
+    // Views and device→device→host.
+    let v: Vec<f32> = (0..60).map(|x| x as f32).collect();
+    let t = Tensor::from_slice(&v, &[6, 10], dev).unwrap();
+    assert_eq!(t.narrow_rows(2, 3).unwrap().to_vec::<f32>().unwrap(), v[20..50]);
+    assert_eq!(t.to_device(Device::Cpu).unwrap().to_vec::<f32>().unwrap(), v);
+    let z = Tensor::zeros(&[5, 7], DType::BF16, dev).unwrap();
+    assert!(z.to_vec_f32().unwrap().iter().all(|&x| x == 0.0));
+    let empty = Tensor::from_slice::<f32>(&[], &[0, 4], dev).unwrap();
+    assert!(empty.to_vec::<f32>().unwrap().is_empty());
+}
+
+#[test]
+fn device_nvrtc_compile_and_launch() {
+    let _g = serial();
+    let Some(dev) = test_cuda_device() else { return };
+    let Device::Cuda(ord) = dev else { unreachable!() };
+    println!("{}", smelt_kernels::cuda::nvrtc_status().unwrap());
+    let msg = smelt_kernels::cuda::self_test(ord).unwrap();
+    println!("{msg}");
+    // A real op through the launcher, against its CPU implementation.
+    let mut rng = Rng::new(2);
+    let n = 100_003;
+    let (a, b) = (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+    let (ac, bc) = (Tensor::from_slice(&a, &[n], Device::Cpu).unwrap(), Tensor::from_slice(&b, &[n], Device::Cpu).unwrap());
+    let want = smelt_kernels::add::add(&ac, &bc).unwrap().to_vec::<f32>().unwrap();
+    let got = smelt_kernels::add::add(&ac.to_device(dev).unwrap(), &bc.to_device(dev).unwrap()).unwrap();
+    assert_close(&got.to_vec::<f32>().unwrap(), &to_f64(&want), 1e-6, 1e-6, "add on device");
+    // A launch error names the kernel instead of panicking.
+    let cfg = smelt_kernels::cuda::LaunchCfg { grid: (1, 1, 1), block: (2048, 1, 1), smem: 0 };
+    let src = smelt_kernels::KernelSource { name: "add", src: include_str!("../cuda/add.cu") };
+    let e = smelt_kernels::cuda::launch(ord, &src, "add_f32", cfg, &[]).unwrap_err().to_string();
+    assert!(e.contains("add_f32"), "{e}");
+    let e = smelt_kernels::cuda::launch(ord, &src, "no_such_kernel", smelt_kernels::cuda::LaunchCfg::for_items(1, 32), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no_such_kernel"), "{e}");
+}
+
+#[test]
+fn device_cublas_matmul_matches_cpu() {
+    let _g = serial();
+    let Some(dev) = test_cuda_device() else { return };
+    let mut rng = Rng::new(3);
+    for (m, n, k) in [(1, 1, 1), (7, 13, 33), (64, 896, 896), (129, 4864, 896)] {
+        for dt in [DType::F32, DType::BF16] {
+            let x = Tensor::from_slice(&randn(&mut rng, m * k, 1.0), &[m, k], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let w = Tensor::from_slice(&randn(&mut rng, n * k, 0.05), &[n, k], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let want = smelt_kernels::matmul::linear(&x, &w).unwrap().to_vec_f32().unwrap();
+            let got = smelt_kernels::matmul::linear(&x.to_device(dev).unwrap(), &w.to_device(dev).unwrap()).unwrap();
+            let atol = 1e-5 * (k as f64).sqrt();
+            let rtol = if dt == DType::F32 { 1e-5 } else { dt.epsilon() };
+            assert_close(&got.to_vec_f32().unwrap(), &to_f64(&want), atol, rtol, &format!("linear {dt} {m}x{n}x{k}"));
+        }
+    }
+}
+
+#[test]
+fn device_allocator_reuses_blocks() {
+    let _g = serial();
+    let Some(Device::Cuda(ord)) = test_cuda_device() else { return };
+    let dev = smelt_engine::cuda::device(ord).unwrap();
+    dev.synchronize().unwrap();
+    let base = dev.bytes_in_use();
+    let bytes = 3 << 20;
+    let class = smelt_engine::cuda::size_class(bytes);
+    drop(dev.alloc(bytes).unwrap());
+    dev.reset_peak();
+    let allocs = dev.alloc_stats().device_allocs;
+    for _ in 0..50 {
+        let t = Tensor::zeros(&[bytes / 4], DType::F32, Device::Cuda(ord)).unwrap();
+        assert!(dev.bytes_in_use() >= base + class);
+        drop(t);
+    }
+    let s = dev.alloc_stats();
+    assert_eq!(s.device_allocs, allocs, "repeated same-size allocations must come from the cache: {s:?}");
+    assert_eq!(s.in_use, base, "bytes_in_use must return to its baseline: {s:?}");
+    assert!(s.peak <= base + class, "peak grew past one block: {s:?} (class {class})");
+    println!("allocator: {s:?}");
+    dev.empty_cache().unwrap();
+    assert_eq!(dev.alloc_stats().cached, 0);
+    // Out of memory is an error naming the sizes, not a panic; the device stays usable.
+    let e = dev.alloc(1 << 50).unwrap_err();
+    assert!(matches!(e, smelt_engine::Error::OutOfMemory { .. }), "{e}");
+    assert!(e.to_string().contains(&(1usize << 50).to_string()), "{e}");
+    let t = Tensor::from_slice(&[1f32, 2.0], &[2], Device::Cuda(ord)).unwrap();
+    assert_eq!(t.to_vec::<f32>().unwrap(), vec![1.0, 2.0]);
+}
+
+#[test]
+fn device_errors_are_errors() {
+    let _g = serial();
+    let Some(_) = test_cuda_device() else { return };
+    let e = smelt_engine::cuda::device(1 << 20).unwrap_err().to_string();
+    assert!(e.contains("requested"), "{e}");
+    let p = smelt_engine::cuda::probe();
+    println!("{p}");
+    assert!(!p.devices.is_empty() && p.nvrtc.found && p.cublas.found, "{p}");
+}

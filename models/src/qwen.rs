@@ -1,0 +1,465 @@
+//! The Qwen2 / Qwen2.5 / Qwen3 decoder: forward over packed variable-length batches, explicit
+//! backward layer by layer in reverse, and the fused RL head on top.
+//!
+//! A layer, as Hugging Face's `Qwen2DecoderLayer` / `Qwen3DecoderLayer` compute it:
+//!
+//! ```text
+//! h  = rmsnorm(x, input_layernorm)
+//! q  = h·Wqᵀ (+bq)   k = h·Wkᵀ (+bk)   v = h·Wvᵀ (+bv)        // bias: Qwen2
+//! q  = rmsnorm_per_head(q, q_norm)   k = rmsnorm_per_head(k, k_norm)   // Qwen3
+//! q, k = rope(q, pos), rope(k, pos)
+//! x  = x + attention(q, k, v)·Woᵀ
+//! h  = rmsnorm(x, post_attention_layernorm)
+//! x  = x + (silu(h·Wgᵀ) ∘ h·Wuᵀ)·Wdᵀ
+//! ```
+//!
+//! All compute is in the weights' dtype (f32 on CPU) with f32 accumulation inside the kernels.
+
+use smelt_engine::{DType, Device, Tensor};
+use smelt_kernels::{add, attention, embedding, logprob_entropy as head, matmul, rmsnorm, rope, swiglu};
+
+use crate::{Config, Error, Result, Weights};
+
+/// A packed batch: sequences laid end to end, no padding.
+#[derive(Clone, Debug)]
+pub struct Packed {
+    /// Token ids of all sequences, concatenated.
+    pub ids: Vec<u32>,
+    /// Cumulative offsets, length B+1: sequence b is `ids[cu[b]..cu[b+1]]`.
+    pub cu_seqlens: Vec<u32>,
+}
+
+impl Packed {
+    pub fn new(seqs: &[Vec<u32>]) -> Packed {
+        let mut ids = Vec::with_capacity(seqs.iter().map(Vec::len).sum());
+        let mut cu = vec![0u32];
+        for s in seqs {
+            ids.extend_from_slice(s);
+            cu.push(ids.len() as u32);
+        }
+        Packed { ids, cu_seqlens: cu }
+    }
+    pub fn num_tokens(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn num_seqs(&self) -> usize {
+        self.cu_seqlens.len() - 1
+    }
+    /// Position of each token within its own sequence (packed sequences restart at 0).
+    pub fn positions(&self) -> Vec<u32> {
+        let mut pos = Vec::with_capacity(self.ids.len());
+        for w in self.cu_seqlens.windows(2) {
+            pos.extend(0..w[1] - w[0]);
+        }
+        pos
+    }
+    /// Next-token targets: `ids[t+1]` within the same sequence, `IGNORE` on each sequence's last token.
+    pub fn next_token_targets(&self) -> Vec<u32> {
+        let mut t = Vec::with_capacity(self.ids.len());
+        for w in self.cu_seqlens.windows(2) {
+            let (a, b) = (w[0] as usize, w[1] as usize);
+            t.extend_from_slice(&self.ids[(a + 1).min(b)..b]);
+            if b > a {
+                t.push(head::IGNORE);
+            }
+        }
+        t
+    }
+}
+
+/// What one layer's backward needs from its forward.
+struct LayerActs {
+    x: Tensor,
+    h1: Tensor,
+    rstd1: Tensor,
+    /// q and k before the per-head norm (Qwen3) — what the norm's backward reads.
+    q_raw: Tensor,
+    k_raw: Tensor,
+    rstd_q: Option<Tensor>,
+    rstd_k: Option<Tensor>,
+    /// q and k after rope, v: the attention inputs.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn: Tensor,
+    lse: Tensor,
+    x_mid: Tensor,
+    h2: Tensor,
+    rstd2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+/// Activations kept by [`Qwen::forward`] for [`Qwen::backward`].
+pub struct Activations {
+    batch: Packed,
+    positions: Tensor,
+    /// Per layer: everything (no recomputation) or only the layer input (recompute in backward).
+    layers: Vec<Stored>,
+    x_final: Tensor,
+    rstd_final: Tensor,
+    /// Final hidden states after `model.norm`, `[T, H]`: the RL head's input.
+    pub hidden: Tensor,
+}
+
+enum Stored {
+    Full(Box<LayerActs>),
+    Input(Tensor),
+}
+
+/// Per-token outputs of the RL head.
+pub struct HeadOutputs {
+    pub logp: Tensor,
+    pub entropy: Tensor,
+    pub lse: Tensor,
+    pub targets: Tensor,
+}
+
+/// A Qwen model with its weights on one device.
+pub struct Qwen {
+    pub config: Config,
+    pub weights: Weights,
+    /// Recompute each layer's activations in backward instead of keeping them.
+    pub recompute: bool,
+}
+
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = matmul::matmul(x, w, false, true)?;
+    if let Some(b) = b {
+        add::add_bias_(&y, b)?;
+    }
+    Ok(y)
+}
+
+/// Backward of y = x·Wᵀ (+b): returns dx; adds dW (and db) into the gradient tensors.
+fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, dw: &Tensor, db: Option<&Tensor>) -> Result<Tensor> {
+    let dx = matmul::matmul(dy, w, false, false)?;
+    add::add_scaled_(dw, 1.0, &matmul::matmul(dy, x, true, false)?.to_dtype(dw.dtype())?)?;
+    if let Some(db) = db {
+        add::add_scaled_(db, 1.0, &add::bias_grad(dy)?.to_dtype(db.dtype())?)?;
+    }
+    Ok(dx)
+}
+
+impl Qwen {
+    pub fn new(config: Config, weights: Weights) -> Qwen {
+        Qwen { config, weights, recompute: false }
+    }
+
+    pub fn device(&self) -> Device {
+        self.weights.embed_tokens.device()
+    }
+
+    fn check_batch(&self, batch: &Packed) -> Result<()> {
+        let cu = &batch.cu_seqlens;
+        let bad = |m: String| Err(Error::Msg(m));
+        if cu.first() != Some(&0) || cu.last().copied() != Some(batch.ids.len() as u32) || cu.windows(2).any(|w| w[0] > w[1]) {
+            return bad(format!("cu_seqlens {cu:?} do not describe {} tokens", batch.ids.len()));
+        }
+        let max_len = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        if max_len > self.config.max_position_embeddings {
+            return bad(format!(
+                "a sequence of {max_len} tokens is longer than max_position_embeddings = {}",
+                self.config.max_position_embeddings
+            ));
+        }
+        if let Some((i, id)) = batch.ids.iter().enumerate().find(|(_, &id)| id as usize >= self.config.vocab_size) {
+            return bad(format!("token id {id} at position {i} is outside the vocabulary (vocab_size {})", self.config.vocab_size));
+        }
+        Ok(())
+    }
+
+    /// Forward over a packed batch. Returns the activations (with the final hidden states).
+    pub fn forward(&self, batch: &Packed) -> Result<Activations> {
+        self.check_batch(batch)?;
+        let dev = self.device();
+        let ids = Tensor::from_slice(&batch.ids, &[batch.ids.len()], dev)?;
+        let positions = Tensor::from_slice(&batch.positions(), &[batch.ids.len()], dev)?;
+        let mut x = embedding::embedding(&ids, &self.weights.embed_tokens)?;
+        let mut layers = Vec::with_capacity(self.weights.layers.len());
+        for l in 0..self.weights.layers.len() {
+            let acts = self.layer_forward(l, &x, &positions, &batch.cu_seqlens)?;
+            x = add::add(&acts.x_mid, &self.mlp_out(l, &acts)?)?;
+            layers.push(if self.recompute { Stored::Input(acts.x.clone()) } else { Stored::Full(Box::new(acts)) });
+        }
+        let (hidden, rstd_final) = rmsnorm::rmsnorm(&x, &self.weights.norm, self.config.rms_norm_eps as f32)?;
+        Ok(Activations { batch: batch.clone(), positions, layers, x_final: x, rstd_final, hidden })
+    }
+
+    /// The attention half of layer `l` and the MLP's inputs; the MLP output is [`Self::mlp_out`].
+    fn layer_forward(&self, l: usize, x: &Tensor, positions: &Tensor, cu: &[u32]) -> Result<LayerActs> {
+        let (c, w) = (&self.config, &self.weights.layers[l]);
+        let eps = c.rms_norm_eps as f32;
+        let t = x.dim(0);
+        let (h1, rstd1) = rmsnorm::rmsnorm(x, &w.input_layernorm, eps)?;
+        let q_raw = linear(&h1, &w.q_proj, w.q_bias.as_ref())?;
+        let k_raw = linear(&h1, &w.k_proj, w.k_bias.as_ref())?;
+        let v = linear(&h1, &w.v_proj, w.v_bias.as_ref())?.reshape(&[t, c.num_key_value_heads, c.head_dim])?;
+        let (q_n, rstd_q) = self.head_norm(&q_raw, w.q_norm.as_ref(), c.num_attention_heads)?;
+        let (k_n, rstd_k) = self.head_norm(&k_raw, w.k_norm.as_ref(), c.num_key_value_heads)?;
+        let theta = c.rope_theta as f32;
+        let q = rope::rope(&q_n, positions, theta)?;
+        let k = rope::rope(&k_n, positions, theta)?;
+        let (attn, lse) = attention::attention_forward(&q, &k, &v, cu, None)?;
+        let attn = attn.reshape(&[t, c.q_dim()])?;
+        let x_mid = add::add(x, &linear(&attn, &w.o_proj, w.o_bias.as_ref())?)?;
+        let (h2, rstd2) = rmsnorm::rmsnorm(&x_mid, &w.post_attention_layernorm, eps)?;
+        let gate = linear(&h2, &w.gate_proj, None)?;
+        let up = linear(&h2, &w.up_proj, None)?;
+        let act = swiglu::swiglu(&gate, &up)?;
+        Ok(LayerActs {
+            x: x.clone(),
+            h1,
+            rstd1,
+            q_raw,
+            k_raw,
+            rstd_q,
+            rstd_k,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            x_mid,
+            h2,
+            rstd2,
+            gate,
+            up,
+            act,
+        })
+    }
+
+    fn mlp_out(&self, l: usize, a: &LayerActs) -> Result<Tensor> {
+        linear(&a.act, &self.weights.layers[l].down_proj, None)
+    }
+
+    /// Qwen3's per-head RMSNorm over head_dim (identity without a norm weight). Returns the
+    /// result as `[T, heads, head_dim]` and the per-row rstd.
+    fn head_norm(&self, x: &Tensor, w: Option<&Tensor>, heads: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let (t, d) = (x.dim(0), self.config.head_dim);
+        match w {
+            None => Ok((x.reshape(&[t, heads, d])?, None)),
+            Some(w) => {
+                let (y, rstd) = rmsnorm::rmsnorm(&x.reshape(&[t * heads, d])?, w, self.config.rms_norm_eps as f32)?;
+                Ok((y.reshape(&[t, heads, d])?, Some(rstd)))
+            }
+        }
+    }
+
+    /// The fused RL head on the final hidden states: per-token log-prob of `targets` and entropy.
+    pub fn head(&self, hidden: &Tensor, targets: &[u32], temperature: f32) -> Result<HeadOutputs> {
+        let targets = Tensor::from_slice(targets, &[targets.len()], hidden.device())?;
+        let out = head::logprob_entropy(hidden, self.weights.lm_head(), &targets, temperature, &Default::default())?;
+        Ok(HeadOutputs { logp: out.logp, entropy: out.entropy, lse: out.lse, targets })
+    }
+
+    /// Backward from per-token gradients of the head's outputs to every parameter.
+    /// Gradients are added into `grads` (f32, same structure as the weights).
+    pub fn backward(
+        &self,
+        acts: &Activations,
+        head_out: &HeadOutputs,
+        temperature: f32,
+        g_logp: &Tensor,
+        g_entropy: &Tensor,
+        grads: &Weights,
+    ) -> Result<()> {
+        let d_lm_head = grads.lm_head.as_ref().unwrap_or(&grads.embed_tokens);
+        let dh = head::logprob_entropy_backward_acc(
+            &acts.hidden,
+            self.weights.lm_head(),
+            &head_out.targets,
+            temperature,
+            &head_out.lse,
+            &head_out.entropy,
+            g_logp,
+            g_entropy,
+            d_lm_head,
+            &Default::default(),
+        )?;
+        let dh = dh.to_dtype(acts.hidden.dtype())?;
+        let (mut dx, dnorm) = rmsnorm::rmsnorm_backward(&acts.x_final, &self.weights.norm, &acts.rstd_final, &dh)?;
+        add::add_scaled_(&grads.norm, 1.0, &dnorm.to_dtype(grads.norm.dtype())?)?;
+        for l in (0..self.weights.layers.len()).rev() {
+            let recomputed;
+            let a: &LayerActs = match &acts.layers[l] {
+                Stored::Full(a) => a,
+                Stored::Input(x) => {
+                    recomputed = self.layer_forward(l, x, &acts.positions, &acts.batch.cu_seqlens)?;
+                    &recomputed
+                }
+            };
+            dx = self.layer_backward(l, a, &acts.positions, &acts.batch.cu_seqlens, &dx, grads)?;
+        }
+        let ids = Tensor::from_slice(&acts.batch.ids, &[acts.batch.ids.len()], self.device())?;
+        embedding::embedding_backward(&ids, &dx.to_dtype(DType::F32)?, &grads.embed_tokens)?;
+        Ok(())
+    }
+
+    /// One layer in reverse. `dy` is the gradient at the layer's output; returns it at the input.
+    fn layer_backward(
+        &self,
+        l: usize,
+        a: &LayerActs,
+        positions: &Tensor,
+        cu: &[u32],
+        dy: &Tensor,
+        grads: &Weights,
+    ) -> Result<Tensor> {
+        let (c, w, g) = (&self.config, &self.weights.layers[l], &grads.layers[l]);
+        let t = a.x.dim(0);
+        let acc = |dst: &Tensor, src: &Tensor| add::add_scaled_(dst, 1.0, &src.to_dtype(dst.dtype())?);
+        // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2)))
+        let d_act = linear_backward(&a.act, &w.down_proj, dy, &g.down_proj, None)?;
+        let (d_gate, d_up) = swiglu::swiglu_backward(&a.gate, &a.up, &d_act)?;
+        let dh2 = add::add(
+            &linear_backward(&a.h2, &w.gate_proj, &d_gate, &g.gate_proj, None)?,
+            &linear_backward(&a.h2, &w.up_proj, &d_up, &g.up_proj, None)?,
+        )?;
+        let (dx_mid_norm, d_ln2) = rmsnorm::rmsnorm_backward(&a.x_mid, &w.post_attention_layernorm, &a.rstd2, &dh2)?;
+        acc(&g.post_attention_layernorm, &d_ln2)?;
+        let dx_mid = add::add(dy, &dx_mid_norm)?;
+        // Attention: x_mid = x + o_proj(attn(rope(norm(q)), rope(norm(k)), v))
+        let d_attn = linear_backward(&a.attn, &w.o_proj, &dx_mid, &g.o_proj, g.o_bias.as_ref())?;
+        let d_attn = d_attn.reshape(&[t, c.num_attention_heads, c.head_dim])?;
+        let o = a.attn.reshape(&[t, c.num_attention_heads, c.head_dim])?;
+        let (dq, dk, dv) = attention::attention_backward(&a.q, &a.k, &a.v, &o, &a.lse, &d_attn, cu, None)?;
+        let theta = c.rope_theta as f32;
+        let dq = self.head_norm_backward(&a.q_raw, w.q_norm.as_ref(), a.rstd_q.as_ref(), &rope::rope_backward(&dq, positions, theta)?, g.q_norm.as_ref())?;
+        let dk = self.head_norm_backward(&a.k_raw, w.k_norm.as_ref(), a.rstd_k.as_ref(), &rope::rope_backward(&dk, positions, theta)?, g.k_norm.as_ref())?;
+        let dv = dv.reshape(&[t, c.kv_dim()])?;
+        let dh1 = linear_backward(&a.h1, &w.q_proj, &dq, &g.q_proj, g.q_bias.as_ref())?;
+        add::add_scaled_(&dh1, 1.0, &linear_backward(&a.h1, &w.k_proj, &dk, &g.k_proj, g.k_bias.as_ref())?)?;
+        add::add_scaled_(&dh1, 1.0, &linear_backward(&a.h1, &w.v_proj, &dv, &g.v_proj, g.v_bias.as_ref())?)?;
+        let (dx_norm, d_ln1) = rmsnorm::rmsnorm_backward(&a.x, &w.input_layernorm, &a.rstd1, &dh1)?;
+        acc(&g.input_layernorm, &d_ln1)?;
+        Ok(add::add(&dx_mid, &dx_norm)?)
+    }
+
+    /// Backward of [`Self::head_norm`]: `dy` is `[T, heads, head_dim]`; returns `[T, heads·head_dim]`.
+    fn head_norm_backward(
+        &self,
+        x_raw: &Tensor,
+        w: Option<&Tensor>,
+        rstd: Option<&Tensor>,
+        dy: &Tensor,
+        dw: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let t = x_raw.dim(0);
+        let cols = x_raw.dim(1);
+        match (w, rstd, dw) {
+            (Some(w), Some(rstd), Some(dw)) => {
+                let d = self.config.head_dim;
+                let rows = t * cols / d;
+                let (dx, dwn) = rmsnorm::rmsnorm_backward(&x_raw.reshape(&[rows, d])?, w, rstd, &dy.reshape(&[rows, d])?)?;
+                add::add_scaled_(dw, 1.0, &dwn.to_dtype(dw.dtype())?)?;
+                Ok(dx.reshape(&[t, cols])?)
+            }
+            _ => Ok(dy.reshape(&[t, cols])?),
+        }
+    }
+
+    /// A KV cache for `n_slots` sequences of up to `max_len` tokens each.
+    pub fn new_kv_cache(&self, n_slots: usize, max_len: usize) -> Result<KvCache> {
+        let c = &self.config;
+        if max_len > c.max_position_embeddings {
+            return Err(Error::Msg(format!(
+                "KV cache of {max_len} positions exceeds max_position_embeddings = {}",
+                c.max_position_embeddings
+            )));
+        }
+        let shape = [n_slots, max_len, c.num_key_value_heads, c.head_dim];
+        let dt = self.weights.embed_tokens.dtype();
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..c.num_hidden_layers {
+            k.push(Tensor::zeros(&shape, dt, self.device())?);
+            v.push(Tensor::zeros(&shape, dt, self.device())?);
+        }
+        Ok(KvCache { k, v, lens: vec![0; n_slots], max_len })
+    }
+
+    /// Runs the prompts (prompt b into slot b, which must be empty), fills the cache and returns
+    /// the final hidden state of each prompt's last token, `[B, H]`.
+    pub fn prefill(&self, prompts: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
+        if prompts.len() > cache.lens.len() || prompts.iter().any(|p| p.is_empty() || p.len() > cache.max_len) {
+            return Err(Error::Msg(format!(
+                "prefill: {} prompts (lengths {:?}) do not fit a cache of {} slots × {} positions (prompts must be non-empty)",
+                prompts.len(),
+                prompts.iter().map(Vec::len).collect::<Vec<_>>(),
+                cache.lens.len(),
+                cache.max_len
+            )));
+        }
+        let batch = Packed::new(prompts);
+        self.check_batch(&batch)?;
+        let dev = self.device();
+        let pos = batch.positions();
+        let positions = Tensor::from_slice(&pos, &[pos.len()], dev)?;
+        let slots: Vec<u32> =
+            batch.cu_seqlens.windows(2).enumerate().flat_map(|(b, w)| std::iter::repeat_n(b as u32, (w[1] - w[0]) as usize)).collect();
+        let ids = Tensor::from_slice(&batch.ids, &[batch.ids.len()], dev)?;
+        let mut x = embedding::embedding(&ids, &self.weights.embed_tokens)?;
+        for l in 0..self.weights.layers.len() {
+            let a = self.layer_forward(l, &x, &positions, &batch.cu_seqlens)?;
+            attention::kv_cache_append(&cache.k[l], &cache.v[l], &a.k, &a.v, &slots, &pos)?;
+            x = add::add(&a.x_mid, &self.mlp_out(l, &a)?)?;
+        }
+        for (b, p) in prompts.iter().enumerate() {
+            cache.lens[b] = p.len() as u32;
+        }
+        let last: Vec<u32> = batch.cu_seqlens[1..].iter().map(|&e| e - 1).collect();
+        let x_last = embedding::embedding(&Tensor::from_slice(&last, &[last.len()], dev)?, &x)?;
+        Ok(rmsnorm::rmsnorm(&x_last, &self.weights.norm, self.config.rms_norm_eps as f32)?.0)
+    }
+
+    /// One decode step: `tokens[b]` is appended to slot b; returns the final hidden states `[B, H]`.
+    pub fn decode_step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let (c, dev) = (&self.config, self.device());
+        let b = tokens.len();
+        if b > cache.lens.len() || cache.lens[..b].iter().any(|&l| l as usize >= cache.max_len) {
+            return Err(Error::Msg(format!("decode_step: {b} tokens for a cache of {} slots, lengths {:?}, max {}", cache.lens.len(), &cache.lens[..b.min(cache.lens.len())], cache.max_len)));
+        }
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(Error::Msg(format!("token id {id} is outside the vocabulary (vocab_size {})", c.vocab_size)));
+        }
+        let pos: Vec<u32> = cache.lens[..b].to_vec();
+        let slots: Vec<u32> = (0..b as u32).collect();
+        let positions = Tensor::from_slice(&pos, &[b], dev)?;
+        let lens_after: Vec<u32> = pos.iter().map(|p| p + 1).collect();
+        let eps = c.rms_norm_eps as f32;
+        let theta = c.rope_theta as f32;
+        let mut x = embedding::embedding(&Tensor::from_slice(tokens, &[b], dev)?, &self.weights.embed_tokens)?;
+        for (l, w) in self.weights.layers.iter().enumerate() {
+            let (h1, _) = rmsnorm::rmsnorm(&x, &w.input_layernorm, eps)?;
+            let q_raw = linear(&h1, &w.q_proj, w.q_bias.as_ref())?;
+            let k_raw = linear(&h1, &w.k_proj, w.k_bias.as_ref())?;
+            let v = linear(&h1, &w.v_proj, w.v_bias.as_ref())?.reshape(&[b, c.num_key_value_heads, c.head_dim])?;
+            let q = rope::rope(&self.head_norm(&q_raw, w.q_norm.as_ref(), c.num_attention_heads)?.0, &positions, theta)?;
+            let k = rope::rope(&self.head_norm(&k_raw, w.k_norm.as_ref(), c.num_key_value_heads)?.0, &positions, theta)?;
+            attention::kv_cache_append(&cache.k[l], &cache.v[l], &k, &v, &slots, &pos)?;
+            let o = attention::attention_decode(&q, &cache.k[l], &cache.v[l], &lens_after, None)?;
+            let x_mid = add::add(&x, &linear(&o.reshape(&[b, c.q_dim()])?, &w.o_proj, w.o_bias.as_ref())?)?;
+            let (h2, _) = rmsnorm::rmsnorm(&x_mid, &w.post_attention_layernorm, eps)?;
+            let act = swiglu::swiglu(&linear(&h2, &w.gate_proj, None)?, &linear(&h2, &w.up_proj, None)?)?;
+            x = add::add(&x_mid, &linear(&act, &w.down_proj, None)?)?;
+        }
+        cache.lens[..b].copy_from_slice(&lens_after);
+        Ok(rmsnorm::rmsnorm(&x, &self.weights.norm, eps)?.0)
+    }
+
+    /// Full logits `[B, V]` for a few rows of hidden states (decoding; training never needs them).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(matmul::matmul(hidden, self.weights.lm_head(), false, true)?)
+    }
+}
+
+/// Per-layer K and V caches `[n_slots, max_len, n_kv_heads, head_dim]` and each slot's length.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Valid positions per slot.
+    pub lens: Vec<u32>,
+    pub max_len: usize,
+}
