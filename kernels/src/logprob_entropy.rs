@@ -633,14 +633,6 @@ pub mod cpu {
         Ok(finalize(&states, &xt, head.targets))
     }
 
-    #[inline]
-    fn dz(x: f32, is_y: bool, lse: f32, ent: f32, gl: f32, ge: f32, inv_t: f32) -> f32 {
-        let lp = x - lse;
-        let p = lp.exp();
-        let ind = if is_y { 1.0 } else { 0.0 };
-        (gl * (ind - p) - ge * p * (lp + ent)) * inv_t
-    }
-
     /// Turns raw logits of columns `col0..` of one row into dz in place.
     #[allow(clippy::too_many_arguments)]
     fn dz_row(z: &mut [f32], col0: usize, y: u32, lse: f32, ent: f32, gl: f32, ge: f32, inv_t: f32) {
@@ -721,20 +713,23 @@ pub mod cpu {
     /// Backward over materialised logits: writes d_logits `[n, v]`.
     pub fn logits_backward(logits: Rows, targets: &[u32], v: usize, temperature: f32, g: &RowGrads, out: RowsMut) {
         let inv_t = 1.0 / temperature;
-        let row = |i: usize, j: usize| {
-            let y = targets[i];
-            let gl = if y == IGNORE { 0.0 } else { g.g_logp[i] };
-            dz(logits.at(i * v + j) * inv_t, j as u32 == y, g.lse[i], g.entropy[i], gl, g.g_entropy[i], inv_t)
+        let row = |i: usize, c0: usize, d: &mut [f32]| {
+            dz_row(d, c0, targets[i], g.lse[i], g.entropy[i], g.g_logp[i], g.g_entropy[i], inv_t);
         };
         pool().install(|| match out {
             RowsMut::F32(o) => o.par_chunks_mut(v).enumerate().for_each(|(i, r)| {
-                for (j, d) in r.iter_mut().enumerate() {
-                    *d = row(i, j);
-                }
+                let mut buf = Vec::new();
+                r.copy_from_slice(logits.f32_span(i * v, v, &mut buf));
+                row(i, 0, r);
             }),
             RowsMut::BF16(o) => o.par_chunks_mut(v).enumerate().for_each(|(i, r)| {
-                for (j, d) in r.iter_mut().enumerate() {
-                    *d = bf16::from_f32(row(i, j));
+                let mut buf = Vec::with_capacity(ROW_PIECE);
+                for (c0, piece) in (0..v).step_by(ROW_PIECE).zip(r.chunks_mut(ROW_PIECE)) {
+                    let mut d = logits.f32_span(i * v + c0, piece.len(), &mut buf).to_vec();
+                    row(i, c0, &mut d);
+                    for (o, x) in piece.iter_mut().zip(&d) {
+                        *o = bf16::from_f32(*x);
+                    }
                 }
             }),
         })

@@ -345,12 +345,12 @@ mod tests {
             let want = reference(&to_f64(&x), &pos, heads, d, theta, 1.0, true);
             assert_close(&got, &want, 3000.0 * 1.2e-7 * 4.0, 1e-5, "rope vs exact angle");
 
-            // In place gives the same bits; a [tokens·heads... ] rank-2 view works for heads = 1.
+            // In place gives the same bits.
             let xi = t(&x, &[tokens, heads, d]);
             rope_(&xi, &pos_t(&pos), theta).unwrap();
             assert_eq!(xi.to_vec::<f32>().unwrap(), got, "rope_ == rope");
 
-            // bf16: inverse of HF's rounding order is checked exactly in its own test.
+            // bf16: four roundings (cos/sin, two products, the sum); the exact order has its own test.
             let xh = xt.to_dtype(DType::BF16).unwrap();
             let got = rope(&xh, &pos_t(&pos), theta).unwrap().to_vec_f32().unwrap();
             let want = reference(&to_f64(&xh.to_vec_f32().unwrap()), &pos, heads, d, theta, 1.0, false);

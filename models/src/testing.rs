@@ -86,27 +86,29 @@ pub fn write_random_checkpoint(dir: impl AsRef<Path>, config: &Config, dtype: DT
         let (center, half_width) = scale(name, shape, config.hidden_size);
         let mut rng = Rng::new(Rng::new(seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64());
         let n: usize = shape.iter().product();
-        let mut buf: Vec<u8> = Vec::with_capacity(CHUNK * dtype.size_in_bytes());
+        let mut vals: Vec<f32> = Vec::with_capacity(CHUNK);
+        let mut buf: Vec<u8> = Vec::with_capacity(CHUNK * 4);
         let mut left = n;
         while left > 0 {
             let k = left.min(CHUNK);
-            buf.clear();
-            let mut push = |u: f32| {
-                let x = center + half_width * (2.0 * u - 1.0);
-                match dtype {
-                    DType::BF16 => buf.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
-                    DType::F16 => buf.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
-                    _ => buf.extend_from_slice(&x.to_le_bytes()),
-                }
-            };
+            vals.clear();
             // Two 24-bit uniforms per draw: this runs over half a billion values at 0.5B.
             for _ in 0..k / 2 {
                 let r = rng.next_u64();
-                push((r >> 40) as f32 * (1.0 / (1u32 << 24) as f32));
-                push(((r >> 8) & 0xff_ffff) as f32 * (1.0 / (1u32 << 24) as f32));
+                vals.push((r >> 40) as f32 * (1.0 / (1u32 << 24) as f32));
+                vals.push(((r >> 8) & 0xff_ffff) as f32 * (1.0 / (1u32 << 24) as f32));
             }
             if k % 2 == 1 {
-                push(rng.next_f32());
+                vals.push(rng.next_f32());
+            }
+            for v in vals.iter_mut() {
+                *v = center + half_width * (2.0 * *v - 1.0);
+            }
+            buf.clear();
+            match dtype {
+                DType::BF16 => buf.extend(vals.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())),
+                DType::F16 => buf.extend(vals.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes())),
+                _ => buf.extend(vals.iter().flat_map(|&x| x.to_le_bytes())),
             }
             w.write_all(&buf).map_err(|e| Error::io(&path, "cannot write", e))?;
             left -= k;

@@ -159,3 +159,61 @@ fn qwen2_greedy_matches_transformers() {
 fn qwen3_greedy_matches_transformers() {
     check_greedy("qwen3-tiny");
 }
+
+/// Sampled generation records log-probs and entropies that equal a fresh scoring pass over the
+/// same tokens (decode path vs full forward), and the same seed gives the same tokens.
+#[test]
+fn sampled_generation_logp_equals_rescoring() {
+    use smelt_kernels::sample::SamplingConfig;
+    use smelt_models::{generate, GenerateOptions};
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        let model = load(name, false);
+        let prompts = vec![vec![5u32, 77, 300, 12, 9], vec![42u32, 7]];
+        let opts = GenerateOptions {
+            max_new_tokens: 10,
+            sampling: SamplingConfig { temperature: 0.8, top_k: None, top_p: 1.0 },
+            n_samples: 2,
+            seed: 1234,
+            stop_ids: vec![],
+        };
+        let gens = generate(&model, &prompts, &opts).unwrap();
+        assert_eq!(gens.len(), 4);
+        assert_eq!(gens, generate(&model, &prompts, &opts).unwrap(), "{name}: same seed, same output");
+        let other = generate(&model, &prompts, &GenerateOptions { seed: 99, ..opts.clone() }).unwrap();
+        assert_ne!(gens.iter().map(|g| &g.ids).collect::<Vec<_>>(), other.iter().map(|g| &g.ids).collect::<Vec<_>>());
+        let full: Vec<Vec<u32>> = gens.iter().map(|g| [prompts[g.prompt].clone(), g.ids.clone()].concat()).collect();
+        let batch = Packed::new(&full);
+        let acts = model.forward(&batch).unwrap();
+        let out = model.head(&acts.hidden, &batch.next_token_targets(), 0.8).unwrap();
+        let (logp, ent) = (out.logp.to_vec::<f32>().unwrap(), out.entropy.to_vec::<f32>().unwrap());
+        for (b, g) in gens.iter().enumerate() {
+            let start = batch.cu_seqlens[b] as usize + prompts[g.prompt].len() - 1;
+            for (t, (&lp, &h)) in g.logp.iter().zip(&g.entropy).enumerate() {
+                assert!((lp - logp[start + t]).abs() < 1e-4, "{name} seq {b} token {t}: logp {lp} vs rescored {}", logp[start + t]);
+                assert!((h - ent[start + t]).abs() < 1e-4, "{name} seq {b} token {t}: entropy {h} vs rescored {}", ent[start + t]);
+            }
+        }
+    }
+}
+
+/// `generate` with greedy sampling gives transformers' continuations too (eos disabled).
+#[test]
+fn greedy_generate_matches_transformers() {
+    use smelt_kernels::sample::SamplingConfig;
+    use smelt_models::{generate, GenerateOptions};
+    let model = load("qwen2-tiny", false);
+    let greedy = json(fixture("qwen2-tiny").join("reference/greedy.json"));
+    let cases = greedy["generations"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids_of(&c["prompt_ids"])).collect();
+    let opts = GenerateOptions { max_new_tokens: 12, sampling: SamplingConfig::greedy(), ..Default::default() };
+    let gens = generate(&model, &prompts, &opts).unwrap();
+    for (g, c) in gens.iter().zip(cases) {
+        assert_eq!(g.ids, ids_of(&c["new_ids"]));
+    }
+    // With the eos ids as stop ids, the sequence that hits <|im_end|> stops there.
+    let stop = GenerateOptions { stop_ids: vec![394, 392], ..opts };
+    let gens = generate(&model, &prompts, &stop).unwrap();
+    for (g, c) in gens.iter().zip(cases) {
+        assert_eq!(g.ids, ids_of(&c["new_ids_eos_enabled"]));
+    }
+}

@@ -1,0 +1,97 @@
+//! Batched generation: prompts of different lengths share one KV cache (one slot per sample),
+//! greedy or sampled, stopping on stop ids or at a token budget. Every sampled token's
+//! log-prob and the entropy of its distribution (both under the sampling temperature, over the
+//! full vocabulary) are recorded, so rollouts carry `logp_old` and `entropy_old` at no cost.
+
+use smelt_kernels::sample::{sample, SamplingConfig};
+
+use crate::{Error, Qwen, Result};
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    /// Completions per prompt.
+    pub n_samples: usize,
+    pub seed: u64,
+    /// Generation of a sequence ends after it emits one of these (the stop token is kept).
+    pub stop_ids: Vec<u32>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 256,
+            sampling: SamplingConfig::default(),
+            n_samples: 1,
+            seed: 0,
+            stop_ids: Vec::new(),
+        }
+    }
+}
+
+/// One completion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Index of its prompt, and of the sample among that prompt's completions.
+    pub prompt: usize,
+    pub sample: usize,
+    /// New token ids (the stop token included when it ended the sequence).
+    pub ids: Vec<u32>,
+    /// log softmax(z/T)[token] for each new token (T = 1 under greedy decoding).
+    pub logp: Vec<f32>,
+    /// Entropy of softmax(z/T) at each new token.
+    pub entropy: Vec<f32>,
+    /// True when it ended on a stop id, false when it ran out of budget.
+    pub stopped: bool,
+}
+
+/// Generates `opts.n_samples` completions for each prompt. Results are ordered prompt-major.
+pub fn generate(model: &Qwen, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Generation>> {
+    opts.sampling.validate()?;
+    if prompts.is_empty() || opts.n_samples == 0 {
+        return Ok(Vec::new());
+    }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(Error::Msg(format!("generate: prompt {i} is empty")));
+    }
+    let max_pos = model.config.max_position_embeddings;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest >= max_pos {
+        return Err(Error::Msg(format!(
+            "generate: a prompt of {longest} tokens leaves no room under max_position_embeddings = {max_pos}"
+        )));
+    }
+    let budget = opts.max_new_tokens.min(max_pos - longest);
+    let seqs: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..opts.n_samples).map(move |s| (p, s))).collect();
+    let expanded: Vec<Vec<u32>> = seqs.iter().map(|&(p, _)| prompts[p].clone()).collect();
+    let mut out: Vec<Generation> = seqs
+        .iter()
+        .map(|&(prompt, sample)| Generation { prompt, sample, ids: vec![], logp: vec![], entropy: vec![], stopped: false })
+        .collect();
+    if budget == 0 {
+        return Ok(out);
+    }
+    let mut cache = model.new_kv_cache(seqs.len(), longest + budget)?;
+    let mut hidden = model.prefill(&expanded, &mut cache)?;
+    for step in 0..budget {
+        let logits = model.logits(&hidden)?;
+        let s = sample(&logits, &opts.sampling, opts.seed, step as u64)?;
+        let (tokens, logp, ent) = (s.tokens.to_vec::<u32>()?, s.logp.to_vec::<f32>()?, s.entropy.to_vec::<f32>()?);
+        for (i, g) in out.iter_mut().enumerate() {
+            if g.stopped {
+                continue;
+            }
+            g.ids.push(tokens[i]);
+            g.logp.push(logp[i]);
+            g.entropy.push(ent[i]);
+            g.stopped = opts.stop_ids.contains(&tokens[i]);
+        }
+        if step + 1 == budget || out.iter().all(|g| g.stopped) {
+            break;
+        }
+        // Finished rows still run (their output is ignored): it keeps slot b = row b.
+        hidden = model.decode_step(&tokens, &mut cache)?;
+    }
+    Ok(out)
+}
