@@ -92,12 +92,24 @@ pub fn matmul_f32(
         // SAFETY: the slices were checked above to hold exactly the strided extents used.
         // gemm computes dst = alpha·dst + beta·lhs·rhs, reading dst only when `read_dst`.
         gemm::gemm(
-            m, n, k,
-            c.as_mut_ptr(), 1, n as isize, accumulate,
-            a.as_ptr(), a_cs, a_rs,
-            b.as_ptr(), b_cs, b_rs,
-            1.0f32, 1.0f32,
-            false, false, false,
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
             par,
         );
     });

@@ -36,9 +36,7 @@ impl std::str::FromStr for Device {
             "cuda" | "gpu" => Ok(Device::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(i)) => Ok(Device::Cuda(i)),
-                _ => Err(crate::Error::Msg(format!(
-                    "unknown device {s:?}: expected cpu, cuda or cuda:N"
-                ))),
+                _ => Err(crate::Error::Msg(format!("unknown device {s:?}: expected cpu, cuda or cuda:N"))),
             },
         }
     }

@@ -113,9 +113,7 @@ impl Storage {
 
 #[cfg(not(feature = "cuda"))]
 pub(crate) fn no_cuda_build() -> Error {
-    Error::CudaUnavailable(
-        "this smelt was built without the `cuda` feature (rebuild with default features)".into(),
-    )
+    Error::CudaUnavailable("this smelt was built without the `cuda` feature (rebuild with default features)".into())
 }
 
 pub(crate) fn check_dtype<T: WithDType>(op: &'static str, got: DType) -> Result<()> {

@@ -389,7 +389,10 @@ mod tests {
         assert_eq!(tie.to_dtype(DType::BF16).unwrap().to_vec_f32().unwrap(), vec![1.0]);
         let ints = Tensor::from_slice(&[-3i32, 0, 7], &[3], Device::Cpu).unwrap();
         assert_eq!(ints.to_dtype(DType::F32).unwrap().to_vec::<f32>().unwrap(), vec![-3.0, 0.0, 7.0]);
-        assert_eq!(ints.to_dtype(DType::U32).unwrap().to_dtype(DType::I32).unwrap().to_vec::<i32>().unwrap(), vec![-3, 0, 7]);
+        assert_eq!(
+            ints.to_dtype(DType::U32).unwrap().to_dtype(DType::I32).unwrap().to_vec::<i32>().unwrap(),
+            vec![-3, 0, 7]
+        );
     }
 
     #[test]

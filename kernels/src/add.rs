@@ -159,10 +159,7 @@ pub mod cpu {
     /// Σ over rows of a [rows, d] matrix, accumulated in f64 per column.
     pub fn column_sum(g: &[f32], rows: usize, d: usize) -> Vec<f32> {
         smelt_engine::cpu::pool().install(|| {
-            (0..d)
-                .into_par_iter()
-                .map(|j| (0..rows).map(|r| g[r * d + j] as f64).sum::<f64>() as f32)
-                .collect()
+            (0..d).into_par_iter().map(|j| (0..rows).map(|r| g[r * d + j] as f64).sum::<f64>() as f32).collect()
         })
     }
 
@@ -200,7 +197,13 @@ mod cuda {
         let block = 256u32;
         let grid = count.div_ceil(block as u64).clamp(1, 132 * 16) as u32;
         let cfg = LaunchCfg { grid: (grid, 1, 1), block: (block, 1, 1), smem: 0 };
-        launch(ord, &SRC, func, cfg, &[Arg::Ptr(po), Arg::Ptr(pa), Arg::Ptr(pb), Arg::F32(sa), Arg::F32(sb), Arg::U64(count)])
+        launch(
+            ord,
+            &SRC,
+            func,
+            cfg,
+            &[Arg::Ptr(po), Arg::Ptr(pa), Arg::Ptr(pb), Arg::F32(sa), Arg::F32(sb), Arg::U64(count)],
+        )
     }
 }
 
@@ -221,7 +224,13 @@ mod cuda_bias {
         };
         let grid = n.div_ceil(256).clamp(1, 132 * 16) as u32;
         let cfg = LaunchCfg { grid: (grid, 1, 1), block: (256, 1, 1), smem: 0 };
-        launch(ord, &SRC, func, cfg, &[Arg::Ptr(x.cuda_ptr()?), Arg::Ptr(bias.cuda_ptr()?), Arg::U64(n), Arg::U32(d as u32)])
+        launch(
+            ord,
+            &SRC,
+            func,
+            cfg,
+            &[Arg::Ptr(x.cuda_ptr()?), Arg::Ptr(bias.cuda_ptr()?), Arg::U64(n), Arg::U32(d as u32)],
+        )
     }
 
     pub fn bias_grad(ord: usize, dout: &Tensor, rows: usize, d: usize) -> Result<Tensor> {
@@ -236,7 +245,13 @@ mod cuda_bias {
         };
         // One thread per column, 32 columns per block: coalesced row-by-row reads.
         let cfg = LaunchCfg { grid: ((d as u32).div_ceil(32), 1, 1), block: (32, 1, 1), smem: 0 };
-        launch(ord, &SRC, func, cfg, &[Arg::Ptr(out.cuda_ptr()?), Arg::Ptr(dout.cuda_ptr()?), Arg::U32(rows as u32), Arg::U32(d as u32)])?;
+        launch(
+            ord,
+            &SRC,
+            func,
+            cfg,
+            &[Arg::Ptr(out.cuda_ptr()?), Arg::Ptr(dout.cuda_ptr()?), Arg::U32(rows as u32), Arg::U32(d as u32)],
+        )?;
         Ok(out)
     }
 }
@@ -260,14 +275,26 @@ mod tests {
             let a = Tensor::from_slice(&av, &shape, Device::Cpu).unwrap();
             let b = Tensor::from_slice(&bv, &shape, Device::Cpu).unwrap();
             assert_close(&add(&a, &b).unwrap().to_vec().unwrap(), &reference(1.0, &av, 1.0, &bv), 1e-6, 1e-6, "add");
-            assert_close(&scale(&a, -0.37).unwrap().to_vec().unwrap(), &reference(-0.37, &av, 0.0, &bv), 1e-6, 1e-6, "scale");
+            assert_close(
+                &scale(&a, -0.37).unwrap().to_vec().unwrap(),
+                &reference(-0.37, &av, 0.0, &bv),
+                1e-6,
+                1e-6,
+                "scale",
+            );
             let want = reference(1.0, &av, 2.5, &bv);
             add_scaled_(&a, 2.5, &b).unwrap();
             assert_close(&a.to_vec().unwrap(), &want, 1e-6, 1e-6, "add_scaled_");
             // bf16 storage, f32 math: one rounding of the exact result.
             let (ah, bh) = (a.to_dtype(DType::BF16).unwrap(), b.to_dtype(DType::BF16).unwrap());
             let want = reference(1.0, &ah.to_vec_f32().unwrap(), 1.0, &bh.to_vec_f32().unwrap());
-            assert_close(&add(&ah, &bh).unwrap().to_vec_f32().unwrap(), &want, 1e-30, DType::BF16.epsilon() / 2.0, "add bf16");
+            assert_close(
+                &add(&ah, &bh).unwrap().to_vec_f32().unwrap(),
+                &want,
+                1e-30,
+                DType::BF16.epsilon() / 2.0,
+                "add bf16",
+            );
         }
     }
 
@@ -326,19 +353,37 @@ mod tests {
                 let b = Tensor::from_slice(&randn(&mut rng, n, 1.0), &[n], Device::Cpu).unwrap().to_dtype(dt).unwrap();
                 let want = axpby(0.5, &a, -2.0, &b).unwrap().to_vec_f32().unwrap();
                 let got = axpby(0.5, &a.to_device(dev).unwrap(), -2.0, &b.to_device(dev).unwrap()).unwrap();
-                assert_close(&got.to_vec_f32().unwrap(), &to_f64(&want), 1e-6, dt.epsilon(), &format!("add {dt} n={n}"));
+                assert_close(
+                    &got.to_vec_f32().unwrap(),
+                    &to_f64(&want),
+                    1e-6,
+                    dt.epsilon(),
+                    &format!("add {dt} n={n}"),
+                );
             }
         }
         for (rows, d) in [(1usize, 1usize), (33, 37), (300, 896)] {
             for dt in [DType::F32, DType::BF16] {
-                let x = Tensor::from_slice(&randn(&mut rng, rows * d, 1.0), &[rows, d], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                let x = Tensor::from_slice(&randn(&mut rng, rows * d, 1.0), &[rows, d], Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
                 let b = Tensor::from_slice(&randn(&mut rng, d, 1.0), &[d], Device::Cpu).unwrap().to_dtype(dt).unwrap();
                 let xd = x.to_device(dev).unwrap();
                 add_bias_(&x, &b).unwrap();
                 add_bias_(&xd, &b.to_device(dev).unwrap()).unwrap();
                 let want = to_f64(&x.to_vec_f32().unwrap());
-                assert_close(&xd.to_vec_f32().unwrap(), &want, 1e-6, dt.epsilon(), &format!("add_bias_ {dt} {rows}x{d}"));
-                let g = Tensor::from_slice(&randn(&mut rng, rows * d, 1.0), &[rows, d], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                assert_close(
+                    &xd.to_vec_f32().unwrap(),
+                    &want,
+                    1e-6,
+                    dt.epsilon(),
+                    &format!("add_bias_ {dt} {rows}x{d}"),
+                );
+                let g = Tensor::from_slice(&randn(&mut rng, rows * d, 1.0), &[rows, d], Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
                 let want = to_f64(&bias_grad(&g).unwrap().to_vec::<f32>().unwrap());
                 let got = bias_grad(&g.to_device(dev).unwrap()).unwrap().to_vec::<f32>().unwrap();
                 assert_close(&got, &want, 1e-4, 1e-5, &format!("bias_grad {dt} {rows}x{d}"));

@@ -132,7 +132,8 @@ fn nvrtc_compile(name: &str, code: &str, arch: &str) -> std::result::Result<Comp
     let bad = nvrtc_sys::nvrtcResult::NVRTC_ERROR_INVALID_INPUT;
     let src = CString::new(full_source(name, code)).map_err(|_| fail(bad, "source contains a NUL byte".into()))?;
     let prog_name = CString::new(format!("{name}.cu")).map_err(|_| fail(bad, "name contains a NUL byte".into()))?;
-    let prog = nvrtc::create_program(&src, Some(&prog_name)).map_err(|e| fail(e.0, format!("nvrtcCreateProgram: {e:?}")))?;
+    let prog =
+        nvrtc::create_program(&src, Some(&prog_name)).map_err(|e| fail(e.0, format!("nvrtcCreateProgram: {e:?}")))?;
     let mut opts: Vec<String> = vec![format!("--gpu-architecture={arch}")];
     opts.extend(options().iter().map(|s| s.to_string()));
     // SAFETY: `prog` is a live program; it is destroyed exactly once below.
@@ -143,7 +144,9 @@ fn nvrtc_compile(name: &str, code: &str, arch: &str) -> std::result::Result<Comp
             Err(e) => Err(fail(e.0, format!("{:?} (options: {})\n{log}", e.0, opts.join(" ")))),
             Ok(()) if arch.starts_with("sm_") => {
                 let mut size = 0usize;
-                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| fail(e.0, "nvrtcGetCUBINSize".into()))?;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| fail(e.0, "nvrtcGetCUBINSize".into()))?;
                 let mut image = vec![0u8; size];
                 nvrtc_sys::nvrtcGetCUBIN(prog, image.as_mut_ptr().cast())
                     .result()
@@ -266,8 +269,13 @@ fn cache_write(path: &PathBuf, kind: ImageKind, image: &[u8]) {
     data.extend_from_slice(&(image.len() as u64).to_le_bytes());
     data.extend_from_slice(&fnv1a_64(image).to_le_bytes());
     data.extend_from_slice(image);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let tmp = dir.join(format!(".{}.{}.{nanos}.tmp", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let tmp = dir.join(format!(
+        ".{}.{}.{nanos}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
     if std::fs::write(&tmp, &data).is_ok() && std::fs::rename(&tmp, path).is_ok() {
         return;
     }
@@ -301,7 +309,11 @@ unsafe impl Sync for Module {}
 
 type Slot = Arc<OnceLock<std::result::Result<Arc<Module>, String>>>;
 
-fn load_image(dev: &CudaDevice, kind: ImageKind, image: &[u8]) -> std::result::Result<drv_sys::CUmodule, drv::DriverError> {
+fn load_image(
+    dev: &CudaDevice,
+    kind: ImageKind,
+    image: &[u8],
+) -> std::result::Result<drv_sys::CUmodule, drv::DriverError> {
     dev.bind().map_err(|_| drv::DriverError(drv_sys::CUresult::CUDA_ERROR_INVALID_CONTEXT))?;
     debug_assert!(kind == ImageKind::Cubin || image.last() == Some(&0));
     // SAFETY: `image` is a complete cubin, or NUL-terminated PTX; the driver copies it.
@@ -377,7 +389,8 @@ fn module(dev: &CudaDevice, src: &KernelSource) -> Result<Arc<Module>> {
     static MODULES: OnceLock<Mutex<HashMap<(usize, &'static str, usize), Slot>>> = OnceLock::new();
     let key = (dev.ordinal(), src.name, src.src.as_ptr() as usize);
     let slot: Slot = {
-        let mut map = MODULES.get_or_init(Default::default).lock().map_err(|_| Error::msg("kernel cache lock poisoned"))?;
+        let mut map =
+            MODULES.get_or_init(Default::default).lock().map_err(|_| Error::msg("kernel cache lock poisoned"))?;
         map.entry(key).or_default().clone()
     };
     // Other threads wanting the same module wait here while one compiles it.
@@ -411,7 +424,11 @@ impl Module {
             }
             .map_err(|e| Error::Cuda {
                 op: "kernel launch",
-                detail: format!("{}::{name}: cannot raise dynamic shared memory to {smem} bytes: {}", src.name, drv_msg(e)),
+                detail: format!(
+                    "{}::{name}: cannot raise dynamic shared memory to {smem} bytes: {}",
+                    src.name,
+                    drv_msg(e)
+                ),
             })?;
             entry.max_smem = smem;
         }
@@ -437,9 +454,11 @@ pub fn launch(ordinal: usize, src: &KernelSource, func: &str, cfg: LaunchCfg, ar
     dev.bind()?;
     // SAFETY: `f` is a loaded kernel; `params` points at one value per argument, alive for the
     // call (the driver copies them). The caller passes arguments matching the kernel signature.
-    unsafe { drv::launch_kernel(f, g, b, cfg.smem, dev.stream().cu_stream(), &mut params) }.map_err(|e| Error::Cuda {
-        op: "kernel launch",
-        detail: format!("{}::{func} grid {g:?} block {b:?} smem {}: {}", src.name, cfg.smem, drv_msg(e)),
+    unsafe { drv::launch_kernel(f, g, b, cfg.smem, dev.stream().cu_stream(), &mut params) }.map_err(|e| {
+        Error::Cuda {
+            op: "kernel launch",
+            detail: format!("{}::{func} grid {g:?} block {b:?} smem {}: {}", src.name, cfg.smem, drv_msg(e)),
+        }
     })?;
     if smelt_engine::cuda::sync_after_launch() {
         dev.stream().synchronize().map_err(|e| Error::Cuda {
@@ -482,7 +501,13 @@ pub fn self_test(ordinal: usize) -> Result<String> {
     dev.htod(bytemuck::cast_slice(&vec![f32::NAN; n]), &dout, 0)?;
     let cfg = LaunchCfg::for_items(n, 128);
     let t0 = Instant::now();
-    launch(ordinal, &SELF_TEST, "smelt_self_test", cfg, &[Arg::Ptr(dout.ptr()), Arg::Ptr(din.ptr()), Arg::F32(2.0), Arg::U32(n as u32)])?;
+    launch(
+        ordinal,
+        &SELF_TEST,
+        "smelt_self_test",
+        cfg,
+        &[Arg::Ptr(dout.ptr()), Arg::Ptr(din.ptr()), Arg::F32(2.0), Arg::U32(n as u32)],
+    )?;
     let mut out = vec![0u8; n * 4];
     dev.dtoh(&dout, 0, &mut out)?;
     let elapsed = t0.elapsed().as_millis();
@@ -493,7 +518,11 @@ pub fn self_test(ordinal: usize) -> Result<String> {
         let i = (0..n).find(|&i| out[i] != 2.0 * i as f32 + 1.5).unwrap_or(0);
         return Err(Error::Cuda {
             op: "self test",
-            detail: format!("{bad}/{n} outputs wrong (first: out[{i}] = {}, want {}); module: {info}", out[i], 2.0 * i as f32 + 1.5),
+            detail: format!(
+                "{bad}/{n} outputs wrong (first: out[{i}] = {}, want {}); module: {info}",
+                out[i],
+                2.0 * i as f32 + 1.5
+            ),
         });
     }
     Ok(format!("cuda:{ordinal} {}: self-test kernel ({info}) ran, {n}/{n} outputs correct, {elapsed} ms", dev.name()))

@@ -11,8 +11,8 @@ pub use smelt_engine::{Error, Result};
 pub mod cuda;
 pub mod testing;
 
-pub mod add;
 pub mod adamw;
+pub mod add;
 pub mod attention;
 pub mod cast;
 pub mod embedding;

@@ -173,7 +173,12 @@ fn backward_impl(
 ) -> Result<Tensor> {
     const OP: &str = "logprob_entropy_backward";
     let (n, hd, v) = check_head(OP, h, w, targets, temperature, opts)?;
-    check_row_vecs(OP, n, h.device(), &[("lse", lse), ("entropy", entropy), ("g_logp", g_logp), ("g_entropy", g_entropy)])?;
+    check_row_vecs(
+        OP,
+        n,
+        h.device(),
+        &[("lse", lse), ("entropy", entropy), ("g_logp", g_logp), ("g_entropy", g_entropy)],
+    )?;
     crate::ensure_shape!(
         dw.shape() == [v, hd] && dw.dtype() == DType::F32,
         "logprob_entropy_backward",
@@ -259,7 +264,12 @@ pub fn logprob_entropy_from_logits_backward(
 ) -> Result<Tensor> {
     const OP: &str = "logprob_entropy_from_logits_backward";
     let (n, v) = check_logits(OP, logits, targets, temperature)?;
-    check_row_vecs(OP, n, logits.device(), &[("lse", lse), ("entropy", entropy), ("g_logp", g_logp), ("g_entropy", g_entropy)])?;
+    check_row_vecs(
+        OP,
+        n,
+        logits.device(),
+        &[("lse", lse), ("entropy", entropy), ("g_logp", g_logp), ("g_entropy", g_entropy)],
+    )?;
     let tg = check_targets(OP, targets, v)?;
     let out = Tensor::empty(&[n, v], logits.dtype(), logits.device())?;
     match logits.device() {
@@ -272,7 +282,14 @@ pub fn logprob_entropy_from_logits_backward(
                 DType::F32 => {
                     cpu::logits_backward(g.rows(), &tg, v, temperature, &rows, cpu::RowsMut::F32(&mut out.cpu_write()?))
                 }
-                _ => cpu::logits_backward(g.rows(), &tg, v, temperature, &rows, cpu::RowsMut::BF16(&mut out.cpu_write()?)),
+                _ => cpu::logits_backward(
+                    g.rows(),
+                    &tg,
+                    v,
+                    temperature,
+                    &rows,
+                    cpu::RowsMut::BF16(&mut out.cpu_write()?),
+                ),
             }
             Ok(out)
         }
@@ -290,7 +307,15 @@ pub fn logprob_entropy_from_logits_backward(
 /// Bytes of scratch the fused head allocates beyond its inputs and outputs (forward when
 /// `backward` is false). Independent of V: logits scratch [row_tile, chunk] plus O(N) row
 /// state (CUDA), or converted bf16 tiles (CPU).
-pub fn fused_scratch_bytes(n: usize, hd: usize, v: usize, dtype: DType, device: Device, opts: &LogprobEntropyOpts, backward: bool) -> usize {
+pub fn fused_scratch_bytes(
+    n: usize,
+    hd: usize,
+    v: usize,
+    dtype: DType,
+    device: Device,
+    opts: &LogprobEntropyOpts,
+    backward: bool,
+) -> usize {
     let c = opts.chunk.clamp(1, v.max(1));
     let rt = opts.row_tile_for(n, device);
     let logits = rt * c * 4;
@@ -327,7 +352,12 @@ fn check_head(
     if h.rank() != 2 || w.rank() != 2 || targets.rank() != 1 || h.dim(1) != w.dim(1) || targets.dim(0) != h.dim(0) {
         return Err(Error::shape(
             op,
-            format!("want h [N,H], w [V,H], targets [N]; got h {:?}, w {:?}, targets {:?}", h.shape(), w.shape(), targets.shape()),
+            format!(
+                "want h [N,H], w [V,H], targets [N]; got h {:?}, w {:?}, targets {:?}",
+                h.shape(),
+                w.shape(),
+                targets.shape()
+            ),
         ));
     }
     if h.dtype() != w.dtype() || !matches!(h.dtype(), DType::F32 | DType::BF16) {
@@ -572,8 +602,13 @@ pub mod cpu {
 
     fn finalize(states: &[RowState], xt: &[f32], targets: &[u32]) -> Stats {
         let n = states.len();
-        let mut st =
-            Stats { logp: vec![0.0; n], entropy: vec![0.0; n], lse: vec![0.0; n], rank: vec![0; n], argmax: vec![0; n] };
+        let mut st = Stats {
+            logp: vec![0.0; n],
+            entropy: vec![0.0; n],
+            lse: vec![0.0; n],
+            rank: vec![0; n],
+            argmax: vec![0; n],
+        };
         for i in 0..n {
             let (lse, ent) = states[i].finish();
             st.lse[i] = lse;
@@ -723,11 +758,14 @@ pub mod cpu {
                 row(i, 0, r);
             }),
             RowsMut::BF16(o) => o.par_chunks_mut(v).enumerate().for_each(|(i, r)| {
-                let mut buf = Vec::with_capacity(ROW_PIECE);
+                let mut buf = vec![0f32; ROW_PIECE];
                 for (c0, piece) in (0..v).step_by(ROW_PIECE).zip(r.chunks_mut(ROW_PIECE)) {
-                    let mut d = logits.f32_span(i * v + c0, piece.len(), &mut buf).to_vec();
-                    row(i, c0, &mut d);
-                    for (o, x) in piece.iter_mut().zip(&d) {
+                    let d = &mut buf[..piece.len()];
+                    for (j, x) in d.iter_mut().enumerate() {
+                        *x = logits.at(i * v + c0 + j);
+                    }
+                    row(i, c0, d);
+                    for (o, x) in piece.iter_mut().zip(d.iter()) {
                         *o = bf16::from_f32(*x);
                     }
                 }
@@ -1081,7 +1119,8 @@ mod cuda {
         // bf16 inputs: cuBLAS wants A and B of one type, so dz goes to a bf16 copy.
         let dz16 = if dt == DType::BF16 { Some(Tensor::empty(&[rt * c], DType::BF16, dev)?) } else { None };
         let (ph, pw, py) = (h.cuda_ptr()?, w.cuda_ptr()?, targets.cuda_ptr()?);
-        let (pl, pe, pgl, pge) = (g.lse.cuda_ptr()?, g.entropy.cuda_ptr()?, g.g_logp.cuda_ptr()?, g.g_entropy.cuda_ptr()?);
+        let (pl, pe, pgl, pge) =
+            (g.lse.cuda_ptr()?, g.entropy.cuda_ptr()?, g.g_logp.cuda_ptr()?, g.g_entropy.cuda_ptr()?);
         let (pz, pdh, pdw) = (scratch.cuda_ptr()?, dh.cuda_ptr()?, dw.cuda_ptr()?);
         let pdz = match &dz16 {
             Some(t) => t.cuda_ptr()?,
@@ -1232,8 +1271,7 @@ mod tests {
     fn reference(h: &[f64], w: &[f64], tg: &[u32], n: usize, hd: usize, v: usize, t: f64) -> Vec<RefRow> {
         (0..n)
             .map(|i| {
-                let z: Vec<f64> =
-                    (0..v).map(|j| (0..hd).map(|k| h[i * hd + k] * w[j * hd + k]).sum::<f64>()).collect();
+                let z: Vec<f64> = (0..v).map(|j| (0..hd).map(|k| h[i * hd + k] * w[j * hd + k]).sum::<f64>()).collect();
                 ref_row(&z, tg[i], t)
             })
             .collect()
@@ -1275,7 +1313,10 @@ mod tests {
         assert_close(&out.logp.to_vec_f32().unwrap(), &f(|r| r.logp), tol, tol, &format!("{what} logp"));
         assert_close(&out.entropy.to_vec_f32().unwrap(), &f(|r| r.entropy), tol, tol, &format!("{what} entropy"));
         assert_close(&out.lse.to_vec_f32().unwrap(), &f(|r| r.lse), tol, tol, &format!("{what} lse"));
-        let (rank, amax) = (out.rank.as_ref().unwrap().to_vec::<u32>().unwrap(), out.argmax.as_ref().unwrap().to_vec::<u32>().unwrap());
+        let (rank, amax) = (
+            out.rank.as_ref().unwrap().to_vec::<u32>().unwrap(),
+            out.argmax.as_ref().unwrap().to_vec::<u32>().unwrap(),
+        );
         let mut exact = 0;
         for (i, r) in want.iter().enumerate() {
             if !r.rank_ambiguous {
@@ -1286,7 +1327,11 @@ mod tests {
                 assert_eq!(amax[i], r.argmax, "{what} argmax row {i}");
             }
         }
-        assert!(want.len() < 10 || exact * 10 >= want.len() * 8, "{what}: too few unambiguous rows ({exact}/{})", want.len());
+        assert!(
+            want.len() < 10 || exact * 10 >= want.len() * 8,
+            "{what}: too few unambiguous rows ({exact}/{})",
+            want.len()
+        );
     }
 
     fn all_opts(chunk: usize, row_tile: Option<usize>) -> LogprobEntropyOpts {
@@ -1297,7 +1342,12 @@ mod tests {
     fn fused_matches_f64_reference() {
         let mut rng = Rng::new(11);
         // (n, hd, v, chunk, row_tile): N not a multiple of the row tile, V not of the chunk.
-        let shapes = [(37, 16, 1003, 128, Some(8)), (5, 64, 1003, 4096, None), (70, 33, 1003, 1000, Some(64)), (1, 1, 7, 3, None)];
+        let shapes = [
+            (37, 16, 1003, 128, Some(8)),
+            (5, 64, 1003, 4096, None),
+            (70, 33, 1003, 1000, Some(64)),
+            (1, 1, 7, 3, None),
+        ];
         for &(n, hd, v, chunk, rt) in &shapes {
             for dt in [DType::F32, DType::BF16] {
                 let c = case(&mut rng, n, hd, v, dt);
@@ -1392,16 +1442,24 @@ mod tests {
             smelt_engine::cpu::matmul_f32(&c.h, &c.w, &mut z, n, v, hd, false, true, false).unwrap();
             let logits = Tensor::from_slice(&z, &[n, v], Device::Cpu).unwrap();
             let mat = logprob_entropy_from_logits(&logits, &y, t, &opts).unwrap();
-            let want: Vec<RefRow> = (0..n).map(|i| ref_row(&to_f64(&z[i * v..(i + 1) * v]), c.tg[i], t as f64)).collect();
+            let want: Vec<RefRow> =
+                (0..n).map(|i| ref_row(&to_f64(&z[i * v..(i + 1) * v]), c.tg[i], t as f64)).collect();
             check_against_reference(&mat, &want, 2e-5, &format!("from_logits T{t}"));
             let f64v = |x: &Tensor| to_f64(&x.to_vec_f32().unwrap());
             assert_close(&mat.logp.to_vec_f32().unwrap(), &f64v(&fused.logp), 2e-5, 2e-5, "materialised vs fused logp");
-            assert_close(&mat.entropy.to_vec_f32().unwrap(), &f64v(&fused.entropy), 2e-5, 2e-5, "materialised vs fused entropy");
+            assert_close(
+                &mat.entropy.to_vec_f32().unwrap(),
+                &f64v(&fused.entropy),
+                2e-5,
+                2e-5,
+                "materialised vs fused entropy",
+            );
             // bf16 logits: the reference is the bf16-rounded logits.
             let lb = logits.to_dtype(DType::BF16).unwrap();
             let zb = lb.to_vec_f32().unwrap();
             let out = logprob_entropy_from_logits(&lb, &y, t, &opts).unwrap();
-            let want: Vec<RefRow> = (0..n).map(|i| ref_row(&to_f64(&zb[i * v..(i + 1) * v]), c.tg[i], t as f64)).collect();
+            let want: Vec<RefRow> =
+                (0..n).map(|i| ref_row(&to_f64(&zb[i * v..(i + 1) * v]), c.tg[i], t as f64)).collect();
             let f = |sel: fn(&RefRow) -> f64| want.iter().map(sel).collect::<Vec<_>>();
             assert_close(&out.logp.to_vec_f32().unwrap(), &f(|r| r.logp), 2e-5, 2e-5, "bf16 logits logp");
             assert_close(&out.entropy.to_vec_f32().unwrap(), &f(|r| r.entropy), 2e-5, 2e-5, "bf16 logits entropy");
@@ -1410,7 +1468,11 @@ mod tests {
 
     /// L = Σ g_logp·logp + g_entropy·entropy, in f64 from the naive reference.
     fn loss64(h: &[f64], w: &[f64], tg: &[u32], n: usize, hd: usize, v: usize, t: f64, gl: &[f32], ge: &[f32]) -> f64 {
-        reference(h, w, tg, n, hd, v, t).iter().enumerate().map(|(i, r)| gl[i] as f64 * r.logp + ge[i] as f64 * r.entropy).sum()
+        reference(h, w, tg, n, hd, v, t)
+            .iter()
+            .enumerate()
+            .map(|(i, r)| gl[i] as f64 * r.logp + ge[i] as f64 * r.entropy)
+            .sum()
     }
 
     #[test]
@@ -1438,7 +1500,8 @@ mod tests {
             // gradients up to bf16 rounding of h and W (here exact: the case is pre-rounded).
             let base = randn(&mut rng, v * hd, 1.0);
             let acc = Tensor::from_slice(&base, &[v, hd], Device::Cpu).unwrap();
-            let dh2 = logprob_entropy_backward_acc(&h, &w, &y, t, &fwd.lse, &fwd.entropy, &glt, &get, &acc, &opts).unwrap();
+            let dh2 =
+                logprob_entropy_backward_acc(&h, &w, &y, t, &fwd.lse, &fwd.entropy, &glt, &get, &acc, &opts).unwrap();
             assert_eq!(dh2.to_vec_f32().unwrap(), dh.to_vec_f32().unwrap());
             let want_acc: Vec<f64> = want_dw.iter().zip(&base).map(|(a, b)| a + *b as f64).collect();
             assert_close(&acc.to_vec_f32().unwrap(), &want_acc, 1e-4, 1e-3, &format!("dw acc {what}"));
@@ -1457,7 +1520,10 @@ mod tests {
             let logits = Tensor::from_slice(&z, &[n, v], Device::Cpu).unwrap();
             let y = Tensor::from_slice(&tg, &[n], Device::Cpu).unwrap();
             let fwd = logprob_entropy_from_logits(&logits, &y, t, &LogprobEntropyOpts::default()).unwrap();
-            let (glt, get) = (Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(), Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap());
+            let (glt, get) = (
+                Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(),
+                Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap(),
+            );
             let d = logprob_entropy_from_logits_backward(&logits, &y, t, &fwd.lse, &fwd.entropy, &glt, &get).unwrap();
             let loss = |zz: &[f64]| -> f64 {
                 (0..n)
@@ -1469,8 +1535,16 @@ mod tests {
             };
             let want = finite_diff(loss, &to_f64(&z), 1e-5);
             assert_close(&d.to_vec_f32().unwrap(), &want, 1e-5, 1e-4, &format!("d_logits T{t}"));
-            let db = logprob_entropy_from_logits_backward(&logits.to_dtype(DType::BF16).unwrap(), &y, t, &fwd.lse, &fwd.entropy, &glt, &get)
-                .unwrap();
+            let db = logprob_entropy_from_logits_backward(
+                &logits.to_dtype(DType::BF16).unwrap(),
+                &y,
+                t,
+                &fwd.lse,
+                &fwd.entropy,
+                &glt,
+                &get,
+            )
+            .unwrap();
             assert_eq!(db.dtype(), DType::BF16);
             assert_close(&db.to_vec_f32().unwrap(), &want, 0.05, 0.05, &format!("d_logits bf16 T{t}"));
         }
@@ -1485,7 +1559,8 @@ mod tests {
         let (h, w, y) = tensors(&c, n, hd, v, DType::F32, Device::Cpu);
         let gl = randn(&mut rng, n, 1.0);
         let ge = randn(&mut rng, n, 1.0);
-        let (glt, get) = (Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(), Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap());
+        let (glt, get) =
+            (Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(), Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap());
         let opts = all_opts(256, Some(5));
         let fwd = logprob_entropy(&h, &w, &y, 0.8, &opts).unwrap();
         let (dh, dw) = logprob_entropy_backward(&h, &w, &y, 0.8, &fwd.lse, &fwd.entropy, &glt, &get, &opts).unwrap();
@@ -1516,7 +1591,8 @@ mod tests {
         assert!(e.contains("temperature"), "{e}");
         let logits = Tensor::zeros(&[3, 10], DType::F32, Device::Cpu).unwrap();
         let bad = Tensor::from_slice(&[0u32, 1, 11], &[3], Device::Cpu).unwrap();
-        let e = logprob_entropy_from_logits(&logits, &bad, 1.0, &LogprobEntropyOpts::default()).unwrap_err().to_string();
+        let e =
+            logprob_entropy_from_logits(&logits, &bad, 1.0, &LogprobEntropyOpts::default()).unwrap_err().to_string();
         assert!(e.contains("targets[2]"), "{e}");
     }
 
@@ -1530,7 +1606,11 @@ mod tests {
     fn device_fused_matches_cpu() {
         let Some(dev) = test_cuda_device() else { return };
         let mut rng = Rng::new(17);
-        for &(n, hd, v, chunk, rt) in &[(37usize, 64usize, 1003usize, 256usize, None), (300, 128, 151_936, 8192, Some(128)), (1, 8, 5, 4096, None)] {
+        for &(n, hd, v, chunk, rt) in &[
+            (37usize, 64usize, 1003usize, 256usize, None),
+            (300, 128, 151_936, 8192, Some(128)),
+            (1, 8, 5, 4096, None),
+        ] {
             for dt in [DType::F32, DType::BF16] {
                 let c = case(&mut rng, n, hd, v, dt);
                 let (h, w, y) = tensors(&c, n, hd, v, dt, Device::Cpu);
@@ -1545,10 +1625,18 @@ mod tests {
                 let tol = 1e-4 * (hd as f64).sqrt();
                 let f64v = |x: &Tensor| to_f64(&x.to_vec_f32().unwrap());
                 assert_close(&got.logp.to_vec_f32().unwrap(), &f64v(&want.logp), tol, 1e-5, &format!("{what} logp"));
-                assert_close(&got.entropy.to_vec_f32().unwrap(), &f64v(&want.entropy), tol, 1e-5, &format!("{what} entropy"));
+                assert_close(
+                    &got.entropy.to_vec_f32().unwrap(),
+                    &f64v(&want.entropy),
+                    tol,
+                    1e-5,
+                    &format!("{what} entropy"),
+                );
                 assert_close(&got.lse.to_vec_f32().unwrap(), &f64v(&want.lse), tol, 1e-5, &format!("{what} lse"));
-                let (gr, wr) = (got.rank.unwrap().to_vec::<u32>().unwrap(), want.rank.unwrap().to_vec::<u32>().unwrap());
-                let (ga, wa) = (got.argmax.unwrap().to_vec::<u32>().unwrap(), want.argmax.unwrap().to_vec::<u32>().unwrap());
+                let (gr, wr) =
+                    (got.rank.unwrap().to_vec::<u32>().unwrap(), want.rank.unwrap().to_vec::<u32>().unwrap());
+                let (ga, wa) =
+                    (got.argmax.unwrap().to_vec::<u32>().unwrap(), want.argmax.unwrap().to_vec::<u32>().unwrap());
                 let rank_off = gr.iter().zip(&wr).filter(|(a, b)| a != b).count();
                 let amax_off = ga.iter().zip(&wa).filter(|(a, b)| a != b).count();
                 // Near-ties may resolve differently under different rounding; allow a few.
@@ -1557,8 +1645,12 @@ mod tests {
 
                 let gl = randn(&mut rng, n, 1.0);
                 let ge = randn(&mut rng, n, 1.0);
-                let (glt, get) = (Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(), Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap());
-                let (dh, dw) = logprob_entropy_backward(&h, &w, &y, t, &want.lse, &want.entropy, &glt, &get, &opts).unwrap();
+                let (glt, get) = (
+                    Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(),
+                    Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap(),
+                );
+                let (dh, dw) =
+                    logprob_entropy_backward(&h, &w, &y, t, &want.lse, &want.entropy, &glt, &get, &opts).unwrap();
                 poison(dev, n * hd);
                 poison(dev, v * hd);
                 let (dhg, dwg) = logprob_entropy_backward(
@@ -1622,16 +1714,34 @@ mod tests {
                 let what = format!("device from_logits n{n} v{v} {dt}");
                 let f64v = |x: &Tensor| to_f64(&x.to_vec_f32().unwrap());
                 assert_close(&got.logp.to_vec_f32().unwrap(), &f64v(&want.logp), 2e-5, 1e-5, &format!("{what} logp"));
-                assert_close(&got.entropy.to_vec_f32().unwrap(), &f64v(&want.entropy), 2e-5, 1e-5, &format!("{what} entropy"));
+                assert_close(
+                    &got.entropy.to_vec_f32().unwrap(),
+                    &f64v(&want.entropy),
+                    2e-5,
+                    1e-5,
+                    &format!("{what} entropy"),
+                );
                 assert_close(&got.lse.to_vec_f32().unwrap(), &f64v(&want.lse), 2e-5, 1e-5, &format!("{what} lse"));
                 // Same stored logits on both sides: rank and argmax are exact.
-                assert_eq!(got.rank.unwrap().to_vec::<u32>().unwrap(), want.rank.unwrap().to_vec::<u32>().unwrap(), "{what} rank");
-                assert_eq!(got.argmax.unwrap().to_vec::<u32>().unwrap(), want.argmax.unwrap().to_vec::<u32>().unwrap(), "{what} argmax");
+                assert_eq!(
+                    got.rank.unwrap().to_vec::<u32>().unwrap(),
+                    want.rank.unwrap().to_vec::<u32>().unwrap(),
+                    "{what} rank"
+                );
+                assert_eq!(
+                    got.argmax.unwrap().to_vec::<u32>().unwrap(),
+                    want.argmax.unwrap().to_vec::<u32>().unwrap(),
+                    "{what} argmax"
+                );
 
                 let gl = randn(&mut rng, n, 1.0);
                 let ge = randn(&mut rng, n, 1.0);
-                let (glt, get) = (Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(), Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap());
-                let d = logprob_entropy_from_logits_backward(&logits, &y, t, &want.lse, &want.entropy, &glt, &get).unwrap();
+                let (glt, get) = (
+                    Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(),
+                    Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap(),
+                );
+                let d =
+                    logprob_entropy_from_logits_backward(&logits, &y, t, &want.lse, &want.entropy, &glt, &get).unwrap();
                 poison(dev, n * v);
                 let dg = logprob_entropy_from_logits_backward(
                     &lg,
@@ -1643,7 +1753,13 @@ mod tests {
                     &get.to_device(dev).unwrap(),
                 )
                 .unwrap();
-                assert_close(&dg.to_vec_f32().unwrap(), &f64v(&d), 1e-6, 1e-4 + dt.epsilon(), &format!("{what} d_logits"));
+                assert_close(
+                    &dg.to_vec_f32().unwrap(),
+                    &f64v(&d),
+                    1e-6,
+                    1e-4 + dt.epsilon(),
+                    &format!("{what} d_logits"),
+                );
             }
         }
     }

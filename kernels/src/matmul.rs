@@ -44,7 +44,10 @@ pub fn matmul_into(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, out: &T
         return Err(Error::DeviceMismatch { op: "matmul_into", a: a.device(), b: out.device() });
     }
     if out.dtype() != a.dtype() && out.dtype() != DType::F32 {
-        return Err(Error::shape("matmul_into", format!("out dtype {} for {} inputs (want {} or f32)", out.dtype(), a.dtype(), a.dtype())));
+        return Err(Error::shape(
+            "matmul_into",
+            format!("out dtype {} for {} inputs (want {} or f32)", out.dtype(), a.dtype(), a.dtype()),
+        ));
     }
     if out.same_storage(a) || out.same_storage(b) {
         return Err(Error::shape("matmul_into", "out must not share storage with an input"));
@@ -104,7 +107,14 @@ fn backward_views(a: &Tensor, b: &Tensor, dc: &Tensor, trans_b: bool) -> Result<
     if dc.elem_count() != d.m * d.n || (d.m * d.n > 0 && dc.shape().last().copied().unwrap_or(0) != d.n) {
         return Err(Error::shape(
             "matmul_backward",
-            format!("dc {:?} does not match output [{}, {}] of a {:?}, b {:?}", dc.shape(), d.m, d.n, a.shape(), b.shape()),
+            format!(
+                "dc {:?} does not match output [{}, {}] of a {:?}, b {:?}",
+                dc.shape(),
+                d.m,
+                d.n,
+                a.shape(),
+                b.shape()
+            ),
         ));
     }
     Ok((a.reshape(&[d.m, d.k])?, dc.reshape(&[d.m, d.n])?))
@@ -337,7 +347,8 @@ mod tests {
         let (av, bv, cv) = (randn(&mut rng, m * k, 1.0), randn(&mut rng, n * k, 1.0), randn(&mut rng, m * n, 1.0));
         let out = t(&cv, &[m, n]);
         matmul_into(&t(&av, &[m, k]), &t(&bv, &[n, k]), false, true, &out, true).unwrap();
-        let want: Vec<f64> = naive(&av, &bv, m, n, k, false, true).iter().zip(&cv).map(|(x, &c)| x + c as f64).collect();
+        let want: Vec<f64> =
+            naive(&av, &bv, m, n, k, false, true).iter().zip(&cv).map(|(x, &c)| x + c as f64).collect();
         assert_close(&out.to_vec().unwrap(), &want, 1e-5, 1e-5, "accumulate");
         // bf16 output accumulates in f32, rounds once.
         let outh = t(&cv, &[m, n]).to_dtype(DType::BF16).unwrap();
@@ -355,7 +366,8 @@ mod tests {
         let (batch, m, n, k) = (2, 3, 4, 5);
         let rows = batch * m;
         for tb in [false, true] {
-            let (av, bv, gv) = (randn(&mut rng, rows * k, 1.0), randn(&mut rng, k * n, 1.0), randn(&mut rng, rows * n, 1.0));
+            let (av, bv, gv) =
+                (randn(&mut rng, rows * k, 1.0), randn(&mut rng, k * n, 1.0), randn(&mut rng, rows * n, 1.0));
             let a = t(&av, &[batch, m, k]);
             let b = t(&bv, &if tb { [n, k] } else { [k, n] });
             let g = t(&gv, &[batch, m, n]);
@@ -375,8 +387,20 @@ mod tests {
             };
             let (a64, b64) = (to_f64(&av), to_f64(&bv));
             let what = if tb { "linear" } else { "matmul" };
-            assert_close(&da.to_vec().unwrap(), &finite_diff(|x| loss(x, &b64), &a64, 1e-4), 1e-5, 1e-5, &format!("{what} da"));
-            assert_close(&db.to_vec().unwrap(), &finite_diff(|x| loss(&a64, x), &b64, 1e-4), 1e-5, 1e-5, &format!("{what} db"));
+            assert_close(
+                &da.to_vec().unwrap(),
+                &finite_diff(|x| loss(x, &b64), &a64, 1e-4),
+                1e-5,
+                1e-5,
+                &format!("{what} da"),
+            );
+            assert_close(
+                &db.to_vec().unwrap(),
+                &finite_diff(|x| loss(&a64, x), &b64, 1e-4),
+                1e-5,
+                1e-5,
+                &format!("{what} db"),
+            );
             // The _into form accumulates onto existing gradients.
             let da2 = Tensor::full(1.0, a.shape(), DType::F32, Device::Cpu).unwrap();
             let db2 = Tensor::full(-1.0, b.shape(), DType::F32, Device::Cpu).unwrap();
@@ -440,9 +464,15 @@ mod tests {
             }
         }
         // N-D input and the backward on device.
-        let (x, w, g) = (t(&randn(&mut rng, 2 * 3 * 40, 1.0), &[2, 3, 40]), t(&randn(&mut rng, 24 * 40, 1.0), &[24, 40]), t(&randn(&mut rng, 2 * 3 * 24, 1.0), &[2, 3, 24]));
+        let (x, w, g) = (
+            t(&randn(&mut rng, 2 * 3 * 40, 1.0), &[2, 3, 40]),
+            t(&randn(&mut rng, 24 * 40, 1.0), &[24, 40]),
+            t(&randn(&mut rng, 2 * 3 * 24, 1.0), &[2, 3, 24]),
+        );
         let (dx, dw) = matmul_backward(&x, &w, &g, true).unwrap();
-        let (dxd, dwd) = matmul_backward(&x.to_device(dev).unwrap(), &w.to_device(dev).unwrap(), &g.to_device(dev).unwrap(), true).unwrap();
+        let (dxd, dwd) =
+            matmul_backward(&x.to_device(dev).unwrap(), &w.to_device(dev).unwrap(), &g.to_device(dev).unwrap(), true)
+                .unwrap();
         assert_eq!(dxd.shape(), &[2, 3, 40]);
         assert_close(&dxd.to_vec().unwrap(), &to_f64(&dx.to_vec().unwrap()), 1e-4, 1e-5, "dx device");
         assert_close(&dwd.to_vec().unwrap(), &to_f64(&dw.to_vec().unwrap()), 1e-4, 1e-5, "dw device");

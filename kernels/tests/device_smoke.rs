@@ -54,7 +54,8 @@ fn device_nvrtc_compile_and_launch() {
     let mut rng = Rng::new(2);
     let n = 100_003;
     let (a, b) = (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
-    let (ac, bc) = (Tensor::from_slice(&a, &[n], Device::Cpu).unwrap(), Tensor::from_slice(&b, &[n], Device::Cpu).unwrap());
+    let (ac, bc) =
+        (Tensor::from_slice(&a, &[n], Device::Cpu).unwrap(), Tensor::from_slice(&b, &[n], Device::Cpu).unwrap());
     let want = smelt_kernels::add::add(&ac, &bc).unwrap().to_vec::<f32>().unwrap();
     let got = smelt_kernels::add::add(&ac.to_device(dev).unwrap(), &bc.to_device(dev).unwrap()).unwrap();
     assert_close(&got.to_vec::<f32>().unwrap(), &to_f64(&want), 1e-6, 1e-6, "add on device");
@@ -63,9 +64,10 @@ fn device_nvrtc_compile_and_launch() {
     let src = smelt_kernels::KernelSource { name: "add", src: include_str!("../cuda/add.cu") };
     let e = smelt_kernels::cuda::launch(ord, &src, "add_f32", cfg, &[]).unwrap_err().to_string();
     assert!(e.contains("add_f32"), "{e}");
-    let e = smelt_kernels::cuda::launch(ord, &src, "no_such_kernel", smelt_kernels::cuda::LaunchCfg::for_items(1, 32), &[])
-        .unwrap_err()
-        .to_string();
+    let e =
+        smelt_kernels::cuda::launch(ord, &src, "no_such_kernel", smelt_kernels::cuda::LaunchCfg::for_items(1, 32), &[])
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("no_such_kernel"), "{e}");
 }
 
@@ -76,8 +78,10 @@ fn device_cublas_matmul_matches_cpu() {
     let mut rng = Rng::new(3);
     for (m, n, k) in [(1, 1, 1), (7, 13, 33), (64, 896, 896), (129, 4864, 896)] {
         for dt in [DType::F32, DType::BF16] {
-            let x = Tensor::from_slice(&randn(&mut rng, m * k, 1.0), &[m, k], Device::Cpu).unwrap().to_dtype(dt).unwrap();
-            let w = Tensor::from_slice(&randn(&mut rng, n * k, 0.05), &[n, k], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let x =
+                Tensor::from_slice(&randn(&mut rng, m * k, 1.0), &[m, k], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let w =
+                Tensor::from_slice(&randn(&mut rng, n * k, 0.05), &[n, k], Device::Cpu).unwrap().to_dtype(dt).unwrap();
             let want = smelt_kernels::matmul::linear(&x, &w).unwrap().to_vec_f32().unwrap();
             let got = smelt_kernels::matmul::linear(&x.to_device(dev).unwrap(), &w.to_device(dev).unwrap()).unwrap();
             let atol = 1e-5 * (k as f64).sqrt();

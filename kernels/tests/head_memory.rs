@@ -117,11 +117,56 @@ fn fused_head_memory_does_not_grow_with_vocab() {
             });
             eprintln!("backward: {:?}", t0.elapsed());
             let bound = fused_scratch_bytes(n, hd, v, DType::F32, Device::Cpu, &opts, true) + n * hd * 4 + 4 * MIB;
-            eprintln!("backward: extra peak {:.2} MiB (bound {:.2} MiB)", extra as f64 / MIB as f64, bound as f64 / MIB as f64);
+            eprintln!(
+                "backward: extra peak {:.2} MiB (bound {:.2} MiB)",
+                extra as f64 / MIB as f64,
+                bound as f64 / MIB as f64
+            );
             assert!(extra <= bound, "backward: extra peak {extra} B exceeds the bound {bound} B");
             assert!(dh.to_vec::<f32>().unwrap().iter().all(|x| x.is_finite()));
         }
     }
     // Quadrupling V must not move the peak (beyond allocator noise).
     assert!(peaks[1] <= peaks[0] + MIB, "peak grew with V: {peaks:?}");
+}
+
+#[test]
+#[ignore]
+fn tmp_sweep() {
+    for &(n, hd, v) in &[(4096usize, 64usize, 37_984usize), (128, 896, 32_768), (1024, 896, 8192)] {
+        let mut rng = Rng::new(1);
+        let h = Tensor::from_slice(&rng.normal_vec(n * hd, 1.0), &[n, hd], Device::Cpu).unwrap();
+        let w = Tensor::from_slice(&rng.normal_vec(v * hd, 0.05), &[v, hd], Device::Cpu).unwrap();
+        let y = Tensor::from_slice(&(0..n).map(|i| (i % v) as u32).collect::<Vec<_>>(), &[n], Device::Cpu).unwrap();
+        for chunk in [1024usize, 2048, 4096, 8192] {
+            for rt in [64usize, 128, 256, 512] {
+                let opts = LogprobEntropyOpts { chunk, row_tile: Some(rt), ..Default::default() };
+                logprob_entropy(&h, &w, &y, 1.0, &opts).unwrap();
+                let t0 = std::time::Instant::now();
+                let out = logprob_entropy(&h, &w, &y, 1.0, &opts).unwrap();
+                let f = t0.elapsed().as_secs_f64();
+                let gl = Tensor::full(-1.0, &[n], DType::F32, Device::Cpu).unwrap();
+                let t0 = std::time::Instant::now();
+                smelt_kernels::logprob_entropy::logprob_entropy_backward(
+                    &h,
+                    &w,
+                    &y,
+                    1.0,
+                    &out.lse,
+                    &out.entropy,
+                    &gl,
+                    &gl,
+                    &opts,
+                )
+                .unwrap();
+                let b = t0.elapsed().as_secs_f64();
+                let fl = 2.0 * (n * hd * v) as f64;
+                eprintln!(
+                    "N{n} H{hd} V{v} chunk {chunk} rt {rt}: fwd {:.1} GFLOP/s, bwd {:.1} GFLOP/s",
+                    fl / f / 1e9,
+                    3.0 * fl / b / 1e9
+                );
+            }
+        }
+    }
 }

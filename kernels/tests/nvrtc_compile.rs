@@ -68,7 +68,11 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
             Some(Ok((c, ms))) => {
                 assert_eq!(c.kind, ImageKind::Cubin);
                 ok += 1;
-                let warn = if c.log.is_empty() { String::new() } else { format!("\n    log: {}", c.log.replace('\n', "\n    ")) };
+                let warn = if c.log.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n    log: {}", c.log.replace('\n', "\n    "))
+                };
                 println!("  {name}.cu {arch}: ok ({} KiB cubin, {ms} ms){warn}", c.image.len().div_ceil(1024));
             }
             Some(Err(e)) => failures.push(e),

@@ -67,7 +67,14 @@ pub fn generate(model: &Qwen, prompts: &[Vec<u32>], opts: &GenerateOptions) -> R
     let expanded: Vec<Vec<u32>> = seqs.iter().map(|&(p, _)| prompts[p].clone()).collect();
     let mut out: Vec<Generation> = seqs
         .iter()
-        .map(|&(prompt, sample)| Generation { prompt, sample, ids: vec![], logp: vec![], entropy: vec![], stopped: false })
+        .map(|&(prompt, sample)| Generation {
+            prompt,
+            sample,
+            ids: vec![],
+            logp: vec![],
+            entropy: vec![],
+            stopped: false,
+        })
         .collect();
     if budget == 0 {
         return Ok(out);

@@ -154,7 +154,10 @@ impl Qwen {
     fn check_batch(&self, batch: &Packed) -> Result<()> {
         let cu = &batch.cu_seqlens;
         let bad = |m: String| Err(Error::Msg(m));
-        if cu.first() != Some(&0) || cu.last().copied() != Some(batch.ids.len() as u32) || cu.windows(2).any(|w| w[0] > w[1]) {
+        if cu.first() != Some(&0)
+            || cu.last().copied() != Some(batch.ids.len() as u32)
+            || cu.windows(2).any(|w| w[0] > w[1])
+        {
             return bad(format!("cu_seqlens {cu:?} do not describe {} tokens", batch.ids.len()));
         }
         let max_len = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
@@ -165,7 +168,10 @@ impl Qwen {
             ));
         }
         if let Some((i, id)) = batch.ids.iter().enumerate().find(|(_, &id)| id as usize >= self.config.vocab_size) {
-            return bad(format!("token id {id} at position {i} is outside the vocabulary (vocab_size {})", self.config.vocab_size));
+            return bad(format!(
+                "token id {id} at position {i} is outside the vocabulary (vocab_size {})",
+                self.config.vocab_size
+            ));
         }
         Ok(())
     }
@@ -326,8 +332,20 @@ impl Qwen {
         let o = a.attn.reshape(&[t, c.num_attention_heads, c.head_dim])?;
         let (dq, dk, dv) = attention::attention_backward(&a.q, &a.k, &a.v, &o, &a.lse, &d_attn, cu, None)?;
         let theta = c.rope_theta as f32;
-        let dq = self.head_norm_backward(&a.q_raw, w.q_norm.as_ref(), a.rstd_q.as_ref(), &rope::rope_backward(&dq, positions, theta)?, g.q_norm.as_ref())?;
-        let dk = self.head_norm_backward(&a.k_raw, w.k_norm.as_ref(), a.rstd_k.as_ref(), &rope::rope_backward(&dk, positions, theta)?, g.k_norm.as_ref())?;
+        let dq = self.head_norm_backward(
+            &a.q_raw,
+            w.q_norm.as_ref(),
+            a.rstd_q.as_ref(),
+            &rope::rope_backward(&dq, positions, theta)?,
+            g.q_norm.as_ref(),
+        )?;
+        let dk = self.head_norm_backward(
+            &a.k_raw,
+            w.k_norm.as_ref(),
+            a.rstd_k.as_ref(),
+            &rope::rope_backward(&dk, positions, theta)?,
+            g.k_norm.as_ref(),
+        )?;
         let dv = dv.reshape(&[t, c.kv_dim()])?;
         let dh1 = linear_backward(&a.h1, &w.q_proj, &dq, &g.q_proj, g.q_bias.as_ref())?;
         add::add_scaled_(&dh1, 1.0, &linear_backward(&a.h1, &w.k_proj, &dk, &g.k_proj, g.k_bias.as_ref())?)?;
@@ -352,7 +370,8 @@ impl Qwen {
             (Some(w), Some(rstd), Some(dw)) => {
                 let d = self.config.head_dim;
                 let rows = t * cols / d;
-                let (dx, dwn) = rmsnorm::rmsnorm_backward(&x_raw.reshape(&[rows, d])?, w, rstd, &dy.reshape(&[rows, d])?)?;
+                let (dx, dwn) =
+                    rmsnorm::rmsnorm_backward(&x_raw.reshape(&[rows, d])?, w, rstd, &dy.reshape(&[rows, d])?)?;
                 add::add_scaled_(dw, 1.0, &dwn.to_dtype(dw.dtype())?)?;
                 Ok(dx.reshape(&[t, cols])?)
             }
@@ -397,8 +416,12 @@ impl Qwen {
         let dev = self.device();
         let pos = batch.positions();
         let positions = Tensor::from_slice(&pos, &[pos.len()], dev)?;
-        let slots: Vec<u32> =
-            batch.cu_seqlens.windows(2).enumerate().flat_map(|(b, w)| std::iter::repeat_n(b as u32, (w[1] - w[0]) as usize)).collect();
+        let slots: Vec<u32> = batch
+            .cu_seqlens
+            .windows(2)
+            .enumerate()
+            .flat_map(|(b, w)| std::iter::repeat_n(b as u32, (w[1] - w[0]) as usize))
+            .collect();
         let ids = Tensor::from_slice(&batch.ids, &[batch.ids.len()], dev)?;
         let mut x = embedding::embedding(&ids, &self.weights.embed_tokens)?;
         for l in 0..self.weights.layers.len() {
@@ -419,7 +442,12 @@ impl Qwen {
         let (c, dev) = (&self.config, self.device());
         let b = tokens.len();
         if b > cache.lens.len() || cache.lens[..b].iter().any(|&l| l as usize >= cache.max_len) {
-            return Err(Error::Msg(format!("decode_step: {b} tokens for a cache of {} slots, lengths {:?}, max {}", cache.lens.len(), &cache.lens[..b.min(cache.lens.len())], cache.max_len)));
+            return Err(Error::Msg(format!(
+                "decode_step: {b} tokens for a cache of {} slots, lengths {:?}, max {}",
+                cache.lens.len(),
+                &cache.lens[..b.min(cache.lens.len())],
+                cache.max_len
+            )));
         }
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::Msg(format!("token id {id} is outside the vocabulary (vocab_size {})", c.vocab_size)));
@@ -436,8 +464,10 @@ impl Qwen {
             let q_raw = linear(&h1, &w.q_proj, w.q_bias.as_ref())?;
             let k_raw = linear(&h1, &w.k_proj, w.k_bias.as_ref())?;
             let v = linear(&h1, &w.v_proj, w.v_bias.as_ref())?.reshape(&[b, c.num_key_value_heads, c.head_dim])?;
-            let q = rope::rope(&self.head_norm(&q_raw, w.q_norm.as_ref(), c.num_attention_heads)?.0, &positions, theta)?;
-            let k = rope::rope(&self.head_norm(&k_raw, w.k_norm.as_ref(), c.num_key_value_heads)?.0, &positions, theta)?;
+            let q =
+                rope::rope(&self.head_norm(&q_raw, w.q_norm.as_ref(), c.num_attention_heads)?.0, &positions, theta)?;
+            let k =
+                rope::rope(&self.head_norm(&k_raw, w.k_norm.as_ref(), c.num_key_value_heads)?.0, &positions, theta)?;
             attention::kv_cache_append(&cache.k[l], &cache.v[l], &k, &v, &slots, &pos)?;
             let o = attention::attention_decode(&q, &cache.k[l], &cache.v[l], &lens_after, None)?;
             let x_mid = add::add(&x, &linear(&o.reshape(&[b, c.q_dim()])?, &w.o_proj, w.o_bias.as_ref())?)?;

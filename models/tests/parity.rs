@@ -52,8 +52,18 @@ fn check_scores(name: &str, tol: f64) {
             assert_eq!(want_lp.len(), e - a - 1);
             for t in 0..e - a - 1 {
                 let (gl, gh) = (logp[a + t] as f64, ent[a + t] as f64);
-                assert!((gl - want_lp[t]).abs() <= tol, "{name} {} T{temp} logprob[{t}]: {gl} vs {}", s["name"], want_lp[t]);
-                assert!((gh - want_h[t]).abs() <= tol, "{name} {} T{temp} entropy[{t}]: {gh} vs {}", s["name"], want_h[t]);
+                assert!(
+                    (gl - want_lp[t]).abs() <= tol,
+                    "{name} {} T{temp} logprob[{t}]: {gl} vs {}",
+                    s["name"],
+                    want_lp[t]
+                );
+                assert!(
+                    (gh - want_h[t]).abs() <= tol,
+                    "{name} {} T{temp} entropy[{t}]: {gh} vs {}",
+                    s["name"],
+                    want_h[t]
+                );
             }
         }
     }
@@ -81,7 +91,8 @@ fn check_grads(name: &str, recompute: bool) {
     let acts = model.forward(&batch).unwrap();
     let out = model.head(&acts.hidden, &targets, 1.0).unwrap();
     let logp = out.logp.to_vec::<f32>().unwrap();
-    let loss: f64 = -logp.iter().zip(&targets).filter(|(_, &t)| t != u32::MAX).map(|(l, _)| *l as f64).sum::<f64>() / n_pred as f64;
+    let loss: f64 =
+        -logp.iter().zip(&targets).filter(|(_, &t)| t != u32::MAX).map(|(l, _)| *l as f64).sum::<f64>() / n_pred as f64;
     let want_loss = json(fixture(name).join("reference/loss.json"))["loss"].as_f64().unwrap();
     assert!((loss - want_loss).abs() < 1e-4 * want_loss.abs().max(1.0), "{name}: loss {loss} vs {want_loss}");
 
@@ -140,7 +151,9 @@ fn check_greedy(name: &str) {
         let v = model.config.vocab_size;
         let next: Vec<u32> = logits
             .chunks(v)
-            .map(|row| row.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32)
+            .map(|row| {
+                row.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
+            })
             .collect();
         for (g, &t) in got.iter_mut().zip(&next) {
             g.push(t);
@@ -189,8 +202,16 @@ fn sampled_generation_logp_equals_rescoring() {
         for (b, g) in gens.iter().enumerate() {
             let start = batch.cu_seqlens[b] as usize + prompts[g.prompt].len() - 1;
             for (t, (&lp, &h)) in g.logp.iter().zip(&g.entropy).enumerate() {
-                assert!((lp - logp[start + t]).abs() < 1e-4, "{name} seq {b} token {t}: logp {lp} vs rescored {}", logp[start + t]);
-                assert!((h - ent[start + t]).abs() < 1e-4, "{name} seq {b} token {t}: entropy {h} vs rescored {}", ent[start + t]);
+                assert!(
+                    (lp - logp[start + t]).abs() < 1e-4,
+                    "{name} seq {b} token {t}: logp {lp} vs rescored {}",
+                    logp[start + t]
+                );
+                assert!(
+                    (h - ent[start + t]).abs() < 1e-4,
+                    "{name} seq {b} token {t}: entropy {h} vs rescored {}",
+                    ent[start + t]
+                );
             }
         }
     }

@@ -17,12 +17,18 @@ struct Args {
 enum Command {
     /// Report the CPU threads, the CUDA libraries found, each GPU, and a kernel self-test.
     Doctor,
+    /// Per-token log-probs and entropies of each line of a JSONL file.
+    Score(cli::score::ScoreArgs),
+    /// Generate a continuation of a prompt, a chat message or token ids.
+    Generate(cli::generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
         Command::Doctor => cli::doctor::run(),
+        Command::Score(a) => cli::score::run(a),
+        Command::Generate(a) => cli::generate::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

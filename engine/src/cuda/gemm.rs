@@ -132,7 +132,13 @@ impl CudaDevice {
             return Err(Error::shape("matmul (cuda)", format!("k = 0 with beta {} is not supported", g.beta)));
         }
 
-        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
         // Column-major call: C'[n,m] = op(B')[n,k] · op(A')[k,m], B' = B as stored, A' = A.
         let (m_, n_, k_) = (g.n as i32, g.m as i32, g.k as i32);
         let lda_ = if g.trans_b { g.k } else { g.n } as i32;

@@ -113,7 +113,8 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
             n - 1
         )));
     }
-    let mut map = DEVICES.get_or_init(Default::default).lock().map_err(|_| Error::msg("CUDA device registry poisoned"))?;
+    let mut map =
+        DEVICES.get_or_init(Default::default).lock().map_err(|_| Error::msg("CUDA device registry poisoned"))?;
     if let Some(d) = map.get(&ordinal) {
         return Ok(d.clone());
     }
@@ -359,7 +360,8 @@ impl CudaDevice {
         }
         self.bind()?;
         // SAFETY: the caller guarantees both ranges are valid device memory of this device.
-        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.map_err(cuda_err("cuMemcpyDtoDAsync"))
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .map_err(cuda_err("cuMemcpyDtoDAsync"))
     }
 
     /// Queues a zero fill of `bytes` bytes at a raw device address.

@@ -42,7 +42,11 @@ pub(crate) fn driver_state() -> Result<&'static DriverState> {
             // SAFETY: the library is present; the out-pointer is valid.
             let _ = unsafe { drv_sys::cuDriverGetVersion(&mut version) };
             let devices = match drv::init() {
-                Err(e) => Err(format!("the NVIDIA driver (CUDA {}) failed to initialise: cuInit: {}", fmt_cuda_version(version), driver_err(e))),
+                Err(e) => Err(format!(
+                    "the NVIDIA driver (CUDA {}) failed to initialise: cuInit: {}",
+                    fmt_cuda_version(version),
+                    driver_err(e)
+                )),
                 Ok(()) => match drv::device::get_count() {
                     Ok(n) => Ok(n.max(0) as usize),
                     Err(e) => Err(format!("cuDeviceGetCount: {}", driver_err(e))),
@@ -179,7 +183,8 @@ pub fn cublas_info() -> LibInfo {
     }
     use cudarc::cublas::sys::{cublasGetProperty, libraryPropertyType};
     let mut v = [0i32; 3];
-    let props = [libraryPropertyType::MAJOR_VERSION, libraryPropertyType::MINOR_VERSION, libraryPropertyType::PATCH_LEVEL];
+    let props =
+        [libraryPropertyType::MAJOR_VERSION, libraryPropertyType::MINOR_VERSION, libraryPropertyType::PATCH_LEVEL];
     let mut ok = true;
     for (slot, p) in v.iter_mut().zip(props) {
         // SAFETY: the library is present; the out-pointer is valid.

@@ -1,1 +1,4 @@
+pub mod common;
 pub mod doctor;
+pub mod generate;
+pub mod score;
