@@ -788,7 +788,7 @@ mod tests {
         assert_eq!(g[1], 0.0);
         // Token 4: d = −29 → clamped, value = e^-20 + 19 → clamped to 10: KL grad 0,
         // surrogate unclipped (ρ = 1, A > 0).
-        assert_eq!(g[4], 0.25 * -1.0);
+        assert_eq!(g[4], -0.25);
         assert!(out.stats.mean_kl > 0.0);
     }
 

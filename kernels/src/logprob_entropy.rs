@@ -305,8 +305,9 @@ pub fn logprob_entropy_from_logits_backward(
 }
 
 /// Bytes of scratch the fused head allocates beyond its inputs and outputs (forward when
-/// `backward` is false). Independent of V: logits scratch [row_tile, chunk] plus O(N) row
-/// state (CUDA), or converted bf16 tiles (CPU).
+/// `backward` is false). Independent of V: the logits scratch [row_tile, chunk], O(N) row
+/// state, converted bf16 tiles (CPU), the packed copy of the dz chunk the CPU matmul makes for
+/// dW = dzᵀ·h (CPU backward), the bf16 copy of dz (CUDA bf16 backward).
 pub fn fused_scratch_bytes(
     n: usize,
     hd: usize,
@@ -321,8 +322,12 @@ pub fn fused_scratch_bytes(
     let logits = rt * c * 4;
     if device.is_cpu() {
         let convert = if dtype == DType::BF16 { (c + rt) * hd * 4 } else { 0 };
-        // CPU row state: five f32/u32 values plus the target logit per row.
-        logits + convert + n * 24
+        if backward {
+            2 * logits + convert
+        } else {
+            // Row state: m (f32), s and t (f64), count and argmax (u32), target logit (f32).
+            logits + convert + n * (std::mem::size_of::<cpu::RowState>() + 4)
+        }
     } else {
         let dz16 = if backward && dtype == DType::BF16 { rt * c * 2 } else { 0 };
         let state = if backward { 0 } else { n * 24 };
@@ -949,11 +954,8 @@ mod cuda {
         accumulate: bool,
         ab: DType,
     ) -> Result<()> {
-        // Waiting on the foundation's cuBLAS entry point on `CudaDevice`; assumed signature:
-        // `dev.matmul(a, b, c, m, n, k, trans_a, trans_b, accumulate, ab, DType::F32)`.
-        let _ = (a, b, c, m, n, k, trans_a, trans_b, accumulate, ab);
-        let _dev = smelt_engine::cuda::device(ord)?;
-        Err(Error::CudaUnavailable("logprob_entropy: cuBLAS matmul on CudaDevice is not wired up yet".into()))
+        let g = smelt_engine::cuda::Gemm::new(m, n, k, ab, DType::F32).trans(trans_a, trans_b).accumulate(accumulate);
+        smelt_engine::cuda::device(ord)?.gemm(&g, a, b, c)
     }
 
     fn f32_buf(n: usize, dev: Device) -> Result<Tensor> {
@@ -1106,7 +1108,7 @@ mod cuda {
         let dh = Tensor::empty(&[n, hd], DType::F32, dev)?;
         if n == 0 {
             if !accumulate {
-                dw.copy_from(&Tensor::zeros(dw.shape(), DType::F32, Device::Cpu)?)?;
+                smelt_engine::cuda::device(ord)?.memset_zero(dw.cuda_ptr()?, dw.size_in_bytes())?;
             }
             return Ok(dh);
         }

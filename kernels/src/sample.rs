@@ -289,9 +289,9 @@ pub mod cpu {
         // If rounding leaves the running sum short of the target, fall back to the argmax,
         // which always survives (the CUDA kernel does the same).
         let mut tok = arg;
-        for i in 0..v {
-            if keep(i) && e[i] > 0.0 {
-                cum += e[i] as f64;
+        for (i, &ei) in e.iter().enumerate() {
+            if keep(i) && ei > 0.0 {
+                cum += ei as f64;
                 if cum > target {
                     tok = i;
                     break;

@@ -84,15 +84,13 @@ fn fused_head_memory_does_not_grow_with_vocab() {
     let mut peaks = Vec::new();
     for v in [151_936usize / 4, 151_936] {
         let w = Tensor::from_slice(&rng.normal_vec(v * hd, 0.25), &[v, hd], Device::Cpu).unwrap();
-        let t0 = std::time::Instant::now();
         let (out, extra) = extra_peak(|| logprob_entropy(&h, &w, &y, 1.0, &opts).unwrap());
-        eprintln!("forward V={v}: {:?}", t0.elapsed());
         // Outputs are part of the result: 3 f32 + 2 u32 vectors of N.
         let outputs = 5 * n * 4;
         let scratch = fused_scratch_bytes(n, hd, v, DType::F32, Device::Cpu, &opts, false);
         // Stated bound: scratch + outputs (the outputs are built from host vectors, so they
-        // exist twice for a moment) + 4 MiB for the matmul's packing buffers and the pool.
-        let bound = scratch + 2 * outputs + 4 * MIB;
+        // exist twice for a moment) + 1 MiB for the matmul's packing buffers and the pool.
+        let bound = scratch + 2 * outputs + MIB;
         let logits_bytes = n * v * 4;
         eprintln!(
             "V={v} N={n} H={hd}: extra peak {:.2} MiB (bound {:.2} MiB, scratch {:.2} MiB); full f32 logits would be {:.0} MiB",
@@ -106,17 +104,16 @@ fn fused_head_memory_does_not_grow_with_vocab() {
         peaks.push(extra);
 
         // Backward into an existing dW (the gradient itself is V-sized by nature): the extra is
-        // again scratch + dh [N,H] + converted tiles, independent of V.
-        if v == 151_936 {
+        // the scratch (including gemm's packed copy of the dz chunk) + dh [N,H], independent
+        // of V. Checked at the smaller V only, to keep the test fast.
+        if v < 151_936 {
             let dw = Tensor::zeros(&[v, hd], DType::F32, Device::Cpu).unwrap();
             let gl = Tensor::full(-1.0, &[n], DType::F32, Device::Cpu).unwrap();
             let ge = Tensor::full(0.01, &[n], DType::F32, Device::Cpu).unwrap();
-            let t0 = std::time::Instant::now();
             let (dh, extra) = extra_peak(|| {
                 logprob_entropy_backward_acc(&h, &w, &y, 1.0, &out.lse, &out.entropy, &gl, &ge, &dw, &opts).unwrap()
             });
-            eprintln!("backward: {:?}", t0.elapsed());
-            let bound = fused_scratch_bytes(n, hd, v, DType::F32, Device::Cpu, &opts, true) + n * hd * 4 + 4 * MIB;
+            let bound = fused_scratch_bytes(n, hd, v, DType::F32, Device::Cpu, &opts, true) + n * hd * 4 + MIB;
             eprintln!(
                 "backward: extra peak {:.2} MiB (bound {:.2} MiB)",
                 extra as f64 / MIB as f64,
@@ -130,43 +127,3 @@ fn fused_head_memory_does_not_grow_with_vocab() {
     assert!(peaks[1] <= peaks[0] + MIB, "peak grew with V: {peaks:?}");
 }
 
-#[test]
-#[ignore]
-fn tmp_sweep() {
-    for &(n, hd, v) in &[(4096usize, 64usize, 37_984usize), (128, 896, 32_768), (1024, 896, 8192)] {
-        let mut rng = Rng::new(1);
-        let h = Tensor::from_slice(&rng.normal_vec(n * hd, 1.0), &[n, hd], Device::Cpu).unwrap();
-        let w = Tensor::from_slice(&rng.normal_vec(v * hd, 0.05), &[v, hd], Device::Cpu).unwrap();
-        let y = Tensor::from_slice(&(0..n).map(|i| (i % v) as u32).collect::<Vec<_>>(), &[n], Device::Cpu).unwrap();
-        for chunk in [1024usize, 2048, 4096, 8192] {
-            for rt in [64usize, 128, 256, 512] {
-                let opts = LogprobEntropyOpts { chunk, row_tile: Some(rt), ..Default::default() };
-                logprob_entropy(&h, &w, &y, 1.0, &opts).unwrap();
-                let t0 = std::time::Instant::now();
-                let out = logprob_entropy(&h, &w, &y, 1.0, &opts).unwrap();
-                let f = t0.elapsed().as_secs_f64();
-                let gl = Tensor::full(-1.0, &[n], DType::F32, Device::Cpu).unwrap();
-                let t0 = std::time::Instant::now();
-                smelt_kernels::logprob_entropy::logprob_entropy_backward(
-                    &h,
-                    &w,
-                    &y,
-                    1.0,
-                    &out.lse,
-                    &out.entropy,
-                    &gl,
-                    &gl,
-                    &opts,
-                )
-                .unwrap();
-                let b = t0.elapsed().as_secs_f64();
-                let fl = 2.0 * (n * hd * v) as f64;
-                eprintln!(
-                    "N{n} H{hd} V{v} chunk {chunk} rt {rt}: fwd {:.1} GFLOP/s, bwd {:.1} GFLOP/s",
-                    fl / f / 1e9,
-                    3.0 * fl / b / 1e9
-                );
-            }
-        }
-    }
-}

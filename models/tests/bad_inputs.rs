@@ -562,3 +562,55 @@ fn generation_config_errors() {
     assert_eq!((g.eos_token_ids.clone(), g.temperature, g.top_k, g.top_p), (vec![7], Some(0.6), Some(20), Some(0.95)));
     assert_eq!(ck.stop_token_ids().unwrap(), vec![7, 394]);
 }
+
+// ---- random corruption: errors, never panics ----
+
+#[test]
+fn mutated_safetensors_and_configs_never_panic() {
+    let mut rng = smelt_engine::Rng::new(2024);
+    let full = std::fs::read(fixture("qwen2-tiny/model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(full[..8].try_into().unwrap()) as usize;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut accepted = 0;
+    for iter in 0..3000 {
+        let mut b = full.clone();
+        match iter % 4 {
+            // Flip bytes inside the header (JSON structure, digits of offsets and shapes).
+            0 | 1 => {
+                for _ in 0..1 + rng.below(3) {
+                    let i = 8 + rng.below(header_len as u64) as usize;
+                    b[i] = b"0123456789[]{},:\" -eE.F16BF32I"[rng.below(30) as usize];
+                }
+            }
+            // Corrupt the length prefix.
+            2 => b[rng.below(8) as usize] = rng.next_u32() as u8,
+            // Truncate anywhere.
+            _ => b.truncate(rng.below(full.len() as u64) as usize),
+        }
+        if parse_header(Path::new("m.safetensors"), &b).is_ok() {
+            accepted += 1;
+            // Whatever the header claims now, loading stays within the file.
+            let p = tmp.path().join("model.safetensors");
+            std::fs::write(&p, &b).unwrap();
+            if let Ok(f) = SafetensorsFile::open(&p) {
+                let _ = f.load_all(Some(DType::F32), true);
+            }
+            let _ = Weights::load(tmp.path(), &qwen2_config(), &LoadOptions::default());
+        }
+    }
+    assert!(accepted < 3000);
+
+    let text = std::fs::read_to_string(fixture("qwen3-tiny/config.json")).unwrap().into_bytes();
+    for _ in 0..3000 {
+        let mut b = text.clone();
+        for _ in 0..1 + rng.below(3) {
+            let i = rng.below(b.len() as u64) as usize;
+            b[i] = b"0123456789[]{},:\" -eEtruefalsn"[rng.below(30) as usize];
+        }
+        if let Ok(s) = std::str::from_utf8(&b) {
+            let _ = Config::from_json_str(s);
+            let _ = smelt_models::GenerationConfig::from_json_str(Path::new("g.json"), s);
+            let _ = TokenizerConfig::from_json_str(Path::new("t.json"), s);
+        }
+    }
+}
