@@ -443,7 +443,8 @@ pub fn launch(ordinal: usize, src: &KernelSource, func: &str, cfg: LaunchCfg, ar
     let module = module(&dev, src)?;
     let f = module.function(src, func, cfg.smem)?;
     let (g, b) = (cfg.grid, cfg.block);
-    if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 || b.0 * b.1 * b.2 > 1024 {
+    let threads = b.0 as u64 * b.1 as u64 * b.2 as u64;
+    if g.0 == 0 || g.1 == 0 || g.2 == 0 || threads == 0 || threads > 1024 {
         return Err(Error::Cuda {
             op: "kernel launch",
             detail: format!("{}::{func}: invalid launch shape grid {g:?} block {b:?}", src.name),
@@ -481,10 +482,13 @@ pub fn module_info(ordinal: usize, src: &KernelSource) -> Result<String> {
 const SELF_TEST: KernelSource = KernelSource {
     name: "self_test",
     src: r#"
-// self_test — out[i] = a·in[i] + i + bf16 round trip of 1.5 (exercises the common.cuh prelude).
+// self_test — out[i] = a·in[i] + i + 1.5, the 1.5 through a bf16 round trip and the i through
+// a warp sum, so the common.cuh prelude is exercised. Launched with whole warps (every lane
+// reaches the shuffle; only the store is guarded).
 extern "C" __global__ void smelt_self_test(float* out, const float* in, float a, u32 n) {
     u32 i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a * in[i] + (float)i + bf16_to_f32(f32_to_bf16(1.5f)) + warp_sum(0.0f);
+    float lane_i = warp_sum((threadIdx.x & 31) == 0 ? (float)i : 0.0f);
+    if (i < n) out[i] = a * in[i] + lane_i + (float)(threadIdx.x & 31) + bf16_to_f32(f32_to_bf16(1.5f));
 }
 "#,
 };

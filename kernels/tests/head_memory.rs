@@ -127,3 +127,68 @@ fn fused_head_memory_does_not_grow_with_vocab() {
     assert!(peaks[1] <= peaks[0] + MIB, "peak grew with V: {peaks:?}");
 }
 
+/// The same on CUDA, measured by the caching allocator's counters (cuBLAS's own workspace is
+/// outside them). bf16 at Qwen2.5-0.5B's H = 896, all 4,096 rows in one tile.
+#[test]
+fn device_fused_head_memory_does_not_grow_with_vocab() {
+    let Some(dev) = smelt_kernels::testing::test_cuda_device() else { return };
+    #[cfg(feature = "cuda")]
+    {
+        use smelt_engine::cuda::size_class;
+        let cd = smelt_engine::cuda::device(0).unwrap();
+        let (n, hd) = (4096usize, 896usize);
+        let opts = LogprobEntropyOpts { rank: true, argmax: true, ..Default::default() };
+        let mut rng = Rng::new(8);
+        let h = Tensor::from_slice(&rng.normal_vec(n * hd, 1.0), &[n, hd], Device::Cpu).unwrap();
+        let h = h.to_dtype(DType::BF16).unwrap().to_device(dev).unwrap();
+        let targets: Vec<u32> = (0..n).map(|i| (i * 37 % 30_000) as u32).collect();
+        let y = Tensor::from_slice(&targets, &[n], dev).unwrap();
+        let mut peaks = Vec::new();
+        for v in [151_936usize / 4, 151_936] {
+            let w = Tensor::from_slice(&rng.normal_vec(v * hd, 0.03), &[v, hd], Device::Cpu).unwrap();
+            let w = w.to_dtype(DType::BF16).unwrap().to_device(dev).unwrap();
+            cd.synchronize().unwrap();
+            let base = cd.bytes_in_use();
+            cd.reset_peak();
+            let out = logprob_entropy(&h, &w, &y, 1.0, &opts).unwrap();
+            cd.synchronize().unwrap();
+            let extra = cd.peak_bytes() - base;
+            // Scratch and row state (each rounded up to its size class) + the 5 outputs.
+            let scratch = fused_scratch_bytes(n, hd, v, DType::BF16, dev, &opts, false);
+            let bound = size_class(scratch - n * 24) + 6 * size_class(n * 4) + 5 * size_class(n * 4);
+            eprintln!(
+                "cuda V={v} N={n} H={hd} bf16: extra peak {:.2} MiB (bound {:.2} MiB); f32 logits would be {:.0} MiB",
+                extra as f64 / MIB as f64,
+                bound as f64 / MIB as f64,
+                (n * v * 4) as f64 / MIB as f64
+            );
+            assert!(extra <= bound, "V={v}: extra peak {extra} B exceeds the bound {bound} B");
+            assert!(out.logp.to_vec::<f32>().unwrap().iter().all(|x| x.is_finite() && *x <= 0.0));
+            peaks.push(extra);
+
+            // Backward: dh [N,H] f32 + f32 scratch + bf16 dz copy; dW [V,H] is the result.
+            let dw = Tensor::zeros(&[v, hd], DType::F32, dev).unwrap();
+            let gl = Tensor::full(-1.0, &[n], DType::F32, dev).unwrap();
+            let ge = Tensor::full(0.01, &[n], DType::F32, dev).unwrap();
+            cd.synchronize().unwrap();
+            let base = cd.bytes_in_use();
+            cd.reset_peak();
+            let dh =
+                logprob_entropy_backward_acc(&h, &w, &y, 1.0, &out.lse, &out.entropy, &gl, &ge, &dw, &opts).unwrap();
+            cd.synchronize().unwrap();
+            let extra = cd.peak_bytes() - base;
+            let (c, rt) = (opts.chunk.min(v), n);
+            let bound = size_class(rt * c * 4) + size_class(rt * c * 2) + size_class(n * hd * 4);
+            eprintln!(
+                "cuda backward V={v}: extra peak {:.2} MiB (bound {:.2} MiB)",
+                extra as f64 / MIB as f64,
+                bound as f64 / MIB as f64
+            );
+            assert!(extra <= bound, "backward V={v}: extra peak {extra} B exceeds the bound {bound} B");
+            assert!(dh.to_vec::<f32>().unwrap().iter().all(|x| x.is_finite()));
+        }
+        assert_eq!(peaks[0], peaks[1], "peak grew with V");
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = dev;
+}

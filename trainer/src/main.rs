@@ -21,6 +21,8 @@ enum Command {
     Score(cli::score::ScoreArgs),
     /// Generate a continuation of a prompt, a chat message or token ids.
     Generate(cli::generate::GenerateArgs),
+    /// Benchmarks: kernels against measured ceilings, the training step, generation.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
         Command::Doctor => cli::doctor::run(),
         Command::Score(a) => cli::score::run(a),
         Command::Generate(a) => cli::generate::run(a),
+        Command::Bench(a) => cli::bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

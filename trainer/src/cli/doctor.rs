@@ -15,5 +15,31 @@ fn cuda_report() {
 
 #[cfg(feature = "cuda")]
 fn cuda_report() {
-    println!("cuda: (report being written)");
+    use smelt_engine::cuda::probe;
+    let p = probe();
+    for lib in [&p.driver, &p.nvrtc, &p.cublas] {
+        println!("{:<10} {lib}", format!("{}:", lib.name));
+    }
+    if p.devices.is_empty() {
+        println!("no CUDA device: {}", p.no_device_reason.as_deref().unwrap_or("none found"));
+        return;
+    }
+    for d in &p.devices {
+        println!(
+            "cuda:{}: {}, compute capability {}.{}, {:.1} GiB, {} SMs",
+            d.ordinal,
+            d.name,
+            d.compute_capability.0,
+            d.compute_capability.1,
+            d.total_mem as f64 / (1u64 << 30) as f64,
+            d.multiprocessors
+        );
+        match smelt_kernels::cuda::self_test(d.ordinal) {
+            Ok(msg) => println!("cuda:{}: kernel self-test passed: {msg}", d.ordinal),
+            Err(e) => println!("cuda:{}: kernel self-test FAILED: {e}", d.ordinal),
+        }
+    }
+    if let Some(r) = &p.no_device_reason {
+        println!("note: {r}");
+    }
 }

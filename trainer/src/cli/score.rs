@@ -5,8 +5,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
 use smelt_models::{Checkpoint, Packed};
+use smelt_trainer::jsonl::parse_score_line;
 
 use super::common::ModelArgs;
 
@@ -35,39 +35,12 @@ fn read_inputs(args: &ScoreArgs, ckpt: &Checkpoint) -> Result<Vec<Vec<u32>>> {
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let n = i + 1;
         let line = line.with_context(|| format!("{}: line {n}: cannot read", path.display()))?;
-        if line.trim().is_empty() {
-            continue;
+        let tokenize = |text: &str| Ok(ckpt.tokenizer()?.encode(text, false)?);
+        match parse_score_line(&line, n, vocab, max_pos, tokenize) {
+            Ok(Some(ids)) => out.push(ids),
+            Ok(None) => {}
+            Err(e) => bail!("{}: {e}", path.display()),
         }
-        let at = || format!("{}: line {n}", path.display());
-        let v: Value = serde_json::from_str(&line).with_context(|| format!("{}: not valid JSON", at()))?;
-        let ids = match (v.get("input_ids"), v.get("text")) {
-            (Some(ids), _) => {
-                let arr =
-                    ids.as_array().with_context(|| format!("{}: `input_ids` must be an array of integers", at()))?;
-                arr.iter()
-                    .enumerate()
-                    .map(|(j, x)| match x.as_u64() {
-                        Some(id) if (id as usize) < vocab => Ok(id as u32),
-                        Some(id) => {
-                            bail!("{}: input_ids[{j}] = {id} is outside the vocabulary (vocab_size {vocab})", at())
-                        }
-                        None => bail!("{}: input_ids[{j}] = {x} is not a non-negative integer", at()),
-                    })
-                    .collect::<Result<Vec<u32>>>()?
-            }
-            (None, Some(Value::String(text))) => {
-                ckpt.tokenizer().with_context(at)?.encode(text, false).with_context(at)?
-            }
-            (None, Some(_)) => bail!("{}: `text` must be a string", at()),
-            (None, None) => bail!("{}: expected an object with `input_ids` or `text`", at()),
-        };
-        if ids.is_empty() {
-            bail!("{}: the input is empty (nothing to score)", at());
-        }
-        if ids.len() > max_pos {
-            bail!("{}: {} tokens exceed the model's max_position_embeddings = {max_pos}", at(), ids.len());
-        }
-        out.push(ids);
     }
     if out.is_empty() {
         bail!("{}: no input lines", path.display());

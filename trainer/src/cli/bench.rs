@@ -1,0 +1,1530 @@
+//! `smelt bench`: kernel microbenchmarks against measured ceilings, the full training step, and
+//! generation — each printing its physical unit next to the ceiling, and writing a JSON report
+//! (`--json`) that `benches/compare/compare.py` puts side by side with PyTorch.
+//!
+//! Timing: warm-up, then the median of many runs. On CUDA each run sits between two CUDA
+//! events on the compute stream, and memory-bound kernels get the L2 flushed before each run
+//! (a 64 MiB memset); on CPU each run is wall-clock timed (every CPU op is synchronous) and
+//! memory-bound kernels get a 64 MiB buffer written before each run, to evict the caches.
+//!
+//! Ceilings are measured by the same command at start: on CPU a large parallel memcpy (GB/s,
+//! bytes read + written) and the `gemm` crate's f32 matmul (TFLOP/s); on CUDA a large
+//! device-to-device copy and a large bf16 cuBLAS matmul.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use smelt_engine::{bf16, DType, Device, Rng, Tensor};
+use smelt_kernels::{
+    adamw, add, attention, cast, embedding, global_norm, grpo_loss, logprob_entropy as head, matmul, rmsnorm, rope,
+    sample, swiglu,
+};
+use smelt_models::{Config, ModelType, Packed, Qwen, Weights};
+use smelt_trainer::step::{synchronize, train_step_flops, PolicyStep, StepBatch, StepConfig};
+
+use super::common::open_checkpoint;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Time every kernel at Qwen shapes against the measured copy and matmul ceilings.
+    Kernels(KernelsArgs),
+    /// Time full GRPO training steps on random weights and tokens.
+    Step(StepArgs),
+    /// Time batched greedy generation: prefill and decode tokens/s.
+    Generate(GenerateArgs),
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.command {
+        BenchCommand::Kernels(a) => kernels(a),
+        BenchCommand::Step(a) => step(a),
+        BenchCommand::Generate(a) => generate(a),
+    }
+}
+
+// ---- shared -----------------------------------------------------------------------------
+
+fn parse_device(s: &str) -> Result<Device> {
+    let device: Device = s.parse().with_context(|| "--device")?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(i) = device {
+        smelt_engine::cuda::device(i).context("--device")?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    if device.is_cuda() {
+        bail!("--device {device}: this smelt was built without CUDA support (--no-default-features)");
+    }
+    Ok(device)
+}
+
+fn parse_dtype(s: Option<&str>, device: Device) -> Result<DType> {
+    match s {
+        None if device.is_cpu() => Ok(DType::F32),
+        None => Ok(DType::BF16),
+        Some("f32" | "float32") => Ok(DType::F32),
+        Some("bf16" | "bfloat16") if device.is_cpu() => {
+            bail!("--dtype bf16: the CPU path computes in f32 (use --dtype f32)")
+        }
+        Some("bf16" | "bfloat16") => Ok(DType::BF16),
+        Some(other) => bail!("--dtype {other:?}: expected f32 or bf16"),
+    }
+}
+
+/// UTC date and time from the system clock, without a date crate: (YYYY-MM-DD, RFC 3339).
+fn utc_now() -> (String, String) {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let date = format!("{y:04}-{m:02}-{d:02}");
+    let time = format!("{date}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60);
+    (date, time)
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => cpu_model(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => {
+            smelt_engine::cuda::device(i).map(|d| d.name().to_string()).unwrap_or_else(|e| e.to_string())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => "unavailable".to_string(),
+    }
+}
+
+/// Machine, device, build and time: the header of every report.
+fn report_header(kind: &str, device: Device) -> Value {
+    let (date, time) = utc_now();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
+    let mut machine = json!({
+        "hostname": host,
+        "cpu_model": cpu_model(),
+        "cpu_cores_available": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "threads": smelt_engine::cpu::num_threads(),
+        "device": device.to_string(),
+        "device_name": device_name(device),
+    });
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(i) = device {
+        if let Ok(d) = smelt_engine::cuda::device(i) {
+            machine["compute_capability"] = json!(d.arch());
+            machine["device_total_mem_bytes"] = json!(d.total_mem());
+        }
+    }
+    json!({
+        "kind": kind,
+        "smelt_version": env!("CARGO_PKG_VERSION"),
+        "git_commit": git_commit(),
+        "date": date,
+        "time": time,
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "machine": machine,
+    })
+}
+
+fn write_json(path: &Option<PathBuf>, v: &Value) -> Result<()> {
+    if let Some(p) = path {
+        let text = serde_json::to_string_pretty(v)?;
+        std::fs::write(p, text + "\n").with_context(|| format!("{}: cannot write", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// `n` uniform values in [center − half_width, center + half_width], filled in parallel with one
+/// generator per 64K-element chunk (seeded by chunk index), so the result depends only on `seed`.
+fn rand_vec(n: usize, center: f32, half_width: f32, seed: u64) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut v = vec![0f32; n];
+    smelt_engine::cpu::pool().install(|| {
+        v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+            let mut rng = Rng::new(seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for x in chunk.iter_mut() {
+                *x = center + half_width * (2.0 * rng.next_f32() - 1.0);
+            }
+        })
+    });
+    v
+}
+
+fn tensor_from_f32(v: &[f32], shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+    Ok(match dtype {
+        DType::F32 => Tensor::from_slice(v, shape, device)?,
+        DType::BF16 => {
+            let h: Vec<bf16> = smelt_engine::cpu::pool().install(|| v.par_iter().map(|&x| bf16::from_f32(x)).collect());
+            Tensor::from_slice(&h, shape, device)?
+        }
+        other => bail!("random tensors in {other} are not supported"),
+    })
+}
+
+/// A tensor of uniform values with standard deviation `std` around `center` (never zeros:
+/// timing on zeros flatters some hardware).
+fn rand_tensor(shape: &[usize], dtype: DType, device: Device, center: f32, std: f32, seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    tensor_from_f32(&rand_vec(n, center, std * 3f32.sqrt(), seed), shape, dtype, device)
+}
+
+fn rand_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.below(vocab as u64) as u32).collect()
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+fn gib(b: f64) -> String {
+    format!("{:.2} GiB", b / (1u64 << 30) as f64)
+}
+
+/// Times runs of a closure on one device: CUDA events around each run on the compute stream,
+/// or the wall clock on CPU; optionally evicting caches first.
+struct Timer {
+    device: Device,
+    /// CPU: a 64 MiB buffer written before memory-bound runs.
+    flush_cpu: Vec<u8>,
+    #[cfg(feature = "cuda")]
+    cuda: Option<(std::sync::Arc<smelt_engine::cuda::CudaDevice>, Tensor)>,
+}
+
+const FLUSH_BYTES: usize = 64 << 20;
+
+impl Timer {
+    fn new(device: Device) -> Result<Timer> {
+        #[cfg(feature = "cuda")]
+        let cuda = match device {
+            Device::Cuda(i) => {
+                let d = smelt_engine::cuda::device(i)?;
+                let buf = Tensor::empty(&[FLUSH_BYTES / 4], DType::U32, device)?;
+                Some((d, buf))
+            }
+            Device::Cpu => None,
+        };
+        let flush_cpu = if device.is_cpu() { vec![0u8; FLUSH_BYTES] } else { Vec::new() };
+        Ok(Timer {
+            device,
+            flush_cpu,
+            #[cfg(feature = "cuda")]
+            cuda,
+        })
+    }
+
+    fn flush(&mut self, k: u8) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some((d, buf)) = &self.cuda {
+            d.memset_zero(buf.cuda_ptr()?, FLUSH_BYTES)?;
+            return Ok(());
+        }
+        self.flush_cpu.fill(k);
+        std::hint::black_box(&self.flush_cpu);
+        Ok(())
+    }
+
+    /// Seconds one run of `f` takes.
+    fn time(&mut self, f: &mut dyn FnMut() -> Result<()>, flush: bool, k: u8) -> Result<f64> {
+        if flush {
+            self.flush(k)?;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some((d, _)) = &self.cuda {
+            use cudarc::driver::sys::CUevent_flags;
+            let ev = |what: &str| {
+                d.context()
+                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| anyhow::anyhow!("cuEventCreate ({what}): {e:?}"))
+            };
+            let (start, end) = (ev("start")?, ev("end")?);
+            start.record(d.stream()).map_err(|e| anyhow::anyhow!("cuEventRecord: {e:?}"))?;
+            f()?;
+            end.record(d.stream()).map_err(|e| anyhow::anyhow!("cuEventRecord: {e:?}"))?;
+            let ms = start.elapsed_ms(&end).map_err(|e| anyhow::anyhow!("cuEventElapsedTime: {e:?}"))?;
+            d.synchronize()?;
+            return Ok(ms as f64 / 1e3);
+        }
+        let t0 = Instant::now();
+        f()?;
+        synchronize(self.device)?;
+        Ok(t0.elapsed().as_secs_f64())
+    }
+}
+
+/// How many runs to time.
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    warmup_s: f64,
+    min_runs: usize,
+    max_runs: usize,
+    seconds: f64,
+}
+
+#[derive(Clone, Debug)]
+struct Timing {
+    median_s: f64,
+    min_s: f64,
+    runs: usize,
+}
+
+fn measure(timer: &mut Timer, f: &mut dyn FnMut() -> Result<()>, flush: bool, b: Budget) -> Result<Timing> {
+    // Warm-up: at least one run (compiles CUDA modules, fills allocator caches).
+    let t0 = Instant::now();
+    let mut k = 1u8;
+    loop {
+        timer.time(f, flush, k)?;
+        k = k.wrapping_add(1);
+        if t0.elapsed().as_secs_f64() >= b.warmup_s || k > 3 {
+            break;
+        }
+    }
+    let mut times = Vec::new();
+    let t0 = Instant::now();
+    while times.len() < b.min_runs || (times.len() < b.max_runs && t0.elapsed().as_secs_f64() < b.seconds) {
+        times.push(timer.time(f, flush, k)?);
+        k = k.wrapping_add(1);
+    }
+    Ok(Timing {
+        median_s: median(&times),
+        min_s: times.iter().copied().fold(f64::INFINITY, f64::min),
+        runs: times.len(),
+    })
+}
+
+// ---- kernels ----------------------------------------------------------------------------
+
+#[derive(clap::Args, Debug)]
+pub struct KernelsArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Only ops whose name is NAME or starts with NAME_ (e.g. `rmsnorm`, `attention_fwd`).
+    #[arg(long)]
+    pub op: Option<String>,
+    /// Only this kernel version (ops with a single version are version 1).
+    #[arg(long)]
+    pub version: Option<u32>,
+    /// Only this model shape: qwen2.5-0.5b, qwen2.5-1.5b or qwen2.5-7b.
+    #[arg(long)]
+    pub shape: Option<String>,
+    /// Token counts (comma-separated). Default: CUDA 1024,4096,16384; CPU 1024 (256 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    pub tokens: Option<Vec<usize>>,
+    /// Write all rows, the ceilings and the machine to this JSON file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Fewer shapes, tokens and runs (about a minute on 2 CPU cores).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// Attention/MLP/vocab dimensions of one model, for the kernel shapes.
+#[derive(Clone, Copy, Debug)]
+struct KShape {
+    name: &'static str,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    inter: usize,
+    vocab: usize,
+}
+
+const KSHAPES: [KShape; 3] = [
+    KShape { name: "qwen2.5-0.5b", hidden: 896, heads: 14, kv_heads: 2, head_dim: 64, inter: 4864, vocab: 151_936 },
+    KShape { name: "qwen2.5-1.5b", hidden: 1536, heads: 12, kv_heads: 2, head_dim: 128, inter: 8960, vocab: 151_936 },
+    KShape { name: "qwen2.5-7b", hidden: 3584, heads: 28, kv_heads: 4, head_dim: 128, inter: 18_944, vocab: 152_064 },
+];
+
+const OPS: [&str; 19] = [
+    "matmul",
+    "add",
+    "rmsnorm_fwd",
+    "rmsnorm_bwd",
+    "rope",
+    "swiglu",
+    "embedding",
+    "cast",
+    "adamw",
+    "global_norm",
+    "attention_fwd",
+    "attention_bwd",
+    "attention_decode",
+    "logprob_entropy_fused_fwd",
+    "logprob_entropy_fused_bwd",
+    "logprob_entropy_logits_fwd",
+    "logprob_entropy_logits_bwd",
+    "grpo_loss",
+    "sample",
+];
+
+fn op_selected(op: &str, filter: &Option<String>) -> bool {
+    match filter {
+        None => true,
+        Some(f) => op == f || op.strip_prefix(f.as_str()).is_some_and(|r| r.starts_with('_')),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Bound {
+    Memory,
+    Compute,
+}
+
+/// One benchmark: what it moves and computes, and the closure that runs it once.
+struct Case {
+    op: &'static str,
+    shape: String,
+    version: u32,
+    dtype: DType,
+    bytes: f64,
+    flops: f64,
+    bound: Bound,
+    run: Box<dyn FnMut() -> Result<()>>,
+}
+
+struct Ceilings {
+    copy_gb_s: f64,
+    copy_desc: String,
+    matmul_tflop_s: f64,
+    matmul_desc: String,
+}
+
+fn cpu_ceilings(quick: bool) -> Result<Ceilings> {
+    let mut timer = Timer::new(Device::Cpu)?;
+    let bytes = if quick { 128 << 20 } else { 512 << 20 };
+    let src: Vec<u8> = (0..bytes).map(|i| (i * 7 + 3) as u8).collect();
+    let mut dst = vec![0u8; bytes];
+    let threads = smelt_engine::cpu::num_threads();
+    let chunk = bytes.div_ceil(threads * 4).max(1 << 16);
+    let budget = Budget { warmup_s: 0.0, min_runs: 5, max_runs: 10, seconds: 0.5 };
+    let t = measure(
+        &mut timer,
+        &mut || {
+            smelt_engine::cpu::pool().install(|| {
+                dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s))
+            });
+            std::hint::black_box(&dst);
+            Ok(())
+        },
+        false,
+        budget,
+    )?;
+    let copy_gb_s = 2.0 * bytes as f64 / t.median_s / 1e9;
+    drop((src, dst));
+    let n = if quick { 1024 } else { 2048 };
+    let a = rand_vec(n * n, 0.0, 1.0, 1);
+    let b = rand_vec(n * n, 0.0, 1.0, 2);
+    let mut c = vec![0f32; n * n];
+    let t = measure(
+        &mut timer,
+        &mut || Ok(smelt_engine::cpu::matmul_f32(&a, &b, &mut c, n, n, n, false, false, false)?),
+        false,
+        budget,
+    )?;
+    let matmul_tflop_s = 2.0 * (n as f64).powi(3) / t.median_s / 1e12;
+    Ok(Ceilings {
+        copy_gb_s,
+        copy_desc: format!("parallel memcpy of {} (read + write counted)", gib(bytes as f64)),
+        matmul_tflop_s,
+        matmul_desc: format!("gemm crate f32 matmul {n}x{n}x{n}, {threads} threads"),
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_ceilings(device: Device, quick: bool) -> Result<Ceilings> {
+    use smelt_engine::cuda::Gemm;
+    let Device::Cuda(i) = device else { bail!("cuda_ceilings on {device}") };
+    let d = smelt_engine::cuda::device(i)?;
+    let mut timer = Timer::new(device)?;
+    let budget = Budget { warmup_s: 0.05, min_runs: 10, max_runs: 50, seconds: 0.5 };
+    let bytes: usize = if quick { 256 << 20 } else { 1 << 30 };
+    // Random contents: never time on zeros.
+    let src = rand_tensor(&[bytes / 2], DType::BF16, device, 0.0, 1.0, 3)?;
+    let dst = Tensor::empty(&[bytes / 2], DType::BF16, device)?;
+    let (sp, dp) = (src.cuda_ptr()?, dst.cuda_ptr()?);
+    let t = measure(&mut timer, &mut || Ok(d.dtod(sp, dp, bytes)?), false, budget)?;
+    let copy_gb_s = 2.0 * bytes as f64 / t.median_s / 1e9;
+    drop((src, dst));
+    let n = if quick { 4096 } else { 8192 };
+    let a = rand_tensor(&[n, n], DType::BF16, device, 0.0, 1.0, 4)?;
+    let b = rand_tensor(&[n, n], DType::BF16, device, 0.0, 1.0, 5)?;
+    let c = Tensor::empty(&[n, n], DType::BF16, device)?;
+    let g = Gemm::new(n, n, n, DType::BF16, DType::BF16).trans(false, true);
+    let (ap, bp, cp) = (a.cuda_ptr()?, b.cuda_ptr()?, c.cuda_ptr()?);
+    let t = measure(&mut timer, &mut || Ok(d.gemm(&g, ap, bp, cp)?), false, budget)?;
+    let matmul_tflop_s = 2.0 * (n as f64).powi(3) / t.median_s / 1e12;
+    Ok(Ceilings {
+        copy_gb_s,
+        copy_desc: format!("device-to-device copy of {} (read + write counted)", gib(bytes as f64)),
+        matmul_tflop_s,
+        matmul_desc: format!("cuBLAS bf16 matmul {n}x{n}x{n} (x·Wᵀ), fp32 accumulation"),
+    })
+}
+
+fn ceilings(device: Device, quick: bool) -> Result<Ceilings> {
+    match device {
+        Device::Cpu => cpu_ceilings(quick),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda_ceilings(device, quick),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => bail!("built without CUDA"),
+    }
+}
+
+/// Sequence lengths of a packed batch of `t` tokens: sequences of up to 4096 tokens (the
+/// length of a long reasoning completion).
+fn seq_lens(t: usize) -> Vec<u32> {
+    let s = t.min(4096).max(1);
+    let mut cu = vec![0u32];
+    let mut left = t;
+    while left > 0 {
+        let l = left.min(s);
+        cu.push(cu.last().copied().unwrap_or(0) + l as u32);
+        left -= l;
+    }
+    cu
+}
+
+fn causal_pairs(cu: &[u32]) -> f64 {
+    cu.windows(2).map(|w| (w[1] - w[0]) as f64).map(|s| s * (s + 1.0) / 2.0).sum()
+}
+
+/// Builds the benchmark for one op at one model shape and token count.
+fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: bool, exact: bool) -> Result<Vec<Case>> {
+    let dt = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+    let es = dt.size_in_bytes() as f64;
+    let (h, tf) = (ks.hidden, t as f64);
+    let seed = t as u64 * 31 + ks.hidden as u64;
+    let rt = |shape: &[usize], s: u64| rand_tensor(shape, dt, device, 0.0, 1.0, seed ^ s);
+    let shape_name = |extra: String| format!("{} T={t} {extra}", ks.name);
+    // The fused head and the logits variants scale with the vocabulary: on CPU they run on a
+    // slice of the tokens so the sweep stays within minutes (unless --tokens asked for `t`).
+    let head_rows = if device.is_cpu() && !exact { (t / if quick { 16 } else { 8 }).max(16) } else { t };
+    let decode_batch = if device.is_cpu() { 8 } else { 32 };
+    let mut cases = Vec::new();
+    let mut push =
+        |shape: String, version: u32, bytes: f64, flops: f64, bound: Bound, run: Box<dyn FnMut() -> Result<()>>| {
+            cases.push(Case { op, shape, version, dtype: dt, bytes, flops, bound, run })
+        };
+    match op {
+        "matmul" => {
+            let x = rt(&[t, h], 1)?;
+            let w = rand_tensor(&[ks.inter, h], dt, device, 0.0, 0.05, seed ^ 2)?;
+            let (i, hf) = (ks.inter as f64, h as f64);
+            push(
+                shape_name(format!("x[{t},{h}]·W[{},{h}]ᵀ (mlp up)", ks.inter)),
+                1,
+                (tf * hf + i * hf + tf * i) * es,
+                2.0 * tf * hf * i,
+                Bound::Compute,
+                Box::new(move || {
+                    matmul::matmul(&x, &w, false, true)?;
+                    Ok(())
+                }),
+            );
+        }
+        "add" => {
+            let (a, b) = (rt(&[t, h], 1)?, rt(&[t, h], 2)?);
+            push(
+                shape_name(format!("[{t},{h}]")),
+                1,
+                3.0 * tf * h as f64 * es,
+                tf * h as f64,
+                Bound::Memory,
+                Box::new(move || {
+                    add::add(&a, &b)?;
+                    Ok(())
+                }),
+            );
+        }
+        "rmsnorm_fwd" | "rmsnorm_bwd" => {
+            let x = rt(&[t, h], 1)?;
+            let w = rand_tensor(&[h], dt, device, 1.0, 0.1, seed ^ 2)?;
+            let hf = h as f64;
+            if op == "rmsnorm_fwd" {
+                push(
+                    shape_name(format!("[{t},{h}]")),
+                    1,
+                    2.0 * tf * hf * es + hf * es + tf * 4.0,
+                    4.0 * tf * hf,
+                    Bound::Memory,
+                    Box::new(move || {
+                        rmsnorm::rmsnorm(&x, &w, 1e-6)?;
+                        Ok(())
+                    }),
+                );
+            } else {
+                let (_, rstd) = rmsnorm::rmsnorm(&x, &w, 1e-6)?;
+                let dy = rt(&[t, h], 3)?;
+                push(
+                    shape_name(format!("[{t},{h}]")),
+                    1,
+                    3.0 * tf * hf * es + hf * (es + 4.0) + tf * 4.0,
+                    8.0 * tf * hf,
+                    Bound::Memory,
+                    Box::new(move || {
+                        rmsnorm::rmsnorm_backward(&x, &w, &rstd, &dy)?;
+                        Ok(())
+                    }),
+                );
+            }
+        }
+        "rope" => {
+            let x = rt(&[t, ks.heads, ks.head_dim], 1)?;
+            let pos: Vec<u32> = (0..t as u32).map(|p| p % 4096).collect();
+            let pos = Tensor::from_slice(&pos, &[t], device)?;
+            let n = tf * (ks.heads * ks.head_dim) as f64;
+            push(
+                shape_name(format!("q[{t},{},{}]", ks.heads, ks.head_dim)),
+                1,
+                2.0 * n * es + tf * 4.0,
+                3.0 * n,
+                Bound::Memory,
+                Box::new(move || {
+                    rope::rope(&x, &pos, 1e6)?;
+                    Ok(())
+                }),
+            );
+        }
+        "swiglu" => {
+            let (g, u) = (rt(&[t, ks.inter], 1)?, rt(&[t, ks.inter], 2)?);
+            let n = tf * ks.inter as f64;
+            push(
+                shape_name(format!("[{t},{}]", ks.inter)),
+                1,
+                3.0 * n * es,
+                6.0 * n,
+                Bound::Memory,
+                Box::new(move || {
+                    swiglu::swiglu(&g, &u)?;
+                    Ok(())
+                }),
+            );
+        }
+        "embedding" => {
+            let table = rand_tensor(&[ks.vocab, h], dt, device, 0.0, 0.05, seed ^ 1)?;
+            let ids = Tensor::from_slice(&rand_ids(t, ks.vocab, seed), &[t], device)?;
+            push(
+                shape_name(format!("ids[{t}] table[{},{h}]", ks.vocab)),
+                1,
+                2.0 * tf * h as f64 * es + tf * 4.0,
+                0.0,
+                Bound::Memory,
+                Box::new(move || {
+                    embedding::embedding(&ids, &table)?;
+                    Ok(())
+                }),
+            );
+        }
+        "cast" => {
+            let x = rand_tensor(&[t, h], DType::F32, device, 0.0, 1.0, seed)?;
+            push(
+                shape_name(format!("[{t},{h}] f32->bf16")),
+                1,
+                tf * h as f64 * 6.0,
+                0.0,
+                Bound::Memory,
+                Box::new(move || {
+                    cast::cast(&x, DType::BF16)?;
+                    Ok(())
+                }),
+            );
+        }
+        "adamw" | "global_norm" => {
+            // One layer's MLP weights: large enough to stream from memory, small enough for CPU.
+            let n = 3 * h * ks.inter;
+            let g = rand_tensor(&[n], DType::F32, device, 0.0, 1e-3, seed ^ 1)?;
+            let nf = n as f64;
+            let shape = format!("{} n={n} (one layer's MLP) f32", ks.name);
+            if op == "global_norm" {
+                push(
+                    shape,
+                    1,
+                    nf * 4.0,
+                    2.0 * nf,
+                    Bound::Memory,
+                    Box::new(move || {
+                        global_norm::global_norm(&[&g])?;
+                        Ok(())
+                    }),
+                );
+            } else {
+                let p = rand_tensor(&[n], DType::F32, device, 0.0, 0.05, seed ^ 2)?;
+                let m = rand_tensor(&[n], DType::F32, device, 0.0, 1e-4, seed ^ 3)?;
+                let v = rand_tensor(&[n], DType::F32, device, 1e-6, 1e-7, seed ^ 4)?;
+                // On CUDA the model is bf16, so the update also writes its bf16 copy.
+                let out16 = if device.is_cpu() { None } else { Some(Tensor::empty(&[n], DType::BF16, device)?) };
+                let cfg = adamw::AdamW { lr: 1e-6, ..Default::default() };
+                let extra = if out16.is_some() { 2.0 } else { 0.0 };
+                let mut stepn = 0u64;
+                push(
+                    format!("{shape}{}", if out16.is_some() { " +bf16 out" } else { "" }),
+                    1,
+                    nf * (7.0 * 4.0 + extra),
+                    12.0 * nf,
+                    Bound::Memory,
+                    Box::new(move || {
+                        stepn += 1;
+                        adamw::adamw_step(&p, &g, &m, &v, stepn, &cfg, 0.01, 1.0, out16.as_ref())?;
+                        Ok(())
+                    }),
+                );
+            }
+        }
+        "attention_fwd" | "attention_bwd" => {
+            let cu = seq_lens(t);
+            let (nh, nkv, d) = (ks.heads, ks.kv_heads, ks.head_dim);
+            let q = rt(&[t, nh, d], 1)?;
+            let k = rt(&[t, nkv, d], 2)?;
+            let v = rt(&[t, nkv, d], 3)?;
+            let fwd_flops = 4.0 * (nh * d) as f64 * causal_pairs(&cu);
+            let io = (2.0 * tf * (nh * d) as f64 + 2.0 * tf * (nkv * d) as f64) * es;
+            let seqs = cu.len() - 1;
+            let desc = format!("{seqs}x{} causal, heads {nh}/{nkv}, d {d}", t / seqs.max(1));
+            if op == "attention_fwd" {
+                let versions: Vec<u32> = if device.is_cpu() { vec![1] } else { vec![1, 2] };
+                for ver in versions {
+                    let (q, k, v, cu) = (q.clone(), k.clone(), v.clone(), cu.clone());
+                    push(
+                        shape_name(desc.clone()),
+                        ver,
+                        io,
+                        fwd_flops,
+                        Bound::Compute,
+                        Box::new(move || {
+                            attention::attention_forward_version(&q, &k, &v, &cu, None, ver)?;
+                            Ok(())
+                        }),
+                    );
+                }
+            } else {
+                let (o, lse) = attention::attention_forward(&q, &k, &v, &cu, None)?;
+                let d_o = rt(&[t, nh, d], 4)?;
+                push(
+                    shape_name(desc),
+                    1,
+                    2.0 * io + tf * nh as f64 * 4.0,
+                    2.5 * fwd_flops,
+                    Bound::Compute,
+                    Box::new(move || {
+                        attention::attention_backward(&q, &k, &v, &o, &lse, &d_o, &cu, None)?;
+                        Ok(())
+                    }),
+                );
+            }
+        }
+        "attention_decode" => {
+            let (b, nh, nkv, d) = (decode_batch, ks.heads, ks.kv_heads, ks.head_dim);
+            let q = rt(&[b, nh, d], 1)?;
+            let kc = rt(&[b, t, nkv, d], 2)?;
+            let vc = rt(&[b, t, nkv, d], 3)?;
+            let lens = vec![t as u32; b];
+            let kv_bytes = 2.0 * (b * t * nkv * d) as f64 * es;
+            push(
+                format!("{} B={b} ctx={t} heads {nh}/{nkv}, d {d}", ks.name),
+                1,
+                kv_bytes + 2.0 * (b * nh * d) as f64 * es,
+                4.0 * (b * nh * d) as f64 * tf,
+                Bound::Memory,
+                Box::new(move || {
+                    attention::attention_decode(&q, &kc, &vc, &lens, None)?;
+                    Ok(())
+                }),
+            );
+        }
+        "logprob_entropy_fused_fwd" | "logprob_entropy_fused_bwd" => {
+            let n = head_rows;
+            let hid = rt(&[n, h], 1)?;
+            let w = rand_tensor(&[ks.vocab, h], dt, device, 0.0, 2.0 / (h as f64).sqrt() as f32, seed ^ 2)?;
+            let tg = Tensor::from_slice(&rand_ids(n, ks.vocab, seed), &[n], device)?;
+            let nvh = (n * ks.vocab * h) as f64;
+            let io = ((n * h + ks.vocab * h) as f64) * es;
+            let desc = format!("{} N={n} h[{n},{h}] W[{},{h}]", ks.name, ks.vocab);
+            let opts = head::LogprobEntropyOpts::default();
+            if op == "logprob_entropy_fused_fwd" {
+                push(
+                    desc,
+                    1,
+                    io,
+                    2.0 * nvh,
+                    Bound::Compute,
+                    Box::new(move || {
+                        head::logprob_entropy(&hid, &w, &tg, 1.0, &opts)?;
+                        Ok(())
+                    }),
+                );
+            } else {
+                let f = head::logprob_entropy(&hid, &w, &tg, 1.0, &opts)?;
+                let gl = rand_tensor(&[n], DType::F32, device, 0.0, 0.01, seed ^ 3)?;
+                let ge = rand_tensor(&[n], DType::F32, device, 0.0, 0.01, seed ^ 4)?;
+                let dw = Tensor::zeros(&[ks.vocab, h], DType::F32, device)?;
+                push(
+                    desc,
+                    1,
+                    io + (n * h + ks.vocab * h) as f64 * 4.0 * 2.0,
+                    // Recomputing the logits (2NVH) plus dh and dW (4NVH).
+                    6.0 * nvh,
+                    Bound::Compute,
+                    Box::new(move || {
+                        head::logprob_entropy_backward_acc(
+                            &hid, &w, &tg, 1.0, &f.lse, &f.entropy, &gl, &ge, &dw, &opts,
+                        )?;
+                        Ok(())
+                    }),
+                );
+            }
+        }
+        "logprob_entropy_logits_fwd" | "logprob_entropy_logits_bwd" => {
+            let n = head_rows;
+            let logits = rand_tensor(&[n, ks.vocab], dt, device, 0.0, 2.0, seed ^ 1)?;
+            let tg = Tensor::from_slice(&rand_ids(n, ks.vocab, seed), &[n], device)?;
+            let nv = (n * ks.vocab) as f64;
+            let desc = format!("{} logits[{n},{}]", ks.name, ks.vocab);
+            let opts = head::LogprobEntropyOpts::default();
+            if op == "logprob_entropy_logits_fwd" {
+                push(
+                    desc,
+                    1,
+                    nv * es,
+                    5.0 * nv,
+                    Bound::Memory,
+                    Box::new(move || {
+                        head::logprob_entropy_from_logits(&logits, &tg, 1.0, &opts)?;
+                        Ok(())
+                    }),
+                );
+            } else {
+                let f = head::logprob_entropy_from_logits(&logits, &tg, 1.0, &opts)?;
+                let gl = rand_tensor(&[n], DType::F32, device, 0.0, 0.01, seed ^ 3)?;
+                let ge = rand_tensor(&[n], DType::F32, device, 0.0, 0.01, seed ^ 4)?;
+                push(
+                    desc,
+                    1,
+                    2.0 * nv * es,
+                    6.0 * nv,
+                    Bound::Memory,
+                    Box::new(move || {
+                        head::logprob_entropy_from_logits_backward(&logits, &tg, 1.0, &f.lse, &f.entropy, &gl, &ge)?;
+                        Ok(())
+                    }),
+                );
+            }
+        }
+        "grpo_loss" => {
+            let f = |c: f32, s: f32, k: u64| rand_tensor(&[t], DType::F32, device, c, s, seed ^ k);
+            let (lp, old, adv, ent) = (f(-2.0, 0.5, 1)?, f(-2.0, 0.5, 2)?, f(0.0, 1.0, 3)?, f(2.0, 0.5, 4)?);
+            let mask = Tensor::full(1.0, &[t], DType::F32, device)?;
+            let w = Tensor::full(1.0 / t as f64, &[t], DType::F32, device)?;
+            let cfg = grpo_loss::GrpoLossConfig::default();
+            push(
+                shape_name(String::new()),
+                1,
+                tf * 4.0 * 8.0,
+                20.0 * tf,
+                Bound::Memory,
+                Box::new(move || {
+                    let x = grpo_loss::GrpoLossInputs {
+                        logp: &lp,
+                        logp_old: &old,
+                        logp_ref: None,
+                        advantages: &adv,
+                        mask: &mask,
+                        weights: &w,
+                        entropy: Some(&ent),
+                    };
+                    grpo_loss::grpo_loss(&x, &cfg)?;
+                    Ok(())
+                }),
+            );
+        }
+        "sample" => {
+            let b = decode_batch;
+            let logits = rand_tensor(&[b, ks.vocab], dt, device, 0.0, 2.0, seed ^ 1)?;
+            let cfg = sample::SamplingConfig { temperature: 1.0, top_p: 0.95, top_k: None };
+            let mut stepn = 0u64;
+            push(
+                format!("{} logits[{b},{}] T=1 top_p=0.95", ks.name, ks.vocab),
+                1,
+                (b * ks.vocab) as f64 * es,
+                5.0 * (b * ks.vocab) as f64,
+                Bound::Memory,
+                Box::new(move || {
+                    stepn += 1;
+                    sample::sample(&logits, &cfg, 7, stepn)?;
+                    Ok(())
+                }),
+            );
+        }
+        other => bail!("internal: no benchmark for op {other}"),
+    }
+    Ok(cases)
+}
+
+/// Ops that do not depend on the token count run once per model shape.
+fn token_independent(op: &str) -> bool {
+    matches!(op, "adamw" | "global_norm" | "sample")
+}
+
+fn kernels(args: KernelsArgs) -> Result<()> {
+    if let Some(f) = &args.op {
+        if !OPS.iter().any(|op| op_selected(op, &args.op)) {
+            bail!("--op {f:?}: no such op; ops are {}", OPS.join(", "));
+        }
+    }
+    let shapes: Vec<KShape> = match &args.shape {
+        None => KSHAPES.to_vec(),
+        Some(s) => match KSHAPES.iter().find(|k| k.name == s) {
+            Some(k) => vec![*k],
+            None => {
+                bail!(
+                    "--shape {s:?}: expected one of {}",
+                    KSHAPES.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+                )
+            }
+        },
+    };
+    if let Some(ts) = &args.tokens {
+        if ts.is_empty() || ts.contains(&0) {
+            bail!("--tokens must be positive");
+        }
+    }
+    let device = parse_device(&args.device)?;
+    // CPU: the small end only unless asked (the 7B shapes take minutes per op on 2 cores).
+    let shapes: Vec<KShape> =
+        if device.is_cpu() && args.shape.is_none() { shapes.into_iter().take(1).collect() } else { shapes };
+    let tokens: Vec<usize> = match &args.tokens {
+        Some(t) => t.clone(),
+        None if device.is_cpu() => vec![if args.quick { 256 } else { 1024 }],
+        None if args.quick => vec![4096],
+        None => vec![1024, 4096, 16_384],
+    };
+    let budget = match (device.is_cpu(), args.quick) {
+        (true, true) => Budget { warmup_s: 0.0, min_runs: 3, max_runs: 20, seconds: 0.25 },
+        (true, false) => Budget { warmup_s: 0.1, min_runs: 5, max_runs: 50, seconds: 1.0 },
+        (false, true) => Budget { warmup_s: 0.05, min_runs: 10, max_runs: 50, seconds: 0.2 },
+        (false, false) => Budget { warmup_s: 0.1, min_runs: 20, max_runs: 200, seconds: 0.5 },
+    };
+
+    let header = report_header("smelt-bench-kernels", device);
+    println!(
+        "smelt bench kernels on {} ({}), {} CPU threads, commit {}",
+        device,
+        header["machine"]["device_name"].as_str().unwrap_or("?"),
+        smelt_engine::cpu::num_threads(),
+        header["git_commit"].as_str().unwrap_or("?")
+    );
+    let ceil = ceilings(device, args.quick)?;
+    println!("ceiling copy:   {:>9.1} GB/s     ({})", ceil.copy_gb_s, ceil.copy_desc);
+    println!("ceiling matmul: {:>9.3} TFLOP/s  ({})", ceil.matmul_tflop_s, ceil.matmul_desc);
+    println!(
+        "{:<27} {:<58} {:>3} {:>11} {:>10} {:>9} {:>7}",
+        "op", "shape", "ver", "median ms", "GB/s", "TFLOP/s", "%ceil"
+    );
+    let mut timer = Timer::new(device)?;
+    let mut rows = Vec::new();
+    for op in OPS.iter().copied().filter(|op| op_selected(op, &args.op)) {
+        for ks in &shapes {
+            let toks: &[usize] = if token_independent(op) { &tokens[..1] } else { &tokens };
+            for &t in toks {
+                let cases = build_cases(op, ks, t, device, args.quick, args.tokens.is_some())
+                    .with_context(|| format!("setting up {op} at {} T={t}", ks.name))?;
+                for mut c in cases {
+                    if args.version.is_some_and(|v| v != c.version) {
+                        continue;
+                    }
+                    let timing = measure(&mut timer, &mut *c.run, c.bound == Bound::Memory, budget)
+                        .with_context(|| format!("{} at {}", c.op, c.shape))?;
+                    let s = timing.median_s;
+                    let gb_s = c.bytes / s / 1e9;
+                    let tflop_s = c.flops / s / 1e12;
+                    let pct = match c.bound {
+                        Bound::Memory => 100.0 * gb_s / ceil.copy_gb_s,
+                        Bound::Compute => 100.0 * tflop_s / ceil.matmul_tflop_s,
+                    };
+                    println!(
+                        "{:<27} {:<58} {:>3} {:>11.4} {:>10.1} {:>9.3} {:>6.1}%",
+                        c.op,
+                        c.shape,
+                        c.version,
+                        s * 1e3,
+                        gb_s,
+                        tflop_s,
+                        pct
+                    );
+                    rows.push(json!({
+                        "op": c.op,
+                        "shape": c.shape,
+                        "model_shape": ks.name,
+                        "tokens": t,
+                        "version": c.version,
+                        "dtype": c.dtype.name(),
+                        "bound": if c.bound == Bound::Memory { "memory" } else { "compute" },
+                        "median_ms": s * 1e3,
+                        "min_ms": timing.min_s * 1e3,
+                        "runs": timing.runs,
+                        "bytes": c.bytes,
+                        "flops": c.flops,
+                        "gb_s": gb_s,
+                        "tflop_s": tflop_s,
+                        "pct_of_ceiling": pct,
+                        "l2_flushed": c.bound == Bound::Memory,
+                    }));
+                }
+            }
+        }
+    }
+    let mut report = header;
+    report["device"] = json!(device.to_string());
+    report["ceilings"] = json!({
+        "copy_gb_s": ceil.copy_gb_s,
+        "copy": ceil.copy_desc,
+        "matmul_tflop_s": ceil.matmul_tflop_s,
+        "matmul": ceil.matmul_desc,
+    });
+    report["timing"] = json!(if device.is_cpu() {
+        "wall clock per run, median; 64 MiB buffer written before memory-bound runs"
+    } else {
+        "CUDA events around each run, median; 64 MiB memset (L2 flush) before memory-bound runs"
+    });
+    report["rows"] = Value::Array(rows);
+    write_json(&args.json, &report)
+}
+
+// ---- step and generate: model shapes ------------------------------------------------------
+
+/// Named model shapes for `--shape` (random weights, no files).
+pub fn shape_config(name: &str) -> Option<Config> {
+    let base = Config {
+        model_type: ModelType::Qwen2,
+        hidden_size: 896,
+        intermediate_size: 4864,
+        num_hidden_layers: 24,
+        num_attention_heads: 14,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        vocab_size: 151_936,
+        max_position_embeddings: 32_768,
+        tie_word_embeddings: true,
+        qkv_bias: true,
+        o_bias: false,
+        qk_norm: false,
+        rope_theta: 1_000_000.0,
+        bos_token_id: None,
+        eos_token_ids: vec![151_645],
+        pad_token_id: None,
+        dtype: Some(DType::BF16),
+    };
+    let c = match name {
+        // For tests: every piece runs, in milliseconds.
+        "tiny" => Config {
+            hidden_size: 128,
+            intermediate_size: 256,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            vocab_size: 4096,
+            max_position_embeddings: 4096,
+            eos_token_ids: vec![0],
+            ..base
+        },
+        // The CPU comparison target of issue #7: a small Qwen2 with the real vocabulary.
+        "small-cpu" => Config {
+            hidden_size: 256,
+            intermediate_size: 1408,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            ..base
+        },
+        "qwen2.5-0.5b" => base,
+        "qwen2.5-1.5b" => Config {
+            hidden_size: 1536,
+            intermediate_size: 8960,
+            num_hidden_layers: 28,
+            num_attention_heads: 12,
+            num_key_value_heads: 2,
+            head_dim: 128,
+            ..base
+        },
+        "qwen2.5-7b" => Config {
+            hidden_size: 3584,
+            intermediate_size: 18_944,
+            num_hidden_layers: 28,
+            num_attention_heads: 28,
+            num_key_value_heads: 4,
+            head_dim: 128,
+            vocab_size: 152_064,
+            tie_word_embeddings: false,
+            ..base
+        },
+        _ => return None,
+    };
+    Some(c)
+}
+
+const SHAPE_NAMES: &str = "tiny, small-cpu, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b";
+
+/// Random weights in memory with the scales of `smelt_models::testing`: norms 1 ± 0.2, biases
+/// std 0.1, linear weights std 1/√fan_in, embeddings std 2/√hidden.
+fn random_model(config: &Config, dtype: DType, device: Device, seed: u64) -> Result<Qwen> {
+    let named = config
+        .expected_tensors()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let (center, std) = if name.ends_with("norm.weight") {
+                (1.0, 0.2 / 3f32.sqrt())
+            } else if name.ends_with(".bias") {
+                (0.0, 0.1)
+            } else if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+                (0.0, 2.0 / (config.hidden_size as f32).sqrt())
+            } else {
+                (0.0, 1.0 / (shape[1] as f32).sqrt())
+            };
+            let t = rand_tensor(&shape, dtype, device, center, std, seed ^ (i as u64 * 0x9E37_79B9))?;
+            Ok((name, t))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Qwen::new(config.clone(), Weights::from_named(config, named)?))
+}
+
+/// The model for `--model DIR` (its weights) or `--shape NAME` (random weights).
+fn bench_model(
+    model: &Option<PathBuf>,
+    shape: &Option<String>,
+    dtype: DType,
+    device: Device,
+) -> Result<(Qwen, String)> {
+    match (model, shape) {
+        (Some(_), Some(_)) => bail!("give --model or --shape, not both"),
+        (Some(dir), None) => {
+            let ckpt = open_checkpoint(dir)?;
+            let opts = smelt_models::LoadOptions { dtype, device, check_finite: false };
+            let weights = ckpt.load_weights(&opts)?;
+            Ok((Qwen::new(ckpt.config.clone(), weights), dir.display().to_string()))
+        }
+        (None, s) => {
+            let name = s.as_deref().unwrap_or("small-cpu");
+            let config =
+                shape_config(name).with_context(|| format!("--shape {name:?}: expected one of {SHAPE_NAMES}"))?;
+            Ok((random_model(&config, dtype, device, 42)?, name.to_string()))
+        }
+    }
+}
+
+fn config_json(c: &Config) -> Value {
+    json!({
+        "model_type": c.model_type.name(),
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.qkv_bias,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings,
+        "num_parameters": c.num_parameters(),
+    })
+}
+
+/// Process memory from /proc/self/status (bytes): (VmRSS, VmHWM).
+fn proc_mem() -> (Option<u64>, Option<u64>) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Starts peak tracking: resets the process's VmHWM (Linux: `5` > /proc/self/clear_refs) or the
+/// CUDA allocator's peak.
+fn reset_peak(device: Device) {
+    match device {
+        Device::Cpu => {
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => {
+            if let Ok(d) = smelt_engine::cuda::device(i) {
+                d.reset_peak();
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {}
+    }
+}
+
+/// (peak bytes, what it measures) since [`reset_peak`].
+fn peak_bytes(device: Device) -> (Option<u64>, &'static str) {
+    match device {
+        Device::Cpu => (proc_mem().1, "process peak RSS (VmHWM, reset after setup)"),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => (
+            smelt_engine::cuda::device(i).ok().map(|d| d.peak_bytes() as u64),
+            "CUDA caching allocator peak bytes in use",
+        ),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => (None, "unavailable"),
+    }
+}
+
+/// Dense bf16 peak of known GPUs (TFLOP/s), for MFU.
+fn nominal_bf16_peak(device: Device) -> Option<(f64, String)> {
+    let name = device_name(device);
+    if name.contains("H100") || name.contains("H200") || name.contains("GH200") {
+        Some((989.0, format!("{name}: 989 TFLOP/s dense bf16 (SXM datasheet)")))
+    } else if name.contains("A100") {
+        Some((312.0, format!("{name}: 312 TFLOP/s dense bf16 (datasheet)")))
+    } else {
+        None
+    }
+}
+
+// ---- step -------------------------------------------------------------------------------
+
+#[derive(clap::Args, Debug)]
+pub struct StepArgs {
+    /// A Hugging Face model directory (its real weights).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A named shape with random weights: tiny, small-cpu (default), qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b.
+    #[arg(long)]
+    pub shape: Option<String>,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32 (CPU default) or bf16 (CUDA default).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Synchronize after each phase on CUDA so the phase times are exact.
+    #[arg(long)]
+    pub phases: bool,
+    /// Dense bf16 peak for MFU in TFLOP/s (default: the datasheet value of a known GPU).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn step(args: StepArgs) -> Result<()> {
+    if args.batch == 0 || args.seq < 2 {
+        bail!("--batch must be >= 1 and --seq >= 2 (got {} and {})", args.batch, args.seq);
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if let Some(p) = args.peak_tflops {
+        if !(p.is_finite() && p > 0.0) {
+            bail!("--peak-tflops {p} must be positive");
+        }
+    }
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(args.dtype.as_deref(), device)?;
+    let (model, label) = bench_model(&args.model, &args.shape, dtype, device)?;
+    let c = model.config.clone();
+    if args.seq > c.max_position_embeddings {
+        bail!("--seq {} exceeds max_position_embeddings = {}", args.seq, c.max_position_embeddings);
+    }
+    let (b, t) = (args.batch, args.seq);
+    let mut rng = Rng::new(args.seed ^ 0x5EED);
+    let seqs: Vec<Vec<u32>> = (0..b).map(|i| rand_ids(t, c.vocab_size, args.seed * 1000 + i as u64)).collect();
+    let mut advantages = Vec::with_capacity(b * t);
+    for _ in 0..b {
+        advantages.extend(std::iter::repeat_n(rng.normal() as f32, t));
+    }
+    let batch = StepBatch { packed: Packed::new(&seqs), advantages, mask: vec![1.0; b * t], logp_old: None };
+    let cfg = StepConfig { sync_phases: device.is_cpu() || args.phases, ..StepConfig::default() };
+    let mut policy = PolicyStep::new(&model, cfg)?;
+    let model_bytes: usize = model.weights.named_tensors().iter().map(|(_, t)| t.size_in_bytes()).sum();
+    synchronize(device)?;
+    let rss_before = proc_mem().0;
+    reset_peak(device);
+
+    eprintln!(
+        "bench step: {label} ({} params, {dtype}) on {device}, batch {b} × seq {t}, {} warm-up + {} timed steps",
+        c.num_parameters(),
+        args.warmup,
+        args.steps
+    );
+    for _ in 0..args.warmup {
+        policy.step(&model, &batch)?;
+    }
+    let mut times = Vec::new();
+    let mut phases: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut last = None;
+    for _ in 0..args.steps {
+        let t0 = Instant::now();
+        let s = policy.step(&model, &batch)?;
+        synchronize(device)?;
+        times.push(t0.elapsed().as_secs_f64());
+        for (k, v) in s.phases.named() {
+            phases.entry(k).or_default().push(v);
+        }
+        last = Some(s);
+    }
+    let (peak, peak_src) = peak_bytes(device);
+    let s = last.context("no step ran")?;
+    let med = median(&times);
+    let tokens = (b * t) as f64;
+    let flops = train_step_flops(&c, &vec![t; b]);
+    let tflop_s = flops / med / 1e12;
+    let peak_flops = if device.is_cpu() {
+        None
+    } else {
+        args.peak_tflops.map(|p| (p, "--peak-tflops".to_string())).or_else(|| nominal_bf16_peak(device))
+    };
+    let mfu = peak_flops.as_ref().map(|(p, _)| tflop_s / p);
+    let phases_ms: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v) * 1e3)).collect();
+
+    println!("{label}: batch {b} × seq {t} on {device} ({dtype}), {} threads", smelt_engine::cpu::num_threads());
+    println!(
+        "  ms/step     {:>10.1}   (median of {}; all: {:?})",
+        med * 1e3,
+        times.len(),
+        times.iter().map(|x| (x * 1e4).round() / 10.0).collect::<Vec<_>>()
+    );
+    println!("  tokens/s    {:>10.1}", tokens / med);
+    println!("  TFLOP/s     {:>10.3}   ({:.3e} FLOP/step: 6·params·tokens + causal attention)", tflop_s, flops);
+    match (&mfu, &peak_flops) {
+        (Some(m), Some((_, src))) => println!("  MFU         {:>9.1}%   vs {src}", m * 100.0),
+        _ => println!("  MFU         n/a (CPU, or unknown GPU: pass --peak-tflops)"),
+    }
+    println!("  peak memory {:>10}   ({peak_src})", peak.map(|p| gib(p as f64)).unwrap_or_else(|| "n/a".into()));
+    let ph: Vec<String> = phases_ms.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
+    println!(
+        "  phases ms   {}{}",
+        ph.join(", "),
+        if device.is_cpu() || args.phases { "" } else { " (asynchronous: pass --phases)" }
+    );
+    println!("  loss {:.5}, grad norm {:.4}, entropy {:.3}", s.loss, s.grad_norm, s.mean_entropy);
+
+    let mut report = report_header("smelt-bench-step", device);
+    report["model"] = json!(label);
+    report["config"] = config_json(&c);
+    report["device"] = json!(device.to_string());
+    report["dtype"] = json!(dtype.name());
+    report["batch"] = json!(b);
+    report["seq"] = json!(t);
+    report["tokens_per_step"] = json!(b * t);
+    report["steps"] = json!(args.steps);
+    report["warmup"] = json!(args.warmup);
+    report["threads"] = json!(smelt_engine::cpu::num_threads());
+    report["ms_per_step"] = json!(med * 1e3);
+    report["ms_per_step_all"] = json!(times.iter().map(|x| x * 1e3).collect::<Vec<_>>());
+    report["tokens_per_s"] = json!(tokens / med);
+    report["flops_per_step"] = json!(flops);
+    report["tflop_s"] = json!(tflop_s);
+    report["mfu"] = json!(mfu);
+    report["mfu_peak_tflops"] = json!(peak_flops.as_ref().map(|p| p.0));
+    report["mfu_peak_source"] = json!(peak_flops.as_ref().map(|p| p.1.clone()));
+    report["peak_bytes"] = json!(peak);
+    report["peak_bytes_source"] = json!(peak_src);
+    report["rss_before_bytes"] = json!(rss_before);
+    report["model_bytes"] = json!(model_bytes);
+    report["optimizer_state_bytes"] = json!(policy.state_bytes());
+    report["phases_ms"] = json!(phases_ms);
+    report["phases_synchronized"] = json!(device.is_cpu() || args.phases);
+    report["loss"] = json!(s.loss);
+    report["grad_norm"] = json!(s.grad_norm);
+    report["step_definition"] = json!(
+        "forward, fused logprob+entropy head, GRPO loss (dapo aggregation, eps 0.2/0.28, on-policy), backward, \
+         global grad norm clip 1.0, AdamW (lr 1e-6, wd 0.01 except norms and biases) over all parameters"
+    );
+    write_json(&args.json, &report)
+}
+
+// ---- generate ---------------------------------------------------------------------------
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A named shape with random weights (see `smelt bench step --help`).
+    #[arg(long)]
+    pub shape: Option<String>,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// One greedy generation, exactly as `smelt_models::generate` runs it (prefill, then per token:
+/// logits → sample → decode step), with no stop tokens. Returns (time to first token, total) s.
+fn timed_generation(model: &Qwen, prompts: &[Vec<u32>], new_tokens: usize) -> Result<(f64, f64)> {
+    let dev = model.device();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut cache = model.new_kv_cache(prompts.len(), longest + new_tokens)?;
+    let greedy = sample::SamplingConfig::greedy();
+    synchronize(dev)?;
+    let t0 = Instant::now();
+    let mut hidden = model.prefill(prompts, &mut cache)?;
+    let mut first = 0.0;
+    for step in 0..new_tokens {
+        let logits = model.logits(&hidden)?;
+        let s = sample::sample(&logits, &greedy, 0, step as u64)?;
+        let tokens = s.tokens.to_vec::<u32>()?;
+        if step == 0 {
+            first = t0.elapsed().as_secs_f64();
+        }
+        if step + 1 < new_tokens {
+            hidden = model.decode_step(&tokens, &mut cache)?;
+        }
+    }
+    synchronize(dev)?;
+    Ok((first, t0.elapsed().as_secs_f64()))
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    if args.batch == 0 || args.prompt_len == 0 || args.new_tokens < 2 || args.runs == 0 {
+        bail!("--batch, --prompt-len and --runs must be >= 1 and --new-tokens >= 2");
+    }
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(args.dtype.as_deref(), device)?;
+    let (model, label) = bench_model(&args.model, &args.shape, dtype, device)?;
+    let c = model.config.clone();
+    if args.prompt_len + args.new_tokens > c.max_position_embeddings {
+        bail!(
+            "--prompt-len {} + --new-tokens {} exceed max_position_embeddings = {}",
+            args.prompt_len,
+            args.new_tokens,
+            c.max_position_embeddings
+        );
+    }
+    let (b, p, n) = (args.batch, args.prompt_len, args.new_tokens);
+    let prompts: Vec<Vec<u32>> = (0..b).map(|i| rand_ids(p, c.vocab_size, args.seed * 1000 + i as u64)).collect();
+    reset_peak(device);
+    for _ in 0..args.warmup {
+        timed_generation(&model, &prompts, n.min(4))?;
+    }
+    let mut ttft = Vec::new();
+    let mut total = Vec::new();
+    for _ in 0..args.runs {
+        let (f, t) = timed_generation(&model, &prompts, n)?;
+        ttft.push(f);
+        total.push(t);
+    }
+    let (peak, peak_src) = peak_bytes(device);
+    let (f, t) = (median(&ttft), median(&total));
+    let prefill_tps = (b * p) as f64 / f;
+    let decode_tps = (b * (n - 1)) as f64 / (t - f);
+    let tps = (b * n) as f64 / t;
+    println!("{label}: batch {b}, prompt {p}, {n} new tokens on {device} ({dtype}), greedy");
+    println!("  prefill  {:>10.1} tokens/s   (time to first token {:.1} ms)", prefill_tps, f * 1e3);
+    println!(
+        "  decode   {:>10.1} tokens/s   ({:.2} ms per step of {b} tokens)",
+        decode_tps,
+        (t - f) / (n - 1) as f64 * 1e3
+    );
+    println!("  overall  {:>10.1} new tokens/s ({:.1} ms total)", tps, t * 1e3);
+    println!("  peak memory {} ({peak_src})", peak.map(|p| gib(p as f64)).unwrap_or_else(|| "n/a".into()));
+    let mut report = report_header("smelt-bench-generate", device);
+    report["model"] = json!(label);
+    report["config"] = config_json(&c);
+    report["device"] = json!(device.to_string());
+    report["dtype"] = json!(dtype.name());
+    report["batch"] = json!(b);
+    report["prompt_len"] = json!(p);
+    report["new_tokens"] = json!(n);
+    report["runs"] = json!(args.runs);
+    report["threads"] = json!(smelt_engine::cpu::num_threads());
+    report["ttft_ms"] = json!(f * 1e3);
+    report["total_ms"] = json!(t * 1e3);
+    report["prefill_tokens_per_s"] = json!(prefill_tps);
+    report["decode_tokens_per_s"] = json!(decode_tps);
+    report["tokens_per_s"] = json!(tps);
+    report["peak_bytes"] = json!(peak);
+    report["peak_bytes_source"] = json!(peak_src);
+    report["definition"] = json!(
+        "greedy, no stop tokens; prefill = time to first token (prefill + lm_head + sample); \
+         decode = the remaining new_tokens-1 steps; tokens_per_s = all new tokens over the total time"
+    );
+    write_json(&args.json, &report)
+}
