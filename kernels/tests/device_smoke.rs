@@ -3,7 +3,8 @@
 //! (`SMELT_REQUIRE_GPU=1` makes that a failure); `scripts/gpu-check` runs them on a GPU.
 //!
 //! The tests share one device and its allocator counters, so they take a lock and run one at a
-//! time.
+//! time. Without the `cuda` feature there is nothing to test and the file compiles to nothing.
+#![cfg(feature = "cuda")]
 
 use std::sync::Mutex;
 
