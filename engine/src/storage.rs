@@ -19,7 +19,8 @@ pub struct CpuStorage {
 impl CpuStorage {
     /// Zero-filled storage of `len_bytes` bytes.
     pub fn zeroed(len_bytes: usize) -> Self {
-        CpuStorage { blocks: vec![Block([0; 64]); len_bytes.div_ceil(64)], len_bytes }
+        // alloc_zeroed: the OS hands out zero pages lazily, so large loads do not pay for a fill.
+        CpuStorage { blocks: bytemuck::zeroed_vec(len_bytes.div_ceil(64)), len_bytes }
     }
     pub fn from_slice<T: WithDType>(data: &[T]) -> Self {
         let bytes: &[u8] = bytemuck::cast_slice(data);

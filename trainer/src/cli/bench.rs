@@ -139,6 +139,7 @@ fn device_name(device: Device) -> String {
 fn report_header(kind: &str, device: Device) -> Value {
     let (date, time) = utc_now();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut machine = json!({
         "hostname": host,
         "cpu_model": cpu_model(),
