@@ -308,6 +308,8 @@ unsafe impl Send for Module {}
 unsafe impl Sync for Module {}
 
 type Slot = Arc<OnceLock<std::result::Result<Arc<Module>, String>>>;
+/// (device ordinal, source name, source address): a module per source per device.
+type ModuleKey = (usize, &'static str, usize);
 
 fn load_image(
     dev: &CudaDevice,
@@ -386,7 +388,7 @@ fn build_module(dev: &CudaDevice, src: &KernelSource) -> std::result::Result<Mod
 }
 
 fn module(dev: &CudaDevice, src: &KernelSource) -> Result<Arc<Module>> {
-    static MODULES: OnceLock<Mutex<HashMap<(usize, &'static str, usize), Slot>>> = OnceLock::new();
+    static MODULES: OnceLock<Mutex<HashMap<ModuleKey, Slot>>> = OnceLock::new();
     let key = (dev.ordinal(), src.name, src.src.as_ptr() as usize);
     let slot: Slot = {
         let mut map =

@@ -157,7 +157,7 @@ fn dims(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Dims> {
             return Err(bad("a must have at least one dimension"));
         }
         let k = a.dim(a.rank() - 1);
-        let m = if k == 0 { a.shape()[..a.rank() - 1].iter().product() } else { a.elem_count() / k };
+        let m = a.shape()[..a.rank() - 1].iter().product();
         let mut s = a.shape()[..a.rank() - 1].to_vec();
         s.push(n);
         (m, k, s)
