@@ -69,3 +69,43 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     v = (lane < nwarps) ? scratch[lane] : -SMELT_INF;
     return warp_max(v);
 }
+
+// Row-op loads and stores shared by rmsnorm, rope, swiglu and embedding: ld1/st1 move one
+// element of T (f32 or bf16) as f32; ld16/st16 move 16 bytes (4 f32 or 8 bf16); ldn/stn pick
+// between them by N at compile time; round_to rounds an f32 result to T's precision.
+__device__ __forceinline__ float ld1(const float* p) { return *p; }
+__device__ __forceinline__ float ld1(const bf16_t* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ void st1(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st1(bf16_t* p, float v) { *p = f32_to_bf16(v); }
+__device__ __forceinline__ float round_to(float v, const float*) { return v; }
+__device__ __forceinline__ float round_to(float v, const bf16_t*) { return bf16_to_f32(f32_to_bf16(v)); }
+
+__device__ __forceinline__ void ld16(const float* p, float* f) {
+    float4 v = *reinterpret_cast<const float4*>(p);
+    f[0] = v.x; f[1] = v.y; f[2] = v.z; f[3] = v.w;
+}
+__device__ __forceinline__ void ld16(const bf16_t* p, float* f) {
+    uint4 v = *reinterpret_cast<const uint4*>(p);
+    u32 w[4] = {v.x, v.y, v.z, v.w};
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        f[2 * k] = bf16_to_f32((bf16_t)(w[k] & 0xffffu));
+        f[2 * k + 1] = bf16_to_f32((bf16_t)(w[k] >> 16));
+    }
+}
+__device__ __forceinline__ void st16(float* p, const float* f) {
+    *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
+}
+__device__ __forceinline__ void st16(bf16_t* p, const float* f) {
+    u32 w[4];
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) w[k] = (u32)f32_to_bf16(f[2 * k]) | ((u32)f32_to_bf16(f[2 * k + 1]) << 16);
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename T, int N> __device__ __forceinline__ void ldn(const T* p, float* f) {
+    if constexpr (N == 1) f[0] = ld1(p); else ld16(p, f);
+}
+template <typename T, int N> __device__ __forceinline__ void stn(T* p, const float* f) {
+    if constexpr (N == 1) st1(p, f[0]); else st16(p, f);
+}

@@ -37,8 +37,6 @@ extern "C" __global__ void embedding_fwd_v2(unsigned short* out, const unsigned 
     gather_rows<unsigned short>(out, table, ids, n, units);
 }
 
-__device__ __forceinline__ float ld1(const float* p) { return *p; }
-__device__ __forceinline__ float ld1(const bf16_t* p) { return bf16_to_f32(*p); }
 
 template <typename T>
 __device__ __forceinline__ void scatter_add_rows(float* d_table, const T* __restrict__ d_out,

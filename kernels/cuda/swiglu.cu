@@ -13,42 +13,6 @@
 //   v1 scalar grid-stride loop (any alignment)
 //   v2 16-byte vector loads, N elements per thread per step (default where aligned)
 
-__device__ __forceinline__ float ld1(const float* p) { return *p; }
-__device__ __forceinline__ float ld1(const bf16_t* p) { return bf16_to_f32(*p); }
-__device__ __forceinline__ void st1(float* p, float v) { *p = v; }
-__device__ __forceinline__ void st1(bf16_t* p, float v) { *p = f32_to_bf16(v); }
-__device__ __forceinline__ float round_to(float v, const float*) { return v; }
-__device__ __forceinline__ float round_to(float v, const bf16_t*) { return bf16_to_f32(f32_to_bf16(v)); }
-
-__device__ __forceinline__ void ld16(const float* p, float* f) {
-    float4 v = *reinterpret_cast<const float4*>(p);
-    f[0] = v.x; f[1] = v.y; f[2] = v.z; f[3] = v.w;
-}
-__device__ __forceinline__ void ld16(const bf16_t* p, float* f) {
-    uint4 v = *reinterpret_cast<const uint4*>(p);
-    u32 w[4] = {v.x, v.y, v.z, v.w};
-    #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        f[2 * k] = bf16_to_f32((bf16_t)(w[k] & 0xffffu));
-        f[2 * k + 1] = bf16_to_f32((bf16_t)(w[k] >> 16));
-    }
-}
-__device__ __forceinline__ void st16(float* p, const float* f) {
-    *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
-}
-__device__ __forceinline__ void st16(bf16_t* p, const float* f) {
-    u32 w[4];
-    #pragma unroll
-    for (int k = 0; k < 4; ++k) w[k] = (u32)f32_to_bf16(f[2 * k]) | ((u32)f32_to_bf16(f[2 * k + 1]) << 16);
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-template <typename T, int N> __device__ __forceinline__ void ldn(const T* p, float* f) {
-    if constexpr (N == 1) f[0] = ld1(p); else ld16(p, f);
-}
-template <typename T, int N> __device__ __forceinline__ void stn(T* p, const float* f) {
-    if constexpr (N == 1) st1(p, f[0]); else st16(p, f);
-}
 
 // Same formula as PyTorch's f32 silu (accurate expf, IEEE division).
 __device__ __forceinline__ float silu(float g) { return __fdiv_rn(g, 1.0f + expf(-g)); }
