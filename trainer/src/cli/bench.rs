@@ -23,7 +23,7 @@ use smelt_kernels::{
     adamw, add, attention, cast, embedding, global_norm, grpo_loss, logprob_entropy as head, matmul, rmsnorm, rope,
     sample, swiglu,
 };
-use smelt_models::{Config, ModelType, Packed, Qwen, Weights};
+use smelt_models::{Config, Packed, Qwen, Weights};
 use smelt_trainer::step::{synchronize, train_step_flops, PolicyStep, StepBatch, StepConfig};
 
 use super::common::open_checkpoint;
@@ -1043,27 +1043,7 @@ fn kernels(args: KernelsArgs) -> Result<()> {
 
 /// Named model shapes for `--shape` (random weights, no files).
 pub fn shape_config(name: &str) -> Option<Config> {
-    let base = Config {
-        model_type: ModelType::Qwen2,
-        hidden_size: 896,
-        intermediate_size: 4864,
-        num_hidden_layers: 24,
-        num_attention_heads: 14,
-        num_key_value_heads: 2,
-        head_dim: 64,
-        rms_norm_eps: 1e-6,
-        vocab_size: 151_936,
-        max_position_embeddings: 32_768,
-        tie_word_embeddings: true,
-        qkv_bias: true,
-        o_bias: false,
-        qk_norm: false,
-        rope_theta: 1_000_000.0,
-        bos_token_id: None,
-        eos_token_ids: vec![151_645],
-        pad_token_id: None,
-        dtype: Some(DType::BF16),
-    };
+    let base = smelt_models::testing::qwen2_5_0_5b_config();
     let c = match name {
         // For tests: every piece runs, in milliseconds.
         "tiny" => Config {
