@@ -1,6 +1,7 @@
 //! Parity with transformers on the tiny fixtures (tests/fixtures/README.md): per-token
 //! log-probs and entropies, greedy continuations, and every parameter's gradient of the
-//! mean NLL.
+//! mean NLL — on the CPU, and (the `device_*` tests, run by scripts/gpu-check) on CUDA in f32
+//! against the same references and in bf16 against the CPU's f32 results.
 
 use std::path::PathBuf;
 
@@ -14,9 +15,14 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn load(name: &str, recompute: bool) -> Qwen {
+    load_on(name, recompute, DType::F32, Device::Cpu)
+}
+
+fn load_on(name: &str, recompute: bool, dtype: DType, device: Device) -> Qwen {
     let dir = fixture(name);
     let config = Config::from_file(dir.join("config.json")).expect("config");
-    let weights = Weights::load(&dir, &config, &LoadOptions::default()).expect("weights");
+    let opts = LoadOptions { dtype, device, ..LoadOptions::default() };
+    let weights = Weights::load(&dir, &config, &opts).expect("weights");
     let mut m = Qwen::new(config, weights);
     m.recompute = recompute;
     m
@@ -34,17 +40,25 @@ fn floats(v: &Value) -> Vec<f64> {
     v.as_array().expect("floats").iter().map(|x| x.as_f64().expect("float")).collect()
 }
 
+/// Per-token (logp, entropy) of a packed batch at temperature `temp`, on the host.
+fn score(model: &Qwen, batch: &Packed, temp: f32) -> (Vec<f32>, Vec<f32>) {
+    let acts = model.forward(batch).unwrap();
+    let out = model.head(&acts.hidden, &batch.next_token_targets(), temp).unwrap();
+    (out.logp.to_vec_f32().unwrap(), out.entropy.to_vec_f32().unwrap())
+}
+
 /// Scores every reference sequence in one packed batch and compares with transformers.
 fn check_scores(name: &str, tol: f64) {
-    let model = load(name, false);
+    check_scores_on(&load(name, false), name, tol);
+}
+
+fn check_scores_on(model: &Qwen, name: &str, tol: f64) {
     let scores = json(fixture(name).join("reference/scores.json"));
     let seqs: Vec<&Value> = scores["sequences"].as_array().unwrap().iter().collect();
     let ids: Vec<Vec<u32>> = seqs.iter().map(|s| ids_of(&s["ids"])).collect();
     let batch = Packed::new(&ids);
-    let acts = model.forward(&batch).unwrap();
     for (key, temp) in [("", 1.0f32), ("_t0.7", 0.7)] {
-        let out = model.head(&acts.hidden, &batch.next_token_targets(), temp).unwrap();
-        let (logp, ent) = (out.logp.to_vec::<f32>().unwrap(), out.entropy.to_vec::<f32>().unwrap());
+        let (logp, ent) = score(model, &batch, temp);
         for (b, s) in seqs.iter().enumerate() {
             let (a, e) = (batch.cu_seqlens[b] as usize, batch.cu_seqlens[b + 1] as usize);
             let want_lp = floats(&s[format!("logprobs{key}").as_str()]);
@@ -82,7 +96,13 @@ fn qwen3_scores_match_transformers() {
 /// Mean NLL over the three random sequences, backward through the model, every parameter's
 /// gradient compared with PyTorch's by relative norm.
 fn check_grads(name: &str, recompute: bool) {
-    let model = load(name, recompute);
+    check_grads_on(&load(name, recompute), name, 1e-4, 1e-4);
+}
+
+/// `loss_tol`: relative error of the loss; `grad_tol`: largest relative-norm error of a
+/// parameter's gradient.
+fn check_grads_on(model: &Qwen, name: &str, loss_tol: f64, grad_tol: f64) {
+    let dev = model.device();
     let inputs = json(fixture(name).join("reference/inputs.json"));
     let seqs: Vec<Vec<u32>> = inputs["sequences"].as_array().unwrap()[..3].iter().map(|s| ids_of(&s["ids"])).collect();
     let batch = Packed::new(&seqs);
@@ -90,23 +110,24 @@ fn check_grads(name: &str, recompute: bool) {
     let n_pred = targets.iter().filter(|&&t| t != u32::MAX).count();
     let acts = model.forward(&batch).unwrap();
     let out = model.head(&acts.hidden, &targets, 1.0).unwrap();
-    let logp = out.logp.to_vec::<f32>().unwrap();
+    let logp = out.logp.to_vec_f32().unwrap();
     let loss: f64 =
         -logp.iter().zip(&targets).filter(|(_, &t)| t != u32::MAX).map(|(l, _)| *l as f64).sum::<f64>() / n_pred as f64;
     let want_loss = json(fixture(name).join("reference/loss.json"))["loss"].as_f64().unwrap();
-    assert!((loss - want_loss).abs() < 1e-4 * want_loss.abs().max(1.0), "{name}: loss {loss} vs {want_loss}");
+    assert!((loss - want_loss).abs() < loss_tol * want_loss.abs().max(1.0), "{name}: loss {loss} vs {want_loss}");
 
     // dL/dlogp = −1/n on predicted tokens; entropy carries no gradient here.
     let g: Vec<f32> = targets.iter().map(|&t| if t == u32::MAX { 0.0 } else { -1.0 / n_pred as f32 }).collect();
     let n = g.len();
-    let g_logp = Tensor::from_slice(&g, &[n], Device::Cpu).unwrap();
-    let g_ent = Tensor::zeros(&[n], DType::F32, Device::Cpu).unwrap();
-    let grads = Weights::zeros(&model.config, DType::F32, Device::Cpu).unwrap();
+    let g_logp = Tensor::from_slice(&g, &[n], dev).unwrap();
+    let g_ent = Tensor::zeros(&[n], DType::F32, dev).unwrap();
+    let grads = Weights::zeros(&model.config, DType::F32, dev).unwrap();
     model.backward(&acts, &out, 1.0, &g_logp, &g_ent, &grads).unwrap();
 
     let reference = SafetensorsFile::open(fixture(name).join("reference/grads.safetensors")).unwrap();
     let mine = grads.named_tensors();
     assert_eq!(mine.len(), reference.tensors().len(), "{name}: number of gradient tensors");
+    let mut worst = (0.0f64, String::new());
     for (pname, t) in mine {
         let want = reference.load(&pname, Some(DType::F32), true).unwrap().to_vec::<f32>().unwrap();
         let got = t.to_vec::<f32>().unwrap();
@@ -114,8 +135,12 @@ fn check_grads(name: &str, recompute: bool) {
         let diff: f64 = got.iter().zip(&want).map(|(a, b)| ((*a - *b) as f64).powi(2)).sum::<f64>().sqrt();
         let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
         assert!(norm > 0.0, "{name} {pname}: reference gradient is zero");
-        assert!(diff / norm < 1e-4, "{name} {pname}: relative error {:.3e}", diff / norm);
+        assert!(diff / norm < grad_tol, "{name} {pname}: relative error {:.3e} (tolerance {grad_tol:e})", diff / norm);
+        if diff / norm > worst.0 {
+            worst = (diff / norm, pname);
+        }
     }
+    eprintln!("{name} on {dev}: loss {loss:.6} vs {want_loss:.6}; worst gradient {} at {:.2e}", worst.1, worst.0);
 }
 
 #[test]
@@ -136,7 +161,10 @@ fn recomputation_gives_the_same_gradients() {
 /// Greedy decoding with the KV cache reproduces transformers' `generate` (eos disabled), for
 /// both prompts batched together (different lengths).
 fn check_greedy(name: &str) {
-    let model = load(name, false);
+    check_greedy_on(&load(name, false), name);
+}
+
+fn check_greedy_on(model: &Qwen, name: &str) {
     let greedy = json(fixture(name).join("reference/greedy.json"));
     let cases: Vec<&Value> = greedy["generations"].as_array().expect("greedy generations").iter().collect();
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids_of(&c["prompt_ids"])).collect();
@@ -147,7 +175,7 @@ fn check_greedy(name: &str) {
     let mut hidden = model.prefill(&prompts, &mut cache).unwrap();
     let mut got = vec![Vec::new(); prompts.len()];
     for _ in 0..steps {
-        let logits = model.logits(&hidden).unwrap().to_vec::<f32>().unwrap();
+        let logits = model.logits(&hidden).unwrap().to_vec_f32().unwrap();
         let v = model.config.vocab_size;
         let next: Vec<u32> = logits
             .chunks(v)
@@ -236,5 +264,119 @@ fn greedy_generate_matches_transformers() {
     let gens = generate(&model, &prompts, &stop).unwrap();
     for (g, c) in gens.iter().zip(cases) {
         assert_eq!(g.ids, ids_of(&c["new_ids_eos_enabled"]));
+    }
+}
+
+/// Largest and mean |a − b| over two equally long series.
+fn diff_stats(a: &[f32], b: &[f32]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len());
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).collect();
+    (d.iter().cloned().fold(0.0, f64::max), d.iter().sum::<f64>() / d.len().max(1) as f64)
+}
+
+/// A bf16 model (weights and activations stored in bf16, f32 math inside every op, as on the
+/// GPU) against the f32 model on the CPU: per-token logp and entropy of the reference
+/// sequences, largest and mean absolute differences under the given bounds. The targets'
+/// own entries (the last token of each sequence has none) are skipped.
+fn check_bf16_scores_on(bf16: &Qwen, name: &str, max_tol: f64, mean_tol: f64) {
+    let f32_model = load(name, false);
+    let scores = json(fixture(name).join("reference/scores.json"));
+    let ids: Vec<Vec<u32>> = scores["sequences"].as_array().unwrap().iter().map(|s| ids_of(&s["ids"])).collect();
+    let batch = Packed::new(&ids);
+    let keep: Vec<bool> = batch.next_token_targets().iter().map(|&t| t != u32::MAX).collect();
+    let pick = |v: Vec<f32>| v.into_iter().zip(&keep).filter(|(_, &k)| k).map(|(x, _)| x).collect::<Vec<_>>();
+    let (lp32, h32) = score(&f32_model, &batch, 1.0);
+    let (lp16, h16) = score(bf16, &batch, 1.0);
+    for (what, a, b) in [("logp", pick(lp16), pick(lp32)), ("entropy", pick(h16), pick(h32))] {
+        let (max, mean) = diff_stats(&a, &b);
+        eprintln!("{name} bf16 on {}: {what} |Δ| max {max:.4}, mean {mean:.4} over {} tokens", bf16.device(), a.len());
+        assert!(max <= max_tol && mean <= mean_tol, "{name} bf16 {what}: |Δ| max {max} (≤ {max_tol}), mean {mean} (≤ {mean_tol})");
+    }
+}
+
+/// bf16 tolerances for the GPU; the CPU's bf16 path must meet half of each. For scale:
+/// transformers' own bf16 run of qwen2-tiny differs from its f32 run by |Δlogp| max 0.45,
+/// mean 0.086 (entropy 0.17 / 0.032) on these tokens (logp ≈ −13.5: the fixtures are far
+/// from uniform); smelt's CPU bf16 path measures max 0.36, mean 0.086 (entropy 0.14 / 0.034),
+/// loss 3e-4 relative and worst gradient 6.4e-2 relative (q_proj.bias).
+/// Scores: max and mean |Δ| per token.
+const BF16_SCORE_TOL: (f64, f64) = (1.0, 0.2);
+/// Relative error of the mean-NLL loss and of each parameter's gradient.
+const BF16_GRAD_TOL: (f64, f64) = (4e-3, 0.2);
+
+/// The CPU runs a bf16 model too (the GPU's storage format, f32 math): its results track the
+/// f32 model within bf16 tolerance — the yardstick the device test reuses.
+#[test]
+fn bf16_compute_tracks_f32() {
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        let m = load_on(name, false, DType::BF16, Device::Cpu);
+        check_bf16_scores_on(&m, name, BF16_SCORE_TOL.0 / 2.0, BF16_SCORE_TOL.1 / 2.0);
+        check_grads_on(&m, name, BF16_GRAD_TOL.0 / 2.0, BF16_GRAD_TOL.1 / 2.0);
+    }
+}
+
+fn cuda() -> Option<Device> {
+    smelt_kernels::testing::test_cuda_device()
+}
+
+#[test]
+fn device_f32_scores_match_transformers() {
+    let Some(dev) = cuda() else { return };
+    for (name, tol) in [("qwen2-tiny", 1e-4), ("qwen3-tiny", 1e-3)] {
+        check_scores_on(&load_on(name, false, DType::F32, dev), name, tol);
+    }
+}
+
+#[test]
+fn device_f32_gradients_match_pytorch() {
+    let Some(dev) = cuda() else { return };
+    for (name, recompute) in [("qwen2-tiny", false), ("qwen3-tiny", false), ("qwen3-tiny", true)] {
+        check_grads_on(&load_on(name, recompute, DType::F32, dev), name, 1e-4, 1e-4);
+    }
+}
+
+#[test]
+fn device_f32_greedy_matches_transformers() {
+    let Some(dev) = cuda() else { return };
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        check_greedy_on(&load_on(name, false, DType::F32, dev), name);
+    }
+}
+
+#[test]
+fn device_bf16_tracks_cpu_f32() {
+    let Some(dev) = cuda() else { return };
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        let m = load_on(name, false, DType::BF16, dev);
+        check_bf16_scores_on(&m, name, BF16_SCORE_TOL.0, BF16_SCORE_TOL.1);
+        check_grads_on(&m, name, BF16_GRAD_TOL.0, BF16_GRAD_TOL.1);
+    }
+}
+
+/// `generate` on the GPU in f32: greedy gives the CPU's tokens, and the recorded log-probs and
+/// entropies agree with the CPU's; sampling with a seed is repeatable on the device.
+#[test]
+fn device_generate_matches_cpu() {
+    use smelt_kernels::sample::SamplingConfig;
+    use smelt_models::{generate, GenerateOptions};
+    let Some(dev) = cuda() else { return };
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        let (cpu, gpu) = (load(name, false), load_on(name, false, DType::F32, dev));
+        let prompts = vec![vec![5u32, 77, 300, 12, 9], vec![42u32, 7], vec![3u32; 40]];
+        let greedy = GenerateOptions { max_new_tokens: 16, sampling: SamplingConfig::greedy(), ..Default::default() };
+        let (want, got) = (generate(&cpu, &prompts, &greedy).unwrap(), generate(&gpu, &prompts, &greedy).unwrap());
+        for (w, g) in want.iter().zip(&got) {
+            assert_eq!(g.ids, w.ids, "{name} prompt {}: greedy tokens on {dev} vs cpu", w.prompt);
+            let (lp, h) = (diff_stats(&g.logp, &w.logp).0, diff_stats(&g.entropy, &w.entropy).0);
+            assert!(lp < 1e-4 && h < 1e-4, "{name} prompt {}: logp |Δ| {lp}, entropy |Δ| {h}", w.prompt);
+        }
+        let sampled = GenerateOptions {
+            sampling: SamplingConfig { temperature: 0.9, top_k: Some(50), top_p: 0.95 },
+            n_samples: 2,
+            seed: 7,
+            ..greedy
+        };
+        let a = generate(&gpu, &prompts, &sampled).unwrap();
+        assert_eq!(a, generate(&gpu, &prompts, &sampled).unwrap(), "{name}: same seed, same samples on {dev}");
     }
 }
