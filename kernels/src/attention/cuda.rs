@@ -31,17 +31,27 @@ fn upload(ord: usize, v: &[u32]) -> Result<Tensor> {
     Tensor::from_slice(v, &[v.len()], Device::Cuda(ord))
 }
 
-/// (sequence, tile start) pairs flattened, heaviest (latest in its sequence) first.
-fn tiles(cu: &[u32], size: usize) -> Vec<u32> {
-    let mut t: Vec<(u32, u32)> = vec![];
+/// (sequence, tile start) pairs flattened, heaviest first. Query tiles (forward, dQ) see keys
+/// up to their end, so the latest tile of a sequence is the heaviest; key tiles (dK/dV) see the
+/// query rows from their start on, so the earliest is the heaviest (`key_tiles`).
+fn tiles_by(cu: &[u32], size: usize, work: impl Fn(usize, usize) -> usize) -> Vec<u32> {
+    let mut t: Vec<(u32, u32, usize)> = vec![];
     for (b, w) in cu.windows(2).enumerate() {
         let len = (w[1] - w[0]) as usize;
         for s in (0..len).step_by(size) {
-            t.push((b as u32, s as u32));
+            t.push((b as u32, s as u32, work(len, s)));
         }
     }
-    t.sort_by_key(|&(_, s)| std::cmp::Reverse(s));
-    t.into_iter().flat_map(|(b, s)| [b, s]).collect()
+    t.sort_by_key(|&(_, _, w)| std::cmp::Reverse(w));
+    t.into_iter().flat_map(|(b, s, _)| [b, s]).collect()
+}
+
+fn tiles(cu: &[u32], size: usize) -> Vec<u32> {
+    tiles_by(cu, size, |_, s| s)
+}
+
+fn key_tiles(cu: &[u32], size: usize) -> Vec<u32> {
+    tiles_by(cu, size, |len, s| len - s)
 }
 
 fn i32_arg(op: &'static str, x: usize) -> Result<Arg> {
@@ -159,7 +169,7 @@ pub fn backward(
         Arg::Ptr(lse.cuda_ptr()?),
         Arg::Ptr(delta.cuda_ptr()?),
     ];
-    let kt = tiles(cu, BWD_BK);
+    let kt = key_tiles(cu, BWD_BK);
     let kt_d = upload(ord, &kt)?;
     let mut args = head.to_vec();
     args.extend([
@@ -303,6 +313,10 @@ mod tests {
         let tl = tiles(&cu, 64);
         let pairs: Vec<(u32, u32)> = tl.chunks(2).map(|c| (c[0], c[1])).collect();
         assert_eq!(pairs, vec![(2, 128), (2, 64), (3, 64), (0, 0), (2, 0), (3, 0)]);
+        // Key tiles: the earliest tile of the longest sequence first (stable among equals).
+        let kt = key_tiles(&cu, 64);
+        let pairs: Vec<(u32, u32)> = kt.chunks(2).map(|c| (c[0], c[1])).collect();
+        assert_eq!(pairs, vec![(2, 0), (3, 0), (2, 64), (3, 64), (0, 0), (2, 128)]);
         assert!(suffix("x", DType::BF16, 40).unwrap_err().to_string().contains("head_dim 40"));
         assert_eq!(suffix("x", DType::F32, 128).unwrap(), "f32_d128");
     }
