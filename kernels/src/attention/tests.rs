@@ -446,8 +446,10 @@ fn decode_device_matches_cpu() {
         for dt in [DType::F32, DType::BF16] {
             let (kc, vc) = filled_cache(&c, &lens, 4, 3001, dt, Device::Cpu);
             let (kd, vd) = filled_cache(&c, &lens, 4, 3001, dt, dev);
-            for (n_new, lens_now) in [(1usize, [1u32, 70, 1000, 3000]), (1, [1, 3, 513, 2049]), (3, [3, 67, 999, 2500])]
-            {
+            // n_new 5 > DEC_MAXQ (4): the decode kernel splits the new tokens into query groups.
+            let steps =
+                [(1usize, [1u32, 70, 1000, 3000]), (1, [1, 3, 513, 2049]), (3, [3, 67, 999, 2500]), (5, [5, 67, 999, 2500])];
+            for (n_new, lens_now) in steps {
                 let qv = gather_q(&c, &lens_now, n_new);
                 let q = Tensor::from_slice(&qv, &[4, n_new, nh, d], Device::Cpu).unwrap().to_dtype(dt).unwrap();
                 let want = attention_decode(&q, &kc, &vc, &lens_now, None).unwrap();
