@@ -56,7 +56,8 @@ extern "C" __global__ void grpo_loss_tokens(
     const float lo = 1.0f - eps_low, hi = 1.0f + eps_high;
     double acc[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // loss, m, low, high, dual, ρ, KL
 
-    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    // 64-bit index: with n close to 2^32, i + stride would wrap a u32 and never end the loop.
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const float m = mask[i];
         if (m == 0.0f) {
             g_logp[i] = 0.0f;
