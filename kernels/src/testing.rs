@@ -1,7 +1,23 @@
 //! Helpers shared by the op tests, the device tests and the benchmarks: float64 comparison
 //! with dtype-scaled tolerances, finite differences, and the device-test gate.
 
+use std::path::{Path, PathBuf};
+
 use smelt_engine::{Device, Rng};
+
+/// A path inside the repository (e.g. `tests/fixtures/qwen2-tiny`). Found from where the
+/// crates were built; when a test binary runs on another machine (scripts/gpu-check runs
+/// bundled binaries from the repository root of a copy of the tree), from `$SMELT_REPO` or
+/// the current directory.
+pub fn repo_path(rel: impl AsRef<Path>) -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = match std::env::var_os("SMELT_REPO") {
+        Some(r) => PathBuf::from(r),
+        None if built.join("kernels/cuda").is_dir() => built,
+        None => PathBuf::from("."),
+    };
+    root.join(rel)
+}
 
 /// Largest |got − want| and the index where it occurs.
 pub fn max_abs_diff(got: &[f32], want: &[f64]) -> (f64, usize) {

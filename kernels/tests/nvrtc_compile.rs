@@ -22,7 +22,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     };
     println!("nvrtc_compile: using {nvrtc}");
 
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
+    let dir = smelt_kernels::testing::repo_path("kernels/cuda");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))

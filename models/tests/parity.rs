@@ -11,7 +11,7 @@ use smelt_models::safetensors::SafetensorsFile;
 use smelt_models::{Config, LoadOptions, Packed, Qwen, Weights};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    smelt_kernels::testing::repo_path("tests/fixtures").join(name)
 }
 
 fn load(name: &str, recompute: bool) -> Qwen {
