@@ -7,8 +7,10 @@
 //   sumsq_<dt>[_v8]: one launch per tensor, grid-stride; each thread accumulates x² in f32
 //     (8 elements per step through 16-byte loads in the _v8 version, used when the pointer is
 //     16-byte aligned; the first n % 8 threads add the tail), then a block_sum writes one
-//     partial per block. The grid size depends only on n (never on the device), so the
-//     partials — and the norm — are bitwise reproducible run to run.
+//     partial per block. The grid size and version depend only on n and on whether the
+//     pointer is 16-byte aligned (never on the device), so the partials — and the norm — are
+//     bitwise reproducible run to run for the same tensors (a view at another offset may
+//     round differently).
 //   sumsq_finish: one block of 1024 threads; thread t adds partials t, t+1024, … in f64, then a
 //     fixed-order f64 warp/shared-memory reduction; out[0] = sqrt(total) as f32 (NaN/Inf kept).
 //   scale_<dt>[_v8]: grid-stride x[i] = s·x[i], 8 elements per step where 16-byte aligned.

@@ -2,8 +2,8 @@
 //!
 //! - [`global_norm`]: sqrt(Σ_t Σ_i x_t[i]²) over f32, bf16 or f16 tensors on one device. CPU
 //!   accumulates in f64 over fixed chunks combined in a fixed order; CUDA accumulates in f32 per
-//!   block (one partial per block, the grid sized by the tensor length only) and reduces the
-//!   partials in f64. Both are bitwise reproducible run to run.
+//!   block (one partial per block, the grid sized by the tensor's length and pointer alignment
+//!   only) and reduces the partials in f64. Both are bitwise reproducible run to run.
 //! - [`clip_grad_norm`]: PyTorch's `clip_grad_norm_` — scale every tensor in place by
 //!   `max_norm / (norm + 1e-6)` when the norm exceeds `max_norm` — except that a NaN or
 //!   infinite norm is returned *without* scaling anything, so the caller decides (skip the step,
