@@ -1,13 +1,21 @@
 // add.cu — elementwise residual ops: out = sa·a + sb·b (add, scale, in-place dst += s·src), the
 // row-broadcast bias add x[r,:] += b, and its backward, the column sum Σ_r g[r,:].
 //
-// Layout: flat contiguous buffers of n elements (f32, or bf16 storage with f32 math).
+// Layout: flat contiguous buffers of n elements (f32, or bf16 storage with f32 math); the column
+// sum reads g [rows, d] and writes f32 [d] (through an f32 [chunks, d] scratch).
 // Threads: a grid-stride loop; each thread handles 4 consecutive elements per step through one
 // 16-byte (f32) or 8-byte (bf16) vector load when the buffer is aligned (the launcher checks
 // n % 4 == 0 and 16-byte aligned pointers), scalar otherwise.
+// Column sum: one thread per column, a warp covering 32 adjacent columns so each row read is
+// coalesced. v1 sums all rows in one thread (d threads in all: a few warps for d = 128, so it is
+// latency-bound for long inputs); v2 splits the rows into fixed chunks — column_sum_partial,
+// grid (ceil(d/128), chunks), writes scratch[chunk, j] = Σ_{rows of the chunk, in order}, and
+// column_sum_reduce sums the chunks in order. The chunking depends only on `rows`, and there
+// are no atomics, so both are deterministic.
 // Versions:
-//   v1 scalar grid-stride loop (any alignment)
-//   v2 4-wide vector loads (current default where aligned)
+//   v1 scalar grid-stride loop (any alignment); column sum: one thread per column over all rows
+//   v2 4-wide vector loads (current default where aligned); column sum: row chunks + ordered
+//      reduction (current default)
 
 extern "C" __global__ void add_f32(float* __restrict__ out, const float* __restrict__ a,
                                    const float* __restrict__ b, float sa, float sb, u64 n) {
@@ -74,4 +82,37 @@ extern "C" __global__ void column_sum_bf16(float* __restrict__ out, const bf16_t
     float s = 0.0f;
     for (u32 r = 0; r < rows; ++r) s += bf16_to_f32(g[(u64)r * d + c]);
     out[c] = s;
+}
+
+// v2 column sum, pass 1: scratch[chunk, j] = Σ_{r in [chunk·per, min((chunk+1)·per, rows)), in order} g[r, j].
+template <typename T>
+__device__ __forceinline__ void column_sum_partial(float* __restrict__ scratch, const T* __restrict__ g, u32 rows,
+                                                   u32 d, u32 per) {
+    const u32 j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    const u64 r0 = (u64)blockIdx.y * per;
+    const u64 r1 = r0 + per < rows ? r0 + per : rows;
+    float s = 0.0f;
+    for (u64 r = r0; r < r1; ++r) s += ld1(g + r * d + j);
+    scratch[(u64)blockIdx.y * d + j] = s;
+}
+
+extern "C" __global__ void column_sum_partial_f32(float* __restrict__ scratch, const float* __restrict__ g, u32 rows,
+                                                  u32 d, u32 per) {
+    column_sum_partial<float>(scratch, g, rows, d, per);
+}
+
+extern "C" __global__ void column_sum_partial_bf16(float* __restrict__ scratch, const bf16_t* __restrict__ g,
+                                                   u32 rows, u32 d, u32 per) {
+    column_sum_partial<bf16_t>(scratch, g, rows, d, per);
+}
+
+// v2 column sum, pass 2: out[j] = Σ_{c in order} scratch[c, j].
+extern "C" __global__ void column_sum_reduce(float* __restrict__ out, const float* __restrict__ scratch, u32 chunks,
+                                             u32 d) {
+    const u32 j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    float s = 0.0f;
+    for (u32 c = 0; c < chunks; ++c) s += scratch[(u64)c * d + j];
+    out[j] = s;
 }
