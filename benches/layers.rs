@@ -1,5 +1,5 @@
 //! Criterion benchmarks for the CPU layer ops — embedding, RMSNorm, RoPE, SwiGLU, forward and
-//! backward — at Qwen2.5-0.5B shapes (hidden 896, 14 heads × head_dim 64, intermediate 4864)
+//! backward, and the residual/bias ops (axpby, bias add, bias gradient) — at Qwen2.5-0.5B shapes (hidden 896, 14 heads × head_dim 64, intermediate 4864)
 //! for 512 and 4096 tokens, f32.
 //!
 //! These ops are memory-bound, so throughput is `Bytes` = the bytes each call must move
@@ -8,7 +8,7 @@
 //! are timed by the GPU benchmark runner, not here.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use smelt_engine::Rng;
-use smelt_kernels::{embedding, rmsnorm, rope, swiglu};
+use smelt_kernels::{add, embedding, rmsnorm, rope, swiglu};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -107,6 +107,30 @@ fn benches(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("backward_fused", &shape), |b| {
             b.iter(|| swiglu::cpu::swiglu_fused_backward(black_box(&gate_up), &dy, INTER, &mut dgu))
+        });
+    }
+    g.finish();
+
+    // The residual stream: out = a + b (axpby), the q/k/v bias add and its gradient.
+    let mut g = c.benchmark_group("add_cpu");
+    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    let bias = rng.normal_vec(HIDDEN, 1.0);
+    for n in TOKENS {
+        let m = n * HIDDEN;
+        let (a, bb) = (rng.normal_vec(m, 1.0), rng.normal_vec(m, 1.0));
+        let (mut out, mut x) = (vec![0f32; m], rng.normal_vec(m, 1.0));
+        let shape = format!("{n}x{HIDDEN}");
+        g.throughput(Throughput::Bytes(3 * m as u64 * F));
+        g.bench_function(BenchmarkId::new("axpby", &shape), |b| {
+            b.iter(|| add::cpu::axpby(1.0, black_box(&a), 1.0, &bb, &mut out))
+        });
+        g.throughput(Throughput::Bytes(2 * m as u64 * F + HIDDEN as u64 * F));
+        g.bench_function(BenchmarkId::new("bias_add", &shape), |b| {
+            b.iter(|| add::cpu::add_bias_(black_box(&mut x), &bias, n, HIDDEN))
+        });
+        g.throughput(Throughput::Bytes(m as u64 * F + HIDDEN as u64 * F));
+        g.bench_function(BenchmarkId::new("bias_grad", &shape), |b| {
+            b.iter(|| add::cpu::column_sum(black_box(&a), n, HIDDEN))
         });
     }
     g.finish();

@@ -143,7 +143,15 @@ pub mod cpu {
         add_bias_via(x, b, d, |v| v, |v| v)
     }
 
-    pub fn add_bias_via<T: Copy + Send>(x: &mut [T], b: &[f32], d: usize, load: fn(T) -> f32, store: fn(f32) -> T) {
+    /// Generic over the conversions (not `fn` pointers) so the f32 case compiles to a plain
+    /// vectorised loop.
+    pub fn add_bias_via<T: Copy + Send>(
+        x: &mut [T],
+        b: &[f32],
+        d: usize,
+        load: impl Fn(T) -> f32 + Sync,
+        store: impl Fn(f32) -> T + Sync,
+    ) {
         if d == 0 {
             return;
         }
@@ -192,7 +200,7 @@ pub mod cpu {
         sum.into_iter().map(|x| x as f32).collect()
     }
 
-    pub fn axpby_to<T: Send>(sa: f32, a: &[f32], sb: f32, b: &[f32], out: &mut [T], conv: fn(f32) -> T) {
+    pub fn axpby_to<T: Send>(sa: f32, a: &[f32], sb: f32, b: &[f32], out: &mut [T], conv: impl Fn(f32) -> T + Sync) {
         smelt_engine::cpu::pool().install(|| {
             out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
                 let base = c * CHUNK;
