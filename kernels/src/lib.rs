@@ -16,6 +16,7 @@ pub mod add;
 pub mod attention;
 pub mod cast;
 pub mod embedding;
+pub(crate) mod fastmath;
 pub mod global_norm;
 pub mod grpo_loss;
 pub mod logprob_entropy;

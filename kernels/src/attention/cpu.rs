@@ -180,35 +180,7 @@ impl<'a> Shared<'a> {
 /// baseline target and again for AVX2+FMA, picked at run time.
 mod rows {
     const W: usize = 8;
-    /// Below this exp() underflows f32; clamping keeps the polynomial's 2^n in range.
-    const EXP_MIN: f32 = -87.0;
-
-    /// exp(x) for x ≤ ~0 (clamped below at −87, where it returns ~1.6e-38 instead of 0), to
-    /// ~2 ulp: Cephes' expf polynomial with round-to-nearest by the 1.5·2²³ trick, so no
-    /// float→int conversion or libm call stops vectorisation. (The same function as
-    /// `logprob_entropy`'s row passes.)
-    #[inline(always)]
-    #[allow(clippy::excessive_precision)] // Cephes' published coefficients, kept verbatim
-    pub fn exp_neg(x: f32) -> f32 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        const MAGIC: f32 = 12_582_912.0;
-        const C1: f32 = 0.693_359_375;
-        const C2: f32 = -2.121_944_4e-4;
-        let x = if x < EXP_MIN { EXP_MIN } else { x };
-        let v = x * LOG2E + MAGIC;
-        let n = v - MAGIC;
-        let r = x - n * C1 - n * C2;
-        let mut p = 1.987_569_1e-4f32;
-        p = p * r + 1.398_199_9e-3;
-        p = p * r + 8.333_452e-3;
-        p = p * r + 4.166_579_6e-2;
-        p = p * r + 1.666_666_5e-1;
-        p = p * r + 5.000_000_1e-1;
-        let e = p * r * r + r + 1.0;
-        // The low mantissa bits of v hold n (two's complement); 2^n as a float's exponent.
-        let scale = f32::from_bits(v.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
-        e * scale
-    }
+    pub use crate::fastmath::{exp_neg, EXP_MIN};
 
     #[inline(always)]
     fn row_max(x: &[f32]) -> f32 {
