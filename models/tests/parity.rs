@@ -290,7 +290,10 @@ fn check_bf16_scores_on(bf16: &Qwen, name: &str, max_tol: f64, mean_tol: f64) {
     for (what, a, b) in [("logp", pick(lp16), pick(lp32)), ("entropy", pick(h16), pick(h32))] {
         let (max, mean) = diff_stats(&a, &b);
         eprintln!("{name} bf16 on {}: {what} |Δ| max {max:.4}, mean {mean:.4} over {} tokens", bf16.device(), a.len());
-        assert!(max <= max_tol && mean <= mean_tol, "{name} bf16 {what}: |Δ| max {max} (≤ {max_tol}), mean {mean} (≤ {mean_tol})");
+        assert!(
+            max <= max_tol && mean <= mean_tol,
+            "{name} bf16 {what}: |Δ| max {max} (≤ {max_tol}), mean {mean} (≤ {mean_tol})"
+        );
     }
 }
 

@@ -459,7 +459,12 @@ mod tests {
         assert!(s.applied, "{what}: {s:?}");
         // The loss is a sum of terms of both signs (advantages ±1): relative to 1, not to itself.
         assert!(((s.loss - cpu_stats.loss) as f64).abs() < tol.0, "{what}: loss {} vs cpu {}", s.loss, cpu_stats.loss);
-        assert!(rel(s.grad_norm, cpu_stats.grad_norm) < tol.0, "{what}: |g| {} vs {}", s.grad_norm, cpu_stats.grad_norm);
+        assert!(
+            rel(s.grad_norm, cpu_stats.grad_norm) < tol.0,
+            "{what}: |g| {} vs {}",
+            s.grad_norm,
+            cpu_stats.grad_norm
+        );
         let names: Vec<String> = m.weights.named_tensors().into_iter().map(|(n, _)| n).collect();
         let grads: Vec<Vec<f32>> = st.grads.named_tensors().iter().map(|(_, t)| t.to_vec_f32().unwrap()).collect();
         let mut worst = (0f64, "");
@@ -488,7 +493,10 @@ mod tests {
             // f32: the same arithmetic up to fused multiply-adds; bf16: one ulp either way.
             let ulp = if dtype == DType::F32 { 1e-6 } else { 1.0 / 128.0 };
             for (j, (a, w)) in got.iter().zip(&want).enumerate() {
-                assert!((a - w).abs() <= ulp * w.abs().max(1e-3), "{what}: {name}[{j}] updated to {a}, AdamW gives {w}");
+                assert!(
+                    (a - w).abs() <= ulp * w.abs().max(1e-3),
+                    "{what}: {name}[{j}] updated to {a}, AdamW gives {w}"
+                );
             }
         }
     }

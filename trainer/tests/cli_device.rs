@@ -43,7 +43,19 @@ fn device_score_and_generate_match_cpu() {
         let model = repo_path("tests/fixtures").join(name);
         let (model, input) = (model.to_str().unwrap(), input.to_str().unwrap());
         let score = |dev: &str, dtype: &str| {
-            smelt(&["score", "--model", model, "--input", input, "--device", dev, "--dtype", dtype, "--temperature", "0.8"])
+            smelt(&[
+                "score",
+                "--model",
+                model,
+                "--input",
+                input,
+                "--device",
+                dev,
+                "--dtype",
+                dtype,
+                "--temperature",
+                "0.8",
+            ])
         };
         let cpu = score("cpu", "f32");
         for (dtype, tol) in [("f32", 1e-4), ("bf16", 1.0)] {
@@ -56,8 +68,19 @@ fn device_score_and_generate_match_cpu() {
         }
         let generate = |dev: &str| {
             let out = smelt(&[
-                "generate", "--model", model, "--prompt-ids", "5,77,300,12,9", "--max-new-tokens", "12",
-                "--temperature", "0", "--ignore-eos", "--json", "--device", dev,
+                "generate",
+                "--model",
+                model,
+                "--prompt-ids",
+                "5,77,300,12,9",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--json",
+                "--device",
+                dev,
             ]);
             serde_json::from_str::<Value>(out.trim()).unwrap()["ids"].clone()
         };

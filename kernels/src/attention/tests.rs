@@ -447,8 +447,12 @@ fn decode_device_matches_cpu() {
             let (kc, vc) = filled_cache(&c, &lens, 4, 3001, dt, Device::Cpu);
             let (kd, vd) = filled_cache(&c, &lens, 4, 3001, dt, dev);
             // n_new 5 > DEC_MAXQ (4): the decode kernel splits the new tokens into query groups.
-            let steps =
-                [(1usize, [1u32, 70, 1000, 3000]), (1, [1, 3, 513, 2049]), (3, [3, 67, 999, 2500]), (5, [5, 67, 999, 2500])];
+            let steps = [
+                (1usize, [1u32, 70, 1000, 3000]),
+                (1, [1, 3, 513, 2049]),
+                (3, [3, 67, 999, 2500]),
+                (5, [5, 67, 999, 2500]),
+            ];
             for (n_new, lens_now) in steps {
                 let qv = gather_q(&c, &lens_now, n_new);
                 let q = Tensor::from_slice(&qv, &[4, n_new, nh, d], Device::Cpu).unwrap().to_dtype(dt).unwrap();
