@@ -1,11 +1,39 @@
-//! Test helpers shared with other crates' tests: random checkpoints of any Qwen shape.
+//! Test helpers shared with other crates' tests: the committed fixture checkpoints, random
+//! checkpoints of any Qwen shape, raw safetensors bytes.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use smelt_engine::{DType, Rng};
 
 use crate::{Config, Error, ModelType, Result};
+
+/// A committed fixture model directory, `tests/fixtures/<name>` (see its README).
+pub fn fixture(name: &str) -> PathBuf {
+    smelt_kernels::testing::repo_path("tests/fixtures").join(name)
+}
+
+/// A temporary copy of a fixture directory's files (not its `reference/` folder), to break.
+/// Panics on I/O errors: for tests only.
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let src = fixture(name);
+    for e in std::fs::read_dir(&src).unwrap_or_else(|e| panic!("read {}: {e}", src.display())) {
+        let e = e.expect("directory entry");
+        if e.file_type().expect("file type").is_file() {
+            std::fs::copy(e.path(), tmp.path().join(e.file_name())).expect("copy fixture file");
+        }
+    }
+    tmp
+}
+
+/// Safetensors bytes from a header string and `data_len` zero bytes of data.
+pub fn raw_safetensors(header: &str, data_len: usize) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend(std::iter::repeat_n(0u8, data_len));
+    out
+}
 
 /// Qwen2.5-0.5B-Instruct's architecture (tied embeddings, q/k/v bias, 24 layers, vocab 151,936).
 pub fn qwen2_5_0_5b_config() -> Config {

@@ -10,23 +10,8 @@ use smelt_models::{
     save_safetensors, ChatTemplate, Checkpoint, Config, Error, LoadOptions, RenderOptions, Tokenizer, TokenizerConfig,
     Weights,
 };
-use tempfile::TempDir;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
-
-/// A copy of a fixture directory (without reference/) to break.
-fn copy_fixture(name: &str) -> TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fixture(name)).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-        }
-    }
-    tmp
-}
+use smelt_models::testing::{copy_fixture, fixture, raw_safetensors as raw};
 
 fn qwen2_config() -> Config {
     Config::from_file(fixture("qwen2-tiny/config.json")).unwrap()
@@ -39,14 +24,6 @@ fn fixture_tensors() -> Vec<(String, Tensor)> {
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) {
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     save_safetensors(path, &refs).unwrap();
-}
-
-/// Raw safetensors bytes from a header string and a data section length.
-fn raw(header: &str, data_len: usize) -> Vec<u8> {
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.extend(std::iter::repeat_n(0u8, data_len));
-    out
 }
 
 fn header_err(bytes: &[u8]) -> String {

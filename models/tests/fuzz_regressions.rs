@@ -10,13 +10,7 @@ use smelt_engine::DType;
 use smelt_models::safetensors::{parse_header, SafetensorsFile, MAX_HEADER_BYTES};
 use smelt_models::{limits, Checkpoint, Config, Error, GenerationConfig, LoadOptions, TokenizerConfig};
 
-/// Safetensors bytes from a header string and `data_len` zero bytes of data.
-fn raw(header: &str, data_len: usize) -> Vec<u8> {
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.extend(std::iter::repeat_n(0u8, data_len));
-    out
-}
+use smelt_models::testing::raw_safetensors as raw;
 
 fn header_err(bytes: &[u8]) -> String {
     match parse_header(Path::new("f.safetensors"), bytes) {

@@ -1,7 +1,5 @@
 //! The committed tiny Qwen2 / Qwen3 checkpoints load as transformers saved them.
 
-use std::path::{Path, PathBuf};
-
 use serde_json::Value;
 use smelt_engine::{DType, Device};
 use smelt_models::safetensors::SafetensorsFile;
@@ -11,9 +9,7 @@ use smelt_models::{
     Weights,
 };
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
+use smelt_models::testing::fixture;
 
 fn inputs(name: &str) -> Value {
     let text = std::fs::read_to_string(fixture(name).join("reference/inputs.json")).unwrap();

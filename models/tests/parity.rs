@@ -10,9 +10,7 @@ use smelt_engine::{DType, Device, Tensor};
 use smelt_models::safetensors::SafetensorsFile;
 use smelt_models::{Config, LoadOptions, Packed, Qwen, Weights};
 
-fn fixture(name: &str) -> PathBuf {
-    smelt_kernels::testing::repo_path("tests/fixtures").join(name)
-}
+use smelt_models::testing::fixture;
 
 fn load(name: &str, recompute: bool) -> Qwen {
     load_on(name, recompute, DType::F32, Device::Cpu)

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use serde_json::Value;
 use smelt_kernels::testing::{repo_path, test_cuda_device};
+use smelt_models::testing::fixture;
 
 fn smelt(args: &[&str]) -> String {
     let bin = std::env::var_os("SMELT_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_smelt").into());
@@ -40,7 +41,7 @@ fn device_score_and_generate_match_cpu() {
     let Some(_) = test_cuda_device() else { return };
     let input = repo_path("tests/fixtures/score-example.jsonl");
     for name in ["qwen2-tiny", "qwen3-tiny"] {
-        let model = repo_path("tests/fixtures").join(name);
+        let model = fixture(name);
         let (model, input) = (model.to_str().unwrap(), input.to_str().unwrap());
         let score = |dev: &str, dtype: &str| {
             smelt(&[

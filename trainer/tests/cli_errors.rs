@@ -4,23 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tempfile::TempDir;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
-
-/// A copy of a fixture model directory (files only) to break.
-fn model_copy(name: &str) -> TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fixture(name)).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-        }
-    }
-    tmp
-}
+use smelt_models::testing::{copy_fixture, fixture};
 
 fn write(dir: &Path, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
     let p = dir.join(name);
@@ -97,7 +81,7 @@ fn good_inputs_succeed() {
 
 #[test]
 fn truncated_and_corrupt_safetensors() {
-    let m = model_copy("qwen2-tiny");
+    let m = copy_fixture("qwen2-tiny");
     let st = m.path().join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     // Truncated download: the data section is cut short.
@@ -129,21 +113,21 @@ fn truncated_and_corrupt_safetensors() {
 #[test]
 fn tensors_that_do_not_match_the_config() {
     // The qwen3 fixture's shards under the qwen2 config: missing, unexpected and mis-shaped.
-    let m = model_copy("qwen3-tiny");
+    let m = copy_fixture("qwen3-tiny");
     std::fs::copy(fixture("qwen2-tiny/config.json"), m.path().join("config.json")).unwrap();
     score_fails_naming(m.path(), &["model.layers.0.self_attn.q_proj.bias", "q_norm"]);
 }
 
 #[test]
 fn absent_shard_is_named() {
-    let m = model_copy("qwen3-tiny");
+    let m = copy_fixture("qwen3-tiny");
     std::fs::remove_file(m.path().join("model-00002-of-00002.safetensors")).unwrap();
     score_fails_naming(m.path(), &["model-00002-of-00002.safetensors"]);
 }
 
 #[test]
 fn bad_config_json() {
-    let m = model_copy("qwen2-tiny");
+    let m = copy_fixture("qwen2-tiny");
     write(m.path(), "config.json", "{ this is not json");
     score_fails_naming(m.path(), &["config.json", "line 1"]);
     let mut cfg: serde_json::Value =
@@ -162,7 +146,7 @@ fn bad_config_json() {
 fn nan_in_weights_names_the_tensor_unless_skipped() {
     use smelt_engine::{Device, Tensor};
     use smelt_models::safetensors::SafetensorsFile;
-    let m = model_copy("qwen2-tiny");
+    let m = copy_fixture("qwen2-tiny");
     let st = m.path().join("model.safetensors");
     let mut tensors = SafetensorsFile::open(&st).unwrap().load_all(None, false).unwrap();
     let (name, t) = tensors.iter_mut().find(|(n, _)| n == "model.layers.1.mlp.up_proj.weight").unwrap();
@@ -189,11 +173,11 @@ fn nan_in_weights_names_the_tensor_unless_skipped() {
 
 #[test]
 fn bad_tokenizer_files() {
-    let m = model_copy("qwen2-tiny");
+    let m = copy_fixture("qwen2-tiny");
     write(m.path(), "tokenizer.json", "{\"version\": \"9.0\", \"model\": {\"type\": \"Quantum\"}}");
     score_fails_naming(m.path(), &["tokenizer.json"]);
     // A tokenizer with more tokens than the model's embedding table.
-    let m = model_copy("qwen2-tiny");
+    let m = copy_fixture("qwen2-tiny");
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(m.path().join("config.json")).unwrap()).unwrap();
     cfg["vocab_size"] = 300.into();
@@ -203,7 +187,7 @@ fn bad_tokenizer_files() {
 
 #[test]
 fn missing_special_token_and_broken_template() {
-    let m = model_copy("qwen2-tiny");
+    let m = copy_fixture("qwen2-tiny");
     let mut tc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(m.path().join("tokenizer_config.json")).unwrap()).unwrap();
     tc["chat_template"] = "{% for m in messages %}{{ m.content | no_such_filter }}{% endfor %}".into();
