@@ -71,6 +71,8 @@ pub struct StepBatch {
     /// Log-probs under the sampling policy; `None` = on-policy (ℓ_old = ℓ, the first of
     /// `num_iterations` passes), which makes every ratio 1.
     pub logp_old: Option<Vec<f32>>,
+    /// Log-probs under the frozen reference model; required when β > 0.
+    pub logp_ref: Option<Vec<f32>>,
 }
 
 /// Wall time of each phase of a step, in seconds.
@@ -163,62 +165,102 @@ impl PolicyStep {
 
     /// One policy update of `model` on `batch`.
     pub fn step(&mut self, model: &Qwen, batch: &StepBatch) -> Result<StepStats> {
-        let n = batch.packed.num_tokens();
-        for (name, len) in [("advantages", batch.advantages.len()), ("mask", batch.mask.len())]
-            .into_iter()
-            .chain(batch.logp_old.as_ref().map(|v| ("logp_old", v.len())))
-        {
-            if len != n {
-                return Err(Error::Msg(format!("policy step: {name} has {len} entries for a batch of {n} tokens")));
-            }
+        self.step_accumulated(model, std::slice::from_ref(batch))
+    }
+
+    /// One policy update from several micro-batches: each is forwarded and backpropagated in
+    /// turn (only one micro-batch's activations are alive at a time), their gradients add up,
+    /// and AdamW runs once. The aggregation weights are those of the whole batch, so the
+    /// update equals [`PolicyStep::step`] on the concatenated batch (up to float rounding).
+    pub fn step_accumulated(&mut self, model: &Qwen, micro: &[StepBatch]) -> Result<StepStats> {
+        if micro.is_empty() {
+            return Err(Error::Msg("policy step: no micro-batches".into()));
         }
-        let dev = model.device();
         let cfg = self.config.clone();
+        let masks = micro.iter().map(|b| loss_mask(b)).collect::<Result<Vec<_>>>()?;
+        let total_seqs: usize = micro.iter().map(|b| b.packed.num_seqs()).sum();
+        let total_mask: f64 = masks.iter().flat_map(|m| m.iter()).map(|&m| m as f64).sum();
+        let dev = model.device();
         let sync = |t: &mut f64, start: Instant| -> Result<()> {
             if cfg.sync_phases {
                 synchronize(dev)?;
             }
-            *t = start.elapsed().as_secs_f64();
+            *t += start.elapsed().as_secs_f64();
             Ok(())
         };
         let mut ph = PhaseTimes::default();
-
-        let t0 = Instant::now();
-        let acts = model.forward(&batch.packed)?;
-        sync(&mut ph.forward, t0)?;
-
-        let t0 = Instant::now();
-        let targets = batch.packed.next_token_targets();
-        let head = model.head(&acts.hidden, &targets, cfg.temperature)?;
-        sync(&mut ph.head, t0)?;
-
-        let t0 = Instant::now();
-        let mask: Vec<f32> =
-            batch.mask.iter().zip(&targets).map(|(&m, &t)| if t == IGNORE || m == 0.0 { 0.0 } else { 1.0 }).collect();
-        let cu: Vec<usize> = batch.packed.cu_seqlens.iter().map(|&c| c as usize).collect();
-        let w = aggregation_weights(&cu, &mask, cfg.loss_type, cfg.max_completion_length)?;
-        let vec = |v: &[f32]| Tensor::from_slice(v, &[n], dev);
-        let (adv, mask_t, w_t) = (vec(&batch.advantages)?, vec(&mask)?, vec(&w)?);
-        let old = batch.logp_old.as_deref().map(vec).transpose()?;
-        let inputs = GrpoLossInputs {
-            logp: &head.logp,
-            logp_old: old.as_ref().unwrap_or(&head.logp),
-            logp_ref: None,
-            advantages: &adv,
-            mask: &mask_t,
-            weights: &w_t,
-            entropy: Some(&head.entropy),
-        };
-        let out = grpo_loss(&inputs, &cfg.loss)?;
-        sync(&mut ph.loss, t0)?;
-
         let t0 = Instant::now();
         for (_, g) in self.grads.named_tensors() {
             zero_(g)?;
         }
-        model.backward(&acts, &head, cfg.temperature, &out.g_logp, &out.g_entropy, &self.grads)?;
-        drop(acts);
-        sync(&mut ph.backward, t0)?;
+        sync(&mut ph.optimizer, t0)?;
+
+        let (mut loss, mut ent_sum) = (0f64, 0f64);
+        let mut stats = GrpoStats::default();
+        for (batch, mask) in micro.iter().zip(&masks) {
+            let t0 = Instant::now();
+            let acts = model.forward(&batch.packed)?;
+            sync(&mut ph.forward, t0)?;
+
+            let t0 = Instant::now();
+            let targets = batch.packed.next_token_targets();
+            let head = model.head(&acts.hidden, &targets, cfg.temperature)?;
+            sync(&mut ph.head, t0)?;
+
+            let t0 = Instant::now();
+            let n = batch.packed.num_tokens();
+            let cu: Vec<usize> = batch.packed.cu_seqlens.iter().map(|&c| c as usize).collect();
+            let mut w = aggregation_weights(&cu, mask, cfg.loss_type, cfg.max_completion_length)?;
+            // Rescale this micro-batch's weights to the whole batch's denominator.
+            let micro_mask: f64 = mask.iter().map(|&m| m as f64).sum();
+            let share = match cfg.loss_type {
+                LossType::Dapo => micro_mask.max(1.0) / total_mask.max(1.0),
+                LossType::Grpo | LossType::DrGrpo => batch.packed.num_seqs() as f64 / total_seqs.max(1) as f64,
+            } as f32;
+            w.iter_mut().for_each(|x| *x *= share);
+            let vec = |v: &[f32]| Tensor::from_slice(v, &[n], dev);
+            let (adv, mask_t, w_t) = (vec(&batch.advantages)?, vec(mask)?, vec(&w)?);
+            let old = batch.logp_old.as_deref().map(vec).transpose()?;
+            let reference = batch.logp_ref.as_deref().map(vec).transpose()?;
+            let inputs = GrpoLossInputs {
+                logp: &head.logp,
+                logp_old: old.as_ref().unwrap_or(&head.logp),
+                logp_ref: reference.as_ref(),
+                advantages: &adv,
+                mask: &mask_t,
+                weights: &w_t,
+                entropy: Some(&head.entropy),
+            };
+            let out = grpo_loss(&inputs, &cfg.loss)?;
+            sync(&mut ph.loss, t0)?;
+
+            let t0 = Instant::now();
+            model.backward(&acts, &head, cfg.temperature, &out.g_logp, &out.g_entropy, &self.grads)?;
+            drop(acts);
+            sync(&mut ph.backward, t0)?;
+
+            loss += out.loss as f64;
+            let ent = head.entropy.to_vec::<f32>()?;
+            ent_sum += ent.iter().zip(mask).map(|(e, m)| (*e * *m) as f64).sum::<f64>();
+            // The kernel's statistics are means over this micro-batch's loss tokens.
+            let k = out.stats.num_tokens;
+            stats.clip_frac_low += out.stats.clip_frac_low * k;
+            stats.clip_frac_high += out.stats.clip_frac_high * k;
+            stats.clip_frac_dual += out.stats.clip_frac_dual * k;
+            stats.mean_ratio += out.stats.mean_ratio * k;
+            stats.mean_kl += out.stats.mean_kl * k;
+            stats.num_tokens += k;
+        }
+        let k = stats.num_tokens.max(1.0);
+        for s in [
+            &mut stats.clip_frac_low,
+            &mut stats.clip_frac_high,
+            &mut stats.clip_frac_dual,
+            &mut stats.mean_ratio,
+            &mut stats.mean_kl,
+        ] {
+            *s /= k;
+        }
 
         let t0 = Instant::now();
         let grads = self.grads.named_tensors();
@@ -242,22 +284,33 @@ impl PolicyStep {
         }
         sync(&mut ph.optimizer, t0)?;
 
-        let ent = head.entropy.to_vec::<f32>()?;
-        let (mut se, mut cnt) = (0f64, 0f64);
-        for (e, m) in ent.iter().zip(&mask) {
-            se += (*e * *m) as f64;
-            cnt += *m as f64;
-        }
         Ok(StepStats {
-            loss: out.loss,
+            loss: loss as f32,
             grad_norm: norm,
             clip_scale: scale,
             applied,
-            mean_entropy: (se / cnt.max(1.0)) as f32,
-            grpo: out.stats,
+            mean_entropy: (ent_sum / total_mask.max(1.0)) as f32,
+            grpo: stats,
             phases: ph,
         })
     }
+}
+
+/// Checks a micro-batch's per-token arrays and returns its loss mask: 1 where the caller's
+/// mask is set and the token has a next-token target (never the last token of a sequence).
+fn loss_mask(batch: &StepBatch) -> Result<Vec<f32>> {
+    let n = batch.packed.num_tokens();
+    for (name, len) in [("advantages", batch.advantages.len()), ("mask", batch.mask.len())]
+        .into_iter()
+        .chain(batch.logp_old.as_ref().map(|v| ("logp_old", v.len())))
+        .chain(batch.logp_ref.as_ref().map(|v| ("logp_ref", v.len())))
+    {
+        if len != n {
+            return Err(Error::Msg(format!("policy step: {name} has {len} entries for a batch of {n} tokens")));
+        }
+    }
+    let targets = batch.packed.next_token_targets();
+    Ok(batch.mask.iter().zip(&targets).map(|(&m, &t)| if t == IGNORE || m == 0.0 { 0.0 } else { 1.0 }).collect())
 }
 
 /// Sets every element of a float tensor to 0.
@@ -351,7 +404,7 @@ mod tests {
             // First two tokens play the prompt.
             mask.extend((0..s.len()).map(|t| if t < 2 { 0.0 } else { 1.0 }));
         }
-        StepBatch { packed, advantages, mask, logp_old: None }
+        StepBatch { packed, advantages, mask, logp_old: None, logp_ref: None }
     }
 
     /// The gradient the step computes is the derivative of the loss it reports: a directional
@@ -411,6 +464,76 @@ mod tests {
         let mut st2 = PolicyStep::new(&m, StepConfig { optim: AdamW { lr: 0.0, ..cfg.optim }, ..cfg }).unwrap();
         let s2 = st2.step(&m, &b).unwrap();
         assert!(s2.loss < s.loss, "loss {} -> {}", s.loss, s2.loss);
+    }
+
+    /// Splits a batch into per-sequence micro-batches.
+    fn split(b: &StepBatch) -> Vec<StepBatch> {
+        let cu = &b.packed.cu_seqlens;
+        (0..b.packed.num_seqs())
+            .map(|i| {
+                let (s, e) = (cu[i] as usize, cu[i + 1] as usize);
+                let part = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v[s..e].to_vec());
+                StepBatch {
+                    packed: Packed::new(&[b.packed.ids[s..e].to_vec()]),
+                    advantages: b.advantages[s..e].to_vec(),
+                    mask: b.mask[s..e].to_vec(),
+                    logp_old: part(&b.logp_old),
+                    logp_ref: part(&b.logp_ref),
+                }
+            })
+            .collect()
+    }
+
+    /// Accumulating over micro-batches is the same update as one step on the whole batch, for
+    /// every aggregation mode, with a reference model's log-probs (β > 0) in the loss.
+    #[test]
+    fn micro_batches_accumulate_to_the_full_batch_step() {
+        let config = tiny();
+        let mut rng = Rng::new(4);
+        let b = batch(&config, &mut rng);
+        let m0 = model(&config, 5);
+        let acts = m0.forward(&b.packed).unwrap();
+        let lp: Vec<f32> = m0.head(&acts.hidden, &b.packed.next_token_targets(), 1.0).unwrap().logp.to_vec().unwrap();
+        let b = StepBatch {
+            logp_old: Some(lp.iter().map(|x| x + 0.1).collect()),
+            logp_ref: Some(lp.iter().map(|x| x - 0.2).collect()),
+            ..b
+        };
+        let micro = split(&b);
+        assert_eq!(micro.len(), 3);
+        for loss_type in [LossType::Dapo, LossType::Grpo, LossType::DrGrpo] {
+            let cfg = StepConfig {
+                loss: GrpoLossConfig { beta: 0.04, ..Default::default() },
+                loss_type,
+                max_completion_length: 16,
+                optim: AdamW { lr: 1e-3, ..AdamW::default() },
+                ..Default::default()
+            };
+            let (whole, parts) = (model(&config, 5), model(&config, 5));
+            let (mut p1, mut p2) =
+                (PolicyStep::new(&whole, cfg.clone()).unwrap(), PolicyStep::new(&parts, cfg).unwrap());
+            let s1 = p1.step(&whole, &b).unwrap();
+            let s2 = p2.step_accumulated(&parts, &micro).unwrap();
+            assert!((s1.loss - s2.loss).abs() <= 1e-5 * s1.loss.abs().max(1.0), "{loss_type:?}: {s1:?} vs {s2:?}");
+            assert!((s1.grad_norm - s2.grad_norm).abs() <= 1e-4 * s1.grad_norm, "{loss_type:?}");
+            assert!(s1.grpo.mean_kl > 0.0 && (s1.grpo.mean_kl - s2.grpo.mean_kl).abs() <= 1e-5, "{loss_type:?}");
+            assert_eq!(s1.grpo.num_tokens, s2.grpo.num_tokens);
+            assert!((s1.mean_entropy - s2.mean_entropy).abs() <= 1e-5);
+            // Gradients agree to float rounding (AdamW's first step, ≈ lr·sign(g), would magnify
+            // rounding in near-zero components, so the weights are not compared).
+            for ((n, a), (_, b)) in p1.grads.named_tensors().iter().zip(p2.grads.named_tensors().iter()) {
+                let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec().unwrap(), b.to_vec().unwrap());
+                let d: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f32>().sqrt();
+                let r: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!(d <= 1e-5 * r.max(1e-6), "{loss_type:?} {n}: |Δg| {d} vs |g| {r}");
+            }
+        }
+        // β > 0 without reference log-probs is refused by the loss, naming β.
+        let no_ref = StepBatch { logp_ref: None, ..b.clone() };
+        let cfg = StepConfig { loss: GrpoLossConfig { beta: 0.04, ..Default::default() }, ..Default::default() };
+        let m = model(&config, 5);
+        let err = PolicyStep::new(&m, cfg).unwrap().step(&m, &no_ref).unwrap_err().to_string();
+        assert!(err.contains("logp_ref") || err.contains("beta") || err.contains("β"), "{err}");
     }
 
     #[test]
