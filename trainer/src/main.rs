@@ -23,6 +23,8 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Benchmarks: kernels against measured ceilings, the training step, generation.
     Bench(cli::bench::BenchArgs),
+    /// RL-train a model (GRPO family; accuracy, LASER, PEAR or DRO rewards) from a TOML config.
+    Train(cli::train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         Command::Score(a) => cli::score::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Train(a) => cli::train::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

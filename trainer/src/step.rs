@@ -20,6 +20,7 @@
 //! Clipping costs no extra pass over the gradients: the clip factor is folded into AdamW's
 //! `grad_scale`. A non-finite gradient norm skips the update (the step reports it).
 
+use std::path::Path;
 use std::time::Instant;
 
 use smelt_engine::{DType, Device, Tensor};
@@ -115,6 +116,8 @@ pub struct StepStats {
     pub applied: bool,
     /// Mean entropy over loss tokens (under the head's temperature).
     pub mean_entropy: f32,
+    /// Mean log-prob of the loss tokens before the update (−NLL for supervised batches).
+    pub mean_logp: f32,
     pub grpo: GrpoStats,
     pub phases: PhaseTimes,
 }
@@ -163,6 +166,45 @@ impl PolicyStep {
         b(&self.grads) + b(&self.m) + b(&self.v) + self.master.as_ref().map_or(0, b)
     }
 
+    /// Writes the AdamW moments (and the f32 master weights when kept) to `path` as
+    /// safetensors (`m.<name>`, `v.<name>`, `master.<name>`), atomically.
+    pub fn save_state(&self, path: &Path) -> Result<()> {
+        let mut named: Vec<(String, &Tensor)> = Vec::new();
+        for (prefix, w) in [("m", Some(&self.m)), ("v", Some(&self.v)), ("master", self.master.as_ref())] {
+            if let Some(w) = w {
+                named.extend(w.named_tensors().into_iter().map(|(n, t)| (format!("{prefix}.{n}"), t)));
+            }
+        }
+        smelt_models::save_safetensors(path, &named)
+    }
+
+    /// Restores what [`PolicyStep::save_state`] wrote (into the existing tensors, on their
+    /// device) and the AdamW step count. Every tensor must be present with its shape.
+    pub fn load_state(&mut self, path: &Path, step: u64) -> Result<()> {
+        let file = smelt_models::safetensors::SafetensorsFile::open(path)?;
+        for (prefix, w) in [("m", Some(&self.m)), ("v", Some(&self.v)), ("master", self.master.as_ref())] {
+            let Some(w) = w else { continue };
+            for (n, t) in w.named_tensors() {
+                let key = format!("{prefix}.{n}");
+                let src = file.load(&key, Some(DType::F32), true).map_err(|e| match file.get(&key) {
+                    None => Error::Msg(format!("{}: optimizer state lacks tensor {key}", path.display())),
+                    Some(_) => e,
+                })?;
+                if src.shape() != t.shape() {
+                    return Err(Error::Msg(format!(
+                        "{}: {key} has shape {:?}, the model needs {:?}",
+                        path.display(),
+                        src.shape(),
+                        t.shape()
+                    )));
+                }
+                t.copy_from(&src.to_device(t.device())?)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// One policy update of `model` on `batch`.
     pub fn step(&mut self, model: &Qwen, batch: &StepBatch) -> Result<StepStats> {
         self.step_accumulated(model, std::slice::from_ref(batch))
@@ -195,7 +237,7 @@ impl PolicyStep {
         }
         sync(&mut ph.optimizer, t0)?;
 
-        let (mut loss, mut ent_sum) = (0f64, 0f64);
+        let (mut loss, mut ent_sum, mut logp_sum) = (0f64, 0f64, 0f64);
         let mut stats = GrpoStats::default();
         for (batch, mask) in micro.iter().zip(&masks) {
             let t0 = Instant::now();
@@ -242,6 +284,8 @@ impl PolicyStep {
             loss += out.loss as f64;
             let ent = head.entropy.to_vec::<f32>()?;
             ent_sum += ent.iter().zip(mask).map(|(e, m)| (*e * *m) as f64).sum::<f64>();
+            let lp = head.logp.to_vec::<f32>()?;
+            logp_sum += lp.iter().zip(mask).filter(|(_, &m)| m != 0.0).map(|(l, _)| *l as f64).sum::<f64>();
             // The kernel's statistics are means over this micro-batch's loss tokens.
             let k = out.stats.num_tokens;
             stats.clip_frac_low += out.stats.clip_frac_low * k;
@@ -290,6 +334,7 @@ impl PolicyStep {
             clip_scale: scale,
             applied,
             mean_entropy: (ent_sum / total_mask.max(1.0)) as f32,
+            mean_logp: (logp_sum / total_mask.max(1.0)) as f32,
             grpo: stats,
             phases: ph,
         })

@@ -25,6 +25,7 @@ use smelt_kernels::{
 };
 use smelt_models::{Config, Packed, Qwen, Weights};
 use smelt_trainer::step::{synchronize, train_step_flops, PolicyStep, StepBatch, StepConfig};
+use smelt_trainer::memory::{peak_bytes, proc_mem, reset_peak};
 
 use super::common::open_checkpoint;
 
@@ -1159,51 +1160,6 @@ fn config_json(c: &Config) -> Value {
         "max_position_embeddings": c.max_position_embeddings,
         "num_parameters": c.num_parameters(),
     })
-}
-
-/// Process memory from /proc/self/status (bytes): (VmRSS, VmHWM).
-fn proc_mem() -> (Option<u64>, Option<u64>) {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |k: &str| {
-        s.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// Starts peak tracking: resets the process's VmHWM (Linux: `5` > /proc/self/clear_refs) or the
-/// CUDA allocator's peak.
-fn reset_peak(device: Device) {
-    match device {
-        Device::Cpu => {
-            let _ = std::fs::write("/proc/self/clear_refs", "5");
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(i) => {
-            if let Ok(d) = smelt_engine::cuda::device(i) {
-                d.reset_peak();
-            }
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => {}
-    }
-}
-
-/// (peak bytes, what it measures) since [`reset_peak`].
-fn peak_bytes(device: Device) -> (Option<u64>, &'static str) {
-    match device {
-        Device::Cpu => (proc_mem().1, "process peak RSS (VmHWM, reset after setup)"),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(i) => (
-            smelt_engine::cuda::device(i).ok().map(|d| d.peak_bytes() as u64),
-            "CUDA caching allocator peak bytes in use",
-        ),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => (None, "unavailable"),
-    }
 }
 
 /// Dense bf16 peak of known GPUs (TFLOP/s), for MFU.

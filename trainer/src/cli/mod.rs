@@ -3,3 +3,4 @@ pub mod common;
 pub mod doctor;
 pub mod generate;
 pub mod score;
+pub mod train;

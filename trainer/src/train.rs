@@ -1,0 +1,878 @@
+//! `smelt train`: the GRPO-family loop (DESIGN.md "Trainer").
+//!
+//! ```text
+//! (optional) supervised warm-up on the examples' solutions
+//! per step: prompts → G rollouts each (logp_old, entropy recorded) → reward
+//!           (accuracy | LASER/-D/-DE | PEAR | DRO R3, + DAPO overlong) → advantages
+//!           → [dynamic sampling] → micro-batches → num_iterations × (accumulate, clip, AdamW)
+//!           → one JSON line in log.jsonl; eval every eval_steps; checkpoint every save_steps
+//! ```
+//!
+//! Checkpoints are Hugging Face model directories (`checkpoint-<step>/`) plus
+//! `trainer_state/` (AdamW moments, master weights, step, data position, LASER targets),
+//! written to a temporary directory and renamed into place. `resume_from_checkpoint` continues
+//! a run from one.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use smelt_engine::{DType, Device};
+use smelt_kernels::adamw::AdamW;
+use smelt_kernels::grpo_loss::LossType;
+use smelt_kernels::sample::SamplingConfig;
+use smelt_models::{
+    generate, Checkpoint, GenerateOptions, Generation, LoadOptions, Message, Packed, Qwen, RenderOptions,
+};
+
+use crate::advantage::advantages;
+use crate::config::{RewardKind, TrainConfig};
+use crate::data::{self, Example, Sampler};
+use crate::reward::correctness::{judge, CorrectnessConfig, Outcome};
+use crate::reward::laser::{adapt_targets, Difficulty, LaserTargets, MonitorResponse, TargetSearch};
+use crate::step::{PolicyStep, StepBatch, StepConfig, StepStats};
+
+/// What a finished run reports (also the last lines of `log.jsonl`).
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// Mean reward of each RL step's rollouts, in order.
+    pub step_rewards: Vec<f32>,
+    /// Fraction of correct rollouts per RL step.
+    pub step_accuracy: Vec<f32>,
+    /// (step, greedy accuracy on the held-out set).
+    pub evals: Vec<(usize, f32)>,
+    /// Mean NLL of each supervised warm-up step.
+    pub sft_nll: Vec<f32>,
+    /// Checkpoint directories written.
+    pub checkpoints: Vec<PathBuf>,
+}
+
+/// One completion with everything the rewards read.
+struct Rollout {
+    /// Index into the step's prompt list.
+    prompt: usize,
+    gen: Generation,
+    outcome: Outcome,
+    /// Index of the first `</think>` in the completion.
+    think_end: Option<usize>,
+    /// Completion tokens excluding the stop token.
+    len: usize,
+    truncated: bool,
+    reward: f32,
+}
+
+/// A training run: the model, its optimizer state, data and bookkeeping.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    ckpt: Checkpoint,
+    pub model: Qwen,
+    reference: Option<Qwen>,
+    policy: PolicyStep,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    /// Chat-rendered, tokenized prompts of `train` / `eval`.
+    train_ids: Vec<Vec<u32>>,
+    eval_ids: Vec<Vec<u32>>,
+    stop_ids: Vec<u32>,
+    /// Appended after a supervised solution.
+    eos_id: u32,
+    think_end_id: Option<u32>,
+    sampler: Sampler,
+    correctness: CorrectnessConfig,
+    laser_targets: LaserTargets,
+    /// RL steps done.
+    pub step: usize,
+    log: File,
+    started: Instant,
+}
+
+/// Runs a whole training job: warm-up, RL steps, evaluations, checkpoints.
+pub fn train(cfg: TrainConfig) -> Result<Summary> {
+    let mut t = Trainer::new(cfg)?;
+    t.run()
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig) -> Result<Trainer> {
+        cfg.validate()?;
+        let kind = cfg.reward_kind()?;
+        let resume = cfg.resume_from_checkpoint.clone();
+        let model_dir = resume.clone().or_else(|| cfg.model.clone()).context("model: required")?;
+        let ckpt = Checkpoint::open(&model_dir).with_context(|| format!("model {}", model_dir.display()))?;
+        let device: Device = cfg.device.parse().context("device")?;
+        let dtype = match cfg.dtype.as_str() {
+            "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" if device.is_cuda() => DType::BF16,
+            "bf16" | "bfloat16" => bail!("dtype = \"bf16\": the CPU path computes in f32"),
+            other => bail!("dtype = {other:?}: expected f32 or bf16"),
+        };
+        let load = LoadOptions { dtype, device, check_finite: true };
+        let mut model = Qwen::new(ckpt.config.clone(), ckpt.load_weights(&load)?);
+        model.recompute = cfg.gradient_checkpointing;
+        let reference = if cfg.beta > 0.0 {
+            // The reference is the run's starting model, also when resuming.
+            let base = cfg.model.clone().unwrap_or_else(|| model_dir.clone());
+            let rc = Checkpoint::open(&base).with_context(|| format!("reference model {}", base.display()))?;
+            Some(Qwen::new(rc.config.clone(), rc.load_weights(&load)?))
+        } else {
+            None
+        };
+
+        let tok = ckpt.tokenizer()?;
+        let think_end_id = tok.token_id("</think>").ok();
+        let needs_think = cfg.require_think || matches!(kind, RewardKind::Pear | RewardKind::Dro);
+        if needs_think && think_end_id.is_none() {
+            bail!(
+                "{}: the tokenizer has no `</think>` token, which reward = {:?} / require_think need",
+                ckpt.dir.display(),
+                cfg.reward
+            );
+        }
+        let stop_ids = ckpt.stop_token_ids()?;
+        let eos_id = match &ckpt.tokenizer_config.eos_token {
+            Some(t) => tok.token_id(t)?,
+            None => {
+                *stop_ids.first().context("the model names no eos token (generation_config / config / tokenizer)")?
+            }
+        };
+
+        let all = data::load(&cfg.dataset).with_context(|| format!("dataset {:?}", cfg.dataset))?;
+        let split = data::split(all, cfg.eval_dataset.as_deref(), cfg.eval_size, cfg.seed)?;
+        let max_pos = ckpt.config.max_position_embeddings;
+        let render = |examples: &[Example], what: &str| -> Result<Vec<Vec<u32>>> {
+            examples
+                .iter()
+                .enumerate()
+                .map(|(i, ex)| {
+                    let mut msgs = Vec::new();
+                    if let Some(s) = &cfg.system_prompt {
+                        msgs.push(Message::system(s.clone()));
+                    }
+                    msgs.push(Message::user(ex.prompt.clone()));
+                    let text = ckpt.render_chat(&msgs, &RenderOptions { add_generation_prompt: true, enable_thinking: None })?;
+                    let ids = tok.encode(&text, false)?;
+                    if ids.len() > cfg.max_prompt_length {
+                        bail!("{what} example {i}: prompt is {} tokens, over max_prompt_length = {}", ids.len(), cfg.max_prompt_length);
+                    }
+                    if ids.len() + cfg.max_completion_length > max_pos {
+                        bail!(
+                            "{what} example {i}: prompt ({} tokens) + max_completion_length ({}) exceeds the model's max_position_embeddings = {max_pos}",
+                            ids.len(),
+                            cfg.max_completion_length
+                        );
+                    }
+                    Ok(ids)
+                })
+                .collect()
+        };
+        let train_ids = render(&split.train, "dataset")?;
+        let eval_ids = render(&split.eval, "eval")?;
+
+        let step_cfg = StepConfig {
+            loss: cfg.loss_config()?,
+            loss_type: cfg.loss_type()?,
+            max_completion_length: cfg.max_completion_length,
+            temperature: cfg.temperature,
+            optim: AdamW {
+                lr: cfg.learning_rate,
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_epsilon,
+                weight_decay: cfg.weight_decay,
+            },
+            max_grad_norm: (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm),
+            sync_phases: false,
+        };
+        let mut policy = PolicyStep::new(&model, step_cfg)?;
+        let correctness = CorrectnessConfig {
+            correct: cfg.correct_reward,
+            incorrect: cfg.incorrect_reward,
+            bad_format: cfg.format_reward,
+            require_think: cfg.require_think,
+            rel_tol: cfg.answer_rel_tol,
+        };
+        let l = cfg.laser.target_length;
+        let mut laser_targets = LaserTargets::uniform(l);
+        let mut sampler = Sampler::new(split.train.len(), cfg.seed);
+        let mut step = 0;
+
+        std::fs::create_dir_all(&cfg.output_dir)
+            .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
+        if let Some(dir) = &resume {
+            let state = TrainerState::read(&dir.join("trainer_state"))?;
+            if state.train_size != split.train.len() {
+                bail!(
+                    "{}: the run trained on {} examples, this configuration has {}",
+                    dir.display(),
+                    state.train_size,
+                    split.train.len()
+                );
+            }
+            policy.load_state(&dir.join("trainer_state").join("optimizer.safetensors"), state.optimizer_steps)?;
+            sampler = state.sampler;
+            laser_targets = state.laser_targets;
+            step = state.step;
+        }
+        let log_path = cfg.output_dir.join("log.jsonl");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let resolved = toml::to_string(&cfg).context("serialising the configuration")?;
+        std::fs::write(cfg.output_dir.join("config.toml"), resolved)
+            .with_context(|| format!("writing {}", cfg.output_dir.join("config.toml").display()))?;
+        Ok(Trainer {
+            cfg,
+            ckpt,
+            model,
+            reference,
+            policy,
+            train: split.train,
+            eval: split.eval,
+            train_ids,
+            eval_ids,
+            stop_ids,
+            eos_id,
+            think_end_id,
+            sampler,
+            correctness,
+            laser_targets,
+            step,
+            log,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn run(&mut self) -> Result<Summary> {
+        let mut summary = Summary::default();
+        let kind = self.cfg.reward_kind()?;
+        if self.step == 0 && self.cfg.sft_steps > 0 {
+            summary.sft_nll = self.sft()?;
+        }
+        let acc = self.evaluate()?;
+        summary.evals.push((self.step, acc));
+        while self.step < self.cfg.max_steps {
+            if matches!(kind, RewardKind::LaserD | RewardKind::LaserDe) && self.step % self.cfg.laser.monitor_every == 0
+            {
+                self.monitor_laser_targets()?;
+            }
+            let (reward, accuracy) = self.rl_step()?;
+            summary.step_rewards.push(reward);
+            summary.step_accuracy.push(accuracy);
+            if self.cfg.eval_steps > 0 && self.step % self.cfg.eval_steps == 0 && self.step < self.cfg.max_steps {
+                let acc = self.evaluate()?;
+                summary.evals.push((self.step, acc));
+            }
+            if self.cfg.save_steps > 0 && self.step % self.cfg.save_steps == 0 && self.step < self.cfg.max_steps {
+                summary.checkpoints.push(self.save()?);
+            }
+        }
+        let acc = self.evaluate()?;
+        summary.evals.push((self.step, acc));
+        summary.checkpoints.push(self.save()?);
+        Ok(summary)
+    }
+
+    fn emit(&mut self, mut v: Value) -> Result<()> {
+        v["elapsed_s"] = json!(self.started.elapsed().as_secs_f64());
+        let line = serde_json::to_string(&v)?;
+        writeln!(self.log, "{line}").context("writing log.jsonl")?;
+        if !self.cfg.quiet {
+            eprintln!("{line}");
+        }
+        Ok(())
+    }
+
+    /// Supervised warm-up: token-mean NLL of each example's solution (and eos) given its
+    /// prompt. The policy loss with advantage 1 and ratio 1 has exactly the NLL's gradient,
+    /// so the same step does it. Returns each step's mean NLL (before its update).
+    pub fn sft(&mut self) -> Result<Vec<f32>> {
+        let with_solution: Vec<usize> = (0..self.train.len()).filter(|&i| self.train[i].solution.is_some()).collect();
+        if with_solution.is_empty() {
+            bail!("sft_steps = {}: no training example has a \"solution\"", self.cfg.sft_steps);
+        }
+        let tok = self.ckpt.tokenizer()?;
+        let solutions: Vec<Vec<u32>> = with_solution
+            .iter()
+            .map(|&i| {
+                let mut ids = tok.encode(self.train[i].solution.as_deref().unwrap_or_default(), false)?;
+                ids.push(self.eos_id);
+                Ok(ids)
+            })
+            .collect::<Result<_>>()?;
+        let mut sampler = Sampler::new(with_solution.len(), self.cfg.seed ^ 0x5f7);
+        let mut nll = Vec::with_capacity(self.cfg.sft_steps);
+        let saved = self.policy.config.clone();
+        self.policy.config.loss_type = LossType::Dapo;
+        self.policy.config.temperature = 1.0;
+        self.policy.config.optim.lr = self.cfg.sft_lr();
+        for s in 0..self.cfg.sft_steps {
+            let picks = sampler.take(self.cfg.sft_batch_size);
+            let mut seqs = Vec::new();
+            let mut prompt_lens = Vec::new();
+            for &k in &picks {
+                let i = with_solution[k];
+                prompt_lens.push(self.train_ids[i].len());
+                seqs.push([self.train_ids[i].as_slice(), &solutions[k]].concat());
+            }
+            let micro =
+                self.micro_batches(&seqs, &prompt_lens, &vec![1.0; seqs.len()], None, &vec![true; seqs.len()])?;
+            let st = self.policy.step_accumulated(&self.model, &micro)?;
+            nll.push(-st.mean_logp);
+            self.emit(json!({"phase": "sft", "sft_step": s + 1, "nll": -st.mean_logp, "grad_norm": st.grad_norm}))?;
+        }
+        self.policy.config = saved;
+        Ok(nll)
+    }
+
+    fn sampling(&self) -> SamplingConfig {
+        SamplingConfig {
+            temperature: self.cfg.temperature,
+            top_k: (self.cfg.top_k > 0).then_some(self.cfg.top_k),
+            top_p: self.cfg.top_p,
+        }
+    }
+
+    fn rollout(&self, prompts: &[usize], seed: u64) -> Result<Vec<Rollout>> {
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|&i| self.train_ids[i].clone()).collect();
+        let opts = GenerateOptions {
+            max_new_tokens: self.cfg.max_completion_length,
+            sampling: self.sampling(),
+            n_samples: self.cfg.num_generations,
+            seed,
+            stop_ids: self.stop_ids.clone(),
+        };
+        let gens = generate(&self.model, &ids, &opts)?;
+        gens.into_iter().map(|g| self.judge(g, prompts)).collect()
+    }
+
+    fn judge(&self, gen: Generation, prompts: &[usize]) -> Result<Rollout> {
+        let tok = self.ckpt.tokenizer()?;
+        let len = gen.ids.len() - usize::from(gen.stopped);
+        let text = tok.decode(&gen.ids[..len], false)?;
+        let truncated = !gen.stopped;
+        let ex = &self.train[prompts[gen.prompt]];
+        let outcome = judge(&text, &ex.answer, truncated, &self.correctness);
+        let think_end = self.think_end_id.and_then(|t| gen.ids[..len].iter().position(|&x| x == t));
+        Ok(Rollout { prompt: gen.prompt, gen, outcome, think_end, len, truncated, reward: 0.0 })
+    }
+
+    /// One RL step; returns (mean reward, accuracy) of its rollouts.
+    pub fn rl_step(&mut self) -> Result<(f32, f32)> {
+        let t0 = Instant::now();
+        let g = self.cfg.num_generations;
+        let want = self.cfg.prompts_per_step();
+        let kind = self.cfg.reward_kind()?;
+        let mut prompts: Vec<usize> = Vec::new();
+        let mut rollouts: Vec<Rollout> = Vec::new();
+        let mut all_rewards: Vec<f32> = Vec::new();
+        let mut all_correct = (0usize, 0usize);
+        let mut dropped_groups = 0usize;
+        let mut terms: BTreeMap<&'static str, f64> = BTreeMap::new();
+        let mut no_signal: Vec<bool> = Vec::new();
+        for round in 0..=self.cfg.max_resample {
+            let need = want - prompts.len();
+            let picks = self.sampler.take(need);
+            let seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add((self.step as u64) << 8 | round as u64);
+            let mut rs = self.rollout(&picks, seed)?;
+            let groups_no_signal = self.rewards(kind, &picks, &mut rs, &mut terms)?;
+            all_rewards.extend(rs.iter().map(|r| r.reward));
+            all_correct.0 += rs.iter().filter(|r| r.outcome.is_correct()).count();
+            all_correct.1 += rs.len();
+            for (p, chunk) in rs.chunks(g).enumerate() {
+                let first = chunk[0].reward;
+                let flat = chunk.iter().all(|r| r.reward == first);
+                if self.cfg.dynamic_sampling && flat {
+                    dropped_groups += 1;
+                    continue;
+                }
+                let base = prompts.len();
+                prompts.push(picks[p]);
+                no_signal.push(groups_no_signal[p]);
+                rollouts.extend(chunk.iter().map(|r| Rollout {
+                    prompt: base,
+                    gen: r.gen.clone(),
+                    outcome: r.outcome,
+                    think_end: r.think_end,
+                    len: r.len,
+                    truncated: r.truncated,
+                    reward: r.reward,
+                }));
+            }
+            if !self.cfg.dynamic_sampling || prompts.len() >= want {
+                break;
+            }
+        }
+        let rollout_s = t0.elapsed().as_secs_f64();
+        let mean = |v: &[f32]| if v.is_empty() { 0.0 } else { v.iter().sum::<f32>() / v.len() as f32 };
+        let mean_reward = mean(&all_rewards);
+        let accuracy = all_correct.0 as f32 / all_correct.1.max(1) as f32;
+
+        let lr = self.cfg.lr_at(self.step);
+        self.policy.config.optim.lr = lr;
+        let mut stats: Option<StepStats> = None;
+        let t1 = Instant::now();
+        let mut tokens = 0usize;
+        if !rollouts.is_empty() {
+            let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
+            let mut adv = advantages(&rewards, g, self.cfg.scale()?).map_err(|e| anyhow::anyhow!("advantages: {e}"))?;
+            for (p, &ns) in no_signal.iter().enumerate() {
+                if ns {
+                    adv[p * g..(p + 1) * g].fill(0.0);
+                }
+            }
+            let seqs: Vec<Vec<u32>> = rollouts
+                .iter()
+                .map(|r| [self.train_ids[prompts[r.prompt]].clone(), r.gen.ids.clone()].concat())
+                .collect();
+            tokens = seqs.iter().map(Vec::len).sum();
+            let prompt_lens: Vec<usize> = rollouts.iter().map(|r| self.train_ids[prompts[r.prompt]].len()).collect();
+            let keep: Vec<bool> =
+                rollouts.iter().map(|r| !(self.cfg.mask_truncated_completions && r.truncated)).collect();
+            let old: Vec<&[f32]> = rollouts.iter().map(|r| r.gen.logp.as_slice()).collect();
+            let micro = self.micro_batches(&seqs, &prompt_lens, &adv, Some(&old), &keep)?;
+            for _ in 0..self.cfg.num_iterations {
+                let s = self.policy.step_accumulated(&self.model, &micro)?;
+                stats.get_or_insert(s);
+            }
+        }
+        let update_s = t1.elapsed().as_secs_f64();
+        self.step += 1;
+
+        let lens: Vec<f32> = rollouts.iter().map(|r| r.len as f32).collect();
+        let think: Vec<f32> = rollouts.iter().filter_map(|r| r.think_end.map(|k| k as f32)).collect();
+        let ent: Vec<f32> = rollouts.iter().flat_map(|r| r.gen.entropy.iter().copied()).collect();
+        let n = all_rewards.len().max(1) as f64;
+        let mut line = json!({
+            "phase": "rl",
+            "step": self.step,
+            "lr": lr,
+            "reward": mean_reward,
+            "reward_std": std(&all_rewards),
+            "accuracy": accuracy,
+            "bad_format": rollouts.iter().filter(|r| r.outcome == Outcome::BadFormat).count() as f32 / rollouts.len().max(1) as f32,
+            "truncated": rollouts.iter().filter(|r| r.truncated).count() as f32 / rollouts.len().max(1) as f32,
+            "response_length": mean(&lens),
+            "think_length": mean(&think),
+            "rollout_entropy": mean(&ent),
+            "groups_dropped": dropped_groups,
+            "groups_without_signal": no_signal.iter().filter(|&&x| x).count(),
+            "rollout_s": rollout_s,
+            "update_s": update_s,
+            "tokens_per_s": tokens as f64 * self.cfg.num_iterations as f64 / update_s.max(1e-9),
+            "peak_bytes": crate::memory::peak_bytes(self.model.device()).0,
+        });
+        for (k, v) in terms {
+            line[format!("reward_{k}")] = json!(v / n);
+        }
+        if matches!(kind, RewardKind::Laser | RewardKind::LaserD | RewardKind::LaserDe) {
+            line["laser_targets"] = targets_json(&self.laser_targets);
+        }
+        match &stats {
+            Some(s) => {
+                line["loss"] = json!(s.loss);
+                line["grad_norm"] = json!(s.grad_norm);
+                line["clip_frac_low"] = json!(s.grpo.clip_frac_low);
+                line["clip_frac_high"] = json!(s.grpo.clip_frac_high);
+                line["mean_ratio"] = json!(s.grpo.mean_ratio);
+                line["kl"] = json!(s.grpo.mean_kl);
+                line["entropy"] = json!(s.mean_entropy);
+                line["update_applied"] = json!(s.applied);
+            }
+            None => line["skipped"] = json!("every group's rewards were equal (dynamic_sampling)"),
+        }
+        self.emit(line)?;
+        Ok((mean_reward, accuracy))
+    }
+
+    /// Fills each rollout's reward; returns per group whether it carries no signal (DRO's
+    /// all-σ-zero case). `terms` accumulates per-term sums for the log.
+    fn rewards(
+        &self,
+        kind: RewardKind,
+        picks: &[usize],
+        rs: &mut [Rollout],
+        terms: &mut BTreeMap<&'static str, f64>,
+    ) -> Result<Vec<bool>> {
+        use crate::reward::{laser, pear};
+        let g = self.cfg.num_generations;
+        let mut no_signal = vec![false; picks.len()];
+        for r in rs.iter_mut() {
+            let base = self.correctness.score(r.outcome);
+            *terms.entry("correctness").or_default() += base as f64;
+            r.reward = base;
+        }
+        match kind {
+            RewardKind::Accuracy => {}
+            RewardKind::Laser | RewardKind::LaserD | RewardKind::LaserDe => {
+                let mode: laser::LengthShaping = self.cfg.reward.parse().map_err(|e| anyhow::anyhow!("reward: {e}"))?;
+                for chunk in rs.chunks_mut(g) {
+                    let correct = chunk.iter().filter(|r| r.outcome.is_correct()).count();
+                    let d = Difficulty::from_counts(correct, chunk.len());
+                    let target =
+                        if mode.is_adaptive() { self.laser_targets.get(d) } else { self.cfg.laser.target_length };
+                    for r in chunk.iter_mut() {
+                        let repetitive = mode.needs_repetition_check() && laser::is_repetitive(&r.gen.ids[..r.len]);
+                        let shaped = laser::shaped_reward(
+                            r.reward,
+                            r.outcome,
+                            r.len,
+                            target,
+                            repetitive,
+                            self.cfg.laser.alpha,
+                            mode,
+                        );
+                        *terms.entry("length").or_default() += (shaped - r.reward) as f64;
+                        r.reward = shaped;
+                    }
+                }
+            }
+            RewardKind::Pear => {
+                for r in rs.iter_mut() {
+                    let (ht, ha) = pear::phase_entropy(&r.gen.entropy[..r.len], r.think_end);
+                    *terms.entry("h_think").or_default() += ht as f64;
+                    *terms.entry("h_answer").or_default() += ha as f64;
+                    let p = &self.cfg.pear;
+                    r.reward = pear::pear_reward(r.outcome.is_correct(), ht, ha, p.s, p.alpha, p.format_score);
+                }
+            }
+            RewardKind::Dro => no_signal = self.dro_rewards(picks, rs, terms)?,
+        }
+        if self.cfg.overlong_buffer > 0 {
+            for r in rs.iter_mut() {
+                let pen =
+                    crate::reward::overlong_penalty(r.len, self.cfg.max_completion_length, self.cfg.overlong_buffer);
+                *terms.entry("overlong").or_default() += pen as f64;
+                r.reward += pen;
+            }
+        }
+        Ok(no_signal)
+    }
+
+    /// DRO's R3: each rollout's reasoning (through `</think>`, which is appended when the
+    /// rollout has none) followed by the reference answer, teacher-forced through the current
+    /// policy without gradient; R = R3 + λ·(length term).
+    fn dro_rewards(
+        &self,
+        picks: &[usize],
+        rs: &mut [Rollout],
+        terms: &mut BTreeMap<&'static str, f64>,
+    ) -> Result<Vec<bool>> {
+        use crate::reward::dro::{dro_reward, length_term, r3_rewards};
+        let g = self.cfg.num_generations;
+        let tok = self.ckpt.tokenizer()?;
+        let think_end = self.think_end_id.context("DRO needs `</think>`")?;
+        let weighting = self.cfg.dro_weighting()?;
+        let mut no_signal = Vec::with_capacity(picks.len());
+        for (p, chunk) in rs.chunks_mut(g).enumerate() {
+            let ex = &self.train[picks[p]];
+            let y = tok.encode(&ex.answer, false)?;
+            if y.is_empty() {
+                bail!("DRO: the reference answer {:?} tokenizes to nothing", ex.answer);
+            }
+            let prompt = &self.train_ids[picks[p]];
+            let mut seqs = Vec::with_capacity(chunk.len());
+            let mut starts = Vec::with_capacity(chunk.len());
+            for r in chunk.iter() {
+                let reasoning: Vec<u32> = match r.think_end {
+                    Some(k) => r.gen.ids[..=k].to_vec(),
+                    None => [&r.gen.ids[..r.len], &[think_end][..]].concat(),
+                };
+                let s = [prompt.as_slice(), &reasoning, &y].concat();
+                starts.push(s.len() - y.len());
+                seqs.push(s);
+            }
+            let logp = self.score(&self.model, &seqs)?;
+            let logp_y: Vec<Vec<f32>> = logp
+                .iter()
+                .zip(&starts)
+                // Entry t predicts token t+1: the answer's token j sits at start + j.
+                .map(|(lp, &s)| (0..y.len()).map(|j| lp[s + j - 1]).collect())
+                .collect();
+            let group = r3_rewards(&logp_y, weighting);
+            no_signal.push(!group.signal);
+            for (r, r3) in chunk.iter_mut().zip(&group.rewards) {
+                let answer_len = r.think_end.map_or(r.len, |k| r.len.saturating_sub(k + 1));
+                let r_len = length_term(y.len(), answer_len, self.cfg.dro.length_beta);
+                *terms.entry("r3").or_default() += *r3 as f64;
+                *terms.entry("dro_length").or_default() += r_len as f64;
+                r.reward = dro_reward(*r3, r_len, self.cfg.dro.length_lambda);
+            }
+        }
+        Ok(no_signal)
+    }
+
+    /// Per-token log-probs (entry t = log p(token t+1)) of each sequence, no gradient, in
+    /// micro-batches.
+    fn score(&self, model: &Qwen, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for chunk in seqs.chunks(self.cfg.per_device_train_batch_size) {
+            let packed = Packed::new(chunk);
+            let acts = model.forward(&packed)?;
+            let head = model.head(&acts.hidden, &packed.next_token_targets(), self.cfg.temperature)?;
+            let lp: Vec<f32> = head.logp.to_vec()?;
+            for w in packed.cu_seqlens.windows(2) {
+                out.push(lp[w[0] as usize..w[1] as usize].to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Packs sequences (prompt + completion) into micro-batches of
+    /// `per_device_train_batch_size`, with per-token advantages, the completion mask, the
+    /// rollout log-probs as ℓ_old, and the reference model's log-probs when β > 0.
+    fn micro_batches(
+        &self,
+        seqs: &[Vec<u32>],
+        prompt_lens: &[usize],
+        adv: &[f32],
+        old: Option<&[&[f32]]>,
+        keep: &[bool],
+    ) -> Result<Vec<StepBatch>> {
+        let b = self.cfg.per_device_train_batch_size;
+        let mut out = Vec::new();
+        for start in (0..seqs.len()).step_by(b) {
+            let end = (start + b).min(seqs.len());
+            let part = &seqs[start..end];
+            let (mut a, mut m, mut o) = (Vec::new(), Vec::new(), Vec::new());
+            for i in start..end {
+                let (p, n) = (prompt_lens[i], seqs[i].len());
+                for t in 0..n {
+                    // Entry t predicts token t+1: completion tokens are p..n.
+                    let in_completion = t + 1 >= p && t + 1 < n;
+                    a.push(adv[i]);
+                    m.push(if in_completion && keep[i] { 1.0 } else { 0.0 });
+                    if let Some(old) = old {
+                        o.push(if in_completion { old[i][t + 1 - p] } else { 0.0 });
+                    }
+                }
+            }
+            let logp_ref = match &self.reference {
+                Some(r) => Some(self.score(r, part)?.concat()),
+                None => None,
+            };
+            out.push(StepBatch {
+                packed: Packed::new(part),
+                advantages: a,
+                mask: m,
+                logp_old: old.map(|_| o),
+                logp_ref,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Greedy accuracy on the held-out set (logged); 0 when there is none.
+    pub fn evaluate(&mut self) -> Result<f32> {
+        if self.eval.is_empty() {
+            return Ok(0.0);
+        }
+        let t0 = Instant::now();
+        let opts = GenerateOptions {
+            max_new_tokens: self.cfg.max_completion_length,
+            sampling: SamplingConfig { temperature: 0.0, top_k: None, top_p: 1.0 },
+            n_samples: 1,
+            seed: 0,
+            stop_ids: self.stop_ids.clone(),
+        };
+        let gens = generate(&self.model, &self.eval_ids, &opts)?;
+        let tok = self.ckpt.tokenizer()?;
+        let (mut correct, mut bad, mut len) = (0usize, 0usize, 0usize);
+        for g in &gens {
+            let n = g.ids.len() - usize::from(g.stopped);
+            let text = tok.decode(&g.ids[..n], false)?;
+            match judge(&text, &self.eval[g.prompt].answer, !g.stopped, &self.correctness) {
+                Outcome::Correct => correct += 1,
+                Outcome::BadFormat => bad += 1,
+                Outcome::Incorrect => {}
+            }
+            len += n;
+        }
+        let k = gens.len().max(1) as f32;
+        let acc = correct as f32 / k;
+        self.emit(json!({
+            "phase": "eval",
+            "step": self.step,
+            "accuracy": acc,
+            "bad_format": bad as f32 / k,
+            "response_length": len as f32 / k,
+            "examples": gens.len(),
+            "eval_s": t0.elapsed().as_secs_f64(),
+        }))?;
+        Ok(acc)
+    }
+
+    /// LASER-D: samples `monitor_samples` outputs for each of the first `monitor_size`
+    /// training prompts, buckets the prompts by accuracy and re-chooses each bucket's target.
+    fn monitor_laser_targets(&mut self) -> Result<()> {
+        let k = self.cfg.laser.monitor_samples;
+        let picks: Vec<usize> = (0..self.cfg.laser.monitor_size.min(self.train.len())).collect();
+        let ids: Vec<Vec<u32>> = picks.iter().map(|&i| self.train_ids[i].clone()).collect();
+        let opts = GenerateOptions {
+            max_new_tokens: self.cfg.max_completion_length,
+            sampling: self.sampling(),
+            n_samples: k,
+            seed: self.cfg.seed ^ 0x1a5e ^ (self.step as u64) << 16,
+            stop_ids: self.stop_ids.clone(),
+        };
+        let gens = generate(&self.model, &ids, &opts)?;
+        let rs: Vec<Rollout> = gens.into_iter().map(|g| self.judge(g, &picks)).collect::<Result<_>>()?;
+        let groups: Vec<Vec<MonitorResponse>> = rs
+            .chunks(k)
+            .map(|c| c.iter().map(|r| MonitorResponse { len: r.len, correct: r.outcome.is_correct() }).collect())
+            .collect();
+        let search = TargetSearch {
+            lower: self.cfg.laser.target_length,
+            interval: self.cfg.laser.target_interval,
+            max_len: self.cfg.max_completion_length,
+        };
+        let targets = adapt_targets(&groups, &search);
+        if targets != self.laser_targets {
+            self.laser_targets = targets;
+            let v = json!({"phase": "laser_monitor", "step": self.step, "laser_targets": targets_json(&targets)});
+            self.emit(v)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `output_dir/checkpoint-<step>/`: a Hugging Face model directory plus
+    /// `trainer_state/`, built in a temporary directory and renamed into place.
+    pub fn save(&mut self) -> Result<PathBuf> {
+        let name = format!("checkpoint-{}", self.step);
+        let dest = self.cfg.output_dir.join(&name);
+        let tmp = self.cfg.output_dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+        }
+        let state_dir = tmp.join("trainer_state");
+        std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        self.model.weights.save(tmp.join("model.safetensors"))?;
+        for f in MODEL_FILES {
+            let src = self.ckpt.dir.join(f);
+            if src.is_file() {
+                copy_synced(&src, &tmp.join(f))?;
+            }
+        }
+        self.policy.save_state(&state_dir.join("optimizer.safetensors"))?;
+        let state = TrainerState {
+            step: self.step,
+            optimizer_steps: self.policy.step,
+            train_size: self.train.len(),
+            sampler: self.sampler.clone(),
+            laser_targets: self.laser_targets,
+        };
+        write_synced(&state_dir.join("state.json"), serde_json::to_string_pretty(&state.to_json())?.as_bytes())?;
+        if dest.exists() {
+            let old = self.cfg.output_dir.join(format!(".{name}.old-{}", std::process::id()));
+            std::fs::rename(&dest, &old).with_context(|| format!("moving aside {}", dest.display()))?;
+            std::fs::rename(&tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        } else {
+            std::fs::rename(&tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
+        }
+        File::open(&self.cfg.output_dir).and_then(|d| d.sync_all()).ok();
+        self.emit(json!({"phase": "checkpoint", "step": self.step, "path": dest}))?;
+        Ok(dest)
+    }
+}
+
+/// Files of a model directory a checkpoint carries over unchanged (the weights are written
+/// fresh).
+const MODEL_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+];
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
+}
+
+fn copy_synced(src: &Path, dst: &Path) -> Result<()> {
+    let bytes = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+    write_synced(dst, &bytes)
+}
+
+fn targets_json(t: &LaserTargets) -> Value {
+    json!({"easy": t.easy, "medium": t.medium, "hard": t.hard})
+}
+
+fn std(v: &[f32]) -> f32 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let m = v.iter().sum::<f32>() / v.len() as f32;
+    (v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / v.len() as f32).sqrt()
+}
+
+/// `trainer_state/state.json`.
+struct TrainerState {
+    step: usize,
+    optimizer_steps: u64,
+    train_size: usize,
+    sampler: Sampler,
+    laser_targets: LaserTargets,
+}
+
+impl TrainerState {
+    fn to_json(&self) -> Value {
+        json!({
+            "step": self.step,
+            "optimizer_steps": self.optimizer_steps,
+            "train_size": self.train_size,
+            "sampler": {"order": self.sampler.order, "pos": self.sampler.pos, "epoch": self.sampler.epoch, "seed": self.sampler.seed},
+            "laser_targets": targets_json(&self.laser_targets),
+        })
+    }
+
+    fn read(dir: &Path) -> Result<TrainerState> {
+        let path = dir.join("state.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let field = |k: &str| v.get(k).with_context(|| format!("{}: missing {k:?}", path.display()));
+        let uint =
+            |x: &Value, k: &str| x.as_u64().with_context(|| format!("{}: {k:?} must be an integer", path.display()));
+        let s = field("sampler")?;
+        let sget = |k: &str| s.get(k).with_context(|| format!("{}: missing sampler.{k}", path.display()));
+        let order: Vec<usize> = serde_json::from_value(sget("order")?.clone())
+            .with_context(|| format!("{}: sampler.order must be a list of indices", path.display()))?;
+        let train_size = uint(field("train_size")?, "train_size")? as usize;
+        let pos = uint(sget("pos")?, "sampler.pos")? as usize;
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        if sorted != (0..train_size).collect::<Vec<_>>() || pos > order.len() {
+            bail!("{}: sampler state does not match train_size = {train_size}", path.display());
+        }
+        Ok(TrainerState {
+            step: uint(field("step")?, "step")? as usize,
+            optimizer_steps: uint(field("optimizer_steps")?, "optimizer_steps")?,
+            train_size,
+            sampler: Sampler {
+                order,
+                pos,
+                epoch: uint(sget("epoch")?, "sampler.epoch")?,
+                seed: uint(sget("seed")?, "sampler.seed")?,
+            },
+            laser_targets: {
+                let t = field("laser_targets")?;
+                let get = |k: &str| t.get(k).map_or(Ok(0), |x| uint(x, &format!("laser_targets.{k}")));
+                LaserTargets {
+                    easy: get("easy")? as usize,
+                    medium: get("medium")? as usize,
+                    hard: get("hard")? as usize,
+                }
+            },
+        })
+    }
+}
