@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use smelt_models::testing::{copy_fixture, fixture};
+use smelt_models::testing::{copy_fixture, fixture, raw_safetensors};
 
 fn write(dir: &Path, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
     let p = dir.join(name);
@@ -38,14 +38,6 @@ fn score_fails_naming(model: &Path, needles: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let input = write(tmp.path(), "in.jsonl", GOOD_INPUT);
     fails_naming(&["score", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()], needles);
-}
-
-/// Safetensors bytes: an 8-byte header length, the header, then `data_len` zero bytes.
-fn raw_safetensors(header: &str, data_len: usize) -> Vec<u8> {
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.extend(std::iter::repeat_n(0u8, data_len));
-    out
 }
 
 #[test]
@@ -245,4 +237,63 @@ fn cuda_without_a_gpu_says_what_is_missing() {
     }
     let m = fixture("qwen2-tiny");
     fails_naming(&["generate", "--model", m.to_str().unwrap(), "--prompt", "hi", "--device", "cuda"], &["CUDA"]);
+}
+
+#[test]
+fn bad_training_configs_and_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fixture("qwen2-tiny");
+    let m = m.to_str().unwrap();
+    let out = tmp.path().join("out");
+    let out = out.to_str().unwrap();
+    let cfg = |name: &str, text: &str| write(tmp.path(), name, text).to_str().unwrap().to_string();
+    let train = |extra: &[&str]| {
+        let mut a = vec!["train", "--model", m, "--output-dir", out, "--set", "quiet=true", "--max-steps", "1"];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>, needles: &[&str]| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_naming(&a, needles)
+    };
+    let typo = cfg("typo.toml", "learning_rat = 1e-6\n");
+    run(train(&["--config", &typo]), &["typo.toml", "learning_rat"]);
+    let bad = cfg("bad.toml", "beta = [\n");
+    run(train(&["--config", &bad]), &["bad.toml"]);
+    run(train(&["--config", "/no/such.toml"]), &["/no/such.toml"]);
+    run(vec!["train".into(), "--set".into(), "max_steps=1".into()], &["model"]);
+    run(train(&["--set", "top_p=0"]), &["top_p"]);
+    run(train(&["--set", "num_generations=0"]), &["num_generations"]);
+    run(train(&["--set", "reward=vibes"]), &["reward", "vibes"]);
+    run(train(&["--set", "laser"]), &["key=value"]);
+    run(vec!["train".into(), "--model".into(), "/no/such/model".into()], &["/no/such/model"]);
+    let data = write(tmp.path(), "d.jsonl", "{\"prompt\": \"1+1?\", \"answer\": 2}\n{\"prompt\": \"x\"}\n");
+    run(train(&["--set", &format!("dataset={:?}", data.to_str().unwrap())]), &["d.jsonl:2", "answer"]);
+    run(train(&["--set", "dataset=\"builtin:mul\""]), &["builtin:mul"]);
+    run(train(&["--set", "max_completion_length=600"]), &["max_position_embeddings"]);
+    run(
+        train(&[
+            "--set",
+            "sft_steps=1",
+            "--set",
+            &format!(
+                "dataset={:?}",
+                write(
+                    tmp.path(),
+                    "n.jsonl",
+                    "{\"prompt\": \"a\", \"answer\": 1}\n{\"prompt\": \"b\", \"answer\": 2}\n"
+                )
+                .to_str()
+                .unwrap()
+            ),
+        ]),
+        &["solution"],
+    );
+    // A checkpoint whose trainer state is corrupt is refused, naming the file.
+    let ck = copy_fixture("qwen2-tiny");
+    std::fs::create_dir_all(ck.path().join("trainer_state")).unwrap();
+    write(&ck.path().join("trainer_state"), "state.json", "{\"step\": 3}");
+    run(train(&["--resume-from-checkpoint", ck.path().to_str().unwrap()]), &["state.json"]);
+    write(&ck.path().join("trainer_state"), "state.json", "not json");
+    run(train(&["--resume-from-checkpoint", ck.path().to_str().unwrap()]), &["state.json", "JSON"]);
 }

@@ -23,6 +23,9 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// f32, or bf16 on CUDA (fp32 master weights).
+    #[arg(long)]
+    pub dtype: Option<String>,
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Continue from `OUTPUT_DIR/checkpoint-<step>`.
@@ -37,6 +40,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     sets.extend(args.model.as_ref().map(|p| format!("model={}", path(p))));
     sets.extend(args.output_dir.as_ref().map(|p| format!("output_dir={}", path(p))));
     sets.extend(args.device.clone().map(|d| format!("device={}", quote(d))));
+    sets.extend(args.dtype.clone().map(|d| format!("dtype={}", quote(d))));
     sets.extend(args.max_steps.map(|n| format!("max_steps={n}")));
     sets.extend(args.resume_from_checkpoint.as_ref().map(|p| format!("resume_from_checkpoint={}", path(p))));
     let cfg = TrainConfig::load(args.config.as_deref(), &sets)?;
