@@ -1,22 +1,39 @@
 // global_norm.cu — gradient clipping support: the global L2 norm sqrt(Σ_t Σ_i x_t[i]²) over
-// many tensors (f32, bf16 or f16 storage, f32 math), and an in-place scale x[i] *= s.
+// many tensors (f32, bf16 or f16 storage), and an in-place scale x[i] *= s (f32 math).
 //
-// Layout: each tensor a flat contiguous buffer of n elements; `partials` a f32 buffer with one
-// slot per block of every sum-of-squares launch (the launcher offsets the pointer per tensor).
+// Precision: the sum of squares is accumulated in f64 — per thread, per block, across blocks
+// and across tensors — so it stays exact to ~1e-16 relative however many elements there are
+// (an f32 running sum over ~500M squares loses the small ones once it is large). Only the
+// squares of one 4-element group of a vector step are summed in f32 first (≤ 4 roundings,
+// relative ≤ 2.4e-7 of that group, so ≤ 1.2e-7 relative on the norm in the worst case); a
+// group whose f32 sum overflows (|x| ≳ 1.8e19) is redone in f64, so, as on the CPU, squares
+// that overflow f32 do not make the norm infinite. NaN and Inf elements propagate.
+//
+// Layout: each tensor a flat contiguous buffer of n elements; `partials` an f64 buffer with
+// one slot per block of every sum-of-squares launch (the launcher offsets the pointer per
+// tensor; it allocates the buffer as u32 pairs).
 // Threads:
-//   sumsq_<dt>[_v8]: one launch per tensor, grid-stride; each thread accumulates x² in f32
-//     (8 elements per step through 16-byte loads in the _v8 version, used when the pointer is
-//     16-byte aligned; the first n % 8 threads add the tail), then a block_sum writes one
-//     partial per block. The grid size and version depend only on n and on whether the
-//     pointer is 16-byte aligned (never on the device), so the partials — and the norm — are
-//     bitwise reproducible run to run for the same tensors (a view at another offset may
-//     round differently).
-//   sumsq_finish: one block of 1024 threads; thread t adds partials t, t+1024, … in f64, then a
-//     fixed-order f64 warp/shared-memory reduction; out[0] = sqrt(total) as f32 (NaN/Inf kept).
+//   sumsq_<dt>_v8: used when the pointer is 16-byte aligned. One launch per tensor,
+//     grid-stride over groups of 8 elements read with one or two 16-byte loads; each group
+//     adds two f32 4-element sums of squares to the thread's f64 accumulator (one cvt and one
+//     f64 add per 4 elements, so the f64 work stays far below the memory time even for bf16);
+//     the first n % 8 threads add the tail element in f64. Then block_sum_f64 writes one f64
+//     partial per block.
+//   sumsq_<dt>: any alignment, grid-stride over single elements, each squared and accumulated
+//     in f64; block_sum_f64 → one f64 partial per block.
+//   The grid size and version depend only on n and on whether the pointer is 16-byte aligned
+//   (never on the device), and every reduction has a fixed order, so the partials — and the
+//   norm — are bitwise reproducible run to run for the same tensors (a view at another
+//   offset may round differently).
+//   sumsq_finish: one block of 1024 threads; thread t adds f64 partials t, t+1024, … in f64,
+//     then a fixed-order f64 warp/shared-memory reduction; out[0] = sqrt(total) as f32
+//     (NaN/Inf kept).
 //   scale_<dt>[_v8]: grid-stride x[i] = s·x[i], 8 elements per step where 16-byte aligned.
 // Versions:
 //   v1 scalar grid-stride loops (any alignment)
-//   v2 8 elements per thread through 16-byte vector accesses (current default where aligned)
+//   v2 8 elements per thread through 16-byte vector accesses (default where aligned)
+//   v3 f64 accumulation per thread, per block and across blocks (f64 partials); v2's loads
+//      (current)
 
 struct F32T {
     typedef float T;
@@ -59,35 +76,66 @@ struct H16T {
 typedef H16T<bf16_to_f32, f32_to_bf16> BF16T;
 typedef H16T<f16_to_f32, f32_to_f16> F16T;
 
+__device__ __forceinline__ double warp_sum_f64(double v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the whole block in f64, fixed order; every thread gets the result. `scratch`
+// holds >= 32 doubles; blockDim.x must be a multiple of 32.
+__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum_f64(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (lane < nwarps) ? scratch[lane] : 0.0;
+    return warp_sum_f64(v);
+}
+
+// Σ f[k]² over 4 values: in f32 (≤ 4 roundings) unless that overflows to +inf, then again in
+// f64. NaN stays NaN (it is not +inf, and the f32 sum is already NaN).
+__device__ __forceinline__ double sumsq4(const float* f) {
+    float s = f[0] * f[0];
+    s = fmaf(f[1], f[1], s);
+    s = fmaf(f[2], f[2], s);
+    s = fmaf(f[3], f[3], s);
+    if (s != SMELT_INF) return (double)s;
+    double d = 0.0;
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) d = fma((double)f[k], (double)f[k], d);
+    return d;
+}
+
 template <class S>
-__device__ __forceinline__ void sumsq_scalar(const typename S::T* __restrict__ x, u64 n, float* __restrict__ partials) {
-    __shared__ float scratch[32];
-    float acc = 0.0f;
+__device__ __forceinline__ void sumsq_scalar(const typename S::T* __restrict__ x, u64 n, double* __restrict__ partials) {
+    __shared__ double scratch[32];
+    double acc = 0.0;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const float f = S::ld(x[i]);
-        acc = fmaf(f, f, acc);
+        const double f = (double)S::ld(x[i]);
+        acc = fma(f, f, acc);
     }
-    acc = block_sum(acc, scratch);
+    acc = block_sum_f64(acc, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
 template <class S>
-__device__ __forceinline__ void sumsq_vec8(const typename S::T* __restrict__ x, u64 n, float* __restrict__ partials) {
-    __shared__ float scratch[32];
+__device__ __forceinline__ void sumsq_vec8(const typename S::T* __restrict__ x, u64 n, double* __restrict__ partials) {
+    __shared__ double scratch[32];
     const u64 tid = blockIdx.x * (u64)blockDim.x + threadIdx.x, n8 = n / 8;
-    float acc = 0.0f;
+    double acc = 0.0;
     for (u64 g = tid; g < n8; g += (u64)gridDim.x * blockDim.x) {
         float f[8];
         S::ld8(x, g, f);
-        #pragma unroll
-        for (int k = 0; k < 8; ++k) acc = fmaf(f[k], f[k], acc);
+        acc += sumsq4(f) + sumsq4(f + 4);
     }
     const u64 i = n8 * 8 + tid;
     if (i < n) {
-        const float f = S::ld(x[i]);
-        acc = fmaf(f, f, acc);
+        const double f = (double)S::ld(x[i]);
+        acc = fma(f, f, acc);
     }
-    acc = block_sum(acc, scratch);
+    acc = block_sum_f64(acc, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
@@ -112,10 +160,10 @@ __device__ __forceinline__ void scale_vec8(typename S::T* __restrict__ x, float 
 }
 
 #define SMELT_NORM_KERNELS(DT, S)                                                                    \
-    extern "C" __global__ void sumsq_##DT(const S::T* __restrict__ x, u64 n, float* __restrict__ partials) { \
+    extern "C" __global__ void sumsq_##DT(const S::T* __restrict__ x, u64 n, double* __restrict__ partials) { \
         sumsq_scalar<S>(x, n, partials);                                                             \
     }                                                                                                \
-    extern "C" __global__ void sumsq_##DT##_v8(const S::T* __restrict__ x, u64 n, float* __restrict__ partials) { \
+    extern "C" __global__ void sumsq_##DT##_v8(const S::T* __restrict__ x, u64 n, double* __restrict__ partials) { \
         sumsq_vec8<S>(x, n, partials);                                                               \
     }                                                                                                \
     extern "C" __global__ void scale_##DT(S::T* __restrict__ x, float s, u64 n) { scale_scalar<S>(x, s, n); } \
@@ -125,17 +173,11 @@ SMELT_NORM_KERNELS(f32, F32T)
 SMELT_NORM_KERNELS(bf16, BF16T)
 SMELT_NORM_KERNELS(f16, F16T)
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // Launched with exactly one block of 1024 threads.
-extern "C" __global__ void sumsq_finish(const float* __restrict__ partials, u32 count, float* __restrict__ out) {
+extern "C" __global__ void sumsq_finish(const double* __restrict__ partials, u32 count, float* __restrict__ out) {
     __shared__ double scratch[32];
     double acc = 0.0;
-    for (u32 i = threadIdx.x; i < count; i += blockDim.x) acc += (double)partials[i];
+    for (u32 i = threadIdx.x; i < count; i += blockDim.x) acc += partials[i];
     acc = warp_sum_f64(acc);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) scratch[warp] = acc;

@@ -8,6 +8,13 @@
 // A target of 0xffffffff (LE_IGNORE) marks a row without target: logp 0, rank 0, and its
 // g_logp is ignored; entropy/lse/argmax are still computed.
 //
+// Masked logits (−inf, e.g. top-k or a banned token) have p = 0: le_push skips them (they add
+// nothing to s or t) and le_dz gives them dz = 0 exactly (p·log p → 0; log p is clamped at
+// LE_LP_MIN where p is zeroed, so 0·(−inf) never forms). A masked target gives logp = −inf,
+// rank 1 + #finite logits, and dz_y = g_logp/T (the indicator term; the rest of the row stays
+// finite). A row whose logits are all −inf is degenerate: lse = −inf, entropy NaN, logp NaN
+// (0 when ignored), rank 1, argmax 0, and its dz is NaN throughout. Same as the CPU reference.
+//
 // Online state per row (LeState), relative to the running max m: s = Σ exp(x − m),
 // t = Σ exp(x − m)·(x − m), cnt, amax. Entropy = log s − t/s, which avoids the cancellation of
 // lse − E[x]. One exp per element: a new max rescales (s, t) with the exp it computes anyway.
@@ -34,7 +41,8 @@
 //
 // Versions:
 //   v1 scalar loads, two passes (max, then sums)
-//   v2 single pass with online rescaling, 4-wide vector loads (current)
+//   v2 single pass with online rescaling, 4-wide vector loads
+//   v3 v2 with le_dz exact (0, not NaN) for −inf logits (current)
 
 #define LE_IGNORE 0xffffffffu
 
@@ -297,9 +305,15 @@ extern "C" __global__ void le_logits_fwd_bf16(const bf16_t* logits, u32 V, const
 
 // ---- backward row kernel ---------------------------------------------------------------------
 
+// Below this log p, p is taken as exactly 0 (f32 exp underflows about here; the CPU's EXP_MIN).
+#define LE_LP_MIN (-87.f)
+
+// log p is clamped at LE_LP_MIN and p zeroed there, so a −inf logit (log p = −inf) gives
+// p·(log p + H) = 0, its limit, instead of 0·(−inf) = NaN. NaN compares false and propagates.
 __device__ __forceinline__ float le_dz(float x, bool is_y, float L, float H, float gl, float ge, float inv_t) {
-    const float lp = x - L;
-    const float p = __expf(lp);
+    float lp = x - L;
+    lp = lp < LE_LP_MIN ? LE_LP_MIN : lp;
+    const float p = lp == LE_LP_MIN ? 0.f : __expf(lp);
     return (gl * ((is_y ? 1.f : 0.f) - p) - ge * p * (lp + H)) * inv_t;
 }
 

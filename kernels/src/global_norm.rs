@@ -1,9 +1,14 @@
 //! Gradient clipping: the global L2 norm over many tensors, and clip-by-global-norm.
 //!
-//! - [`global_norm`]: sqrt(Σ_t Σ_i x_t[i]²) over f32, bf16 or f16 tensors on one device. CPU
-//!   accumulates in f64 over fixed chunks combined in a fixed order; CUDA accumulates in f32 per
-//!   block (one partial per block, the grid sized by the tensor's length and pointer alignment
-//!   only) and reduces the partials in f64. Both are bitwise reproducible run to run.
+//! - [`global_norm`]: sqrt(Σ_t Σ_i x_t[i]²) over f32, bf16 or f16 tensors on one device. Both
+//!   devices accumulate the squares in f64, so the norm of ~500M parameters is as precise as
+//!   the f32 result can hold (an f32 running sum drops the small squares once it is large), and
+//!   squares that overflow f32 (|x| ≳ 1.8e19) do not make it infinite. CPU: exact f64 squares,
+//!   eight f64 lanes per fixed chunk, chunk sums combined in chunk order. CUDA: per thread in
+//!   f64 (an aligned tensor's squares are first summed in f32 four at a time, ≤ 1.2e-7 relative
+//!   on the norm, redone in f64 on overflow), one f64 partial per block (the grid sized by the
+//!   tensor's length and pointer alignment only), partials reduced in f64 in a fixed order.
+//!   Both are bitwise reproducible run to run.
 //! - [`clip_grad_norm`]: PyTorch's `clip_grad_norm_` — scale every tensor in place by
 //!   `max_norm / (norm + 1e-6)` when the norm exceeds `max_norm` — except that a NaN or
 //!   infinite norm is returned *without* scaling anything, so the caller decides (skip the step,
@@ -182,14 +187,15 @@ mod cuda {
         let count = u32::try_from(total)
             .map_err(|_| Error::msg(format!("global_norm: {} tensors need {total} partials", tensors.len())))?;
         let dev = Device::Cuda(ord);
-        let partials = Tensor::empty(&[total as usize], DType::F32, dev)?;
+        // f64 partials; there is no f64 dtype, so a pair of u32 per slot (8-byte aligned).
+        let partials = Tensor::empty(&[2 * total as usize], DType::U32, dev)?;
         let out = Tensor::empty(&[1], DType::F32, dev)?;
         let pp = partials.cuda_ptr()?;
         let mut slot = 0u64;
         for (t, (n, vec8, blocks)) in plans {
             let func = format!("sumsq_{}{}", t.dtype().name(), if vec8 { "_v8" } else { "" });
             let cfg = LaunchCfg { grid: (blocks, 1, 1), block: (BLOCK, 1, 1), smem: 0 };
-            launch(ord, &SRC, &func, cfg, &[Arg::Ptr(t.cuda_ptr()?), Arg::U64(n), Arg::Ptr(pp + 4 * slot)])?;
+            launch(ord, &SRC, &func, cfg, &[Arg::Ptr(t.cuda_ptr()?), Arg::U64(n), Arg::Ptr(pp + 8 * slot)])?;
             slot += blocks as u64;
         }
         let cfg = LaunchCfg { grid: (1, 1, 1), block: (1024, 1, 1), smem: 0 };
@@ -305,6 +311,28 @@ mod tests {
         assert_close(&[global_norm(&[&big]).unwrap()], &[2f64.sqrt() * 1e30], 0.0, 1e-6, "large");
     }
 
+    /// 2^25 f32 values where an f32 running sum of squares fails: 1.0 at every 8th element of
+    /// the first 2^21 (the first element each CUDA thread reads: 1024 blocks × 256 threads × 8
+    /// per step), 2^-12.5 everywhere else, whose square 2^-25 is under half an f32 ulp of any
+    /// sum ≥ 1. Per-thread f32 accumulation drops all of them (the norm comes out ~30 ulp low).
+    fn large_and_small() -> (Tensor, f64) {
+        let n = 1usize << 25;
+        let small = 2f32.powf(-12.5);
+        let x: Vec<f32> = (0..n).map(|i| if i % 8 == 0 && i < 1 << 21 { 1.0 } else { small }).collect();
+        let want = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+        (Tensor::from_slice(&x, &[n], Device::Cpu).unwrap(), want)
+    }
+
+    #[test]
+    fn global_norm_keeps_small_squares_beside_large_ones() {
+        // The CPU sums exact f64 squares (8 lanes per 16k chunk, chunks in order): ~1e-12
+        // relative at 500M elements, so the f32 result is the correctly rounded norm.
+        let (x, want) = large_and_small();
+        assert_eq!(global_norm(&[&x]).unwrap(), want as f32);
+        let (a, b) = (x.narrow_rows(0, 1000).unwrap(), x.narrow_rows(1000, (1 << 25) - 1000).unwrap());
+        assert_eq!(global_norm(&[&a, &b]).unwrap(), want as f32, "split across tensors");
+    }
+
     #[test]
     fn errors_name_the_op() {
         let a = Tensor::zeros(&[2], DType::F32, Device::Cpu).unwrap();
@@ -329,7 +357,8 @@ mod tests {
         for (d, c, tag) in [(&dev_ts, &cpu_ts, "aligned"), (&views, &cpu_views, "offset")] {
             let dr: Vec<&Tensor> = d.iter().collect();
             let got = global_norm(&dr).unwrap();
-            assert_close(&[got], &[reference(c)], 0.0, 1e-5, &format!("global_norm {tag}"));
+            // f64 accumulation: only 4-element f32 groups round (≤ 1.2e-7) plus the f32 result.
+            assert_close(&[got], &[reference(c)], 0.0, 3e-7, &format!("global_norm {tag}"));
             assert_eq!(global_norm(&dr).unwrap().to_bits(), got.to_bits(), "deterministic ({tag})");
         }
         // Clipping on device = clipping on the CPU (same f32 scale, same rounding).
@@ -356,5 +385,35 @@ mod tests {
         let (n, s) = clip_grad_norm(&[&bad], 1.0).unwrap();
         assert!(n.is_nan() && s == 1.0);
         assert_eq!(bad.to_vec::<f32>().unwrap()[2], 2.0);
+    }
+
+    #[test]
+    fn device_global_norm_accumulates_in_f64() {
+        let Some(dev) = test_cuda_device() else { return };
+        // Small squares beside large ones: an f32 per-thread sum is 1.9e-6 low here; the f64
+        // path's worst case is ~1.8e-7 (4-element f32 groups plus the f32 result), and a
+        // host simulation of its arithmetic on this data gives 1.04e-7.
+        let (x, want) = large_and_small();
+        let xd = x.to_device(dev).unwrap();
+        let got = global_norm(&[&xd]).unwrap();
+        assert_close(&[got], &[want], 0.0, 2e-7, "aligned (vector path)");
+        let n = x.elem_count();
+        let (v, vd) = (x.narrow_rows(1, n - 1).unwrap(), xd.narrow_rows(1, n - 1).unwrap());
+        let want_v = v.to_vec_f32().unwrap().iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+        assert_close(&[global_norm(&[&vd]).unwrap()], &[want_v], 0.0, 2e-7, "offset (scalar path)");
+        // Squares that overflow f32 give a finite norm, as on the CPU, in both paths.
+        let mut big = vec![0.5f32; 17];
+        big[3] = 1e30;
+        big[12] = -2e30;
+        for dt in [DType::F32, DType::BF16] {
+            let t = Tensor::from_slice(&big, &[17], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let td = t.to_device(dev).unwrap();
+            let want = global_norm(&[&t]).unwrap();
+            assert!(want.is_finite() && want > 2e30, "{dt}: cpu {want}");
+            assert_close(&[global_norm(&[&td]).unwrap()], &[want as f64], 0.0, 1e-6, &format!("big {dt} aligned"));
+            let (o, od) = (t.narrow_rows(1, 16).unwrap(), td.narrow_rows(1, 16).unwrap());
+            let want = global_norm(&[&o]).unwrap();
+            assert_close(&[global_norm(&[&od]).unwrap()], &[want as f64], 0.0, 1e-6, &format!("big {dt} offset"));
+        }
     }
 }

@@ -25,6 +25,16 @@
 //! is ignored in the backward; `entropy`, `lse` and `argmax` are computed as usual, so prompt
 //! positions can still report entropy. Any other target ≥ V is an error naming the row.
 //!
+//! Masked logits: a −inf logit (top-k masking, a banned token) has p = 0 and contributes 0 to
+//! Σ p·x and to the entropy, and its dz is exactly 0 (the limit of p·log p as p → 0; below
+//! log p = −87, where f32 exp underflows, p is taken as exactly 0 and log p clamped, so
+//! 0·(−inf) never forms). A masked *target* gives logp = −inf (a legitimate value) and rank
+//! 1 + #finite logits; its gradient is not defined, and the backward returns the usual formula
+//! with p_y = 0: dz_y = g_logp/T, every other entry finite. A row whose logits are *all* −inf
+//! has no distribution: lse = −inf, entropy NaN, logp NaN (0 when ignored), rank 1, argmax 0,
+//! and its d_logits are NaN throughout (loud, not silently zero); other rows are unaffected.
+//! NaN logits propagate. The fused head computes its logits as h·Wᵀ, finite for finite inputs.
+//!
 //! Backward: with p_v = exp(x_v − lse) and H the entropy,
 //! dz_v = (g_logp·(1[v=y] − p_v) − g_entropy·p_v·(log p_v + H)) / T;
 //! dh = dz·W and dW = dzᵀ·h, accumulated chunk by chunk from recomputed logits.
@@ -805,6 +815,18 @@ mod lanes {
         r
     }
 
+    /// (exp(d), d) for d = x − max ≤ 0, with d clamped at [`EXP_MIN`] and exp(d) exactly 0
+    /// there: f32 exp underflows at about that point anyway, and a −inf logit (d = −inf) then
+    /// adds 0 to Σ e and Σ e·d instead of 0·(−inf) = NaN. NaN compares false and propagates.
+    /// The zeroing selects on the *clamped* d: selecting on `d < EXP_MIN` (the clamp's own
+    /// condition, used twice) stopped LLVM vectorising `sums_body` (6× slower forward).
+    #[inline(always)]
+    fn exp_term(d: f32) -> (f32, f32) {
+        let d = if d < EXP_MIN { EXP_MIN } else { d };
+        let e = exp_neg(d);
+        (if d == EXP_MIN { 0.0 } else { e }, d)
+    }
+
     #[inline(always)]
     fn sums_body(z: &[f32], inv_t: f32, m: f32, xt: f32) -> (f64, f64, u32) {
         let (mut s64, mut t64, mut cnt) = (0f64, 0f64, 0u32);
@@ -815,9 +837,7 @@ mod lanes {
             for b in blocks {
                 for k in 0..W {
                     let x = b[k] * inv_t;
-                    let d = x - m;
-                    let d = if d < EXP_MIN { EXP_MIN } else { d };
-                    let e = exp_neg(d);
+                    let (e, d) = exp_term(x - m);
                     s[k] += e;
                     t[k] += e * d;
                     c[k] += (x > xt) as u32;
@@ -825,9 +845,7 @@ mod lanes {
             }
             for &zj in rem {
                 let x = zj * inv_t;
-                let d = x - m;
-                let d = if d < EXP_MIN { EXP_MIN } else { d };
-                let e = exp_neg(d);
+                let (e, d) = exp_term(x - m);
                 s[0] += e;
                 t[0] += e * d;
                 c[0] += (x > xt) as u32;
@@ -842,11 +860,12 @@ mod lanes {
     }
 
     /// dz for every element, without the 1[v=y] term (the caller adds g_logp/T at y).
+    /// Where log p < [`EXP_MIN`] (a −inf logit included) p is exactly 0 and log p is clamped,
+    /// so p·(log p + H) is 0 (its limit) rather than 0·(−inf) = NaN: a masked logit gets dz = 0.
     #[inline(always)]
     fn dz_body(z: &mut [f32], inv_t: f32, lse: f32, ent: f32, gl: f32, ge: f32) {
         for zj in z.iter_mut() {
-            let lp = *zj * inv_t - lse;
-            let p = exp_neg(lp);
+            let (p, lp) = exp_term(*zj * inv_t - lse);
             *zj = (-gl * p - ge * p * (lp + ent)) * inv_t;
         }
     }
@@ -1211,7 +1230,8 @@ mod tests {
         let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let se: f64 = x.iter().map(|v| (v - m).exp()).sum();
         let lse = m + se.ln();
-        let ex: f64 = x.iter().map(|v| (v - lse).exp() * v).sum();
+        // A −inf logit has p = 0 and adds nothing (not 0·(−inf)); NaN and +inf still propagate.
+        let ex: f64 = x.iter().map(|&v| if v == f64::NEG_INFINITY { 0.0 } else { (v - lse).exp() * v }).sum();
         let amax = x.iter().position(|&v| v == m).unwrap() as u32;
         let close = |a: f64, b: f64| (a - b).abs() < 1e-4 * (1.0 + a.abs());
         let argmax_ambiguous = x.iter().enumerate().any(|(j, &v)| j as u32 != amax && close(v, m));
@@ -1556,6 +1576,236 @@ mod tests {
         assert!(e.contains("targets[2]"), "{e}");
     }
 
+    /// Analytic f64 gradient of g_logp·logp + g_entropy·entropy with respect to the logits of
+    /// one row: dz_v = (g_logp·(1[v=y] − p_v) − g_entropy·p_v·(log p_v + H)) / T, where a −inf
+    /// logit has p_v = 0 and p_v·log p_v = 0. Defined (finite) even when the target is masked.
+    fn ref_dz(z: &[f64], y: u32, t: f64, gl: f64, ge: f64) -> Vec<f64> {
+        let r = ref_row(z, y, t);
+        let gl = if y == IGNORE { 0.0 } else { gl };
+        z.iter()
+            .enumerate()
+            .map(|(j, &zj)| {
+                let ind = if j as u32 == y { 1.0 } else { 0.0 };
+                if zj == f64::NEG_INFINITY {
+                    return gl * ind / t;
+                }
+                let lp = zj / t - r.lse;
+                let p = lp.exp();
+                (gl * (ind - p) - ge * p * (lp + r.entropy)) / t
+            })
+            .collect()
+    }
+
+    /// [`assert_close`] that also accepts equal infinities and NaN where NaN is wanted.
+    #[track_caller]
+    fn assert_close_nonfinite(got: &[f32], want: &[f64], atol: f64, rtol: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let ok = if w.is_nan() {
+                g.is_nan()
+            } else if w.is_infinite() {
+                g as f64 == w
+            } else {
+                (g as f64 - w).abs() <= atol + rtol * w.abs()
+            };
+            assert!(ok, "{what}: element {i}: got {g}, want {w} (atol {atol}, rtol {rtol})");
+        }
+    }
+
+    /// Rows of `v` (≥ 1000) random logits with −inf entries (top-k / banned-token masking), in
+    /// the patterns that exercise the row passes: 0 scattered (1/3 masked); 1 scattered (1/2),
+    /// target ignored; 2 one whole aligned 8-lane block, an unaligned run of 17 and the last 5
+    /// columns (the vector remainder when V is odd); 3 scattered with the target masked; 4 the
+    /// first 2048 columns (a whole CPU row piece; all but the tail when V < 2048), so the
+    /// running max starts at −inf; 5 a whole middle span (columns 2048..4096 when V > 4096, a
+    /// whole 512-column flush block or tail otherwise); 6 one finite logit, the target; 7 one
+    /// finite logit, target masked. Targets are finite logits except in rows 3 and 7.
+    fn masked_case(rng: &mut Rng, v: usize) -> (Vec<f32>, Vec<u32>) {
+        const ROWS: usize = 8;
+        assert!(v >= 1000);
+        let ninf = f32::NEG_INFINITY;
+        let mut z = randn(rng, ROWS * v, 3.0);
+        let mut tg = vec![0u32; ROWS];
+        for (i, r) in z.chunks_mut(v).enumerate() {
+            let mut mask = |lo: usize, hi: usize| r[lo..hi].iter_mut().for_each(|x| *x = ninf);
+            match i {
+                2 => {
+                    mask(8, 16);
+                    mask(101, 118);
+                    mask(v - 5, v);
+                }
+                4 => mask(0, 2048.min(v - 7)),
+                5 => {
+                    let lo = if v > 4096 { 2048 } else { 512 };
+                    mask(lo, (lo + 2048).min(v));
+                }
+                6 | 7 => mask(0, v),
+                _ => {}
+            }
+            let every = [3, 2, 0, 4, 0, 0, 0, 0][i];
+            if every > 0 {
+                r.iter_mut().for_each(|x| {
+                    if rng.below(every) == 0 {
+                        *x = ninf
+                    }
+                });
+            }
+            if i >= 6 {
+                let j = rng.below(v as u64) as usize;
+                r[j] = rng.normal() as f32;
+            }
+            let pick = |rng: &mut Rng, finite: bool| loop {
+                let y = rng.below(v as u64) as usize;
+                if r[y].is_finite() == finite {
+                    return y as u32;
+                }
+            };
+            tg[i] = match i {
+                1 => IGNORE,
+                3 | 7 => pick(rng, false),
+                _ => pick(rng, true),
+            };
+        }
+        (z, tg)
+    }
+
+    /// Forward and backward of the materialised head on `z` [n, v] against the f64 reference
+    /// (−inf logits have p = 0), with the given temperature; `z` holds what the `dt` tensor
+    /// stores (pre-rounded for bf16).
+    fn check_masked_from_logits(z: &[f32], tg: &[u32], v: usize, t: f32, dt: DType, rng: &mut Rng) {
+        let n = tg.len();
+        let what = format!("masked from_logits v{v} {dt} T{t}");
+        let logits = Tensor::from_slice(z, &[n, v], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+        assert_eq!(logits.to_vec_f32().unwrap(), z, "{what}: logits not pre-rounded");
+        let y = Tensor::from_slice(tg, &[n], Device::Cpu).unwrap();
+        let out = logprob_entropy_from_logits(&logits, &y, t, &all_opts(DEFAULT_CHUNK, None)).unwrap();
+        let rows: Vec<Vec<f64>> = z.chunks(v).map(to_f64).collect();
+        let want: Vec<RefRow> = rows.iter().zip(tg).map(|(r, &yi)| ref_row(r, yi, t as f64)).collect();
+        let f = |sel: fn(&RefRow) -> f64| want.iter().map(sel).collect::<Vec<_>>();
+        let logp = out.logp.to_vec_f32().unwrap();
+        assert_close_nonfinite(&logp, &f(|r| r.logp), 2e-5, 2e-5, &format!("{what} logp"));
+        assert_eq!(logp[3], f32::NEG_INFINITY, "{what}: masked target");
+        assert_eq!(logp[7], f32::NEG_INFINITY, "{what}: masked target");
+        let ent = out.entropy.to_vec_f32().unwrap();
+        assert_close(&ent, &f(|r| r.entropy), 2e-5, 2e-5, &format!("{what} entropy"));
+        assert_eq!((ent[6], ent[7], logp[6]), (0.0, 0.0, 0.0), "{what}: one finite logit");
+        assert_close(&out.lse.to_vec_f32().unwrap(), &f(|r| r.lse), 2e-5, 2e-5, &format!("{what} lse"));
+        let (rank, amax) = (out.rank.unwrap().to_vec::<u32>().unwrap(), out.argmax.unwrap().to_vec::<u32>().unwrap());
+        for (i, r) in want.iter().enumerate() {
+            if !r.rank_ambiguous {
+                assert_eq!(rank[i], r.rank, "{what} rank row {i}");
+            }
+            if !r.argmax_ambiguous {
+                assert_eq!(amax[i], r.argmax, "{what} argmax row {i}");
+            }
+        }
+
+        let gl = randn(rng, n, 1.0);
+        let ge = randn(rng, n, 1.0);
+        let (glt, get) =
+            (Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(), Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap());
+        let d = logprob_entropy_from_logits_backward(&logits, &y, t, &out.lse, &out.entropy, &glt, &get).unwrap();
+        assert_eq!(d.dtype(), dt);
+        let d = d.to_vec_f32().unwrap();
+        let want_d: Vec<f64> =
+            rows.iter().enumerate().flat_map(|(i, r)| ref_dz(r, tg[i], t as f64, gl[i] as f64, ge[i] as f64)).collect();
+        assert!(d.iter().all(|x| x.is_finite()), "{what}: d_logits not finite");
+        // A masked non-target logit gets exactly 0; a masked target gets g_logp/T.
+        for (k, &zk) in z.iter().enumerate() {
+            if zk == f32::NEG_INFINITY && tg[k / v] != (k % v) as u32 {
+                assert_eq!(d[k], 0.0, "{what}: d_logits[{k}] of a masked logit");
+            }
+        }
+        let rtol = if dt == DType::BF16 { 1e-2 } else { 1e-4 };
+        assert_close(&d, &want_d, 1e-6, rtol, &format!("{what} d_logits"));
+    }
+
+    #[test]
+    fn from_logits_neg_inf_matches_f64_reference() {
+        let mut rng = Rng::new(19);
+        for v in [1003usize, 4096, 5000] {
+            for dt in [DType::F32, DType::BF16] {
+                let (z, tg) = masked_case(&mut rng, v);
+                let z: Vec<f32> =
+                    z.iter().map(|&x| if dt == DType::BF16 { bf16::from_f32(x).to_f32() } else { x }).collect();
+                for t in [0.7f32, 1.0] {
+                    check_masked_from_logits(&z, &tg, v, t, dt, &mut rng);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn from_logits_neg_inf_backward_by_finite_differences() {
+        // The analytic reference (and the kernel) against finite differences of the f64
+        // forward: a masked logit stays −inf under perturbation, so its derivative is 0.
+        let mut rng = Rng::new(20);
+        let (n, v) = (3, 13);
+        let ninf = f32::NEG_INFINITY;
+        let mut z = randn(&mut rng, n * v, 2.0);
+        for k in [0usize, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 20, 25, 26, 27, 28, 29, 30, 31, 32] {
+            z[k] = ninf;
+        }
+        let tg = vec![2u32, IGNORE, 33 - 26];
+        for t in [0.6f32, 1.3] {
+            let gl = randn(&mut rng, n, 1.0);
+            let ge = randn(&mut rng, n, 1.0);
+            let logits = Tensor::from_slice(&z, &[n, v], Device::Cpu).unwrap();
+            let y = Tensor::from_slice(&tg, &[n], Device::Cpu).unwrap();
+            let fwd = logprob_entropy_from_logits(&logits, &y, t, &LogprobEntropyOpts::default()).unwrap();
+            let (glt, get) = (
+                Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(),
+                Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap(),
+            );
+            let d = logprob_entropy_from_logits_backward(&logits, &y, t, &fwd.lse, &fwd.entropy, &glt, &get).unwrap();
+            let loss = |zz: &[f64]| -> f64 {
+                (0..n)
+                    .map(|i| {
+                        let r = ref_row(&zz[i * v..(i + 1) * v], tg[i], t as f64);
+                        gl[i] as f64 * r.logp + ge[i] as f64 * r.entropy
+                    })
+                    .sum()
+            };
+            let z64 = to_f64(&z);
+            let want = finite_diff(loss, &z64, 1e-5);
+            let analytic: Vec<f64> = (0..n)
+                .flat_map(|i| ref_dz(&z64[i * v..(i + 1) * v], tg[i], t as f64, gl[i] as f64, ge[i] as f64))
+                .collect();
+            let analytic32: Vec<f32> = analytic.iter().map(|&x| x as f32).collect();
+            assert_close(&analytic32, &want, 1e-6, 1e-5, &format!("ref_dz vs finite differences T{t}"));
+            assert_close(&d.to_vec_f32().unwrap(), &want, 1e-5, 1e-4, &format!("masked d_logits T{t}"));
+        }
+    }
+
+    #[test]
+    fn from_logits_all_neg_inf_row_is_degenerate() {
+        // A row with every logit −inf has no distribution: lse = −inf, entropy NaN, logp NaN
+        // (0 when ignored), rank 1, argmax 0, and its d_logits are all NaN. Other rows are
+        // unaffected. (The fused head never sees this: h·Wᵀ is finite for finite inputs.)
+        let v = 1003;
+        let mut rng = Rng::new(21);
+        let mut z = randn(&mut rng, 3 * v, 2.0);
+        z[..2 * v].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+        let tg = vec![5u32, IGNORE, 7];
+        for dt in [DType::F32, DType::BF16] {
+            let logits = Tensor::from_slice(&z, &[3, v], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let y = Tensor::from_slice(&tg, &[3], Device::Cpu).unwrap();
+            let out = logprob_entropy_from_logits(&logits, &y, 0.9, &all_opts(DEFAULT_CHUNK, None)).unwrap();
+            let (logp, ent, lse) =
+                (out.logp.to_vec_f32().unwrap(), out.entropy.to_vec_f32().unwrap(), out.lse.to_vec_f32().unwrap());
+            assert!(logp[0].is_nan() && logp[1] == 0.0 && logp[2].is_finite(), "{dt} logp {logp:?}");
+            assert!(ent[0].is_nan() && ent[1].is_nan() && ent[2].is_finite(), "{dt} entropy {ent:?}");
+            assert!(lse[0] == f32::NEG_INFINITY && lse[1] == f32::NEG_INFINITY && lse[2].is_finite(), "{dt}");
+            assert_eq!(out.rank.unwrap().to_vec::<u32>().unwrap()[..2], [1, 0]);
+            assert_eq!(out.argmax.unwrap().to_vec::<u32>().unwrap()[..2], [0, 0]);
+            let g = Tensor::full(0.5, &[3], DType::F32, Device::Cpu).unwrap();
+            let d = logprob_entropy_from_logits_backward(&logits, &y, 0.9, &out.lse, &out.entropy, &g, &g).unwrap();
+            let d = d.to_vec_f32().unwrap();
+            assert!(d[..2 * v].iter().all(|x| x.is_nan()), "{dt}: degenerate rows give NaN");
+            assert!(d[2 * v..].iter().all(|x| x.is_finite()), "{dt}: other rows unaffected");
+        }
+    }
+
     /// Drops a NaN-filled buffer of `bytes` so the caching allocator hands poisoned memory to
     /// the next allocations of that size.
     fn poison(dev: Device, elems: usize) {
@@ -1723,6 +1973,78 @@ mod tests {
                     1e-4 + dt.epsilon(),
                     &format!("{what} d_logits"),
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn device_from_logits_neg_inf_matches_cpu() {
+        let Some(dev) = test_cuda_device() else { return };
+        let mut rng = Rng::new(22);
+        // V = 1003 takes the scalar loads, 4096 and 5000 the 4-wide vector loads.
+        for v in [1003usize, 4096, 5000] {
+            for dt in [DType::F32, DType::BF16] {
+                let (mut z, mut tg) = masked_case(&mut rng, v);
+                // Plus two degenerate rows (every logit −inf), one ignored: NaN in the same places.
+                z.extend(std::iter::repeat_n(f32::NEG_INFINITY, 2 * v));
+                tg.extend([3, IGNORE]);
+                let n = tg.len();
+                let logits = Tensor::from_slice(&z, &[n, v], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                let y = Tensor::from_slice(&tg, &[n], Device::Cpu).unwrap();
+                let opts = all_opts(DEFAULT_CHUNK, None);
+                let t = 0.8;
+                let want = logprob_entropy_from_logits(&logits, &y, t, &opts).unwrap();
+                let (lg, yg) = (logits.to_device(dev).unwrap(), y.to_device(dev).unwrap());
+                poison(dev, n);
+                let got = logprob_entropy_from_logits(&lg, &yg, t, &opts).unwrap();
+                let what = format!("device masked from_logits v{v} {dt}");
+                let f64v = |x: &Tensor| to_f64(&x.to_vec_f32().unwrap());
+                for (name, g, w) in [
+                    ("logp", &got.logp, &want.logp),
+                    ("entropy", &got.entropy, &want.entropy),
+                    ("lse", &got.lse, &want.lse),
+                ] {
+                    assert_close_nonfinite(&g.to_vec_f32().unwrap(), &f64v(w), 2e-5, 1e-5, &format!("{what} {name}"));
+                }
+                assert_eq!(
+                    got.rank.unwrap().to_vec::<u32>().unwrap(),
+                    want.rank.unwrap().to_vec::<u32>().unwrap(),
+                    "{what} rank"
+                );
+                assert_eq!(
+                    got.argmax.unwrap().to_vec::<u32>().unwrap(),
+                    want.argmax.unwrap().to_vec::<u32>().unwrap(),
+                    "{what} argmax"
+                );
+
+                let gl = randn(&mut rng, n, 1.0);
+                let ge = randn(&mut rng, n, 1.0);
+                let (glt, get) = (
+                    Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(),
+                    Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap(),
+                );
+                let d =
+                    logprob_entropy_from_logits_backward(&logits, &y, t, &want.lse, &want.entropy, &glt, &get).unwrap();
+                poison(dev, n * v);
+                let dg = logprob_entropy_from_logits_backward(
+                    &lg,
+                    &yg,
+                    t,
+                    &want.lse.to_device(dev).unwrap(),
+                    &want.entropy.to_device(dev).unwrap(),
+                    &glt.to_device(dev).unwrap(),
+                    &get.to_device(dev).unwrap(),
+                )
+                .unwrap();
+                let dg = dg.to_vec_f32().unwrap();
+                let live = (n - 2) * v;
+                assert!(dg[..live].iter().all(|x| x.is_finite()), "{what}: d_logits not finite");
+                for (k, &zk) in z[..live].iter().enumerate() {
+                    if zk == f32::NEG_INFINITY && tg[k / v] != (k % v) as u32 {
+                        assert_eq!(dg[k], 0.0, "{what}: d_logits[{k}] of a masked logit");
+                    }
+                }
+                assert_close_nonfinite(&dg, &f64v(&d), 1e-6, 1e-4 + dt.epsilon(), &format!("{what} d_logits"));
             }
         }
     }
