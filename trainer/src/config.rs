@@ -256,6 +256,10 @@ impl Default for DroConfig {
     }
 }
 
+/// Ceiling of every count setting (batch sizes, samples, retries): far above any real run,
+/// low enough that no allocation sized by one can overflow.
+pub const MAX_COUNT: usize = 1 << 20;
+
 /// The reward a run optimises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RewardKind {
@@ -312,6 +316,30 @@ impl TrainConfig {
         pos("num_iterations", self.num_iterations)?;
         pos("max_prompt_length", self.max_prompt_length)?;
         pos("sft_batch_size", self.sft_batch_size)?;
+        // Upper bounds: each of these sizes an allocation or a generation batch.
+        for (name, v) in [
+            ("num_generations", self.num_generations),
+            ("generation_batch_size", self.generation_batch_size),
+            ("per_device_train_batch_size", self.per_device_train_batch_size),
+            ("sft_batch_size", self.sft_batch_size),
+            ("num_iterations", self.num_iterations),
+            ("max_resample", self.max_resample),
+            ("eval_size", self.eval_size),
+            ("laser.monitor_size", self.laser.monitor_size),
+            ("laser.monitor_samples", self.laser.monitor_samples),
+        ] {
+            if v > MAX_COUNT {
+                bail!("{name} = {v}: more than {MAX_COUNT}");
+            }
+        }
+        if self.num_generations < 2 {
+            bail!("num_generations = 1: group-relative advantages of a group of one are 0, nothing would be learned");
+        }
+        if self.beta > 0.0 && self.resume_from_checkpoint.is_some() && self.model.is_none() {
+            bail!(
+                "beta > 0 with resume_from_checkpoint: also set `model` (the run's starting model, the KL reference)"
+            );
+        }
         if self.generation_batch_size % self.num_generations != 0 {
             bail!(
                 "generation_batch_size = {} must be a multiple of num_generations = {}",
@@ -335,6 +363,27 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
             bail!("adam_beta1 / adam_beta2 = {} / {}: must be in [0, 1)", self.adam_beta1, self.adam_beta2);
+        }
+        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
+            bail!("adam_epsilon = {}: must be > 0 (0 turns untouched weights into NaN)", self.adam_epsilon);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("weight_decay = {}: must be finite and >= 0", self.weight_decay);
+        }
+        for (name, v) in [
+            ("correct_reward", self.correct_reward),
+            ("incorrect_reward", self.incorrect_reward),
+            ("format_reward", self.format_reward),
+            ("laser.alpha", self.laser.alpha),
+            ("pear.s", self.pear.s),
+            ("pear.alpha", self.pear.alpha),
+            ("pear.format_score", self.pear.format_score),
+            ("dro.length_beta", self.dro.length_beta),
+            ("dro.length_lambda", self.dro.length_lambda),
+        ] {
+            if !v.is_finite() {
+                bail!("{name} = {v}: must be finite");
+            }
         }
         if !(self.answer_rel_tol.is_finite() && self.answer_rel_tol >= 0.0) {
             bail!("answer_rel_tol = {}: must be >= 0", self.answer_rel_tol);
@@ -527,6 +576,14 @@ mod tests {
         assert!(err("model = \"m\"\n", &["scale_rewards=max"]).contains("scale_rewards"));
         assert!(err("model = \"m\"\n", &["beta"]).contains("key=value"));
         assert!(err("model = \"m\"\n", &["temperature=0"]).contains("temperature"));
+        assert!(err("model = \"m\"\n", &["adam_epsilon=0"]).contains("adam_epsilon"));
+        assert!(err("model = \"m\"\n", &["weight_decay=-1"]).contains("weight_decay"));
+        assert!(err("model = \"m\"\n", &["laser.alpha=nan"]).contains("laser.alpha"));
+        assert!(err("model = \"m\"\n", &["num_generations=1", "generation_batch_size=4"]).contains("num_generations"));
+        assert!(
+            err("model = \"m\"\n", &["generation_batch_size=4611686018427387904"]).contains("generation_batch_size")
+        );
+        assert!(err("", &["resume_from_checkpoint=\"c\"", "beta=0.1"]).contains("model"));
         assert!(err("model = \"m\"\nbeta = \"high\"\n", &[]).contains("beta = \"high\""));
         assert!(err("", &[]).contains("model"));
         assert!(err("model = [", &[]).contains("run.toml"));

@@ -150,7 +150,7 @@ impl Sampler {
 
     /// The next `k` example indices.
     pub fn take(&mut self, k: usize) -> Vec<usize> {
-        let mut out = Vec::with_capacity(k);
+        let mut out = Vec::with_capacity(k.min(self.order.len()));
         while out.len() < k && !self.order.is_empty() {
             if self.pos == self.order.len() {
                 self.pos = 0;

@@ -112,7 +112,7 @@ pub struct StepStats {
     pub grad_norm: f32,
     /// The clip factor applied (1 when not clipped).
     pub clip_scale: f32,
-    /// False when the gradient norm was NaN/inf and the update was skipped.
+    /// False when the update was skipped: a NaN/inf gradient norm, or no loss tokens.
     pub applied: bool,
     /// Mean entropy over loss tokens (under the head's temperature).
     pub mean_entropy: f32,
@@ -202,6 +202,16 @@ impl PolicyStep {
             }
         }
         self.step = step;
+        Ok(())
+    }
+
+    /// Forgets the AdamW moments and step count (e.g. between a supervised warm-up and RL,
+    /// whose gradient scales differ). The master weights are kept.
+    pub fn reset_optimizer(&mut self) -> Result<()> {
+        for (_, t) in self.m.named_tensors().into_iter().chain(self.v.named_tensors()) {
+            zero_(t)?;
+        }
+        self.step = 0;
         Ok(())
     }
 
@@ -311,7 +321,9 @@ impl PolicyStep {
         let grad_refs: Vec<&Tensor> = grads.iter().map(|(_, t)| *t).collect();
         let norm = global_norm(&grad_refs)?;
         let scale = cfg.max_grad_norm.map_or(1.0, |max| clip_scale(norm, max));
-        let applied = norm.is_finite();
+        // Nothing to learn from (every token masked): no AdamW step, so momentum and weight
+        // decay do not move the weights either.
+        let applied = norm.is_finite() && total_mask > 0.0;
         if applied {
             self.step += 1;
             let params = model.weights.named_tensors();

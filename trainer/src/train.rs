@@ -29,7 +29,7 @@ use smelt_models::{
     generate, Checkpoint, GenerateOptions, Generation, LoadOptions, Message, Packed, Qwen, RenderOptions,
 };
 
-use crate::advantage::advantages;
+use crate::advantage::{advantages, groups_with_signal};
 use crate::config::{RewardKind, TrainConfig};
 use crate::data::{self, Example, Sampler};
 use crate::reward::correctness::{judge, CorrectnessConfig, Outcome};
@@ -114,8 +114,12 @@ impl Trainer {
         let mut model = Qwen::new(ckpt.config.clone(), ckpt.load_weights(&load)?);
         model.recompute = cfg.gradient_checkpointing;
         let reference = if cfg.beta > 0.0 {
-            // The reference is the run's starting model, also when resuming.
-            let base = cfg.model.clone().unwrap_or_else(|| model_dir.clone());
+            // The reference is the model RL starts from: `model`, or after a supervised
+            // warm-up the warmed-up model, which the run saves as checkpoint-0.
+            let base = match (&resume, cfg.sft_steps > 0) {
+                (Some(_), true) => cfg.output_dir.join("checkpoint-0"),
+                _ => cfg.model.clone().unwrap_or_else(|| model_dir.clone()),
+            };
             let rc = Checkpoint::open(&base).with_context(|| format!("reference model {}", base.display()))?;
             Some(Qwen::new(rc.config.clone(), rc.load_weights(&load)?))
         } else {
@@ -170,6 +174,18 @@ impl Trainer {
                 .collect()
         };
         let train_ids = render(&split.train, "dataset")?;
+        if kind == RewardKind::Dro {
+            // R3 scores prompt + reasoning (up to max_completion_length, + `</think>`) + answer.
+            for (i, (ex, ids)) in split.train.iter().zip(&train_ids).enumerate() {
+                let n = ids.len() + cfg.max_completion_length + 1 + tok.encode(&ex.answer, false)?.len();
+                if n > max_pos {
+                    bail!(
+                        "dataset example {i}: DRO scores prompt + max_completion_length + `</think>` + answer = {n} \
+                         tokens, over max_position_embeddings = {max_pos}"
+                    );
+                }
+            }
+        }
         let eval_ids = render(&split.eval, "eval")?;
 
         let step_cfg = StepConfig {
@@ -204,12 +220,15 @@ impl Trainer {
             .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
         if let Some(dir) = &resume {
             let state = TrainerState::read(&dir.join("trainer_state"))?;
-            if state.train_size != split.train.len() {
+            if state.train_size != split.train.len() || state.data_fingerprint != fingerprint(cfg.seed, &split.train) {
                 bail!(
-                    "{}: the run trained on {} examples, this configuration has {}",
+                    "{}: the run trained on other data ({} examples, fingerprint {}); this configuration's dataset, \
+                     eval split or seed gives {} examples, fingerprint {}",
                     dir.display(),
                     state.train_size,
-                    split.train.len()
+                    state.data_fingerprint,
+                    split.train.len(),
+                    fingerprint(cfg.seed, &split.train)
                 );
             }
             policy.load_state(&dir.join("trainer_state").join("optimizer.safetensors"), state.optimizer_steps)?;
@@ -253,6 +272,16 @@ impl Trainer {
         let kind = self.cfg.reward_kind()?;
         if self.step == 0 && self.cfg.sft_steps > 0 {
             summary.sft_nll = self.sft()?;
+            // RL starts from here: fresh AdamW moments (SFT's gradient scale would damp RL's
+            // steps for ~1/(1−β2) steps), the warmed-up model as the KL reference, and a
+            // checkpoint a resumed run can take that reference from.
+            self.policy.reset_optimizer()?;
+            if let Some(r) = &self.reference {
+                for ((_, dst), (_, src)) in r.weights.named_tensors().iter().zip(self.model.weights.named_tensors()) {
+                    dst.copy_from(src)?;
+                }
+            }
+            summary.checkpoints.push(self.save()?);
         }
         let acc = self.evaluate()?;
         summary.evals.push((self.step, acc));
@@ -307,8 +336,20 @@ impl Trainer {
             .collect::<Result<_>>()?;
         let mut sampler = Sampler::new(with_solution.len(), self.cfg.seed ^ 0x5f7);
         let mut nll = Vec::with_capacity(self.cfg.sft_steps);
+        let max_pos = self.model.config.max_position_embeddings;
+        for (k, sol) in solutions.iter().enumerate() {
+            let i = with_solution[k];
+            let n = self.train_ids[i].len() + sol.len();
+            if n > max_pos {
+                bail!(
+                    "training example {i}: prompt + solution is {n} tokens, over max_position_embeddings = {max_pos}"
+                );
+            }
+        }
         let saved = self.policy.config.clone();
         self.policy.config.loss_type = LossType::Dapo;
+        self.policy.config.loss.beta = 0.0;
+        self.policy.config.loss.entropy_coef = 0.0;
         self.policy.config.temperature = 1.0;
         self.policy.config.optim.lr = self.cfg.sft_lr();
         for s in 0..self.cfg.sft_steps {
@@ -320,8 +361,8 @@ impl Trainer {
                 prompt_lens.push(self.train_ids[i].len());
                 seqs.push([self.train_ids[i].as_slice(), &solutions[k]].concat());
             }
-            let micro =
-                self.micro_batches(&seqs, &prompt_lens, &vec![1.0; seqs.len()], None, &vec![true; seqs.len()])?;
+            let ones = vec![1.0; seqs.len()];
+            let micro = self.micro_batches(&seqs, &prompt_lens, &ones, None, &vec![true; seqs.len()], false)?;
             let st = self.policy.step_accumulated(&self.model, &micro)?;
             nll.push(-st.mean_logp);
             self.emit(json!({"phase": "sft", "sft_step": s + 1, "nll": -st.mean_logp, "grad_norm": st.grad_norm}))?;
@@ -378,16 +419,16 @@ impl Trainer {
         for round in 0..=self.cfg.max_resample {
             let need = want - prompts.len();
             let picks = self.sampler.take(need);
-            let seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add((self.step as u64) << 8 | round as u64);
+            let seed = mix(&[self.cfg.seed, self.step as u64, round as u64]);
             let mut rs = self.rollout(&picks, seed)?;
             let groups_no_signal = self.rewards(kind, &picks, &mut rs, &mut terms)?;
             all_rewards.extend(rs.iter().map(|r| r.reward));
             all_correct.0 += rs.iter().filter(|r| r.outcome.is_correct()).count();
             all_correct.1 += rs.len();
+            let rewards: Vec<f32> = rs.iter().map(|r| r.reward).collect();
+            let signal = groups_with_signal(&rewards, g);
             for (p, chunk) in rs.chunks(g).enumerate() {
-                let first = chunk[0].reward;
-                let flat = chunk.iter().all(|r| r.reward == first);
-                if self.cfg.dynamic_sampling && flat {
+                if self.cfg.dynamic_sampling && (!signal[p] || groups_no_signal[p]) {
                     dropped_groups += 1;
                     continue;
                 }
@@ -435,10 +476,15 @@ impl Trainer {
             let keep: Vec<bool> =
                 rollouts.iter().map(|r| !(self.cfg.mask_truncated_completions && r.truncated)).collect();
             let old: Vec<&[f32]> = rollouts.iter().map(|r| r.gen.logp.as_slice()).collect();
-            let micro = self.micro_batches(&seqs, &prompt_lens, &adv, Some(&old), &keep)?;
-            for _ in 0..self.cfg.num_iterations {
+            let micro = self.micro_batches(&seqs, &prompt_lens, &adv, Some(&old), &keep, true)?;
+            // Log the first pass's loss (on-policy) and the last pass's clipping and KL; an
+            // update skipped in any pass shows as update_applied = false.
+            let mut applied = true;
+            for it in 0..self.cfg.num_iterations {
                 let s = self.policy.step_accumulated(&self.model, &micro)?;
-                stats.get_or_insert(s);
+                applied &= s.applied;
+                let first_loss = stats.map_or(s.loss, |f| f.loss);
+                stats = Some(StepStats { loss: if it == 0 { s.loss } else { first_loss }, applied, ..s });
             }
         }
         let update_s = t1.elapsed().as_secs_f64();
@@ -446,6 +492,7 @@ impl Trainer {
 
         let lens: Vec<f32> = rollouts.iter().map(|r| r.len as f32).collect();
         let think: Vec<f32> = rollouts.iter().filter_map(|r| r.think_end.map(|k| k as f32)).collect();
+        let answer: Vec<f32> = rollouts.iter().filter_map(|r| r.think_end.map(|k| (r.len - k - 1) as f32)).collect();
         let ent: Vec<f32> = rollouts.iter().flat_map(|r| r.gen.entropy.iter().copied()).collect();
         let n = all_rewards.len().max(1) as f64;
         let mut line = json!({
@@ -459,6 +506,7 @@ impl Trainer {
             "truncated": rollouts.iter().filter(|r| r.truncated).count() as f32 / rollouts.len().max(1) as f32,
             "response_length": mean(&lens),
             "think_length": mean(&think),
+            "answer_length": mean(&answer),
             "rollout_entropy": mean(&ent),
             "groups_dropped": dropped_groups,
             "groups_without_signal": no_signal.iter().filter(|&&x| x).count(),
@@ -597,7 +645,8 @@ impl Trainer {
             let group = r3_rewards(&logp_y, weighting);
             no_signal.push(!group.signal);
             for (r, r3) in chunk.iter_mut().zip(&group.rewards) {
-                let answer_len = r.think_end.map_or(r.len, |k| r.len.saturating_sub(k + 1));
+                // No `</think>`: the whole output is reasoning and the answer is empty.
+                let answer_len = r.think_end.map_or(0, |k| r.len.saturating_sub(k + 1));
                 let r_len = length_term(y.len(), answer_len, self.cfg.dro.length_beta);
                 *terms.entry("r3").or_default() += *r3 as f64;
                 *terms.entry("dro_length").or_default() += r_len as f64;
@@ -633,6 +682,7 @@ impl Trainer {
         adv: &[f32],
         old: Option<&[&[f32]]>,
         keep: &[bool],
+        with_reference: bool,
     ) -> Result<Vec<StepBatch>> {
         let b = self.cfg.per_device_train_batch_size;
         let mut out = Vec::new();
@@ -653,8 +703,8 @@ impl Trainer {
                 }
             }
             let logp_ref = match &self.reference {
-                Some(r) => Some(self.score(r, part)?.concat()),
-                None => None,
+                Some(r) if with_reference => Some(self.score(r, part)?.concat()),
+                _ => None,
             };
             out.push(StepBatch {
                 packed: Packed::new(part),
@@ -680,7 +730,13 @@ impl Trainer {
             seed: 0,
             stop_ids: self.stop_ids.clone(),
         };
-        let gens = generate(&self.model, &self.eval_ids, &opts)?;
+        // In slices, so a large eval set does not need one KV cache for all of it.
+        let mut gens = Vec::with_capacity(self.eval_ids.len());
+        let per = self.cfg.generation_batch_size;
+        for (c, chunk) in self.eval_ids.chunks(per).enumerate() {
+            let part = generate(&self.model, chunk, &opts)?;
+            gens.extend(part.into_iter().map(|g| Generation { prompt: c * per + g.prompt, ..g }));
+        }
         let tok = self.ckpt.tokenizer()?;
         let (mut correct, mut bad, mut len) = (0usize, 0usize, 0usize);
         for g in &gens {
@@ -717,7 +773,7 @@ impl Trainer {
             max_new_tokens: self.cfg.max_completion_length,
             sampling: self.sampling(),
             n_samples: k,
-            seed: self.cfg.seed ^ 0x1a5e ^ (self.step as u64) << 16,
+            seed: mix(&[self.cfg.seed, self.step as u64, 0x1a5e_0000]),
             stop_ids: self.stop_ids.clone(),
         };
         let gens = generate(&self.model, &ids, &opts)?;
@@ -763,6 +819,7 @@ impl Trainer {
             step: self.step,
             optimizer_steps: self.policy.step,
             train_size: self.train.len(),
+            data_fingerprint: fingerprint(self.cfg.seed, &self.train),
             sampler: self.sampler.clone(),
             laser_targets: self.laser_targets,
         };
@@ -804,6 +861,35 @@ fn copy_synced(src: &Path, dst: &Path) -> Result<()> {
     write_synced(dst, &bytes)
 }
 
+/// A seed from several values (splitmix64 steps), so no two (seed, step, round) collide in
+/// practice.
+fn mix(parts: &[u64]) -> u64 {
+    let mut h = 0x9e37_79b9_7f4a_7c15u64;
+    for &p in parts {
+        h = (h ^ p).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^= h >> 31;
+    }
+    h
+}
+
+/// FNV-1a over the seed and every training prompt and answer, in order.
+fn fingerprint(seed: u64, train: &[Example]) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |b: &[u8]| {
+        for &x in b.iter().chain(&[0xff]) {
+            h = (h ^ x as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    eat(&seed.to_le_bytes());
+    for ex in train {
+        eat(ex.prompt.as_bytes());
+        eat(ex.answer.as_bytes());
+    }
+    format!("{h:016x}")
+}
+
 fn targets_json(t: &LaserTargets) -> Value {
     json!({"easy": t.easy, "medium": t.medium, "hard": t.hard})
 }
@@ -821,6 +907,8 @@ struct TrainerState {
     step: usize,
     optimizer_steps: u64,
     train_size: usize,
+    /// Hash of the seed and the training examples, so a resume with other data is refused.
+    data_fingerprint: String,
     sampler: Sampler,
     laser_targets: LaserTargets,
 }
@@ -831,6 +919,7 @@ impl TrainerState {
             "step": self.step,
             "optimizer_steps": self.optimizer_steps,
             "train_size": self.train_size,
+            "data_fingerprint": self.data_fingerprint,
             "sampler": {"order": self.sampler.order, "pos": self.sampler.pos, "epoch": self.sampler.epoch, "seed": self.sampler.seed},
             "laser_targets": targets_json(&self.laser_targets),
         })
@@ -849,10 +938,11 @@ impl TrainerState {
             .with_context(|| format!("{}: sampler.order must be a list of indices", path.display()))?;
         let train_size = uint(field("train_size")?, "train_size")? as usize;
         let pos = uint(sget("pos")?, "sampler.pos")? as usize;
+        // A permutation of 0..train_size, checked without allocating from the file's numbers.
         let mut sorted = order.clone();
         sorted.sort_unstable();
-        if sorted != (0..train_size).collect::<Vec<_>>() || pos > order.len() {
-            bail!("{}: sampler state does not match train_size = {train_size}", path.display());
+        if order.len() != train_size || sorted.iter().enumerate().any(|(i, &x)| i != x) || pos > order.len() {
+            bail!("{}: sampler state is not a permutation of train_size = {train_size} examples", path.display());
         }
         Ok(TrainerState {
             step: uint(field("step")?, "step")? as usize,
@@ -864,9 +954,16 @@ impl TrainerState {
                 epoch: uint(sget("epoch")?, "sampler.epoch")?,
                 seed: uint(sget("seed")?, "sampler.seed")?,
             },
+            data_fingerprint: field("data_fingerprint")?
+                .as_str()
+                .with_context(|| format!("{}: data_fingerprint must be a string", path.display()))?
+                .to_string(),
             laser_targets: {
                 let t = field("laser_targets")?;
-                let get = |k: &str| t.get(k).map_or(Ok(0), |x| uint(x, &format!("laser_targets.{k}")));
+                let get = |k: &str| {
+                    let x = t.get(k).with_context(|| format!("{}: missing laser_targets.{k}", path.display()))?;
+                    uint(x, &format!("laser_targets.{k}"))
+                };
                 LaserTargets {
                     easy: get("easy")? as usize,
                     medium: get("medium")? as usize,
