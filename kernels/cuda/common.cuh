@@ -48,6 +48,24 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+__device__ __forceinline__ double warp_sum_f64(double v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the whole block in f64, in a fixed order (deterministic); every thread gets the
+// result. `scratch` holds >= 32 doubles; blockDim.x must be a multiple of 32.
+__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum_f64(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (lane < nwarps) ? scratch[lane] : 0.0;
+    return warp_sum_f64(v);
+}
+
 // Sum over the whole block; every thread gets the result. `scratch` holds >= 32 floats.
 // blockDim.x must be a multiple of 32.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

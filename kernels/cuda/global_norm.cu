@@ -76,24 +76,6 @@ struct H16T {
 typedef H16T<bf16_to_f32, f32_to_bf16> BF16T;
 typedef H16T<f16_to_f32, f32_to_f16> F16T;
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// Sum over the whole block in f64, fixed order; every thread gets the result. `scratch`
-// holds >= 32 doubles; blockDim.x must be a multiple of 32.
-__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_sum_f64(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = (lane < nwarps) ? scratch[lane] : 0.0;
-    return warp_sum_f64(v);
-}
-
 // Σ f[k]² over 4 values: in f32 (≤ 4 roundings) unless that overflows to +inf, then again in
 // f64. NaN stays NaN (it is not +inf, and the f32 sum is already NaN).
 __device__ __forceinline__ double sumsq4(const float* f) {

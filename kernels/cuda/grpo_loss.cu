@@ -27,23 +27,6 @@ __device__ __forceinline__ float grpo_clampf(float x, float lo, float hi) {
     return x < lo ? lo : (x > hi ? hi : x);
 }
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32); every thread gets the result.
-__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_sum_f64(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = (lane < nwarps) ? scratch[lane] : 0.0;
-    return warp_sum_f64(v);
-}
-
 extern "C" __global__ void grpo_loss_tokens(
     const float* __restrict__ logp, const float* __restrict__ logp_old,
     const float* __restrict__ logp_ref, const float* __restrict__ adv,

@@ -1908,6 +1908,50 @@ mod tests {
         }
     }
 
+    /// Runs the materialised-logits head forward and backward on CPU and on `dev` (outputs
+    /// poisoned first) for logits `z` [n × v] and targets `tg`; checks the forward outputs
+    /// (non-finite values must match in place) and returns (device d_logits, CPU d_logits).
+    #[allow(clippy::too_many_arguments)]
+    fn device_from_logits_case(
+        dev: Device,
+        rng: &mut Rng,
+        z: &[f32],
+        tg: &[u32],
+        v: usize,
+        dt: DType,
+        t: f32,
+        what: &str,
+    ) -> (Vec<f32>, Vec<f64>) {
+        let n = tg.len();
+        let logits = Tensor::from_slice(z, &[n, v], Device::Cpu).unwrap().to_dtype(dt).unwrap();
+        let y = Tensor::from_slice(tg, &[n], Device::Cpu).unwrap();
+        let opts = all_opts(DEFAULT_CHUNK, None);
+        let want = logprob_entropy_from_logits(&logits, &y, t, &opts).unwrap();
+        let (lg, yg) = (logits.to_device(dev).unwrap(), y.to_device(dev).unwrap());
+        poison(dev, n);
+        let got = logprob_entropy_from_logits(&lg, &yg, t, &opts).unwrap();
+        let f64v = |x: &Tensor| to_f64(&x.to_vec_f32().unwrap());
+        for (name, g, w) in
+            [("logp", &got.logp, &want.logp), ("entropy", &got.entropy, &want.entropy), ("lse", &got.lse, &want.lse)]
+        {
+            assert_close_nonfinite(&g.to_vec_f32().unwrap(), &f64v(w), 2e-5, 1e-5, &format!("{what} {name}"));
+        }
+        // Same stored logits on both sides: rank and argmax are exact.
+        let u32v = |x: Option<Tensor>| x.unwrap().to_vec::<u32>().unwrap();
+        assert_eq!(u32v(got.rank), u32v(want.rank), "{what} rank");
+        assert_eq!(u32v(got.argmax), u32v(want.argmax), "{what} argmax");
+
+        let gl = Tensor::from_slice(&randn(rng, n, 1.0), &[n], Device::Cpu).unwrap();
+        let ge = Tensor::from_slice(&randn(rng, n, 1.0), &[n], Device::Cpu).unwrap();
+        let d = logprob_entropy_from_logits_backward(&logits, &y, t, &want.lse, &want.entropy, &gl, &ge).unwrap();
+        poison(dev, n * v);
+        let on = |x: &Tensor| x.to_device(dev).unwrap();
+        let dg =
+            logprob_entropy_from_logits_backward(&lg, &yg, t, &on(&want.lse), &on(&want.entropy), &on(&gl), &on(&ge))
+                .unwrap();
+        (dg.to_vec_f32().unwrap(), f64v(&d))
+    }
+
     #[test]
     fn device_from_logits_matches_cpu() {
         let Some(dev) = test_cuda_device() else { return };
@@ -1916,63 +1960,9 @@ mod tests {
             for dt in [DType::F32, DType::BF16] {
                 let z = randn(&mut rng, n * v, 3.0);
                 let tg: Vec<u32> = (0..n).map(|i| if i == 1 { IGNORE } else { rng.below(v as u64) as u32 }).collect();
-                let logits = Tensor::from_slice(&z, &[n, v], Device::Cpu).unwrap().to_dtype(dt).unwrap();
-                let y = Tensor::from_slice(&tg, &[n], Device::Cpu).unwrap();
-                let opts = all_opts(DEFAULT_CHUNK, None);
-                let t = 1.3;
-                let want = logprob_entropy_from_logits(&logits, &y, t, &opts).unwrap();
-                let (lg, yg) = (logits.to_device(dev).unwrap(), y.to_device(dev).unwrap());
-                poison(dev, n);
-                let got = logprob_entropy_from_logits(&lg, &yg, t, &opts).unwrap();
                 let what = format!("device from_logits n{n} v{v} {dt}");
-                let f64v = |x: &Tensor| to_f64(&x.to_vec_f32().unwrap());
-                assert_close(&got.logp.to_vec_f32().unwrap(), &f64v(&want.logp), 2e-5, 1e-5, &format!("{what} logp"));
-                assert_close(
-                    &got.entropy.to_vec_f32().unwrap(),
-                    &f64v(&want.entropy),
-                    2e-5,
-                    1e-5,
-                    &format!("{what} entropy"),
-                );
-                assert_close(&got.lse.to_vec_f32().unwrap(), &f64v(&want.lse), 2e-5, 1e-5, &format!("{what} lse"));
-                // Same stored logits on both sides: rank and argmax are exact.
-                assert_eq!(
-                    got.rank.unwrap().to_vec::<u32>().unwrap(),
-                    want.rank.unwrap().to_vec::<u32>().unwrap(),
-                    "{what} rank"
-                );
-                assert_eq!(
-                    got.argmax.unwrap().to_vec::<u32>().unwrap(),
-                    want.argmax.unwrap().to_vec::<u32>().unwrap(),
-                    "{what} argmax"
-                );
-
-                let gl = randn(&mut rng, n, 1.0);
-                let ge = randn(&mut rng, n, 1.0);
-                let (glt, get) = (
-                    Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(),
-                    Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap(),
-                );
-                let d =
-                    logprob_entropy_from_logits_backward(&logits, &y, t, &want.lse, &want.entropy, &glt, &get).unwrap();
-                poison(dev, n * v);
-                let dg = logprob_entropy_from_logits_backward(
-                    &lg,
-                    &yg,
-                    t,
-                    &want.lse.to_device(dev).unwrap(),
-                    &want.entropy.to_device(dev).unwrap(),
-                    &glt.to_device(dev).unwrap(),
-                    &get.to_device(dev).unwrap(),
-                )
-                .unwrap();
-                assert_close(
-                    &dg.to_vec_f32().unwrap(),
-                    &f64v(&d),
-                    1e-6,
-                    1e-4 + dt.epsilon(),
-                    &format!("{what} d_logits"),
-                );
+                let (dg, d) = device_from_logits_case(dev, &mut rng, &z, &tg, v, dt, 1.3, &what);
+                assert_close(&dg, &d, 1e-6, 1e-4 + dt.epsilon(), &format!("{what} d_logits"));
             }
         }
     }
@@ -1989,54 +1979,8 @@ mod tests {
                 z.extend(std::iter::repeat_n(f32::NEG_INFINITY, 2 * v));
                 tg.extend([3, IGNORE]);
                 let n = tg.len();
-                let logits = Tensor::from_slice(&z, &[n, v], Device::Cpu).unwrap().to_dtype(dt).unwrap();
-                let y = Tensor::from_slice(&tg, &[n], Device::Cpu).unwrap();
-                let opts = all_opts(DEFAULT_CHUNK, None);
-                let t = 0.8;
-                let want = logprob_entropy_from_logits(&logits, &y, t, &opts).unwrap();
-                let (lg, yg) = (logits.to_device(dev).unwrap(), y.to_device(dev).unwrap());
-                poison(dev, n);
-                let got = logprob_entropy_from_logits(&lg, &yg, t, &opts).unwrap();
                 let what = format!("device masked from_logits v{v} {dt}");
-                let f64v = |x: &Tensor| to_f64(&x.to_vec_f32().unwrap());
-                for (name, g, w) in [
-                    ("logp", &got.logp, &want.logp),
-                    ("entropy", &got.entropy, &want.entropy),
-                    ("lse", &got.lse, &want.lse),
-                ] {
-                    assert_close_nonfinite(&g.to_vec_f32().unwrap(), &f64v(w), 2e-5, 1e-5, &format!("{what} {name}"));
-                }
-                assert_eq!(
-                    got.rank.unwrap().to_vec::<u32>().unwrap(),
-                    want.rank.unwrap().to_vec::<u32>().unwrap(),
-                    "{what} rank"
-                );
-                assert_eq!(
-                    got.argmax.unwrap().to_vec::<u32>().unwrap(),
-                    want.argmax.unwrap().to_vec::<u32>().unwrap(),
-                    "{what} argmax"
-                );
-
-                let gl = randn(&mut rng, n, 1.0);
-                let ge = randn(&mut rng, n, 1.0);
-                let (glt, get) = (
-                    Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(),
-                    Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap(),
-                );
-                let d =
-                    logprob_entropy_from_logits_backward(&logits, &y, t, &want.lse, &want.entropy, &glt, &get).unwrap();
-                poison(dev, n * v);
-                let dg = logprob_entropy_from_logits_backward(
-                    &lg,
-                    &yg,
-                    t,
-                    &want.lse.to_device(dev).unwrap(),
-                    &want.entropy.to_device(dev).unwrap(),
-                    &glt.to_device(dev).unwrap(),
-                    &get.to_device(dev).unwrap(),
-                )
-                .unwrap();
-                let dg = dg.to_vec_f32().unwrap();
+                let (dg, d) = device_from_logits_case(dev, &mut rng, &z, &tg, v, dt, 0.8, &what);
                 let live = (n - 2) * v;
                 assert!(dg[..live].iter().all(|x| x.is_finite()), "{what}: d_logits not finite");
                 for (k, &zk) in z[..live].iter().enumerate() {
@@ -2044,7 +1988,7 @@ mod tests {
                         assert_eq!(dg[k], 0.0, "{what}: d_logits[{k}] of a masked logit");
                     }
                 }
-                assert_close_nonfinite(&dg, &f64v(&d), 1e-6, 1e-4 + dt.epsilon(), &format!("{what} d_logits"));
+                assert_close_nonfinite(&dg, &d, 1e-6, 1e-4 + dt.epsilon(), &format!("{what} d_logits"));
             }
         }
     }
