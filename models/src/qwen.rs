@@ -260,6 +260,19 @@ impl Qwen {
         Ok(HeadOutputs { logp: out.logp, entropy: out.entropy, lse: out.lse, targets })
     }
 
+    /// The fused head with the kernel's options (e.g. each target's rank, for DRO's data
+    /// filter), for scoring without a backward.
+    pub fn head_with(
+        &self,
+        hidden: &Tensor,
+        targets: &[u32],
+        temperature: f32,
+        opts: &head::LogprobEntropyOpts,
+    ) -> Result<head::LogprobEntropy> {
+        let targets = Tensor::from_slice(targets, &[targets.len()], hidden.device())?;
+        Ok(head::logprob_entropy(hidden, self.weights.lm_head(), &targets, temperature, opts)?)
+    }
+
     /// Backward from per-token gradients of the head's outputs to every parameter.
     /// Gradients are added into `grads` (f32, same structure as the weights).
     pub fn backward(

@@ -166,6 +166,17 @@ pub struct DroConfig {
     pub length_beta: f32,
     /// λ: R = R3 + λ·r_len (ours).
     pub length_lambda: f32,
+    /// Run the R3 data filter at the start and every `filter_every` steps.
+    pub filter: bool,
+    pub filter_every: usize,
+    /// Stage 1: keep a prompt when some output's worst `worst_frac` of reference-token ranks
+    /// average ≤ `rank_k`.
+    pub rank_k: u32,
+    pub worst_frac: f32,
+    /// Stage 2: drop this fraction of survivors with the lowest max σ.
+    pub sigma_drop: f32,
+    /// Fraction of the previous active set kept on top.
+    pub carry_over: f32,
 }
 
 impl Default for TrainConfig {
@@ -252,7 +263,19 @@ impl Default for PearConfig {
 
 impl Default for DroConfig {
     fn default() -> Self {
-        DroConfig { weighting: "normalized".into(), tau: 1.0, quantile: 0.5, length_beta: 0.5, length_lambda: 0.5 }
+        DroConfig {
+            weighting: "normalized".into(),
+            tau: 1.0,
+            quantile: 0.5,
+            length_beta: 0.5,
+            length_lambda: 0.5,
+            filter: true,
+            filter_every: 50,
+            rank_k: 10,
+            worst_frac: 0.1,
+            sigma_drop: 0.2,
+            carry_over: 0.1,
+        }
     }
 }
 
@@ -404,8 +427,17 @@ impl TrainConfig {
         }
         if kind == RewardKind::Dro {
             self.dro_weighting()?;
-            if self.num_generations < 2 {
-                bail!("reward = \"dro\" needs num_generations >= 2 (R3 weights tokens by their spread across a group)");
+            if self.dro.filter {
+                pos("dro.filter_every", self.dro.filter_every)?;
+            }
+            for (name, v) in [
+                ("dro.worst_frac", self.dro.worst_frac),
+                ("dro.sigma_drop", self.dro.sigma_drop),
+                ("dro.carry_over", self.dro.carry_over),
+            ] {
+                if !(0.0..=1.0).contains(&v) {
+                    bail!("{name} = {v}: must be in [0, 1]");
+                }
             }
         }
         if self.overlong_buffer > self.max_completion_length {

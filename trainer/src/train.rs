@@ -21,9 +21,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use smelt_engine::{DType, Device};
+use smelt_engine::{DType, Device, Rng};
 use smelt_kernels::adamw::AdamW;
 use smelt_kernels::grpo_loss::LossType;
+use smelt_kernels::logprob_entropy::LogprobEntropyOpts;
 use smelt_kernels::sample::SamplingConfig;
 use smelt_models::{
     generate, Checkpoint, GenerateOptions, Generation, LoadOptions, Message, Packed, Qwen, RenderOptions,
@@ -81,6 +82,9 @@ pub struct Trainer {
     /// Appended after a supervised solution.
     eos_id: u32,
     think_end_id: Option<u32>,
+    /// Indices into `train` that RL samples prompts from (all, unless DRO's filter narrowed
+    /// them); `sampler` walks positions of this list.
+    active: Vec<usize>,
     sampler: Sampler,
     correctness: CorrectnessConfig,
     laser_targets: LaserTargets,
@@ -214,6 +218,7 @@ impl Trainer {
         let l = cfg.laser.target_length;
         let mut laser_targets = LaserTargets::uniform(l);
         let mut sampler = Sampler::new(split.train.len(), cfg.seed);
+        let mut active: Vec<usize> = (0..split.train.len()).collect();
         let mut step = 0;
 
         std::fs::create_dir_all(&cfg.output_dir)
@@ -233,6 +238,7 @@ impl Trainer {
             }
             policy.load_state(&dir.join("trainer_state").join("optimizer.safetensors"), state.optimizer_steps)?;
             sampler = state.sampler;
+            active = state.active;
             laser_targets = state.laser_targets;
             step = state.step;
         }
@@ -258,6 +264,7 @@ impl Trainer {
             stop_ids,
             eos_id,
             think_end_id,
+            active,
             sampler,
             correctness,
             laser_targets,
@@ -289,6 +296,9 @@ impl Trainer {
             if matches!(kind, RewardKind::LaserD | RewardKind::LaserDe) && self.step % self.cfg.laser.monitor_every == 0
             {
                 self.monitor_laser_targets()?;
+            }
+            if kind == RewardKind::Dro && self.cfg.dro.filter && self.step % self.cfg.dro.filter_every == 0 {
+                self.dro_filter()?;
             }
             let (reward, accuracy) = self.rl_step()?;
             summary.step_rewards.push(reward);
@@ -418,7 +428,7 @@ impl Trainer {
         let mut no_signal: Vec<bool> = Vec::new();
         for round in 0..=self.cfg.max_resample {
             let need = want - prompts.len();
-            let picks = self.sampler.take(need);
+            let picks: Vec<usize> = self.sampler.take(need).into_iter().map(|k| self.active[k]).collect();
             let seed = mix(&[self.cfg.seed, self.step as u64, round as u64]);
             let mut rs = self.rollout(&picks, seed)?;
             let groups_no_signal = self.rewards(kind, &picks, &mut rs, &mut terms)?;
@@ -613,41 +623,16 @@ impl Trainer {
     ) -> Result<Vec<bool>> {
         use crate::reward::dro::{dro_reward, length_term, r3_rewards};
         let g = self.cfg.num_generations;
-        let tok = self.ckpt.tokenizer()?;
-        let think_end = self.think_end_id.context("DRO needs `</think>`")?;
         let weighting = self.cfg.dro_weighting()?;
         let mut no_signal = Vec::with_capacity(picks.len());
         for (p, chunk) in rs.chunks_mut(g).enumerate() {
-            let ex = &self.train[picks[p]];
-            let y = tok.encode(&ex.answer, false)?;
-            if y.is_empty() {
-                bail!("DRO: the reference answer {:?} tokenizes to nothing", ex.answer);
-            }
-            let prompt = &self.train_ids[picks[p]];
-            let mut seqs = Vec::with_capacity(chunk.len());
-            let mut starts = Vec::with_capacity(chunk.len());
-            for r in chunk.iter() {
-                let reasoning: Vec<u32> = match r.think_end {
-                    Some(k) => r.gen.ids[..=k].to_vec(),
-                    None => [&r.gen.ids[..r.len], &[think_end][..]].concat(),
-                };
-                let s = [prompt.as_slice(), &reasoning, &y].concat();
-                starts.push(s.len() - y.len());
-                seqs.push(s);
-            }
-            let logp = self.score(&self.model, &seqs)?;
-            let logp_y: Vec<Vec<f32>> = logp
-                .iter()
-                .zip(&starts)
-                // Entry t predicts token t+1: the answer's token j sits at start + j.
-                .map(|(lp, &s)| (0..y.len()).map(|j| lp[s + j - 1]).collect())
-                .collect();
+            let (y_len, logp_y, _) = self.teacher_force(picks[p], chunk, false)?;
             let group = r3_rewards(&logp_y, weighting);
             no_signal.push(!group.signal);
             for (r, r3) in chunk.iter_mut().zip(&group.rewards) {
                 // No `</think>`: the whole output is reasoning and the answer is empty.
                 let answer_len = r.think_end.map_or(0, |k| r.len.saturating_sub(k + 1));
-                let r_len = length_term(y.len(), answer_len, self.cfg.dro.length_beta);
+                let r_len = length_term(y_len, answer_len, self.cfg.dro.length_beta);
                 *terms.entry("r3").or_default() += *r3 as f64;
                 *terms.entry("dro_length").or_default() += r_len as f64;
                 r.reward = dro_reward(*r3, r_len, self.cfg.dro.length_lambda);
@@ -656,20 +641,107 @@ impl Trainer {
         Ok(no_signal)
     }
 
-    /// Per-token log-probs (entry t = log p(token t+1)) of each sequence, no gradient, in
-    /// micro-batches.
-    fn score(&self, model: &Qwen, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(seqs.len());
+    /// Teacher-forces example `ex`'s reference answer y after each rollout's reasoning
+    /// (through `</think>`, appended when the rollout has none), without gradient. Returns |y|
+    /// and, per rollout, the log-probs ℓ^y_j and (when asked) the ranks of y's tokens.
+    fn teacher_force(
+        &self,
+        ex: usize,
+        group: &[Rollout],
+        ranks: bool,
+    ) -> Result<(usize, Vec<Vec<f32>>, Vec<Vec<u32>>)> {
+        let tok = self.ckpt.tokenizer()?;
+        let think_end = self.think_end_id.context("DRO needs `</think>`")?;
+        let answer = &self.train[ex].answer;
+        let y = tok.encode(answer, false)?;
+        if y.is_empty() {
+            bail!("DRO: dataset example {ex}: the reference answer {answer:?} tokenizes to nothing");
+        }
+        let prompt = &self.train_ids[ex];
+        let mut seqs = Vec::with_capacity(group.len());
+        for r in group {
+            let reasoning = match r.think_end {
+                Some(k) => &r.gen.ids[..=k],
+                None => &r.gen.ids[..r.len],
+            };
+            let close: &[u32] = if r.think_end.is_some() { &[] } else { &[think_end] };
+            seqs.push([prompt.as_slice(), reasoning, close, &y].concat());
+        }
+        let (logp, rank) = self.score(&self.model, &seqs, ranks)?;
+        // Entry t predicts token t+1: y_j sits at len − |y| + j.
+        let pick = |v: &[Vec<f32>]| -> Vec<Vec<f32>> {
+            v.iter().map(|lp| lp[lp.len() - y.len() - 1..lp.len() - 1].to_vec()).collect()
+        };
+        let logp_y = pick(&logp);
+        let rank_y = rank.iter().map(|r| r[r.len() - y.len() - 1..r.len() - 1].to_vec()).collect();
+        Ok((y.len(), logp_y, rank_y))
+    }
+
+    /// Per-token log-probs (entry t = log p(token t+1)) of each sequence, and the targets'
+    /// ranks when asked, without gradient, in micro-batches.
+    fn score(&self, model: &Qwen, seqs: &[Vec<u32>], ranks: bool) -> Result<(Vec<Vec<f32>>, Vec<Vec<u32>>)> {
+        let (mut lps, mut rks) = (Vec::with_capacity(seqs.len()), Vec::new());
+        let opts = LogprobEntropyOpts { rank: ranks, ..Default::default() };
         for chunk in seqs.chunks(self.cfg.per_device_train_batch_size) {
             let packed = Packed::new(chunk);
             let acts = model.forward(&packed)?;
-            let head = model.head(&acts.hidden, &packed.next_token_targets(), self.cfg.temperature)?;
+            let head = model.head_with(&acts.hidden, &packed.next_token_targets(), self.cfg.temperature, &opts)?;
             let lp: Vec<f32> = head.logp.to_vec()?;
+            let rk: Option<Vec<u32>> = head.rank.map(|r| r.to_vec()).transpose()?;
             for w in packed.cu_seqlens.windows(2) {
-                out.push(lp[w[0] as usize..w[1] as usize].to_vec());
+                let (a, b) = (w[0] as usize, w[1] as usize);
+                lps.push(lp[a..b].to_vec());
+                if let Some(rk) = &rk {
+                    rks.push(rk[a..b].to_vec());
+                }
             }
         }
-        Ok(out)
+        Ok((lps, rks))
+    }
+
+    /// DRO's R3 data filter (ALGORITHMS.md): samples G outputs for every training prompt;
+    /// stage 1 keeps prompts where some output brings the mean of its worst `worst_frac` of
+    /// reference-token ranks within `rank_k`; stage 2 drops the `sigma_drop` of survivors with
+    /// the lowest max_j σ_j; `carry_over` of the previous active set is kept too. The result
+    /// becomes the set RL samples prompts from. If nothing survives, the set is unchanged.
+    fn dro_filter(&mut self) -> Result<()> {
+        use crate::reward::dro::{carry_over, max_sigma, rank_filter_keep, sigma_filter, token_sigma};
+        let t0 = Instant::now();
+        let d = self.cfg.dro.clone();
+        let g = self.cfg.num_generations;
+        let all: Vec<usize> = (0..self.train.len()).collect();
+        let (mut survivors, mut sigmas) = (Vec::new(), Vec::new());
+        for (c, chunk) in all.chunks(self.cfg.prompts_per_step()).enumerate() {
+            let rs = self.rollout(chunk, mix(&[self.cfg.seed, self.step as u64, 0xf117e2, c as u64]))?;
+            for (p, group) in rs.chunks(g).enumerate() {
+                let (_, logp_y, ranks) = self.teacher_force(chunk[p], group, true)?;
+                if rank_filter_keep(&ranks, d.rank_k, d.worst_frac) {
+                    survivors.push(chunk[p]);
+                    sigmas.push(max_sigma(&token_sigma(&logp_y)));
+                }
+            }
+        }
+        let keep = sigma_filter(&sigmas, d.sigma_drop);
+        let new_set: Vec<usize> = survivors.iter().zip(&keep).filter(|(_, &k)| k).map(|(&i, _)| i).collect();
+        let mut previous = self.active.clone();
+        data::shuffle(&mut previous, &mut Rng::new(mix(&[self.cfg.seed, self.step as u64, 0xca77])));
+        let next = carry_over(&new_set, &previous, d.carry_over);
+        let line = json!({
+            "phase": "dro_filter",
+            "step": self.step,
+            "candidates": all.len(),
+            "stage1_kept": survivors.len(),
+            "stage2_kept": new_set.len(),
+            "carried_over": next.len() - new_set.len(),
+            "active": if next.is_empty() { self.active.len() } else { next.len() },
+            "unchanged": next.is_empty(),
+            "filter_s": t0.elapsed().as_secs_f64(),
+        });
+        if !next.is_empty() {
+            self.sampler = Sampler::new(next.len(), mix(&[self.cfg.seed, self.step as u64, 0xac71]));
+            self.active = next;
+        }
+        self.emit(line)
     }
 
     /// Packs sequences (prompt + completion) into micro-batches of
@@ -703,7 +775,7 @@ impl Trainer {
                 }
             }
             let logp_ref = match &self.reference {
-                Some(r) if with_reference => Some(self.score(r, part)?.concat()),
+                Some(r) if with_reference => Some(self.score(r, part, false)?.0.concat()),
                 _ => None,
             };
             out.push(StepBatch {
@@ -820,6 +892,7 @@ impl Trainer {
             optimizer_steps: self.policy.step,
             train_size: self.train.len(),
             data_fingerprint: fingerprint(self.cfg.seed, &self.train),
+            active: self.active.clone(),
             sampler: self.sampler.clone(),
             laser_targets: self.laser_targets,
         };
@@ -909,6 +982,7 @@ struct TrainerState {
     train_size: usize,
     /// Hash of the seed and the training examples, so a resume with other data is refused.
     data_fingerprint: String,
+    active: Vec<usize>,
     sampler: Sampler,
     laser_targets: LaserTargets,
 }
@@ -920,6 +994,7 @@ impl TrainerState {
             "optimizer_steps": self.optimizer_steps,
             "train_size": self.train_size,
             "data_fingerprint": self.data_fingerprint,
+            "active": self.active,
             "sampler": {"order": self.sampler.order, "pos": self.sampler.pos, "epoch": self.sampler.epoch, "seed": self.sampler.seed},
             "laser_targets": targets_json(&self.laser_targets),
         })
@@ -938,16 +1013,23 @@ impl TrainerState {
             .with_context(|| format!("{}: sampler.order must be a list of indices", path.display()))?;
         let train_size = uint(field("train_size")?, "train_size")? as usize;
         let pos = uint(sget("pos")?, "sampler.pos")? as usize;
-        // A permutation of 0..train_size, checked without allocating from the file's numbers.
+        let active: Vec<usize> = serde_json::from_value(field("active")?.clone())
+            .with_context(|| format!("{}: active must be a list of example indices", path.display()))?;
+        if active.is_empty() || active.iter().any(|&i| i >= train_size) {
+            bail!("{}: active holds no examples or an index past train_size = {train_size}", path.display());
+        }
+        // The sampler walks a permutation of the active set's positions; checked without
+        // allocating from the file's numbers.
         let mut sorted = order.clone();
         sorted.sort_unstable();
-        if order.len() != train_size || sorted.iter().enumerate().any(|(i, &x)| i != x) || pos > order.len() {
-            bail!("{}: sampler state is not a permutation of train_size = {train_size} examples", path.display());
+        if order.len() != active.len() || sorted.iter().enumerate().any(|(i, &x)| i != x) || pos > order.len() {
+            bail!("{}: sampler state is not a permutation of the {} active examples", path.display(), active.len());
         }
         Ok(TrainerState {
             step: uint(field("step")?, "step")? as usize,
             optimizer_steps: uint(field("optimizer_steps")?, "optimizer_steps")?,
             train_size,
+            active,
             sampler: Sampler {
                 order,
                 pos,

@@ -135,6 +135,12 @@ fn every_reward_runs_and_logs_its_terms() {
         if reward.starts_with("laser") {
             assert!(rl.iter().all(|l| l["laser_targets"]["hard"].is_u64()), "{reward}: {}", rl[0]);
         }
+        if reward == "dro" {
+            // The R3 data filter ran before the first step over every training prompt.
+            let f = lines.iter().find(|l| l["phase"] == "dro_filter").expect("no dro_filter line");
+            let n = |k: &str| f[k].as_u64().unwrap();
+            assert!(n("candidates") == 96 && n("stage2_kept") <= n("stage1_kept") && n("active") >= 1, "{f}");
+        }
         if reward == "accuracy" {
             // Step 1 starts at the reference; once the policy has moved, the KL is positive.
             assert!(rl[1..].iter().any(|l| l["kl"].as_f64().unwrap() > 0.0), "β > 0: {rl:?}");
