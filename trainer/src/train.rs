@@ -64,6 +64,8 @@ struct Rollout {
     len: usize,
     truncated: bool,
     reward: f32,
+    /// Reflection phrases in the thinking phase (logged, not rewarded).
+    reflections: usize,
 }
 
 /// A training run: the model, its optimizer state, data and bookkeeping.
@@ -410,7 +412,8 @@ impl Trainer {
         let ex = &self.train[prompts[gen.prompt]];
         let outcome = judge(&text, &ex.answer, truncated, &self.correctness);
         let think_end = self.think_end_id.and_then(|t| gen.ids[..len].iter().position(|&x| x == t));
-        Ok(Rollout { prompt: gen.prompt, gen, outcome, think_end, len, truncated, reward: 0.0 })
+        let reflections = crate::reward::reflection::reflection_count(&text);
+        Ok(Rollout { prompt: gen.prompt, gen, outcome, think_end, len, truncated, reward: 0.0, reflections })
     }
 
     /// One RL step; returns (mean reward, accuracy) of its rollouts.
@@ -453,6 +456,7 @@ impl Trainer {
                     len: r.len,
                     truncated: r.truncated,
                     reward: r.reward,
+                    reflections: r.reflections,
                 }));
             }
             if !self.cfg.dynamic_sampling || prompts.len() >= want {
@@ -517,6 +521,7 @@ impl Trainer {
             "response_length": mean(&lens),
             "think_length": mean(&think),
             "answer_length": mean(&answer),
+            "reflections": mean(&rollouts.iter().map(|r| r.reflections as f32).collect::<Vec<_>>()),
             "rollout_entropy": mean(&ent),
             "groups_dropped": dropped_groups,
             "groups_without_signal": no_signal.iter().filter(|&&x| x).count(),

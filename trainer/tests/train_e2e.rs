@@ -174,3 +174,28 @@ fn device_training_tracks_cpu() {
         assert!(lines.iter().filter(|l| l["phase"] == "rl").all(|l| l["loss"].as_f64().is_some_and(f64::is_finite)));
     }
 }
+
+/// The command line: the example config plus flags (flags win over the file), exit 0, a
+/// checkpoint and the resolved config written.
+#[test]
+fn smelt_train_runs_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = smelt_kernels::testing::repo_path("examples/train-add.toml");
+    let model = fixture("qwen2-tiny");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["train", "--config", config.to_str().unwrap(), "--model", model.to_str().unwrap()])
+        .args(["--output-dir", dir.path().to_str().unwrap(), "--max-steps", "2", "--device", "cpu"])
+        .args(["--set", "sft_steps=2", "--set", "eval_size=4", "--set", "laser.alpha=0.25"])
+        .env("SMELT_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "smelt train failed: {err}");
+    assert!(err.contains("train: done") && !err.contains("panicked"), "{err}");
+    assert_eq!(log(dir.path()).iter().filter(|l| l["phase"] == "rl").count(), 2, "one log line per RL step");
+    assert!(dir.path().join("checkpoint-2/model.safetensors").is_file());
+    let resolved: TrainConfig =
+        toml::from_str(&std::fs::read_to_string(dir.path().join("config.toml")).unwrap()).unwrap();
+    assert_eq!((resolved.max_steps, resolved.sft_steps, resolved.laser.alpha), (2, 2, 0.25));
+    assert_eq!(resolved.learning_rate, 3e-4, "from the file");
+}

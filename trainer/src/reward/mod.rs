@@ -16,6 +16,7 @@ pub mod correctness;
 pub mod dro;
 pub mod laser;
 pub mod pear;
+pub mod reflection;
 
 pub use answer::{answer_region, answers_match, extract_answer};
 pub use correctness::{judge, CorrectnessConfig, Outcome};
