@@ -23,6 +23,18 @@ pub struct Example {
     pub solution: Option<String>,
 }
 
+impl Example {
+    /// The start of the prompt, for error messages (examples are shuffled, so an index alone
+    /// would not find the line).
+    pub fn label(&self) -> String {
+        let mut short: String = self.prompt.chars().take(40).collect();
+        if short.len() < self.prompt.len() {
+            short.push('…');
+        }
+        format!("{short:?}")
+    }
+}
+
 /// The built-in task: single-digit addition, in the thinking format the rewards read.
 pub const BUILTIN_ADD: &str = "builtin:add";
 

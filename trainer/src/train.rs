@@ -166,11 +166,17 @@ impl Trainer {
                     let text = ckpt.render_chat(&msgs, &RenderOptions { add_generation_prompt: true, enable_thinking: None })?;
                     let ids = tok.encode(&text, false)?;
                     if ids.len() > cfg.max_prompt_length {
-                        bail!("{what} example {i}: prompt is {} tokens, over max_prompt_length = {}", ids.len(), cfg.max_prompt_length);
+                        bail!(
+                            "{what} example {i} {}: prompt is {} tokens, over max_prompt_length = {}",
+                            ex.label(),
+                            ids.len(),
+                            cfg.max_prompt_length
+                        );
                     }
                     if ids.len() + cfg.max_completion_length > max_pos {
                         bail!(
-                            "{what} example {i}: prompt ({} tokens) + max_completion_length ({}) exceeds the model's max_position_embeddings = {max_pos}",
+                            "{what} example {i} {}: prompt ({} tokens) + max_completion_length ({}) exceeds the model's max_position_embeddings = {max_pos}",
+                            ex.label(),
                             ids.len(),
                             cfg.max_completion_length
                         );
@@ -186,8 +192,9 @@ impl Trainer {
                 let n = ids.len() + cfg.max_completion_length + 1 + tok.encode(&ex.answer, false)?.len();
                 if n > max_pos {
                     bail!(
-                        "dataset example {i}: DRO scores prompt + max_completion_length + `</think>` + answer = {n} \
-                         tokens, over max_position_embeddings = {max_pos}"
+                        "dataset example {i} {}: DRO scores prompt + max_completion_length + `</think>` + answer = \
+                         {n} tokens, over max_position_embeddings = {max_pos}",
+                        ex.label()
                     );
                 }
             }
@@ -354,7 +361,8 @@ impl Trainer {
             let n = self.train_ids[i].len() + sol.len();
             if n > max_pos {
                 bail!(
-                    "training example {i}: prompt + solution is {n} tokens, over max_position_embeddings = {max_pos}"
+                    "training example {i} {}: prompt + solution is {n} tokens, over max_position_embeddings = {max_pos}",
+                    self.train[i].label()
                 );
             }
         }
@@ -660,7 +668,10 @@ impl Trainer {
         let answer = &self.train[ex].answer;
         let y = tok.encode(answer, false)?;
         if y.is_empty() {
-            bail!("DRO: dataset example {ex}: the reference answer {answer:?} tokenizes to nothing");
+            bail!(
+                "DRO: dataset example {ex} {}: the reference answer {answer:?} tokenizes to nothing",
+                self.train[ex].label()
+            );
         }
         let prompt = &self.train_ids[ex];
         let mut seqs = Vec::with_capacity(group.len());
