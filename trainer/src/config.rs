@@ -21,6 +21,9 @@ pub struct TrainConfig {
     pub model: Option<PathBuf>,
     /// Where checkpoints, `log.jsonl` and `config.toml` go.
     pub output_dir: PathBuf,
+    /// Start a new run in an `output_dir` that already holds one (its log is appended to and
+    /// its checkpoints may be replaced); without it that is an error, unless resuming.
+    pub overwrite_output_dir: bool,
     /// cpu, cuda or cuda:N.
     pub device: String,
     /// Compute dtype: f32 (CPU and CUDA) or bf16 (CUDA; fp32 master weights are kept).
@@ -184,6 +187,7 @@ impl Default for TrainConfig {
         TrainConfig {
             model: None,
             output_dir: PathBuf::from("runs/smelt"),
+            overwrite_output_dir: false,
             device: "cpu".into(),
             dtype: "f32".into(),
             seed: 0,

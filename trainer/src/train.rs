@@ -230,6 +230,13 @@ impl Trainer {
         let mut active: Vec<usize> = (0..split.train.len()).collect();
         let mut step = 0;
 
+        if resume.is_none() && !cfg.overwrite_output_dir && cfg.output_dir.join("log.jsonl").exists() {
+            bail!(
+                "output_dir {} already holds a run (log.jsonl); resume it with resume_from_checkpoint, or set \
+                 overwrite_output_dir = true, or choose another output_dir",
+                cfg.output_dir.display()
+            );
+        }
         std::fs::create_dir_all(&cfg.output_dir)
             .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
         if let Some(dir) = &resume {

@@ -289,6 +289,11 @@ fn bad_training_configs_and_data() {
         ]),
         &["solution"],
     );
+    // A new run into an output_dir that holds one is refused (nothing is overwritten).
+    std::fs::create_dir_all(out).unwrap();
+    write(Path::new(out), "log.jsonl", "{}\n");
+    run(train(&[]), &["already holds a run", "overwrite_output_dir"]);
+    std::fs::remove_file(Path::new(out).join("log.jsonl")).unwrap();
     // A checkpoint whose trainer state is corrupt is refused, naming the file.
     let ck = copy_fixture("qwen2-tiny");
     std::fs::create_dir_all(ck.path().join("trainer_state")).unwrap();
