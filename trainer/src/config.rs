@@ -127,6 +127,8 @@ pub struct TrainConfig {
     pub eval_steps: usize,
     /// Save a checkpoint every this many steps; 0 = only at the end.
     pub save_steps: usize,
+    /// Keep only the newest this many checkpoints; 0 = keep all.
+    pub save_total_limit: usize,
     /// Print a progress line per step on stderr (the JSON log is always written).
     pub quiet: bool,
 }
@@ -241,6 +243,7 @@ impl Default for TrainConfig {
             sft_learning_rate: None,
             eval_steps: 0,
             save_steps: 0,
+            save_total_limit: 0,
             quiet: false,
         }
     }

@@ -929,8 +929,33 @@ impl Trainer {
             std::fs::rename(&tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
         }
         File::open(&self.cfg.output_dir).and_then(|d| d.sync_all()).ok();
-        self.emit(json!({"phase": "checkpoint", "step": self.step, "path": dest}))?;
+        let removed = self.prune_checkpoints()?;
+        self.emit(json!({"phase": "checkpoint", "step": self.step, "path": dest, "removed": removed}))?;
         Ok(dest)
+    }
+
+    /// Keeps the newest `save_total_limit` checkpoints (0 = all). checkpoint-0 stays while a
+    /// resumed run needs it as the KL reference (β > 0 after a warm-up).
+    fn prune_checkpoints(&self) -> Result<Vec<PathBuf>> {
+        let limit = self.cfg.save_total_limit;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let keep_zero = self.reference.is_some() && self.cfg.sft_steps > 0;
+        let dir = &self.cfg.output_dir;
+        let mut steps: Vec<usize> = std::fs::read_dir(dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok())
+            .filter(|&n| !(keep_zero && n == 0))
+            .collect();
+        steps.sort_unstable();
+        let mut removed = Vec::new();
+        for n in &steps[..steps.len().saturating_sub(limit)] {
+            let p = dir.join(format!("checkpoint-{n}"));
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing old checkpoint {}", p.display()))?;
+            removed.push(p);
+        }
+        Ok(removed)
     }
 }
 

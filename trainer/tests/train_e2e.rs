@@ -186,6 +186,7 @@ fn smelt_train_runs_from_the_command_line() {
         .args(["train", "--config", config.to_str().unwrap(), "--model", model.to_str().unwrap()])
         .args(["--output-dir", dir.path().to_str().unwrap(), "--max-steps", "2", "--device", "cpu"])
         .args(["--set", "sft_steps=2", "--set", "eval_size=4", "--set", "laser.alpha=0.25"])
+        .args(["--set", "save_steps=1", "--set", "save_total_limit=1"])
         .env("SMELT_NUM_THREADS", "1")
         .output()
         .unwrap();
@@ -194,6 +195,8 @@ fn smelt_train_runs_from_the_command_line() {
     assert!(err.contains("train: done") && !err.contains("panicked"), "{err}");
     assert_eq!(log(dir.path()).iter().filter(|l| l["phase"] == "rl").count(), 2, "one log line per RL step");
     assert!(dir.path().join("checkpoint-2/model.safetensors").is_file());
+    // save_total_limit = 1: checkpoint-0 (after the warm-up) and -1 were removed as newer ones came.
+    assert!(!dir.path().join("checkpoint-0").exists() && !dir.path().join("checkpoint-1").exists());
     let resolved: TrainConfig =
         toml::from_str(&std::fs::read_to_string(dir.path().join("config.toml")).unwrap()).unwrap();
     assert_eq!((resolved.max_steps, resolved.sft_steps, resolved.laser.alpha), (2, 2, 0.25));
