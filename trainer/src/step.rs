@@ -229,7 +229,7 @@ impl PolicyStep {
             return Err(Error::Msg("policy step: no micro-batches".into()));
         }
         let cfg = self.config.clone();
-        let masks = micro.iter().map(|b| loss_mask(b)).collect::<Result<Vec<_>>>()?;
+        let masks = micro.iter().map(loss_mask).collect::<Result<Vec<_>>>()?;
         let total_seqs: usize = micro.iter().map(|b| b.packed.num_seqs()).sum();
         let total_mask: f64 = masks.iter().flat_map(|m| m.iter()).map(|&m| m as f64).sum();
         let dev = model.device();

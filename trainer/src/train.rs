@@ -68,6 +68,13 @@ struct Rollout {
     reflections: usize,
 }
 
+/// Per-sequence scores without gradient (see [`Trainer::score`]).
+struct Scored {
+    logp: Vec<Vec<f32>>,
+    /// Empty unless ranks were asked for.
+    rank: Vec<Vec<u32>>,
+}
+
 /// A training run: the model, its optimizer state, data and bookkeeping.
 pub struct Trainer {
     pub cfg: TrainConfig,
@@ -646,7 +653,8 @@ impl Trainer {
         let weighting = self.cfg.dro_weighting()?;
         let mut no_signal = Vec::with_capacity(picks.len());
         for (p, chunk) in rs.chunks_mut(g).enumerate() {
-            let (y_len, logp_y, _) = self.teacher_force(picks[p], chunk, false)?;
+            let forced = self.teacher_force(picks[p], chunk, false)?;
+            let (y_len, logp_y) = (forced.logp[0].len(), forced.logp);
             let group = r3_rewards(&logp_y, weighting);
             no_signal.push(!group.signal);
             for (r, r3) in chunk.iter_mut().zip(&group.rewards) {
@@ -662,14 +670,9 @@ impl Trainer {
     }
 
     /// Teacher-forces example `ex`'s reference answer y after each rollout's reasoning
-    /// (through `</think>`, appended when the rollout has none), without gradient. Returns |y|
-    /// and, per rollout, the log-probs ℓ^y_j and (when asked) the ranks of y's tokens.
-    fn teacher_force(
-        &self,
-        ex: usize,
-        group: &[Rollout],
-        ranks: bool,
-    ) -> Result<(usize, Vec<Vec<f32>>, Vec<Vec<u32>>)> {
+    /// (through `</think>`, appended when the rollout has none), without gradient: per
+    /// rollout, the log-probs ℓ^y_j and (when asked) the ranks of y's tokens.
+    fn teacher_force(&self, ex: usize, group: &[Rollout], ranks: bool) -> Result<Scored> {
         let tok = self.ckpt.tokenizer()?;
         let think_end = self.think_end_id.context("DRO needs `</think>`")?;
         let answer = &self.train[ex].answer;
@@ -690,19 +693,17 @@ impl Trainer {
             let close: &[u32] = if r.think_end.is_some() { &[] } else { &[think_end] };
             seqs.push([prompt.as_slice(), reasoning, close, &y].concat());
         }
-        let (logp, rank) = self.score(&self.model, &seqs, ranks)?;
+        let all = self.score(&self.model, &seqs, ranks)?;
         // Entry t predicts token t+1: y_j sits at len − |y| + j.
-        let pick = |v: &[Vec<f32>]| -> Vec<Vec<f32>> {
-            v.iter().map(|lp| lp[lp.len() - y.len() - 1..lp.len() - 1].to_vec()).collect()
-        };
-        let logp_y = pick(&logp);
-        let rank_y = rank.iter().map(|r| r[r.len() - y.len() - 1..r.len() - 1].to_vec()).collect();
-        Ok((y.len(), logp_y, rank_y))
+        fn tail<T: Copy>(rows: &[Vec<T>], k: usize) -> Vec<Vec<T>> {
+            rows.iter().map(|r| r[r.len() - k - 1..r.len() - 1].to_vec()).collect()
+        }
+        Ok(Scored { logp: tail(&all.logp, y.len()), rank: tail(&all.rank, y.len()) })
     }
 
     /// Per-token log-probs (entry t = log p(token t+1)) of each sequence, and the targets'
     /// ranks when asked, without gradient, in micro-batches.
-    fn score(&self, model: &Qwen, seqs: &[Vec<u32>], ranks: bool) -> Result<(Vec<Vec<f32>>, Vec<Vec<u32>>)> {
+    fn score(&self, model: &Qwen, seqs: &[Vec<u32>], ranks: bool) -> Result<Scored> {
         let (mut lps, mut rks) = (Vec::with_capacity(seqs.len()), Vec::new());
         let opts = LogprobEntropyOpts { rank: ranks, ..Default::default() };
         for chunk in seqs.chunks(self.cfg.per_device_train_batch_size) {
@@ -719,7 +720,7 @@ impl Trainer {
                 }
             }
         }
-        Ok((lps, rks))
+        Ok(Scored { logp: lps, rank: rks })
     }
 
     /// DRO's R3 data filter (ALGORITHMS.md): samples G outputs for every training prompt;
@@ -737,10 +738,10 @@ impl Trainer {
         for (c, chunk) in all.chunks(self.cfg.prompts_per_step()).enumerate() {
             let rs = self.rollout(chunk, mix(&[self.cfg.seed, self.step as u64, 0xf117e2, c as u64]))?;
             for (p, group) in rs.chunks(g).enumerate() {
-                let (_, logp_y, ranks) = self.teacher_force(chunk[p], group, true)?;
-                if rank_filter_keep(&ranks, d.rank_k, d.worst_frac) {
+                let forced = self.teacher_force(chunk[p], group, true)?;
+                if rank_filter_keep(&forced.rank, d.rank_k, d.worst_frac) {
                     survivors.push(chunk[p]);
-                    sigmas.push(max_sigma(&token_sigma(&logp_y)));
+                    sigmas.push(max_sigma(&token_sigma(&forced.logp)));
                 }
             }
         }
@@ -798,7 +799,7 @@ impl Trainer {
                 }
             }
             let logp_ref = match &self.reference {
-                Some(r) if with_reference => Some(self.score(r, part, false)?.0.concat()),
+                Some(r) if with_reference => Some(self.score(r, part, false)?.logp.concat()),
                 _ => None,
             };
             out.push(StepBatch {

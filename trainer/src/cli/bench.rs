@@ -24,8 +24,8 @@ use smelt_kernels::{
     sample, swiglu,
 };
 use smelt_models::{Config, Packed, Qwen, Weights};
-use smelt_trainer::step::{synchronize, train_step_flops, PolicyStep, StepBatch, StepConfig};
 use smelt_trainer::memory::{peak_bytes, proc_mem, reset_peak};
+use smelt_trainer::step::{synchronize, train_step_flops, PolicyStep, StepBatch, StepConfig};
 
 use super::common::open_checkpoint;
 
@@ -1240,7 +1240,8 @@ fn step(args: StepArgs) -> Result<()> {
     for _ in 0..b {
         advantages.extend(std::iter::repeat_n(rng.normal() as f32, t));
     }
-    let batch = StepBatch { packed: Packed::new(&seqs), advantages, mask: vec![1.0; b * t], logp_old: None, logp_ref: None };
+    let batch =
+        StepBatch { packed: Packed::new(&seqs), advantages, mask: vec![1.0; b * t], logp_old: None, logp_ref: None };
     let cfg = StepConfig { sync_phases: device.is_cpu() || args.phases, ..StepConfig::default() };
     let mut policy = PolicyStep::new(&model, cfg)?;
     let model_bytes: usize = model.weights.named_tensors().iter().map(|(_, t)| t.size_in_bytes()).sum();

@@ -32,7 +32,8 @@ pub fn reflection_count(text: &str) -> usize {
         let mut from = 0;
         while let Some(off) = think[from..].find(p) {
             let (a, b) = (from + off, from + off + p.len());
-            if !(a > 0 && word(a - 1)) && !word(b) {
+            let inside_word = (a > 0 && word(a - 1)) || word(b);
+            if !inside_word {
                 n += 1;
             }
             from = b;
