@@ -202,3 +202,23 @@ fn smelt_train_runs_from_the_command_line() {
     assert_eq!((resolved.max_steps, resolved.sft_steps, resolved.laser.alpha), (2, 2, 0.25));
     assert_eq!(resolved.learning_rate, 3e-4, "from the file");
 }
+
+/// `--print-config` shows every key with its resolved value and trains nothing.
+#[test]
+fn print_config_shows_every_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["train", "--model", "m", "--output-dir", dir.path().join("o").to_str().unwrap()])
+        .args(["--set", "beta=0.04", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let printed: TrainConfig = toml::from_str(&text).unwrap();
+    assert_eq!(printed.beta, 0.04);
+    assert_eq!(printed.epsilon_high, TrainConfig::default().epsilon_high);
+    for key in ["num_generations", "loss_type", "[laser]", "[pear]", "[dro]", "filter_every"] {
+        assert!(text.contains(key), "{key} missing from:\n{text}");
+    }
+    assert!(!dir.path().join("o").exists(), "--print-config must not start a run");
+}

@@ -31,6 +31,9 @@ pub struct TrainArgs {
     /// Continue from `OUTPUT_DIR/checkpoint-<step>`.
     #[arg(long)]
     pub resume_from_checkpoint: Option<PathBuf>,
+    /// Print the resolved configuration (every key: defaults < file < flags) as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -44,6 +47,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     sets.extend(args.max_steps.map(|n| format!("max_steps={n}")));
     sets.extend(args.resume_from_checkpoint.as_ref().map(|p| format!("resume_from_checkpoint={}", path(p))));
     let cfg = TrainConfig::load(args.config.as_deref(), &sets)?;
+    if args.print_config {
+        print!("{}", toml::to_string(&cfg)?);
+        return Ok(());
+    }
     let out = cfg.output_dir.clone();
     let summary = smelt_trainer::train::train(cfg)?;
     let first = summary.evals.first().map_or(0.0, |e| e.1);
