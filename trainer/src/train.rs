@@ -1104,3 +1104,56 @@ impl TrainerState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DRO's teacher forcing picks exactly the reference tokens' log-probs and ranks: checked
+    /// against log-softmax and ranks of the materialised logits of each full sequence,
+    /// computed independently of the packing and slicing the trainer does.
+    #[test]
+    fn teacher_forcing_scores_the_reference_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig {
+            model: Some(smelt_models::testing::fixture("qwen2-tiny")),
+            output_dir: dir.path().to_path_buf(),
+            reward: "dro".into(),
+            eval_size: 2,
+            max_completion_length: 12,
+            per_device_train_batch_size: 3,
+            quiet: true,
+            ..Default::default()
+        };
+        let t = Trainer::new(cfg).unwrap();
+        let ex = 5;
+        let group = t.rollout(&[ex], 11).unwrap();
+        assert_eq!(group.len(), 8);
+        let forced = t.teacher_force(ex, &group, true).unwrap();
+        let y = t.ckpt.tokenizer().unwrap().encode(&t.train[ex].answer, false).unwrap();
+        let think_end = t.think_end_id.unwrap();
+        for (i, r) in group.iter().enumerate() {
+            let mut seq = t.train_ids[ex].clone();
+            match r.think_end {
+                Some(k) => seq.extend_from_slice(&r.gen.ids[..=k]),
+                None => seq.extend(r.gen.ids[..r.len].iter().copied().chain([think_end])),
+            }
+            let start = seq.len();
+            seq.extend_from_slice(&y);
+            let acts = t.model.forward(&Packed::new(&[seq.clone()])).unwrap();
+            let logits: Vec<f32> = t.model.logits(&acts.hidden).unwrap().to_vec().unwrap();
+            let v = t.model.config.vocab_size;
+            assert_eq!(forced.logp[i].len(), y.len());
+            for (j, &yj) in y.iter().enumerate() {
+                // Token start + j is predicted from position start + j − 1.
+                let row = &logits[(start + j - 1) * v..(start + j) * v];
+                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = m + row.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln();
+                let want = row[yj as usize] as f64 - lse;
+                assert!((forced.logp[i][j] as f64 - want).abs() < 1e-4, "rollout {i} token {j}");
+                let rank = 1 + row.iter().filter(|&&z| z > row[yj as usize]).count() as u32;
+                assert_eq!(forced.rank[i][j], rank, "rollout {i} token {j}");
+            }
+        }
+    }
+}
