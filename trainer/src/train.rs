@@ -53,6 +53,7 @@ pub struct Summary {
 }
 
 /// One completion with everything the rewards read.
+#[derive(Clone)]
 struct Rollout {
     /// Index into the step's prompt list.
     prompt: usize,
@@ -470,16 +471,7 @@ impl Trainer {
                 let base = prompts.len();
                 prompts.push(picks[p]);
                 no_signal.push(groups_no_signal[p]);
-                rollouts.extend(chunk.iter().map(|r| Rollout {
-                    prompt: base,
-                    gen: r.gen.clone(),
-                    outcome: r.outcome,
-                    think_end: r.think_end,
-                    len: r.len,
-                    truncated: r.truncated,
-                    reward: r.reward,
-                    reflections: r.reflections,
-                }));
+                rollouts.extend(chunk.iter().map(|r| Rollout { prompt: base, ..r.clone() }));
             }
             if !self.cfg.dynamic_sampling || prompts.len() >= want {
                 break;
