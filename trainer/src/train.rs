@@ -913,15 +913,22 @@ impl Trainer {
             laser_targets: self.laser_targets,
         };
         write_synced(&state_dir.join("state.json"), serde_json::to_string_pretty(&state.to_json())?.as_bytes())?;
+        // The directory entries too, so after a crash the renamed checkpoint is complete.
+        sync_dir(&state_dir)?;
+        sync_dir(&tmp)?;
         if dest.exists() {
             let old = self.cfg.output_dir.join(format!(".{name}.old-{}", std::process::id()));
             std::fs::rename(&dest, &old).with_context(|| format!("moving aside {}", dest.display()))?;
-            std::fs::rename(&tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
+            if let Err(e) = std::fs::rename(&tmp, &dest) {
+                // Put the previous checkpoint back rather than leave neither in place.
+                let _ = std::fs::rename(&old, &dest);
+                return Err(e).with_context(|| format!("renaming into {}", dest.display()));
+            }
             std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
         } else {
             std::fs::rename(&tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
         }
-        File::open(&self.cfg.output_dir).and_then(|d| d.sync_all()).ok();
+        sync_dir(&self.cfg.output_dir)?;
         let removed = self.prune_checkpoints()?;
         self.emit(json!({"phase": "checkpoint", "step": self.step, "path": dest, "removed": removed}))?;
         Ok(dest)
@@ -968,6 +975,10 @@ const MODEL_FILES: &[&str] = &[
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing directory {}", dir.display()))
 }
 
 fn copy_synced(src: &Path, dst: &Path) -> Result<()> {

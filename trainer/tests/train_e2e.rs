@@ -81,6 +81,19 @@ fn sft_then_grpo_raises_reward_and_checkpoints_resume() {
     let s2 = t.run().unwrap();
     assert_eq!(s2.step_rewards.len(), 2);
     assert!(dir.path().join("checkpoint-82").is_dir());
+
+    // Saving over an existing checkpoint (resume at 82 with nothing left to do) replaces it
+    // whole and leaves no temporary or set-aside directory behind.
+    let again = TrainConfig { resume_from_checkpoint: Some(dir.path().join("checkpoint-82")), ..t.cfg.clone() };
+    let s3 = Trainer::new(again).unwrap().run().unwrap();
+    assert!(s3.step_rewards.is_empty());
+    Checkpoint::open(dir.path().join("checkpoint-82")).unwrap().load_weights(&Default::default()).unwrap();
+    let stray: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
 }
 
 /// With a KL penalty, the reference is the model RL starts from — after the warm-up — so the
