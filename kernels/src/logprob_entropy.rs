@@ -1488,43 +1488,55 @@ mod tests {
         }
     }
 
+    /// A materialised-head backward case: logits `z` [n × v] (n = targets), random upstream
+    /// gradients g_logp, g_entropy, the kernel's d_logits, and the finite-difference gradient
+    /// of Σ g_logp·logp + g_entropy·entropy computed by the f64 reference forward.
+    struct FromLogitsFd {
+        logits: Tensor,
+        y: Tensor,
+        fwd: LogprobEntropy,
+        gl: Vec<f32>,
+        ge: Vec<f32>,
+        glt: Tensor,
+        get: Tensor,
+        d: Vec<f32>,
+        fd: Vec<f64>,
+    }
+
+    fn from_logits_fd_case(rng: &mut Rng, z: &[f32], tg: &[u32], v: usize, t: f32) -> FromLogitsFd {
+        let n = tg.len();
+        let gl = randn(rng, n, 1.0);
+        let ge = randn(rng, n, 1.0);
+        let logits = Tensor::from_slice(z, &[n, v], Device::Cpu).unwrap();
+        let y = Tensor::from_slice(tg, &[n], Device::Cpu).unwrap();
+        let fwd = logprob_entropy_from_logits(&logits, &y, t, &LogprobEntropyOpts::default()).unwrap();
+        let glt = Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap();
+        let get = Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap();
+        let d = logprob_entropy_from_logits_backward(&logits, &y, t, &fwd.lse, &fwd.entropy, &glt, &get).unwrap();
+        let loss = |zz: &[f64]| -> f64 {
+            (0..n)
+                .map(|i| {
+                    let r = ref_row(&zz[i * v..(i + 1) * v], tg[i], t as f64);
+                    gl[i] as f64 * r.logp + ge[i] as f64 * r.entropy
+                })
+                .sum()
+        };
+        let fd = finite_diff(loss, &to_f64(z), 1e-5);
+        FromLogitsFd { logits, y, fwd, gl, ge, glt, get, d: d.to_vec_f32().unwrap(), fd }
+    }
+
     #[test]
     fn from_logits_backward_by_finite_differences() {
         let mut rng = Rng::new(15);
         let (n, v) = (3, 13);
         for t in [0.6f32, 1.3] {
             let z = randn(&mut rng, n * v, 2.0);
-            let tg = vec![3u32, IGNORE, 12];
-            let gl = randn(&mut rng, n, 1.0);
-            let ge = randn(&mut rng, n, 1.0);
-            let logits = Tensor::from_slice(&z, &[n, v], Device::Cpu).unwrap();
-            let y = Tensor::from_slice(&tg, &[n], Device::Cpu).unwrap();
-            let fwd = logprob_entropy_from_logits(&logits, &y, t, &LogprobEntropyOpts::default()).unwrap();
-            let (glt, get) = (
-                Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(),
-                Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap(),
-            );
-            let d = logprob_entropy_from_logits_backward(&logits, &y, t, &fwd.lse, &fwd.entropy, &glt, &get).unwrap();
-            let loss = |zz: &[f64]| -> f64 {
-                (0..n)
-                    .map(|i| {
-                        let r = ref_row(&zz[i * v..(i + 1) * v], tg[i], t as f64);
-                        gl[i] as f64 * r.logp + ge[i] as f64 * r.entropy
-                    })
-                    .sum()
-            };
-            let want = finite_diff(loss, &to_f64(&z), 1e-5);
-            assert_close(&d.to_vec_f32().unwrap(), &want, 1e-5, 1e-4, &format!("d_logits T{t}"));
-            let db = logprob_entropy_from_logits_backward(
-                &logits.to_dtype(DType::BF16).unwrap(),
-                &y,
-                t,
-                &fwd.lse,
-                &fwd.entropy,
-                &glt,
-                &get,
-            )
-            .unwrap();
+            let c = from_logits_fd_case(&mut rng, &z, &[3, IGNORE, 12], v, t);
+            let want = c.fd;
+            assert_close(&c.d, &want, 1e-5, 1e-4, &format!("d_logits T{t}"));
+            let bf = c.logits.to_dtype(DType::BF16).unwrap();
+            let db =
+                logprob_entropy_from_logits_backward(&bf, &c.y, t, &c.fwd.lse, &c.fwd.entropy, &c.glt, &c.get).unwrap();
             assert_eq!(db.dtype(), DType::BF16);
             assert_close(&db.to_vec_f32().unwrap(), &want, 0.05, 0.05, &format!("d_logits bf16 T{t}"));
         }
@@ -1748,32 +1760,14 @@ mod tests {
         }
         let tg = vec![2u32, IGNORE, 33 - 26];
         for t in [0.6f32, 1.3] {
-            let gl = randn(&mut rng, n, 1.0);
-            let ge = randn(&mut rng, n, 1.0);
-            let logits = Tensor::from_slice(&z, &[n, v], Device::Cpu).unwrap();
-            let y = Tensor::from_slice(&tg, &[n], Device::Cpu).unwrap();
-            let fwd = logprob_entropy_from_logits(&logits, &y, t, &LogprobEntropyOpts::default()).unwrap();
-            let (glt, get) = (
-                Tensor::from_slice(&gl, &[n], Device::Cpu).unwrap(),
-                Tensor::from_slice(&ge, &[n], Device::Cpu).unwrap(),
-            );
-            let d = logprob_entropy_from_logits_backward(&logits, &y, t, &fwd.lse, &fwd.entropy, &glt, &get).unwrap();
-            let loss = |zz: &[f64]| -> f64 {
-                (0..n)
-                    .map(|i| {
-                        let r = ref_row(&zz[i * v..(i + 1) * v], tg[i], t as f64);
-                        gl[i] as f64 * r.logp + ge[i] as f64 * r.entropy
-                    })
-                    .sum()
-            };
+            let c = from_logits_fd_case(&mut rng, &z, &tg, v, t);
             let z64 = to_f64(&z);
-            let want = finite_diff(loss, &z64, 1e-5);
             let analytic: Vec<f64> = (0..n)
-                .flat_map(|i| ref_dz(&z64[i * v..(i + 1) * v], tg[i], t as f64, gl[i] as f64, ge[i] as f64))
+                .flat_map(|i| ref_dz(&z64[i * v..(i + 1) * v], tg[i], t as f64, c.gl[i] as f64, c.ge[i] as f64))
                 .collect();
             let analytic32: Vec<f32> = analytic.iter().map(|&x| x as f32).collect();
-            assert_close(&analytic32, &want, 1e-6, 1e-5, &format!("ref_dz vs finite differences T{t}"));
-            assert_close(&d.to_vec_f32().unwrap(), &want, 1e-5, 1e-4, &format!("masked d_logits T{t}"));
+            assert_close(&analytic32, &c.fd, 1e-6, 1e-5, &format!("ref_dz vs finite differences T{t}"));
+            assert_close(&c.d, &c.fd, 1e-5, 1e-4, &format!("masked d_logits T{t}"));
         }
     }
 
