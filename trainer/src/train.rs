@@ -30,7 +30,7 @@ use smelt_models::{
     generate, Checkpoint, GenerateOptions, Generation, LoadOptions, Message, Packed, Qwen, RenderOptions,
 };
 
-use crate::advantage::{advantages, groups_with_signal};
+use crate::advantage::{advantages, groups_with_signal, RewardStats};
 use crate::config::{RewardKind, TrainConfig};
 use crate::data::{self, Example, Sampler};
 use crate::reward::correctness::{judge, CorrectnessConfig, Outcome};
@@ -429,8 +429,7 @@ impl Trainer {
 
     fn judge(&self, gen: Generation, prompts: &[usize]) -> Result<Rollout> {
         let tok = self.ckpt.tokenizer()?;
-        let len = gen.ids.len() - usize::from(gen.stopped);
-        let text = tok.decode(&gen.ids[..len], false)?;
+        let (len, text) = completion_text(tok, &gen)?;
         let truncated = !gen.stopped;
         let ex = &self.train[prompts[gen.prompt]];
         let outcome = judge(&text, &ex.answer, truncated, &self.correctness);
@@ -479,7 +478,8 @@ impl Trainer {
         }
         let rollout_s = t0.elapsed().as_secs_f64();
         let mean = |v: &[f32]| if v.is_empty() { 0.0 } else { v.iter().sum::<f32>() / v.len() as f32 };
-        let mean_reward = mean(&all_rewards);
+        let reward_stats = RewardStats::of(&all_rewards);
+        let mean_reward = reward_stats.mean;
         let accuracy = all_correct.0 as f32 / all_correct.1.max(1) as f32;
 
         let lr = self.cfg.lr_at(self.step);
@@ -495,10 +495,8 @@ impl Trainer {
                     adv[p * g..(p + 1) * g].fill(0.0);
                 }
             }
-            let seqs: Vec<Vec<u32>> = rollouts
-                .iter()
-                .map(|r| [self.train_ids[prompts[r.prompt]].clone(), r.gen.ids.clone()].concat())
-                .collect();
+            let seqs: Vec<Vec<u32>> =
+                rollouts.iter().map(|r| [self.train_ids[prompts[r.prompt]].as_slice(), &r.gen.ids].concat()).collect();
             tokens = seqs.iter().map(Vec::len).sum();
             let prompt_lens: Vec<usize> = rollouts.iter().map(|r| self.train_ids[prompts[r.prompt]].len()).collect();
             let keep: Vec<bool> =
@@ -528,7 +526,7 @@ impl Trainer {
             "step": self.step,
             "lr": lr,
             "reward": mean_reward,
-            "reward_std": std(&all_rewards),
+            "reward_std": reward_stats.std,
             "accuracy": accuracy,
             "bad_format": rollouts.iter().filter(|r| r.outcome == Outcome::BadFormat).count() as f32 / rollouts.len().max(1) as f32,
             "truncated": rollouts.iter().filter(|r| r.truncated).count() as f32 / rollouts.len().max(1) as f32,
@@ -828,8 +826,7 @@ impl Trainer {
         let tok = self.ckpt.tokenizer()?;
         let (mut correct, mut bad, mut len) = (0usize, 0usize, 0usize);
         for g in &gens {
-            let n = g.ids.len() - usize::from(g.stopped);
-            let text = tok.decode(&g.ids[..n], false)?;
+            let (n, text) = completion_text(tok, g)?;
             match judge(&text, &self.eval[g.prompt].answer, !g.stopped, &self.correctness) {
                 Outcome::Correct => correct += 1,
                 Outcome::BadFormat => bad += 1,
@@ -1019,12 +1016,11 @@ fn targets_json(t: &LaserTargets) -> Value {
     json!({"easy": t.easy, "medium": t.medium, "hard": t.hard})
 }
 
-fn std(v: &[f32]) -> f32 {
-    if v.len() < 2 {
-        return 0.0;
-    }
-    let m = v.iter().sum::<f32>() / v.len() as f32;
-    (v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / v.len() as f32).sqrt()
+/// A completion's token count without its stop token, and its text (special tokens kept, so
+/// `</think>` is visible to the answer extractor).
+fn completion_text(tok: &smelt_models::Tokenizer, gen: &Generation) -> Result<(usize, String)> {
+    let len = gen.ids.len() - usize::from(gen.stopped);
+    Ok((len, tok.decode(&gen.ids[..len], false)?))
 }
 
 /// `trainer_state/state.json`.
