@@ -112,6 +112,7 @@ pub struct TrainConfig {
     pub laser: LaserConfig,
     pub pear: PearConfig,
     pub dro: DroConfig,
+    pub ahpo: AhpoConfig,
 
     // ── supervised warm-up ──
     /// Steps of supervised fine-tuning on each example's `solution` before RL (0 = none).
@@ -184,6 +185,27 @@ pub struct DroConfig {
     pub carry_over: f32,
 }
 
+/// Hybrid offline + online training (MM-HELIX's AHPO): when too few of a group's outputs are
+/// correct for RL to learn from, the prompt's dataset `solution` joins that step's update as an
+/// off-policy supervised term. It works with every reward; its threshold and weight are ours.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AhpoConfig {
+    pub enabled: bool,
+    /// A group with fewer correct outputs than this gets its expert solution (1 = only groups
+    /// where every output failed, the case in which group-relative advantages carry nothing).
+    pub success_threshold: usize,
+    /// Weight of the expert term: its tokens enter the loss with advantage `coef` and ratio 1
+    /// (the negative log-likelihood's gradient, scaled), aggregated with the rollouts' tokens.
+    pub coef: f32,
+}
+
+impl Default for AhpoConfig {
+    fn default() -> Self {
+        AhpoConfig { enabled: false, success_threshold: 1, coef: 1.0 }
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -238,6 +260,7 @@ impl Default for TrainConfig {
             laser: LaserConfig::default(),
             pear: PearConfig::default(),
             dro: DroConfig::default(),
+            ahpo: AhpoConfig::default(),
             sft_steps: 0,
             sft_batch_size: 16,
             sft_learning_rate: None,
@@ -445,6 +468,18 @@ impl TrainConfig {
                 if !(0.0..=1.0).contains(&v) {
                     bail!("{name} = {v}: must be in [0, 1]");
                 }
+            }
+        }
+        if self.ahpo.enabled {
+            if !(1..=self.num_generations).contains(&self.ahpo.success_threshold) {
+                bail!(
+                    "ahpo.success_threshold = {}: must be in 1..=num_generations ({})",
+                    self.ahpo.success_threshold,
+                    self.num_generations
+                );
+            }
+            if !(self.ahpo.coef.is_finite() && self.ahpo.coef > 0.0) {
+                bail!("ahpo.coef = {}: must be > 0", self.ahpo.coef);
             }
         }
         if self.overlong_buffer > self.max_completion_length {

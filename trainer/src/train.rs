@@ -88,9 +88,10 @@ pub struct Trainer {
     /// Chat-rendered, tokenized prompts of `train` / `eval`.
     train_ids: Vec<Vec<u32>>,
     eval_ids: Vec<Vec<u32>>,
+    /// Tokenized `solution` + eos of each `train` example that has one, when the warm-up or
+    /// AHPO needs them (empty otherwise).
+    solution_ids: Vec<Option<Vec<u32>>>,
     stop_ids: Vec<u32>,
-    /// Appended after a supervised solution.
-    eos_id: u32,
     think_end_id: Option<u32>,
     /// Indices into `train` that RL samples prompts from (all, unless DRO's filter narrowed
     /// them); `sampler` walks positions of this list.
@@ -208,6 +209,17 @@ impl Trainer {
             }
         }
         let eval_ids = render(&split.eval, "eval")?;
+        let solution_ids = if cfg.sft_steps > 0 || cfg.ahpo.enabled {
+            let ids = solutions(&split.train, &train_ids, tok, eos_id, max_pos)?;
+            if ids.iter().all(Option::is_none) {
+                let who =
+                    if cfg.sft_steps > 0 { format!("sft_steps = {}", cfg.sft_steps) } else { "ahpo.enabled".into() };
+                bail!("{who}: no training example of dataset {:?} has a \"solution\"", cfg.dataset);
+            }
+            ids
+        } else {
+            Vec::new()
+        };
 
         let step_cfg = StepConfig {
             loss: cfg.loss_config()?,
@@ -285,8 +297,8 @@ impl Trainer {
             eval: split.eval,
             train_ids,
             eval_ids,
+            solution_ids,
             stop_ids,
-            eos_id,
             think_end_id,
             active,
             sampler,
@@ -355,32 +367,13 @@ impl Trainer {
     /// prompt. The policy loss with advantage 1 and ratio 1 has exactly the NLL's gradient,
     /// so the same step does it. Returns each step's mean NLL (before its update).
     pub fn sft(&mut self) -> Result<Vec<f32>> {
-        let with_solution: Vec<usize> = (0..self.train.len()).filter(|&i| self.train[i].solution.is_some()).collect();
+        let with_solution: Vec<usize> =
+            (0..self.solution_ids.len()).filter(|&i| self.solution_ids[i].is_some()).collect();
         if with_solution.is_empty() {
-            bail!("sft_steps = {}: no training example has a \"solution\"", self.cfg.sft_steps);
+            bail!("supervised warm-up: no training example has a \"solution\" (or sft_steps = 0 and ahpo is off)");
         }
-        let tok = self.ckpt.tokenizer()?;
-        let solutions: Vec<Vec<u32>> = with_solution
-            .iter()
-            .map(|&i| {
-                let mut ids = tok.encode(self.train[i].solution.as_deref().unwrap_or_default(), false)?;
-                ids.push(self.eos_id);
-                Ok(ids)
-            })
-            .collect::<Result<_>>()?;
         let mut sampler = Sampler::new(with_solution.len(), self.cfg.seed ^ 0x5f7);
         let mut nll = Vec::with_capacity(self.cfg.sft_steps);
-        let max_pos = self.model.config.max_position_embeddings;
-        for (k, sol) in solutions.iter().enumerate() {
-            let i = with_solution[k];
-            let n = self.train_ids[i].len() + sol.len();
-            if n > max_pos {
-                bail!(
-                    "training example {i} {}: prompt + solution is {n} tokens, over max_position_embeddings = {max_pos}",
-                    self.train[i].label()
-                );
-            }
-        }
         let saved = self.policy.config.clone();
         self.policy.config.loss_type = LossType::Dapo;
         self.policy.config.loss.beta = 0.0;
@@ -388,16 +381,9 @@ impl Trainer {
         self.policy.config.temperature = 1.0;
         self.policy.config.optim.lr = self.cfg.sft_lr();
         for s in 0..self.cfg.sft_steps {
-            let picks = sampler.take(self.cfg.sft_batch_size);
-            let mut seqs = Vec::new();
-            let mut prompt_lens = Vec::new();
-            for &k in &picks {
-                let i = with_solution[k];
-                prompt_lens.push(self.train_ids[i].len());
-                seqs.push([self.train_ids[i].as_slice(), &solutions[k]].concat());
-            }
-            let ones = vec![1.0; seqs.len()];
-            let micro = self.micro_batches(&seqs, &prompt_lens, &ones, None, &vec![true; seqs.len()], false)?;
+            let picks: Vec<usize> =
+                sampler.take(self.cfg.sft_batch_size).into_iter().map(|k| with_solution[k]).collect();
+            let micro = self.supervised_batches(&picks, 1.0, false)?;
             let st = self.policy.step_accumulated(&self.model, &micro)?;
             nll.push(-st.mean_logp);
             self.emit(json!({"phase": "sft", "sft_step": s + 1, "nll": -st.mean_logp, "grad_norm": st.grad_norm}))?;
@@ -446,8 +432,13 @@ impl Trainer {
         let kind = self.cfg.reward_kind()?;
         let mut prompts: Vec<usize> = Vec::new();
         let mut rollouts: Vec<Rollout> = Vec::new();
-        let mut all_rewards: Vec<f32> = Vec::new();
-        let mut all_correct = (0usize, 0usize);
+        // Every sampled completion, dropped groups included: the log's rollout statistics
+        // describe what the policy generated, not the subset dynamic sampling kept.
+        let mut sampled: Vec<Rollout> = Vec::new();
+        // AHPO: training examples whose group had too few correct outputs (dropped groups too:
+        // the expert term does not need the group's rewards to differ).
+        let mut experts: Vec<usize> = Vec::new();
+        let mut experts_missing = 0usize;
         let mut dropped_groups = 0usize;
         let mut terms: BTreeMap<&'static str, f64> = BTreeMap::new();
         let mut no_signal: Vec<bool> = Vec::new();
@@ -457,12 +448,16 @@ impl Trainer {
             let seed = mix(&[self.cfg.seed, self.step as u64, round as u64]);
             let mut rs = self.rollout(&picks, seed)?;
             let groups_no_signal = self.rewards(kind, &picks, &mut rs, &mut terms)?;
-            all_rewards.extend(rs.iter().map(|r| r.reward));
-            all_correct.0 += rs.iter().filter(|r| r.outcome.is_correct()).count();
-            all_correct.1 += rs.len();
             let rewards: Vec<f32> = rs.iter().map(|r| r.reward).collect();
             let signal = groups_with_signal(&rewards, g);
             for (p, chunk) in rs.chunks(g).enumerate() {
+                let ahpo = &self.cfg.ahpo;
+                if ahpo.enabled && chunk.iter().filter(|r| r.outcome.is_correct()).count() < ahpo.success_threshold {
+                    match self.solution_ids[picks[p]] {
+                        Some(_) => experts.push(picks[p]),
+                        None => experts_missing += 1,
+                    }
+                }
                 if self.cfg.dynamic_sampling && (!signal[p] || groups_no_signal[p]) {
                     dropped_groups += 1;
                     continue;
@@ -472,21 +467,24 @@ impl Trainer {
                 no_signal.push(groups_no_signal[p]);
                 rollouts.extend(chunk.iter().map(|r| Rollout { prompt: base, ..r.clone() }));
             }
+            sampled.extend(rs);
             if !self.cfg.dynamic_sampling || prompts.len() >= want {
                 break;
             }
         }
         let rollout_s = t0.elapsed().as_secs_f64();
         let mean = |v: &[f32]| if v.is_empty() { 0.0 } else { v.iter().sum::<f32>() / v.len() as f32 };
-        let reward_stats = RewardStats::of(&all_rewards);
+        let frac =
+            |f: &dyn Fn(&Rollout) -> bool| sampled.iter().filter(|r| f(r)).count() as f32 / sampled.len().max(1) as f32;
+        let reward_stats = RewardStats::of(&sampled.iter().map(|r| r.reward).collect::<Vec<_>>());
         let mean_reward = reward_stats.mean;
-        let accuracy = all_correct.0 as f32 / all_correct.1.max(1) as f32;
+        let accuracy = frac(&|r| r.outcome.is_correct());
 
         let lr = self.cfg.lr_at(self.step);
         self.policy.config.optim.lr = lr;
         let mut stats: Option<StepStats> = None;
         let t1 = Instant::now();
-        let mut tokens = 0usize;
+        let mut micro = Vec::new();
         if !rollouts.is_empty() {
             let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
             let mut adv = advantages(&rewards, g, self.cfg.scale()?).map_err(|e| anyhow::anyhow!("advantages: {e}"))?;
@@ -497,12 +495,17 @@ impl Trainer {
             }
             let seqs: Vec<Vec<u32>> =
                 rollouts.iter().map(|r| [self.train_ids[prompts[r.prompt]].as_slice(), &r.gen.ids].concat()).collect();
-            tokens = seqs.iter().map(Vec::len).sum();
             let prompt_lens: Vec<usize> = rollouts.iter().map(|r| self.train_ids[prompts[r.prompt]].len()).collect();
             let keep: Vec<bool> =
                 rollouts.iter().map(|r| !(self.cfg.mask_truncated_completions && r.truncated)).collect();
             let old: Vec<&[f32]> = rollouts.iter().map(|r| r.gen.logp.as_slice()).collect();
-            let micro = self.micro_batches(&seqs, &prompt_lens, &adv, Some(&old), &keep, true)?;
+            micro = self.micro_batches(&seqs, &prompt_lens, &adv, Some(&old), &keep, true)?;
+        }
+        // The expert term rides in its own micro-batches (ℓ_old = ℓ: ratio 1 in every pass);
+        // the loss aggregates its tokens with the rollouts'.
+        micro.extend(self.supervised_batches(&experts, self.cfg.ahpo.coef, true)?);
+        let tokens: usize = micro.iter().map(|b| b.packed.num_tokens()).sum();
+        if !micro.is_empty() {
             // Log the first pass's loss (on-policy) and the last pass's clipping and KL; an
             // update skipped in any pass shows as update_applied = false.
             let mut applied = true;
@@ -516,11 +519,11 @@ impl Trainer {
         let update_s = t1.elapsed().as_secs_f64();
         self.step += 1;
 
-        let lens: Vec<f32> = rollouts.iter().map(|r| r.len as f32).collect();
-        let think: Vec<f32> = rollouts.iter().filter_map(|r| r.think_end.map(|k| k as f32)).collect();
-        let answer: Vec<f32> = rollouts.iter().filter_map(|r| r.think_end.map(|k| (r.len - k - 1) as f32)).collect();
-        let ent: Vec<f32> = rollouts.iter().flat_map(|r| r.gen.entropy.iter().copied()).collect();
-        let n = all_rewards.len().max(1) as f64;
+        let lens: Vec<f32> = sampled.iter().map(|r| r.len as f32).collect();
+        let think: Vec<f32> = sampled.iter().filter_map(|r| r.think_end.map(|k| k as f32)).collect();
+        let answer: Vec<f32> = sampled.iter().filter_map(|r| r.think_end.map(|k| (r.len - k - 1) as f32)).collect();
+        let ent: Vec<f32> = sampled.iter().flat_map(|r| r.gen.entropy.iter().copied()).collect();
+        let n = sampled.len().max(1) as f64;
         let mut line = json!({
             "phase": "rl",
             "step": self.step,
@@ -528,14 +531,15 @@ impl Trainer {
             "reward": mean_reward,
             "reward_std": reward_stats.std,
             "accuracy": accuracy,
-            "bad_format": rollouts.iter().filter(|r| r.outcome == Outcome::BadFormat).count() as f32 / rollouts.len().max(1) as f32,
-            "truncated": rollouts.iter().filter(|r| r.truncated).count() as f32 / rollouts.len().max(1) as f32,
+            "bad_format": frac(&|r| r.outcome == Outcome::BadFormat),
+            "truncated": frac(&|r| r.truncated),
             "response_length": mean(&lens),
             "think_length": mean(&think),
             "answer_length": mean(&answer),
-            "reflections": mean(&rollouts.iter().map(|r| r.reflections as f32).collect::<Vec<_>>()),
+            "reflections": mean(&sampled.iter().map(|r| r.reflections as f32).collect::<Vec<_>>()),
             "rollout_entropy": mean(&ent),
             "groups_dropped": dropped_groups,
+            "trained_sequences": rollouts.len() + experts.len(),
             "groups_without_signal": no_signal.iter().filter(|&&x| x).count(),
             "rollout_s": rollout_s,
             "update_s": update_s,
@@ -544,6 +548,10 @@ impl Trainer {
         });
         for (k, v) in terms {
             line[format!("reward_{k}")] = json!(v / n);
+        }
+        if self.cfg.ahpo.enabled {
+            line["ahpo_experts"] = json!(experts.len());
+            line["ahpo_without_solution"] = json!(experts_missing);
         }
         if matches!(kind, RewardKind::Laser | RewardKind::LaserD | RewardKind::LaserDe) {
             line["laser_targets"] = targets_json(&self.laser_targets);
@@ -803,6 +811,20 @@ impl Trainer {
         Ok(out)
     }
 
+    /// Micro-batches of the given training examples' prompt + solution, every solution token a
+    /// loss token with advantage `coef` and ratio 1 (ℓ_old = ℓ): the NLL gradient times `coef`.
+    fn supervised_batches(&self, examples: &[usize], coef: f32, with_reference: bool) -> Result<Vec<StepBatch>> {
+        let mut seqs = Vec::with_capacity(examples.len());
+        for &i in examples {
+            let sol = self.solution_ids.get(i).and_then(Option::as_ref);
+            let sol = sol.with_context(|| format!("training example {i} {} has no solution", self.train[i].label()))?;
+            seqs.push([self.train_ids[i].as_slice(), sol].concat());
+        }
+        let prompt_lens: Vec<usize> = examples.iter().map(|&i| self.train_ids[i].len()).collect();
+        let adv = vec![coef; seqs.len()];
+        self.micro_batches(&seqs, &prompt_lens, &adv, None, &vec![true; seqs.len()], with_reference)
+    }
+
     /// Greedy accuracy on the held-out set (logged); 0 when there is none.
     pub fn evaluate(&mut self) -> Result<f32> {
         if self.eval.is_empty() {
@@ -968,6 +990,35 @@ const MODEL_FILES: &[&str] = &[
     "vocab.json",
     "merges.txt",
 ];
+
+/// Each example's `solution` tokens followed by eos (`None` without a solution); errors name an
+/// example whose prompt + solution would not fit the model's positions.
+fn solutions(
+    train: &[Example],
+    prompts: &[Vec<u32>],
+    tok: &smelt_models::Tokenizer,
+    eos_id: u32,
+    max_pos: usize,
+) -> Result<Vec<Option<Vec<u32>>>> {
+    let mut out = Vec::with_capacity(train.len());
+    for (i, (ex, prompt)) in train.iter().zip(prompts).enumerate() {
+        let Some(sol) = &ex.solution else {
+            out.push(None);
+            continue;
+        };
+        let mut ids = tok.encode(sol, false)?;
+        ids.push(eos_id);
+        let n = prompt.len() + ids.len();
+        if n > max_pos {
+            bail!(
+                "dataset example {i} {}: prompt + solution is {n} tokens, over max_position_embeddings = {max_pos}",
+                ex.label()
+            );
+        }
+        out.push(Some(ids));
+    }
+    Ok(out)
+}
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;

@@ -271,24 +271,13 @@ fn bad_training_configs_and_data() {
     run(train(&["--set", &format!("dataset={:?}", data.to_str().unwrap())]), &["d.jsonl:2", "answer"]);
     run(train(&["--set", "dataset=\"builtin:mul\""]), &["builtin:mul"]);
     run(train(&["--set", "max_completion_length=600"]), &["max_position_embeddings"]);
-    run(
-        train(&[
-            "--set",
-            "sft_steps=1",
-            "--set",
-            &format!(
-                "dataset={:?}",
-                write(
-                    tmp.path(),
-                    "n.jsonl",
-                    "{\"prompt\": \"a\", \"answer\": 1}\n{\"prompt\": \"b\", \"answer\": 2}\n"
-                )
-                .to_str()
-                .unwrap()
-            ),
-        ]),
-        &["solution"],
-    );
+    let no_solutions =
+        write(tmp.path(), "n.jsonl", "{\"prompt\": \"a\", \"answer\": 1}\n{\"prompt\": \"b\", \"answer\": 2}\n");
+    let no_solutions = format!("dataset={:?}", no_solutions.to_str().unwrap());
+    run(train(&["--set", "sft_steps=1", "--set", &no_solutions]), &["sft_steps", "n.jsonl", "solution"]);
+    run(train(&["--set", "ahpo.enabled=true", "--set", &no_solutions]), &["ahpo.enabled", "n.jsonl", "solution"]);
+    run(train(&["--set", "ahpo.enabled=true", "--set", "ahpo.success_threshold=9"]), &["ahpo.success_threshold"]);
+    run(train(&["--set", "ahpo.enabled=true", "--set", "ahpo.coef=-1"]), &["ahpo.coef"]);
     // A new run into an output_dir that holds one is refused (nothing is overwritten).
     std::fs::create_dir_all(out).unwrap();
     write(Path::new(out), "log.jsonl", "{}\n");
