@@ -100,7 +100,7 @@ pub struct TrainConfig {
     pub overlong_buffer: usize,
 
     // ── reward ──
-    /// accuracy, laser, laser_d, laser_de, pear or dro.
+    /// accuracy, laser, laser_d, laser_de, pear, dro or rubric.
     pub reward: String,
     pub correct_reward: f32,
     pub incorrect_reward: f32,
@@ -113,6 +113,7 @@ pub struct TrainConfig {
     pub pear: PearConfig,
     pub dro: DroConfig,
     pub ahpo: AhpoConfig,
+    pub rubric: RubricConfig,
 
     // ── supervised warm-up ──
     /// Steps of supervised fine-tuning on each example's `solution` before RL (0 = none).
@@ -183,6 +184,17 @@ pub struct DroConfig {
     pub sigma_drop: f32,
     /// Fraction of the previous active set kept on top.
     pub carry_over: f32,
+}
+
+/// Rubric rewards (`reward = "rubric"`): each training example's `rubric` criteria, judged per
+/// completion (see `reward::rubric`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RubricConfig {
+    /// The external judge's command line as an array (`["python3", "judge.py"]`), started once
+    /// and fed JSON lines; empty = the built-in judge, which passes a criterion when the
+    /// completion contains its `pattern`.
+    pub judge_command: Vec<String>,
 }
 
 /// Hybrid offline + online training (MM-HELIX's AHPO): when too few of a group's outputs are
@@ -261,6 +273,7 @@ impl Default for TrainConfig {
             pear: PearConfig::default(),
             dro: DroConfig::default(),
             ahpo: AhpoConfig::default(),
+            rubric: RubricConfig::default(),
             sft_steps: 0,
             sft_batch_size: 16,
             sft_learning_rate: None,
@@ -322,6 +335,7 @@ pub enum RewardKind {
     LaserDe,
     Pear,
     Dro,
+    Rubric,
 }
 
 impl TrainConfig {
@@ -508,7 +522,8 @@ impl TrainConfig {
             "laser_de" => RewardKind::LaserDe,
             "pear" => RewardKind::Pear,
             "dro" => RewardKind::Dro,
-            other => bail!("reward = {other:?}: expected accuracy, laser, laser_d, laser_de, pear or dro"),
+            "rubric" => RewardKind::Rubric,
+            other => bail!("reward = {other:?}: expected accuracy, laser, laser_d, laser_de, pear, dro or rubric"),
         })
     }
 

@@ -1,8 +1,10 @@
 //! Training data: prompts with reference answers, from a JSONL file or a built-in task.
 //!
 //! A JSONL line is an object with the prompt under `prompt` (or `question` / `problem`), the
-//! reference answer under `answer` (a string or a number), and optionally `solution`: a full
-//! completion used by the supervised warm-up (`sft_steps`). GSM8K-style answers that carry
+//! reference answer under `answer` (a string or a number), optionally `solution`: a full
+//! completion used by the supervised warm-up (`sft_steps`) and AHPO, and optionally `rubric`:
+//! an array of criteria `{"criterion": …, "weight": 1, "factual": false, "pattern": …}` for
+//! `reward = "rubric"`. GSM8K-style answers that carry
 //! their working ("… #### 72") are reduced to the final answer with the same extractor the
 //! reward uses. Every error names the file and line.
 
@@ -12,6 +14,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use smelt_engine::Rng;
 
+use crate::reward::rubric::Criterion;
+
 /// One training or evaluation example.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Example {
@@ -19,8 +23,10 @@ pub struct Example {
     pub prompt: String,
     /// The reference answer (the outcome y DRO teacher-forces; what accuracy compares with).
     pub answer: String,
-    /// A reference completion (thinking and answer) for supervised warm-up.
+    /// A reference completion (thinking and answer) for supervised warm-up and AHPO.
     pub solution: Option<String>,
+    /// Weighted criteria for `reward = "rubric"`.
+    pub rubric: Option<Vec<Criterion>>,
 }
 
 impl Example {
@@ -61,6 +67,7 @@ pub fn builtin_add() -> Vec<Example> {
                 prompt: format!("What is {a}+{b}?"),
                 answer: c.to_string(),
                 solution: Some(format!("<think>{a}+{b}={c}</think>{c}")),
+                rubric: None,
             });
         }
     }
@@ -100,7 +107,14 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Example>> {
             Some(Value::String(s)) => Some(s.clone()),
             Some(_) => bail!("{}: \"solution\" must be a string", at()),
         };
-        out.push(Example { prompt: prompt.to_string(), answer, solution });
+        let rubric = match obj.get("rubric") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) if !items.is_empty() => {
+                Some(items.iter().map(|c| Criterion::from_json(c, &at())).collect::<Result<Vec<_>>>()?)
+            }
+            Some(_) => bail!("{}: \"rubric\" must be a non-empty array of criteria", at()),
+        };
+        out.push(Example { prompt: prompt.to_string(), answer, solution, rubric });
     }
     if out.is_empty() {
         bail!("{}: no examples", path.display());
@@ -204,6 +218,13 @@ mod tests {
         assert_eq!((d[0].prompt.as_str(), d[0].answer.as_str()), ("2+2?", "4"));
         assert_eq!(d[1].answer, "1,234", "GSM8K answers reduce to the final number");
         assert_eq!(d[1].solution.as_deref(), Some("s"));
+        std::fs::write(
+            &p,
+            "{\"prompt\": \"a\", \"answer\": 1, \"rubric\": [{\"criterion\": \"c\", \"pattern\": \"1\"}]}\n",
+        )
+        .unwrap();
+        let r = load(p.to_str().unwrap()).unwrap().remove(0).rubric.unwrap();
+        assert_eq!((r[0].criterion.as_str(), r[0].pattern.as_deref(), r[0].weight), ("c", Some("1"), 1.0));
 
         for (text, want) in [
             ("{\"prompt\": \"a\"}\n", ":1: missing \"answer\""),
@@ -213,6 +234,8 @@ mod tests {
             ("[1]\n", "expected a JSON object"),
             ("{\"prompt\": \"a\", \"answer\": 1\n", ":1"),
             ("\n", "no examples"),
+            ("{\"prompt\": \"a\", \"answer\": 1, \"rubric\": []}\n", "non-empty array"),
+            ("{\"prompt\": \"a\", \"answer\": 1, \"rubric\": [{\"weight\": 2}]}\n", ":1: a rubric criterion needs"),
         ] {
             std::fs::write(&p, text).unwrap();
             let e = format!("{:#}", load(p.to_str().unwrap()).unwrap_err());

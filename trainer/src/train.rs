@@ -13,6 +13,7 @@
 //! written to a temporary directory and renamed into place. `resume_from_checkpoint` continues
 //! a run from one.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -35,6 +36,7 @@ use crate::config::{RewardKind, TrainConfig};
 use crate::data::{self, Example, Sampler};
 use crate::reward::correctness::{judge, CorrectnessConfig, Outcome};
 use crate::reward::laser::{adapt_targets, Difficulty, LaserTargets, MonitorResponse, TargetSearch};
+use crate::reward::rubric::{rubric_reward, CommandJudge, ContainsJudge, Judge, JudgeRequest};
 use crate::step::{PolicyStep, StepBatch, StepConfig, StepStats};
 
 /// What a finished run reports (also the last lines of `log.jsonl`).
@@ -64,6 +66,8 @@ struct Rollout {
     /// Completion tokens excluding the stop token.
     len: usize,
     truncated: bool,
+    /// The completion's text (special tokens kept), for judges.
+    text: String,
     reward: f32,
     /// Reflection phrases in the thinking phase (logged, not rewarded).
     reflections: usize,
@@ -99,6 +103,9 @@ pub struct Trainer {
     sampler: Sampler,
     correctness: CorrectnessConfig,
     laser_targets: LaserTargets,
+    /// The rubric judge (`reward = "rubric"`); a RefCell because judging happens inside the
+    /// `&self` reward pass and an external judge's pipes need `&mut`.
+    judge: Option<RefCell<Box<dyn Judge>>>,
     /// RL steps done.
     pub step: usize,
     log: File,
@@ -209,6 +216,30 @@ impl Trainer {
             }
         }
         let eval_ids = render(&split.eval, "eval")?;
+        let judge = if kind == RewardKind::Rubric {
+            let builtin = cfg.rubric.judge_command.is_empty();
+            for (i, ex) in split.train.iter().enumerate() {
+                let Some(rubric) = &ex.rubric else {
+                    bail!("reward = \"rubric\": training example {i} {} has no \"rubric\"", ex.label());
+                };
+                if let Some(c) = rubric.iter().find(|c| builtin && c.pattern.is_none()) {
+                    bail!(
+                        "reward = \"rubric\" with the built-in judge (rubric.judge_command empty): training example \
+                         {i} {}, criterion {:?} has no \"pattern\"",
+                        ex.label(),
+                        c.criterion
+                    );
+                }
+            }
+            let judge: Box<dyn Judge> = if builtin {
+                Box::new(ContainsJudge)
+            } else {
+                Box::new(CommandJudge::spawn(&cfg.rubric.judge_command)?)
+            };
+            Some(RefCell::new(judge))
+        } else {
+            None
+        };
         let solution_ids = if cfg.sft_steps > 0 || cfg.ahpo.enabled {
             let ids = solutions(&split.train, &train_ids, tok, eos_id, max_pos)?;
             if ids.iter().all(Option::is_none) {
@@ -304,6 +335,7 @@ impl Trainer {
             sampler,
             correctness,
             laser_targets,
+            judge,
             step,
             log,
             started: Instant::now(),
@@ -421,7 +453,7 @@ impl Trainer {
         let outcome = judge(&text, &ex.answer, truncated, &self.correctness);
         let think_end = self.think_end_id.and_then(|t| gen.ids[..len].iter().position(|&x| x == t));
         let reflections = crate::reward::reflection::reflection_count(&text);
-        Ok(Rollout { prompt: gen.prompt, gen, outcome, think_end, len, truncated, reward: 0.0, reflections })
+        Ok(Rollout { prompt: gen.prompt, gen, outcome, think_end, len, truncated, text, reward: 0.0, reflections })
     }
 
     /// One RL step; returns (mean reward, accuracy) of its rollouts.
@@ -625,6 +657,22 @@ impl Trainer {
                 }
             }
             RewardKind::Dro => no_signal = self.dro_rewards(picks, rs, terms)?,
+            RewardKind::Rubric => {
+                let judge = self.judge.as_ref().context("rubric reward without a judge")?;
+                let mut requests = Vec::with_capacity(rs.len());
+                for r in rs.iter() {
+                    let ex = &self.train[picks[r.prompt]];
+                    let criteria = ex.rubric.as_deref().with_context(|| format!("{} has no rubric", ex.label()))?;
+                    requests.push(JudgeRequest { prompt: &ex.prompt, response: &r.text, answer: &ex.answer, criteria });
+                }
+                let verdicts = judge.borrow_mut().judge(&requests)?;
+                let rewards: Vec<f32> =
+                    requests.iter().zip(&verdicts).map(|(q, v)| rubric_reward(q.criteria, v)).collect();
+                for (r, reward) in rs.iter_mut().zip(rewards) {
+                    *terms.entry("rubric").or_default() += reward as f64;
+                    r.reward = reward;
+                }
+            }
         }
         if self.cfg.overlong_buffer > 0 {
             for r in rs.iter_mut() {

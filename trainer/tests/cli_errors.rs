@@ -277,6 +277,16 @@ fn bad_training_configs_and_data() {
     run(train(&["--set", "sft_steps=1", "--set", &no_solutions]), &["sft_steps", "n.jsonl", "solution"]);
     run(train(&["--set", "ahpo.enabled=true", "--set", &no_solutions]), &["ahpo.enabled", "n.jsonl", "solution"]);
     run(train(&["--set", "ahpo.enabled=true", "--set", "ahpo.success_threshold=9"]), &["ahpo.success_threshold"]);
+    run(train(&["--set", "reward=rubric"]), &["reward = \"rubric\"", "has no \"rubric\""]);
+    let rubric =
+        write(tmp.path(), "r.jsonl", "{\"prompt\": \"a\", \"answer\": 1, \"rubric\": [{\"criterion\": \"says 1\"}]}\n");
+    let rubric = format!("dataset={:?}", rubric.to_str().unwrap());
+    run(train(&["--set", "reward=rubric", "--set", &rubric, "--set", "eval_size=0"]), &["says 1", "pattern"]);
+    let judge = "rubric.judge_command=[\"/no/such/judge\"]";
+    run(
+        train(&["--set", "reward=rubric", "--set", &rubric, "--set", "eval_size=0", "--set", judge]),
+        &["/no/such/judge"],
+    );
     run(train(&["--set", "ahpo.enabled=true", "--set", "ahpo.coef=-1"]), &["ahpo.coef"]);
     // A new run into an output_dir that holds one is refused (nothing is overwritten).
     std::fs::create_dir_all(out).unwrap();

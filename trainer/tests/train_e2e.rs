@@ -1,7 +1,8 @@
 //! End to end (DESIGN.md testing tier 5): supervised warm-up + GRPO on the built-in task
 //! must raise reward; checkpoints are loadable model directories and resume continues the
 //! run. Plus one short run per reward (LASER-D, LASER-DE, PEAR, DRO, with DAPO's dynamic
-//! sampling and overlong shaping, AHPO and a KL reference) to prove each path runs and logs,
+//! sampling and overlong shaping, AHPO, rubric rewards with the built-in and an external judge,
+//! and a KL reference) to prove each path runs and logs,
 //! and AHPO against plain GRPO from an untrained model.
 
 use std::path::Path;
@@ -118,6 +119,22 @@ fn every_reward_runs_and_logs_its_terms() {
     let warm = TrainConfig { max_steps: 0, eval_size: 4, ..demo(&dir.path().join("warm")) };
     let s = train(warm).unwrap();
     let start = s.checkpoints.last().unwrap().clone();
+    // The addition task with a rubric: the final answer right after the reasoning (factual,
+    // the gate) and the sum restated in the reasoning.
+    let mut jsonl = String::new();
+    for (a, b) in (0..10).flat_map(|a| (0..10).map(move |b| (a, b))) {
+        let rubric = serde_json::json!([
+            {"criterion": "gives the sum as the answer", "factual": true, "pattern": format!("</think>{}", a + b)},
+            {"criterion": "restates the sum", "weight": 0.5, "pattern": format!("{a}+{b}=")},
+        ]);
+        let line = serde_json::json!({"prompt": format!("What is {a}+{b}?"), "answer": a + b, "rubric": rubric});
+        jsonl.push_str(&format!("{line}\n"));
+    }
+    let rubric_data = dir.path().join("add-rubric.jsonl");
+    std::fs::write(&rubric_data, jsonl).unwrap();
+    let rubric_data = format!("dataset={:?}", rubric_data.to_str().unwrap());
+    // An external judge (here a shell loop) that fails the factual criterion and passes the other.
+    let judge = r#"rubric.judge_command=["sh", "-c", "while read l; do echo '{\"passed\": [false, true]}'; done"]"#;
     for (reward, sets, term) in [
         ("laser_d", vec!["laser.target_length=6", "laser.target_interval=4", "laser.monitor_every=2"], "reward_length"),
         ("laser_de", vec!["laser.target_length=6", "laser.monitor_size=4"], "reward_length"),
@@ -128,8 +145,11 @@ fn every_reward_runs_and_logs_its_terms() {
             vec!["dynamic_sampling=true", "overlong_buffer=4", "beta=0.04", "ahpo.enabled=true"],
             "reward_overlong",
         ),
+        ("rubric", vec![rubric_data.as_str()], "reward_rubric"),
+        ("rubric", vec![rubric_data.as_str(), judge], "reward_rubric"),
     ] {
-        let out = dir.path().join(reward);
+        let external = sets.contains(&judge);
+        let out = dir.path().join(if external { "rubric-command" } else { reward });
         let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         sets.extend([
             format!("reward={reward:?}"),
@@ -158,6 +178,19 @@ fn every_reward_runs_and_logs_its_terms() {
             let f = lines.iter().find(|l| l["phase"] == "dro_filter").expect("no dro_filter line");
             let n = |k: &str| f[k].as_u64().unwrap();
             assert!(n("candidates") == 96 && n("stage2_kept") <= n("stage1_kept") && n("active") >= 1, "{f}");
+        }
+        if reward == "rubric" {
+            // Built-in judge: each of the 16 completions scores 1 (gate passed), 1/3 (only the
+            // restated sum) or 0, so the mean is a multiple of 1/48; the external judge's
+            // fixed verdicts give every completion 0.5 / 1.5.
+            for l in &rl {
+                let r = l["reward"].as_f64().unwrap();
+                if external {
+                    assert!((r - 1.0 / 3.0).abs() < 1e-6, "{l}");
+                } else {
+                    assert!((0.0..=1.0).contains(&r) && (r * 48.0 - (r * 48.0).round()).abs() < 1e-4, "{l}");
+                }
+            }
         }
         if reward == "accuracy" {
             assert!(rl.iter().all(|l| l["ahpo_experts"].is_u64()), "{}", rl[0]);

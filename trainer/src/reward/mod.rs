@@ -7,6 +7,7 @@
 //! - [`laser`]: LASER / LASER-D / LASER-DE length shaping and the repetition detector.
 //! - [`pear`]: PEAR's phase-entropy reward.
 //! - [`dro`]: DRO's R3 reward, length term and data filter.
+//! - [`rubric`]: rubric rewards (weighted criteria, a pluggable judge).
 //! - [`overlong_penalty`]: DAPO's soft overlong punishment (here).
 //!
 //! Group-relative advantages live in [`crate::advantage`].
@@ -17,6 +18,7 @@ pub mod dro;
 pub mod laser;
 pub mod pear;
 pub mod reflection;
+pub mod rubric;
 
 pub use answer::{answer_region, answers_match, extract_answer};
 pub use correctness::{judge, CorrectnessConfig, Outcome};
