@@ -114,6 +114,7 @@ pub struct TrainConfig {
     pub dro: DroConfig,
     pub ahpo: AhpoConfig,
     pub rubric: RubricConfig,
+    pub early_rejection: EarlyRejectionConfig,
 
     // ── supervised warm-up ──
     /// Steps of supervised fine-tuning on each example's `solution` before RL (0 = none).
@@ -197,6 +198,25 @@ pub struct RubricConfig {
     pub judge_command: Vec<String>,
 }
 
+/// Early rejection of rollouts (see `early_rejection`): each of a group's `num_generations`
+/// samples is generated for `prefix_tokens` tokens, and only the `keep` whose prefixes have the
+/// highest mean log-prob are finished and trained on. Defaults are ours.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EarlyRejectionConfig {
+    pub enabled: bool,
+    /// τ: tokens generated before the prefixes are scored.
+    pub prefix_tokens: usize,
+    /// Samples per group that survive (2..=num_generations); the group size for advantages.
+    pub keep: usize,
+}
+
+impl Default for EarlyRejectionConfig {
+    fn default() -> Self {
+        EarlyRejectionConfig { enabled: false, prefix_tokens: 64, keep: 4 }
+    }
+}
+
 /// Hybrid offline + online training (MM-HELIX's AHPO): when too few of a group's outputs are
 /// correct for RL to learn from, the prompt's dataset `solution` joins that step's update as an
 /// off-policy supervised term. It works with every reward; its threshold and weight are ours.
@@ -274,6 +294,7 @@ impl Default for TrainConfig {
             dro: DroConfig::default(),
             ahpo: AhpoConfig::default(),
             rubric: RubricConfig::default(),
+            early_rejection: EarlyRejectionConfig::default(),
             sft_steps: 0,
             sft_batch_size: 16,
             sft_learning_rate: None,
@@ -496,6 +517,26 @@ impl TrainConfig {
                 bail!("ahpo.coef = {}: must be > 0", self.ahpo.coef);
             }
         }
+        if self.early_rejection.enabled {
+            let e = &self.early_rejection;
+            if !(2..=self.num_generations).contains(&e.keep) {
+                bail!("early_rejection.keep = {}: must be in 2..=num_generations ({})", e.keep, self.num_generations);
+            }
+            if !(1..self.max_completion_length).contains(&e.prefix_tokens) {
+                bail!(
+                    "early_rejection.prefix_tokens = {}: must be in 1..max_completion_length ({})",
+                    e.prefix_tokens,
+                    self.max_completion_length
+                );
+            }
+            if self.ahpo.enabled && self.ahpo.success_threshold > e.keep {
+                bail!(
+                    "ahpo.success_threshold = {} exceeds early_rejection.keep = {} (the group size after rejection)",
+                    self.ahpo.success_threshold,
+                    e.keep
+                );
+            }
+        }
         if self.overlong_buffer > self.max_completion_length {
             bail!(
                 "overlong_buffer = {} exceeds max_completion_length = {}",
@@ -508,6 +549,16 @@ impl TrainConfig {
 
     pub fn sft_lr(&self) -> f32 {
         self.sft_learning_rate.unwrap_or(self.learning_rate)
+    }
+
+    /// Completions per prompt that are rewarded and trained on: `num_generations`, or
+    /// `early_rejection.keep` when early rejection is on.
+    pub fn group_size(&self) -> usize {
+        if self.early_rejection.enabled {
+            self.early_rejection.keep
+        } else {
+            self.num_generations
+        }
     }
 
     pub fn prompts_per_step(&self) -> usize {

@@ -3,6 +3,7 @@
 pub mod advantage;
 pub mod config;
 pub mod data;
+pub mod early_rejection;
 pub mod jsonl;
 pub mod memory;
 pub mod reward;

@@ -445,6 +445,56 @@ impl Trainer {
         gens.into_iter().map(|g| self.judge(g, prompts)).collect()
     }
 
+    /// The RL step's rollouts: [`Trainer::rollout`], or with early rejection G prefixes of
+    /// `prefix_tokens` per prompt of which the `keep` best (by mean log-prob) are finished.
+    /// Also returns the tokens the rejected samples generated.
+    fn rollout_rl(&self, prompts: &[usize], seed: u64) -> Result<(Vec<Rollout>, usize)> {
+        use crate::early_rejection::{join, prefix_score, survivors};
+        let er = &self.cfg.early_rejection;
+        if !er.enabled {
+            return Ok((self.rollout(prompts, seed)?, 0));
+        }
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|&i| self.train_ids[i].clone()).collect();
+        let head = GenerateOptions {
+            max_new_tokens: er.prefix_tokens,
+            sampling: self.sampling(),
+            n_samples: self.cfg.num_generations,
+            seed,
+            stop_ids: self.stop_ids.clone(),
+        };
+        let gens = generate(&self.model, &ids, &head)?;
+        let scores: Vec<f32> = gens.iter().map(|g| prefix_score(&g.logp)).collect();
+        let keep = survivors(&scores, self.cfg.num_generations, er.keep);
+        let mut kept: Vec<Option<Generation>> = gens.into_iter().map(Some).collect();
+        let rejected_tokens: usize = (0..kept.len())
+            .filter(|i| keep.binary_search(i).is_err())
+            .filter_map(|i| kept[i].as_ref().map(|g| g.ids.len()))
+            .sum();
+        let kept: Vec<Generation> = keep.iter().filter_map(|&i| kept[i].take()).collect();
+        // Finish the survivors that neither stopped nor ran out of budget: each continues
+        // from its prompt + prefix, one sample, for the remaining tokens.
+        let open: Vec<usize> = (0..kept.len()).filter(|&i| !kept[i].stopped).collect();
+        let tails = if open.is_empty() {
+            Vec::new()
+        } else {
+            let cont: Vec<Vec<u32>> =
+                open.iter().map(|&i| [ids[kept[i].prompt].as_slice(), &kept[i].ids].concat()).collect();
+            let tail = GenerateOptions {
+                max_new_tokens: self.cfg.max_completion_length - er.prefix_tokens,
+                n_samples: 1,
+                seed: mix(&[seed, 0xe4_1e]),
+                ..head
+            };
+            generate(&self.model, &cont, &tail)?
+        };
+        let mut kept: Vec<Option<Generation>> = kept.into_iter().map(Some).collect();
+        for (tail, &i) in tails.into_iter().zip(&open) {
+            kept[i] = kept[i].take().map(|h| join(h, tail));
+        }
+        let rollouts = kept.into_iter().flatten().map(|g| self.judge(g, prompts)).collect::<Result<Vec<_>>>()?;
+        Ok((rollouts, rejected_tokens))
+    }
+
     fn judge(&self, gen: Generation, prompts: &[usize]) -> Result<Rollout> {
         let tok = self.ckpt.tokenizer()?;
         let (len, text) = completion_text(tok, &gen)?;
@@ -459,7 +509,7 @@ impl Trainer {
     /// One RL step; returns (mean reward, accuracy) of its rollouts.
     pub fn rl_step(&mut self) -> Result<(f32, f32)> {
         let t0 = Instant::now();
-        let g = self.cfg.num_generations;
+        let g = self.cfg.group_size();
         let want = self.cfg.prompts_per_step();
         let kind = self.cfg.reward_kind()?;
         let mut prompts: Vec<usize> = Vec::new();
@@ -472,13 +522,15 @@ impl Trainer {
         let mut experts: Vec<usize> = Vec::new();
         let mut experts_missing = 0usize;
         let mut dropped_groups = 0usize;
+        let mut rejected_tokens = 0usize;
         let mut terms: BTreeMap<&'static str, f64> = BTreeMap::new();
         let mut no_signal: Vec<bool> = Vec::new();
         for round in 0..=self.cfg.max_resample {
             let need = want - prompts.len();
             let picks: Vec<usize> = self.sampler.take(need).into_iter().map(|k| self.active[k]).collect();
             let seed = mix(&[self.cfg.seed, self.step as u64, round as u64]);
-            let mut rs = self.rollout(&picks, seed)?;
+            let (mut rs, rejected) = self.rollout_rl(&picks, seed)?;
+            rejected_tokens += rejected;
             let groups_no_signal = self.rewards(kind, &picks, &mut rs, &mut terms)?;
             let rewards: Vec<f32> = rs.iter().map(|r| r.reward).collect();
             let signal = groups_with_signal(&rewards, g);
@@ -581,6 +633,9 @@ impl Trainer {
         for (k, v) in terms {
             line[format!("reward_{k}")] = json!(v / n);
         }
+        if self.cfg.early_rejection.enabled {
+            line["early_rejected_tokens"] = json!(rejected_tokens);
+        }
         if self.cfg.ahpo.enabled {
             line["ahpo_experts"] = json!(experts.len());
             line["ahpo_without_solution"] = json!(experts_missing);
@@ -615,7 +670,7 @@ impl Trainer {
         terms: &mut BTreeMap<&'static str, f64>,
     ) -> Result<Vec<bool>> {
         use crate::reward::{laser, pear};
-        let g = self.cfg.num_generations;
+        let g = self.cfg.group_size();
         let mut no_signal = vec![false; picks.len()];
         for r in rs.iter_mut() {
             let base = self.correctness.score(r.outcome);
@@ -695,7 +750,7 @@ impl Trainer {
         terms: &mut BTreeMap<&'static str, f64>,
     ) -> Result<Vec<bool>> {
         use crate::reward::dro::{dro_reward, length_term, r3_rewards};
-        let g = self.cfg.num_generations;
+        let g = self.cfg.group_size();
         let weighting = self.cfg.dro_weighting()?;
         let mut no_signal = Vec::with_capacity(picks.len());
         for (p, chunk) in rs.chunks_mut(g).enumerate() {

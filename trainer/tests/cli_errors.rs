@@ -277,6 +277,14 @@ fn bad_training_configs_and_data() {
     run(train(&["--set", "sft_steps=1", "--set", &no_solutions]), &["sft_steps", "n.jsonl", "solution"]);
     run(train(&["--set", "ahpo.enabled=true", "--set", &no_solutions]), &["ahpo.enabled", "n.jsonl", "solution"]);
     run(train(&["--set", "ahpo.enabled=true", "--set", "ahpo.success_threshold=9"]), &["ahpo.success_threshold"]);
+    run(
+        train(&["--set", "early_rejection.enabled=true", "--set", "early_rejection.keep=1"]),
+        &["early_rejection.keep"],
+    );
+    run(
+        train(&["--set", "early_rejection.enabled=true", "--set", "early_rejection.prefix_tokens=256"]),
+        &["early_rejection.prefix_tokens", "max_completion_length"],
+    );
     run(train(&["--set", "reward=rubric"]), &["reward = \"rubric\"", "has no \"rubric\""]);
     let rubric =
         write(tmp.path(), "r.jsonl", "{\"prompt\": \"a\", \"answer\": 1, \"rubric\": [{\"criterion\": \"says 1\"}]}\n");

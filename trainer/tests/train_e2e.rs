@@ -234,6 +234,24 @@ fn ahpo_learns_the_solutions_of_failed_groups() {
     assert!(with < without / 3.0, "solution NLL after 30 steps: with AHPO {with}, without {without}");
 }
 
+/// Early rejection: 8 prefixes of 4 tokens per prompt, the best 3 finished. The survivors are
+/// the groups (3 per prompt), and their log-probs, recorded across the two generation phases,
+/// are the model's own: the first update's ratio is 1.
+#[test]
+fn early_rejection_finishes_the_best_prefixes() {
+    let dir = tempfile::tempdir().unwrap();
+    let er = smelt_trainer::config::EarlyRejectionConfig { enabled: true, prefix_tokens: 4, keep: 3 };
+    let cfg = TrainConfig { sft_steps: 0, max_steps: 2, eval_size: 4, early_rejection: er, ..demo(dir.path()) };
+    train(cfg).unwrap();
+    let lines = log(dir.path());
+    for l in lines.iter().filter(|l| l["phase"] == "rl") {
+        assert_eq!(l["trained_sequences"], 8 * 3, "{l}");
+        assert!(l["early_rejected_tokens"].as_u64().unwrap() > 0, "{l}");
+        assert!(l["response_length"].as_f64().unwrap() > 4.0, "survivors were finished past the prefix: {l}");
+        assert!((l["mean_ratio"].as_f64().unwrap() - 1.0).abs() < 1e-4, "{l}");
+    }
+}
+
 /// On a GPU: the supervised warm-up (no sampling, same data order) follows the CPU run's NLL
 /// step by step in f32 and within bf16 rounding in bf16, and a few GRPO steps run with finite
 /// rewards and losses. Skips without a GPU (scripts/gpu-check runs it).
