@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use smelt_engine::{DType, Device};
 use smelt_kernels::grpo_loss::{GrpoLossConfig, Kl, LossType};
 
 /// Everything a training run reads. `Serialize` so the run directory records the resolved
@@ -340,6 +341,31 @@ impl Default for DroConfig {
             sigma_drop: 0.2,
             carry_over: 0.1,
         }
+    }
+}
+
+/// The device named `name` (cpu, cuda, cuda:N), checked to be usable by this build and machine.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let device: Device = name.parse()?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(i) = device {
+        smelt_engine::cuda::device(i)?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    if device.is_cuda() {
+        bail!("{device}: this smelt was built without CUDA support (--no-default-features)");
+    }
+    Ok(device)
+}
+
+/// The compute dtype named `name` on `device`: f32 anywhere, bf16 on CUDA (the CPU path
+/// computes in f32). Errors say why without naming the setting; callers prefix it.
+pub fn compute_dtype(name: &str, device: Device) -> Result<DType> {
+    match name {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" if device.is_cuda() => Ok(DType::BF16),
+        "bf16" | "bfloat16" => bail!("{name:?}: the CPU path computes in f32 (use f32)"),
+        other => bail!("{other:?}: expected f32 or bf16"),
     }
 }
 

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use smelt_engine::{DType, Device, Rng};
+use smelt_engine::Rng;
 use smelt_kernels::adamw::AdamW;
 use smelt_kernels::grpo_loss::LossType;
 use smelt_kernels::logprob_entropy::LogprobEntropyOpts;
@@ -32,7 +32,7 @@ use smelt_models::{
 };
 
 use crate::advantage::{advantages, groups_with_signal, RewardStats};
-use crate::config::{RewardKind, TrainConfig};
+use crate::config::{compute_dtype, parse_device, RewardKind, TrainConfig};
 use crate::data::{self, Example, Sampler};
 use crate::reward::correctness::{judge, CorrectnessConfig, Outcome};
 use crate::reward::laser::{adapt_targets, Difficulty, LaserTargets, MonitorResponse, TargetSearch};
@@ -125,13 +125,8 @@ impl Trainer {
         let resume = cfg.resume_from_checkpoint.clone();
         let model_dir = resume.clone().or_else(|| cfg.model.clone()).context("model: required")?;
         let ckpt = Checkpoint::open(&model_dir).with_context(|| format!("model {}", model_dir.display()))?;
-        let device: Device = cfg.device.parse().context("device")?;
-        let dtype = match cfg.dtype.as_str() {
-            "f32" | "float32" => DType::F32,
-            "bf16" | "bfloat16" if device.is_cuda() => DType::BF16,
-            "bf16" | "bfloat16" => bail!("dtype = \"bf16\": the CPU path computes in f32"),
-            other => bail!("dtype = {other:?}: expected f32 or bf16"),
-        };
+        let device = parse_device(&cfg.device).map_err(|e| anyhow::anyhow!("device = {e:#}"))?;
+        let dtype = compute_dtype(&cfg.dtype, device).map_err(|e| anyhow::anyhow!("dtype = {e:#}"))?;
         let load = LoadOptions { dtype, device, check_finite: true };
         let mut model = Qwen::new(ckpt.config.clone(), ckpt.load_weights(&load)?);
         model.recompute = cfg.gradient_checkpointing;

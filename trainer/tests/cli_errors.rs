@@ -225,6 +225,9 @@ fn bad_flags_fail_before_work() {
     fails_naming(&["generate", "--model", m, "--prompt", "hi", "--top-p", "0"], &["--top-p"]);
     fails_naming(&["generate", "--model", m, "--prompt-ids", "1,999"], &["999", "vocab"]);
     fails_naming(&["generate", "--model", m, "--prompt", "hi", "--device", "tpu"], &["tpu"]);
+    fails_naming(&["generate", "--model", m, "--prompt", "hi", "--dtype", "bf16"], &["--dtype", "CPU", "f32"]);
+    fails_naming(&["score", "--model", m, "--input", "x.jsonl", "--dtype", "f8"], &["--dtype", "f8"]);
+    fails_naming(&["bench", "step", "--dtype", "bf16"], &["--dtype", "CPU"]);
     fails_naming(&["generate", "--model", "/no/such/model", "--prompt", "hi"], &["/no/such/model"]);
 }
 
@@ -265,6 +268,8 @@ fn bad_training_configs_and_data() {
     run(train(&["--set", "top_p=0"]), &["top_p"]);
     run(train(&["--set", "num_generations=0"]), &["num_generations"]);
     run(train(&["--set", "reward=vibes"]), &["reward", "vibes"]);
+    run(train(&["--set", "dtype=bf16"]), &["dtype = \"bf16\"", "CPU"]);
+    run(train(&["--device", "tpu"]), &["device = ", "tpu"]);
     run(train(&["--set", "laser"]), &["key=value"]);
     run(vec!["train".into(), "--model".into(), "/no/such/model".into()], &["/no/such/model"]);
     let data = write(tmp.path(), "d.jsonl", "{\"prompt\": \"1+1?\", \"answer\": 2}\n{\"prompt\": \"x\"}\n");

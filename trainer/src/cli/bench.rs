@@ -56,28 +56,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
 // ---- shared -----------------------------------------------------------------------------
 
 fn parse_device(s: &str) -> Result<Device> {
-    let device: Device = s.parse().with_context(|| "--device")?;
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(i) = device {
-        smelt_engine::cuda::device(i).context("--device")?;
-    }
-    #[cfg(not(feature = "cuda"))]
-    if device.is_cuda() {
-        bail!("--device {device}: this smelt was built without CUDA support (--no-default-features)");
-    }
-    Ok(device)
+    smelt_trainer::config::parse_device(s).context("--device")
 }
 
+/// `--dtype`, defaulting to f32 on the CPU and bf16 on CUDA.
 fn parse_dtype(s: Option<&str>, device: Device) -> Result<DType> {
     match s {
         None if device.is_cpu() => Ok(DType::F32),
         None => Ok(DType::BF16),
-        Some("f32" | "float32") => Ok(DType::F32),
-        Some("bf16" | "bfloat16") if device.is_cpu() => {
-            bail!("--dtype bf16: the CPU path computes in f32 (use --dtype f32)")
-        }
-        Some("bf16" | "bfloat16") => Ok(DType::BF16),
-        Some(other) => bail!("--dtype {other:?}: expected f32 or bf16"),
+        Some(name) => smelt_trainer::config::compute_dtype(name, device).map_err(|e| anyhow::anyhow!("--dtype {e:#}")),
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use smelt_engine::{DType, Device};
 use smelt_models::{Checkpoint, LoadOptions, Qwen};
+use smelt_trainer::config::{compute_dtype, parse_device};
 
 /// Model-loading flags shared by the commands.
 #[derive(clap::Args, Clone, Debug)]
@@ -26,24 +27,12 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Parses and checks the flags (before any file is read).
     pub fn device(&self) -> Result<Device> {
-        let device: Device = self.device.parse().with_context(|| "--device")?;
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(i) = device {
-            smelt_engine::cuda::device(i).context("--device")?;
-        }
-        #[cfg(not(feature = "cuda"))]
-        if device.is_cuda() {
-            anyhow::bail!("--device {device}: this smelt was built without CUDA support (--no-default-features)");
-        }
-        Ok(device)
+        parse_device(&self.device).context("--device")
     }
 
+    /// The compute dtype, checked against the device (bf16 needs CUDA).
     pub fn dtype(&self) -> Result<DType> {
-        match self.dtype.as_str() {
-            "f32" | "float32" => Ok(DType::F32),
-            "bf16" | "bfloat16" => Ok(DType::BF16),
-            other => anyhow::bail!("--dtype {other:?}: expected f32 or bf16"),
-        }
+        compute_dtype(&self.dtype, self.device()?).map_err(|e| anyhow::anyhow!("--dtype {e:#}"))
     }
 
     pub fn open(&self) -> Result<Checkpoint> {
@@ -52,11 +41,7 @@ impl ModelArgs {
 
     /// Loads the weights onto the device and builds the model.
     pub fn load(&self, ckpt: &Checkpoint) -> Result<Qwen> {
-        let device = self.device()?;
-        let dtype = self.dtype()?;
-        if device.is_cpu() && dtype != DType::F32 {
-            anyhow::bail!("--dtype {}: the CPU path computes in f32 (use --dtype f32)", self.dtype);
-        }
+        let (device, dtype) = (self.device()?, self.dtype()?);
         let opts = LoadOptions { dtype, device, check_finite: !self.no_check_weights };
         let weights = ckpt.load_weights(&opts)?;
         Ok(Qwen::new(ckpt.config.clone(), weights))
