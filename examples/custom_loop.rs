@@ -69,7 +69,7 @@ fn main() -> Result<()> {
                 old.push(if in_completion { g.logp[t + 1 - p] } else { 0.0 });
             }
         }
-        let batch = StepBatch { packed, advantages: adv, mask, logp_old: Some(old), logp_ref: None };
+        let batch = StepBatch { packed, advantages: adv, mask, logp_old: Some(old), logp_ref: None, supervised: false };
         let s = step.step(&model, &batch)?;
         let mean_r = rewards.iter().sum::<f32>() / rewards.len() as f32;
         println!(

@@ -190,13 +190,21 @@ pub struct DroConfig {
 
 /// Rubric rewards (`reward = "rubric"`): each training example's `rubric` criteria, judged per
 /// completion (see `reward::rubric`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RubricConfig {
     /// The external judge's command line as an array (`["python3", "judge.py"]`), started once
     /// and fed JSON lines; empty = the built-in judge, which passes a criterion when the
     /// completion contains its `pattern`.
     pub judge_command: Vec<String>,
+    /// The longest wait for any one reply of the external judge, in seconds.
+    pub timeout_s: f64,
+}
+
+impl Default for RubricConfig {
+    fn default() -> Self {
+        RubricConfig { judge_command: Vec::new(), timeout_s: 300.0 }
+    }
 }
 
 /// Early rejection of rollouts (see `early_rejection`): each of a group's `num_generations`
@@ -220,7 +228,9 @@ impl Default for EarlyRejectionConfig {
 
 /// Hybrid offline + online training (MM-HELIX's AHPO): when too few of a group's outputs are
 /// correct for RL to learn from, the prompt's dataset `solution` joins that step's update as an
-/// off-policy supervised term. It works with every reward; its threshold and weight are ours.
+/// off-policy supervised term (once per example, at most one per prompt of the step; no KL or
+/// entropy term on its tokens). "Correct" is the answer check, or with rubric rewards every
+/// factual criterion passing. It works with every reward; its threshold and weight are ours.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AhpoConfig {
@@ -530,6 +540,9 @@ impl TrainConfig {
                     bail!("{name} = {v}: must be in [0, 1]");
                 }
             }
+        }
+        if !(self.rubric.timeout_s.is_finite() && self.rubric.timeout_s > 0.0 && self.rubric.timeout_s < 1e9) {
+            bail!("rubric.timeout_s = {}: must be > 0 seconds", self.rubric.timeout_s);
         }
         if self.ahpo.enabled {
             if !(1..=self.num_generations).contains(&self.ahpo.success_threshold) {

@@ -72,8 +72,13 @@ pub struct StepBatch {
     /// Log-probs under the sampling policy; `None` = on-policy (ℓ_old = ℓ, the first of
     /// `num_iterations` passes), which makes every ratio 1.
     pub logp_old: Option<Vec<f32>>,
-    /// Log-probs under the frozen reference model; required when β > 0.
+    /// Log-probs under the frozen reference model; required when β > 0 (unless supervised).
     pub logp_ref: Option<Vec<f32>>,
+    /// A supervised batch (demonstrations, not samples of the policy): with `logp_old: None`
+    /// and advantage a, its gradient is exactly a × the NLL's. No KL penalty or entropy bonus
+    /// applies to it (both are about the policy's own samples), and it stays out of the
+    /// ratio / clipping / KL statistics.
+    pub supervised: bool,
 }
 
 /// Wall time of each phase of a step, in seconds.
@@ -283,7 +288,8 @@ impl PolicyStep {
                 weights: &w_t,
                 entropy: Some(&head.entropy),
             };
-            let out = grpo_loss(&inputs, &cfg.loss)?;
+            let supervised_loss = GrpoLossConfig { beta: 0.0, entropy_coef: 0.0, ..cfg.loss };
+            let out = grpo_loss(&inputs, if batch.supervised { &supervised_loss } else { &cfg.loss })?;
             sync(&mut ph.loss, t0)?;
 
             let t0 = Instant::now();
@@ -296,6 +302,9 @@ impl PolicyStep {
             ent_sum += ent.iter().zip(mask).map(|(e, m)| (*e * *m) as f64).sum::<f64>();
             let lp = head.logp.to_vec::<f32>()?;
             logp_sum += lp.iter().zip(mask).filter(|(_, &m)| m != 0.0).map(|(l, _)| *l as f64).sum::<f64>();
+            if batch.supervised {
+                continue;
+            }
             // The kernel's statistics are means over this micro-batch's loss tokens.
             let k = out.stats.num_tokens;
             stats.clip_frac_low += out.stats.clip_frac_low * k;
@@ -461,7 +470,7 @@ mod tests {
             // First two tokens play the prompt.
             mask.extend((0..s.len()).map(|t| if t < 2 { 0.0 } else { 1.0 }));
         }
-        StepBatch { packed, advantages, mask, logp_old: None, logp_ref: None }
+        StepBatch { packed, advantages, mask, logp_old: None, logp_ref: None, supervised: false }
     }
 
     /// The gradient the step computes is the derivative of the loss it reports: a directional
@@ -536,6 +545,7 @@ mod tests {
                     mask: b.mask[s..e].to_vec(),
                     logp_old: part(&b.logp_old),
                     logp_ref: part(&b.logp_ref),
+                    supervised: b.supervised,
                 }
             })
             .collect()
@@ -591,6 +601,53 @@ mod tests {
         let m = model(&config, 5);
         let err = PolicyStep::new(&m, cfg).unwrap().step(&m, &no_ref).unwrap_err().to_string();
         assert!(err.contains("logp_ref") || err.contains("beta") || err.contains("β"), "{err}");
+    }
+
+    /// A supervised micro-batch next to a rollout one: with β > 0 and an entropy bonus it needs
+    /// no reference, gets neither term (its gradient is the plain policy gradient at ratio 1,
+    /// i.e. a × NLL's), and stays out of the ratio / KL statistics.
+    #[test]
+    fn supervised_batches_get_no_kl_or_entropy_term() {
+        let config = tiny();
+        let mut rng = Rng::new(9);
+        let rollout = batch(&config, &mut rng);
+        let m0 = model(&config, 5);
+        let acts = m0.forward(&rollout.packed).unwrap();
+        let lp: Vec<f32> =
+            m0.head(&acts.hidden, &rollout.packed.next_token_targets(), 1.0).unwrap().logp.to_vec().unwrap();
+        let rollout = StepBatch {
+            logp_old: Some(lp.iter().map(|x| x + 0.1).collect()),
+            logp_ref: Some(lp.iter().map(|x| x - 0.2).collect()),
+            ..rollout
+        };
+        let demo = StepBatch { supervised: true, ..batch(&config, &mut rng) };
+        let grads = |loss: GrpoLossConfig, micro: &[StepBatch]| {
+            let m = model(&config, 5);
+            let mut p = PolicyStep::new(&m, StepConfig { loss, ..Default::default() }).unwrap();
+            let s = p.step_accumulated(&m, micro).unwrap();
+            let g: Vec<f32> = p.grads.named_tensors().iter().flat_map(|(_, t)| t.to_vec::<f32>().unwrap()).collect();
+            (s, g)
+        };
+        let with_terms = GrpoLossConfig { beta: 0.1, entropy_coef: 0.05, ..Default::default() };
+        let (s_mixed, g_mixed) = grads(with_terms, &[rollout.clone(), demo.clone()]);
+        let (s_roll, g_roll) = grads(with_terms, std::slice::from_ref(&rollout));
+        // The demo's part: the same batch as an ordinary one under a loss without β and c_H.
+        let plain = StepBatch { supervised: false, ..demo.clone() };
+        let (_, g_demo) = grads(GrpoLossConfig::default(), std::slice::from_ref(&plain));
+        // dapo: each part's token mean is rescaled to the whole batch's token count.
+        let (n_roll, n_demo) = (s_roll.grpo.num_tokens as f32, s_mixed.grpo.num_tokens as f32);
+        assert_eq!(n_roll, n_demo, "the demo's tokens are not in the GRPO statistics");
+        let n_demo_tokens: f32 = loss_mask(&demo).unwrap().iter().sum();
+        let total = n_roll + n_demo_tokens;
+        let (mut d, mut r) = (0f32, 0f32);
+        for ((m, a), b) in g_mixed.iter().zip(&g_roll).zip(&g_demo) {
+            let want = a * n_roll / total + b * n_demo_tokens / total;
+            d += (m - want).powi(2);
+            r += want * want;
+        }
+        assert!(d.sqrt() <= 1e-5 * r.sqrt(), "|Δg| {} vs |g| {}", d.sqrt(), r.sqrt());
+        assert_eq!(s_mixed.grpo.mean_kl, s_roll.grpo.mean_kl);
+        assert_eq!(s_mixed.grpo.mean_ratio, s_roll.grpo.mean_ratio);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -66,6 +66,9 @@ struct Rollout {
     /// Completion tokens excluding the stop token.
     len: usize,
     truncated: bool,
+    /// A success for AHPO: the answer is correct, or with rubric rewards every factual
+    /// criterion passed (reward 1).
+    solved: bool,
     /// The completion's text (special tokens kept), for judges.
     text: String,
     reward: f32,
@@ -229,7 +232,7 @@ impl Trainer {
             let judge: Box<dyn Judge> = if builtin {
                 Box::new(ContainsJudge)
             } else {
-                Box::new(CommandJudge::spawn(&cfg.rubric.judge_command)?)
+                Box::new(CommandJudge::spawn(&cfg.rubric.judge_command, Duration::from_secs_f64(cfg.rubric.timeout_s))?)
             };
             Some(RefCell::new(judge))
         } else {
@@ -305,9 +308,12 @@ impl Trainer {
             step = state.step;
         }
         let log_path = cfg.output_dir.join("log.jsonl");
+        // A resumed run continues its log; a new one (overwrite_output_dir) starts it afresh.
         let log = OpenOptions::new()
             .create(true)
-            .append(true)
+            .append(resume.is_some())
+            .write(true)
+            .truncate(resume.is_none())
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
         let resolved = toml::to_string(&cfg).context("serialising the configuration")?;
@@ -403,14 +409,12 @@ impl Trainer {
         let mut nll = Vec::with_capacity(self.cfg.sft_steps);
         let saved = self.policy.config.clone();
         self.policy.config.loss_type = LossType::Dapo;
-        self.policy.config.loss.beta = 0.0;
-        self.policy.config.loss.entropy_coef = 0.0;
         self.policy.config.temperature = 1.0;
         self.policy.config.optim.lr = self.cfg.sft_lr();
         for s in 0..self.cfg.sft_steps {
             let picks: Vec<usize> =
                 sampler.take(self.cfg.sft_batch_size).into_iter().map(|k| with_solution[k]).collect();
-            let micro = self.supervised_batches(&picks, 1.0, false)?;
+            let micro = self.supervised_batches(&picks, 1.0)?;
             let st = self.policy.step_accumulated(&self.model, &micro)?;
             nll.push(-st.mean_logp);
             self.emit(json!({"phase": "sft", "sft_step": s + 1, "nll": -st.mean_logp, "grad_norm": st.grad_norm}))?;
@@ -498,7 +502,19 @@ impl Trainer {
         let outcome = judge(&text, &ex.answer, truncated, &self.correctness);
         let think_end = self.think_end_id.and_then(|t| gen.ids[..len].iter().position(|&x| x == t));
         let reflections = crate::reward::reflection::reflection_count(&text);
-        Ok(Rollout { prompt: gen.prompt, gen, outcome, think_end, len, truncated, text, reward: 0.0, reflections })
+        let solved = outcome.is_correct();
+        Ok(Rollout {
+            prompt: gen.prompt,
+            gen,
+            outcome,
+            think_end,
+            len,
+            truncated,
+            solved,
+            text,
+            reward: 0.0,
+            reflections,
+        })
     }
 
     /// One RL step; returns (mean reward, accuracy) of its rollouts.
@@ -531,9 +547,11 @@ impl Trainer {
             let signal = groups_with_signal(&rewards, g);
             for (p, chunk) in rs.chunks(g).enumerate() {
                 let ahpo = &self.cfg.ahpo;
-                if ahpo.enabled && chunk.iter().filter(|r| r.outcome.is_correct()).count() < ahpo.success_threshold {
+                if ahpo.enabled && chunk.iter().filter(|r| r.solved).count() < ahpo.success_threshold {
+                    // Once per example, at most one group's worth per prompt of the step.
                     match self.solution_ids[picks[p]] {
-                        Some(_) => experts.push(picks[p]),
+                        Some(_) if experts.len() < want && !experts.contains(&picks[p]) => experts.push(picks[p]),
+                        Some(_) => {}
                         None => experts_missing += 1,
                     }
                 }
@@ -578,11 +596,11 @@ impl Trainer {
             let keep: Vec<bool> =
                 rollouts.iter().map(|r| !(self.cfg.mask_truncated_completions && r.truncated)).collect();
             let old: Vec<&[f32]> = rollouts.iter().map(|r| r.gen.logp.as_slice()).collect();
-            micro = self.micro_batches(&seqs, &prompt_lens, &adv, Some(&old), &keep, true)?;
+            micro = self.micro_batches(&seqs, &prompt_lens, &adv, Some(&old), &keep, false)?;
         }
         // The expert term rides in its own micro-batches (ℓ_old = ℓ: ratio 1 in every pass);
         // the loss aggregates its tokens with the rollouts'.
-        micro.extend(self.supervised_batches(&experts, self.cfg.ahpo.coef, true)?);
+        micro.extend(self.supervised_batches(&experts, self.cfg.ahpo.coef)?);
         let tokens: usize = micro.iter().map(|b| b.packed.num_tokens()).sum();
         if !micro.is_empty() {
             // Log the first pass's loss (on-policy) and the last pass's clipping and KL; an
@@ -721,6 +739,7 @@ impl Trainer {
                 for (r, reward) in rs.iter_mut().zip(rewards) {
                     *terms.entry("rubric").or_default() += reward as f64;
                     r.reward = reward;
+                    r.solved = reward >= 1.0;
                 }
             }
         }
@@ -866,7 +885,8 @@ impl Trainer {
 
     /// Packs sequences (prompt + completion) into micro-batches of
     /// `per_device_train_batch_size`, with per-token advantages, the completion mask, the
-    /// rollout log-probs as ℓ_old, and the reference model's log-probs when β > 0.
+    /// rollout log-probs as ℓ_old, and for rollouts the reference model's log-probs when β > 0.
+    /// `supervised` marks demonstrations (see [`StepBatch::supervised`]).
     fn micro_batches(
         &self,
         seqs: &[Vec<u32>],
@@ -874,7 +894,7 @@ impl Trainer {
         adv: &[f32],
         old: Option<&[&[f32]]>,
         keep: &[bool],
-        with_reference: bool,
+        supervised: bool,
     ) -> Result<Vec<StepBatch>> {
         let b = self.cfg.per_device_train_batch_size;
         let mut out = Vec::new();
@@ -895,7 +915,7 @@ impl Trainer {
                 }
             }
             let logp_ref = match &self.reference {
-                Some(r) if with_reference => Some(self.score(r, part, false)?.logp.concat()),
+                Some(r) if !supervised => Some(self.score(r, part, false)?.logp.concat()),
                 _ => None,
             };
             out.push(StepBatch {
@@ -904,14 +924,16 @@ impl Trainer {
                 mask: m,
                 logp_old: old.map(|_| o),
                 logp_ref,
+                supervised,
             });
         }
         Ok(out)
     }
 
     /// Micro-batches of the given training examples' prompt + solution, every solution token a
-    /// loss token with advantage `coef` and ratio 1 (ℓ_old = ℓ): the NLL gradient times `coef`.
-    fn supervised_batches(&self, examples: &[usize], coef: f32, with_reference: bool) -> Result<Vec<StepBatch>> {
+    /// loss token with advantage `coef` and ratio 1 (ℓ_old = ℓ), without KL or entropy terms:
+    /// the NLL gradient (at the step's temperature) times `coef`.
+    fn supervised_batches(&self, examples: &[usize], coef: f32) -> Result<Vec<StepBatch>> {
         let mut seqs = Vec::with_capacity(examples.len());
         for &i in examples {
             let sol = self.solution_ids.get(i).and_then(Option::as_ref);
@@ -920,7 +942,7 @@ impl Trainer {
         }
         let prompt_lens: Vec<usize> = examples.iter().map(|&i| self.train_ids[i].len()).collect();
         let adv = vec![coef; seqs.len()];
-        self.micro_batches(&seqs, &prompt_lens, &adv, None, &vec![true; seqs.len()], with_reference)
+        self.micro_batches(&seqs, &prompt_lens, &adv, None, &vec![true; seqs.len()], true)
     }
 
     /// Greedy accuracy on the held-out set (logged); 0 when there is none.

@@ -104,12 +104,19 @@ fn sft_then_grpo_raises_reward_and_checkpoints_resume() {
 fn kl_reference_is_the_warmed_up_model() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = TrainConfig { beta: 0.04, sft_steps: 10, max_steps: 2, eval_size: 4, ..demo(dir.path()) };
-    let s = train(cfg).unwrap();
+    let s = train(cfg.clone()).unwrap();
     assert_eq!(s.checkpoints.first(), Some(&dir.path().join("checkpoint-0")));
     let lines = log(dir.path());
     let rl: Vec<&Value> = lines.iter().filter(|l| l["phase"] == "rl").collect();
     assert!(rl[0]["kl"].as_f64().unwrap().abs() < 1e-6, "{}", rl[0]);
     assert!(rl[1]["kl"].as_f64().unwrap() > 0.0, "{}", rl[1]);
+
+    // A new run over it (overwrite_output_dir) starts a fresh log rather than appending.
+    let again = TrainConfig { overwrite_output_dir: true, beta: 0.0, sft_steps: 0, max_steps: 1, ..cfg };
+    train(again).unwrap();
+    let phases: Vec<String> = log(dir.path()).iter().map(|l| l["phase"].as_str().unwrap().to_string()).collect();
+    assert_eq!(phases.iter().filter(|p| *p == "rl").count(), 1, "{phases:?}");
+    assert!(!phases.iter().any(|p| p == "sft"), "{phases:?}");
 }
 
 /// Each reward path on a short run from the warmed-up demo model.

@@ -1227,8 +1227,14 @@ fn step(args: StepArgs) -> Result<()> {
     for _ in 0..b {
         advantages.extend(std::iter::repeat_n(rng.normal() as f32, t));
     }
-    let batch =
-        StepBatch { packed: Packed::new(&seqs), advantages, mask: vec![1.0; b * t], logp_old: None, logp_ref: None };
+    let batch = StepBatch {
+        packed: Packed::new(&seqs),
+        advantages,
+        mask: vec![1.0; b * t],
+        logp_old: None,
+        logp_ref: None,
+        supervised: false,
+    };
     let cfg = StepConfig { sync_phases: device.is_cpu() || args.phases, ..StepConfig::default() };
     let mut policy = PolicyStep::new(&model, cfg)?;
     let model_bytes: usize = model.weights.named_tensors().iter().map(|(_, t)| t.size_in_bytes()).sum();

@@ -17,16 +17,22 @@
 //! stdin / stdout:
 //!
 //! ```text
-//! → {"prompt": "...", "response": "...", "answer": "...", "criteria": [{"criterion": "...", "weight": 1.0, "factual": true, "pattern": null}, ...]}
-//! ← {"passed": [true, false, ...]}
+//! → {"id": 0, "prompt": "...", "response": "...", "answer": "...", "criteria": [{"criterion": "...", "weight": 1.0, "factual": true, "pattern": null}, ...]}
+//! ← {"id": 0, "passed": [true, false, ...]}
 //! ```
 //!
-//! one reply line per request line, in order. The process is started once and serves the
-//! whole run; each RL step sends all its rollouts' requests, then reads all replies (a writer
-//! thread feeds stdin, so a judge that answers as it reads cannot deadlock on full pipes).
+//! one reply line per request line, in order, each written and flushed as soon as it is
+//! ready (a Python judge: `print(json.dumps(reply), flush=True)`, or run it with `python3 -u`);
+//! the reply's `id` may be left out, and is checked when given. The process is started once
+//! and serves the whole run; each RL step sends all its rollouts' requests from a writer
+//! thread while replies are read, so neither side can block the other on a full pipe. A reply
+//! that is malformed, missing after `rubric.timeout_s`, or a judge that exits, ends the run
+//! with an error naming the command and the reply (and the judge is killed).
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -140,12 +146,18 @@ pub struct CommandJudge {
     argv: Vec<String>,
     child: Child,
     stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    /// Lines of the judge's stdout, read by a thread for the judge's lifetime (so a reply can
+    /// be waited for with a timeout); closed at EOF.
+    replies: Receiver<std::io::Result<String>>,
+    /// The longest wait for any one reply.
+    timeout: Duration,
+    /// Id of the next request.
+    next_id: u64,
 }
 
 impl CommandJudge {
     /// Starts `argv[0] argv[1..]` with piped stdin/stdout (stderr passes through).
-    pub fn spawn(argv: &[String]) -> Result<CommandJudge> {
+    pub fn spawn(argv: &[String], timeout: Duration) -> Result<CommandJudge> {
         let (program, args) = argv.split_first().context("rubric.judge_command is empty")?;
         let mut child = Command::new(program)
             .args(args)
@@ -155,50 +167,83 @@ impl CommandJudge {
             .spawn()
             .with_context(|| format!("starting the rubric judge {argv:?}"))?;
         let stdin = child.stdin.take();
-        let stdout = BufReader::new(child.stdout.take().context("rubric judge: no stdout pipe")?);
-        Ok(CommandJudge { argv: argv.to_vec(), child, stdin, stdout })
+        let mut stdout = BufReader::new(child.stdout.take().context("rubric judge: no stdout pipe")?);
+        let (tx, replies) = mpsc::channel();
+        std::thread::spawn(move || loop {
+            let mut line = String::new();
+            match stdout.read_line(&mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if tx.send(Ok(line)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        });
+        Ok(CommandJudge { argv: argv.to_vec(), child, stdin, replies, timeout, next_id: 0 })
     }
 
-    /// "exited with …" when the process has ended, for errors.
-    fn status(&mut self) -> String {
-        match self.child.try_wait() {
-            Ok(Some(s)) => format!(" ({s})"),
-            _ => String::new(),
+    /// Ends the judge after a failure (a writer blocked on its full stdin gets a broken pipe)
+    /// and says how it ended.
+    fn kill(&mut self) -> String {
+        let _ = self.child.kill();
+        match self.child.wait() {
+            Ok(s) => format!(" ({s})"),
+            Err(_) => String::new(),
         }
     }
 }
 
 impl Judge for CommandJudge {
     fn judge(&mut self, requests: &[JudgeRequest]) -> Result<Vec<Vec<bool>>> {
+        #[derive(Serialize)]
+        struct Line<'a> {
+            id: u64,
+            #[serde(flatten)]
+            request: &'a JudgeRequest<'a>,
+        }
+        let first = self.next_id;
+        self.next_id += requests.len() as u64;
         let mut text = String::new();
-        for r in requests {
-            text.push_str(&serde_json::to_string(r)?);
+        for (i, request) in requests.iter().enumerate() {
+            text.push_str(&serde_json::to_string(&Line { id: first + i as u64, request })?);
             text.push('\n');
         }
-        let mut stdin =
-            self.stdin.take().with_context(|| format!("rubric judge {:?}: its stdin is closed", self.argv))?;
+        let mut stdin = self.stdin.take().with_context(|| format!("rubric judge {:?}: it has stopped", self.argv))?;
         let writer = std::thread::spawn(move || -> std::io::Result<ChildStdin> {
             stdin.write_all(text.as_bytes())?;
             stdin.flush()?;
             Ok(stdin)
         });
         let mut out = Vec::with_capacity(requests.len());
-        let mut line = String::new();
         let mut failure = None;
         for (i, r) in requests.iter().enumerate() {
-            line.clear();
-            match self.stdout.read_line(&mut line) {
-                Ok(0) => {
-                    failure = Some(format!("closed its output after {i} of {} replies", requests.len()));
-                    break;
-                }
-                Err(e) => {
+            let line = match self.replies.recv_timeout(self.timeout) {
+                Ok(Ok(line)) => line,
+                Ok(Err(e)) => {
                     failure = Some(format!("reading reply {}: {e}", i + 1));
                     break;
                 }
-                Ok(_) => {}
-            }
-            match parse_reply(&line, r.criteria.len()) {
+                Err(RecvTimeoutError::Timeout) => {
+                    failure = Some(format!(
+                        "no reply {} of {} within {:?} (rubric.timeout_s); a judge must write and flush one line \
+                         per request line (python: print(..., flush=True) or python3 -u)",
+                        i + 1,
+                        requests.len(),
+                        self.timeout
+                    ));
+                    break;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    failure = Some(format!("closed its output after {i} of {} replies", requests.len()));
+                    break;
+                }
+            };
+            match parse_reply(&line, r.criteria.len(), first + i as u64) {
                 Ok(v) => out.push(v),
                 Err(e) => {
                     failure = Some(format!("reply {} of {}: {e}: {:?}", i + 1, requests.len(), line.trim_end()));
@@ -206,15 +251,15 @@ impl Judge for CommandJudge {
                 }
             }
         }
+        if let Some(f) = failure {
+            let status = self.kill();
+            let _ = writer.join();
+            bail!("rubric judge {:?}{status}: {f}", self.argv);
+        }
         match writer.join() {
             Ok(Ok(stdin)) => self.stdin = Some(stdin),
-            Ok(Err(e)) if failure.is_none() => failure = Some(format!("writing requests: {e}")),
-            Ok(Err(_)) => {}
-            Err(_) => failure = failure.or(Some("the writer thread panicked".into())),
-        }
-        if let Some(f) = failure {
-            let status = self.status();
-            bail!("rubric judge {:?}{status}: {f}", self.argv);
+            Ok(Err(e)) => bail!("rubric judge {:?}: writing requests: {e}", self.argv),
+            Err(_) => bail!("rubric judge {:?}: the writer thread panicked", self.argv),
         }
         Ok(out)
     }
@@ -228,22 +273,30 @@ impl Drop for CommandJudge {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(10));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// `{"passed": [bools]}` (or a bare array) with exactly `n` entries.
-fn parse_reply(line: &str, n: usize) -> Result<Vec<bool>> {
+/// `{"id": id, "passed": [bools]}` (the id optional; checked when given) or a bare array,
+/// with exactly `n` verdicts.
+fn parse_reply(line: &str, n: usize, id: u64) -> Result<Vec<bool>> {
     let v: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
     let arr = match &v {
         serde_json::Value::Array(a) => a,
-        serde_json::Value::Object(o) => match o.get("passed") {
-            Some(serde_json::Value::Array(a)) => a,
-            _ => bail!("expected {{\"passed\": [true/false, ...]}}"),
-        },
+        serde_json::Value::Object(o) => {
+            if let Some(got) = o.get("id") {
+                if got.as_u64() != Some(id) {
+                    bail!("answers id {got}, expected {id} (one reply per request, in order)");
+                }
+            }
+            match o.get("passed") {
+                Some(serde_json::Value::Array(a)) => a,
+                _ => bail!("expected {{\"passed\": [true/false, ...]}}"),
+            }
+        }
         _ => bail!("expected {{\"passed\": [true/false, ...]}}"),
     };
     if arr.len() != n {
@@ -305,6 +358,8 @@ mod tests {
         assert!(format!("{e:#}").contains("pattern"), "{e:#}");
     }
 
+    const SECOND: Duration = Duration::from_secs(1);
+
     fn sh(script: &str) -> Vec<String> {
         vec!["sh".into(), "-c".into(), script.into()]
     }
@@ -314,7 +369,7 @@ mod tests {
         // Passes the first criterion when the request mentions "42", fails the second; it
         // answers line by line, so a batch larger than a pipe buffer must not deadlock.
         let script = r#"while IFS= read -r l; do case "$l" in *'"response":"42'*) echo '{"passed": [true, false]}';; *) echo '[false, false]';; esac; done"#;
-        let mut j = CommandJudge::spawn(&sh(script)).unwrap();
+        let mut j = CommandJudge::spawn(&sh(script), SECOND).unwrap();
         let rubric = [c(1.0, true, "42"), c(1.0, false, "x")];
         let long = "y".repeat(2000);
         let mut reqs = Vec::new();
@@ -335,14 +390,39 @@ mod tests {
     fn command_judge_errors_name_the_command_and_the_reply() {
         let rubric = [c(1.0, true, "42")];
         let reqs = [JudgeRequest { prompt: "q", response: "r", answer: "a", criteria: &rubric }; 3];
-        let err = |script: &str| format!("{:#}", CommandJudge::spawn(&sh(script)).unwrap().judge(&reqs).unwrap_err());
+        let err = |script: &str| {
+            let t0 = std::time::Instant::now();
+            let e = format!("{:#}", CommandJudge::spawn(&sh(script), SECOND).unwrap().judge(&reqs).unwrap_err());
+            assert!(t0.elapsed() < 10 * SECOND, "{script}: took {:?}", t0.elapsed());
+            e
+        };
         let e = err("read l; echo '[true]'; exit 3");
         assert!(e.contains("after 1 of 3") && e.contains("sh"), "{e}");
         let e = err("while read l; do echo '[true, true]'; done");
         assert!(e.contains("reply 1 of 3") && e.contains("2 verdicts for 1"), "{e}");
         let e = err("while read l; do echo 'yes'; done");
         assert!(e.contains("not JSON"), "{e}");
-        let e = format!("{:#}", CommandJudge::spawn(&["/no/such/judge".into()]).err().unwrap());
+        let e = err(r#"while read l; do echo '{"id": 7, "passed": [true]}'; done"#);
+        assert!(e.contains("answers id 7, expected 0"), "{e}");
+        // A judge that never answers (or keeps its replies in a buffer) times out, named.
+        let e = err("cat > /dev/null");
+        assert!(e.contains("rubric.timeout_s") && e.contains("flush"), "{e}");
+        let e = format!("{:#}", CommandJudge::spawn(&["/no/such/judge".into()], SECOND).err().unwrap());
         assert!(e.contains("/no/such/judge"), "{e}");
+    }
+
+    /// A bad reply early in a batch far larger than the pipe buffers: the judge is killed and
+    /// the error returned, instead of the writer waiting forever on a judge that waits on us.
+    #[test]
+    fn command_judge_fails_fast_on_a_bad_reply_in_a_large_batch() {
+        let rubric = [c(1.0, true, "42")];
+        let long = "y".repeat(2000);
+        let reqs: Vec<JudgeRequest> =
+            (0..2000).map(|_| JudgeRequest { prompt: "q", response: &long, answer: "a", criteria: &rubric }).collect();
+        let banner = r#"echo 'loading judge...'; while read l; do echo '{"passed": [true]}'; done"#;
+        let t0 = std::time::Instant::now();
+        let e = format!("{:#}", CommandJudge::spawn(&sh(banner), 10 * SECOND).unwrap().judge(&reqs).unwrap_err());
+        assert!(e.contains("reply 1 of 2000") && e.contains("not JSON"), "{e}");
+        assert!(t0.elapsed() < 10 * SECOND, "took {:?}", t0.elapsed());
     }
 }
