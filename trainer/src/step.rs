@@ -532,6 +532,20 @@ mod tests {
         assert!(s2.loss < s.loss, "loss {} -> {}", s.loss, s2.loss);
     }
 
+    /// [`batch`] with ℓ_old and ℓ_ref offset from model 5's own log-probs (ratio e^−0.1, so
+    /// clipping and a nonzero KL are in play).
+    fn off_policy_batch(config: &Config, rng: &mut Rng) -> StepBatch {
+        let b = batch(config, rng);
+        let m0 = model(config, 5);
+        let acts = m0.forward(&b.packed).unwrap();
+        let lp: Vec<f32> = m0.head(&acts.hidden, &b.packed.next_token_targets(), 1.0).unwrap().logp.to_vec().unwrap();
+        StepBatch {
+            logp_old: Some(lp.iter().map(|x| x + 0.1).collect()),
+            logp_ref: Some(lp.iter().map(|x| x - 0.2).collect()),
+            ..b
+        }
+    }
+
     /// Splits a batch into per-sequence micro-batches.
     fn split(b: &StepBatch) -> Vec<StepBatch> {
         let cu = &b.packed.cu_seqlens;
@@ -556,16 +570,7 @@ mod tests {
     #[test]
     fn micro_batches_accumulate_to_the_full_batch_step() {
         let config = tiny();
-        let mut rng = Rng::new(4);
-        let b = batch(&config, &mut rng);
-        let m0 = model(&config, 5);
-        let acts = m0.forward(&b.packed).unwrap();
-        let lp: Vec<f32> = m0.head(&acts.hidden, &b.packed.next_token_targets(), 1.0).unwrap().logp.to_vec().unwrap();
-        let b = StepBatch {
-            logp_old: Some(lp.iter().map(|x| x + 0.1).collect()),
-            logp_ref: Some(lp.iter().map(|x| x - 0.2).collect()),
-            ..b
-        };
+        let b = off_policy_batch(&config, &mut Rng::new(4));
         let micro = split(&b);
         assert_eq!(micro.len(), 3);
         for loss_type in [LossType::Dapo, LossType::Grpo, LossType::DrGrpo] {
@@ -610,16 +615,7 @@ mod tests {
     fn supervised_batches_get_no_kl_or_entropy_term() {
         let config = tiny();
         let mut rng = Rng::new(9);
-        let rollout = batch(&config, &mut rng);
-        let m0 = model(&config, 5);
-        let acts = m0.forward(&rollout.packed).unwrap();
-        let lp: Vec<f32> =
-            m0.head(&acts.hidden, &rollout.packed.next_token_targets(), 1.0).unwrap().logp.to_vec().unwrap();
-        let rollout = StepBatch {
-            logp_old: Some(lp.iter().map(|x| x + 0.1).collect()),
-            logp_ref: Some(lp.iter().map(|x| x - 0.2).collect()),
-            ..rollout
-        };
+        let rollout = off_policy_batch(&config, &mut rng);
         let demo = StepBatch { supervised: true, ..batch(&config, &mut rng) };
         let grads = |loss: GrpoLossConfig, micro: &[StepBatch]| {
             let m = model(&config, 5);
