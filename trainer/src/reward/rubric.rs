@@ -411,6 +411,31 @@ mod tests {
         assert!(e.contains("/no/such/judge"), "{e}");
     }
 
+    /// The reference judge in examples/ speaks the protocol (run when python3 is installed).
+    #[test]
+    fn example_python_judge() {
+        if Command::new("python3").arg("--version").output().is_err() {
+            eprintln!("skipping: no python3 on PATH to run examples/rubric_judge.py");
+            return;
+        }
+        let script = smelt_kernels::testing::repo_path("examples/rubric_judge.py");
+        // Without PYTHONUNBUFFERED (set on some machines), so the script's own flushing counts.
+        let argv: Vec<String> = ["env", "-u", "PYTHONUNBUFFERED", "python3"]
+            .into_iter()
+            .map(String::from)
+            .chain([script.to_string_lossy().into_owned()])
+            .collect();
+        let mut j = CommandJudge::spawn(&argv, 10 * SECOND).unwrap();
+        let no_pattern = Criterion { pattern: None, ..c(1.0, false, "x") };
+        let rubric = [c(2.0, true, "42"), Criterion { criterion: "shows the check".into(), ..no_pattern }];
+        let req = |response| JudgeRequest { prompt: "q", response, answer: "42", criteria: &rubric };
+        let reqs = [req("<think>41</think>42"), req("<think>42, check: it shows</think>41")];
+        for _ in 0..2 {
+            // Factual criteria read the answer after </think> only.
+            assert_eq!(j.judge(&reqs).unwrap(), vec![vec![true, false], vec![false, true]]);
+        }
+    }
+
     /// A bad reply early in a batch far larger than the pipe buffers: the judge is killed and
     /// the error returned, instead of the writer waiting forever on a judge that waits on us.
     #[test]
