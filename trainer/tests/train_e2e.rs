@@ -328,8 +328,12 @@ fn print_config_shows_every_key() {
     let printed: TrainConfig = toml::from_str(&text).unwrap();
     assert_eq!(printed.beta, 0.04);
     assert_eq!(printed.epsilon_high, TrainConfig::default().epsilon_high);
-    for key in ["num_generations", "loss_type", "[laser]", "[pear]", "[dro]", "filter_every"] {
+    for key in ["num_generations", "loss_type", "[laser]", "[pear]", "[dro]", "filter_every", "[ahpo]", "[rubric]"] {
         assert!(text.contains(key), "{key} missing from:\n{text}");
     }
+    // Optional keys without a value (TOML has no null) are named in the leading comment.
+    let first = text.lines().next().unwrap();
+    assert!(first.starts_with("# optional, not set:") && first.contains("eval_dataset"), "{first}");
+    assert!(first.contains("sft_learning_rate") && !first.contains(" model"), "{first}");
     assert!(!dir.path().join("o").exists(), "--print-config must not start a run");
 }

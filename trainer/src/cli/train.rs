@@ -48,6 +48,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     sets.extend(args.resume_from_checkpoint.as_ref().map(|p| format!("resume_from_checkpoint={}", path(p))));
     let cfg = TrainConfig::load(args.config.as_deref(), &sets)?;
     if args.print_config {
+        // TOML has no null, so optional keys without a value are named in a comment.
+        let json = serde_json::to_value(&cfg)?;
+        let unset: Vec<&str> =
+            json.as_object().into_iter().flatten().filter(|(_, v)| v.is_null()).map(|(k, _)| k.as_str()).collect();
+        if !unset.is_empty() {
+            println!("# optional, not set: {}", unset.join(", "));
+        }
         print!("{}", toml::to_string(&cfg)?);
         return Ok(());
     }
