@@ -403,7 +403,10 @@ impl Trainer {
         let with_solution: Vec<usize> =
             (0..self.solution_ids.len()).filter(|&i| self.solution_ids[i].is_some()).collect();
         if with_solution.is_empty() {
-            bail!("supervised warm-up: no training example has a \"solution\" (or sft_steps = 0 and ahpo is off)");
+            bail!(
+                "supervised warm-up: no solutions loaded (no training example has a \"solution\", or the trainer \
+                 was built with sft_steps = 0 and AHPO off)"
+            );
         }
         let mut sampler = Sampler::new(with_solution.len(), self.cfg.seed ^ 0x5f7);
         let mut nll = Vec::with_capacity(self.cfg.sft_steps);
@@ -470,8 +473,8 @@ impl Trainer {
             .filter_map(|i| kept[i].as_ref().map(|g| g.ids.len()))
             .sum();
         let kept: Vec<Generation> = keep.iter().filter_map(|&i| kept[i].take()).collect();
-        // Finish the survivors that neither stopped nor ran out of budget: each continues
-        // from its prompt + prefix, one sample, for the remaining tokens.
+        // Finish the survivors that did not stop within the prefix (τ < max_completion_length,
+        // so budget remains): each continues from its prompt + prefix, one sample.
         let open: Vec<usize> = (0..kept.len()).filter(|&i| !kept[i].stopped).collect();
         let tails = if open.is_empty() {
             Vec::new()
