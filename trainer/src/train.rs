@@ -688,9 +688,15 @@ impl Trainer {
         use crate::reward::{laser, pear};
         let g = self.cfg.group_size();
         let mut no_signal = vec![false; picks.len()];
+        // The correctness score is a term of accuracy and LASER only; PEAR, DRO and rubric
+        // rewards replace it (accuracy is logged for every reward anyway).
+        let base_term =
+            matches!(kind, RewardKind::Accuracy | RewardKind::Laser | RewardKind::LaserD | RewardKind::LaserDe);
         for r in rs.iter_mut() {
             let base = self.correctness.score(r.outcome);
-            *terms.entry("correctness").or_default() += base as f64;
+            if base_term {
+                *terms.entry("correctness").or_default() += base as f64;
+            }
             r.reward = base;
         }
         match kind {

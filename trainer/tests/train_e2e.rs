@@ -177,6 +177,9 @@ fn every_reward_runs_and_logs_its_terms() {
         let rl: Vec<&Value> = lines.iter().filter(|l| l["phase"] == "rl").collect();
         assert!(rl.iter().all(|l| l[term].is_number()), "{reward}: no {term} in {}", rl[0]);
         assert!(rl.iter().all(|l| l["reward"].as_f64().is_some_and(f64::is_finite)), "{reward}");
+        // The correctness score is logged as a reward term only where it is one.
+        let base_term = reward == "accuracy" || reward.starts_with("laser");
+        assert!(rl.iter().all(|l| l["reward_correctness"].is_number() == base_term), "{reward}: {}", rl[0]);
         if reward.starts_with("laser") {
             assert!(rl.iter().all(|l| l["laser_targets"]["hard"].is_u64()), "{reward}: {}", rl[0]);
         }
