@@ -395,6 +395,13 @@ pub enum RewardKind {
     Rubric,
 }
 
+impl RewardKind {
+    /// LASER, LASER-D or LASER-DE (length shaping on top of the correctness score).
+    pub fn is_laser(self) -> bool {
+        matches!(self, RewardKind::Laser | RewardKind::LaserD | RewardKind::LaserDe)
+    }
+}
+
 impl TrainConfig {
     /// Defaults, then the TOML file (if any), then each `key=value` override (the value is
     /// parsed as TOML, or taken as a string when it does not parse: `--set reward=pear`).
@@ -523,7 +530,7 @@ impl TrainConfig {
             pos("laser.monitor_samples", self.laser.monitor_samples)?;
             pos("laser.target_interval", self.laser.target_interval)?;
         }
-        if matches!(kind, RewardKind::Laser | RewardKind::LaserD | RewardKind::LaserDe) {
+        if kind.is_laser() {
             pos("laser.target_length", self.laser.target_length)?;
         }
         if kind == RewardKind::Dro {

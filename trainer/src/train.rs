@@ -467,20 +467,17 @@ impl Trainer {
         let gens = generate(&self.model, &ids, &head)?;
         let scores: Vec<f32> = gens.iter().map(|g| prefix_score(&g.logp)).collect();
         let keep = survivors(&scores, self.cfg.num_generations, er.keep);
-        let mut kept: Vec<Option<Generation>> = gens.into_iter().map(Some).collect();
-        let rejected_tokens: usize = (0..kept.len())
-            .filter(|i| keep.binary_search(i).is_err())
-            .filter_map(|i| kept[i].as_ref().map(|g| g.ids.len()))
-            .sum();
-        let kept: Vec<Generation> = keep.iter().filter_map(|&i| kept[i].take()).collect();
+        let generated: usize = gens.iter().map(|g| g.ids.len()).sum();
+        let mut gens: Vec<Option<Generation>> = gens.into_iter().map(Some).collect();
+        let kept: Vec<Generation> = keep.iter().filter_map(|&i| gens[i].take()).collect();
+        let rejected_tokens = generated - kept.iter().map(|g| g.ids.len()).sum::<usize>();
         // Finish the survivors that did not stop within the prefix (τ < max_completion_length,
         // so budget remains): each continues from its prompt + prefix, one sample.
-        let open: Vec<usize> = (0..kept.len()).filter(|&i| !kept[i].stopped).collect();
+        let open: Vec<&Generation> = kept.iter().filter(|g| !g.stopped).collect();
         let tails = if open.is_empty() {
             Vec::new()
         } else {
-            let cont: Vec<Vec<u32>> =
-                open.iter().map(|&i| [ids[kept[i].prompt].as_slice(), &kept[i].ids].concat()).collect();
+            let cont: Vec<Vec<u32>> = open.iter().map(|g| [ids[g.prompt].as_slice(), &g.ids].concat()).collect();
             let tail = GenerateOptions {
                 max_new_tokens: self.cfg.max_completion_length - er.prefix_tokens,
                 n_samples: 1,
@@ -489,11 +486,18 @@ impl Trainer {
             };
             generate(&self.model, &cont, &tail)?
         };
-        let mut kept: Vec<Option<Generation>> = kept.into_iter().map(Some).collect();
-        for (tail, &i) in tails.into_iter().zip(&open) {
-            kept[i] = kept[i].take().map(|h| join(h, tail));
-        }
-        let rollouts = kept.into_iter().flatten().map(|g| self.judge(g, prompts)).collect::<Result<Vec<_>>>()?;
+        let mut tails = tails.into_iter();
+        let rollouts = kept
+            .into_iter()
+            .map(|h| {
+                let g = if h.stopped {
+                    h
+                } else {
+                    join(h, tails.next().context("early rejection: a survivor's continuation is missing")?)
+                };
+                self.judge(g, prompts)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok((rollouts, rejected_tokens))
     }
 
@@ -656,7 +660,7 @@ impl Trainer {
             line["ahpo_experts"] = json!(experts.len());
             line["ahpo_without_solution"] = json!(experts_missing);
         }
-        if matches!(kind, RewardKind::Laser | RewardKind::LaserD | RewardKind::LaserDe) {
+        if kind.is_laser() {
             line["laser_targets"] = targets_json(&self.laser_targets);
         }
         match &stats {
@@ -690,8 +694,7 @@ impl Trainer {
         let mut no_signal = vec![false; picks.len()];
         // The correctness score is a term of accuracy and LASER only; PEAR, DRO and rubric
         // rewards replace it (accuracy is logged for every reward anyway).
-        let base_term =
-            matches!(kind, RewardKind::Accuracy | RewardKind::Laser | RewardKind::LaserD | RewardKind::LaserDe);
+        let base_term = kind == RewardKind::Accuracy || kind.is_laser();
         for r in rs.iter_mut() {
             let base = self.correctness.score(r.outcome);
             if base_term {

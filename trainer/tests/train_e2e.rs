@@ -26,6 +26,16 @@ fn log(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// Names in `dir` starting with '.': where checkpoint saving puts its temporary and
+/// set-aside directories.
+fn hidden_entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
 fn mean(v: &[f32]) -> f32 {
     v.iter().sum::<f32>() / v.len() as f32
 }
@@ -65,11 +75,7 @@ fn sft_then_grpo_raises_reward_and_checkpoints_resume() {
     opened.load_weights(&Default::default()).unwrap();
     assert!(ck.join("tokenizer.json").is_file() && ck.join("trainer_state/optimizer.safetensors").is_file());
     assert!(dir.path().join("config.toml").is_file());
-    let stray: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let stray = hidden_entries(dir.path());
     assert!(stray.is_empty(), "temporary directories left behind: {stray:?}");
 
     // Resume: two more steps continue from step 80 with the saved optimizer and data position.
@@ -90,11 +96,7 @@ fn sft_then_grpo_raises_reward_and_checkpoints_resume() {
     let s3 = Trainer::new(again).unwrap().run().unwrap();
     assert!(s3.step_rewards.is_empty());
     Checkpoint::open(dir.path().join("checkpoint-82")).unwrap().load_weights(&Default::default()).unwrap();
-    let stray: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let stray = hidden_entries(dir.path());
     assert!(stray.is_empty(), "left behind: {stray:?}");
 }
 
