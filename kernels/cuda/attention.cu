@@ -106,11 +106,15 @@ ATT_FWD_V1(attn_fwd_v1_bf16_d128, bf16_t, 128)
 
 // ---------------------------------------------------------------- forward v2 (mma.sync bf16)
 __device__ __forceinline__ void att_mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+#ifdef SMELT_EMU
+    smelt_emu_mma_m16n8k16_bf16(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 __device__ __forceinline__ u32 att_pack_bf16(float lo, float hi) {

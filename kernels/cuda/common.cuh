@@ -24,6 +24,7 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     return (bf16_t)(u >> 16);
 }
 
+#ifndef SMELT_EMU
 __device__ __forceinline__ float f16_to_f32(f16_t h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -35,6 +36,10 @@ __device__ __forceinline__ f16_t f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#else  // the CPU emulator (kernels/emu/cuda_emu.hpp): the compiler's IEEE half, same rounding
+__device__ __forceinline__ float f16_to_f32(f16_t h) { return (float)smelt_bits<_Float16>(h); }
+__device__ __forceinline__ f16_t f32_to_f16(float f) { return smelt_bits<f16_t>((_Float16)f); }
+#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
     #pragma unroll

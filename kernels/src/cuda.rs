@@ -47,7 +47,7 @@ pub enum Arg {
 impl Arg {
     /// The value's bytes in the low end of a u64 (kernel parameters are read little-endian
     /// from their address, `size_of` the parameter's type).
-    fn bits(self) -> u64 {
+    pub(crate) fn bits(self) -> u64 {
         match self {
             Arg::Ptr(p) | Arg::U64(p) => p,
             Arg::I32(v) => v as u32 as u64,
@@ -210,7 +210,7 @@ pub fn cache_dir() -> Option<PathBuf> {
     env("HOME").map(|h| PathBuf::from(h).join(".cache").join("smelt").join("kernels"))
 }
 
-fn fnv1a_128(parts: &[&[u8]]) -> u128 {
+pub(crate) fn fnv1a_128(parts: &[&[u8]]) -> u128 {
     const PRIME: u128 = 0x0000000001000000000000000000013B;
     let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
     for p in parts {
@@ -442,6 +442,9 @@ impl Module {
 /// `ordinal`, on its compute stream.
 pub fn launch(ordinal: usize, src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
     let dev = device(ordinal)?;
+    if dev.is_emulated() {
+        return crate::emu::launch(src, func, cfg, args);
+    }
     let module = module(&dev, src)?;
     let f = module.function(src, func, cfg.smem)?;
     let (g, b) = (cfg.grid, cfg.block);
@@ -457,14 +460,14 @@ pub fn launch(ordinal: usize, src: &KernelSource, func: &str, cfg: LaunchCfg, ar
     dev.bind()?;
     // SAFETY: `f` is a loaded kernel; `params` points at one value per argument, alive for the
     // call (the driver copies them). The caller passes arguments matching the kernel signature.
-    unsafe { drv::launch_kernel(f, g, b, cfg.smem, dev.stream().cu_stream(), &mut params) }.map_err(|e| {
+    unsafe { drv::launch_kernel(f, g, b, cfg.smem, dev.stream()?.cu_stream(), &mut params) }.map_err(|e| {
         Error::Cuda {
             op: "kernel launch",
             detail: format!("{}::{func} grid {g:?} block {b:?} smem {}: {}", src.name, cfg.smem, drv_msg(e)),
         }
     })?;
     if smelt_engine::cuda::sync_after_launch() {
-        dev.stream().synchronize().map_err(|e| Error::Cuda {
+        dev.stream()?.synchronize().map_err(|e| Error::Cuda {
             op: "kernel",
             detail: format!("{}::{func} grid {g:?} block {b:?} failed: {}", src.name, drv_msg(e)),
         })?;

@@ -9,6 +9,8 @@ pub use smelt_engine::{Error, Result};
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod emu;
 pub mod testing;
 
 pub mod adamw;

@@ -87,10 +87,10 @@ impl Pool {
         self.free.entry(class).or_default().push(ptr);
     }
 
-    /// Removes every cached block, returning them for the caller to free.
-    pub fn drain(&mut self) -> Vec<u64> {
+    /// Removes every cached block, returning them (pointer, size class) for the caller to free.
+    pub fn drain(&mut self) -> Vec<(u64, usize)> {
         self.stats.cached = 0;
-        self.free.drain().flat_map(|(_, v)| v).collect()
+        self.free.drain().flat_map(|(class, v)| v.into_iter().map(move |p| (p, class))).collect()
     }
 
     pub fn reset_peak(&mut self) {
@@ -137,7 +137,7 @@ mod tests {
         p.give_back(0x1000, c);
         p.reset_peak();
         assert_eq!(p.stats.peak, 0);
-        assert_eq!(p.drain(), vec![0x1000]);
+        assert_eq!(p.drain().iter().map(|b| b.0).collect::<Vec<_>>(), vec![0x1000]);
         assert_eq!(p.stats.cached, 0);
         assert_eq!(p.take(c), None);
     }

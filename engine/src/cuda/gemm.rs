@@ -132,6 +132,10 @@ impl CudaDevice {
             return Err(Error::shape("matmul (cuda)", format!("k = 0 with beta {} is not supported", g.beta)));
         }
 
+        if self.is_emulated() {
+            // SAFETY: the caller's contract, as for the cuBLAS call below.
+            return unsafe { super::emu::gemm_strided_batched(g, batch, a, stride_a, b, stride_b, c, stride_c) };
+        }
         let op = |t: bool| {
             if t {
                 blas_sys::cublasOperation_t::CUBLAS_OP_T

@@ -15,6 +15,7 @@
 //! launch, so an asynchronous fault is reported by the call that caused it.
 
 mod alloc;
+pub mod emu;
 mod gemm;
 mod probe;
 
@@ -38,10 +39,8 @@ use probe::driver_err;
 /// Obtained with [`device`]; lives for the rest of the process.
 pub struct CudaDevice {
     ordinal: usize,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    backend: Backend,
     pool: Mutex<alloc::Pool>,
-    blas: OnceLock<std::result::Result<Mutex<CudaBlas>, String>>,
     name: String,
     compute_capability: (i32, i32),
     total_mem: usize,
@@ -87,6 +86,16 @@ impl std::fmt::Debug for CudaStorage {
     }
 }
 
+/// What runs a device's work: the NVIDIA driver, or the CPU emulator ([`emu`]).
+enum Backend {
+    Driver {
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        blas: OnceLock<std::result::Result<Mutex<CudaBlas>, String>>,
+    },
+    Emulator,
+}
+
 fn cuda_err(op: &'static str) -> impl Fn(drv::DriverError) -> Error {
     move |e| Error::Cuda { op, detail: driver_err(e) }
 }
@@ -101,9 +110,12 @@ pub fn sync_after_launch() -> bool {
 ///
 /// Fails with [`Error::CudaUnavailable`] saying why when there is no driver library, the driver
 /// reports no device, or the ordinal is out of range.
+///
+/// With `SMELT_CUDA_EMULATOR=1`, `cuda:0` is the CPU emulator instead (see [`emu`]), whether or
+/// not a GPU is present.
 pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
     static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
-    let n = device_count()?;
+    let n = if emu::requested() { 1 } else { device_count()? };
     if n == 0 {
         return Err(Error::CudaUnavailable("the NVIDIA driver is installed but reports no CUDA device".into()));
     }
@@ -118,7 +130,7 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
     if let Some(d) = map.get(&ordinal) {
         return Ok(d.clone());
     }
-    let d = Arc::new(CudaDevice::create(ordinal)?);
+    let d = Arc::new(if emu::requested() { CudaDevice::emulator() } else { CudaDevice::create(ordinal)? });
     map.insert(ordinal, d.clone());
     Ok(d)
 }
@@ -138,14 +150,38 @@ impl CudaDevice {
         let total_mem = ctx.total_mem().map_err(cuda_err("cuDeviceTotalMem"))?;
         Ok(CudaDevice {
             ordinal,
-            ctx,
-            stream,
+            backend: Backend::Driver { ctx, stream, blas: OnceLock::new() },
             pool: Mutex::new(alloc::Pool::default()),
-            blas: OnceLock::new(),
             name,
             compute_capability,
             total_mem,
         })
+    }
+
+    /// The CPU emulator as `cuda:0`; it reports itself as an sm_90 device.
+    fn emulator() -> CudaDevice {
+        CudaDevice {
+            ordinal: 0,
+            backend: Backend::Emulator,
+            pool: Mutex::new(alloc::Pool::default()),
+            name: "smelt CUDA emulator (CPU; SMELT_CUDA_EMULATOR=1)".into(),
+            compute_capability: (9, 0),
+            total_mem: emu::TOTAL_MEM,
+        }
+    }
+
+    /// Whether this device is the CPU emulator (kernels then run through `cuda_emu.hpp`).
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.backend, Backend::Emulator)
+    }
+
+    fn driver(&self, what: &str) -> Result<(&Arc<CudaContext>, &Arc<CudaStream>)> {
+        match &self.backend {
+            Backend::Driver { ctx, stream, .. } => Ok((ctx, stream)),
+            Backend::Emulator => {
+                Err(Error::CudaUnavailable(format!("{what}: the CUDA emulator has no driver context or stream")))
+            }
+        }
     }
 
     pub fn ordinal(&self) -> usize {
@@ -170,32 +206,42 @@ impl CudaDevice {
     }
     /// `(free, total)` device memory as the driver reports it.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
-        self.ctx.mem_get_info().map_err(cuda_err("cuMemGetInfo"))
+        match &self.backend {
+            Backend::Driver { ctx, .. } => ctx.mem_get_info().map_err(cuda_err("cuMemGetInfo")),
+            Backend::Emulator => Ok((self.total_mem.saturating_sub(self.bytes_reserved()), self.total_mem)),
+        }
     }
 
-    /// The compute stream every op of this device runs on (for kernel launchers).
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    /// The compute stream every op of this device runs on (for kernel launchers); the emulator
+    /// has none.
+    pub fn stream(&self) -> Result<&Arc<CudaStream>> {
+        self.driver("stream").map(|(_, s)| s)
     }
-    /// The cudarc context (for module loading and raw driver calls).
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+    /// The cudarc context (for module loading and raw driver calls); the emulator has none.
+    pub fn context(&self) -> Result<&Arc<CudaContext>> {
+        self.driver("context").map(|(c, _)| c)
     }
     /// Makes this device's context current on the calling thread; raw driver calls need it.
     pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))
+        match &self.backend {
+            Backend::Driver { ctx, .. } => ctx.bind_to_thread().map_err(cuda_err("cuCtxSetCurrent")),
+            Backend::Emulator => Ok(()),
+        }
     }
 
     /// Waits for all queued work, and reports any error an earlier asynchronous call left.
+    /// (The emulator runs everything synchronously.)
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))?;
-        self.ctx.check_err().map_err(cuda_err("deferred error"))
+        let Backend::Driver { ctx, stream, .. } = &self.backend else { return Ok(()) };
+        stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))?;
+        ctx.check_err().map_err(cuda_err("deferred error"))
     }
 
     /// Synchronizes and names `op` on failure when [`sync_after_launch`] is on.
     pub fn debug_sync(&self, op: &str) -> Result<()> {
+        let Backend::Driver { stream, .. } = &self.backend else { return Ok(()) };
         if sync_after_launch() {
-            self.stream.synchronize().map_err(|e| Error::Cuda {
+            stream.synchronize().map_err(|e| Error::Cuda {
                 op: "synchronize after launch",
                 detail: format!("{op}: {}", driver_err(e)),
             })?;
@@ -205,16 +251,18 @@ impl CudaDevice {
 
     /// The cuBLAS handle (created on first use, bound to the compute stream).
     pub fn blas(&self) -> Result<&Mutex<CudaBlas>> {
-        self.blas
-            .get_or_init(|| {
-                if !cublas_present() {
-                    return Err(probe::CUBLAS_MISSING.to_string());
-                }
-                self.bind().map_err(|e| e.to_string())?;
-                CudaBlas::new(self.stream.clone()).map(Mutex::new).map_err(|e| format!("cublasCreate: {:?}", e.0))
-            })
-            .as_ref()
-            .map_err(|e| Error::CudaUnavailable(format!("cuBLAS on cuda:{}: {e}", self.ordinal)))
+        let Backend::Driver { stream, blas, .. } = &self.backend else {
+            return Err(Error::CudaUnavailable("the CUDA emulator has no cuBLAS (its matmul runs on the CPU)".into()));
+        };
+        blas.get_or_init(|| {
+            if !cublas_present() {
+                return Err(probe::CUBLAS_MISSING.to_string());
+            }
+            self.bind().map_err(|e| e.to_string())?;
+            CudaBlas::new(stream.clone()).map(Mutex::new).map_err(|e| format!("cublasCreate: {:?}", e.0))
+        })
+        .as_ref()
+        .map_err(|e| Error::CudaUnavailable(format!("cuBLAS on cuda:{}: {e}", self.ordinal)))
     }
 
     // ---- memory -------------------------------------------------------------------------
@@ -230,6 +278,11 @@ impl CudaDevice {
         let class = size_class(bytes);
         let mut pool = self.lock_pool()?;
         if let Some(ptr) = pool.take(class) {
+            return Ok(CudaStorage { ptr, len_bytes: bytes, class, device: self.clone() });
+        }
+        if self.is_emulated() {
+            let ptr = emu::malloc(class)?;
+            pool.add_new(class);
             return Ok(CudaStorage { ptr, len_bytes: bytes, class, device: self.clone() });
         }
         self.bind()?;
@@ -276,7 +329,12 @@ impl CudaDevice {
         // Work queued on the stream may still use a cached block's previous contents.
         self.synchronize()?;
         self.bind()?;
-        for p in blocks {
+        for (p, class) in blocks {
+            if self.is_emulated() {
+                // SAFETY: each block came from emu::malloc(class), is not in use, and is freed once.
+                unsafe { emu::free(p, class) };
+                continue;
+            }
             // SAFETY: each block came from cuMemAlloc, is not in use, and is freed once.
             unsafe { drv::free_sync(p) }.map_err(cuda_err("cuMemFree"))?;
         }
@@ -331,12 +389,17 @@ impl CudaDevice {
         if src.is_empty() {
             return Ok(());
         }
+        let Backend::Driver { stream, .. } = &self.backend else {
+            // SAFETY: range checked above.
+            unsafe { emu::copy(src.as_ptr() as u64, dst.ptr + offset as u64, src.len()) };
+            return Ok(());
+        };
         self.bind()?;
         // SAFETY: range checked; `src` outlives the call, which waits for the copy below.
-        unsafe { drv::memcpy_htod_async(dst.ptr + offset as u64, src, self.stream.cu_stream()) }
+        unsafe { drv::memcpy_htod_async(dst.ptr + offset as u64, src, stream.cu_stream()) }
             .map_err(cuda_err("cuMemcpyHtoDAsync"))?;
         // Synchronous for the caller: the host buffer may be freed as soon as we return.
-        self.stream.synchronize().map_err(cuda_err("htod: cuStreamSynchronize"))
+        stream.synchronize().map_err(cuda_err("htod: cuStreamSynchronize"))
     }
 
     /// Copies `out.len()` bytes from `src` at `offset` bytes to the host, after all work queued
@@ -346,11 +409,16 @@ impl CudaDevice {
         if out.is_empty() {
             return Ok(());
         }
+        let Backend::Driver { stream, .. } = &self.backend else {
+            // SAFETY: range checked above.
+            unsafe { emu::copy(src.ptr + offset as u64, out.as_mut_ptr() as u64, out.len()) };
+            return Ok(());
+        };
         self.bind()?;
         // SAFETY: range checked; `out` stays borrowed until the stream is synchronized below.
-        unsafe { drv::memcpy_dtoh_async(out, src.ptr + offset as u64, self.stream.cu_stream()) }
+        unsafe { drv::memcpy_dtoh_async(out, src.ptr + offset as u64, stream.cu_stream()) }
             .map_err(cuda_err("cuMemcpyDtoHAsync"))?;
-        self.stream.synchronize().map_err(cuda_err("dtoh: cuStreamSynchronize"))
+        stream.synchronize().map_err(cuda_err("dtoh: cuStreamSynchronize"))
     }
 
     /// Queues a device-to-device copy of `bytes` bytes between raw device addresses.
@@ -358,10 +426,14 @@ impl CudaDevice {
         if bytes == 0 {
             return Ok(());
         }
+        let Backend::Driver { stream, .. } = &self.backend else {
+            // SAFETY: as below.
+            unsafe { emu::copy(src, dst, bytes) };
+            return Ok(());
+        };
         self.bind()?;
         // SAFETY: the caller guarantees both ranges are valid device memory of this device.
-        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
-            .map_err(cuda_err("cuMemcpyDtoDAsync"))
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }.map_err(cuda_err("cuMemcpyDtoDAsync"))
     }
 
     /// Queues a zero fill of `bytes` bytes at a raw device address.
@@ -369,9 +441,14 @@ impl CudaDevice {
         if bytes == 0 {
             return Ok(());
         }
+        let Backend::Driver { stream, .. } = &self.backend else {
+            // SAFETY: as below.
+            unsafe { emu::zero(ptr, bytes) };
+            return Ok(());
+        };
         self.bind()?;
         // SAFETY: the caller guarantees the range is valid device memory of this device.
-        unsafe { drv::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }.map_err(cuda_err("cuMemsetD8Async"))
+        unsafe { drv::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }.map_err(cuda_err("cuMemsetD8Async"))
     }
 }
 

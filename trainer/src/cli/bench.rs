@@ -265,17 +265,18 @@ impl Timer {
             self.flush(k)?;
         }
         #[cfg(feature = "cuda")]
-        if let Some((d, _)) = &self.cuda {
+        // (The CUDA emulator has no events; it runs synchronously and is timed by the host clock.)
+        if let Some((d, _)) = self.cuda.as_ref().filter(|(d, _)| !d.is_emulated()) {
             use cudarc::driver::sys::CUevent_flags;
+            let (ctx, stream) = (d.context()?, d.stream()?);
             let ev = |what: &str| {
-                d.context()
-                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
                     .map_err(|e| anyhow::anyhow!("cuEventCreate ({what}): {e:?}"))
             };
             let (start, end) = (ev("start")?, ev("end")?);
-            start.record(d.stream()).map_err(|e| anyhow::anyhow!("cuEventRecord: {e:?}"))?;
+            start.record(stream).map_err(|e| anyhow::anyhow!("cuEventRecord: {e:?}"))?;
             f()?;
-            end.record(d.stream()).map_err(|e| anyhow::anyhow!("cuEventRecord: {e:?}"))?;
+            end.record(stream).map_err(|e| anyhow::anyhow!("cuEventRecord: {e:?}"))?;
             let ms = start.elapsed_ms(&end).map_err(|e| anyhow::anyhow!("cuEventElapsedTime: {e:?}"))?;
             d.synchronize()?;
             return Ok(ms as f64 / 1e3);

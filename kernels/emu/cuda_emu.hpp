@@ -1,0 +1,583 @@
+// cuda_emu.hpp — runs smelt's CUDA kernels on the CPU, for machines without a GPU.
+//
+// What it is: the subset of CUDA C++ our kernels use, implemented in plain C++17, so that g++
+// compiles a `.cu` file (after common.cuh) into a shared library whose kernels run with real
+// CUDA thread semantics. kernels/src/emu.rs builds and loads it when `SMELT_CUDA_EMULATOR=1`.
+//
+// How work maps to CPU threads: the blocks of a launch are shared out among a few OS threads;
+// each OS thread runs one block at a time, with every CUDA thread of the block a fiber
+// on its own stack. A fiber runs until it reaches a synchronisation point —
+// __syncthreads, a warp shuffle, mma.sync — or returns; the scheduler then runs the next fiber.
+// So the threads of a block interleave only at synchronisation points, which is exactly what a
+// correct kernel may rely on: a kernel that reads shared memory another thread writes without a
+// barrier in between sees stale data here (SMELT_EMU_ORDER=reverse runs the fibers in the other
+// order, to expose the other half of such races).
+//   __shared__ variables: thread-local statics (one copy per OS thread = per running block).
+//   Warp shuffles and mma.sync: all 32 lanes deposit their operands, meet, read, meet again.
+//
+// What it checks, as errors returned to the launcher (never a crash):
+//   - every kernel argument's kind (pointer, 32/64-bit integer, f32, f64) against the kernel's
+//     parameter list, and the argument count;
+//   - launch bounds: block ≤ 1024 threads, grid y/z ≤ 65535;
+//   - deadlock: threads waiting at a barrier that the others can never reach;
+//   - a full-mask warp operation in a warp with an exited or missing lane (undefined on a GPU).
+// What it cannot check: timing-dependent races between blocks, out-of-bounds accesses (build with
+// SMELT_EMU_SANITIZE=address for those), GPU rounding (no FMA contraction here, exact expf for
+// __expf), resource limits (registers, static shared memory).
+
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#define SMELT_EMU 1
+
+// ---- language ------------------------------------------------------------------------------
+#ifdef SMELT_EMU_SCAN
+#define __global__ __smelt_kernel__
+#else
+#define __global__
+#endif
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static thread_local
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 { unsigned x, y, z; };
+inline thread_local uint3 threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+constexpr int warpSize = 32;
+
+struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
+struct __attribute__((aligned(8))) float2 { float x, y; };
+struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
+struct __attribute__((aligned(8))) uint2 { unsigned x, y; };
+struct __attribute__((aligned(16))) int4 { int x, y, z, w; };
+struct __attribute__((aligned(8))) int2 { int x, y; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+
+// ---- intrinsics ----------------------------------------------------------------------------
+template <class To, class From> inline To smelt_bits(From f) {
+    static_assert(sizeof(To) == sizeof(From), "bit cast of different sizes");
+    To t;
+    std::memcpy(&t, &f, sizeof t);
+    return t;
+}
+inline float __int_as_float(int v) { return smelt_bits<float>(v); }
+inline float __uint_as_float(unsigned v) { return smelt_bits<float>(v); }
+inline int __float_as_int(float v) { return smelt_bits<int>(v); }
+inline unsigned __float_as_uint(float v) { return smelt_bits<unsigned>(v); }
+inline double __longlong_as_double(long long v) { return smelt_bits<double>(v); }
+inline long long __double_as_longlong(double v) { return smelt_bits<long long>(v); }
+// Fast-math intrinsics run exactly here; their GPU error bounds are the tests' business.
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
+inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
+inline float __saturatef(float a) { return a < 0.f ? 0.f : (a > 1.f ? 1.f : a); }
+// CUDA's min/max accept mixed integer types (the common type wins), like its device headers.
+template <class A, class B> inline auto min(A a, B b) -> std::common_type_t<A, B> {
+    using C = std::common_type_t<A, B>;
+    return (C)a < (C)b ? (C)a : (C)b;
+}
+template <class A, class B> inline auto max(A a, B b) -> std::common_type_t<A, B> {
+    using C = std::common_type_t<A, B>;
+    return (C)a < (C)b ? (C)b : (C)a;
+}
+
+// Atomics: blocks run on several OS threads, so these are real atomic read-modify-writes.
+template <class T> inline T smelt_atomic_add(T* p, T v) {
+    using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    U* q = reinterpret_cast<U*>(p);
+    U old = __atomic_load_n(q, __ATOMIC_RELAXED);
+    for (;;) {
+        U next = smelt_bits<U>(T(smelt_bits<T>(old) + v));
+        if (__atomic_compare_exchange_n(q, &old, next, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) return smelt_bits<T>(old);
+    }
+}
+inline float atomicAdd(float* p, float v) { return smelt_atomic_add(p, v); }
+inline double atomicAdd(double* p, double v) { return smelt_atomic_add(p, v); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+
+// ---- the fiber runtime -----------------------------------------------------------------------
+namespace smelt_emu {
+
+enum class St : uint8_t { Ready, AtBlockBarrier, AtWarpBarrier, Done };
+
+// Context switch. On x86-64 a few instructions that save the callee-saved registers and swap
+// stacks (glibc's swapcontext also saves the signal mask, a system call per switch, which made
+// the emulator several times slower); elsewhere ucontext.
+#if defined(__x86_64__)
+extern "C" void smelt_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .hidden smelt_emu_switch
+    .globl smelt_emu_switch
+    .type smelt_emu_switch, @function
+smelt_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size smelt_emu_switch, .-smelt_emu_switch
+)");
+struct Context {
+    void* sp = nullptr;
+};
+inline void switch_to(Context& save, Context& load) { smelt_emu_switch(&save.sp, load.sp); }
+// A fresh context whose first switch enters `entry` on the stack [base, base + size).
+inline void make_context(Context& c, char* base, size_t size, void (*entry)()) {
+    uintptr_t top = (reinterpret_cast<uintptr_t>(base) + size) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;                          // entry's return address: it never returns
+    *--sp = reinterpret_cast<void*>(entry);   // popped by `ret` in smelt_emu_switch
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
+    c.sp = sp;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+inline void switch_to(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+inline void make_context(Context& c, char* base, size_t size, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = base;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
+struct Fiber {
+    Context ctx;
+    St st;
+    uint3 tid;
+    int lane, warp;
+};
+
+struct Warp {
+    int lanes = 0;       // lanes that exist (the last warp of an odd-sized block has fewer)
+    int waiting = 0;     // lanes at the current warp barrier
+    int exited = -1;     // a lane that has returned, if any
+    uint64_t slot[32][12];  // per-lane operands of the current shuffle / mma
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    int live = 0, at_block_barrier = 0, cur = 0;
+    Context sched;
+    void (*thunk)(const void*) = nullptr;
+    const void* args = nullptr;
+    std::string error;
+};
+
+inline thread_local Block* B = nullptr;
+
+inline void fail(std::string msg) {
+    if (B->error.empty()) B->error = std::move(msg);
+}
+
+// Releases the fibers waiting with state `s`: all of the block's (warp < 0), or one warp's.
+inline void release(St s, int warp) {
+    const size_t lo = warp < 0 ? 0 : (size_t)warp * 32;
+    const size_t hi = warp < 0 ? B->fibers.size() : std::min(B->fibers.size(), lo + 32);
+    for (size_t i = lo; i < hi; ++i)
+        if (B->fibers[i].st == s) B->fibers[i].st = St::Ready;
+}
+
+inline void yield_to_scheduler() {
+    Fiber& f = B->fibers[B->cur];
+    switch_to(f.ctx, B->sched);
+}
+
+inline void sync_block() {
+    Block& b = *B;
+    if (++b.at_block_barrier == b.live) {
+        b.at_block_barrier = 0;
+        release(St::AtBlockBarrier, -1);
+        return;
+    }
+    b.fibers[b.cur].st = St::AtBlockBarrier;
+    yield_to_scheduler();
+}
+
+inline void sync_warp(const char* op) {
+    Block& b = *B;
+    Fiber& f = b.fibers[b.cur];
+    Warp& w = b.warps[f.warp];
+    if (w.lanes != 32 || w.exited >= 0) {
+        char m[200];
+        if (w.lanes != 32)
+            snprintf(m, sizeof m, "%s with a full mask in warp %d, which has only %d threads (blockDim %u)", op, f.warp,
+                     w.lanes, blockDim.x * blockDim.y * blockDim.z);
+        else
+            snprintf(m, sizeof m, "%s with a full mask in warp %d after lane %d returned", op, f.warp, w.exited);
+        fail(m);
+        f.st = St::AtWarpBarrier;  // never released: the scheduler abandons the block
+        yield_to_scheduler();
+        return;
+    }
+    if (++w.waiting == 32) {
+        w.waiting = 0;
+        release(St::AtWarpBarrier, f.warp);
+        return;
+    }
+    f.st = St::AtWarpBarrier;
+    yield_to_scheduler();
+}
+
+inline void check_mask(unsigned mask, const char* op) {
+    if (mask != 0xffffffffu) {
+        char m[120];
+        snprintf(m, sizeof m, "%s with mask %#x: the emulator supports full-warp masks only", op, mask);
+        fail(m);
+    }
+}
+
+// Every lane deposits `v`, all meet, each reads lane `src(lane)`'s value, all meet again.
+template <class T, class F> inline T shuffle(unsigned mask, T v, F src, const char* op) {
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    check_mask(mask, op);
+    Fiber& f = B->fibers[B->cur];
+    Warp& w = B->warps[f.warp];
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    w.slot[f.lane][0] = bits;
+    sync_warp(op);
+    T out;
+    std::memcpy(&out, &w.slot[src(f.lane)][0], sizeof(T));
+    sync_warp(op);
+    return out;
+}
+
+inline void fiber_main() {
+    Block& b = *B;
+    b.thunk(b.args);
+    Fiber& f = b.fibers[b.cur];
+    f.st = St::Done;
+    b.live--;
+    Warp& w = b.warps[f.warp];
+    if (w.exited < 0) w.exited = f.lane;
+    if (w.waiting > 0) {
+        char m[160];
+        snprintf(m, sizeof m, "lane %d of warp %d returned while %d lanes wait at a warp-synchronous operation", f.lane,
+                 f.warp, w.waiting);
+        fail(m);
+    }
+    // Threads that have exited count as arrived at __syncthreads (as on sm_70+ hardware).
+    if (b.at_block_barrier > 0 && b.at_block_barrier == b.live) {
+        b.at_block_barrier = 0;
+        release(St::AtBlockBarrier, -1);
+    }
+    // Back to the scheduler for good: this fiber is never resumed.
+    Context dead;
+    switch_to(dead, b.sched);
+}
+
+constexpr size_t kStack = 256 << 10;
+
+// Fiber stacks of one OS thread, reused by every block it runs.
+struct Stacks {
+    std::vector<char*> s;
+    char* get(size_t i) {
+        while (s.size() <= i) {
+            void* p = mmap(nullptr, kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (p == MAP_FAILED) return nullptr;
+            mprotect(p, 4096, PROT_NONE);  // guard page: an overflow faults instead of corrupting
+            s.push_back(static_cast<char*>(p));
+        }
+        return s[i];
+    }
+    ~Stacks() {
+        for (char* p : s) munmap(p, kStack);
+    }
+};
+
+inline std::string describe_deadlock(const Block& b) {
+    int at_block = 0, at_warp = 0, done = 0;
+    for (auto& f : b.fibers) {
+        at_block += f.st == St::AtBlockBarrier;
+        at_warp += f.st == St::AtWarpBarrier;
+        done += f.st == St::Done;
+    }
+    char m[240];
+    snprintf(m, sizeof m,
+             "deadlock in block (%u,%u,%u): %d threads at __syncthreads, %d at a warp-synchronous operation, "
+             "%d returned (threads wait at barriers the others never reach)",
+             blockIdx.x, blockIdx.y, blockIdx.z, at_block, at_warp, done);
+    return m;
+}
+
+// Runs one block to completion; false (with b.error set) on an error.
+inline bool run_block(Block& b, Stacks& stacks, bool reverse) {
+    const unsigned n = blockDim.x * blockDim.y * blockDim.z;
+    b.fibers.resize(n);
+    b.warps.assign((n + 31) / 32, Warp{});
+    b.live = (int)n;
+    b.at_block_barrier = 0;
+    b.error.clear();
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = b.fibers[i];
+        f.st = St::Ready;
+        f.tid = {i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
+        f.lane = (int)(i % 32);
+        f.warp = (int)(i / 32);
+        b.warps[f.warp].lanes++;
+        char* stack = stacks.get(i);
+        if (!stack) {
+            b.error = "cannot map a fiber stack (out of memory)";
+            return false;
+        }
+        make_context(f.ctx, stack + 4096, kStack - 4096, fiber_main);
+    }
+    while (b.live > 0) {
+        bool ran = false;
+        for (unsigned k = 0; k < n; ++k) {
+            const unsigned i = reverse ? n - 1 - k : k;
+            if (b.fibers[i].st != St::Ready) continue;
+            b.cur = (int)i;
+            threadIdx = b.fibers[i].tid;
+            switch_to(b.sched, b.fibers[i].ctx);
+            ran = true;
+            if (!b.error.empty()) return false;
+        }
+        if (!ran) {
+            b.error = describe_deadlock(b);
+            return false;
+        }
+    }
+    return true;
+}
+
+// Kernel argument kinds, in the order of the Rust `Arg` enum.
+enum Kind : uint8_t { KPtr, KI32, KU32, KU64, KI64, KF32, KF64 };
+inline const char* kind_name(uint8_t k) {
+    static const char* n[] = {"pointer", "i32", "u32", "u64", "i64", "f32", "f64"};
+    return k < 7 ? n[k] : "unknown";
+}
+
+template <class P> inline bool accepts(uint8_t k) {
+    if constexpr (std::is_pointer_v<P>) return k == KPtr;
+    else if constexpr (std::is_same_v<P, float>) return k == KF32;
+    else if constexpr (std::is_same_v<P, double>) return k == KF64;
+    else if constexpr (std::is_integral_v<P> && sizeof(P) == 4) return std::is_signed_v<P> ? k == KI32 : k == KU32;
+    else if constexpr (std::is_integral_v<P> && sizeof(P) == 8) return std::is_signed_v<P> ? k == KI64 : k == KU64;
+    else return false;
+}
+template <class P> inline const char* param_name() {
+    if constexpr (std::is_pointer_v<P>) return "pointer";
+    else if constexpr (std::is_same_v<P, float>) return "f32";
+    else if constexpr (std::is_same_v<P, double>) return "f64";
+    else if constexpr (std::is_integral_v<P> && sizeof(P) == 4) return std::is_signed_v<P> ? "i32" : "u32";
+    else if constexpr (std::is_integral_v<P> && sizeof(P) == 8) return std::is_signed_v<P> ? "i64" : "u64";
+    else return "an unsupported type";
+}
+template <class P> inline P unpack(uint64_t bits) {
+    if constexpr (std::is_pointer_v<P>) return reinterpret_cast<P>(static_cast<uintptr_t>(bits));
+    else if constexpr (sizeof(P) == 4) return smelt_bits<P>(static_cast<uint32_t>(bits));
+    else return smelt_bits<P>(bits);
+}
+
+template <class... A, size_t... I>
+inline std::tuple<A...> unpack_all(const uint64_t* a, std::index_sequence<I...>) {
+    return std::tuple<A...>(unpack<A>(a[I])...);
+}
+
+// Index of the first argument whose kind the parameter does not accept, or -1.
+template <class... A, size_t... I> inline int first_bad_arg(const uint8_t* kinds, std::index_sequence<I...>) {
+    int bad = -1;
+    ((bad < 0 && !accepts<A>(kinds[I]) ? (void)(bad = (int)I) : (void)0), ...);
+    return bad;
+}
+
+template <class... A> struct Call {
+    void (*f)(A...);
+    std::tuple<A...> args;
+    static void run(const void* self) {
+        auto* c = static_cast<const Call*>(self);
+        std::apply(c->f, c->args);  // each CUDA thread gets its own copies of the parameters
+    }
+};
+
+inline int report(char* err, size_t len, const std::string& m) {
+    snprintf(err, len, "%s", m.c_str());
+    return 1;
+}
+
+// Launches kernel `f` over grid × block; returns 0, or 1 with a message in `err`.
+template <class... A>
+int launch(const char* name, void (*f)(A...), const uint64_t* args, const uint8_t* kinds, int nargs,
+           const unsigned* grid, const unsigned* block, char* err, size_t errlen) {
+    constexpr int np = sizeof...(A);
+    if (nargs != np)
+        return report(err, errlen,
+                      std::string(name) + ": the launcher passes " + std::to_string(nargs) + " arguments, the kernel takes " +
+                          std::to_string(np));
+    const int bad = first_bad_arg<A...>(kinds, std::index_sequence_for<A...>{});
+    if (bad >= 0) {
+        const char* want[] = {"", param_name<A>()...};
+        return report(err, errlen,
+                      std::string(name) + ": argument " + std::to_string(bad) + " is passed as " + kind_name(kinds[bad]) +
+                          " but the kernel's parameter is " + want[bad + 1]);
+    }
+    const unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
+    if (threads == 0 || threads > 1024 || grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[1] > 65535 ||
+        grid[2] > 65535 || grid[0] > 0x7fffffffu || block[2] > 64)
+        return report(err, errlen,
+                      std::string(name) + ": invalid launch: grid (" + std::to_string(grid[0]) + "," +
+                          std::to_string(grid[1]) + "," + std::to_string(grid[2]) + ") block (" +
+                          std::to_string(block[0]) + "," + std::to_string(block[1]) + "," + std::to_string(block[2]) +
+                          ")");
+    Call<A...> call{f, unpack_all<A...>(args, std::index_sequence_for<A...>{})};
+    const unsigned long long nblocks = (unsigned long long)grid[0] * grid[1] * grid[2];
+    const char* order = getenv("SMELT_EMU_ORDER");
+    const bool reverse = order && strcmp(order, "reverse") == 0;
+    unsigned workers = std::max(1u, std::thread::hardware_concurrency());
+    if (const char* w = getenv("SMELT_EMU_THREADS")) workers = std::max(1, atoi(w));
+    workers = (unsigned)std::min<unsigned long long>(workers, nblocks);
+    std::atomic<unsigned long long> next{0};
+    std::atomic<bool> failed{false};
+    std::string first_error;
+    std::atomic_flag error_lock = ATOMIC_FLAG_INIT;
+    auto work = [&] {
+        Stacks stacks;
+        Block b;
+        b.thunk = &Call<A...>::run;
+        b.args = &call;
+        B = &b;
+        blockDim = {block[0], block[1], block[2]};
+        gridDim = {grid[0], grid[1], grid[2]};
+        for (;;) {
+            const unsigned long long i = next.fetch_add(1);
+            if (i >= nblocks || failed.load()) break;
+            blockIdx = {(unsigned)(i % grid[0]), (unsigned)((i / grid[0]) % grid[1]), (unsigned)(i / ((unsigned long long)grid[0] * grid[1]))};
+            if (!run_block(b, stacks, reverse)) {
+                while (error_lock.test_and_set()) {
+                }
+                if (!failed.exchange(true)) {
+                    char where[80];
+                    snprintf(where, sizeof where, " (block (%u,%u,%u))", blockIdx.x, blockIdx.y, blockIdx.z);
+                    first_error = std::string(name) + ": " + b.error + where;
+                }
+                error_lock.clear();
+                break;
+            }
+        }
+        B = nullptr;
+    };
+    // Always fresh threads, even for one block: __shared__ memory then starts zeroed in every
+    // launch instead of holding the caller's previous launch's values.
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < workers; ++t) pool.emplace_back(work);
+    for (auto& t : pool) t.join();
+    return failed.load() ? report(err, errlen, first_error) : 0;
+}
+
+}  // namespace smelt_emu
+
+inline void __syncthreads() { smelt_emu::sync_block(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    smelt_emu::check_mask(mask, "__syncwarp");
+    smelt_emu::sync_warp("__syncwarp");
+}
+template <class T> inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+    return smelt_emu::shuffle(mask, v, [=](int l) { return (l & ~(width - 1)) + (src & (width - 1)); }, "__shfl_sync");
+}
+template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    return smelt_emu::shuffle(
+        mask, v, [=](int l) { int s = l ^ lane_mask; return s < ((l & ~(width - 1)) + width) ? s : l; },
+        "__shfl_xor_sync");
+}
+template <class T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    return smelt_emu::shuffle(
+        mask, v, [=](int l) { return (int)(l & (width - 1)) >= (int)delta ? l - (int)delta : l; }, "__shfl_up_sync");
+}
+template <class T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    return smelt_emu::shuffle(
+        mask, v, [=](int l) { return (int)(l & (width - 1)) + (int)delta < width ? l + (int)delta : l; },
+        "__shfl_down_sync");
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, with the PTX ISA's fragment layout
+// (lane = 4·groupID + threadID_in_group; the lower half of each register is the lower index):
+//   A (16×16, 4 regs): a0 (row g, k 2t..2t+1), a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..)
+//   B (16×8, 2 regs):  b0 (k 2t..2t+1, col g), b1 (k 2t+8..2t+9, col g)
+//   C (16×8, 4 f32):   c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1)
+inline void smelt_emu_mma_m16n8k16_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    using namespace smelt_emu;
+    Fiber& f = B->fibers[B->cur];
+    Warp& w = B->warps[f.warp];
+    uint64_t* s = w.slot[f.lane];
+    for (int i = 0; i < 4; ++i) s[i] = a[i];
+    s[4] = b0;
+    s[5] = b1;
+    sync_warp("mma.sync");
+    auto bf = [](uint32_t reg, int hi) { return __uint_as_float((hi ? reg >> 16 : reg & 0xffffu) << 16); };
+    auto A = [&](int r, int k) {  // element (r, k) of A
+        const int g = r & 7, t = (k & 7) >> 1, reg = (r >= 8) + 2 * (k >= 8);
+        return bf((uint32_t)w.slot[4 * g + t][reg], k & 1);
+    };
+    auto Bm = [&](int k, int n) {  // element (k, n) of B
+        const int t = (k & 7) >> 1;
+        return bf((uint32_t)w.slot[4 * n + t][4 + (k >= 8)], k & 1);
+    };
+    const int g = f.lane >> 2, t = f.lane & 3;
+    for (int i = 0; i < 4; ++i) {
+        const int r = g + 8 * (i >> 1), n = 2 * t + (i & 1);
+        float acc = c[i];
+        for (int k = 0; k < 16; ++k) acc += A(r, k) * Bm(k, n);
+        c[i] = acc;
+    }
+    sync_warp("mma.sync");
+}
+
+// One exported entry point per kernel (kernels/src/emu.rs appends these after the source).
+#define SMELT_EMU_EXPORT(name)                                                                               \
+    extern "C" int smelt_emu_launch_##name(const uint64_t* args, const uint8_t* kinds, int nargs,           \
+                                           const unsigned* grid, const unsigned* block, char* err,           \
+                                           size_t errlen) {                                                  \
+        return smelt_emu::launch(#name, &name, args, kinds, nargs, grid, block, err, errlen);               \
+    }

@@ -1,0 +1,186 @@
+//! The CUDA emulator's kernel side (`SMELT_CUDA_EMULATOR=1`): each `kernels/cuda/<op>.cu` is
+//! compiled by the host C++ compiler against `kernels/emu/cuda_emu.hpp` into a shared library
+//! (cached on disk like the NVRTC images), loaded once, and its kernels launched with the same
+//! grid, block and argument list the launcher would give the driver.
+//!
+//! The header's opening comment says what the emulator checks and what it cannot. In short: a
+//! kernel that passes its device test here has the right indexing, synchronisation and
+//! launcher/kernel signature; whether it is right on a GPU is still for the GPU to say.
+//!
+//! Build: `$CXX` (default `g++`), C++17, `-O2 -ffp-contract=off` (so no FMA contraction: the
+//! CPU results do not depend on the compiler's choices). `SMELT_EMU_SANITIZE=address` adds
+//! AddressSanitizer (run the tests with `LD_PRELOAD=$(g++ -print-file-name=libasan.so)`) to catch
+//! out-of-bounds accesses, which a GPU often lets pass silently.
+
+use std::collections::HashMap;
+use std::ffi::c_char;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::cuda::{cache_dir, fnv1a_128, Arg, LaunchCfg};
+use crate::{Error, KernelSource, Result, COMMON_CUH};
+
+/// The emulation header, prepended to every source.
+pub const EMU_HPP: &str = include_str!("../emu/cuda_emu.hpp");
+
+type LaunchFn = unsafe extern "C" fn(*const u64, *const u8, i32, *const u32, *const u32, *mut c_char, usize) -> i32;
+
+struct Lib {
+    lib: libloading::Library,
+    path: PathBuf,
+}
+
+fn compiler() -> String {
+    std::env::var("CXX").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "g++".into())
+}
+
+fn flags() -> Vec<String> {
+    let mut f: Vec<String> =
+        ["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-w"]
+            .map(String::from)
+            .to_vec();
+    if let Ok(s) = std::env::var("SMELT_EMU_SANITIZE") {
+        if !s.is_empty() {
+            f.push(format!("-fsanitize={s}"));
+            f.push("-g".into());
+        }
+    }
+    f
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
+    let out = cmd.output().map_err(|e| {
+        Error::CudaUnavailable(format!(
+            "the CUDA emulator needs a C++17 compiler: running `{}`: {e} (set CXX)",
+            compiler()
+        ))
+    })?;
+    if !out.status.success() {
+        let log = String::from_utf8_lossy(&out.stderr);
+        let head: String = log.lines().take(40).collect::<Vec<_>>().join("\n");
+        return Err(Error::Cuda { op: "emulator compile", detail: format!("{what}: {}\n{head}", out.status) });
+    }
+    Ok(out.stdout)
+}
+
+/// Names of the `extern "C" __global__` kernels in `text` (expanded by the preprocessor, so the
+/// kernels that macros declare are found too).
+fn kernel_names(file: &Path) -> Result<Vec<String>> {
+    let pre = run(
+        Command::new(compiler()).args(["-std=c++17", "-E", "-P", "-DSMELT_EMU_SCAN"]).arg(file),
+        &format!("preprocessing {}", file.display()),
+    )?;
+    let text = String::from_utf8_lossy(&pre);
+    let mut names = Vec::new();
+    for part in text.split("__smelt_kernel__").skip(1) {
+        let rest = part.trim_start().strip_prefix("void").unwrap_or("").trim_start();
+        let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if !name.is_empty() && !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+fn build(src: &KernelSource) -> Result<Lib> {
+    let code = format!("{EMU_HPP}\n{COMMON_CUH}\n#line 1 \"{}.cu\"\n{}\n", src.name, src.src);
+    let cxx = compiler();
+    let fl = flags();
+    let key = fnv1a_128(&[code.as_bytes(), cxx.as_bytes(), fl.join(" ").as_bytes()]);
+    let dir = cache_dir().unwrap_or_else(std::env::temp_dir).join("emu");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::Cuda { op: "emulator compile", detail: format!("creating {}: {e}", dir.display()) })?;
+    let path = dir.join(format!("{}-{key:032x}.so", src.name));
+    if !path.is_file() {
+        // A name no other process or thread uses, so concurrent builds never share files.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cpp = dir.join(format!(".{}-{key:032x}.{}.{seq}.cpp", src.name, std::process::id()));
+        let write = |p: &Path, text: &str| {
+            std::fs::write(p, text)
+                .map_err(|e| Error::Cuda { op: "emulator compile", detail: format!("writing {}: {e}", p.display()) })
+        };
+        write(&cpp, &code)?;
+        let names = kernel_names(&cpp);
+        let result = names.and_then(|names| {
+            let exports: String = names.iter().map(|n| format!("SMELT_EMU_EXPORT({n})\n")).collect();
+            write(&cpp, &format!("{code}\n{exports}"))?;
+            let tmp = cpp.with_extension("so");
+            run(Command::new(&cxx).args(&fl).arg("-o").arg(&tmp).arg(&cpp), &format!("{}.cu with {cxx}", src.name))?;
+            std::fs::rename(&tmp, &path).map_err(|e| Error::Cuda {
+                op: "emulator compile",
+                detail: format!("renaming {} to {}: {e}", tmp.display(), path.display()),
+            })
+        });
+        let _ = std::fs::remove_file(&cpp);
+        result?;
+    }
+    // SAFETY: the library is ours, just built from our sources; its initialisers only set up
+    // inline variables.
+    let lib = unsafe { libloading::Library::new(&path) }
+        .map_err(|e| Error::Cuda { op: "emulator load", detail: format!("{}: {e}", path.display()) })?;
+    Ok(Lib { lib, path })
+}
+
+fn library(src: &KernelSource) -> Result<Arc<Lib>> {
+    type Slot = Arc<OnceLock<std::result::Result<Arc<Lib>, String>>>;
+    static LIBS: OnceLock<Mutex<HashMap<(&'static str, usize), Slot>>> = OnceLock::new();
+    let slot = {
+        let mut map = LIBS.get_or_init(Default::default).lock().map_err(|_| Error::msg("emulator library lock"))?;
+        map.entry((src.name, src.src.as_ptr() as usize)).or_default().clone()
+    };
+    slot.get_or_init(|| build(src).map(Arc::new).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|detail| Error::Cuda { op: "emulator compile", detail })
+}
+
+/// The kind code `cuda_emu.hpp` checks against each kernel parameter.
+fn kind(a: &Arg) -> u8 {
+    match a {
+        Arg::Ptr(_) => 0,
+        Arg::I32(_) => 1,
+        Arg::U32(_) => 2,
+        Arg::U64(_) => 3,
+        Arg::I64(_) => 4,
+        Arg::F32(_) => 5,
+        Arg::F64(_) => 6,
+    }
+}
+
+/// Runs `func` of `src` on the CPU with CUDA semantics; returns when it has finished.
+pub fn launch(src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
+    let fail = |detail: String| Error::Cuda { op: "kernel launch (emulator)", detail };
+    if cfg.smem > 0 {
+        return Err(fail(format!("{}::{func}: dynamic shared memory ({} bytes) is not emulated", src.name, cfg.smem)));
+    }
+    let lib = library(src)?;
+    let sym = format!("smelt_emu_launch_{func}");
+    // SAFETY: every `smelt_emu_launch_*` symbol is an SMELT_EMU_EXPORT wrapper with this signature.
+    let f: libloading::Symbol<LaunchFn> = unsafe { lib.lib.get(sym.as_bytes()) }
+        .map_err(|_| fail(format!("{}.cu has no kernel `{func}` ({})", src.name, lib.path.display())))?;
+    let bits: Vec<u64> = args.iter().map(|a| a.bits()).collect();
+    let kinds: Vec<u8> = args.iter().map(kind).collect();
+    let grid = [cfg.grid.0, cfg.grid.1, cfg.grid.2];
+    let block = [cfg.block.0, cfg.block.1, cfg.block.2];
+    let mut err = vec![0u8; 1024];
+    // SAFETY: the wrapper checks the argument count and kinds against the kernel's parameters
+    // before running it; the pointers inside `bits` are emulator (host) memory of the tensors
+    // the launcher passes, alive for the call.
+    let rc = unsafe {
+        f(
+            bits.as_ptr(),
+            kinds.as_ptr(),
+            bits.len() as i32,
+            grid.as_ptr(),
+            block.as_ptr(),
+            err.as_mut_ptr().cast(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+        return Err(fail(format!("{}::{}", src.name, String::from_utf8_lossy(&err[..end]))));
+    }
+    Ok(())
+}

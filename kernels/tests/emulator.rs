@@ -1,0 +1,183 @@
+//! The CUDA emulator itself (`kernels/emu/cuda_emu.hpp`): warp and block collectives, the
+//! mma.sync fragment layout, and the errors it promises — argument kinds, exited lanes in
+//! warp operations, deadlocks — plus the property that makes it useful for finding races:
+//! threads interleave only at synchronisation points. Needs a C++17 compiler (`g++`, or `$CXX`);
+//! runs on any machine, GPU or not.
+#![cfg(feature = "cuda")]
+
+use smelt_engine::{DType, Device, Tensor};
+use smelt_kernels::cuda::{launch, Arg, LaunchCfg};
+use smelt_kernels::KernelSource;
+
+const SRC: KernelSource = KernelSource {
+    name: "emu_selftest",
+    src: r#"
+extern "C" __global__ void block_sums(const float* x, float* out, u32 n) {
+    __shared__ float scratch[32];
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    const float v = block_sum(i < n ? x[i] : 0.0f, scratch);
+    if (threadIdx.x == 0) out[blockIdx.x] = v;
+}
+// Inclusive prefix sum within each warp with __shfl_up_sync.
+extern "C" __global__ void warp_scan(const float* x, float* out) {
+    const int lane = threadIdx.x & 31;
+    float s = x[threadIdx.x];
+    for (int o = 1; o < 32; o <<= 1) {
+        const float y = __shfl_up_sync(0xffffffffu, s, o);
+        if (lane >= o) s += y;
+    }
+    out[threadIdx.x] = s;
+}
+// out[t] = s[63 - t] after every thread wrote s[t] = t: needs the barrier.
+extern "C" __global__ void reverse(float* out, u32 with_barrier) {
+    __shared__ float s[64];
+    s[threadIdx.x] = (float)threadIdx.x;
+    if (with_barrier) __syncthreads();
+    out[threadIdx.x] = s[63 - threadIdx.x];
+}
+extern "C" __global__ void takes_u64(u64 n, float* out) {
+    if (threadIdx.x == 0) out[0] = (float)n;
+}
+extern "C" __global__ void lane_exits(float* out) {
+    if (threadIdx.x == 3) return;
+    const float v = warp_sum(1.0f);
+    if (threadIdx.x == 0) out[0] = v;
+}
+extern "C" __global__ void split_barriers(float* out) {
+    float v = 1.0f;
+    if (threadIdx.x >= 32 && (threadIdx.x & 31) < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+    __syncthreads();
+    out[threadIdx.x] = v;
+}
+// One m16n8k16 bf16 mma: A [16,16] and B [16,8] row-major bf16 in, C [16,8] f32 out, loaded
+// into fragments as the PTX ISA lays them out.
+extern "C" __global__ void mma_tile(const bf16_t* a, const bf16_t* b, float* c) {
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    auto pack = [](bf16_t lo, bf16_t hi) { return (u32)lo | ((u32)hi << 16); };
+    u32 ar[4];
+    for (int r = 0; r < 4; ++r) {
+        const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+        ar[r] = pack(a[row * 16 + col], a[row * 16 + col + 1]);
+    }
+    const u32 b0 = pack(b[(2 * t) * 8 + g], b[(2 * t + 1) * 8 + g]);
+    const u32 b1 = pack(b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g]);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    smelt_emu_mma_m16n8k16_bf16(acc, ar, b0, b1);
+    for (int i = 0; i < 4; ++i) c[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = acc[i];
+}
+"#,
+};
+
+fn dev() -> Device {
+    smelt_engine::cuda::emu::enable();
+    let d = smelt_engine::cuda::device(0).expect("the emulated device");
+    assert!(d.is_emulated());
+    Device::Cuda(0)
+}
+
+fn on(v: &[f32], dev: Device) -> Tensor {
+    Tensor::from_slice(v, &[v.len()], Device::Cpu).unwrap().to_device(dev).unwrap()
+}
+
+fn cfg(grid: u32, block: u32) -> LaunchCfg {
+    LaunchCfg { grid: (grid, 1, 1), block: (block, 1, 1), smem: 0 }
+}
+
+fn run(name: &str, c: LaunchCfg, args: &[Arg]) -> smelt_engine::Result<()> {
+    launch(0, &SRC, name, c, args)
+}
+
+#[test]
+fn collectives_match_the_host() {
+    let dev = dev();
+    let n = 1000usize;
+    let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+    let (xd, out) = (on(&x, dev), on(&[f32::NAN; 4], dev));
+    run(
+        "block_sums",
+        cfg(4, 256),
+        &[Arg::Ptr(xd.cuda_ptr().unwrap()), Arg::Ptr(out.cuda_ptr().unwrap()), Arg::U32(n as u32)],
+    )
+    .unwrap();
+    let got = out.to_vec::<f32>().unwrap();
+    for (b, g) in got.iter().enumerate() {
+        let want: f64 = x[(b * 256).min(n)..((b + 1) * 256).min(n)].iter().map(|&v| v as f64).sum();
+        assert!((*g as f64 - want).abs() < 1e-3, "block {b}: {g} vs {want}");
+    }
+
+    let x: Vec<f32> = (0..64).map(|i| (i % 5) as f32 + 0.5).collect();
+    let (xd, out) = (on(&x, dev), on(&[f32::NAN; 64], dev));
+    run("warp_scan", cfg(1, 64), &[Arg::Ptr(xd.cuda_ptr().unwrap()), Arg::Ptr(out.cuda_ptr().unwrap())]).unwrap();
+    let got = out.to_vec::<f32>().unwrap();
+    for w in 0..2 {
+        let mut s = 0.0;
+        for l in 0..32 {
+            s += x[w * 32 + l];
+            assert_eq!(got[w * 32 + l], s, "warp {w} lane {l}");
+        }
+    }
+}
+
+/// The mma.sync emulation against a float64 matmul of the same bf16 values, with the fragments
+/// loaded from the PTX ISA's layout.
+#[test]
+fn mma_m16n8k16_matches_a_matmul() {
+    let dev = dev();
+    let a: Vec<f32> = (0..256).map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0).collect();
+    let b: Vec<f32> = (0..128).map(|i| ((i * 7 % 17) as f32 - 8.0) / 4.0).collect();
+    let bf = |v: &[f32]| Tensor::from_slice(v, &[v.len()], Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let (ah, bh) = (bf(&a), bf(&b));
+    let (a64, b64) = (ah.to_vec_f32().unwrap(), bh.to_vec_f32().unwrap());
+    let (ad, bd, cd) = (ah.to_device(dev).unwrap(), bh.to_device(dev).unwrap(), on(&[f32::NAN; 128], dev));
+    run(
+        "mma_tile",
+        cfg(1, 32),
+        &[Arg::Ptr(ad.cuda_ptr().unwrap()), Arg::Ptr(bd.cuda_ptr().unwrap()), Arg::Ptr(cd.cuda_ptr().unwrap())],
+    )
+    .unwrap();
+    let c = cd.to_vec::<f32>().unwrap();
+    for r in 0..16 {
+        for n in 0..8 {
+            let want: f64 = (0..16).map(|k| a64[r * 16 + k] as f64 * b64[k * 8 + n] as f64).sum();
+            assert!((c[r * 8 + n] as f64 - want).abs() < 1e-4, "C[{r},{n}] = {} vs {want}", c[r * 8 + n]);
+        }
+    }
+}
+
+/// Threads interleave only at barriers: without `__syncthreads`, thread 0 reads s[63] before
+/// thread 63 has run at all, as a racing GPU may.
+#[test]
+fn missing_barrier_is_visible() {
+    let dev = dev();
+    let want: Vec<f32> = (0..64).rev().map(|i| i as f32).collect();
+    let out = on(&[f32::NAN; 64], dev);
+    run("reverse", cfg(1, 64), &[Arg::Ptr(out.cuda_ptr().unwrap()), Arg::U32(1)]).unwrap();
+    assert_eq!(out.to_vec::<f32>().unwrap(), want);
+    run("reverse", cfg(1, 64), &[Arg::Ptr(out.cuda_ptr().unwrap()), Arg::U32(0)]).unwrap();
+    let racy = out.to_vec::<f32>().unwrap();
+    assert_ne!(racy[0], want[0], "thread 0 saw thread 63's write without a barrier");
+}
+
+#[test]
+fn errors_name_the_kernel_and_the_problem() {
+    let dev = dev();
+    let out = on(&[0.0; 64], dev);
+    let p = Arg::Ptr(out.cuda_ptr().unwrap());
+    run("takes_u64", cfg(1, 32), &[Arg::U64(7), p]).unwrap();
+    assert_eq!(out.to_vec::<f32>().unwrap()[0], 7.0);
+
+    let e = run("takes_u64", cfg(1, 32), &[Arg::U32(7), p]).unwrap_err().to_string();
+    assert!(e.contains("takes_u64") && e.contains("argument 0 is passed as u32") && e.contains("u64"), "{e}");
+    let e = run("takes_u64", cfg(1, 32), &[Arg::U64(7)]).unwrap_err().to_string();
+    assert!(e.contains("passes 1 arguments, the kernel takes 2"), "{e}");
+    let e = run("lane_exits", cfg(1, 32), &[p]).unwrap_err().to_string();
+    assert!(e.contains("lane 3") && e.contains("returned"), "{e}");
+    let e = run("split_barriers", cfg(1, 64), &[p]).unwrap_err().to_string();
+    assert!(e.contains("deadlock") && e.contains("block (0,0,0)"), "{e}");
+    let e = run("warp_scan", cfg(1, 48), &[p, p]).unwrap_err().to_string();
+    assert!(e.contains("only 16 threads"), "{e}");
+    let e = run("no_such_kernel", cfg(1, 32), &[p]).unwrap_err().to_string();
+    assert!(e.contains("no kernel `no_such_kernel`"), "{e}");
+    let e = run("takes_u64", cfg(1, 2048), &[Arg::U64(7), p]).unwrap_err().to_string();
+    assert!(e.contains("invalid launch"), "{e}");
+}
