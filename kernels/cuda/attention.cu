@@ -6,7 +6,9 @@
 //   cu: u32[B+1] cumulative sequence offsets. Query head h reads KV head h / (n_heads/n_kv_heads).
 //   KV cache: [n_slots, max_len, n_kv_heads, D]; decode batch row b uses slot b; cache_lens[b]
 //   counts the valid rows including the n_new new tokens, the last n_new of which are the queries.
-//   Element type T: float or bf16_t (bf16 storage, f32 accumulation). D: 64 or 128.
+//   Element type T: float or bf16_t (bf16 storage, f32 accumulation). D (head_dim): 8, 16, 24,
+//   32, 64 or 128 (v2 forward: 64 and 128). Where lanes split D, a D that is not a multiple of 32
+//   leaves the last lanes idle (att_in: compile-time true for 64 and 128).
 // Scores are kept in log2 units (q·k·scale·log2 e) so exponentials are exp2f; lse is stored in
 // natural-log units.
 //
@@ -39,6 +41,9 @@
 #define ATT_LOG2E 1.4426950408889634f
 #define ATT_LN2 0.6931471805599453f
 
+// Whether element `i` of a row of D exists (lanes split D in steps of 32).
+template <int D> __device__ __forceinline__ bool att_in(int i) { return D % 32 == 0 || i < D; }
+
 __device__ __forceinline__ float att_ld(const float* p) { return *p; }
 __device__ __forceinline__ float att_ld(const bf16_t* p) { return bf16_to_f32(*p); }
 __device__ __forceinline__ void att_st(float* p, float v) { *p = v; }
@@ -59,7 +64,7 @@ template <typename T, int D>
 __device__ void attn_fwd_v1(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                             const u32* __restrict__ cu, int nseq, int ntok, int nh, int nkv, float scale,
                             T* __restrict__ o, float* __restrict__ lse) {
-    constexpr int E = D / 32;
+    constexpr int E = (D + 31) / 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.x * 4 + warp;
     const int h = blockIdx.y;
@@ -70,26 +75,28 @@ __device__ void attn_fwd_v1(const T* __restrict__ q, const T* __restrict__ k, co
     float qf[E], acc[E];
     const T* qr = q + ((size_t)t * nh + h) * D;
     #pragma unroll
-    for (int e = 0; e < E; ++e) { qf[e] = att_ld(qr + lane + 32 * e) * sl2; acc[e] = 0.f; }
+    for (int e = 0; e < E; ++e) { qf[e] = att_in<D>(lane + 32 * e) ? att_ld(qr + lane + 32 * e) * sl2 : 0.f; acc[e] = 0.f; }
     float m = -SMELT_INF, l = 0.f;
     for (int j = start; j <= t; ++j) {
         const T* kr = k + ((size_t)j * nkv + g) * D;
         const T* vr = v + ((size_t)j * nkv + g) * D;
         float s = 0.f;
         #pragma unroll
-        for (int e = 0; e < E; ++e) s += qf[e] * att_ld(kr + lane + 32 * e);
+        for (int e = 0; e < E; ++e) s += att_in<D>(lane + 32 * e) ? qf[e] * att_ld(kr + lane + 32 * e) : 0.f;
         s = warp_sum(s);
         float mn = fmaxf(m, s);
         float alpha = exp2f(m - mn), p = exp2f(s - mn);
         l = l * alpha + p;
         #pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * att_ld(vr + lane + 32 * e);
+        for (int e = 0; e < E; ++e)
+            if (att_in<D>(lane + 32 * e)) acc[e] = acc[e] * alpha + p * att_ld(vr + lane + 32 * e);
         m = mn;
     }
     const float inv = 1.f / l;
     T* orow = o + ((size_t)t * nh + h) * D;
     #pragma unroll
-    for (int e = 0; e < E; ++e) att_st(orow + lane + 32 * e, acc[e] * inv);
+    for (int e = 0; e < E; ++e)
+        if (att_in<D>(lane + 32 * e)) att_st(orow + lane + 32 * e, acc[e] * inv);
     if (lane == 0) lse[(size_t)h * ntok + t] = (m + log2f(l)) * ATT_LN2;
 }
 
@@ -99,10 +106,15 @@ __device__ void attn_fwd_v1(const T* __restrict__ q, const T* __restrict__ k, co
         float scale, T* o, float* lse) {                                                                \
         attn_fwd_v1<T, D>(q, k, v, cu, nseq, ntok, nh, nkv, scale, o, lse);                             \
     }
-ATT_FWD_V1(attn_fwd_v1_f32_d64, float, 64)
-ATT_FWD_V1(attn_fwd_v1_f32_d128, float, 128)
-ATT_FWD_V1(attn_fwd_v1_bf16_d64, bf16_t, 64)
-ATT_FWD_V1(attn_fwd_v1_bf16_d128, bf16_t, 128)
+#define ATT_FWD_V1_DIMS(T, SUF)                                                                         \
+    ATT_FWD_V1(attn_fwd_v1_##SUF##_d8, T, 8)                                                            \
+    ATT_FWD_V1(attn_fwd_v1_##SUF##_d16, T, 16)                                                          \
+    ATT_FWD_V1(attn_fwd_v1_##SUF##_d24, T, 24)                                                          \
+    ATT_FWD_V1(attn_fwd_v1_##SUF##_d32, T, 32)                                                          \
+    ATT_FWD_V1(attn_fwd_v1_##SUF##_d64, T, 64)                                                          \
+    ATT_FWD_V1(attn_fwd_v1_##SUF##_d128, T, 128)
+ATT_FWD_V1_DIMS(float, f32)
+ATT_FWD_V1_DIMS(bf16_t, bf16)
 
 // ---------------------------------------------------------------- forward v2 (mma.sync bf16)
 __device__ __forceinline__ void att_mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
@@ -285,7 +297,8 @@ __device__ void attn_bwd_delta(const T* __restrict__ o, const T* __restrict__ d_
     const T* b = d_o + row * D;
     float s = 0.f;
     #pragma unroll
-    for (int e = 0; e < D / 32; ++e) s += att_ld(a + lane + 32 * e) * att_ld(b + lane + 32 * e);
+    for (int e = 0; e < (D + 31) / 32; ++e)
+        if (att_in<D>(lane + 32 * e)) s += att_ld(a + lane + 32 * e) * att_ld(b + lane + 32 * e);
     s = warp_sum(s);
     const int t = (int)(row / nh), h = (int)(row % nh);
     if (lane == 0) delta[(size_t)h * ntok + t] = s;
@@ -363,12 +376,13 @@ __device__ void attn_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, 
                               const u32* __restrict__ cu, int ntok, int nh, int nkv, float scale,
                               T* __restrict__ dk, T* __restrict__ dv) {
     __shared__ AttBwdSmem<D> sm;
-    constexpr int JS = 128 / D;         // key rows sharing one column d across the block
-    constexpr int NJ = BWD_BK / JS;     // keys per thread
+    constexpr int JS = 128 / D;                    // key rows sharing one column d across the block
+    constexpr int NJ = (BWD_BK + JS - 1) / JS;     // keys per thread (the last may be past the tile)
     const int b = (int)tiles[2 * blockIdx.x], c0 = (int)tiles[2 * blockIdx.x + 1];
     const int g = blockIdx.y, rep = nh / nkv;
     const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
     const int d = threadIdx.x % D, j0 = threadIdx.x / D;
+    const bool active = j0 < JS;  // 128 % D threads are idle when D does not divide 128
     float adk[NJ], adv[NJ];
     #pragma unroll
     for (int e = 0; e < NJ; ++e) adk[e] = adv[e] = 0.f;
@@ -384,6 +398,7 @@ __device__ void attn_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, 
             #pragma unroll
             for (int e = 0; e < NJ; ++e) {
                 const int j = j0 + JS * e;
+                if (!active || j >= BWD_BK) continue;
                 #pragma unroll
                 for (int r = 0; r < BWD_BQ; ++r) {
                     adv[e] += sm.P[r][j] * sm.dO[r][d];
@@ -395,7 +410,7 @@ __device__ void attn_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, 
     #pragma unroll
     for (int e = 0; e < NJ; ++e) {
         const int j = c0 + j0 + JS * e;
-        if (j < len) {
+        if (active && j0 + JS * e < BWD_BK && j < len) {
             const size_t off = ((size_t)(s0 + j) * nkv + g) * D + d;
             att_st(dk + off, adk[e] * scale);
             att_st(dv + off, adv[e]);
@@ -411,12 +426,13 @@ __device__ void attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, co
                             const u32* __restrict__ cu, int ntok, int nh, int nkv, float scale,
                             T* __restrict__ dq) {
     __shared__ AttBwdSmem<D> sm;
-    constexpr int RS = 128 / D;        // query rows sharing one column d across the block
-    constexpr int NR = BWD_BQ / RS;    // rows per thread
+    constexpr int RS = 128 / D;                    // query rows sharing one column d across the block
+    constexpr int NR = (BWD_BQ + RS - 1) / RS;     // rows per thread (the last may be past the tile)
     const int b = (int)tiles[2 * blockIdx.x], i0 = (int)tiles[2 * blockIdx.x + 1];
     const int h = blockIdx.y, g = h / (nh / nkv);
     const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
     const int d = threadIdx.x % D, rr0 = threadIdx.x / D;
+    const bool active = rr0 < RS;  // 128 % D threads are idle when D does not divide 128
     float adq[NR];
     #pragma unroll
     for (int e = 0; e < NR; ++e) adq[e] = 0.f;
@@ -431,6 +447,7 @@ __device__ void attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, co
         #pragma unroll
         for (int e = 0; e < NR; ++e) {
             const int r = rr0 + RS * e;
+            if (!active || r >= BWD_BQ) continue;
             float a = 0.f;
             #pragma unroll 8
             for (int j = 0; j < BWD_BK; ++j) a += sm.dS[r][j] * sm.K[j][d];
@@ -440,7 +457,7 @@ __device__ void attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, co
     #pragma unroll
     for (int e = 0; e < NR; ++e) {
         const int i = i0 + rr0 + RS * e;
-        if (i < len) att_st(dq + ((size_t)(s0 + i) * nh + h) * D + d, adq[e] * scale);
+        if (active && rr0 + RS * e < BWD_BQ && i < len) att_st(dq + ((size_t)(s0 + i) * nh + h) * D + d, adq[e] * scale);
     }
 }
 
@@ -459,10 +476,15 @@ __device__ void attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, co
         const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale, T* dq) {               \
         attn_bwd_dq<T, D>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dq);               \
     }
-ATT_BWD(f32_d64, float, 64)
-ATT_BWD(f32_d128, float, 128)
-ATT_BWD(bf16_d64, bf16_t, 64)
-ATT_BWD(bf16_d128, bf16_t, 128)
+#define ATT_BWD_DIMS(T, SUF)                                                                            \
+    ATT_BWD(SUF##_d8, T, 8)                                                                             \
+    ATT_BWD(SUF##_d16, T, 16)                                                                           \
+    ATT_BWD(SUF##_d24, T, 24)                                                                           \
+    ATT_BWD(SUF##_d32, T, 32)                                                                           \
+    ATT_BWD(SUF##_d64, T, 64)                                                                           \
+    ATT_BWD(SUF##_d128, T, 128)
+ATT_BWD_DIMS(float, f32)
+ATT_BWD_DIMS(bf16_t, bf16)
 
 // ---------------------------------------------------------------- decode (split-K)
 #define DEC_MAXQ 4  // new tokens per block
@@ -474,7 +496,7 @@ __device__ void attn_decode_partial(const T* __restrict__ q, const T* __restrict
                                     const u32* __restrict__ cache_lens, int n_new, int nh, int nkv, int max_len,
                                     int chunk, int nsplit, float scale, float* __restrict__ part_o,
                                     float* __restrict__ part_ml) {
-    constexpr int E = D / 32;
+    constexpr int E = (D + 31) / 32;  // elements lane·E .. lane·E + E − 1 (those < D)
     __shared__ float sm_m[4][DEC_MAXQ], sm_l[4][DEC_MAXQ];
     __shared__ float sm_acc[4][DEC_MAXQ][D];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -495,7 +517,7 @@ __device__ void attn_decode_partial(const T* __restrict__ q, const T* __restrict
         const int rr = min(r, nq - 1);  // clamp: rows ≥ nq are computed but never stored
         const T* qr = q + (((size_t)b * n_new + i0 + rr) * nh + h) * D + lane * E;
         #pragma unroll
-        for (int e = 0; e < E; ++e) { qf[r][e] = att_ld(qr + e) * sl2; acc[r][e] = 0.f; }
+        for (int e = 0; e < E; ++e) { qf[r][e] = att_in<D>(lane * E + e) ? att_ld(qr + e) * sl2 : 0.f; acc[r][e] = 0.f; }
         m[r] = -SMELT_INF;
         l[r] = 0.f;
     }
@@ -505,8 +527,9 @@ __device__ void attn_decode_partial(const T* __restrict__ q, const T* __restrict
         float kr[E], vr[E];
         #pragma unroll
         for (int e = 0; e < E; ++e) {
-            kr[e] = att_ld(kbase + (size_t)j * nkv * D + e);
-            vr[e] = att_ld(vbase + (size_t)j * nkv * D + e);
+            const bool in = att_in<D>(lane * E + e);
+            kr[e] = in ? att_ld(kbase + (size_t)j * nkv * D + e) : 0.f;
+            vr[e] = in ? att_ld(vbase + (size_t)j * nkv * D + e) : 0.f;
         }
         #pragma unroll
         for (int r = 0; r < DEC_MAXQ; ++r) {
@@ -528,7 +551,8 @@ __device__ void attn_decode_partial(const T* __restrict__ q, const T* __restrict
     for (int r = 0; r < DEC_MAXQ; ++r) {
         if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = l[r]; }
         #pragma unroll
-        for (int e = 0; e < E; ++e) sm_acc[warp][r][lane * E + e] = acc[r][e];
+        for (int e = 0; e < E; ++e)
+            if (att_in<D>(lane * E + e)) sm_acc[warp][r][lane * E + e] = acc[r][e];
     }
     __syncthreads();
     for (int r = 0; r < nq; ++r) {
@@ -581,10 +605,15 @@ __device__ void attn_decode_combine(const float* __restrict__ part_o, const floa
         const float* part_o, const float* part_ml, int nsplit, T* o) {                                  \
         attn_decode_combine<T, D>(part_o, part_ml, nsplit, o);                                          \
     }
-ATT_DEC(f32_d64, float, 64)
-ATT_DEC(f32_d128, float, 128)
-ATT_DEC(bf16_d64, bf16_t, 64)
-ATT_DEC(bf16_d128, bf16_t, 128)
+#define ATT_DEC_DIMS(T, SUF)                                                                            \
+    ATT_DEC(SUF##_d8, T, 8)                                                                             \
+    ATT_DEC(SUF##_d16, T, 16)                                                                           \
+    ATT_DEC(SUF##_d24, T, 24)                                                                           \
+    ATT_DEC(SUF##_d32, T, 32)                                                                           \
+    ATT_DEC(SUF##_d64, T, 64)                                                                           \
+    ATT_DEC(SUF##_d128, T, 128)
+ATT_DEC_DIMS(float, f32)
+ATT_DEC_DIMS(bf16_t, bf16)
 
 // ---------------------------------------------------------------- KV cache append
 // Row r of new [N, row] goes to cache[(slots[r]·max_len + positions[r])·row ...].

@@ -281,6 +281,18 @@ impl CudaDevice {
             return Ok(CudaStorage { ptr, len_bytes: bytes, class, device: self.clone() });
         }
         if self.is_emulated() {
+            // Held to the reported capacity, so out-of-memory paths can be tested.
+            if pool.stats.in_use + pool.stats.cached + class > self.total_mem {
+                self.free_cached(&mut pool)?;
+            }
+            if pool.stats.in_use + class > self.total_mem {
+                return Err(Error::OutOfMemory {
+                    op: "alloc",
+                    requested: bytes,
+                    in_use: pool.stats.in_use,
+                    device: self.as_device(),
+                });
+            }
             let ptr = emu::malloc(class)?;
             pool.add_new(class);
             return Ok(CudaStorage { ptr, len_bytes: bytes, class, device: self.clone() });

@@ -15,14 +15,18 @@ const DEC_TARGET_BLOCKS: usize = 264;
 /// Shortest cache chunk one decode block handles.
 const DEC_MIN_CHUNK: usize = 128;
 
+/// Head dims the CUDA kernels are instantiated for (`ATT_*_DIMS` in attention.cu): Qwen's 64 and
+/// 128, and small ones for test-sized models. The v2 forward takes 64 and 128; others run v1.
+pub const CUDA_HEAD_DIMS: [usize; 6] = [8, 16, 24, 32, 64, 128];
+
 fn suffix(op: &'static str, dt: DType, d: usize) -> Result<String> {
     let t = match dt {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
         dt => return Err(Error::UnsupportedDType { op, dtype: dt }),
     };
-    if d != 64 && d != 128 {
-        return Err(Error::shape(op, format!("head_dim {d}: the CUDA kernels take 64 or 128")));
+    if !CUDA_HEAD_DIMS.contains(&d) {
+        return Err(Error::shape(op, format!("head_dim {d}: the CUDA kernels take {CUDA_HEAD_DIMS:?}")));
     }
     Ok(format!("{t}_d{d}"))
 }
@@ -81,8 +85,9 @@ pub fn forward(
     let cu_d = upload(ord, cu)?;
     let (pq, pk, pv, po) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, o.cuda_ptr()?);
     let version = if version == 0 { LATEST_FORWARD_VERSION } else { version };
-    // v2 needs bf16 and 16-byte aligned rows (uint4 loads); anything else runs v1.
-    let v2_ok = q.dtype() == DType::BF16 && [pq, pk, pv, po].iter().all(|p| p % 16 == 0);
+    // v2 needs bf16, head_dim 64 or 128 and 16-byte aligned rows (uint4 loads); else v1 runs.
+    let v2_ok =
+        q.dtype() == DType::BF16 && matches!(dims.head_dim, 64 | 128) && [pq, pk, pv, po].iter().all(|p| p % 16 == 0);
     let (nh, nkv) = (i32_arg(OP, dims.n_heads)?, i32_arg(OP, dims.n_kv_heads)?);
     let common = |tail: &[Arg]| -> Vec<Arg> {
         let mut a = vec![Arg::Ptr(pq), Arg::Ptr(pk), Arg::Ptr(pv)];

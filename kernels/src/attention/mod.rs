@@ -28,7 +28,8 @@
 //! share a KV head. Gradients come back in the dtype of q.
 //!
 //! # Head dims
-//! CPU: any multiple of 8 up to 256. CUDA: 64 and 128 (others are a clear error).
+//! CPU: any multiple of 8 up to 256. CUDA: 8, 16, 24, 32, 64 and 128 (`CUDA_HEAD_DIMS` in `attention/cuda.rs`;
+//! others are a clear error), the tensor-core forward at 64 and 128.
 //!
 //! # CUDA versions (`SMELT_ATTN_VERSION` or [`attention_forward_version`])
 //! See `kernels/cuda/attention.cu` and `kernels/cuda/attention.md`: forward v1 naive (one warp

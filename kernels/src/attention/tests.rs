@@ -383,9 +383,18 @@ fn close_to_cpu(got: &Tensor, want: &Tensor, dt: DType, what: &str) {
     assert_close(&got, &want, atol, rtol, what);
 }
 
-/// Device shapes: head dims 64 and 128 only, lengths not multiples of any tile size.
+/// Device shapes: Qwen's head dims 64 and 128, and the small ones test models use (8, 16, and 24,
+/// which does not divide the 128 threads of the backward kernels); lengths not multiples of
+/// any tile size.
 fn device_table() -> Vec<(Vec<u32>, usize, usize, usize)> {
-    vec![(vec![1, 17, 64, 513], 7, 1, 64), (vec![130, 1, 0, 67], 4, 2, 128), (vec![200, 33], 2, 2, 64)]
+    vec![
+        (vec![1, 17, 64, 513], 7, 1, 64),
+        (vec![130, 1, 0, 67], 4, 2, 128),
+        (vec![200, 33], 2, 2, 64),
+        (vec![5, 70, 33], 4, 2, 16),
+        (vec![9, 41], 3, 1, 24),
+        (vec![3, 20], 2, 1, 8),
+    ]
 }
 
 #[test]
@@ -443,7 +452,7 @@ fn decode_device_matches_cpu() {
     // valid rows up to the longest length any step below reads (row 0 reaches 5); rows past
     // that stay NaN.
     let lens = [5u32, 70, 1000, 3000];
-    for (nh, nkv, d) in [(7usize, 1usize, 64usize), (4, 2, 128)] {
+    for (nh, nkv, d) in [(7usize, 1usize, 64usize), (4, 2, 128), (4, 2, 24)] {
         let c = case(&mut rng, &lens, nh, nkv, d);
         for dt in [DType::F32, DType::BF16] {
             let (kc, vc) = filled_cache(&c, &lens, 4, 3001, dt, Device::Cpu);
