@@ -38,6 +38,11 @@
 //   bwd v1 tiled FMA, two passes (dK/dV per KV tile, then dQ per Q tile), f32 and bf16
 //   decode v1 split-K partial + combine, f32 and bf16
 
+// Instantiates kernel family M for every head dim the launchers accept (CUDA_HEAD_DIMS in
+// kernels/src/attention/cuda.rs): M(<dtype>_d<D>, T, D).
+#define ATT_FOR_EACH_DIM(M, T, SUF) \
+    M(SUF##_d8, T, 8) M(SUF##_d16, T, 16) M(SUF##_d24, T, 24) M(SUF##_d32, T, 32) M(SUF##_d64, T, 64) M(SUF##_d128, T, 128)
+
 #define ATT_LOG2E 1.4426950408889634f
 #define ATT_LN2 0.6931471805599453f
 
@@ -100,21 +105,14 @@ __device__ void attn_fwd_v1(const T* __restrict__ q, const T* __restrict__ k, co
     if (lane == 0) lse[(size_t)h * ntok + t] = (m + log2f(l)) * ATT_LN2;
 }
 
-#define ATT_FWD_V1(NAME, T, D)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                             \
+#define ATT_FWD_V1(SUF, T, D)                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) attn_fwd_v1_##SUF(                                \
         const T* q, const T* k, const T* v, const u32* cu, int nseq, int ntok, int nh, int nkv,         \
         float scale, T* o, float* lse) {                                                                \
         attn_fwd_v1<T, D>(q, k, v, cu, nseq, ntok, nh, nkv, scale, o, lse);                             \
     }
-#define ATT_FWD_V1_DIMS(T, SUF)                                                                         \
-    ATT_FWD_V1(attn_fwd_v1_##SUF##_d8, T, 8)                                                            \
-    ATT_FWD_V1(attn_fwd_v1_##SUF##_d16, T, 16)                                                          \
-    ATT_FWD_V1(attn_fwd_v1_##SUF##_d24, T, 24)                                                          \
-    ATT_FWD_V1(attn_fwd_v1_##SUF##_d32, T, 32)                                                          \
-    ATT_FWD_V1(attn_fwd_v1_##SUF##_d64, T, 64)                                                          \
-    ATT_FWD_V1(attn_fwd_v1_##SUF##_d128, T, 128)
-ATT_FWD_V1_DIMS(float, f32)
-ATT_FWD_V1_DIMS(bf16_t, bf16)
+ATT_FOR_EACH_DIM(ATT_FWD_V1, float, f32)
+ATT_FOR_EACH_DIM(ATT_FWD_V1, bf16_t, bf16)
 
 // ---------------------------------------------------------------- forward v2 (mma.sync bf16)
 __device__ __forceinline__ void att_mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
@@ -476,15 +474,8 @@ __device__ void attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, co
         const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale, T* dq) {               \
         attn_bwd_dq<T, D>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dq);               \
     }
-#define ATT_BWD_DIMS(T, SUF)                                                                            \
-    ATT_BWD(SUF##_d8, T, 8)                                                                             \
-    ATT_BWD(SUF##_d16, T, 16)                                                                           \
-    ATT_BWD(SUF##_d24, T, 24)                                                                           \
-    ATT_BWD(SUF##_d32, T, 32)                                                                           \
-    ATT_BWD(SUF##_d64, T, 64)                                                                           \
-    ATT_BWD(SUF##_d128, T, 128)
-ATT_BWD_DIMS(float, f32)
-ATT_BWD_DIMS(bf16_t, bf16)
+ATT_FOR_EACH_DIM(ATT_BWD, float, f32)
+ATT_FOR_EACH_DIM(ATT_BWD, bf16_t, bf16)
 
 // ---------------------------------------------------------------- decode (split-K)
 #define DEC_MAXQ 4  // new tokens per block
@@ -605,15 +596,8 @@ __device__ void attn_decode_combine(const float* __restrict__ part_o, const floa
         const float* part_o, const float* part_ml, int nsplit, T* o) {                                  \
         attn_decode_combine<T, D>(part_o, part_ml, nsplit, o);                                          \
     }
-#define ATT_DEC_DIMS(T, SUF)                                                                            \
-    ATT_DEC(SUF##_d8, T, 8)                                                                             \
-    ATT_DEC(SUF##_d16, T, 16)                                                                           \
-    ATT_DEC(SUF##_d24, T, 24)                                                                           \
-    ATT_DEC(SUF##_d32, T, 32)                                                                           \
-    ATT_DEC(SUF##_d64, T, 64)                                                                           \
-    ATT_DEC(SUF##_d128, T, 128)
-ATT_DEC_DIMS(float, f32)
-ATT_DEC_DIMS(bf16_t, bf16)
+ATT_FOR_EACH_DIM(ATT_DEC, float, f32)
+ATT_FOR_EACH_DIM(ATT_DEC, bf16_t, bf16)
 
 // ---------------------------------------------------------------- KV cache append
 // Row r of new [N, row] goes to cache[(slots[r]·max_len + positions[r])·row ...].

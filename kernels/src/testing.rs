@@ -91,3 +91,14 @@ pub fn test_cuda_device() -> Option<Device> {
     }
     None
 }
+
+/// Whether `dev` is the CUDA emulator (`SMELT_CUDA_EMULATOR=1`), for device tests whose full
+/// size would take minutes on a CPU; they shrink or skip that part, saying so.
+pub fn emulated(dev: Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(i) = dev {
+        return smelt_engine::cuda::device(i).map(|d| d.is_emulated()).unwrap_or(false);
+    }
+    let _ = dev;
+    false
+}
