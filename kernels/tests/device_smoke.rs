@@ -16,7 +16,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Under the CUDA emulator the NVRTC module path and the driver probe are not exercised (the
 /// emulator compiles with the host compiler and has no driver); those checks need a GPU.
 fn emulated(ord: usize) -> bool {
-    let e = smelt_engine::cuda::device(ord).map(|d| d.is_emulated()).unwrap_or(false);
+    let e = smelt_kernels::testing::emulated(Device::Cuda(ord));
     if e {
         eprintln!("skipping the driver/NVRTC part of this test: cuda:{ord} is the CPU emulator");
     }
