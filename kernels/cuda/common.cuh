@@ -41,6 +41,18 @@ __device__ __forceinline__ float f16_to_f32(f16_t h) { return (float)smelt_bits<
 __device__ __forceinline__ f16_t f32_to_f16(float f) { return smelt_bits<f16_t>((_Float16)f); }
 #endif
 
+#ifdef SMELT_EMU
+// The emulator runs the same xor butterfly in one warp rendezvous instead of five (same bits).
+__device__ __forceinline__ float warp_sum(float v) {
+    return smelt_emu::butterfly(v, [](float a, float b) { return a + b; }, "warp_sum");
+}
+__device__ __forceinline__ float warp_max(float v) {
+    return smelt_emu::butterfly(v, [](float a, float b) { return fmaxf(a, b); }, "warp_max");
+}
+__device__ __forceinline__ double warp_sum_f64(double v) {
+    return smelt_emu::butterfly(v, [](double a, double b) { return a + b; }, "warp_sum_f64");
+}
+#else
 __device__ __forceinline__ float warp_sum(float v) {
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -58,6 +70,7 @@ __device__ __forceinline__ double warp_sum_f64(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+#endif
 
 // Sum over the whole block in f64, in a fixed order (deterministic); every thread gets the
 // result. `scratch` holds >= 32 doubles; blockDim.x must be a multiple of 32.

@@ -138,9 +138,13 @@ __device__ __forceinline__ LeState le_shfl_xor(const LeState& st, int o) {
 }
 
 __device__ __forceinline__ LeState le_warp_reduce(LeState st) {
+#ifdef SMELT_EMU  // the same butterfly in one warp rendezvous (cuda_emu.hpp)
+    return smelt_emu::butterfly(st, [](LeState a, const LeState& b) { le_merge(a, b); return a; }, "le_warp_reduce");
+#else
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) le_merge(st, le_shfl_xor(st, o));
     return st;
+#endif
 }
 
 // Merge over the block; the result is valid in thread 0. blockDim.x: a multiple of 32, ≤ 1024.

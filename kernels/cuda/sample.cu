@@ -47,79 +47,106 @@ __device__ __forceinline__ float smp_uniform(u64 seed, u64 step, u64 row) {
     return (float)(h >> 40) * (1.0f / 16777216.0f);
 }
 
-__device__ __forceinline__ u32 smp_block_sum_u32(u32 v, u32* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+// Warp-level pieces of the block reductions below. The emulator (cuda_emu.hpp) replays the
+// same shuffle butterflies and scans in one warp rendezvous each.
+__device__ __forceinline__ u32 smp_warp_sum_u32(u32 v) {
+#ifdef SMELT_EMU
+    return smelt_emu::butterfly(v, [](u32 a, u32 b) { return a + b; }, "smp_warp_sum_u32");
+#else
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+#endif
+}
+
+__device__ __forceinline__ u32 smp_warp_min_u32(u32 v) {
+#ifdef SMELT_EMU
+    return smelt_emu::butterfly(v, [](u32 a, u32 b) { return min(a, b); }, "smp_warp_min_u32");
+#else
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+#endif
+}
+
+__device__ __forceinline__ u32 smp_block_sum_u32(u32 v, u32* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = smp_warp_sum_u32(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     v = (lane < nwarps) ? scratch[lane] : 0u;
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+    return smp_warp_sum_u32(v);
 }
 
 __device__ __forceinline__ u32 smp_block_min_u32(u32 v, u32* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+    v = smp_warp_min_u32(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     v = (lane < nwarps) ? scratch[lane] : SMP_NONE;
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
+    return smp_warp_min_u32(v);
 }
 
 // Larger value wins; equal values: smaller index. Values are never NaN here.
-__device__ __forceinline__ void smp_argmax_step(float& v, u32& i, float ov, u32 oi) {
-    if (ov > v || (ov == v && oi < i)) {
-        v = ov;
-        i = oi;
-    }
+struct SmpArg {
+    float v;
+    u32 i;
+};
+__device__ __forceinline__ SmpArg smp_argmax_step(SmpArg a, SmpArg b) {
+    return (b.v > a.v || (b.v == a.v && b.i < a.i)) ? b : a;
+}
+
+__device__ __forceinline__ SmpArg smp_warp_argmax(SmpArg a) {
+#ifdef SMELT_EMU
+    return smelt_emu::butterfly(a, smp_argmax_step, "smp_warp_argmax");
+#else
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        a = smp_argmax_step(a, {__shfl_xor_sync(0xffffffffu, a.v, o), __shfl_xor_sync(0xffffffffu, a.i, o)});
+    return a;
+#endif
 }
 
 __device__ __forceinline__ void smp_block_argmax(float& v, u32& i, float* sv, u32* si) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        smp_argmax_step(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+    SmpArg a = smp_warp_argmax({v, i});
     __syncthreads();
     if (lane == 0) {
-        sv[warp] = v;
-        si[warp] = i;
+        sv[warp] = a.v;
+        si[warp] = a.i;
     }
     __syncthreads();
-    v = (lane < nwarps) ? sv[lane] : -SMELT_INF;
-    i = (lane < nwarps) ? si[lane] : SMP_NONE;
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        smp_argmax_step(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+    a = (lane < nwarps) ? SmpArg{sv[lane], si[lane]} : SmpArg{-SMELT_INF, SMP_NONE};
+    a = smp_warp_argmax(a);
+    v = a.v;
+    i = a.i;
 }
 
-// Inclusive scan over the block in thread order; *total gets the block's sum.
-__device__ __forceinline__ float smp_block_scan(float x, float* scratch, float* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    float s = x;
+// Inclusive scan over the warp in lane order.
+__device__ __forceinline__ float smp_warp_scan(float s) {
+#ifdef SMELT_EMU
+    return smelt_emu::scan_up(s, [](float a, float b) { return a + b; }, "smp_warp_scan");
+#else
+    const int lane = threadIdx.x & 31;
     #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
         const float y = __shfl_up_sync(0xffffffffu, s, o);
         if (lane >= o) s += y;
     }
+    return s;
+#endif
+}
+
+// Inclusive scan over the block in thread order; *total gets the block's sum.
+__device__ __forceinline__ float smp_block_scan(float x, float* scratch, float* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const float s = smp_warp_scan(x);
     __syncthreads();
     if (lane == 31) scratch[warp] = s;
     __syncthreads();
-    if (warp == 0) {
-        float t = (lane < nwarps) ? scratch[lane] : 0.0f;
-        #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const float y = __shfl_up_sync(0xffffffffu, t, o);
-            if (lane >= o) t += y;
-        }
-        scratch[lane] = t;
-    }
+    if (warp == 0) scratch[lane] = smp_warp_scan((lane < nwarps) ? scratch[lane] : 0.0f);
     __syncthreads();
     *total = scratch[nwarps - 1];
     return s + (warp > 0 ? scratch[warp - 1] : 0.0f);

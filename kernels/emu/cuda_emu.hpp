@@ -18,12 +18,15 @@
 // What it checks, as errors returned to the launcher (never a crash):
 //   - every kernel argument's kind (pointer, 32/64-bit integer, f32, f64) against the kernel's
 //     parameter list, and the argument count;
-//   - launch bounds: block ≤ 1024 threads, grid y/z ≤ 65535;
+//   - launch shape: block ≤ 1024 threads and within the kernel's __launch_bounds__, grid y/z ≤ 65535
+//     (registers and shared memory per block are checked by kernels/src/emu.rs against ptxas's
+//     report for sm_80 and sm_90, when NVRTC is installed);
 //   - deadlock: threads waiting at a barrier that the others can never reach;
 //   - a full-mask warp operation in a warp with an exited or missing lane (undefined on a GPU).
-// What it cannot check: timing-dependent races between blocks, out-of-bounds accesses (build with
-// SMELT_EMU_SANITIZE=address for those), GPU rounding (no FMA contraction here, exact expf for
-// __expf), resource limits (registers, static shared memory).
+// Out-of-bounds accesses are caught on the memory side (smelt_engine::cuda::emu): a guard page
+// after every device block (SIGSEGV) and a canary after every tensor, checked after each launch.
+// What it cannot check: timing-dependent races between blocks, GPU rounding (no FMA contraction
+// here, exact expf for __expf).
 
 #pragma once
 #include <algorithm>
@@ -33,6 +36,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -56,7 +61,11 @@
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
 #define __restrict__ __restrict
+#ifdef SMELT_EMU_SCAN
+#define __launch_bounds__(...) __smelt_bounds__(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static thread_local
 
@@ -195,13 +204,25 @@ struct Fiber {
     St st;
     uint3 tid;
     int lane, warp;
+    unsigned shuffles;  // shuffles this thread has done: picks the slot of the next one
 };
 
 struct Warp {
     int lanes = 0;       // lanes that exist (the last warp of an odd-sized block has fewer)
     int waiting = 0;     // lanes at the current warp barrier
     int exited = -1;     // a lane that has returned, if any
-    uint64_t slot[32][12];  // per-lane operands of the current shuffle / mma
+    unsigned reduced = 0;  // the operation count of the collective whose results are in `out`
+    // Per-lane operands: mma.sync uses slots 0-5; shuffles alternate between slots 10 and 11.
+    uint64_t slot[32][12];
+    // warp_collective(): deposits (alternating like the shuffle slots) and results, per lane.
+    alignas(16) unsigned char in[2][32][64];
+    alignas(16) unsigned char out[32][64];
+    void reset() {  // for the next block; the operand buffers are always written before read
+        lanes = 0;
+        waiting = 0;
+        exited = -1;
+        reduced = 0;
+    }
 };
 
 struct Block {
@@ -285,12 +306,63 @@ template <class T, class F> inline T shuffle(unsigned mask, T v, F src, const ch
     Warp& w = B->warps[f.warp];
     uint64_t bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
-    w.slot[f.lane][0] = bits;
+    // One barrier per shuffle: consecutive shuffles use different slots, and a lane can write a
+    // slot again only two shuffles later, past a barrier every lane reaches after its read.
+    const int k = 10 + (f.shuffles++ & 1);
+    w.slot[f.lane][k] = bits;
     sync_warp(op);
     T out;
-    std::memcpy(&out, &w.slot[src(f.lane)][0], sizeof(T));
-    sync_warp(op);
+    std::memcpy(&out, &w.slot[src(f.lane)][k], sizeof(T));
     return out;
+}
+
+// A warp-wide data exchange in one rendezvous: every lane deposits v; after the barrier the first
+// lane to run applies `all` to the 32 deposits (in lane order, transformed in place) and every
+// lane reads its own entry. For trivially copyable T up to 64 bytes (a reduction state struct
+// fits). The results are rewritten only after the next barrier, which every lane reaches after
+// its read; deposits alternate between two buffers for the same reason.
+template <class T, class F> inline T warp_collective(T v, F all, const char* name) {
+    static_assert(sizeof(T) <= 64 && std::is_trivially_copyable_v<T>, "warp collective over an unsupported type");
+    Fiber& f = B->fibers[B->cur];
+    Warp& w = B->warps[f.warp];
+    const int k = f.shuffles++ & 1;
+    std::memcpy(w.in[k][f.lane], &v, sizeof(T));
+    sync_warp(name);
+    if (w.reduced != f.shuffles) {
+        w.reduced = f.shuffles;
+        T x[32];
+        for (int l = 0; l < 32; ++l) std::memcpy(&x[l], w.in[k][l], sizeof(T));
+        all(x);
+        for (int l = 0; l < 32; ++l) std::memcpy(w.out[l], &x[l], sizeof(T));
+    }
+    T out;
+    std::memcpy(&out, w.out[f.lane], sizeof(T));
+    return out;
+}
+
+// `for (o = 16; o > 0; o >>= 1) v = op(v, <v of lane ^ o>)`: the xor butterfly that warp
+// reductions do with five __shfl_xor_sync, replayed with the same operations in the same order
+// (so the same bits) in one rendezvous.
+template <class T, class Op> inline T butterfly(T v, Op op, const char* name) {
+    return warp_collective(v, [&](T* x) {
+        T y[32];
+        for (int o = 16; o > 0; o >>= 1) {
+            for (int l = 0; l < 32; ++l) y[l] = op(x[l], x[l ^ o]);
+            for (int l = 0; l < 32; ++l) x[l] = y[l];
+        }
+    }, name);
+}
+
+// `for (o = 1; o < 32; o <<= 1) { y = <v of lane - o>; if (lane >= o) v = op(v, y); }`: the
+// inclusive scan done with five __shfl_up_sync, replayed the same way.
+template <class T, class Op> inline T scan_up(T v, Op op, const char* name) {
+    return warp_collective(v, [&](T* x) {
+        T y[32];
+        for (int o = 1; o < 32; o <<= 1) {
+            for (int l = 0; l < 32; ++l) y[l] = l >= o ? op(x[l], x[l - o]) : x[l];
+            for (int l = 0; l < 32; ++l) x[l] = y[l];
+        }
+    }, name);
 }
 
 inline void fiber_main() {
@@ -336,6 +408,25 @@ struct Stacks {
     }
 };
 
+// Stacks outlive launches: mapping and first touching up to 1,024 fresh stacks per worker made
+// every launch cost milliseconds, far more than the small kernels themselves.
+struct StackPool {
+    std::mutex lock;
+    std::vector<std::unique_ptr<Stacks>> free;
+    std::unique_ptr<Stacks> take() {
+        std::lock_guard<std::mutex> g(lock);
+        if (free.empty()) return std::make_unique<Stacks>();
+        auto s = std::move(free.back());
+        free.pop_back();
+        return s;
+    }
+    void put(std::unique_ptr<Stacks> s) {
+        std::lock_guard<std::mutex> g(lock);
+        free.push_back(std::move(s));
+    }
+};
+inline StackPool stack_pool;
+
 inline std::string describe_deadlock(const Block& b) {
     int at_block = 0, at_warp = 0, done = 0;
     for (auto& f : b.fibers) {
@@ -355,7 +446,8 @@ inline std::string describe_deadlock(const Block& b) {
 inline bool run_block(Block& b, Stacks& stacks, bool reverse) {
     const unsigned n = blockDim.x * blockDim.y * blockDim.z;
     b.fibers.resize(n);
-    b.warps.assign((n + 31) / 32, Warp{});
+    b.warps.resize((n + 31) / 32);
+    for (Warp& w : b.warps) w.reset();
     b.live = (int)n;
     b.at_block_barrier = 0;
     b.error.clear();
@@ -365,13 +457,17 @@ inline bool run_block(Block& b, Stacks& stacks, bool reverse) {
         f.tid = {i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
         f.lane = (int)(i % 32);
         f.warp = (int)(i / 32);
+        f.shuffles = 0;
         b.warps[f.warp].lanes++;
         char* stack = stacks.get(i);
         if (!stack) {
             b.error = "cannot map a fiber stack (out of memory)";
             return false;
         }
-        make_context(f.ctx, stack + 4096, kStack - 4096, fiber_main);
+        // Stack tops staggered within 64 KiB: at one stride apart they would all share the same
+        // few cache sets, and every fiber switch would miss.
+        const size_t stagger = (size_t)((i * 2654435761u) >> 22) * 64;
+        make_context(f.ctx, stack + 4096, kStack - 4096 - stagger, fiber_main);
     }
     while (b.live > 0) {
         bool ran = false;
@@ -449,8 +545,8 @@ inline int report(char* err, size_t len, const std::string& m) {
 
 // Launches kernel `f` over grid × block; returns 0, or 1 with a message in `err`.
 template <class... A>
-int launch(const char* name, void (*f)(A...), const uint64_t* args, const uint8_t* kinds, int nargs,
-           const unsigned* grid, const unsigned* block, char* err, size_t errlen) {
+int launch(const char* name, void (*f)(A...), unsigned max_threads, const uint64_t* args, const uint8_t* kinds,
+           int nargs, const unsigned* grid, const unsigned* block, char* err, size_t errlen) {
     constexpr int np = sizeof...(A);
     if (nargs != np)
         return report(err, errlen,
@@ -471,6 +567,11 @@ int launch(const char* name, void (*f)(A...), const uint64_t* args, const uint8_
                           std::to_string(grid[1]) + "," + std::to_string(grid[2]) + ") block (" +
                           std::to_string(block[0]) + "," + std::to_string(block[1]) + "," + std::to_string(block[2]) +
                           ")");
+    if (max_threads && threads > max_threads)
+        return report(err, errlen,
+                      std::string(name) + ": a block of " + std::to_string(threads) +
+                          " threads exceeds the kernel's __launch_bounds__(" + std::to_string(max_threads) +
+                          "): the driver refuses this launch");
     Call<A...> call{f, unpack_all<A...>(args, std::index_sequence_for<A...>{})};
     const unsigned long long nblocks = (unsigned long long)grid[0] * grid[1] * grid[2];
     const char* order = getenv("SMELT_EMU_ORDER");
@@ -483,7 +584,7 @@ int launch(const char* name, void (*f)(A...), const uint64_t* args, const uint8_
     std::string first_error;
     std::atomic_flag error_lock = ATOMIC_FLAG_INIT;
     auto work = [&] {
-        Stacks stacks;
+        std::unique_ptr<Stacks> stacks = stack_pool.take();
         Block b;
         b.thunk = &Call<A...>::run;
         b.args = &call;
@@ -494,7 +595,7 @@ int launch(const char* name, void (*f)(A...), const uint64_t* args, const uint8_
             const unsigned long long i = next.fetch_add(1);
             if (i >= nblocks || failed.load()) break;
             blockIdx = {(unsigned)(i % grid[0]), (unsigned)((i / grid[0]) % grid[1]), (unsigned)(i / ((unsigned long long)grid[0] * grid[1]))};
-            if (!run_block(b, stacks, reverse)) {
+            if (!run_block(b, *stacks, reverse)) {
                 while (error_lock.test_and_set()) {
                 }
                 if (!failed.exchange(true)) {
@@ -507,6 +608,7 @@ int launch(const char* name, void (*f)(A...), const uint64_t* args, const uint8_
             }
         }
         B = nullptr;
+        stack_pool.put(std::move(stacks));
     };
     // Always fresh threads, even for one block: __shared__ memory then starts zeroed in every
     // launch instead of holding the caller's previous launch's values.
@@ -574,10 +676,12 @@ inline void smelt_emu_mma_m16n8k16_bf16(float* c, const uint32_t* a, uint32_t b0
     sync_warp("mma.sync");
 }
 
-// One exported entry point per kernel (kernels/src/emu.rs appends these after the source).
-#define SMELT_EMU_EXPORT(name)                                                                               \
+// One exported entry point per kernel (kernels/src/emu.rs appends these after the source, with the
+// kernel's __launch_bounds__ thread count, or 0 when it declares none).
+#define SMELT_EMU_EXPORT(name, max_threads)                                                                  \
     extern "C" int smelt_emu_launch_##name(const uint64_t* args, const uint8_t* kinds, int nargs,           \
                                            const unsigned* grid, const unsigned* block, char* err,           \
                                            size_t errlen) {                                                  \
-        return smelt_emu::launch(#name, &name, args, kinds, nargs, grid, block, err, errlen);               \
+        return smelt_emu::launch(#name, &name, (unsigned)(max_threads), args, kinds, nargs, grid, block, err, \
+                                 errlen);                                                                    \
     }

@@ -127,7 +127,7 @@ fn full_source(name: &str, code: &str) -> String {
     format!("{COMMON_CUH}\n#line 1 \"{name}.cu\"\n{code}\n")
 }
 
-fn nvrtc_compile(name: &str, code: &str, arch: &str) -> std::result::Result<Compiled, CompileFailure> {
+fn nvrtc_compile(name: &str, code: &str, arch: &str, extra: &[&str]) -> std::result::Result<Compiled, CompileFailure> {
     let fail = |code, detail: String| CompileFailure { code, detail };
     let bad = nvrtc_sys::nvrtcResult::NVRTC_ERROR_INVALID_INPUT;
     let src = CString::new(full_source(name, code)).map_err(|_| fail(bad, "source contains a NUL byte".into()))?;
@@ -135,7 +135,7 @@ fn nvrtc_compile(name: &str, code: &str, arch: &str) -> std::result::Result<Comp
     let prog =
         nvrtc::create_program(&src, Some(&prog_name)).map_err(|e| fail(e.0, format!("nvrtcCreateProgram: {e:?}")))?;
     let mut opts: Vec<String> = vec![format!("--gpu-architecture={arch}")];
-    opts.extend(options().iter().map(|s| s.to_string()));
+    opts.extend(options().iter().chain(extra).map(|s| s.to_string()));
     // SAFETY: `prog` is a live program; it is destroyed exactly once below.
     let out = unsafe {
         let compiled = nvrtc::compile_program(prog, &opts);
@@ -184,12 +184,118 @@ pub fn compile_source(name: &str, code: &str, arch: &str) -> Result<Compiled> {
     if !nvrtc_present() {
         return Err(Error::CudaUnavailable(nvrtc_status().err().map(|e| e.to_string()).unwrap_or_default()));
     }
-    nvrtc_compile(name, code, arch).map_err(|f| compile_error(name, arch, f))
+    nvrtc_compile(name, code, arch, &[]).map_err(|f| compile_error(name, arch, f))
 }
 
 /// Compiles `src` for `arch` and returns the image (cubin for `sm_XY`, PTX for `compute_XY`).
 pub fn compile(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
     compile_source(src.name, src.src, arch).map(|c| c.image)
+}
+
+// ---- resources --------------------------------------------------------------------------
+
+/// What ptxas reports for one kernel of a cubin (`-Xptxas -v`): the numbers that decide whether
+/// a launch of a given block size fits an SM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelResources {
+    pub kernel: String,
+    pub registers: u32,
+    /// Static shared memory in bytes.
+    pub smem: u32,
+    pub stack_frame: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+/// Registers per block (sm_80 and sm_90 alike), and the allocation granularities behind it.
+const REGS_PER_BLOCK: u32 = 65_536;
+const REG_ALLOC_PER_WARP: u32 = 256;
+/// Shared memory a block gets without opting in, and the opt-in ceiling per architecture.
+const SMEM_DEFAULT: u32 = 48 * 1024;
+
+fn smem_opt_in_max(arch: &str) -> u32 {
+    match arch {
+        "sm_80" => 163 * 1024,
+        "sm_86" | "sm_89" => 99 * 1024,
+        _ => 227 * 1024,
+    }
+}
+
+/// Compiles a named CUDA source for `sm_XY` with ptxas's verbose report and returns each
+/// kernel's registers, static shared memory and spills. Needs NVRTC, not a GPU.
+pub fn compile_resources(name: &str, code: &str, arch: &str) -> Result<Vec<KernelResources>> {
+    if !nvrtc_present() {
+        return Err(Error::CudaUnavailable(nvrtc_status().err().map(|e| e.to_string()).unwrap_or_default()));
+    }
+    let c = nvrtc_compile(name, code, arch, &["-Xptxas=-v"]).map_err(|f| compile_error(name, arch, f))?;
+    parse_ptxas_report(&c.log)
+        .map_err(|detail| Error::Cuda { op: "nvrtc compile", detail: format!("{name}.cu for {arch}: {detail}") })
+}
+
+/// Reads ptxas's `-v` lines, which come per kernel as
+/// `Compiling entry function 'k' for 'sm_90'`, `N bytes stack frame, N bytes spill stores, N bytes
+/// spill loads` and `Used N registers, ... N bytes smem, ...`.
+fn parse_ptxas_report(log: &str) -> std::result::Result<Vec<KernelResources>, String> {
+    fn number_before(line: &str, unit: &str) -> Option<u32> {
+        let end = line.find(unit)?;
+        line[..end].split_whitespace().last()?.parse().ok()
+    }
+    let mut out: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let kernel = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push(KernelResources {
+                kernel,
+                registers: 0,
+                smem: 0,
+                stack_frame: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+            });
+            continue;
+        }
+        let Some(k) = out.last_mut() else { continue };
+        if line.contains("bytes stack frame") {
+            k.stack_frame = number_before(line, " bytes stack frame").unwrap_or(0);
+            k.spill_stores = number_before(line, " bytes spill stores").unwrap_or(0);
+            k.spill_loads = number_before(line, " bytes spill loads").unwrap_or(0);
+        } else if let Some(r) = number_before(line, " registers") {
+            k.registers = r;
+            k.smem = number_before(line, " bytes smem").unwrap_or(0);
+        }
+    }
+    if out.is_empty() || out.iter().any(|k| k.registers == 0) {
+        return Err(format!("no usable ptxas -v report in the NVRTC log:\n{log}"));
+    }
+    Ok(out)
+}
+
+impl KernelResources {
+    /// Whether a block of `threads` threads with `dyn_smem` bytes of dynamic shared memory fits
+    /// one SM of `arch`; the error says what the driver would refuse and why.
+    pub fn check_launch(&self, arch: &str, threads: u32, dyn_smem: u32) -> std::result::Result<(), String> {
+        let warps = threads.div_ceil(32);
+        let per_warp = (self.registers * 32).div_ceil(REG_ALLOC_PER_WARP) * REG_ALLOC_PER_WARP;
+        if warps * per_warp > REGS_PER_BLOCK {
+            return Err(format!(
+                "{}: a block of {threads} threads at {} registers each ({arch}) needs {} registers, more than the \
+                 {REGS_PER_BLOCK} a block can have: the driver refuses this launch \
+                 (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES); use fewer threads or add __launch_bounds__({threads})",
+                self.kernel,
+                self.registers,
+                warps * per_warp
+            ));
+        }
+        let smem = self.smem + dyn_smem;
+        let limit = if dyn_smem > 0 { smem_opt_in_max(arch) } else { SMEM_DEFAULT };
+        if smem > limit {
+            return Err(format!(
+                "{}: {} bytes of static + {dyn_smem} of dynamic shared memory exceed the {limit} a block can have on {arch}",
+                self.kernel, self.smem
+            ));
+        }
+        Ok(())
+    }
 }
 
 // ---- disk cache ---------------------------------------------------------------------------
@@ -354,7 +460,7 @@ fn build_module(dev: &CudaDevice, src: &KernelSource) -> std::result::Result<Mod
     }
 
     let t0 = Instant::now();
-    let cubin_err = match nvrtc_compile(src.name, src.src, &arch) {
+    let cubin_err = match nvrtc_compile(src.name, src.src, &arch, &[]) {
         Ok(c) => match load_image(dev, ImageKind::Cubin, &c.image) {
             Ok(m) => {
                 if let Some(p) = &path {
@@ -374,7 +480,7 @@ fn build_module(dev: &CudaDevice, src: &KernelSource) -> std::result::Result<Mod
 
     // Fallback: PTX for the driver to JIT.
     let virt = arch.replacen("sm_", "compute_", 1);
-    let c = nvrtc_compile(src.name, src.src, &virt)
+    let c = nvrtc_compile(src.name, src.src, &virt, &[])
         .map_err(|f| format!("{cubin_err}; PTX fallback failed too: {}", compile_error(src.name, &virt, f)))?;
     let m = load_image(dev, ImageKind::Ptx, &c.image).map_err(|e| {
         format!(

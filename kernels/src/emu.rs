@@ -8,9 +8,11 @@
 //! launcher/kernel signature; whether it is right on a GPU is still for the GPU to say.
 //!
 //! Build: `$CXX` (default `g++`), C++17, `-O2 -ffp-contract=off` (so no FMA contraction: the
-//! CPU results do not depend on the compiler's choices). `SMELT_EMU_SANITIZE=address` adds
-//! AddressSanitizer (run the tests with `LD_PRELOAD=$(g++ -print-file-name=libasan.so)`) to catch
-//! out-of-bounds accesses, which a GPU often lets pass silently.
+//! CPU results do not depend on the compiler's choices).
+//!
+//! Besides what the header checks, each launch is checked here against the kernel's registers
+//! and shared memory (from ptxas, through NVRTC) and, after it ran, for writes past the end of
+//! the tensors it was given (the device side's canaries, `smelt_engine::cuda::emu`).
 
 use std::collections::HashMap;
 use std::ffi::c_char;
@@ -18,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::cuda::{cache_dir, fnv1a_128, Arg, LaunchCfg};
+use crate::cuda::{cache_dir, compile_resources, fnv1a_128, Arg, KernelResources, LaunchCfg};
 use crate::{Error, KernelSource, Result, COMMON_CUH};
 
 /// The emulation header, prepended to every source.
@@ -36,17 +38,9 @@ fn compiler() -> String {
 }
 
 fn flags() -> Vec<String> {
-    let mut f: Vec<String> =
-        ["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-w"]
-            .map(String::from)
-            .to_vec();
-    if let Ok(s) = std::env::var("SMELT_EMU_SANITIZE") {
-        if !s.is_empty() {
-            f.push(format!("-fsanitize={s}"));
-            f.push("-g".into());
-        }
-    }
-    f
+    ["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-w"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
@@ -64,30 +58,53 @@ fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Names of the `extern "C" __global__` kernels in `text` (expanded by the preprocessor, so the
-/// kernels that macros declare are found too).
-fn kernel_names(file: &Path) -> Result<Vec<String>> {
+/// The `extern "C" __global__` kernels in `file` (expanded by the preprocessor, so the kernels
+/// that macros declare are found too), each with its `__launch_bounds__` thread count as a C++
+/// expression ("0" when it declares none).
+fn kernel_names(file: &Path) -> Result<Vec<(String, String)>> {
     let pre = run(
         Command::new(compiler()).args(["-std=c++17", "-E", "-P", "-DSMELT_EMU_SCAN"]).arg(file),
         &format!("preprocessing {}", file.display()),
     )?;
     let text = String::from_utf8_lossy(&pre);
-    let mut names = Vec::new();
+    let mut kernels: Vec<(String, String)> = Vec::new();
     for part in text.split("__smelt_kernel__").skip(1) {
-        let rest = part.trim_start().strip_prefix("void").unwrap_or("").trim_start();
+        let mut rest = part.trim_start().strip_prefix("void").unwrap_or("").trim_start();
+        let mut bounds = "0".to_string();
+        if let Some(b) = rest.strip_prefix("__smelt_bounds__") {
+            // `(max_threads[, min_blocks])`: keep the first argument, up to its top-level comma.
+            let (mut depth, mut end, mut first_comma) = (0i32, b.len(), None);
+            for (i, c) in b.char_indices() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = i;
+                            break;
+                        }
+                    }
+                    ',' if depth == 1 && first_comma.is_none() => first_comma = Some(i),
+                    _ => {}
+                }
+            }
+            let inner = b.get(1..first_comma.unwrap_or(end)).unwrap_or("0");
+            bounds = format!("({})", inner.trim());
+            rest = b.get(end + 1..).unwrap_or("").trim_start();
+        }
         let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-        if !name.is_empty() && !names.contains(&name) {
-            names.push(name);
+        if !name.is_empty() && !kernels.iter().any(|(n, _)| *n == name) {
+            kernels.push((name, bounds));
         }
     }
-    Ok(names)
+    Ok(kernels)
 }
 
 fn build(src: &KernelSource) -> Result<Lib> {
     let code = format!("{EMU_HPP}\n{COMMON_CUH}\n#line 1 \"{}.cu\"\n{}\n", src.name, src.src);
     let cxx = compiler();
     let fl = flags();
-    let key = fnv1a_128(&[code.as_bytes(), cxx.as_bytes(), fl.join(" ").as_bytes()]);
+    let key = fnv1a_128(&[code.as_bytes(), cxx.as_bytes(), fl.join(" ").as_bytes(), b"exports-v2"]);
     let dir = cache_dir().unwrap_or_else(std::env::temp_dir).join("emu");
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::Cuda { op: "emulator compile", detail: format!("creating {}: {e}", dir.display()) })?;
@@ -104,7 +121,7 @@ fn build(src: &KernelSource) -> Result<Lib> {
         write(&cpp, &code)?;
         let names = kernel_names(&cpp);
         let result = names.and_then(|names| {
-            let exports: String = names.iter().map(|n| format!("SMELT_EMU_EXPORT({n})\n")).collect();
+            let exports: String = names.iter().map(|(n, b)| format!("SMELT_EMU_EXPORT({n}, {b})\n")).collect();
             write(&cpp, &format!("{code}\n{exports}"))?;
             let tmp = cpp.with_extension("so");
             run(Command::new(&cxx).args(&fl).arg("-o").arg(&tmp).arg(&cpp), &format!("{}.cu with {cxx}", src.name))?;
@@ -135,6 +152,87 @@ fn library(src: &KernelSource) -> Result<Arc<Lib>> {
         .map_err(|detail| Error::Cuda { op: "emulator compile", detail })
 }
 
+/// The GPUs whose limits every emulated launch is checked against.
+const CHECKED_ARCHS: [&str; 2] = ["sm_80", "sm_90"];
+
+/// Each kernel's registers and static shared memory on [`CHECKED_ARCHS`], from ptxas's report
+/// through NVRTC (cached on disk, next to the emulator libraries), so every emulated launch is
+/// also checked against the per-block limits a GPU enforces. `None`, said once per source on
+/// stderr, when NVRTC is unavailable or does not compile the source (the emulator's own tests
+/// use emulator-only intrinsics).
+type Resources = HashMap<String, Vec<(&'static str, KernelResources)>>;
+
+fn resources(src: &KernelSource) -> Option<Arc<Resources>> {
+    type Slot = Arc<OnceLock<Option<Arc<Resources>>>>;
+    static TABLES: OnceLock<Mutex<HashMap<(&'static str, usize), Slot>>> = OnceLock::new();
+    let slot = {
+        let mut map = TABLES.get_or_init(Default::default).lock().ok()?;
+        map.entry((src.name, src.src.as_ptr() as usize)).or_default().clone()
+    };
+    slot.get_or_init(|| match resource_table(src) {
+        Ok(t) => Some(Arc::new(t)),
+        Err(e) => {
+            let first = e.lines().next().unwrap_or_default().to_string();
+            eprintln!(
+                "CUDA emulator: {}.cu launches are not checked against register and shared-memory limits: {first}",
+                src.name
+            );
+            None
+        }
+    })
+    .clone()
+}
+
+fn resource_table(src: &KernelSource) -> std::result::Result<Resources, String> {
+    let ver = smelt_engine::cuda::nvrtc_version().map_err(|e| e.to_string())?;
+    let ver = format!("{}.{}", ver.0, ver.1);
+    let key = fnv1a_128(&[COMMON_CUH.as_bytes(), src.src.as_bytes(), ver.as_bytes(), b"resources-v1"]);
+    let path = cache_dir().map(|d| d.join("emu").join(format!("{}-{key:032x}.resources", src.name)));
+    let mut table = Resources::new();
+    let parse = |text: &str, table: &mut Resources| -> Option<()> {
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let [arch, kernel, regs, smem, stack, st, ld] = f[..] else { return None };
+            let arch = *CHECKED_ARCHS.iter().find(|a| **a == arch)?;
+            let n = |s: &str| s.parse::<u32>().ok();
+            let r = KernelResources {
+                kernel: kernel.to_string(),
+                registers: n(regs)?,
+                smem: n(smem)?,
+                stack_frame: n(stack)?,
+                spill_stores: n(st)?,
+                spill_loads: n(ld)?,
+            };
+            table.entry(kernel.to_string()).or_default().push((arch, r));
+        }
+        Some(())
+    };
+    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        if parse(&text, &mut table).is_some() && !table.is_empty() {
+            return Ok(table);
+        }
+        table.clear();
+    }
+    let mut text = String::new();
+    for arch in CHECKED_ARCHS {
+        for r in compile_resources(src.name, src.src, arch).map_err(|e| e.to_string())? {
+            text += &format!(
+                "{arch} {} {} {} {} {} {}\n",
+                r.kernel, r.registers, r.smem, r.stack_frame, r.spill_stores, r.spill_loads
+            );
+        }
+    }
+    parse(&text, &mut table).ok_or("unreadable ptxas report")?;
+    if let Some(p) = path {
+        // Written under a private name and renamed, so a concurrent reader never sees half a file.
+        let tmp = p.with_extension(format!("{}.tmp", std::process::id()));
+        if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, &p).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(table)
+}
+
 /// The kind code `cuda_emu.hpp` checks against each kernel parameter.
 fn kind(a: &Arg) -> u8 {
     match a {
@@ -155,6 +253,12 @@ pub fn launch(src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> R
         return Err(fail(format!("{}::{func}: dynamic shared memory ({} bytes) is not emulated", src.name, cfg.smem)));
     }
     let lib = library(src)?;
+    if let Some(table) = resources(src) {
+        let threads = cfg.block.0 * cfg.block.1 * cfg.block.2;
+        for (arch, r) in table.get(func).into_iter().flatten() {
+            r.check_launch(arch, threads, cfg.smem).map_err(|e| fail(format!("{}::{e}", src.name)))?;
+        }
+    }
     let sym = format!("smelt_emu_launch_{func}");
     // SAFETY: every `smelt_emu_launch_*` symbol is an SMELT_EMU_EXPORT wrapper with this signature.
     let f: libloading::Symbol<LaunchFn> = unsafe { lib.lib.get(sym.as_bytes()) }
@@ -181,6 +285,12 @@ pub fn launch(src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> R
     if rc != 0 {
         let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
         return Err(fail(format!("{}::{}", src.name, String::from_utf8_lossy(&err[..end]))));
+    }
+    for (i, a) in args.iter().enumerate() {
+        if let Arg::Ptr(p) = a {
+            smelt_engine::cuda::emu::check_canary(*p)
+                .map_err(|e| fail(format!("{}::{func} (argument {i}) {e}", src.name)))?;
+        }
     }
     Ok(())
 }

@@ -28,6 +28,24 @@ extern "C" __global__ void warp_scan(const float* x, float* out) {
     }
     out[threadIdx.x] = s;
 }
+// warp_sum / warp_max (one rendezvous on the emulator) next to the shuffle butterfly they stand for.
+extern "C" __global__ void butterflies(const float* x, float* out) {
+    const float v = x[threadIdx.x];
+    float s = v, m = v;
+    for (int o = 16; o > 0; o >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    out[4 * threadIdx.x] = warp_sum(v);
+    out[4 * threadIdx.x + 1] = s;
+    out[4 * threadIdx.x + 2] = warp_max(v);
+    out[4 * threadIdx.x + 3] = m;
+}
+// Out of bounds on purpose: out[i] = 1 for i < n + extra; y = x[i].
+extern "C" __global__ void write_past(float* out, u32 n, u32 extra) {
+    if (threadIdx.x < n + extra) out[threadIdx.x] = 1.0f;
+}
+extern "C" __global__ void read_at(const float* x, u64 i, float* y) { y[0] = x[i]; }
 // out[t] = s[63 - t] after every thread wrote s[t] = t: needs the barrier.
 extern "C" __global__ void reverse(float* out, u32 with_barrier) {
     __shared__ float s[64];
@@ -118,6 +136,25 @@ fn collectives_match_the_host() {
     }
 }
 
+/// The emulator's one-rendezvous warp reductions give the shuffle butterfly's bits.
+#[test]
+fn warp_reductions_equal_the_shuffle_butterfly() {
+    let dev = dev();
+    let x: Vec<f32> = (0..64).map(|i| ((i * 7919 % 1009) as f32 - 500.0) * 1.37e-3 + 1.0 / (i + 1) as f32).collect();
+    let (xd, out) = (on(&x, dev), on(&[f32::NAN; 256], dev));
+    run("butterflies", cfg(1, 64), &[Arg::Ptr(xd.cuda_ptr().unwrap()), Arg::Ptr(out.cuda_ptr().unwrap())]).unwrap();
+    let got = out.to_vec::<f32>().unwrap();
+    for t in 0..64 {
+        let w = &x[t / 32 * 32..t / 32 * 32 + 32];
+        let max = w.iter().cloned().fold(f32::MIN, f32::max);
+        assert_eq!(got[4 * t].to_bits(), got[4 * t + 1].to_bits(), "warp_sum, thread {t}");
+        assert_eq!(got[4 * t + 2], max, "warp_max, thread {t}");
+        assert_eq!(got[4 * t + 3], max, "shuffle max, thread {t}");
+        let sum: f64 = w.iter().map(|&v| v as f64).sum();
+        assert!((got[4 * t] as f64 - sum).abs() < 1e-5, "thread {t}: {} vs {sum}", got[4 * t]);
+    }
+}
+
 /// The mma.sync emulation against a float64 matmul of the same bf16 values, with the fragments
 /// loaded from the PTX ISA's layout.
 #[test]
@@ -180,4 +217,113 @@ fn errors_name_the_kernel_and_the_problem() {
     assert!(e.contains("no kernel `no_such_kernel`"), "{e}");
     let e = run("takes_u64", cfg(1, 2048), &[Arg::U64(7), p]).unwrap_err().to_string();
     assert!(e.contains("invalid launch"), "{e}");
+}
+
+/// A write past a tensor's end (into the allocator's slack, where a GPU would not notice) is an
+/// error naming the kernel and the argument.
+#[test]
+fn writes_past_a_tensor_are_reported() {
+    let dev = dev();
+    let out = on(&[0.0; 10], dev);
+    let p = Arg::Ptr(out.cuda_ptr().unwrap());
+    run("write_past", cfg(1, 32), &[p, Arg::U32(10), Arg::U32(0)]).unwrap();
+    let e = run("write_past", cfg(1, 32), &[p, Arg::U32(10), Arg::U32(1)]).unwrap_err().to_string();
+    assert!(e.contains("write_past") && e.contains("argument 0") && e.contains("40-byte device buffer"), "{e}");
+    assert!(e.contains("bytes 0..=3 after its end"), "{e}");
+}
+
+/// A read past a tensor's block reaches its guard page: the process dies with SIGSEGV (the test
+/// runs the read in a child process of this test binary).
+#[test]
+fn reads_past_a_block_hit_the_guard_page() {
+    let name = "reads_past_a_block_hit_the_guard_page";
+    if std::env::var_os("SMELT_EMU_GUARD_CHILD").is_some() {
+        let dev = dev();
+        // 4,000 bytes in a 4,096-byte block that ends at most 255 bytes before the guard page:
+        // byte 4,352 from the start is inside the guard page.
+        let (x, y) = (on(&[1.0; 1000], dev), on(&[0.0; 1], dev));
+        let args = [Arg::Ptr(x.cuda_ptr().unwrap()), Arg::U64(1000), Arg::Ptr(y.cuda_ptr().unwrap())];
+        run("read_at", cfg(1, 1), &args).unwrap(); // just past the end: inside the block, no fault
+        let args = [args[0], Arg::U64(4352 / 4), args[2]];
+        let r = run("read_at", cfg(1, 1), &args);
+        println!("the read past the block returned {r:?}");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env("SMELT_EMU_GUARD_CHILD", "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.signal(), Some(11), "expected SIGSEGV; status {:?}, stdout:\n{text}", out.status);
+}
+
+/// Plain CUDA that NVRTC compiles too, so the emulator knows what ptxas gives each kernel.
+const LIMITS: KernelSource = KernelSource {
+    name: "emu_limits",
+    src: r#"
+extern "C" __global__ void __launch_bounds__(64) bounded(float* out) { out[threadIdx.x] = 1.0f; }
+// Each round needs all 96 values twice, around a sum over them: ptxas (no launch bounds, so up to
+// 255 registers) keeps them in registers, far more than the 64 per thread a 1,024-thread block
+// leaves.
+extern "C" __global__ void heavy(const float* x, float* out) {
+    float r[96];
+    #pragma unroll
+    for (int i = 0; i < 96; ++i) r[i] = x[i * blockDim.x + threadIdx.x];
+    #pragma unroll
+    for (int round = 0; round < 4; ++round) {
+        float t = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 96; ++i) t += r[i] * r[i];
+        t = 1.0f / t;
+        #pragma unroll
+        for (int i = 0; i < 96; ++i) r[i] = r[i] * t + (float)i;
+    }
+    float s = 0.0f;
+    #pragma unroll
+    for (int i = 0; i < 96; ++i) s += r[i];
+    out[threadIdx.x] = s;
+}
+"#,
+};
+
+/// A block larger than the kernel's `__launch_bounds__` is refused, as the driver refuses it.
+#[test]
+fn launch_bounds_are_enforced() {
+    let dev = dev();
+    let out = on(&[0.0; 128], dev);
+    let p = Arg::Ptr(out.cuda_ptr().unwrap());
+    launch(0, &LIMITS, "bounded", cfg(1, 64), &[p]).unwrap();
+    let e = launch(0, &LIMITS, "bounded", cfg(1, 128), &[p]).unwrap_err().to_string();
+    assert!(e.contains("bounded") && e.contains("128 threads exceeds") && e.contains("__launch_bounds__(64)"), "{e}");
+}
+
+/// With NVRTC installed, each launch is checked against the registers ptxas gave the kernel:
+/// 1,024 threads of `heavy` cannot fit one SM's 65,536 registers, 128 can.
+#[test]
+fn register_limits_are_enforced_with_nvrtc() {
+    let dev = dev();
+    let res = match smelt_kernels::cuda::compile_resources(LIMITS.name, LIMITS.src, "sm_90") {
+        Ok(r) => r,
+        Err(e) => {
+            if std::env::var("SMELT_REQUIRE_NVRTC").as_deref() == Ok("1") {
+                panic!("SMELT_REQUIRE_NVRTC=1 but: {e}");
+            }
+            eprintln!("register_limits_are_enforced_with_nvrtc: SKIPPED, {e}");
+            return;
+        }
+    };
+    let heavy = res.iter().find(|r| r.kernel == "heavy").expect("ptxas reports `heavy`");
+    assert!(heavy.registers > 64, "the test needs a kernel over 64 registers: {heavy:?}");
+    let bounded = res.iter().find(|r| r.kernel == "bounded").expect("ptxas reports `bounded`");
+    assert!(bounded.registers <= 32, "{bounded:?}");
+
+    let x: Vec<f32> = (0..96 * 1024).map(|i| 0.5 + (i % 7) as f32 / 100.0).collect();
+    let (xd, out) = (on(&x, dev), on(&[f32::NAN; 1024], dev));
+    let args = [Arg::Ptr(xd.cuda_ptr().unwrap()), Arg::Ptr(out.cuda_ptr().unwrap())];
+    let e = launch(0, &LIMITS, "heavy", cfg(1, 1024), &args).unwrap_err().to_string();
+    assert!(e.contains("heavy") && e.contains("1024 threads") && e.contains("LAUNCH_OUT_OF_RESOURCES"), "{e}");
+    launch(0, &LIMITS, "heavy", cfg(1, 128), &args).unwrap();
+    assert!(out.to_vec::<f32>().unwrap()[..128].iter().all(|v| v.is_finite()));
 }

@@ -4,13 +4,21 @@
 //!
 //! Purpose: every device test (`*device*`) runs the real CUDA sources, launch configurations and
 //! argument lists on a machine without a GPU. Passing under the emulator is evidence about
-//! indexing, synchronisation and launcher/kernel agreement, not about GPU rounding, timing or
-//! resource limits; it does not replace a run on a GPU.
+//! indexing, synchronisation, bounds and launcher/kernel agreement, not about GPU rounding or
+//! timing; it does not replace a run on a GPU.
 //!
 //! Fresh allocations are filled with 0xFF bytes (NaN in f32, bf16 and f16), so a kernel that
 //! reads memory nobody wrote produces NaN instead of a plausible zero.
+//!
+//! Out-of-bounds accesses, which a GPU often lets pass silently:
+//! - every block ends just before a guard page (no access), so a kernel that reads or writes
+//!   past the block ends the process with SIGSEGV instead of touching a neighbour;
+//! - the bytes between a tensor's end and the guard page (the allocator's size-class slack) hold
+//!   a canary, checked after every launch for each pointer the kernel was given
+//!   ([`check_canary`]): a write past the tensor's end is an error naming the kernel.
 
-use std::alloc::Layout;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 use half::{bf16, f16};
 
@@ -38,25 +46,101 @@ pub fn enable() {
     FORCED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+fn page() -> usize {
+    static P: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *P.get_or_init(|| usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(4096))
+}
+
+/// The mapping behind a block of `bytes` at `ptr`: (base, length, guard page start).
+fn mapping(ptr: u64, bytes: usize) -> (usize, usize, usize) {
+    let pg = page();
+    let len = (bytes + ALIGN - 1).div_ceil(pg) * pg + pg;
+    let guard = (ptr as usize + bytes).div_ceil(pg) * pg;
+    (guard + pg - len, len, guard)
+}
+
 pub(super) fn malloc(bytes: usize) -> Result<u64> {
-    let layout = Layout::from_size_align(bytes, ALIGN).map_err(|_| Error::Cuda {
-        op: "alloc (emulator)",
-        detail: format!("{bytes} bytes is not a valid allocation size"),
-    })?;
-    // SAFETY: `bytes > 0` (the caller never allocates empty blocks); freed with the same layout.
-    let p = unsafe { std::alloc::alloc(layout) };
-    if p.is_null() {
-        return Err(Error::Cuda { op: "alloc (emulator)", detail: format!("host allocation of {bytes} bytes failed") });
+    let fail = |detail: String| Error::Cuda { op: "alloc (emulator)", detail };
+    let pg = page();
+    let len = (bytes + ALIGN - 1).div_ceil(pg) * pg + pg;
+    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(fail(format!("mapping {len} bytes of host memory failed")));
     }
-    // SAFETY: `p` points at `bytes` writable bytes.
-    unsafe { std::ptr::write_bytes(p, 0xff, bytes) };
-    Ok(p as u64)
+    let guard = base as usize + len - pg;
+    // SAFETY: the last page of the mapping just made.
+    if unsafe { libc::mprotect(guard as *mut libc::c_void, pg, libc::PROT_NONE) } != 0 {
+        // SAFETY: the mapping just made, unused.
+        unsafe { libc::munmap(base, len) };
+        return Err(fail("protecting a guard page failed".into()));
+    }
+    // The block ends as close to the guard page as 256-byte alignment allows.
+    let ptr = (guard - bytes) & !(ALIGN - 1);
+    // SAFETY: [ptr, ptr + bytes) lies inside the writable part of the mapping.
+    unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xff, bytes) };
+    Ok(ptr as u64)
 }
 
 /// # Safety
 /// `ptr` came from [`malloc`] with this `bytes` and is not used afterwards.
 pub(super) unsafe fn free(ptr: u64, bytes: usize) {
-    std::alloc::dealloc(ptr as *mut u8, Layout::from_size_align_unchecked(bytes, ALIGN));
+    let (base, len, _) = mapping(ptr, bytes);
+    libc::munmap(base as *mut libc::c_void, len);
+}
+
+const CANARY: u8 = 0xA5;
+
+/// Live blocks by start address: (tensor bytes, end of the canary = the guard page).
+fn live() -> std::sync::MutexGuard<'static, BTreeMap<u64, (usize, usize)>> {
+    static LIVE: Mutex<BTreeMap<u64, (usize, usize)>> = Mutex::new(BTreeMap::new());
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A block of size class `class` at `ptr` now holds a tensor of `bytes`: the rest of the block,
+/// up to its guard page, becomes canary.
+pub(super) fn track(ptr: u64, bytes: usize, class: usize) {
+    let (_, _, guard) = mapping(ptr, class);
+    let start = ptr as usize + bytes;
+    // SAFETY: [start, guard) lies inside the block's writable mapping.
+    unsafe { std::ptr::write_bytes(start as *mut u8, CANARY, guard - start) };
+    live().insert(ptr, (bytes, guard));
+}
+
+pub(super) fn untrack(ptr: u64) {
+    live().remove(&ptr);
+}
+
+/// Whether the canary after the tensor holding `ptr` is intact; the error says how many bytes
+/// past the tensor's end were overwritten. Pointers outside any live tensor pass (host memory).
+pub fn check_canary(ptr: u64) -> std::result::Result<(), String> {
+    let map = live();
+    let Some((&start, &(bytes, guard))) = map.range(..=ptr).next_back() else { return Ok(()) };
+    if ptr as usize >= guard {
+        return Ok(());
+    }
+    let end = start as usize + bytes;
+    // SAFETY: [end, guard) is the tensor's canary, inside its live block's mapping.
+    let canary = unsafe { std::slice::from_raw_parts(end as *const u8, guard - end) };
+    match canary.iter().rposition(|&b| b != CANARY) {
+        None => Ok(()),
+        Some(last) => {
+            let first = canary.iter().position(|&b| b != CANARY).unwrap_or(last);
+            Err(format!(
+                "wrote past the end of a {bytes}-byte device buffer (bytes {first}..={last} after its end changed)"
+            ))
+        }
+    }
 }
 
 /// # Safety

@@ -134,7 +134,8 @@ impl CudaDevice {
 
         if self.is_emulated() {
             // SAFETY: the caller's contract, as for the cuBLAS call below.
-            return unsafe { super::emu::gemm_strided_batched(g, batch, a, stride_a, b, stride_b, c, stride_c) };
+            unsafe { super::emu::gemm_strided_batched(g, batch, a, stride_a, b, stride_b, c, stride_c) }?;
+            return super::emu::check_canary(c).map_err(|e| Error::Cuda { op: "matmul (emulator)", detail: e });
         }
         let op = |t: bool| {
             if t {

@@ -278,6 +278,9 @@ impl CudaDevice {
         let class = size_class(bytes);
         let mut pool = self.lock_pool()?;
         if let Some(ptr) = pool.take(class) {
+            if self.is_emulated() {
+                emu::track(ptr, bytes, class);
+            }
             return Ok(CudaStorage { ptr, len_bytes: bytes, class, device: self.clone() });
         }
         if self.is_emulated() {
@@ -294,6 +297,7 @@ impl CudaDevice {
                 });
             }
             let ptr = emu::malloc(class)?;
+            emu::track(ptr, bytes, class);
             pool.add_new(class);
             return Ok(CudaStorage { ptr, len_bytes: bytes, class, device: self.clone() });
         }
@@ -329,6 +333,9 @@ impl CudaDevice {
 
     fn release(&self, ptr: u64, class: usize) {
         // A poisoned lock only means another thread panicked mid-update; keep the block anyway.
+        if self.is_emulated() {
+            emu::untrack(ptr);
+        }
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.give_back(ptr, class);
     }
