@@ -647,6 +647,37 @@ pub fn self_test(ordinal: usize) -> Result<String> {
 mod tests {
     use super::*;
 
+    /// NVRTC 13.0's `-Xptxas=-v` log for two kernels (abridged from a real one), and the launch
+    /// check on the numbers read from it.
+    #[test]
+    fn ptxas_report_is_read_and_launches_checked() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+            ptxas info    : Compiling entry function 'attn_bwd_dkdv_f32_d128' for 'sm_80'\n\
+            ptxas info    : Function properties for attn_bwd_dkdv_f32_d128\n\
+            \x20   8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n\
+            ptxas info    : Used 133 registers, used 1 barriers, 43328 bytes smem, 420 bytes cmem[0]\n\
+            ptxas info    : Compiling entry function 'add_f32' for 'sm_80'\n\
+            ptxas info    : Function properties for add_f32\n\
+            \x20   0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 10 registers, used 0 barriers, 384 bytes cmem[0]\n";
+        let r = parse_ptxas_report(log).unwrap();
+        assert_eq!(r.len(), 2);
+        let (a, b) = (&r[0], &r[1]);
+        assert_eq!((a.kernel.as_str(), a.registers, a.smem, a.stack_frame), ("attn_bwd_dkdv_f32_d128", 133, 43328, 8));
+        assert_eq!((a.spill_stores, a.spill_loads), (4, 4));
+        assert_eq!((b.kernel.as_str(), b.registers, b.smem), ("add_f32", 10, 0));
+        // 133 registers round up to 136 per thread: 128 threads fit, 512 (69,632 registers) do not.
+        a.check_launch("sm_80", 128, 0).unwrap();
+        let e = a.check_launch("sm_80", 512, 0).unwrap_err();
+        assert!(e.contains("69632 registers") && e.contains("LAUNCH_OUT_OF_RESOURCES"), "{e}");
+        // Shared memory: 48 KiB without opting in, the architecture's ceiling with dynamic memory.
+        a.check_launch("sm_80", 128, 8 * 1024).unwrap();
+        assert!(a.check_launch("sm_80", 128, 130 * 1024).is_err());
+        assert!(a.check_launch("sm_90", 128, 130 * 1024).is_ok());
+        b.check_launch("sm_90", 1024, 0).unwrap();
+        assert!(parse_ptxas_report("nvrtc: no report").is_err());
+    }
+
     #[test]
     fn arg_bits_are_little_endian_values() {
         assert_eq!(Arg::I32(-1).bits(), 0xffff_ffff);

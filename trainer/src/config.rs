@@ -548,6 +548,12 @@ impl TrainConfig {
                 }
             }
         }
+        if kind != RewardKind::Rubric && !self.rubric.judge_command.is_empty() {
+            bail!(
+                "rubric.judge_command is set but reward = {:?}: the judge runs only with reward = \"rubric\"",
+                self.reward
+            );
+        }
         if !(self.rubric.timeout_s.is_finite() && self.rubric.timeout_s > 0.0 && self.rubric.timeout_s < 1e9) {
             bail!("rubric.timeout_s = {}: must be > 0 seconds", self.rubric.timeout_s);
         }
@@ -765,6 +771,8 @@ mod tests {
         assert!(err("model = \"m\"\n", &["adam_epsilon=0"]).contains("adam_epsilon"));
         assert!(err("model = \"m\"\n", &["weight_decay=-1"]).contains("weight_decay"));
         assert!(err("model = \"m\"\n", &["laser.alpha=nan"]).contains("laser.alpha"));
+        let e = err("model = \"m\"\n[rubric]\njudge_command = [\"python3\", \"j.py\"]\n", &[]);
+        assert!(e.contains("rubric.judge_command") && e.contains("\"accuracy\""), "{e}");
         assert!(err("model = \"m\"\n", &["num_generations=1", "generation_batch_size=4"]).contains("num_generations"));
         assert!(
             err("model = \"m\"\n", &["generation_batch_size=4611686018427387904"]).contains("generation_batch_size")
