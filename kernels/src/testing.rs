@@ -102,3 +102,12 @@ pub fn emulated(dev: Device) -> bool {
     let _ = dev;
     false
 }
+
+/// For tests that need NVRTC and find none: prints why and returns (the test passes), unless
+/// `SMELT_REQUIRE_NVRTC=1` (CI), where it panics.
+pub fn skip_without_nvrtc(test: &str, why: impl std::fmt::Display) {
+    if std::env::var("SMELT_REQUIRE_NVRTC").as_deref() == Ok("1") {
+        panic!("{test}: SMELT_REQUIRE_NVRTC=1 but NVRTC is unavailable: {why}");
+    }
+    eprintln!("{test}: SKIPPED, NVRTC is unavailable: {why}");
+}

@@ -304,16 +304,10 @@ fn launch_bounds_are_enforced() {
 #[test]
 fn register_limits_are_enforced_with_nvrtc() {
     let dev = dev();
-    let res = match smelt_kernels::cuda::compile_resources(LIMITS.name, LIMITS.src, "sm_90") {
-        Ok(r) => r,
-        Err(e) => {
-            if std::env::var("SMELT_REQUIRE_NVRTC").as_deref() == Ok("1") {
-                panic!("SMELT_REQUIRE_NVRTC=1 but: {e}");
-            }
-            eprintln!("register_limits_are_enforced_with_nvrtc: SKIPPED, {e}");
-            return;
-        }
-    };
+    if let Err(e) = smelt_kernels::cuda::nvrtc_status() {
+        return smelt_kernels::testing::skip_without_nvrtc("register_limits_are_enforced_with_nvrtc", e);
+    }
+    let res = smelt_kernels::cuda::compile_resources(LIMITS.name, LIMITS.src, "sm_90").unwrap();
     let heavy = res.iter().find(|r| r.kernel == "heavy").expect("ptxas reports `heavy`");
     assert!(heavy.registers > 64, "the test needs a kernel over 64 registers: {heavy:?}");
     let bounded = res.iter().find(|r| r.kernel == "bounded").expect("ptxas reports `bounded`");

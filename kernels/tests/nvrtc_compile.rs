@@ -12,13 +12,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
 
     let nvrtc = match nvrtc_status() {
         Ok(s) => s,
-        Err(e) => {
-            if std::env::var("SMELT_REQUIRE_NVRTC").as_deref() == Ok("1") {
-                panic!("SMELT_REQUIRE_NVRTC=1 but NVRTC is unavailable: {e}");
-            }
-            eprintln!("nvrtc_compile: SKIPPED, NVRTC is unavailable: {e}");
-            return;
-        }
+        Err(e) => return smelt_kernels::testing::skip_without_nvrtc("nvrtc_compile", e),
     };
     println!("nvrtc_compile: using {nvrtc}");
 
@@ -86,8 +80,5 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {
-    if std::env::var("SMELT_REQUIRE_NVRTC").as_deref() == Ok("1") {
-        panic!("SMELT_REQUIRE_NVRTC=1 but smelt-kernels was built without the `cuda` feature");
-    }
-    eprintln!("nvrtc_compile: SKIPPED, built without the `cuda` feature");
+    smelt_kernels::testing::skip_without_nvrtc("nvrtc_compile", "smelt-kernels was built without the `cuda` feature");
 }
