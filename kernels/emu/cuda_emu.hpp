@@ -45,7 +45,9 @@
 #include <utility>
 #include <vector>
 
+#include <signal.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <ucontext.h>
 
 #define SMELT_EMU 1
@@ -543,6 +545,47 @@ inline int report(char* err, size_t len, const std::string& m) {
     return 1;
 }
 
+// A fault inside a kernel (a read or write that reaches the guard page after a device block, or a
+// fiber stack overflow) still ends the process, as it must, but first says which kernel, block and
+// thread faulted and where. Each emulator library chains to the handler installed before it (in
+// the end Rust's, then the default action); a library's handler speaks only for its own kernels.
+inline thread_local const char* current_kernel = nullptr;
+inline struct sigaction previous_segv, previous_bus;
+
+inline void fault_handler(int sig, siginfo_t* info, void* ctx) {
+    if (current_kernel && B) {
+        char m[400];
+        const int n = snprintf(m, sizeof m,
+                               "\nCUDA emulator: kernel %s, block (%u,%u,%u), thread (%u,%u,%u) touched unmapped "
+                               "memory at %p: past the end of a device block (its guard page) or a fiber stack "
+                               "overflow\n",
+                               current_kernel, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y,
+                               threadIdx.z, info ? info->si_addr : nullptr);
+        if (n > 0) (void)!write(2, m, (size_t)std::min(n, (int)sizeof m - 1));
+    }
+    const struct sigaction& prev = sig == SIGBUS ? previous_bus : previous_segv;
+    if (prev.sa_flags & SA_SIGINFO) {
+        if (prev.sa_sigaction) return prev.sa_sigaction(sig, info, ctx);
+    } else if (prev.sa_handler != SIG_IGN && prev.sa_handler != SIG_DFL && prev.sa_handler) {
+        return prev.sa_handler(sig);
+    }
+    // Default action: restore it and return, so the faulting access repeats and ends the process.
+    signal(sig, SIG_DFL);
+}
+
+inline void install_fault_handler() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = fault_handler;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &previous_segv);
+        sigaction(SIGBUS, &sa, &previous_bus);
+    });
+}
+
 // Launches kernel `f` over grid × block; returns 0, or 1 with a message in `err`.
 template <class... A>
 int launch(const char* name, void (*f)(A...), unsigned max_threads, const uint64_t* args, const uint8_t* kinds,
@@ -583,7 +626,9 @@ int launch(const char* name, void (*f)(A...), unsigned max_threads, const uint64
     std::atomic<bool> failed{false};
     std::string first_error;
     std::atomic_flag error_lock = ATOMIC_FLAG_INIT;
+    install_fault_handler();
     auto work = [&] {
+        current_kernel = name;
         std::unique_ptr<Stacks> stacks = stack_pool.take();
         Block b;
         b.thunk = &Call<A...>::run;

@@ -232,8 +232,9 @@ fn writes_past_a_tensor_are_reported() {
     assert!(e.contains("bytes 0..=3 after its end"), "{e}");
 }
 
-/// A read past a tensor's block reaches its guard page: the process dies with SIGSEGV (the test
-/// runs the read in a child process of this test binary).
+/// A read past a tensor's block reaches its guard page: the process dies with SIGSEGV, saying
+/// which kernel, block and thread faulted (the test runs the read in a child process of this
+/// test binary).
 #[test]
 fn reads_past_a_block_hit_the_guard_page() {
     let name = "reads_past_a_block_hit_the_guard_page";
@@ -255,8 +256,9 @@ fn reads_past_a_block_hit_the_guard_page() {
         .output()
         .unwrap();
     use std::os::unix::process::ExitStatusExt;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.signal(), Some(11), "expected SIGSEGV; status {:?}, stdout:\n{text}", out.status);
+    assert!(err.contains("kernel read_at, block (0,0,0), thread (0,0,0)") && err.contains("guard page"), "{err}");
 }
 
 /// Plain CUDA that NVRTC compiles too, so the emulator knows what ptxas gives each kernel.
