@@ -545,9 +545,10 @@ inline int report(char* err, size_t len, const std::string& m) {
     return 1;
 }
 
-// A fault inside a kernel (a read or write that reaches the guard page after a device block, or a
-// fiber stack overflow) still ends the process, as it must, but first says which kernel, block and
-// thread faulted and where. Each emulator library chains to the handler installed before it (in
+// A fault inside a kernel (a read or write that reaches the guard page after a device block, or
+// any other unmapped address) still ends the process, as it must, but first says which kernel,
+// block and thread faulted and where. (A fiber stack overflow ends it without the message: the
+// handler has no stack left to run on.) Each emulator library chains to the handler installed before it (in
 // the end Rust's, then the default action); a library's handler speaks only for its own kernels.
 inline thread_local const char* current_kernel = nullptr;
 inline struct sigaction previous_segv, previous_bus;
@@ -557,8 +558,8 @@ inline void fault_handler(int sig, siginfo_t* info, void* ctx) {
         char m[400];
         const int n = snprintf(m, sizeof m,
                                "\nCUDA emulator: kernel %s, block (%u,%u,%u), thread (%u,%u,%u) touched unmapped "
-                               "memory at %p: past the end of a device block (its guard page) or a fiber stack "
-                               "overflow\n",
+                               "memory at %p: out of bounds of its device buffers (the guard page after a block, or "
+                               "no device memory at all)\n",
                                current_kernel, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y,
                                threadIdx.z, info ? info->si_addr : nullptr);
         if (n > 0) (void)!write(2, m, (size_t)std::min(n, (int)sizeof m - 1));
