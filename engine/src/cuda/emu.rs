@@ -28,7 +28,8 @@ use crate::{DType, Error, Result};
 /// Device memory of the emulator: 256-byte aligned like `cuMemAlloc`.
 const ALIGN: usize = 256;
 
-/// Total memory the emulated device reports (allocations are not limited by it).
+/// Total memory the emulated device reports; the allocator holds allocations to it, so
+/// out-of-memory paths can be tested.
 pub(super) const TOTAL_MEM: usize = 16 << 30;
 
 static FORCED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
