@@ -140,37 +140,48 @@ fn build(src: &KernelSource) -> Result<Lib> {
     Ok(Lib { lib, path })
 }
 
-fn library(src: &KernelSource) -> Result<Arc<Lib>> {
-    type Slot = Arc<OnceLock<std::result::Result<Arc<Lib>, String>>>;
-    static LIBS: OnceLock<Mutex<HashMap<(&'static str, usize), Slot>>> = OnceLock::new();
+/// What launching a source's kernels needs: its library, and its kernels' resources when known.
+struct Prepared {
+    lib: Lib,
+    resources: Option<Resources>,
+}
+
+/// Built once per source per process, on first launch.
+fn prepared(src: &KernelSource) -> Result<Arc<Prepared>> {
+    type Slot = Arc<OnceLock<std::result::Result<Arc<Prepared>, String>>>;
+    static SOURCES: OnceLock<Mutex<HashMap<(&'static str, usize), Slot>>> = OnceLock::new();
     let slot = {
-        let mut map = LIBS.get_or_init(Default::default).lock().map_err(|_| Error::msg("emulator library lock"))?;
+        let mut map = SOURCES.get_or_init(Default::default).lock().map_err(|_| Error::msg("emulator library lock"))?;
         map.entry((src.name, src.src.as_ptr() as usize)).or_default().clone()
     };
-    slot.get_or_init(|| build(src).map(Arc::new).map_err(|e| e.to_string()))
-        .clone()
-        .map_err(|detail| Error::Cuda { op: "emulator compile", detail })
+    slot.get_or_init(|| {
+        let lib = build(src).map_err(|e| e.to_string())?;
+        Ok(Arc::new(Prepared { lib, resources: resources(src) }))
+    })
+    .clone()
+    .map_err(|detail| Error::Cuda { op: "emulator compile", detail })
 }
 
 /// The GPUs whose limits every emulated launch is checked against.
 const CHECKED_ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
-/// Each kernel's registers and static shared memory on [`CHECKED_ARCHS`], from ptxas's report
-/// through NVRTC (cached on disk, next to the emulator libraries), so every emulated launch is
-/// also checked against the per-block limits a GPU enforces. `None`, said once per source on
-/// stderr, when NVRTC is unavailable or does not compile the source (the emulator's own tests
-/// use emulator-only intrinsics).
+/// Kernel name → its resources on each of [`CHECKED_ARCHS`].
 type Resources = HashMap<String, Vec<(&'static str, KernelResources)>>;
 
-fn resources(src: &KernelSource) -> Option<Arc<Resources>> {
-    type Slot = Arc<OnceLock<Option<Arc<Resources>>>>;
-    static TABLES: OnceLock<Mutex<HashMap<(&'static str, usize), Slot>>> = OnceLock::new();
-    let slot = {
-        let mut map = TABLES.get_or_init(Default::default).lock().ok()?;
-        map.entry((src.name, src.src.as_ptr() as usize)).or_default().clone()
-    };
-    slot.get_or_init(|| match resource_table(src) {
-        Ok(t) => Some(Arc::new(t)),
+/// Each kernel's registers and static shared memory on [`CHECKED_ARCHS`], from ptxas's report
+/// through NVRTC (cached on disk, next to the emulator libraries), so every emulated launch is
+/// also checked against the per-block limits a GPU enforces. `None`, said on stderr, when NVRTC
+/// is unavailable or does not compile the source (the emulator's own tests use emulator-only
+/// intrinsics).
+fn resources(src: &KernelSource) -> Option<Resources> {
+    match resource_rows(src) {
+        Ok(rows) => {
+            let mut table = Resources::new();
+            for (arch, r) in rows {
+                table.entry(r.kernel.clone()).or_default().push((arch, r));
+            }
+            Some(table)
+        }
         Err(e) => {
             let first = e.lines().next().unwrap_or_default().to_string();
             eprintln!(
@@ -179,58 +190,58 @@ fn resources(src: &KernelSource) -> Option<Arc<Resources>> {
             );
             None
         }
-    })
-    .clone()
+    }
 }
 
-fn resource_table(src: &KernelSource) -> std::result::Result<Resources, String> {
+/// The disk cache holds one line per kernel and architecture:
+/// `arch kernel registers smem stack_frame spill_stores spill_loads`.
+fn resource_line(arch: &str, r: &KernelResources) -> String {
+    format!("{arch} {} {} {} {} {} {}\n", r.kernel, r.registers, r.smem, r.stack_frame, r.spill_stores, r.spill_loads)
+}
+
+fn parse_resource_line(line: &str) -> Option<(&'static str, KernelResources)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let [arch, kernel, regs, smem, stack, st, ld] = f[..] else { return None };
+    let arch = *CHECKED_ARCHS.iter().find(|a| **a == arch)?;
+    let n = |s: &str| s.parse::<u32>().ok();
+    let r = KernelResources {
+        kernel: kernel.to_string(),
+        registers: n(regs)?,
+        smem: n(smem)?,
+        stack_frame: n(stack)?,
+        spill_stores: n(st)?,
+        spill_loads: n(ld)?,
+    };
+    Some((arch, r))
+}
+
+fn resource_rows(src: &KernelSource) -> std::result::Result<Vec<(&'static str, KernelResources)>, String> {
     let ver = smelt_engine::cuda::nvrtc_version().map_err(|e| e.to_string())?;
     let ver = format!("{}.{}", ver.0, ver.1);
     let key = fnv1a_128(&[COMMON_CUH.as_bytes(), src.src.as_bytes(), ver.as_bytes(), b"resources-v1"]);
     let path = cache_dir().map(|d| d.join("emu").join(format!("{}-{key:032x}.resources", src.name)));
-    let mut table = Resources::new();
-    let parse = |text: &str, table: &mut Resources| -> Option<()> {
-        for line in text.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let [arch, kernel, regs, smem, stack, st, ld] = f[..] else { return None };
-            let arch = *CHECKED_ARCHS.iter().find(|a| **a == arch)?;
-            let n = |s: &str| s.parse::<u32>().ok();
-            let r = KernelResources {
-                kernel: kernel.to_string(),
-                registers: n(regs)?,
-                smem: n(smem)?,
-                stack_frame: n(stack)?,
-                spill_stores: n(st)?,
-                spill_loads: n(ld)?,
-            };
-            table.entry(kernel.to_string()).or_default().push((arch, r));
-        }
-        Some(())
-    };
     if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        if parse(&text, &mut table).is_some() && !table.is_empty() {
-            return Ok(table);
+        if let Some(rows) = text.lines().map(parse_resource_line).collect::<Option<Vec<_>>>() {
+            if !rows.is_empty() {
+                return Ok(rows);
+            }
         }
-        table.clear();
     }
-    let mut text = String::new();
+    let mut rows = Vec::new();
     for arch in CHECKED_ARCHS {
         for r in compile_resources(src.name, src.src, arch).map_err(|e| e.to_string())? {
-            text += &format!(
-                "{arch} {} {} {} {} {} {}\n",
-                r.kernel, r.registers, r.smem, r.stack_frame, r.spill_stores, r.spill_loads
-            );
+            rows.push((arch, r));
         }
     }
-    parse(&text, &mut table).ok_or("unreadable ptxas report")?;
     if let Some(p) = path {
+        let text: String = rows.iter().map(|(arch, r)| resource_line(arch, r)).collect();
         // Written under a private name and renamed, so a concurrent reader never sees half a file.
         let tmp = p.with_extension(format!("{}.tmp", std::process::id()));
         if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, &p).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }
-    Ok(table)
+    Ok(rows)
 }
 
 /// The kind code `cuda_emu.hpp` checks against each kernel parameter.
@@ -252,8 +263,8 @@ pub fn launch(src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> R
     if cfg.smem > 0 {
         return Err(fail(format!("{}::{func}: dynamic shared memory ({} bytes) is not emulated", src.name, cfg.smem)));
     }
-    let lib = library(src)?;
-    if let Some(table) = resources(src) {
+    let prep = prepared(src)?;
+    if let Some(table) = &prep.resources {
         let threads = cfg.block.0 * cfg.block.1 * cfg.block.2;
         for (arch, r) in table.get(func).into_iter().flatten() {
             r.check_launch(arch, threads, cfg.smem).map_err(|e| fail(format!("{}::{e}", src.name)))?;
@@ -261,8 +272,8 @@ pub fn launch(src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> R
     }
     let sym = format!("smelt_emu_launch_{func}");
     // SAFETY: every `smelt_emu_launch_*` symbol is an SMELT_EMU_EXPORT wrapper with this signature.
-    let f: libloading::Symbol<LaunchFn> = unsafe { lib.lib.get(sym.as_bytes()) }
-        .map_err(|_| fail(format!("{}.cu has no kernel `{func}` ({})", src.name, lib.path.display())))?;
+    let f: libloading::Symbol<LaunchFn> = unsafe { prep.lib.lib.get(sym.as_bytes()) }
+        .map_err(|_| fail(format!("{}.cu has no kernel `{func}` ({})", src.name, prep.lib.path.display())))?;
     let bits: Vec<u64> = args.iter().map(|a| a.bits()).collect();
     let kinds: Vec<u8> = args.iter().map(kind).collect();
     let grid = [cfg.grid.0, cfg.grid.1, cfg.grid.2];
