@@ -548,10 +548,19 @@ impl Module {
 /// `ordinal`, on its compute stream.
 pub fn launch(ordinal: usize, src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
     let dev = device(ordinal)?;
+    let span = smelt_engine::cuda::profile::span(&dev, || format!("{}::{func}", src.name));
+    let r = launch_on(&dev, src, func, cfg, args);
+    if let Some(s) = span {
+        s.finish();
+    }
+    r
+}
+
+fn launch_on(dev: &Arc<CudaDevice>, src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
     if dev.is_emulated() {
         return crate::emu::launch(src, func, cfg, args);
     }
-    let module = module(&dev, src)?;
+    let module = module(dev, src)?;
     let f = module.function(src, func, cfg.smem)?;
     let (g, b) = (cfg.grid, cfg.block);
     let threads = b.0 as u64 * b.1 as u64 * b.2 as u64;

@@ -151,3 +151,44 @@ fn device_errors_are_errors() {
     println!("{p}");
     assert!(!p.devices.is_empty() && p.nvrtc.found && p.cublas.found, "{p}");
 }
+
+/// The profiler (`smelt_engine::cuda::profile`, behind `smelt bench step --profile`) sees each
+/// kernel launch, cuBLAS call and copy under its name, with GPU times from CUDA events on a GPU
+/// (host times only on the emulator), and records nothing while off.
+#[test]
+fn device_profile_names_and_times_operations() {
+    use smelt_engine::cuda::profile;
+    let _g = serial();
+    let Some(dev) = test_cuda_device() else { return };
+    let Device::Cuda(ord) = dev else { unreachable!() };
+    let cuda = smelt_engine::cuda::device(ord).unwrap();
+    let mut rng = Rng::new(5);
+    let a = Tensor::from_slice(&randn(&mut rng, 37 * 19, 1.0), &[37, 19], dev).unwrap();
+    let b = Tensor::from_slice(&randn(&mut rng, 23 * 19, 1.0), &[23, 19], dev).unwrap();
+    let run = || {
+        let s = smelt_kernels::add::add(&a, &a).unwrap();
+        smelt_kernels::matmul::matmul(&s, &b, false, true).unwrap().to_vec::<f32>().unwrap()
+    };
+    profile::take(&cuda).unwrap();
+    run();
+    let off = profile::take(&cuda).unwrap();
+    profile::enable(true);
+    let (x, y) = (run(), run());
+    profile::enable(false);
+    let rows = profile::take(&cuda).unwrap();
+    assert_eq!(x, y);
+    assert!(off.is_empty(), "profiling was off, yet it recorded {off:?}");
+    let row = |prefix: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}…` operation in the profile {rows:?}"))
+    };
+    let gpu = !smelt_kernels::testing::emulated(dev);
+    for (prefix, calls) in [("add::add_f32", 2), ("cublas gemm f32→f32 NT", 2), ("copy device→host", 2)] {
+        let r = row(prefix);
+        assert_eq!(r.calls, calls, "{r:?}");
+        assert!(r.host_ms > 0.0, "{r:?}");
+        assert_eq!(r.gpu_ms.is_some(), gpu, "GPU time only on a GPU: {r:?}");
+        assert!(r.gpu_ms.is_none_or(|ms| ms > 0.0 && ms < 1e3), "{r:?}");
+    }
+}

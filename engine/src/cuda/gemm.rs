@@ -132,9 +132,18 @@ impl CudaDevice {
             return Err(Error::shape("matmul (cuda)", format!("k = 0 with beta {} is not supported", g.beta)));
         }
 
+        let span = super::profile::span(self, || {
+            let t = |t: bool| if t { 'T' } else { 'N' };
+            let batched = if batch > 1 { " batched" } else { "" };
+            format!("cublas gemm {}→{} {}{}{batched}", g.ab_dtype, g.c_dtype, t(g.trans_a), t(g.trans_b))
+        });
         if self.is_emulated() {
             // SAFETY: the caller's contract, as for the cuBLAS call below.
-            unsafe { super::emu::gemm_strided_batched(g, batch, a, stride_a, b, stride_b, c, stride_c) }?;
+            let r = unsafe { super::emu::gemm_strided_batched(g, batch, a, stride_a, b, stride_b, c, stride_c) };
+            if let Some(s) = span {
+                s.finish();
+            }
+            r?;
             return super::emu::check_canary(c).map_err(|e| Error::Cuda { op: "matmul (emulator)", detail: e });
         }
         let op = |t: bool| {
@@ -211,6 +220,9 @@ impl CudaDevice {
             }
         };
         drop(guard);
+        if let Some(s) = span {
+            s.finish();
+        }
         res.map_err(|e| Error::Cuda { op: "matmul (cublasGemmEx)", detail: format!("{:?}: {}", e.0, g.describe()) })?;
         self.debug_sync("matmul (cublasGemmEx)")
     }

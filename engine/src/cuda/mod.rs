@@ -18,6 +18,7 @@ mod alloc;
 pub mod emu;
 mod gemm;
 mod probe;
+pub mod profile;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -237,6 +238,16 @@ impl CudaDevice {
         ctx.check_err().map_err(cuda_err("deferred error"))
     }
 
+    /// Runs `f` inside a [`profile::span`] named `name` (a no-op unless profiling is on).
+    fn timed<T>(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let span = profile::span(self, name);
+        let r = f();
+        if let Some(s) = span {
+            s.finish();
+        }
+        r
+    }
+
     /// Synchronizes and names `op` on failure when [`sync_after_launch`] is on.
     pub fn debug_sync(&self, op: &str) -> Result<()> {
         let Backend::Driver { stream, .. } = &self.backend else { return Ok(()) };
@@ -303,7 +314,9 @@ impl CudaDevice {
         }
         self.bind()?;
         // SAFETY: plain allocation in the bound context.
-        let ptr = match unsafe { drv::malloc_sync(class) } {
+        let first =
+            self.timed(|| "cuMemAlloc (allocator cache miss)".into(), || Ok(unsafe { drv::malloc_sync(class) }))?;
+        let ptr = match first {
             Ok(p) => p,
             Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
                 self.free_cached(&mut pool)?;
@@ -345,19 +358,24 @@ impl CudaDevice {
         if blocks.is_empty() {
             return Ok(());
         }
-        // Work queued on the stream may still use a cached block's previous contents.
-        self.synchronize()?;
-        self.bind()?;
-        for (p, class) in blocks {
-            if self.is_emulated() {
-                // SAFETY: each block came from emu::malloc(class), is not in use, and is freed once.
-                unsafe { emu::free(p, class) };
-                continue;
-            }
-            // SAFETY: each block came from cuMemAlloc, is not in use, and is freed once.
-            unsafe { drv::free_sync(p) }.map_err(cuda_err("cuMemFree"))?;
-        }
-        Ok(())
+        self.timed(
+            || "cuMemFree (allocator cache emptied)".into(),
+            || {
+                // Work queued on the stream may still use a cached block's previous contents.
+                self.synchronize()?;
+                self.bind()?;
+                for (p, class) in blocks {
+                    if self.is_emulated() {
+                        // SAFETY: each block came from emu::malloc(class), is not in use, and is freed once.
+                        unsafe { emu::free(p, class) };
+                        continue;
+                    }
+                    // SAFETY: each block came from cuMemAlloc, is not in use, and is freed once.
+                    unsafe { drv::free_sync(p) }.map_err(cuda_err("cuMemFree"))?;
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Returns every cached (free) block to the driver.
@@ -404,70 +422,91 @@ impl CudaDevice {
 
     /// Copies host bytes into `dst` at `offset` bytes. Returns when the copy is done.
     pub fn htod(&self, src: &[u8], dst: &CudaStorage, offset: usize) -> Result<()> {
-        self.check_range("htod", dst, offset, src.len())?;
-        if src.is_empty() {
-            return Ok(());
-        }
-        let Backend::Driver { stream, .. } = &self.backend else {
-            // SAFETY: range checked above.
-            unsafe { emu::copy(src.as_ptr() as u64, dst.ptr + offset as u64, src.len()) };
-            return Ok(());
-        };
-        self.bind()?;
-        // SAFETY: range checked; `src` outlives the call, which waits for the copy below.
-        unsafe { drv::memcpy_htod_async(dst.ptr + offset as u64, src, stream.cu_stream()) }
-            .map_err(cuda_err("cuMemcpyHtoDAsync"))?;
-        // Synchronous for the caller: the host buffer may be freed as soon as we return.
-        stream.synchronize().map_err(cuda_err("htod: cuStreamSynchronize"))
+        self.timed(
+            || "copy host→device".into(),
+            || {
+                self.check_range("htod", dst, offset, src.len())?;
+                if src.is_empty() {
+                    return Ok(());
+                }
+                let Backend::Driver { stream, .. } = &self.backend else {
+                    // SAFETY: range checked above.
+                    unsafe { emu::copy(src.as_ptr() as u64, dst.ptr + offset as u64, src.len()) };
+                    return Ok(());
+                };
+                self.bind()?;
+                // SAFETY: range checked; `src` outlives the call, which waits for the copy below.
+                unsafe { drv::memcpy_htod_async(dst.ptr + offset as u64, src, stream.cu_stream()) }
+                    .map_err(cuda_err("cuMemcpyHtoDAsync"))?;
+                // Synchronous for the caller: the host buffer may be freed as soon as we return.
+                stream.synchronize().map_err(cuda_err("htod: cuStreamSynchronize"))
+            },
+        )
     }
 
     /// Copies `out.len()` bytes from `src` at `offset` bytes to the host, after all work queued
     /// before it on the compute stream.
     pub fn dtoh(&self, src: &CudaStorage, offset: usize, out: &mut [u8]) -> Result<()> {
-        self.check_range("dtoh", src, offset, out.len())?;
-        if out.is_empty() {
-            return Ok(());
-        }
-        let Backend::Driver { stream, .. } = &self.backend else {
-            // SAFETY: range checked above.
-            unsafe { emu::copy(src.ptr + offset as u64, out.as_mut_ptr() as u64, out.len()) };
-            return Ok(());
-        };
-        self.bind()?;
-        // SAFETY: range checked; `out` stays borrowed until the stream is synchronized below.
-        unsafe { drv::memcpy_dtoh_async(out, src.ptr + offset as u64, stream.cu_stream()) }
-            .map_err(cuda_err("cuMemcpyDtoHAsync"))?;
-        stream.synchronize().map_err(cuda_err("dtoh: cuStreamSynchronize"))
+        self.timed(
+            || "copy device→host".into(),
+            || {
+                self.check_range("dtoh", src, offset, out.len())?;
+                if out.is_empty() {
+                    return Ok(());
+                }
+                let Backend::Driver { stream, .. } = &self.backend else {
+                    // SAFETY: range checked above.
+                    unsafe { emu::copy(src.ptr + offset as u64, out.as_mut_ptr() as u64, out.len()) };
+                    return Ok(());
+                };
+                self.bind()?;
+                // SAFETY: range checked; `out` stays borrowed until the stream is synchronized below.
+                unsafe { drv::memcpy_dtoh_async(out, src.ptr + offset as u64, stream.cu_stream()) }
+                    .map_err(cuda_err("cuMemcpyDtoHAsync"))?;
+                stream.synchronize().map_err(cuda_err("dtoh: cuStreamSynchronize"))
+            },
+        )
     }
 
     /// Queues a device-to-device copy of `bytes` bytes between raw device addresses.
     pub fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
-        if bytes == 0 {
-            return Ok(());
-        }
-        let Backend::Driver { stream, .. } = &self.backend else {
-            // SAFETY: as below.
-            unsafe { emu::copy(src, dst, bytes) };
-            return Ok(());
-        };
-        self.bind()?;
-        // SAFETY: the caller guarantees both ranges are valid device memory of this device.
-        unsafe { drv::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }.map_err(cuda_err("cuMemcpyDtoDAsync"))
+        self.timed(
+            || "copy device→device".into(),
+            || {
+                if bytes == 0 {
+                    return Ok(());
+                }
+                let Backend::Driver { stream, .. } = &self.backend else {
+                    // SAFETY: as below.
+                    unsafe { emu::copy(src, dst, bytes) };
+                    return Ok(());
+                };
+                self.bind()?;
+                // SAFETY: the caller guarantees both ranges are valid device memory of this device.
+                unsafe { drv::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }
+                    .map_err(cuda_err("cuMemcpyDtoDAsync"))
+            },
+        )
     }
 
     /// Queues a zero fill of `bytes` bytes at a raw device address.
     pub fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
-        if bytes == 0 {
-            return Ok(());
-        }
-        let Backend::Driver { stream, .. } = &self.backend else {
-            // SAFETY: as below.
-            unsafe { emu::zero(ptr, bytes) };
-            return Ok(());
-        };
-        self.bind()?;
-        // SAFETY: the caller guarantees the range is valid device memory of this device.
-        unsafe { drv::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }.map_err(cuda_err("cuMemsetD8Async"))
+        self.timed(
+            || "memset".into(),
+            || {
+                if bytes == 0 {
+                    return Ok(());
+                }
+                let Backend::Driver { stream, .. } = &self.backend else {
+                    // SAFETY: as below.
+                    unsafe { emu::zero(ptr, bytes) };
+                    return Ok(());
+                };
+                self.bind()?;
+                // SAFETY: the caller guarantees the range is valid device memory of this device.
+                unsafe { drv::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }.map_err(cuda_err("cuMemsetD8Async"))
+            },
+        )
     }
 }
 

@@ -1193,6 +1193,11 @@ pub struct StepArgs {
     /// Synchronize after each phase on CUDA so the phase times are exact.
     #[arg(long)]
     pub phases: bool,
+    /// After the timed steps, run one more with every kernel launch, cuBLAS call, copy and
+    /// driver allocation timed by CUDA events, and print (and write to the JSON) the time per
+    /// operation (CUDA only).
+    #[arg(long)]
+    pub profile: bool,
     /// Dense bf16 peak for MFU in TFLOP/s (default: the datasheet value of a known GPU).
     #[arg(long)]
     pub peak_tflops: Option<f64>,
@@ -1215,6 +1220,9 @@ fn step(args: StepArgs) -> Result<()> {
         }
     }
     let device = parse_device(&args.device)?;
+    if args.profile && device.is_cpu() {
+        bail!("--profile times CUDA operations: it needs --device cuda");
+    }
     let dtype = parse_dtype(args.dtype.as_deref(), device)?;
     let (model, label) = bench_model(&args.model, &args.shape, dtype, device)?;
     let c = model.config.clone();
@@ -1267,6 +1275,7 @@ fn step(args: StepArgs) -> Result<()> {
     }
     let (peak, peak_src) = peak_bytes(device);
     let s = last.context("no step ran")?;
+    let profile = if args.profile { Some(profile_step(&mut policy, &model, &batch, device)?) } else { None };
     let med = median(&times);
     let tokens = (b * t) as f64;
     let flops = train_step_flops(&c, &vec![t; b]);
@@ -1327,6 +1336,7 @@ fn step(args: StepArgs) -> Result<()> {
     report["optimizer_state_bytes"] = json!(policy.state_bytes());
     report["phases_ms"] = json!(phases_ms);
     report["phases_synchronized"] = json!(device.is_cpu() || args.phases);
+    report["profile"] = json!(profile);
     report["loss"] = json!(s.loss);
     report["grad_norm"] = json!(s.grad_norm);
     report["step_definition"] = json!(
@@ -1334,6 +1344,51 @@ fn step(args: StepArgs) -> Result<()> {
          global grad norm clip 1.0, AdamW (lr 1e-6, wd 0.01 except norms and biases) over all parameters"
     );
     write_json(&args.json, &report)
+}
+
+/// One more step with every device operation timed (`smelt_engine::cuda::profile`): prints the
+/// operations taking the most GPU time and returns all of them as JSON, with the step's wall
+/// time, so the gap between the wall time and the summed GPU time (the GPU waiting for the host)
+/// shows too.
+#[cfg(feature = "cuda")]
+fn profile_step(policy: &mut PolicyStep, model: &Qwen, batch: &StepBatch, device: Device) -> Result<Value> {
+    use smelt_engine::cuda::profile;
+    let Device::Cuda(i) = device else { bail!("--profile needs a CUDA device (got {device})") };
+    let dev = smelt_engine::cuda::device(i)?;
+    profile::take(&dev)?; // nothing left over from earlier steps
+    profile::enable(true);
+    let t0 = Instant::now();
+    let run = policy.step(model, batch).and_then(|_| synchronize(device));
+    let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+    profile::enable(false);
+    let rows = profile::take(&dev)?;
+    run?;
+    let gpu_ms: f64 = rows.iter().filter_map(|r| r.gpu_ms).sum();
+    let host_ms: f64 = rows.iter().map(|r| r.host_ms).sum();
+    let calls: usize = rows.iter().map(|r| r.calls).sum();
+    let timed = rows.iter().any(|r| r.gpu_ms.is_some());
+    let gpu = if timed { format!("{gpu_ms:.1} ms GPU") } else { "no GPU times (the emulator has no events)".into() };
+    println!("  profile     one step: {wall_ms:.1} ms wall, {gpu} over {calls} operations, {host_ms:.1} ms host in the calls");
+    println!("  {:<58} {:>6} {:>10} {:>6} {:>10}", "operation", "calls", "GPU ms", "%GPU", "host ms");
+    for r in rows.iter().take(30) {
+        let g = r.gpu_ms.map(|g| format!("{g:10.2}")).unwrap_or_else(|| format!("{:>10}", "-"));
+        let pct = r.gpu_ms.map(|g| format!("{:5.1}%", 100.0 * g / gpu_ms.max(1e-9))).unwrap_or_default();
+        println!("  {:<58} {:>6} {g} {pct:>6} {:>10.2}", r.name, r.calls, r.host_ms);
+    }
+    if rows.len() > 30 {
+        println!("  … {} more operations in the JSON report", rows.len() - 30);
+    }
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|r| json!({"name": r.name, "calls": r.calls, "gpu_ms": r.gpu_ms, "host_ms": r.host_ms}))
+        .collect();
+    let gpu_ms = timed.then_some(gpu_ms);
+    Ok(json!({"wall_ms": wall_ms, "gpu_ms": gpu_ms, "host_ms": host_ms, "operations": rows}))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profile_step(_: &mut PolicyStep, _: &Qwen, _: &StepBatch, device: Device) -> Result<Value> {
+    bail!("--profile needs a CUDA device and a build with the `cuda` feature (got {device})")
 }
 
 // ---- generate ---------------------------------------------------------------------------

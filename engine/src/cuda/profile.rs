@@ -1,0 +1,127 @@
+//! Per-operation timing of what smelt queues on a device, to find where a step's time goes
+//! without an external tracer (the GPU machine has Nsight Compute, which times one kernel at a
+//! time, but no Nsight Systems). Off unless switched on with [`enable`]; every span is kept (two
+//! CUDA events each) until [`take`], so profile a bounded stretch of work, then take.
+//!
+//! While on, every kernel launch, cuBLAS call, copy, memset, driver allocation and free is a
+//! [`Span`]: two CUDA events around it on the compute stream (GPU time) and the host time spent
+//! in the call (for a copy to or from the host that includes waiting for the stream, which is
+//! exactly what makes such a copy expensive). [`take`] waits for the stream and sums the spans
+//! per name. Creating and recording two events costs the host a few microseconds per
+//! operation, so a profiled step runs a little slower than an unprofiled one. Where the GPU has
+//! caught up with the host, an operation's GPU time also holds the wait for its own launch, so a
+//! host-bound stretch shows as many short operations whose GPU times barely exceed their host
+//! times.
+//!
+//! On the CUDA emulator there are no events: spans record host time only, which there is also
+//! the time the (synchronous) operation took.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaStream};
+
+use super::CudaDevice;
+use crate::{Error, Result};
+
+static ON: AtomicBool = AtomicBool::new(false);
+static SPANS: Mutex<Vec<Finished>> = Mutex::new(Vec::new());
+
+struct Finished {
+    name: String,
+    events: Option<(CudaEvent, CudaEvent)>,
+    host_s: f64,
+}
+
+/// Switches profiling on or off for the whole process (all devices). Spans already finished
+/// are kept until [`take`].
+pub fn enable(on: bool) {
+    ON.store(on, Ordering::Relaxed);
+}
+
+/// Whether operations are being profiled.
+pub fn enabled() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+/// One operation being timed; [`Span::finish`] after queueing it.
+pub struct Span {
+    name: String,
+    t0: Instant,
+    start: Option<(CudaEvent, std::sync::Arc<CudaStream>)>,
+}
+
+/// Starts a span for an operation about to be queued on `dev`, or `None` when profiling is off.
+/// `name` is only evaluated when it is on.
+pub fn span(dev: &CudaDevice, name: impl FnOnce() -> String) -> Option<Span> {
+    if !enabled() {
+        return None;
+    }
+    // An event that cannot be created or recorded costs this span its GPU time, not the op.
+    let start = match (dev.context(), dev.stream()) {
+        (Ok(ctx), Ok(stream)) => ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .ok()
+            .filter(|e| e.record(stream).is_ok())
+            .map(|e| (e, stream.clone())),
+        _ => None,
+    };
+    Some(Span { name: name(), t0: Instant::now(), start })
+}
+
+impl Span {
+    /// Ends the span: records the end event after the operation and keeps the span for [`take`].
+    pub fn finish(self) {
+        let host_s = self.t0.elapsed().as_secs_f64();
+        let events = self.start.and_then(|(start, stream)| {
+            let end = stream.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok()?;
+            end.record(&stream).ok()?;
+            Some((start, end))
+        });
+        let mut spans = SPANS.lock().unwrap_or_else(|p| p.into_inner());
+        spans.push(Finished { name: self.name, events, host_s });
+    }
+}
+
+/// One operation name's totals.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileRow {
+    /// e.g. `attention::attn_bwd_dkdv_bf16_d64`, `cublas gemm bf16 NT`, `copy host→device`.
+    pub name: String,
+    pub calls: usize,
+    /// Sum of event-to-event times; `None` when no span of this name had events (emulator).
+    pub gpu_ms: Option<f64>,
+    /// Sum of the host time spent in the calls.
+    pub host_ms: f64,
+}
+
+/// Waits for `dev`'s stream, then returns and forgets every finished span, summed per name,
+/// most GPU time first (host time where there is none).
+pub fn take(dev: &CudaDevice) -> Result<Vec<ProfileRow>> {
+    dev.synchronize()?;
+    let spans = std::mem::take(&mut *SPANS.lock().map_err(|_| Error::msg("profile: span list poisoned"))?);
+    let mut rows: HashMap<String, ProfileRow> = HashMap::new();
+    for s in spans {
+        let ms = match &s.events {
+            Some((a, b)) => Some(
+                a.elapsed_ms(b)
+                    .map_err(|e| Error::Cuda { op: "profile", detail: format!("cuEventElapsedTime: {e:?}") })?
+                    as f64,
+            ),
+            None => None,
+        };
+        let r = rows.entry(s.name.clone()).or_insert(ProfileRow { name: s.name, calls: 0, gpu_ms: None, host_ms: 0.0 });
+        r.calls += 1;
+        r.host_ms += s.host_s * 1e3;
+        if let Some(ms) = ms {
+            r.gpu_ms = Some(r.gpu_ms.unwrap_or(0.0) + ms);
+        }
+    }
+    let mut rows: Vec<ProfileRow> = rows.into_values().collect();
+    let key = |r: &ProfileRow| r.gpu_ms.unwrap_or(r.host_ms);
+    rows.sort_by(|a, b| key(b).total_cmp(&key(a)).then_with(|| a.name.cmp(&b.name)));
+    Ok(rows)
+}
