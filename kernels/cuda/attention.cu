@@ -27,6 +27,12 @@
 //     query tile, head), loops over key tiles of 32. No atomics (deterministic); f32 FMA.
 //     Budget per block: 128 threads; smem 2·32·(D+1)·4 + 2·8·D·4 + 2·8·32·4 + 64 B
 //     = 43,328 B (D=128) / 22,848 B (D=64) static.
+//   bwd v2 (attn_bwd_{dkdv,dq}_v2_bf16_*): the same two passes on mma.sync. dK/dV: one block of
+//     4 warps per (64-key tile, KV head), each warp owns 16 keys (K, V fragments in registers)
+//     and streams BQ-row Q/dO tiles (BQ 64 at D=64, 32 at D=128; smem 2·BQ·(D+8)·2 B) of every
+//     query head of the group. dQ: one block per (64-row query tile, head), 16 rows per warp
+//     (Q, dO fragments in registers), 64-key K/V tiles in smem (2·64·(D+8)·2 B). The delta
+//     kernel is v1's.
 //   decode: split-K (flash-decoding). attn_decode_partial: one block (4 warps) per (split of the
 //     cache length, head, batch row × group of ≤4 new tokens); warps take keys round-robin,
 //     lanes split D; the 4 warps merge in smem (4·4·D·4 B ≤ 8 KiB) and write an unnormalised
@@ -36,6 +42,7 @@
 //   fwd v1 naive warp-per-row, f32 and bf16 (correctness baseline)
 //   fwd v2 flash-tiled, mma.sync bf16 tensor cores, 64×64 tiles (bf16 only; f32 runs v1)
 //   bwd v1 tiled FMA, two passes (dK/dV per KV tile, then dQ per Q tile), f32 and bf16
+//   bwd v2 the same passes on mma.sync bf16 tensor cores, 64-row tiles (bf16, D 64/128 only)
 //   decode v1 split-K partial + combine, f32 and bf16
 
 // Instantiates kernel family M for every head dim the launchers accept (CUDA_HEAD_DIMS in
@@ -476,6 +483,223 @@ __device__ void attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, co
     }
 ATT_FOR_EACH_DIM(ATT_BWD, float, f32)
 ATT_FOR_EACH_DIM(ATT_BWD, bf16_t, bf16)
+
+// ---------------------------------------------------------------- backward v2 (mma.sync bf16)
+// The same FlashAttention-2 products as v1 on tensor cores, with the fragment layouts of the v2
+// forward (see att_mma_bf16). P and dS are rounded to bf16 as mma operands (as FlashAttention
+// does); every sum is f32.
+
+// Loads rows r0..r0+ROWS of one head of a [T, heads, D] bf16 tensor (sequence offset s0) into a
+// padded smem tile with 16-byte copies; rows at or past `len` become zeros.
+template <int D, int ROWS>
+__device__ __forceinline__ void att_tile_load(bf16_t* dst, const bf16_t* src, int s0, int r0, int len, int heads,
+                                              int head) {
+    constexpr int S = D + 8, CPR = D / 8;  // 16-byte chunks per row
+    for (int c = threadIdx.x; c < ROWS * CPR; c += 128) {
+        const int r = c / CPR, col = (c % CPR) * 8;
+        uint4 x = make_uint4(0u, 0u, 0u, 0u);
+        if (r0 + r < len) x = *(const uint4*)(src + ((size_t)(s0 + r0 + r) * heads + head) * D + col);
+        *(uint4*)(dst + r * S + col) = x;
+    }
+}
+
+// A fragments (16 rows ra = base+gid, rb = ra+8, all D columns) of one head's rows from global.
+template <int D>
+__device__ __forceinline__ void att_frag_rows(u32 (*f)[4], const bf16_t* src, int s0, int ra, int len, int heads,
+                                              int head) {
+    const int tig = threadIdx.x & 3, rb = ra + 8;
+    const u32* pa = (const u32*)(src + ((size_t)(s0 + ra) * heads + head) * D);
+    const u32* pb = (const u32*)(src + ((size_t)(s0 + rb) * heads + head) * D);
+    #pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+        f[kc][0] = ra < len ? pa[kc * 8 + tig] : 0u;
+        f[kc][1] = rb < len ? pb[kc * 8 + tig] : 0u;
+        f[kc][2] = ra < len ? pa[kc * 8 + 4 + tig] : 0u;
+        f[kc][3] = rb < len ? pb[kc * 8 + 4 + tig] : 0u;
+    }
+}
+
+// acc[nt] = A(16×D, fragments) · (smem tile rows nt·8..nt·8+8)ᵀ for NT n-tiles.
+template <int D, int NT>
+__device__ __forceinline__ void att_mma_abt(float (*acc)[4], const u32 (*a)[4], const bf16_t* tile) {
+    constexpr int S = D + 8;
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+        const bf16_t* r = tile + (nt * 8 + gid) * S + tig * 2;
+        #pragma unroll
+        for (int kc = 0; kc < D / 16; ++kc)
+            att_mma_bf16(acc[nt], a[kc], *(const u32*)(r + kc * 16), *(const u32*)(r + kc * 16 + 8));
+    }
+}
+
+// out(16×D) += X(16×16·KT, C fragments of KT·2 n-tiles, rounded to bf16) · tile rows 0..16·KT.
+template <int D, int KT>
+__device__ __forceinline__ void att_mma_ab(float (*out)[4], float (*x)[4], const bf16_t* tile) {
+    constexpr int S = D + 8;
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    #pragma unroll
+    for (int kc = 0; kc < KT; ++kc) {
+        u32 xa[4];
+        xa[0] = att_pack_bf16(x[2 * kc][0], x[2 * kc][1]);
+        xa[1] = att_pack_bf16(x[2 * kc][2], x[2 * kc][3]);
+        xa[2] = att_pack_bf16(x[2 * kc + 1][0], x[2 * kc + 1][1]);
+        xa[3] = att_pack_bf16(x[2 * kc + 1][2], x[2 * kc + 1][3]);
+        const bf16_t* t0 = tile + (kc * 16 + tig * 2) * S + gid;
+        #pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+            const bf16_t* tp = t0 + dt * 8;
+            att_mma_bf16(out[dt], xa, (u32)tp[0] | ((u32)tp[S] << 16), (u32)tp[8 * S] | ((u32)tp[9 * S] << 16));
+        }
+    }
+}
+
+// Stores rows ra and ra+8 of a 16×D C-fragment accumulator, times `mul`, as bf16.
+template <int D>
+__device__ __forceinline__ void att_store_rows(bf16_t* dst, const float (*acc)[4], float mul, int s0, int ra, int len,
+                                               int heads, int head) {
+    const int tig = threadIdx.x & 3;
+    #pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = ra + 8 * half;
+        if (r >= len) continue;
+        u32* row = (u32*)(dst + ((size_t)(s0 + r) * heads + head) * D);
+        #pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+            row[dt * 4 + tig] = att_pack_bf16(acc[dt][2 * half] * mul, acc[dt][2 * half + 1] * mul);
+    }
+}
+
+// dK, dV for one (64-key tile, KV head): each warp owns 16 keys (K and V fragments in
+// registers) and streams BQ-row tiles of Q and dO (every query head of the group, query rows
+// from the tile start on) through shared memory: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, Pᵀ from lse,
+// dSᵀ = Pᵀ∘(dPᵀ − D), dV += Pᵀ·dO, dK += dSᵀ·Q.
+template <int D, int BQ>
+__device__ void attn_bwd_dkdv_v2(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                                 const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_o,
+                                 const float* __restrict__ lse, const float* __restrict__ delta,
+                                 const u32* __restrict__ tiles, const u32* __restrict__ cu, int ntok, int nh, int nkv,
+                                 float scale, bf16_t* __restrict__ dk, bf16_t* __restrict__ dv) {
+    constexpr int S = D + 8, NT = BQ / 8, DT = D / 8, KC = D / 16;
+    __shared__ __align__(16) bf16_t Qs[BQ * S];
+    __shared__ __align__(16) bf16_t Os[BQ * S];
+    __shared__ float Ls[BQ], Ds[BQ];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int b = (int)tiles[2 * blockIdx.x], k0 = (int)tiles[2 * blockIdx.x + 1];
+    const int g = blockIdx.y, rep = nh / nkv;
+    const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
+    const int ka = k0 + warp * 16 + gid, kb = ka + 8;
+    const float sl2 = scale * ATT_LOG2E;
+    u32 kf[KC][4], vf[KC][4];
+    att_frag_rows<D>(kf, k, s0, ka, len, nkv, g);
+    att_frag_rows<D>(vf, v, s0, ka, len, nkv, g);
+    float adk[DT][4], adv[DT][4];
+    #pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) adk[dt][e] = adv[dt][e] = 0.f;
+
+    for (int hh = 0; hh < rep; ++hh) {
+        const int h = g * rep + hh;
+        for (int q0 = k0; q0 < len; q0 += BQ) {
+            __syncthreads();  // the previous tile is consumed
+            att_tile_load<D, BQ>(Qs, q, s0, q0, len, nh, h);
+            att_tile_load<D, BQ>(Os, d_o, s0, q0, len, nh, h);
+            if (tid < BQ) {
+                const bool in = q0 + tid < len;
+                Ls[tid] = in ? lse[(size_t)h * ntok + s0 + q0 + tid] * ATT_LOG2E : 0.f;
+                Ds[tid] = in ? delta[(size_t)h * ntok + s0 + q0 + tid] : 0.f;
+            }
+            __syncthreads();
+            float st[NT][4], dpt[NT][4];
+            att_mma_abt<D, NT>(st, kf, Qs);
+            att_mma_abt<D, NT>(dpt, vf, Os);
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = nt * 8 + tig * 2 + (e & 1), row = q0 + qi, key = e < 2 ? ka : kb;
+                    const float p = row < len && key <= row ? exp2f(st[nt][e] * sl2 - Ls[qi]) : 0.f;
+                    st[nt][e] = p;
+                    dpt[nt][e] = p * (dpt[nt][e] - Ds[qi]);
+                }
+            }
+            att_mma_ab<D, BQ / 16>(adv, st, Os);
+            att_mma_ab<D, BQ / 16>(adk, dpt, Qs);
+        }
+    }
+    att_store_rows<D>(dk, adk, scale, s0, ka, len, nkv, g);
+    att_store_rows<D>(dv, adv, 1.f, s0, ka, len, nkv, g);
+}
+
+// dQ for one (64-row query tile, head): each warp owns 16 query rows (Q and dO fragments in
+// registers) and streams 64-key tiles of K and V through shared memory: S = Q·Kᵀ, dP = dO·Vᵀ,
+// P from lse, dS = P∘(dP − D), dQ += dS·K.
+template <int D>
+__device__ void attn_bwd_dq_v2(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                               const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_o,
+                               const float* __restrict__ lse, const float* __restrict__ delta,
+                               const u32* __restrict__ tiles, const u32* __restrict__ cu, int ntok, int nh, int nkv,
+                               float scale, bf16_t* __restrict__ dq) {
+    constexpr int BK = 64, S = D + 8, NT = BK / 8, DT = D / 8, KC = D / 16;
+    __shared__ __align__(16) bf16_t Ks[BK * S];
+    __shared__ __align__(16) bf16_t Vs[BK * S];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int b = (int)tiles[2 * blockIdx.x], q0 = (int)tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, g = h / (nh / nkv);
+    const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
+    const int ra = q0 + warp * 16 + gid, rb = ra + 8;
+    const float sl2 = scale * ATT_LOG2E;
+    u32 qf[KC][4], of[KC][4];
+    att_frag_rows<D>(qf, q, s0, ra, len, nh, h);
+    att_frag_rows<D>(of, d_o, s0, ra, len, nh, h);
+    const float la = ra < len ? lse[(size_t)h * ntok + s0 + ra] * ATT_LOG2E : 0.f;
+    const float lb = rb < len ? lse[(size_t)h * ntok + s0 + rb] * ATT_LOG2E : 0.f;
+    const float da = ra < len ? delta[(size_t)h * ntok + s0 + ra] : 0.f;
+    const float db = rb < len ? delta[(size_t)h * ntok + s0 + rb] : 0.f;
+    float adq[DT][4];
+    #pragma unroll
+    for (int dt = 0; dt < DT; ++dt) adq[dt][0] = adq[dt][1] = adq[dt][2] = adq[dt][3] = 0.f;
+
+    const int kmax = min(len, q0 + 64);
+    for (int kt = 0; kt < kmax; kt += BK) {
+        __syncthreads();  // the previous tile is consumed
+        att_tile_load<D, BK>(Ks, k, s0, kt, len, nkv, g);
+        att_tile_load<D, BK>(Vs, v, s0, kt, len, nkv, g);
+        __syncthreads();
+        float st[NT][4], dp[NT][4];
+        att_mma_abt<D, NT>(st, qf, Ks);
+        att_mma_abt<D, NT>(dp, of, Vs);
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = kt + nt * 8 + tig * 2 + (e & 1), row = e < 2 ? ra : rb;
+                const float p = row < len && key <= row ? exp2f(st[nt][e] * sl2 - (e < 2 ? la : lb)) : 0.f;
+                st[nt][e] = p * (dp[nt][e] - (e < 2 ? da : db));
+            }
+        }
+        att_mma_ab<D, BK / 16>(adq, st, Ks);
+    }
+    att_store_rows<D>(dq, adq, scale, s0, ra, len, nh, h);
+}
+
+#define ATT_BWD_V2(D, BQ)                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_v2_bf16_d##D(                       \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
+        const float* delta, const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale,    \
+        bf16_t* dk, bf16_t* dv) {                                                                       \
+        attn_bwd_dkdv_v2<D, BQ>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dk, dv);     \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_v2_bf16_d##D(                         \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
+        const float* delta, const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale,    \
+        bf16_t* dq) {                                                                                   \
+        attn_bwd_dq_v2<D>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dq);               \
+    }
+ATT_BWD_V2(64, 64)
+ATT_BWD_V2(128, 32)
 
 // ---------------------------------------------------------------- decode (split-K)
 #define DEC_MAXQ 4  // new tokens per block

@@ -5,9 +5,11 @@ use crate::cuda::{launch, Arg, LaunchCfg};
 
 /// Forward query-tile rows of v2 (must match `BR` in the kernel).
 const FWD_V2_BR: usize = 64;
-/// Backward key / query tile sizes (must match `BWD_BK` / `BWD_BQ`).
+/// Backward v1 key / query tile sizes (must match `BWD_BK` / `BWD_BQ`).
 const BWD_BK: usize = 32;
 const BWD_BQ: usize = 8;
+/// Backward v2 key tile (dK/dV) and query tile (dQ) rows.
+const BWD_V2_TILE: usize = 64;
 /// New tokens per decode block (must match `DEC_MAXQ`).
 const DEC_MAXQ: usize = 4;
 /// Decode aims at this many blocks (about 2 per SM on an H100) before splitting the cache.
@@ -142,6 +144,7 @@ pub fn backward(
     cu: &[u32],
     dims: Dims,
     scale: f32,
+    version: u32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "attention_backward (cuda)";
     let suf = suffix(OP, q.dtype(), dims.head_dim)?;
@@ -174,7 +177,20 @@ pub fn backward(
         Arg::Ptr(lse.cuda_ptr()?),
         Arg::Ptr(delta.cuda_ptr()?),
     ];
-    let kt = key_tiles(cu, BWD_BK);
+    let version = if version == 0 { LATEST_BACKWARD_VERSION } else { version };
+    let ptrs = [q, k, v, o, d_o].map(|t| t.cuda_ptr().map(|p| p % 16 == 0));
+    // v2 needs bf16, head_dim 64 or 128 and 16-byte aligned rows (uint4 loads); else v1 runs.
+    let v2 = match version {
+        1 => false,
+        2 => {
+            q.dtype() == DType::BF16
+                && matches!(dims.head_dim, 64 | 128)
+                && ptrs.into_iter().collect::<Result<Vec<bool>>>()?.into_iter().all(|a| a)
+        }
+        n => return Err(Error::msg(format!("{OP}: no kernel version {n} (have 1, 2)"))),
+    };
+    let (kv_tile, q_tile, v2_tag) = if v2 { (BWD_V2_TILE, BWD_V2_TILE, "v2_") } else { (BWD_BK, BWD_BQ, "") };
+    let kt = key_tiles(cu, kv_tile);
     let kt_d = upload(ord, &kt)?;
     let mut args = head.to_vec();
     args.extend([
@@ -188,9 +204,9 @@ pub fn backward(
         Arg::Ptr(dv.cuda_ptr()?),
     ]);
     let cfg = LaunchCfg { grid: ((kt.len() / 2) as u32, dims.n_kv_heads as u32, 1), block: (128, 1, 1), smem: 0 };
-    launch(ord, &SRC, &format!("attn_bwd_dkdv_{suf}"), cfg, &args)?;
+    launch(ord, &SRC, &format!("attn_bwd_dkdv_{v2_tag}{suf}"), cfg, &args)?;
 
-    let qt = tiles(cu, BWD_BQ);
+    let qt = tiles(cu, q_tile);
     let qt_d = upload(ord, &qt)?;
     let mut args = head.to_vec();
     args.extend([
@@ -203,7 +219,7 @@ pub fn backward(
         Arg::Ptr(dq.cuda_ptr()?),
     ]);
     let cfg = LaunchCfg { grid: ((qt.len() / 2) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
-    launch(ord, &SRC, &format!("attn_bwd_dq_{suf}"), cfg, &args)?;
+    launch(ord, &SRC, &format!("attn_bwd_dq_{v2_tag}{suf}"), cfg, &args)?;
     Ok((dq, dk, dv))
 }
 

@@ -34,8 +34,9 @@
 //! # CUDA versions (`SMELT_ATTN_VERSION` or [`attention_forward_version`])
 //! See `kernels/cuda/attention.cu` and `kernels/cuda/attention.md`: forward v1 naive (one warp
 //! per query row), v2 flash-tiled with `mma.sync` bf16 tensor cores (bf16 only; f32 inputs use
-//! v1); backward v1 tiled two-pass (dK/dV per KV tile, then dQ per Q tile; no atomics); decode
-//! v1 split-K (flash-decoding) with a combine kernel.
+//! v1); backward v1 tiled two-pass (dK/dV per KV tile, then dQ per Q tile; no atomics), v2 the
+//! same two passes on `mma.sync` bf16 tensor cores (bf16, head_dim 64/128; else v1); decode v1
+//! split-K (flash-decoding) with a combine kernel.
 
 use smelt_engine::{bf16, DType, Device, Error, Result, Tensor};
 
@@ -53,6 +54,8 @@ pub(crate) const SRC: crate::KernelSource =
 pub const MAX_HEAD_DIM_CPU: usize = 256;
 /// Latest CUDA forward version (what [`attention_forward`] runs unless `SMELT_ATTN_VERSION` says otherwise).
 pub const LATEST_FORWARD_VERSION: u32 = 2;
+/// Latest CUDA backward version (what [`attention_backward`] runs unless `SMELT_ATTN_VERSION` says otherwise).
+pub const LATEST_BACKWARD_VERSION: u32 = 2;
 
 /// `1/sqrt(head_dim)`, the default scale.
 pub fn default_scale(head_dim: usize) -> f32 {
@@ -131,6 +134,23 @@ pub fn attention_backward(
     cu_seqlens: &[u32],
     scale: Option<f32>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    attention_backward_version(q, k, v, o, lse, d_o, cu_seqlens, scale, env_version())
+}
+
+/// [`attention_backward`] with the CUDA kernel version chosen by number (ignored on CPU;
+/// 0 = [`LATEST_BACKWARD_VERSION`]; v2 needs bf16 and head_dim 64 or 128, else v1 runs).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_version(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    cu_seqlens: &[u32],
+    scale: Option<f32>,
+    version: u32,
+) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "attention_backward";
     let dims = check_qkv(OP, q, k, v)?;
     let t = q.dim(0);
@@ -174,9 +194,12 @@ pub fn attention_backward(
             ))
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda::backward(ord, q, k, v, o, lse, d_o, cu_seqlens, dims, scale),
+        Device::Cuda(ord) => cuda::backward(ord, q, k, v, o, lse, d_o, cu_seqlens, dims, scale, version),
         #[cfg(not(feature = "cuda"))]
-        d => Err(Error::UnsupportedDevice { op: OP, device: d }),
+        d => {
+            let _ = version;
+            Err(Error::UnsupportedDevice { op: OP, device: d })
+        }
     }
 }
 

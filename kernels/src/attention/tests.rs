@@ -433,13 +433,16 @@ fn backward_device_matches_cpu() {
             let (wq, wk, wv) = attention_backward(&f(&q), &f(&k), &f(&v), &o, &lse, &f(&d_o), &c.cu, None).unwrap();
             let od = o.to_dtype(dt).unwrap().to_device(dev).unwrap();
             let [qd, kd, vd, dod] = c.tensors(dt, dev);
-            poison(dev, &[(q.shape(), dt), (k.shape(), dt), (v.shape(), dt)]);
-            let (dq, dk, dv) =
-                attention_backward(&qd, &kd, &vd, &od, &lse.to_device(dev).unwrap(), &dod, &c.cu, None).unwrap();
-            let what = format!("bwd {dt} lens {lens:?} heads {nh}/{nkv} d {d}");
-            close_to_cpu(&dq, &wq, dt, &format!("dq {what}"));
-            close_to_cpu(&dk, &wk, dt, &format!("dk {what}"));
-            close_to_cpu(&dv, &wv, dt, &format!("dv {what}"));
+            let lsed = lse.to_device(dev).unwrap();
+            for version in [1u32, 2] {
+                poison(dev, &[(q.shape(), dt), (k.shape(), dt), (v.shape(), dt)]);
+                let (dq, dk, dv) =
+                    attention_backward_version(&qd, &kd, &vd, &od, &lsed, &dod, &c.cu, None, version).unwrap();
+                let what = format!("bwd v{version} {dt} lens {lens:?} heads {nh}/{nkv} d {d}");
+                close_to_cpu(&dq, &wq, dt, &format!("dq {what}"));
+                close_to_cpu(&dk, &wk, dt, &format!("dk {what}"));
+                close_to_cpu(&dv, &wv, dt, &format!("dv {what}"));
+            }
         }
     }
 }

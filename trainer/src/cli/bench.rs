@@ -738,17 +738,22 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             } else {
                 let (o, lse) = attention::attention_forward(&q, &k, &v, &cu, None)?;
                 let d_o = rt(&[t, nh, d], 4)?;
-                push(
-                    shape_name(desc),
-                    1,
-                    2.0 * io + tf * nh as f64 * 4.0,
-                    2.5 * fwd_flops,
-                    Bound::Compute,
-                    Box::new(move || {
-                        attention::attention_backward(&q, &k, &v, &o, &lse, &d_o, &cu, None)?;
-                        Ok(())
-                    }),
-                );
+                let versions: Vec<u32> = if device.is_cpu() { vec![1] } else { vec![1, 2] };
+                for ver in versions {
+                    let (q, k, v, o, lse, d_o, cu) =
+                        (q.clone(), k.clone(), v.clone(), o.clone(), lse.clone(), d_o.clone(), cu.clone());
+                    push(
+                        shape_name(desc.clone()),
+                        ver,
+                        2.0 * io + tf * nh as f64 * 4.0,
+                        2.5 * fwd_flops,
+                        Bound::Compute,
+                        Box::new(move || {
+                            attention::attention_backward_version(&q, &k, &v, &o, &lse, &d_o, &cu, None, ver)?;
+                            Ok(())
+                        }),
+                    );
+                }
             }
         }
         "attention_decode" => {
