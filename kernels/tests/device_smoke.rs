@@ -192,3 +192,43 @@ fn device_profile_names_and_times_operations() {
         assert!(r.gpu_ms.is_none_or(|ms| ms > 0.0 && ms < 1e3), "{r:?}");
     }
 }
+
+/// Attention's index lists (cu_seqlens, tile lists) are uploaded once and reused by later calls
+/// with the same lists (every layer of a step): an upload drains the stream. Same results, and
+/// no host→device copy on the repeat; a new list is uploaded.
+#[test]
+fn device_attention_reuses_uploaded_index_lists() {
+    use smelt_engine::cuda::profile;
+    use smelt_kernels::attention::{attention_backward, attention_forward};
+    let _g = serial();
+    let Some(dev) = test_cuda_device() else { return };
+    let Device::Cuda(ord) = dev else { unreachable!() };
+    let cuda = smelt_engine::cuda::device(ord).unwrap();
+    let mut rng = Rng::new(9);
+    let (t, nh, nkv, d) = (45usize, 4usize, 2usize, 64usize);
+    let mk = |rng: &mut Rng, h: usize| {
+        let v = randn(rng, t * h * d, 1.0);
+        Tensor::from_slice(&v, &[t, h, d], Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap().to_device(dev).unwrap()
+    };
+    let (q, k, v, d_o) = (mk(&mut rng, nh), mk(&mut rng, nkv), mk(&mut rng, nkv), mk(&mut rng, nh));
+    let run = |cu: &[u32]| {
+        let (o, lse) = attention_forward(&q, &k, &v, cu, None).unwrap();
+        let (dq, dk, dv) = attention_backward(&q, &k, &v, &o, &lse, &d_o, cu, None).unwrap();
+        [o, dq, dk, dv].map(|x| x.to_vec_f32().unwrap())
+    };
+    let uploads =
+        |rows: &[profile::ProfileRow]| rows.iter().find(|r| r.name == "copy host→device").map_or(0, |r| r.calls);
+    let cu = [0u32, 13, 45];
+    let first = run(&cu);
+    profile::take(&cuda).unwrap();
+    profile::enable(true);
+    let again = run(&cu);
+    let repeat = profile::take(&cuda).unwrap();
+    let other = run(&[0, 30, 45]);
+    let fresh = profile::take(&cuda).unwrap();
+    profile::enable(false);
+    assert_eq!(first, again, "the same inputs gave different results on the repeat");
+    assert_eq!(uploads(&repeat), 0, "the repeat uploaded again: {repeat:?}");
+    assert!(uploads(&fresh) >= 1, "a new cu_seqlens was not uploaded: {fresh:?}");
+    assert_ne!(other, first);
+}
