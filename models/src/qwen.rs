@@ -15,8 +15,12 @@
 //!
 //! All compute is in the weights' dtype (f32 on CPU) with f32 accumulation inside the kernels.
 
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
 use smelt_engine::{DType, Device, Tensor};
-use smelt_kernels::{add, attention, embedding, logprob_entropy as head, matmul, rmsnorm, rope, swiglu};
+use smelt_kernels::rope::RopeTable;
+use smelt_kernels::{add, attention, cast, embedding, logprob_entropy as head, matmul, rmsnorm, swiglu};
 
 use crate::{Config, Error, Result, Weights};
 
@@ -122,6 +126,9 @@ pub struct Qwen {
     pub weights: Weights,
     /// Recompute each layer's activations in backward instead of keeping them.
     pub recompute: bool,
+    /// RoPE's inv_freq on the weights' device, uploaded once (an upload drains the stream, and
+    /// every layer of every pass and decode step rotates q and k).
+    rope: OnceLock<RopeTable>,
 }
 
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -135,20 +142,33 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// Backward of y = x·Wᵀ (+b): returns dx; adds dW (and db) into the gradient tensors.
 fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, dw: &Tensor, db: Option<&Tensor>) -> Result<Tensor> {
     let dx = matmul::matmul(dy, w, false, false)?;
-    add::add_scaled_(dw, 1.0, &matmul::matmul(dy, x, true, false)?.to_dtype(dw.dtype())?)?;
+    // dW += dyᵀ·x straight into the (f32) gradient: cuBLAS accumulates with beta = 1.
+    matmul::matmul_into(dy, x, true, false, dw, true)?;
     if let Some(db) = db {
-        add::add_scaled_(db, 1.0, &add::bias_grad(dy)?.to_dtype(db.dtype())?)?;
+        add::add_scaled_(db, 1.0, &cast::cast(&add::bias_grad(dy)?, db.dtype())?)?;
     }
     Ok(dx)
 }
 
 impl Qwen {
     pub fn new(config: Config, weights: Weights) -> Qwen {
-        Qwen { config, weights, recompute: false }
+        Qwen { config, weights, recompute: false, rope: OnceLock::new() }
     }
 
     pub fn device(&self) -> Device {
         self.weights.embed_tokens.device()
+    }
+
+    /// The RoPE table for the weights' device (a fresh one if the weights have moved since it
+    /// was built).
+    fn rope(&self) -> Result<Cow<'_, RopeTable>> {
+        let dev = self.device();
+        let build = || RopeTable::new(self.config.head_dim, self.config.rope_theta as f32, dev);
+        if let Some(t) = self.rope.get() {
+            return Ok(if t.inv_freq().device() == dev { Cow::Borrowed(t) } else { Cow::Owned(build()?) });
+        }
+        let t = build()?;
+        Ok(Cow::Borrowed(self.rope.get_or_init(|| t)))
     }
 
     fn check_batch(&self, batch: &Packed) -> Result<()> {
@@ -204,9 +224,9 @@ impl Qwen {
         let v = linear(&h1, &w.v_proj, w.v_bias.as_ref())?.reshape(&[t, c.num_key_value_heads, c.head_dim])?;
         let (q_n, rstd_q) = self.head_norm(&q_raw, w.q_norm.as_ref(), c.num_attention_heads)?;
         let (k_n, rstd_k) = self.head_norm(&k_raw, w.k_norm.as_ref(), c.num_key_value_heads)?;
-        let theta = c.rope_theta as f32;
-        let q = rope::rope(&q_n, positions, theta)?;
-        let k = rope::rope(&k_n, positions, theta)?;
+        let rope = self.rope()?;
+        let q = rope.forward(&q_n, positions)?;
+        let k = rope.forward(&k_n, positions)?;
         let (attn, lse) = attention::attention_forward(&q, &k, &v, cu, None)?;
         let attn = attn.reshape(&[t, c.q_dim()])?;
         let x_mid = add::add(x, &linear(&attn, &w.o_proj, w.o_bias.as_ref())?)?;
@@ -297,9 +317,9 @@ impl Qwen {
             d_lm_head,
             &Default::default(),
         )?;
-        let dh = dh.to_dtype(acts.hidden.dtype())?;
+        let dh = cast::cast(&dh, acts.hidden.dtype())?;
         let (mut dx, dnorm) = rmsnorm::rmsnorm_backward(&acts.x_final, &self.weights.norm, &acts.rstd_final, &dh)?;
-        add::add_scaled_(&grads.norm, 1.0, &dnorm.to_dtype(grads.norm.dtype())?)?;
+        add::add_scaled_(&grads.norm, 1.0, &cast::cast(&dnorm, grads.norm.dtype())?)?;
         for l in (0..self.weights.layers.len()).rev() {
             let recomputed;
             let a: &LayerActs = match &acts.layers[l] {
@@ -312,7 +332,7 @@ impl Qwen {
             dx = self.layer_backward(l, a, &acts.positions, &acts.batch.cu_seqlens, &dx, grads)?;
         }
         let ids = Tensor::from_slice(&acts.batch.ids, &[acts.batch.ids.len()], self.device())?;
-        embedding::embedding_backward(&ids, &dx.to_dtype(DType::F32)?, &grads.embed_tokens)?;
+        embedding::embedding_backward(&ids, &cast::cast(&dx, DType::F32)?, &grads.embed_tokens)?;
         Ok(())
     }
 
@@ -328,7 +348,7 @@ impl Qwen {
     ) -> Result<Tensor> {
         let (c, w, g) = (&self.config, &self.weights.layers[l], &grads.layers[l]);
         let t = a.x.dim(0);
-        let acc = |dst: &Tensor, src: &Tensor| add::add_scaled_(dst, 1.0, &src.to_dtype(dst.dtype())?);
+        let acc = |dst: &Tensor, src: &Tensor| add::add_scaled_(dst, 1.0, &cast::cast(src, dst.dtype())?);
         // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2)))
         let d_act = linear_backward(&a.act, &w.down_proj, dy, &g.down_proj, None)?;
         let (d_gate, d_up) = swiglu::swiglu_backward(&a.gate, &a.up, &d_act)?;
@@ -344,19 +364,19 @@ impl Qwen {
         let d_attn = d_attn.reshape(&[t, c.num_attention_heads, c.head_dim])?;
         let o = a.attn.reshape(&[t, c.num_attention_heads, c.head_dim])?;
         let (dq, dk, dv) = attention::attention_backward(&a.q, &a.k, &a.v, &o, &a.lse, &d_attn, cu, None)?;
-        let theta = c.rope_theta as f32;
+        let rope = self.rope()?;
         let dq = self.head_norm_backward(
             &a.q_raw,
             w.q_norm.as_ref(),
             a.rstd_q.as_ref(),
-            &rope::rope_backward(&dq, positions, theta)?,
+            &rope.backward(&dq, positions)?,
             g.q_norm.as_ref(),
         )?;
         let dk = self.head_norm_backward(
             &a.k_raw,
             w.k_norm.as_ref(),
             a.rstd_k.as_ref(),
-            &rope::rope_backward(&dk, positions, theta)?,
+            &rope.backward(&dk, positions)?,
             g.k_norm.as_ref(),
         )?;
         let dv = dv.reshape(&[t, c.kv_dim()])?;
@@ -385,7 +405,7 @@ impl Qwen {
                 let rows = t * cols / d;
                 let (dx, dwn) =
                     rmsnorm::rmsnorm_backward(&x_raw.reshape(&[rows, d])?, w, rstd, &dy.reshape(&[rows, d])?)?;
-                add::add_scaled_(dw, 1.0, &dwn.to_dtype(dw.dtype())?)?;
+                add::add_scaled_(dw, 1.0, &cast::cast(&dwn, dw.dtype())?)?;
                 Ok(dx.reshape(&[t, cols])?)
             }
             _ => Ok(dy.reshape(&[t, cols])?),
@@ -470,17 +490,15 @@ impl Qwen {
         let positions = Tensor::from_slice(&pos, &[b], dev)?;
         let lens_after: Vec<u32> = pos.iter().map(|p| p + 1).collect();
         let eps = c.rms_norm_eps as f32;
-        let theta = c.rope_theta as f32;
+        let rope = self.rope()?;
         let mut x = embedding::embedding(&Tensor::from_slice(tokens, &[b], dev)?, &self.weights.embed_tokens)?;
         for (l, w) in self.weights.layers.iter().enumerate() {
             let (h1, _) = rmsnorm::rmsnorm(&x, &w.input_layernorm, eps)?;
             let q_raw = linear(&h1, &w.q_proj, w.q_bias.as_ref())?;
             let k_raw = linear(&h1, &w.k_proj, w.k_bias.as_ref())?;
             let v = linear(&h1, &w.v_proj, w.v_bias.as_ref())?.reshape(&[b, c.num_key_value_heads, c.head_dim])?;
-            let q =
-                rope::rope(&self.head_norm(&q_raw, w.q_norm.as_ref(), c.num_attention_heads)?.0, &positions, theta)?;
-            let k =
-                rope::rope(&self.head_norm(&k_raw, w.k_norm.as_ref(), c.num_key_value_heads)?.0, &positions, theta)?;
+            let q = rope.forward(&self.head_norm(&q_raw, w.q_norm.as_ref(), c.num_attention_heads)?.0, &positions)?;
+            let k = rope.forward(&self.head_norm(&k_raw, w.k_norm.as_ref(), c.num_key_value_heads)?.0, &positions)?;
             attention::kv_cache_append(&cache.k[l], &cache.v[l], &k, &v, &slots, &pos)?;
             let o = attention::attention_decode(&q, &cache.k[l], &cache.v[l], &lens_after, None)?;
             let x_mid = add::add(&x, &linear(&o.reshape(&[b, c.q_dim()])?, &w.o_proj, w.o_bias.as_ref())?)?;
