@@ -784,11 +784,54 @@ mod tests {
     /// The same step on the GPU: f32 matches the CPU tightly, bf16 within the bf16 bound.
     #[test]
     fn device_step_matches_cpu() {
+        let _g = device_lock();
         let Some(dev) = smelt_kernels::testing::test_cuda_device() else { return };
         let config = tiny();
         let (base, b, cfg, stats, grads) = reference_step(&config);
         check_step_on(&base, &b, &cfg, &stats, &grads, DType::F32, dev, (1e-4, 1e-4));
         check_step_on(&base, &b, &cfg, &stats, &grads, DType::BF16, dev, BF16_STEP_TOL);
+    }
+
+    /// Every host↔device copy drains the stream, so a device step makes a fixed handful of them
+    /// (inputs, the loss, statistics) however deep the model: the same count at 2 and 5 layers.
+    /// (A dtype conversion through the host, or an upload per layer, once made 571 per step at
+    /// the 0.5B shape.)
+    /// The device tests here run one at a time: the copy count reads the process-wide profiler.
+    fn device_lock() -> std::sync::MutexGuard<'static, ()> {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        LOCK.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn device_step_copies_do_not_grow_with_depth() {
+        use smelt_engine::cuda::profile;
+        let _g = device_lock();
+        let Some(dev) = smelt_kernels::testing::test_cuda_device() else { return };
+        let Device::Cuda(ord) = dev else { unreachable!() };
+        let cuda = smelt_engine::cuda::device(ord).unwrap();
+        let copies = |layers: usize| {
+            let config = Config { num_hidden_layers: layers, ..tiny() };
+            let m = Qwen::new(config.clone(), copy_weights(&model(&config, 3).weights, DType::BF16, dev));
+            let b = batch(&config, &mut Rng::new(9));
+            let mut st = PolicyStep::new(&m, StepConfig::default()).unwrap();
+            st.step(&m, &b).unwrap(); // warm-up: kernel builds, allocator
+            profile::take(&cuda).unwrap();
+            profile::enable(true);
+            let r = st.step(&m, &b);
+            profile::enable(false);
+            let rows = profile::take(&cuda).unwrap();
+            r.unwrap();
+            let n: usize = rows
+                .iter()
+                .filter(|r| r.name.starts_with("copy host") || r.name.starts_with("copy device→host"))
+                .map(|r| r.calls)
+                .sum();
+            (n, rows)
+        };
+        let ((two, rows2), (five, rows5)) = (copies(2), copies(5));
+        assert_eq!(two, five, "copies per step grow with depth:\n2 layers: {rows2:?}\n5 layers: {rows5:?}");
+        assert!(two <= 20, "{two} host↔device copies in one step: {rows2:?}");
     }
 
     #[test]
