@@ -548,12 +548,11 @@ impl Module {
 /// `ordinal`, on its compute stream.
 pub fn launch(ordinal: usize, src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
     let dev = device(ordinal)?;
-    let span = smelt_engine::cuda::profile::span(&dev, || format!("{}::{func}", src.name));
-    let r = launch_on(&dev, src, func, cfg, args);
-    if let Some(s) = span {
-        s.finish();
-    }
-    r
+    smelt_engine::cuda::profile::timed(
+        &dev,
+        || format!("{}::{func}", src.name),
+        || launch_on(&dev, src, func, cfg, args),
+    )
 }
 
 fn launch_on(dev: &Arc<CudaDevice>, src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {

@@ -172,10 +172,7 @@ fn device_profile_names_and_times_operations() {
     profile::take(&cuda).unwrap();
     run();
     let off = profile::take(&cuda).unwrap();
-    profile::enable(true);
-    let (x, y) = (run(), run());
-    profile::enable(false);
-    let rows = profile::take(&cuda).unwrap();
+    let ((x, y), rows) = profile::record(&cuda, || (run(), run())).unwrap();
     assert_eq!(x, y);
     assert!(off.is_empty(), "profiling was off, yet it recorded {off:?}");
     let row = |prefix: &str| {
@@ -220,13 +217,8 @@ fn device_attention_reuses_uploaded_index_lists() {
         |rows: &[profile::ProfileRow]| rows.iter().find(|r| r.name == "copy host→device").map_or(0, |r| r.calls);
     let cu = [0u32, 13, 45];
     let first = run(&cu);
-    profile::take(&cuda).unwrap();
-    profile::enable(true);
-    let again = run(&cu);
-    let repeat = profile::take(&cuda).unwrap();
-    let other = run(&[0, 30, 45]);
-    let fresh = profile::take(&cuda).unwrap();
-    profile::enable(false);
+    let (again, repeat) = profile::record(&cuda, || run(&cu)).unwrap();
+    let (other, fresh) = profile::record(&cuda, || run(&[0, 30, 45])).unwrap();
     assert_eq!(first, again, "the same inputs gave different results on the repeat");
     assert_eq!(uploads(&repeat), 0, "the repeat uploaded again: {repeat:?}");
     assert!(uploads(&fresh) >= 1, "a new cu_seqlens was not uploaded: {fresh:?}");

@@ -143,11 +143,16 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, dw: &Tensor, db: Option<&Tensor>) -> Result<Tensor> {
     let dx = matmul::matmul(dy, w, false, false)?;
     // dW += dyᵀ·x straight into the (f32) gradient: cuBLAS accumulates with beta = 1.
-    matmul::matmul_into(dy, x, true, false, dw, true)?;
+    matmul::matmul_backward_into(x, w, dy, true, None, Some(dw), true)?;
     if let Some(db) = db {
-        add::add_scaled_(db, 1.0, &cast::cast(&add::bias_grad(dy)?, db.dtype())?)?;
+        accumulate(db, &add::bias_grad(dy)?)?;
     }
     Ok(dx)
+}
+
+/// `dst += src`, `src` cast on its device to `dst`'s dtype (f32 gradients of bf16 weights).
+fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
+    Ok(add::add_scaled_(dst, 1.0, &cast::cast(src, dst.dtype())?)?)
 }
 
 impl Qwen {
@@ -319,7 +324,7 @@ impl Qwen {
         )?;
         let dh = cast::cast(&dh, acts.hidden.dtype())?;
         let (mut dx, dnorm) = rmsnorm::rmsnorm_backward(&acts.x_final, &self.weights.norm, &acts.rstd_final, &dh)?;
-        add::add_scaled_(&grads.norm, 1.0, &cast::cast(&dnorm, grads.norm.dtype())?)?;
+        accumulate(&grads.norm, &dnorm)?;
         for l in (0..self.weights.layers.len()).rev() {
             let recomputed;
             let a: &LayerActs = match &acts.layers[l] {
@@ -348,7 +353,6 @@ impl Qwen {
     ) -> Result<Tensor> {
         let (c, w, g) = (&self.config, &self.weights.layers[l], &grads.layers[l]);
         let t = a.x.dim(0);
-        let acc = |dst: &Tensor, src: &Tensor| add::add_scaled_(dst, 1.0, &cast::cast(src, dst.dtype())?);
         // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2)))
         let d_act = linear_backward(&a.act, &w.down_proj, dy, &g.down_proj, None)?;
         let (d_gate, d_up) = swiglu::swiglu_backward(&a.gate, &a.up, &d_act)?;
@@ -357,7 +361,7 @@ impl Qwen {
             &linear_backward(&a.h2, &w.up_proj, &d_up, &g.up_proj, None)?,
         )?;
         let (dx_mid_norm, d_ln2) = rmsnorm::rmsnorm_backward(&a.x_mid, &w.post_attention_layernorm, &a.rstd2, &dh2)?;
-        acc(&g.post_attention_layernorm, &d_ln2)?;
+        accumulate(&g.post_attention_layernorm, &d_ln2)?;
         let dx_mid = add::add(dy, &dx_mid_norm)?;
         // Attention: x_mid = x + o_proj(attn(rope(norm(q)), rope(norm(k)), v))
         let d_attn = linear_backward(&a.attn, &w.o_proj, &dx_mid, &g.o_proj, g.o_bias.as_ref())?;
@@ -384,7 +388,7 @@ impl Qwen {
         add::add_scaled_(&dh1, 1.0, &linear_backward(&a.h1, &w.k_proj, &dk, &g.k_proj, g.k_bias.as_ref())?)?;
         add::add_scaled_(&dh1, 1.0, &linear_backward(&a.h1, &w.v_proj, &dv, &g.v_proj, g.v_bias.as_ref())?)?;
         let (dx_norm, d_ln1) = rmsnorm::rmsnorm_backward(&a.x, &w.input_layernorm, &a.rstd1, &dh1)?;
-        acc(&g.input_layernorm, &d_ln1)?;
+        accumulate(&g.input_layernorm, &d_ln1)?;
         Ok(add::add(&dx_mid, &dx_norm)?)
     }
 
@@ -405,7 +409,7 @@ impl Qwen {
                 let rows = t * cols / d;
                 let (dx, dwn) =
                     rmsnorm::rmsnorm_backward(&x_raw.reshape(&[rows, d])?, w, rstd, &dy.reshape(&[rows, d])?)?;
-                add::add_scaled_(dw, 1.0, &cast::cast(&dwn, dw.dtype())?)?;
+                accumulate(dw, &dwn)?;
                 Ok(dx.reshape(&[t, cols])?)
             }
             _ => Ok(dy.reshape(&[t, cols])?),

@@ -816,15 +816,11 @@ mod tests {
             let b = batch(&config, &mut Rng::new(9));
             let mut st = PolicyStep::new(&m, StepConfig::default()).unwrap();
             st.step(&m, &b).unwrap(); // warm-up: kernel builds, allocator
-            profile::take(&cuda).unwrap();
-            profile::enable(true);
-            let r = st.step(&m, &b);
-            profile::enable(false);
-            let rows = profile::take(&cuda).unwrap();
+            let (r, rows) = profile::record(&cuda, || st.step(&m, &b)).unwrap();
             r.unwrap();
             let n: usize = rows
                 .iter()
-                .filter(|r| r.name.starts_with("copy host") || r.name.starts_with("copy device→host"))
+                .filter(|r| r.name == "copy host→device" || r.name == "copy device→host")
                 .map(|r| r.calls)
                 .sum();
             (n, rows)

@@ -132,18 +132,16 @@ impl CudaDevice {
             return Err(Error::shape("matmul (cuda)", format!("k = 0 with beta {} is not supported", g.beta)));
         }
 
-        let span = super::profile::span(self, || {
+        let name = || {
             let t = |t: bool| if t { 'T' } else { 'N' };
             let batched = if batch > 1 { " batched" } else { "" };
             format!("cublas gemm {}→{} {}{}{batched}", g.ab_dtype, g.c_dtype, t(g.trans_a), t(g.trans_b))
-        });
+        };
         if self.is_emulated() {
             // SAFETY: the caller's contract, as for the cuBLAS call below.
-            let r = unsafe { super::emu::gemm_strided_batched(g, batch, a, stride_a, b, stride_b, c, stride_c) };
-            if let Some(s) = span {
-                s.finish();
-            }
-            r?;
+            super::profile::timed(self, name, || unsafe {
+                super::emu::gemm_strided_batched(g, batch, a, stride_a, b, stride_b, c, stride_c)
+            })?;
             return super::emu::check_canary(c).map_err(|e| Error::Cuda { op: "matmul (emulator)", detail: e });
         }
         let op = |t: bool| {
@@ -168,7 +166,7 @@ impl CudaDevice {
         self.bind()?;
         // SAFETY: the caller guarantees the pointers hold the described extents; alpha/beta are
         // host f32 values (the handle is in host pointer mode, scale type f32 for COMPUTE_32F).
-        let res = unsafe {
+        let res = super::profile::timed(self, name, || unsafe {
             if batch == 1 {
                 blas::gemm_ex(
                     *guard.handle(),
@@ -218,11 +216,8 @@ impl CudaDevice {
                     blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
-        };
+        });
         drop(guard);
-        if let Some(s) = span {
-            s.finish();
-        }
         res.map_err(|e| Error::Cuda { op: "matmul (cublasGemmEx)", detail: format!("{:?}: {}", e.0, g.describe()) })?;
         self.debug_sync("matmul (cublasGemmEx)")
     }

@@ -238,16 +238,6 @@ impl CudaDevice {
         ctx.check_err().map_err(cuda_err("deferred error"))
     }
 
-    /// Runs `f` inside a [`profile::span`] named `name` (a no-op unless profiling is on).
-    fn timed<T>(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let span = profile::span(self, name);
-        let r = f();
-        if let Some(s) = span {
-            s.finish();
-        }
-        r
-    }
-
     /// Synchronizes and names `op` on failure when [`sync_after_launch`] is on.
     pub fn debug_sync(&self, op: &str) -> Result<()> {
         let Backend::Driver { stream, .. } = &self.backend else { return Ok(()) };
@@ -315,7 +305,7 @@ impl CudaDevice {
         self.bind()?;
         // SAFETY: plain allocation in the bound context.
         let first =
-            self.timed(|| "cuMemAlloc (allocator cache miss)".into(), || Ok(unsafe { drv::malloc_sync(class) }))?;
+            profile::timed(self, || "cuMemAlloc (allocator cache miss)".into(), || unsafe { drv::malloc_sync(class) });
         let ptr = match first {
             Ok(p) => p,
             Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
@@ -358,7 +348,8 @@ impl CudaDevice {
         if blocks.is_empty() {
             return Ok(());
         }
-        self.timed(
+        profile::timed(
+            self,
             || "cuMemFree (allocator cache emptied)".into(),
             || {
                 // Work queued on the stream may still use a cached block's previous contents.
@@ -422,7 +413,8 @@ impl CudaDevice {
 
     /// Copies host bytes into `dst` at `offset` bytes. Returns when the copy is done.
     pub fn htod(&self, src: &[u8], dst: &CudaStorage, offset: usize) -> Result<()> {
-        self.timed(
+        profile::timed(
+            self,
             || "copy host→device".into(),
             || {
                 self.check_range("htod", dst, offset, src.len())?;
@@ -447,7 +439,8 @@ impl CudaDevice {
     /// Copies `out.len()` bytes from `src` at `offset` bytes to the host, after all work queued
     /// before it on the compute stream.
     pub fn dtoh(&self, src: &CudaStorage, offset: usize, out: &mut [u8]) -> Result<()> {
-        self.timed(
+        profile::timed(
+            self,
             || "copy device→host".into(),
             || {
                 self.check_range("dtoh", src, offset, out.len())?;
@@ -470,7 +463,8 @@ impl CudaDevice {
 
     /// Queues a device-to-device copy of `bytes` bytes between raw device addresses.
     pub fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
-        self.timed(
+        profile::timed(
+            self,
             || "copy device→device".into(),
             || {
                 if bytes == 0 {
@@ -491,7 +485,8 @@ impl CudaDevice {
 
     /// Queues a zero fill of `bytes` bytes at a raw device address.
     pub fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
-        self.timed(
+        profile::timed(
+            self,
             || "memset".into(),
             || {
                 if bytes == 0 {

@@ -86,6 +86,27 @@ impl Span {
     }
 }
 
+/// Runs `f`, the queueing of one operation on `dev`, inside a span named `name` (just `f()`
+/// when profiling is off).
+pub fn timed<T>(dev: &CudaDevice, name: impl FnOnce() -> String, f: impl FnOnce() -> T) -> T {
+    let span = span(dev, name);
+    let r = f();
+    if let Some(s) = span {
+        s.finish();
+    }
+    r
+}
+
+/// Runs `f` with profiling on and returns its result with the operations it queued on `dev`
+/// (spans finished before the call are dropped first).
+pub fn record<T>(dev: &CudaDevice, f: impl FnOnce() -> T) -> Result<(T, Vec<ProfileRow>)> {
+    take(dev)?;
+    enable(true);
+    let r = f();
+    enable(false);
+    Ok((r, take(dev)?))
+}
+
 /// One operation name's totals.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProfileRow {

@@ -80,6 +80,20 @@ fn key_tiles(cu: &[u32], size: usize) -> Vec<u32> {
     tiles_by(cu, size, |len, s| len - s)
 }
 
+/// Whether the v2 (mma.sync) kernels take these tensors: bf16, head_dim 64 or 128, and 16-byte
+/// aligned rows (uint4 loads); otherwise v1 runs.
+fn v2_fits(dims: Dims, ts: &[&Tensor]) -> Result<bool> {
+    if ts[0].dtype() != DType::BF16 || !matches!(dims.head_dim, 64 | 128) {
+        return Ok(false);
+    }
+    for t in ts {
+        if t.cuda_ptr()? % 16 != 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 fn i32_arg(op: &'static str, x: usize) -> Result<Arg> {
     i32::try_from(x).map(Arg::I32).map_err(|_| Error::shape(op, format!("size {x} exceeds i32")))
 }
@@ -107,9 +121,7 @@ pub fn forward(
     let cu_d = upload(ord, cu)?;
     let (pq, pk, pv, po) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, o.cuda_ptr()?);
     let version = if version == 0 { LATEST_FORWARD_VERSION } else { version };
-    // v2 needs bf16, head_dim 64 or 128 and 16-byte aligned rows (uint4 loads); else v1 runs.
-    let v2_ok =
-        q.dtype() == DType::BF16 && matches!(dims.head_dim, 64 | 128) && [pq, pk, pv, po].iter().all(|p| p % 16 == 0);
+    let v2_ok = v2_fits(dims, &[q, k, v, &o])?;
     let (nh, nkv) = (i32_arg(OP, dims.n_heads)?, i32_arg(OP, dims.n_kv_heads)?);
     let common = |tail: &[Arg]| -> Vec<Arg> {
         let mut a = vec![Arg::Ptr(pq), Arg::Ptr(pk), Arg::Ptr(pv)];
@@ -198,15 +210,9 @@ pub fn backward(
         Arg::Ptr(delta.cuda_ptr()?),
     ];
     let version = if version == 0 { LATEST_BACKWARD_VERSION } else { version };
-    let ptrs = [q, k, v, o, d_o].map(|t| t.cuda_ptr().map(|p| p % 16 == 0));
-    // v2 needs bf16, head_dim 64 or 128 and 16-byte aligned rows (uint4 loads); else v1 runs.
     let v2 = match version {
         1 => false,
-        2 => {
-            q.dtype() == DType::BF16
-                && matches!(dims.head_dim, 64 | 128)
-                && ptrs.into_iter().collect::<Result<Vec<bool>>>()?.into_iter().all(|a| a)
-        }
+        2 => v2_fits(dims, &[q, k, v, o, d_o])?,
         n => return Err(Error::msg(format!("{OP}: no kernel version {n} (have 1, 2)"))),
     };
     let (kv_tile, q_tile, v2_tag) = if v2 { (BWD_V2_TILE, BWD_V2_TILE, "v2_") } else { (BWD_BK, BWD_BQ, "") };

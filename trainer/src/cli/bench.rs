@@ -719,8 +719,8 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let io = (2.0 * tf * (nh * d) as f64 + 2.0 * tf * (nkv * d) as f64) * es;
             let seqs = cu.len() - 1;
             let desc = format!("{seqs}x{} causal, heads {nh}/{nkv}, d {d}", t / seqs.max(1));
+            let versions: Vec<u32> = if device.is_cpu() { vec![1] } else { vec![1, 2] };
             if op == "attention_fwd" {
-                let versions: Vec<u32> = if device.is_cpu() { vec![1] } else { vec![1, 2] };
                 for ver in versions {
                     let (q, k, v, cu) = (q.clone(), k.clone(), v.clone(), cu.clone());
                     push(
@@ -738,7 +738,6 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             } else {
                 let (o, lse) = attention::attention_forward(&q, &k, &v, &cu, None)?;
                 let d_o = rt(&[t, nh, d], 4)?;
-                let versions: Vec<u32> = if device.is_cpu() { vec![1] } else { vec![1, 2] };
                 for ver in versions {
                     let (q, k, v, o, lse, d_o, cu) =
                         (q.clone(), k.clone(), v.clone(), o.clone(), lse.clone(), d_o.clone(), cu.clone());
@@ -1360,13 +1359,11 @@ fn profile_step(policy: &mut PolicyStep, model: &Qwen, batch: &StepBatch, device
     use smelt_engine::cuda::profile;
     let Device::Cuda(i) = device else { bail!("--profile needs a CUDA device (got {device})") };
     let dev = smelt_engine::cuda::device(i)?;
-    profile::take(&dev)?; // nothing left over from earlier steps
-    profile::enable(true);
-    let t0 = Instant::now();
-    let run = policy.step(model, batch).and_then(|_| synchronize(device));
-    let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
-    profile::enable(false);
-    let rows = profile::take(&dev)?;
+    let ((run, wall_ms), rows) = profile::record(&dev, || {
+        let t0 = Instant::now();
+        let run = policy.step(model, batch).and_then(|_| synchronize(device));
+        (run, t0.elapsed().as_secs_f64() * 1e3)
+    })?;
     run?;
     let gpu_ms: f64 = rows.iter().filter_map(|r| r.gpu_ms).sum();
     let host_ms: f64 = rows.iter().map(|r| r.host_ms).sum();
