@@ -12,6 +12,7 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod emu;
 pub mod testing;
+pub mod versions;
 
 pub mod adamw;
 pub mod add;
