@@ -26,8 +26,10 @@
 //! Randomness: row r of a call with (`seed`, `step`) uses [`row_uniform`]`(seed, step, r)`, a
 //! SplitMix64 hash chain (smelt_engine's `Rng` finaliser) that the CUDA kernel computes the same
 //! way. Results are deterministic for a given seed, step and device. CPU and CUDA use the same
-//! u and the same rules, so they pick the same token except when u·mass falls within float
-//! rounding of a boundary between two tokens (the sums run in different orders).
+//! u and the same rules, so they pick the same token except when u·mass falls within rounding
+//! of a boundary between two tokens: the CPU sums e in f64, CUDA v1 in f32 trees, CUDA v2 (the
+//! default; `kernels/cuda/sample.cu`) exactly in integers after rounding each e down to a
+//! multiple of 2⁻⁴⁰ — so under v2 a token with e < 2⁻⁴⁰ of the top token's is never drawn.
 //!
 //! NaN logits are not supported (the token is still in range); −inf logits are fine.
 
@@ -316,10 +318,12 @@ mod cuda {
         out: &SampleOutput,
     ) -> Result<()> {
         let (rows, v) = logits.rows_cols();
-        let func = match logits.dtype() {
-            DType::F32 => "sample_f32",
-            DType::BF16 => "sample_bf16",
-            dt => return Err(Error::UnsupportedDType { op: "sample (cuda)", dtype: dt }),
+        let func = match (logits.dtype(), crate::versions::pick("sample", &[1, 2])?) {
+            (DType::F32, 1) => "sample_f32",
+            (DType::BF16, 1) => "sample_bf16",
+            (DType::F32, _) => "sample_v2_f32",
+            (DType::BF16, _) => "sample_v2_bf16",
+            (dt, _) => return Err(Error::UnsupportedDType { op: "sample (cuda)", dtype: dt }),
         };
         let too_big =
             || Error::shape("sample (cuda)", format!("logits {:?} exceed the kernel's u32 indexing", logits.shape()));
@@ -624,6 +628,8 @@ mod tests {
             let mut z = randn(&mut rng, b * v, 3.0);
             z[v + 7] = 50.0;
             z[v + 9] = 50.0; // a tie at the top: greedy must pick 7 on both
+            z[2 * v + 5..2 * v + 15].fill(f32::NEG_INFINITY); // never drawn, no NaN in the sums
+            z[3 * v + 100..3 * v + 160].fill(9.0); // 60 ties across the top-k = 40 boundary: all kept
             for dt in [DType::F32, DType::BF16] {
                 let zc = logits_tensor(&z, b, dt, Device::Cpu);
                 let zd = zc.to_device(dev).unwrap();
@@ -634,8 +640,9 @@ mod tests {
                     SamplingConfig { temperature: 1.3, top_k: None, top_p: 0.95 },
                     SamplingConfig { temperature: 1.0, top_k: Some(100), top_p: 0.7 },
                 ];
-                for cfg in configs {
-                    let what = format!("sample cuda {dt} B={b} V={v} {cfg:?}");
+                for (cfg, version) in configs.into_iter().flat_map(|c| [(c, 1), (c, 2)]) {
+                    crate::versions::force("sample", Some(version));
+                    let what = format!("sample cuda v{version} {dt} B={b} V={v} {cfg:?}");
                     let want = sample(&zc, &cfg, 77, 3).unwrap();
                     let got = poisoned(b);
                     sample_into(&zd, &cfg, 77, 3, &got).unwrap();
@@ -666,6 +673,7 @@ mod tests {
                 }
             }
         }
+        crate::versions::force("sample", None);
         // χ² of CUDA samples on the small vocabulary: 20,000 rows of 1,024 threads, hours on the
         // emulator, so there it stops here.
         if !full_vocab {
@@ -675,12 +683,16 @@ mod tests {
         let draws = 20_000;
         let z: Vec<f32> = (0..draws).flat_map(|_| SMALL_LOGITS).collect();
         let zd = logits_tensor(&z, draws, DType::F32, dev);
-        for (ci, cfg) in small_configs().into_iter().enumerate() {
-            let rf = reference(&SMALL_LOGITS, &cfg);
-            let tokens = sample(&zd, &cfg, 4321 + ci as u64, 0).unwrap().tokens.to_vec::<u32>().unwrap();
-            let counts = counts_of(&tokens, 10);
-            let (x, df) = chi2(&counts, &rf.p_trunc);
-            assert!(x < chi2_bound(df), "cuda {cfg:?}: χ² = {x} (df {df}) for {counts:?}");
+        for version in [1, 2] {
+            crate::versions::force("sample", Some(version));
+            for (ci, cfg) in small_configs().into_iter().enumerate() {
+                let rf = reference(&SMALL_LOGITS, &cfg);
+                let tokens = sample(&zd, &cfg, 4321 + ci as u64, 0).unwrap().tokens.to_vec::<u32>().unwrap();
+                let counts = counts_of(&tokens, 10);
+                let (x, df) = chi2(&counts, &rf.p_trunc);
+                assert!(x < chi2_bound(df), "cuda v{version} {cfg:?}: χ² = {x} (df {df}) for {counts:?}");
+            }
         }
+        crate::versions::force("sample", None);
     }
 }

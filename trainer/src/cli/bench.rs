@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use smelt_engine::{bf16, DType, Device, Rng, Tensor};
 use smelt_kernels::{
     adamw, add, attention, cast, embedding, global_norm, grpo_loss, logprob_entropy as head, matmul, rmsnorm, rope,
-    sample, swiglu,
+    sample, swiglu, versions,
 };
 use smelt_models::{Config, Packed, Qwen, Weights};
 use smelt_trainer::memory::{peak_bytes, proc_mem, reset_peak};
@@ -882,20 +882,31 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
         "sample" => {
             let b = decode_batch;
             let logits = rand_tensor(&[b, ks.vocab], dt, device, 0.0, 2.0, seed ^ 1)?;
-            let cfg = sample::SamplingConfig { temperature: 1.0, top_p: 0.95, top_k: None };
-            let mut stepn = 0u64;
-            push(
-                format!("{} logits[{b},{}] T=1 top_p=0.95", ks.name, ks.vocab),
-                1,
-                (b * ks.vocab) as f64 * es,
-                5.0 * (b * ks.vocab) as f64,
-                Bound::Memory,
-                Box::new(move || {
-                    stepn += 1;
-                    sample::sample(&logits, &cfg, 7, stepn)?;
-                    Ok(())
-                }),
-            );
+            // Nucleus sampling, and plain temperature sampling (TRL's rollout default).
+            let configs = [(1.0, 0.95, "T=1 top_p=0.95"), (1.0, 1.0, "T=1")];
+            let vers: &[u32] = if device.is_cpu() { &[1] } else { &[1, 2] };
+            for &(temperature, top_p, label) in &configs {
+                for &ver in vers {
+                    let cfg = sample::SamplingConfig { temperature, top_p, top_k: None };
+                    let logits = logits.clone();
+                    let mut stepn = 0u64;
+                    push(
+                        format!("{} logits[{b},{}] {label}", ks.name, ks.vocab),
+                        ver,
+                        (b * ks.vocab) as f64 * es,
+                        5.0 * (b * ks.vocab) as f64,
+                        Bound::Memory,
+                        Box::new(move || {
+                            stepn += 1;
+                            versions::force("sample", Some(ver));
+                            let r = sample::sample(&logits, &cfg, 7, stepn);
+                            versions::force("sample", None);
+                            r?;
+                            Ok(())
+                        }),
+                    );
+                }
+            }
         }
         other => bail!("internal: no benchmark for op {other}"),
     }
