@@ -38,12 +38,19 @@
 //     lanes split D; the 4 warps merge in smem (4·4·D·4 B ≤ 8 KiB) and write an unnormalised
 //     partial (m, l, acc[D]). attn_decode_combine: one block of D threads per (row, head)
 //     merges the splits. kv_cache_append: grid-stride copy of new rows into the cache.
+//   decode v2: one block (4 warps) per (split, KV head, batch row × group of new tokens), all
+//     query heads of the KV group together (≤ 8 rows), so each K/V row is read once instead of
+//     once per query head; a warp takes 32 keys, lane j scores key j for every row from a
+//     whole K row (16-byte loads), then lanes split D over the 32 V rows. Splits are multiples
+//     of 128 keys. smem (8·D + 4·8·32 + 4·8·D)·4 B + 256 B = 24.8 KiB (D=128) static.
 // Versions:
 //   fwd v1 naive warp-per-row, f32 and bf16 (correctness baseline)
 //   fwd v2 flash-tiled, mma.sync bf16 tensor cores, 64×64 tiles (bf16 only; f32 runs v1)
 //   bwd v1 tiled FMA, two passes (dK/dV per KV tile, then dQ per Q tile), f32 and bf16
 //   bwd v2 the same passes on mma.sync bf16 tensor cores, 64-row tiles (bf16, D 64/128 only)
 //   decode v1 split-K partial + combine, f32 and bf16
+//   decode v2 the same split-K with a KV group per block, key-parallel scores (D 64/128, ≤ 8
+//     query heads per KV head; others run v1)
 
 // Instantiates kernel family M for every head dim the launchers accept (CUDA_HEAD_DIMS in
 // kernels/src/attention/cuda.rs): M(<dtype>_d<D>, T, D).
@@ -822,6 +829,153 @@ __device__ void attn_decode_combine(const float* __restrict__ part_o, const floa
     }
 ATT_FOR_EACH_DIM(ATT_DEC, float, f32)
 ATT_FOR_EACH_DIM(ATT_DEC, bf16_t, bf16)
+
+// ---------------------------------------------------------------- decode v2 (grouped, key-parallel)
+#define DEC2_R 8  // query rows (heads of one KV group × new tokens) per block
+
+// Partial attention of every query head of KV head g for nt ≤ tq new tokens of batch row b
+// (R = group·nt ≤ 8 rows, row r = token r / group, head g·group + r % group), over keys
+// [split·chunk, min((split+1)·chunk, L)). Each K/V row is read once for all R rows. A warp takes
+// 32 keys at a time: lane j computes the R scores of key j from a whole K row (16-byte loads)
+// against the queries in shared memory, the warp updates the R online softmaxes, then lanes
+// split D and stream the 32 V rows (coalesced) into acc. Writes v1's partial layout, so v1's
+// combine kernel finishes the job.
+template <typename T, int D>
+__device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+                                       const u32* __restrict__ cache_lens, int n_new, int nh, int nkv, int max_len,
+                                       int chunk, int nsplit, float scale, int tq, float* __restrict__ part_o,
+                                       float* __restrict__ part_ml) {
+    constexpr int E = D / 32;              // V elements per lane
+    constexpr int NV = 16 / sizeof(T);     // K elements per 16-byte load
+    __shared__ float sq[DEC2_R][D];        // queries, pre-scaled to log2 units
+    __shared__ float sp[4][DEC2_R][32];    // each warp's probabilities for its current 32 keys
+    __shared__ float sm_m[4][DEC2_R], sm_l[4][DEC2_R];
+    __shared__ float sacc[4][DEC2_R][D];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int split = blockIdx.x, g = blockIdx.y;
+    const int group = nh / nkv;
+    const int ntg = (n_new + tq - 1) / tq;
+    const int b = blockIdx.z / ntg, i0 = (blockIdx.z % ntg) * tq;
+    const int R = group * min(tq, n_new - i0);
+    const int L = (int)cache_lens[b];
+    const int first = L - n_new;  // position of new token 0
+    const int kbeg = split * chunk;
+    const int kend = min(kbeg + chunk, L);
+    const float sl2 = scale * ATT_LOG2E;
+
+    for (int x = threadIdx.x; x < R * D; x += blockDim.x) {
+        const int r = x / D, d = x - r * D;
+        sq[r][d] = att_ld(q + (((size_t)b * n_new + i0 + r / group) * nh + g * group + r % group) * D + d) * sl2;
+    }
+    __syncthreads();
+
+    float acc[DEC2_R][E], m[DEC2_R], l[DEC2_R];
+    #pragma unroll
+    for (int r = 0; r < DEC2_R; ++r) {
+        m[r] = -SMELT_INF;
+        l[r] = 0.f;
+        #pragma unroll
+        for (int e = 0; e < E; ++e) acc[r][e] = 0.f;
+    }
+    const size_t stride = (size_t)nkv * D;  // between consecutive cache positions
+    const T* kb = kc + ((size_t)b * max_len * nkv + g) * D;
+    const T* vb = vc + ((size_t)b * max_len * nkv + g) * D + lane * E;
+    for (int j0 = kbeg + 32 * warp; j0 < kend; j0 += 128) {
+        const int j = j0 + lane;
+        float s[DEC2_R];
+        #pragma unroll
+        for (int r = 0; r < DEC2_R; ++r) s[r] = 0.f;
+        if (j < kend) {
+            const T* kr = kb + (size_t)j * stride;
+            #pragma unroll
+            for (int c = 0; c < D; c += NV) {
+                float kf[NV];
+                ld16(kr + c, kf);
+                #pragma unroll
+                for (int r = 0; r < DEC2_R; ++r) {
+                    if (r < R) {
+                        #pragma unroll
+                        for (int e = 0; e < NV; ++e) s[r] += sq[r][c + e] * kf[e];
+                    }
+                }
+            }
+        }
+        #pragma unroll
+        for (int r = 0; r < DEC2_R; ++r) {
+            if (r >= R) continue;  // block-uniform
+            const bool vis = j < kend && j <= first + i0 + r / group;
+            const float sr = vis ? s[r] : -SMELT_INF;
+            const float mt = warp_max(sr);
+            float p = 0.f;
+            if (mt != -SMELT_INF) {  // warp-uniform: some key of these 32 is visible to row r
+                const float mn = fmaxf(m[r], mt);
+                const float alpha = exp2f(m[r] - mn);
+                p = vis ? exp2f(sr - mn) : 0.f;
+                l[r] = l[r] * alpha + warp_sum(p);
+                #pragma unroll
+                for (int e = 0; e < E; ++e) acc[r][e] *= alpha;
+                m[r] = mn;
+            }
+            sp[warp][r][lane] = p;
+        }
+        __syncwarp();
+        const int nj = min(32, kend - j0);
+        #pragma unroll 4
+        for (int jj = 0; jj < nj; ++jj) {
+            const T* vr = vb + (size_t)(j0 + jj) * stride;
+            float vf[E];
+            #pragma unroll
+            for (int e = 0; e < E; ++e) vf[e] = att_ld(vr + e);
+            #pragma unroll
+            for (int r = 0; r < DEC2_R; ++r) {
+                if (r < R) {
+                    const float pr = sp[warp][r][jj];
+                    #pragma unroll
+                    for (int e = 0; e < E; ++e) acc[r][e] += pr * vf[e];
+                }
+            }
+        }
+        __syncwarp();  // sp is rewritten by the next 32 keys
+    }
+    #pragma unroll
+    for (int r = 0; r < DEC2_R; ++r) {
+        if (r >= R) continue;
+        if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = l[r]; }
+        #pragma unroll
+        for (int e = 0; e < E; ++e) sacc[warp][r][lane * E + e] = acc[r][e];
+    }
+    __syncthreads();
+    for (int r = 0; r < R; ++r) {
+        const float M = fmaxf(fmaxf(sm_m[0][r], sm_m[1][r]), fmaxf(sm_m[2][r], sm_m[3][r]));
+        const float Mu = M == -SMELT_INF ? 0.f : M;
+        const size_t row = ((size_t)b * n_new + i0 + r / group) * nh + g * group + r % group;
+        for (int d = threadIdx.x; d < D; d += blockDim.x) {
+            float a = 0.f;
+            #pragma unroll
+            for (int w = 0; w < 4; ++w) a += sacc[w][r][d] * exp2f(sm_m[w][r] - Mu);
+            part_o[(row * nsplit + split) * D + d] = a;
+        }
+        if (threadIdx.x == 0) {
+            float ls = 0.f;
+            #pragma unroll
+            for (int w = 0; w < 4; ++w) ls += sm_l[w][r] * exp2f(sm_m[w][r] - Mu);
+            part_ml[(row * nsplit + split) * 2] = M;
+            part_ml[(row * nsplit + split) * 2 + 1] = ls;
+        }
+    }
+}
+
+#define ATT_DEC_V2(SUF, T, D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) attn_decode_v2_partial_##SUF(                    \
+        const T* q, const T* kc, const T* vc, const u32* cache_lens, int n_new, int nh, int nkv,       \
+        int max_len, int chunk, int nsplit, float scale, int tq, float* part_o, float* part_ml) {      \
+        attn_decode_v2_partial<T, D>(q, kc, vc, cache_lens, n_new, nh, nkv, max_len, chunk, nsplit,    \
+                                     scale, tq, part_o, part_ml);                                      \
+    }
+ATT_DEC_V2(f32_d64, float, 64)
+ATT_DEC_V2(f32_d128, float, 128)
+ATT_DEC_V2(bf16_d64, bf16_t, 64)
+ATT_DEC_V2(bf16_d128, bf16_t, 128)
 
 // ---------------------------------------------------------------- KV cache append
 // Row r of new [N, row] goes to cache[(slots[r]·max_len + positions[r])·row ...].

@@ -18,6 +18,8 @@ const DEC_MAXQ: usize = 4;
 const DEC_TARGET_BLOCKS: usize = 264;
 /// Shortest cache chunk one decode block handles.
 const DEC_MIN_CHUNK: usize = 128;
+/// Query rows (heads of one KV group × new tokens) per decode v2 block (must match `DEC2_R`).
+const DEC_V2_ROWS: usize = 8;
 
 /// Head dims the CUDA kernels are instantiated for (`ATT_*_DIMS` in attention.cu): Qwen's 64 and
 /// 128, and small ones for test-sized models. The v2 forward takes 64 and 128; others run v1.
@@ -305,10 +307,27 @@ pub fn decode(
     let b = q.dim(0);
     let max_len = k_cache.dim(1);
     let longest = cache_lens.iter().copied().max().unwrap_or(0) as usize;
-    let qg = n_new.div_ceil(DEC_MAXQ);
-    let base_blocks = b * dims.n_heads * qg;
-    let nsplit = DEC_TARGET_BLOCKS.div_ceil(base_blocks.max(1)).min(longest.div_ceil(DEC_MIN_CHUNK)).max(1);
-    let chunk = longest.div_ceil(nsplit).max(1);
+    let group = dims.n_heads / dims.n_kv_heads;
+    let aligned = [q.cuda_ptr()?, k_cache.cuda_ptr()?, v_cache.cuda_ptr()?].iter().all(|p| p % 16 == 0);
+    let v2_fits = matches!(dims.head_dim, 64 | 128) && group <= DEC_V2_ROWS && aligned;
+    let version = crate::versions::pick("attention_decode", if v2_fits { &[1, 2] } else { &[1] })?;
+    // Blocks per (batch row, KV head or query head): v2 takes a KV group's heads for `tq` new
+    // tokens together, v1 one query head for DEC_MAXQ new tokens.
+    let (tq, per_row) = if version == 2 {
+        let tq = (DEC_V2_ROWS / group).min(n_new).max(1);
+        (tq, dims.n_kv_heads)
+    } else {
+        (DEC_MAXQ, dims.n_heads)
+    };
+    let qg = n_new.div_ceil(tq);
+    let base_blocks = b * per_row * qg;
+    let mut nsplit = DEC_TARGET_BLOCKS.div_ceil(base_blocks.max(1)).min(longest.div_ceil(DEC_MIN_CHUNK)).max(1);
+    let mut chunk = longest.div_ceil(nsplit).max(1);
+    if version == 2 {
+        // Whole 128-key steps of the block's 4 warps.
+        chunk = chunk.next_multiple_of(128);
+        nsplit = longest.div_ceil(chunk).max(1);
+    }
     let rows = b * n_new * dims.n_heads;
     let part_o = Tensor::empty(&[rows, nsplit, dims.head_dim], DType::F32, dev)?;
     let part_ml = Tensor::empty(&[rows, nsplit, 2], DType::F32, dev)?;
@@ -317,28 +336,28 @@ pub fn decode(
     let grid_z = u32::try_from(b * qg).ok().filter(|&z| z <= 65_535);
     let grid_z =
         grid_z.ok_or_else(|| Error::shape("attention_decode", format!("batch {b} × {qg} token groups too large")))?;
-    let cfg = LaunchCfg { grid: (nsplit as u32, dims.n_heads as u32, grid_z), block: (128, 1, 1), smem: 0 };
-    launch(
-        ord,
-        &SRC,
-        &format!("attn_decode_partial_{suf}"),
-        cfg,
-        &[
-            Arg::Ptr(q.cuda_ptr()?),
-            Arg::Ptr(k_cache.cuda_ptr()?),
-            Arg::Ptr(v_cache.cuda_ptr()?),
-            Arg::Ptr(lens_d.cuda_ptr()?),
-            i32_arg(OP, n_new)?,
-            i32_arg(OP, dims.n_heads)?,
-            i32_arg(OP, dims.n_kv_heads)?,
-            i32_arg(OP, max_len)?,
-            i32_arg(OP, chunk)?,
-            i32_arg(OP, nsplit)?,
-            Arg::F32(scale),
-            Arg::Ptr(part_o.cuda_ptr()?),
-            Arg::Ptr(part_ml.cuda_ptr()?),
-        ],
-    )?;
+    let cfg = LaunchCfg { grid: (nsplit as u32, per_row as u32, grid_z), block: (128, 1, 1), smem: 0 };
+    let mut args = vec![
+        Arg::Ptr(q.cuda_ptr()?),
+        Arg::Ptr(k_cache.cuda_ptr()?),
+        Arg::Ptr(v_cache.cuda_ptr()?),
+        Arg::Ptr(lens_d.cuda_ptr()?),
+        i32_arg(OP, n_new)?,
+        i32_arg(OP, dims.n_heads)?,
+        i32_arg(OP, dims.n_kv_heads)?,
+        i32_arg(OP, max_len)?,
+        i32_arg(OP, chunk)?,
+        i32_arg(OP, nsplit)?,
+        Arg::F32(scale),
+    ];
+    let func = if version == 2 {
+        args.push(i32_arg(OP, tq)?);
+        format!("attn_decode_v2_partial_{suf}")
+    } else {
+        format!("attn_decode_partial_{suf}")
+    };
+    args.extend([Arg::Ptr(part_o.cuda_ptr()?), Arg::Ptr(part_ml.cuda_ptr()?)]);
+    launch(ord, &SRC, &func, cfg, &args)?;
     let cfg = LaunchCfg { grid: (rows as u32, 1, 1), block: (dims.head_dim as u32, 1, 1), smem: 0 };
     launch(
         ord,

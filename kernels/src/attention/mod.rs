@@ -36,7 +36,9 @@
 //! per query row), v2 flash-tiled with `mma.sync` bf16 tensor cores (bf16 only; f32 inputs use
 //! v1); backward v1 tiled two-pass (dK/dV per KV tile, then dQ per Q tile; no atomics), v2 the
 //! same two passes on `mma.sync` bf16 tensor cores (bf16, head_dim 64/128; else v1); decode v1
-//! split-K (flash-decoding) with a combine kernel.
+//! split-K (flash-decoding) with a combine kernel, decode v2 the same split with all query heads
+//! of a KV group in one block, so each cache row is read once (head_dim 64/128, ≤ 8 query heads
+//! per KV head; else v1). Decode's version is picked with `versions::force("attention_decode", ..)`.
 
 use smelt_engine::{bf16, DType, Device, Error, Result, Tensor};
 

@@ -455,7 +455,9 @@ fn decode_device_matches_cpu() {
     // valid rows up to the longest length any step below reads (row 0 reaches 5); rows past
     // that stay NaN.
     let lens = [5u32, 70, 1000, 3000];
-    for (nh, nkv, d) in [(7usize, 1usize, 64usize), (4, 2, 128), (4, 2, 24)] {
+    // v2 takes head dims 64/128 with ≤ 8 query heads per KV head: 7/1 (one token per block),
+    // 8/1 (a full block of rows), 4/2 (4 tokens per block, then 1); d 24 runs v1 only.
+    for (nh, nkv, d) in [(7usize, 1usize, 64usize), (8, 1, 128), (4, 2, 128), (4, 2, 24)] {
         let c = case(&mut rng, &lens, nh, nkv, d);
         for dt in [DType::F32, DType::BF16] {
             let (kc, vc) = filled_cache(&c, &lens, 4, 3001, dt, Device::Cpu);
@@ -471,17 +473,29 @@ fn decode_device_matches_cpu() {
                 let qv = gather_q(&c, &lens_now, n_new);
                 let q = Tensor::from_slice(&qv, &[4, n_new, nh, d], Device::Cpu).unwrap().to_dtype(dt).unwrap();
                 let want = attention_decode(&q, &kc, &vc, &lens_now, None).unwrap();
-                poison(dev, &[(q.shape(), dt)]);
-                let got = attention_decode(&q.to_device(dev).unwrap(), &kd, &vd, &lens_now, None).unwrap();
-                close_to_cpu(
-                    &got,
-                    &want,
-                    dt,
-                    &format!("decode {dt} n_new {n_new} lens {lens_now:?} heads {nh}/{nkv} d {d}"),
-                );
+                let versions: &[u32] = if d == 24 { &[1] } else { &[1, 2] };
+                for &version in versions {
+                    crate::versions::force("attention_decode", Some(version));
+                    poison(dev, &[(q.shape(), dt)]);
+                    let got = attention_decode(&q.to_device(dev).unwrap(), &kd, &vd, &lens_now, None).unwrap();
+                    close_to_cpu(
+                        &got,
+                        &want,
+                        dt,
+                        &format!("decode v{version} {dt} n_new {n_new} lens {lens_now:?} heads {nh}/{nkv} d {d}"),
+                    );
+                }
             }
         }
     }
+    // d 24 cannot run v2: forcing it is an error naming the op, not a silent v1.
+    crate::versions::force("attention_decode", Some(2));
+    let c = case(&mut rng, &[5], 4, 2, 24);
+    let (kd, vd) = filled_cache(&c, &[5], 1, 8, DType::F32, dev);
+    let q = Tensor::zeros(&[1, 1, 4, 24], DType::F32, dev).unwrap();
+    let e = attention_decode(&q, &kd, &vd, &[5], None).unwrap_err().to_string();
+    crate::versions::force("attention_decode", None);
+    assert!(e.contains("attention_decode") && e.contains("version 2"), "{e}");
 }
 
 #[test]

@@ -762,17 +762,24 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let vc = rt(&[b, t, nkv, d], 3)?;
             let lens = vec![t as u32; b];
             let kv_bytes = 2.0 * (b * t * nkv * d) as f64 * es;
-            push(
-                format!("{} B={b} ctx={t} heads {nh}/{nkv}, d {d}", ks.name),
-                1,
-                kv_bytes + 2.0 * (b * nh * d) as f64 * es,
-                4.0 * (b * nh * d) as f64 * tf,
-                Bound::Memory,
-                Box::new(move || {
-                    attention::attention_decode(&q, &kc, &vc, &lens, None)?;
-                    Ok(())
-                }),
-            );
+            let vers: &[u32] = if device.is_cpu() { &[1] } else { &[1, 2] };
+            for &ver in vers {
+                let (q, kc, vc, lens) = (q.clone(), kc.clone(), vc.clone(), lens.clone());
+                push(
+                    format!("{} B={b} ctx={t} heads {nh}/{nkv}, d {d}", ks.name),
+                    ver,
+                    kv_bytes + 2.0 * (b * nh * d) as f64 * es,
+                    4.0 * (b * nh * d) as f64 * tf,
+                    Bound::Memory,
+                    Box::new(move || {
+                        versions::force("attention_decode", Some(ver));
+                        let r = attention::attention_decode(&q, &kc, &vc, &lens, None);
+                        versions::force("attention_decode", None);
+                        r?;
+                        Ok(())
+                    }),
+                );
+            }
         }
         "logprob_entropy_fused_fwd" | "logprob_entropy_fused_bwd" => {
             let n = head_rows;
