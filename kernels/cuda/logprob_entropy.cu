@@ -42,7 +42,11 @@
 // Versions:
 //   v1 scalar loads, two passes (max, then sums)
 //   v2 single pass with online rescaling, 4-wide vector loads
-//   v3 v2 with le_dz exact (0, not NaN) for −inf logits (current)
+//   v3 v2 with le_dz exact (0, not NaN) for −inf logits
+//   v4 forward scans (le_chunk_update_v4, le_logits_fwd_v4_*): 16-byte loads (8 bf16 / 4 f32),
+//      two in flight per thread, and one max + at most one rescale per 8- or 4-element group
+//      (le_push_group) instead of a branch per element; rows not 16-byte aligned or not a
+//      multiple of the group fall back to v3's scan. The default; the backward kernels are v3's.
 
 #define LE_IGNORE 0xffffffffu
 
@@ -180,6 +184,59 @@ __device__ __forceinline__ LeState le_scan_row(const T* zr, u32 ncols, u32 col0,
     return st;
 }
 
+// v4: folds K consecutive scaled logits (vocabulary ids idx0 … idx0+K−1) into the state with
+// one max and at most one rescale per group instead of a branch per element. Ties keep the
+// first index (strict >, and the group's ids come after every id the state has seen).
+template <int K>
+__device__ __forceinline__ void le_push_group(LeState& st, const float* x, u32 idx0, float xt, u32 y) {
+    float gm = x[0];
+    u32 gi = 0;
+    #pragma unroll
+    for (int k = 0; k < K; ++k) {
+        st.cnt += (u32)((x[k] > xt) && (idx0 + k != y));
+        if (k > 0 && x[k] > gm) {
+            gm = x[k];
+            gi = k;
+        }
+    }
+    if (gm > st.m) {
+        const float d = st.m - gm;  // -inf on the first finite group: a = 0
+        const float a = __expf(d);
+        st.t = (st.s > 0.f) ? a * fmaf(d, st.s, st.t) : 0.f;
+        st.s *= a;
+        st.m = gm;
+        st.amax = idx0 + gi;
+    }
+    #pragma unroll
+    for (int k = 0; k < K; ++k) {
+        if (x[k] != -SMELT_INF) {  // masked logits add nothing; NaN propagates
+            const float d = x[k] - st.m;
+            const float e = __expf(d);
+            st.s += e;
+            st.t = fmaf(e, d, st.t);
+        }
+    }
+}
+
+// v4 share of one row: 16-byte loads (8 bf16 or 4 f32) folded as groups, two loads in flight
+// per thread; rows that are not 16-byte aligned or a multiple of the group take v3's path.
+template <typename T>
+__device__ __forceinline__ LeState le_scan_row_v4(const T* zr, u32 ncols, u32 col0, float inv_t, float xt, u32 y) {
+    constexpr u32 K = 16 / sizeof(T);
+    if (ncols % K != 0 || (u64)zr % 16 != 0) return le_scan_row(zr, ncols, col0, inv_t, xt, y);
+    LeState st = le_empty();
+    const u32 ng = ncols / K;
+    #pragma unroll 2
+    for (u32 j = threadIdx.x; j < ng; j += blockDim.x) {
+        float v[K];
+        ld16(zr + (u64)j * K, v);
+        #pragma unroll
+        for (u32 k = 0; k < K; ++k) v[k] *= inv_t;
+        le_push_group<K>(st, v, col0 + j * K, xt, y);
+    }
+    return st;
+}
+
 __device__ __forceinline__ void le_write(const LeState& st, u32 row, u32 y, float xt, float* logp, float* ent,
                                          float* lse, u32* rank, u32* argmax) {
     const float ls = logf(st.s);
@@ -235,15 +292,17 @@ extern "C" __global__ void le_init_bf16(const bf16_t* h, const bf16_t* w, const 
 
 // z: the scratch [gridDim.x, ncols] of raw logits for vocabulary ids col0..col0+ncols; the
 // state pointers are already offset to the scratch's first row.
-extern "C" __global__ void le_chunk_update(const float* __restrict__ z, u32 ncols, u32 col0,
-                                           const u32* __restrict__ targets, const float* __restrict__ xt,
-                                           float inv_t, float* __restrict__ st_m, float* __restrict__ st_s,
-                                           float* __restrict__ st_t, u32* __restrict__ st_cnt,
-                                           u32* __restrict__ st_amax) {
+template <int VER>
+__device__ __forceinline__ void le_chunk_update_impl(const float* __restrict__ z, u32 ncols, u32 col0,
+                                                     const u32* __restrict__ targets, const float* __restrict__ xt,
+                                                     float inv_t, float* __restrict__ st_m, float* __restrict__ st_s,
+                                                     float* __restrict__ st_t, u32* __restrict__ st_cnt,
+                                                     u32* __restrict__ st_amax) {
     const u32 row = blockIdx.x;
     const u32 y = targets[row];
     const float x_t = xt[row];
-    LeState st = le_scan_row(z + (u64)row * ncols, ncols, col0, inv_t, x_t, y);
+    const float* zr = z + (u64)row * ncols;
+    LeState st = VER >= 4 ? le_scan_row_v4(zr, ncols, col0, inv_t, x_t, y) : le_scan_row(zr, ncols, col0, inv_t, x_t, y);
     st = le_block_reduce(st);
     if (threadIdx.x == 0) {
         LeState a;
@@ -260,6 +319,15 @@ extern "C" __global__ void le_chunk_update(const float* __restrict__ z, u32 ncol
         st_amax[row] = a.amax;
     }
 }
+
+#define LE_CHUNK_UPDATE(NAME, VER)                                                                          \
+    extern "C" __global__ void NAME(const float* z, u32 ncols, u32 col0, const u32* targets, const float* xt, \
+                                    float inv_t, float* st_m, float* st_s, float* st_t, u32* st_cnt,         \
+                                    u32* st_amax) {                                                          \
+        le_chunk_update_impl<VER>(z, ncols, col0, targets, xt, inv_t, st_m, st_s, st_t, st_cnt, st_amax);     \
+    }
+LE_CHUNK_UPDATE(le_chunk_update, 3)
+LE_CHUNK_UPDATE(le_chunk_update_v4, 4)
 
 // rank and argmax may be null (not requested).
 extern "C" __global__ void le_finalize(u32 n, const u32* __restrict__ targets, const float* __restrict__ xt,
@@ -281,7 +349,7 @@ extern "C" __global__ void le_finalize(u32 n, const u32* __restrict__ targets, c
 
 // ---- materialised logits ---------------------------------------------------------------------
 
-template <typename T>
+template <int VER, typename T>
 __device__ __forceinline__ void le_logits_fwd_impl(const T* __restrict__ logits, u32 V,
                                                    const u32* __restrict__ targets, float inv_t,
                                                    float* __restrict__ logp, float* __restrict__ ent,
@@ -292,20 +360,20 @@ __device__ __forceinline__ void le_logits_fwd_impl(const T* __restrict__ logits,
     const u32 y = targets[row];
     // Every thread reads the same address: one broadcast transaction.
     const float x_t = y == LE_IGNORE ? __int_as_float(0x7fc00000) : to_f32(zr[y]) * inv_t;
-    LeState st = le_scan_row(zr, V, 0u, inv_t, x_t, y);
+    LeState st = VER >= 4 ? le_scan_row_v4(zr, V, 0u, inv_t, x_t, y) : le_scan_row(zr, V, 0u, inv_t, x_t, y);
     st = le_block_reduce(st);
     if (threadIdx.x == 0) le_write(st, row, y, x_t, logp, ent, lse, rank, argmax);
 }
 
-extern "C" __global__ void le_logits_fwd_f32(const float* logits, u32 V, const u32* targets, float inv_t,
-                                             float* logp, float* ent, float* lse, u32* rank, u32* argmax) {
-    le_logits_fwd_impl(logits, V, targets, inv_t, logp, ent, lse, rank, argmax);
-}
-
-extern "C" __global__ void le_logits_fwd_bf16(const bf16_t* logits, u32 V, const u32* targets, float inv_t,
-                                              float* logp, float* ent, float* lse, u32* rank, u32* argmax) {
-    le_logits_fwd_impl(logits, V, targets, inv_t, logp, ent, lse, rank, argmax);
-}
+#define LE_LOGITS_FWD(NAME, T, VER)                                                                   \
+    extern "C" __global__ void NAME(const T* logits, u32 V, const u32* targets, float inv_t, float* logp, \
+                                    float* ent, float* lse, u32* rank, u32* argmax) {                  \
+        le_logits_fwd_impl<VER>(logits, V, targets, inv_t, logp, ent, lse, rank, argmax);              \
+    }
+LE_LOGITS_FWD(le_logits_fwd_f32, float, 3)
+LE_LOGITS_FWD(le_logits_fwd_bf16, bf16_t, 3)
+LE_LOGITS_FWD(le_logits_fwd_v4_f32, float, 4)
+LE_LOGITS_FWD(le_logits_fwd_v4_bf16, bf16_t, 4)
 
 // ---- backward row kernel ---------------------------------------------------------------------
 

@@ -909,6 +909,11 @@ mod cuda {
         pub g_entropy: &'a Tensor,
     }
 
+    /// The forward scans' version: 3, or 4 (the default; `logprob_entropy.cu` lists both).
+    fn forward_version() -> Result<u32> {
+        crate::versions::pick("logprob_entropy", &[3, 4])
+    }
+
     fn rows_cfg(rows: usize, threads: u32) -> LaunchCfg {
         LaunchCfg { grid: (rows as u32, 1, 1), block: (threads, 1, 1), smem: 0 }
     }
@@ -1014,6 +1019,7 @@ mod cuda {
                 Arg::Ptr(pa),
             ],
         )?;
+        let update = if forward_version()? == 4 { "le_chunk_update_v4" } else { "le_chunk_update" };
         for v0 in (0..v).step_by(c) {
             let cw = c.min(v - v0);
             for r0 in (0..n).step_by(rt) {
@@ -1023,7 +1029,7 @@ mod cuda {
                 launch(
                     ord,
                     &SRC,
-                    "le_chunk_update",
+                    update,
                     rows_cfg(rn, ROW_THREADS),
                     &[
                         Arg::Ptr(pz),
@@ -1155,7 +1161,7 @@ mod cuda {
         launch(
             ord,
             &SRC,
-            &format!("le_logits_fwd_{}", suffix(logits.dtype())),
+            &format!("le_logits_fwd{}_{}", if forward_version()? == 4 { "_v4" } else { "" }, suffix(logits.dtype())),
             rows_cfg(n, LOGITS_THREADS),
             &[
                 Arg::Ptr(logits.cuda_ptr()?),
@@ -1822,34 +1828,50 @@ mod tests {
                 let opts = all_opts(chunk, rt);
                 let t = 0.7;
                 let want = logprob_entropy(&h, &w, &y, t, &opts).unwrap();
-                poison(dev, n);
-                let got = logprob_entropy(&hg, &wg, &yg, t, &opts).unwrap();
+                // Both forward scan versions (v3 per element, v4 grouped) against the CPU.
+                for version in [3, 4] {
+                    crate::versions::force("logprob_entropy", Some(version));
+                    poison(dev, n);
+                    let got = logprob_entropy(&hg, &wg, &yg, t, &opts).unwrap();
+                    let what = format!("device fused v{version} n{n} h{hd} v{v} {dt}");
+                    // GEMM rounding differs from the CPU's; bf16 inputs are exact in both.
+                    let tol = 1e-4 * (hd as f64).sqrt();
+                    let f64v = |x: &Tensor| to_f64(&x.to_vec_f32().unwrap());
+                    assert_close(
+                        &got.logp.to_vec_f32().unwrap(),
+                        &f64v(&want.logp),
+                        tol,
+                        1e-5,
+                        &format!("{what} logp"),
+                    );
+                    assert_close(
+                        &got.entropy.to_vec_f32().unwrap(),
+                        &f64v(&want.entropy),
+                        tol,
+                        1e-5,
+                        &format!("{what} entropy"),
+                    );
+                    assert_close(&got.lse.to_vec_f32().unwrap(), &f64v(&want.lse), tol, 1e-5, &format!("{what} lse"));
+                    let (gr, wr) = (
+                        got.rank.unwrap().to_vec::<u32>().unwrap(),
+                        want.rank.as_ref().unwrap().to_vec::<u32>().unwrap(),
+                    );
+                    let (ga, wa) = (
+                        got.argmax.unwrap().to_vec::<u32>().unwrap(),
+                        want.argmax.as_ref().unwrap().to_vec::<u32>().unwrap(),
+                    );
+                    // Near-ties resolve differently under different GEMM rounding: at V = 151,936 a
+                    // few % of rows have a competitor within ~1e-6 of z_y. Rank may move by a
+                    // tie or two there, nowhere else.
+                    let rank_off = gr.iter().zip(&wr).filter(|(a, b)| a != b).count();
+                    let rank_far = gr.iter().zip(&wr).filter(|(a, b)| a.abs_diff(**b) > 3).count();
+                    let amax_off = ga.iter().zip(&wa).filter(|(a, b)| a != b).count();
+                    assert!(rank_far == 0 && rank_off * 10 <= n.max(10), "{what}: rank differs in {rank_off}/{n} rows");
+                    assert!(amax_off * 50 <= n.max(50), "{what}: argmax differs in {amax_off}/{n} rows");
+                }
+                crate::versions::force("logprob_entropy", None);
                 let what = format!("device fused n{n} h{hd} v{v} {dt}");
-                // GEMM rounding differs from the CPU's; bf16 inputs are exact in both.
-                let tol = 1e-4 * (hd as f64).sqrt();
                 let f64v = |x: &Tensor| to_f64(&x.to_vec_f32().unwrap());
-                assert_close(&got.logp.to_vec_f32().unwrap(), &f64v(&want.logp), tol, 1e-5, &format!("{what} logp"));
-                assert_close(
-                    &got.entropy.to_vec_f32().unwrap(),
-                    &f64v(&want.entropy),
-                    tol,
-                    1e-5,
-                    &format!("{what} entropy"),
-                );
-                assert_close(&got.lse.to_vec_f32().unwrap(), &f64v(&want.lse), tol, 1e-5, &format!("{what} lse"));
-                let (gr, wr) =
-                    (got.rank.unwrap().to_vec::<u32>().unwrap(), want.rank.unwrap().to_vec::<u32>().unwrap());
-                let (ga, wa) =
-                    (got.argmax.unwrap().to_vec::<u32>().unwrap(), want.argmax.unwrap().to_vec::<u32>().unwrap());
-                // Near-ties resolve differently under different GEMM rounding: at V = 151,936 a
-                // few % of rows have a competitor within ~1e-6 of z_y. Rank may move by a
-                // tie or two there, nowhere else.
-                let rank_off = gr.iter().zip(&wr).filter(|(a, b)| a != b).count();
-                let rank_far = gr.iter().zip(&wr).filter(|(a, b)| a.abs_diff(**b) > 3).count();
-                let amax_off = ga.iter().zip(&wa).filter(|(a, b)| a != b).count();
-                assert!(rank_far == 0 && rank_off * 10 <= n.max(10), "{what}: rank differs in {rank_off}/{n} rows");
-                assert!(amax_off * 50 <= n.max(50), "{what}: argmax differs in {amax_off}/{n} rows");
-
                 let gl = randn(&mut rng, n, 1.0);
                 let ge = randn(&mut rng, n, 1.0);
                 let (glt, get) = (
@@ -1954,9 +1976,13 @@ mod tests {
             for dt in [DType::F32, DType::BF16] {
                 let z = randn(&mut rng, n * v, 3.0);
                 let tg: Vec<u32> = (0..n).map(|i| if i == 1 { IGNORE } else { rng.below(v as u64) as u32 }).collect();
-                let what = format!("device from_logits n{n} v{v} {dt}");
-                let (dg, d) = device_from_logits_case(dev, &mut rng, &z, &tg, v, dt, 1.3, &what);
-                assert_close(&dg, &d, 1e-6, 1e-4 + dt.epsilon(), &format!("{what} d_logits"));
+                for version in [3, 4] {
+                    crate::versions::force("logprob_entropy", Some(version));
+                    let what = format!("device from_logits v{version} n{n} v{v} {dt}");
+                    let (dg, d) = device_from_logits_case(dev, &mut rng, &z, &tg, v, dt, 1.3, &what);
+                    assert_close(&dg, &d, 1e-6, 1e-4 + dt.epsilon(), &format!("{what} d_logits"));
+                }
+                crate::versions::force("logprob_entropy", None);
             }
         }
     }
@@ -1965,15 +1991,17 @@ mod tests {
     fn device_from_logits_neg_inf_matches_cpu() {
         let Some(dev) = test_cuda_device() else { return };
         let mut rng = Rng::new(22);
-        // V = 1003 takes the scalar loads, 4096 and 5000 the 4-wide vector loads.
-        for v in [1003usize, 4096, 5000] {
+        // V = 1003 takes the scalar loads, 4096 and 5000 the vector loads (v4: whole groups,
+        // some all −inf); forward scan versions 3 and 4.
+        for (v, version) in [1003usize, 4096, 5000].into_iter().flat_map(|v| [(v, 3), (v, 4)]) {
+            crate::versions::force("logprob_entropy", Some(version));
             for dt in [DType::F32, DType::BF16] {
                 let (mut z, mut tg) = masked_case(&mut rng, v);
                 // Plus two degenerate rows (every logit −inf), one ignored: NaN in the same places.
                 z.extend(std::iter::repeat_n(f32::NEG_INFINITY, 2 * v));
                 tg.extend([3, IGNORE]);
                 let n = tg.len();
-                let what = format!("device masked from_logits v{v} {dt}");
+                let what = format!("device masked from_logits fwd v{version} V={v} {dt}");
                 let (dg, d) = device_from_logits_case(dev, &mut rng, &z, &tg, v, dt, 0.8, &what);
                 let live = (n - 2) * v;
                 assert!(dg[..live].iter().all(|x| x.is_finite()), "{what}: d_logits not finite");
@@ -1985,5 +2013,6 @@ mod tests {
                 assert_close_nonfinite(&dg, &d, 1e-6, 1e-4 + dt.epsilon(), &format!("{what} d_logits"));
             }
         }
+        crate::versions::force("logprob_entropy", None);
     }
 }
