@@ -226,13 +226,26 @@ __device__ __forceinline__ LeState le_scan_row_v4(const T* zr, u32 ncols, u32 co
     if (ncols % K != 0 || (u64)zr % 16 != 0) return le_scan_row(zr, ncols, col0, inv_t, xt, y);
     LeState st = le_empty();
     const u32 ng = ncols / K;
-    #pragma unroll 2
-    for (u32 j = threadIdx.x; j < ng; j += blockDim.x) {
-        float v[K];
-        ld16(zr + (u64)j * K, v);
+    u32 j = threadIdx.x;
+    // Groups j and j + blockDim.x: both loads issued before either is folded, in column order.
+    for (; j + blockDim.x < ng; j += 2 * blockDim.x) {
+        float a[K], b[K];
+        ld16(zr + (u64)j * K, a);
+        ld16(zr + (u64)(j + blockDim.x) * K, b);
         #pragma unroll
-        for (u32 k = 0; k < K; ++k) v[k] *= inv_t;
-        le_push_group<K>(st, v, col0 + j * K, xt, y);
+        for (u32 k = 0; k < K; ++k) {
+            a[k] *= inv_t;
+            b[k] *= inv_t;
+        }
+        le_push_group<K>(st, a, col0 + j * K, xt, y);
+        le_push_group<K>(st, b, col0 + (j + blockDim.x) * K, xt, y);
+    }
+    if (j < ng) {
+        float a[K];
+        ld16(zr + (u64)j * K, a);
+        #pragma unroll
+        for (u32 k = 0; k < K; ++k) a[k] *= inv_t;
+        le_push_group<K>(st, a, col0 + j * K, xt, y);
     }
     return st;
 }
