@@ -12,6 +12,12 @@
 //! Ids are u32 or i32. Every id is checked against V before anything runs; an out-of-range id
 //! is an error naming the id, its position and V. On CUDA this check copies the ids to the host
 //! (N·4 bytes and a stream sync), which is what makes a readable error possible.
+//!
+//! CUDA kernel versions (thread mappings in `embedding.cu`; pin one with
+//! `crate::versions::force`): forward (op name `"embedding"`) v1/v2/v3 copy 2/4/16-byte units
+//! on a grid-stride loop, v4 (the default) a 2-D grid (units × tokens) with the widest unit
+//! that fits; backward (`"embedding_backward"`) v1 grid-stride, v2 (the default) 2-D grid, both
+//! with atomics.
 
 use rayon::prelude::*;
 use smelt_engine::{bf16, f16, DType, Device, Error, Result, Tensor, WithDType};
@@ -178,7 +184,31 @@ mod cuda {
         LaunchCfg { grid: (grid, 1, 1), block: (block, 1, 1), smem: 0 }
     }
 
+    /// The 2-D launch of forward v4 and backward v2: up to 256 threads a block, `cols` across
+    /// x (over several blocks when wider), rows across y; rows beyond the grid's 65,535 blocks
+    /// along y are looped over in the kernel.
+    fn cfg_2d(cols: usize, rows: usize) -> LaunchCfg {
+        let bx = cols.clamp(1, 256);
+        let by = (256 / bx).max(1);
+        let grid = (cols.div_ceil(bx) as u32, rows.div_ceil(by).clamp(1, max_grid_y()) as u32, 1);
+        LaunchCfg { grid, block: (bx as u32, by as u32, 1), smem: 0 }
+    }
+
+    #[cfg(not(test))]
+    fn max_grid_y() -> usize {
+        65_535
+    }
+    /// Tests lower it to reach the token loop at emulator-sized shapes.
+    #[cfg(test)]
+    pub(super) static MAX_GRID_Y: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(65_535);
+    #[cfg(test)]
+    fn max_grid_y() -> usize {
+        MAX_GRID_Y.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A row copy in the widest unit (16, 4 or 2 bytes) that divides the row and the alignment.
+    /// Versions (embedding.cu): v1 2-byte, v2 4-byte, v3 16-byte units on a grid-stride loop;
+    /// v4 the 2-D grid with the widest unit.
     pub fn forward(ord: usize, ids: &Tensor, table: &Tensor, out: &Tensor, n: usize) -> Result<()> {
         let row_bytes = (table.dim(1) * table.dtype().size_in_bytes()) as u64;
         if n == 0 || row_bytes == 0 {
@@ -186,32 +216,56 @@ mod cuda {
         }
         let (pi, pt, po) = (ids.cuda_ptr()?, table.cuda_ptr()?, out.cuda_ptr()?);
         let fits = |u: u64| row_bytes % u == 0 && pt % u == 0 && po % u == 0;
-        let (func, unit) = if fits(16) {
-            ("embedding_fwd_v16", 16)
+        let unit = if fits(16) {
+            16
         } else if fits(4) {
-            ("embedding_fwd_v4", 4)
+            4
         } else {
-            ("embedding_fwd_v2", 2)
+            2
+        };
+        let mut allowed = vec![1];
+        if fits(4) {
+            allowed.push(2);
+        }
+        if fits(16) {
+            allowed.push(3);
+        }
+        if row_bytes / unit <= u32::MAX as u64 {
+            allowed.push(4);
+        }
+        let version = crate::versions::pick("embedding", &allowed)?;
+        if version == 4 {
+            let units = (row_bytes / unit) as usize;
+            let func = format!("embedding_fwd_2d_u{unit}");
+            let args = [Arg::Ptr(po), Arg::Ptr(pt), Arg::Ptr(pi), Arg::U64(n as u64), Arg::U32(units as u32)];
+            return launch(ord, &SRC, &func, cfg_2d(units, n), &args);
+        }
+        let (func, unit) = match version {
+            3 => ("embedding_fwd_v16", 16),
+            2 => ("embedding_fwd_v4", 4),
+            _ => ("embedding_fwd_v2", 2),
         };
         let units = row_bytes / unit;
         let args = [Arg::Ptr(po), Arg::Ptr(pt), Arg::Ptr(pi), Arg::U64(n as u64), Arg::U64(units)];
         launch(ord, &SRC, func, cfg(n as u64 * units), &args)
     }
 
+    /// Versions (embedding.cu, op name `embedding_backward`): v1 grid-stride, v2 2-D grid.
     pub fn backward(ord: usize, ids: &Tensor, d_out: &Tensor, d_table: &Tensor, n: usize) -> Result<()> {
-        let h = d_table.dim(1) as u64;
+        let h = d_table.dim(1);
         if n == 0 || h == 0 {
             return Ok(());
         }
-        let func = if d_out.dtype() == DType::F32 { "embedding_bwd_f32" } else { "embedding_bwd_bf16" };
-        let args = [
-            Arg::Ptr(d_table.cuda_ptr()?),
-            Arg::Ptr(d_out.cuda_ptr()?),
-            Arg::Ptr(ids.cuda_ptr()?),
-            Arg::U64(n as u64),
-            Arg::U64(h),
-        ];
-        launch(ord, &SRC, func, cfg(n as u64 * h), &args)
+        let allowed: &[u32] = if h <= u32::MAX as usize { &[1, 2] } else { &[1] };
+        let version = crate::versions::pick("embedding_backward", allowed)?;
+        let dt = if d_out.dtype() == DType::F32 { "f32" } else { "bf16" };
+        let (pt, pd, pi) = (d_table.cuda_ptr()?, d_out.cuda_ptr()?, ids.cuda_ptr()?);
+        if version == 2 {
+            let args = [Arg::Ptr(pt), Arg::Ptr(pd), Arg::Ptr(pi), Arg::U64(n as u64), Arg::U32(h as u32)];
+            return launch(ord, &SRC, &format!("embedding_bwd_2d_{dt}"), cfg_2d(h, n), &args);
+        }
+        let args = [Arg::Ptr(pt), Arg::Ptr(pd), Arg::Ptr(pi), Arg::U64(n as u64), Arg::U64(h as u64)];
+        launch(ord, &SRC, &format!("embedding_bwd_{dt}"), cfg(n as u64 * h as u64), &args)
     }
 }
 
@@ -322,52 +376,97 @@ mod tests {
         assert_close(&dt.to_vec::<f32>().unwrap(), &want, 1e-6, 1e-5, "d_table by finite differences");
     }
 
+    /// Clears forced versions and the test grid limit when a device test ends, even by a panic.
+    #[cfg(feature = "cuda")]
+    struct Restore;
+    #[cfg(feature = "cuda")]
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            crate::versions::force("embedding", None);
+            crate::versions::force("embedding_backward", None);
+            cuda::MAX_GRID_Y.store(65_535, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     #[test]
     fn embedding_device_matches_cpu() {
         let Some(dev) = test_cuda_device() else { return };
+        #[cfg(feature = "cuda")]
+        let _restore = Restore;
         let mut rng = Rng::new(43);
-        for (n, v, h) in
-            [(1usize, 1usize, 1usize), (37, 11, 37), (4096, 1000, 896), (513, 7, 64), (300, 50, 128), (10, 5, 3)]
-        {
+        // (n, v, h, most blocks along y for the 2-D kernels). Rows of 2, 4 and 16-byte units,
+        // rows wider than one block (h 1100), and a grid of 3 rows of blocks that loops.
+        let shapes = [
+            (1usize, 1usize, 1usize, 65_535usize),
+            (37, 11, 37, 65_535),
+            (4096, 1000, 896, 65_535),
+            (513, 7, 64, 65_535),
+            (300, 50, 128, 65_535),
+            (10, 5, 3, 65_535),
+            (5, 3, 1100, 65_535),
+            (2000, 30, 40, 3),
+        ];
+        for (n, v, h, max_grid_y) in shapes {
+            #[cfg(feature = "cuda")]
+            cuda::MAX_GRID_Y.store(max_grid_y, std::sync::atomic::Ordering::Relaxed);
+            let _ = max_grid_y;
             for dt in [DType::F32, DType::BF16] {
                 let table = t(&randn(&mut rng, v * h, 1.0), &[v, h]).to_dtype(dt).unwrap();
                 let ids: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
                 let idc = Tensor::from_slice(&ids, &[n], Device::Cpu).unwrap();
                 let idg = idc.to_device(dev).unwrap();
-                let what = format!("{dt} [{n},{v},{h}]");
-                drop(Tensor::full(f64::NAN, &[n, h], dt, dev).unwrap());
-                let got = embedding(&idg, &table.to_device(dev).unwrap()).unwrap();
-                assert_eq!(
-                    got.to_bytes().unwrap(),
-                    embedding(&idc, &table).unwrap().to_bytes().unwrap(),
-                    "embedding {what}"
-                );
                 let idi =
                     Tensor::from_slice(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>(), &[n], Device::Cpu).unwrap();
-                let got = embedding(&idi.to_device(dev).unwrap(), &table.to_device(dev).unwrap()).unwrap();
-                assert_eq!(
-                    got.to_bytes().unwrap(),
-                    embedding(&idc, &table).unwrap().to_bytes().unwrap(),
-                    "embedding i32 {what}"
-                );
+                let idig = idi.to_device(dev).unwrap();
+                let tg = table.to_device(dev).unwrap();
+                let want = embedding(&idc, &table).unwrap().to_bytes().unwrap();
+                // Device buffers are 256-byte aligned, so the row length decides the units.
+                let row_bytes = h * dt.size_in_bytes();
+                for ver in [1u32, 2, 3, 4] {
+                    crate::versions::force("embedding", Some(ver));
+                    let what = format!("v{ver} {dt} [{n},{v},{h}]");
+                    let fits = match ver {
+                        2 => row_bytes % 4 == 0,
+                        3 => row_bytes % 16 == 0,
+                        _ => true,
+                    };
+                    if !fits {
+                        let e = embedding(&idg, &tg).unwrap_err().to_string();
+                        assert!(e.contains("embedding") && e.contains(&format!("version {ver}")), "{what}: {e}");
+                        continue;
+                    }
+                    drop(Tensor::full(f64::NAN, &[n, h], dt, dev).unwrap());
+                    let got = embedding(&idg, &tg).unwrap();
+                    assert_eq!(got.to_bytes().unwrap(), want, "embedding {what}");
+                    drop(Tensor::full(f64::NAN, &[n, h], dt, dev).unwrap());
+                    let got = embedding(&idig, &tg).unwrap();
+                    assert_eq!(got.to_bytes().unwrap(), want, "embedding i32 {what}");
+                }
+                crate::versions::force("embedding", None);
 
                 let g = t(&randn(&mut rng, n * h, 1.0), &[n, h]).to_dtype(dt).unwrap();
                 let init = randn(&mut rng, v * h, 1.0);
-                let (dc, dg) = (t(&init, &[v, h]), t(&init, &[v, h]).to_device(dev).unwrap());
+                let dc = t(&init, &[v, h]);
                 embedding_backward(&idc, &g, &dc).unwrap();
-                embedding_backward(&idg, &g.to_device(dev).unwrap(), &dg).unwrap();
-                // atomicAdd order differs from the CPU's token order: f32 sums of up to n/v terms.
-                let tol = 1e-6 * (n as f64 / v as f64).max(1.0).sqrt() * 8.0;
-                assert_close(
-                    &dg.to_vec_f32().unwrap(),
-                    &to_f64(&dc.to_vec_f32().unwrap()),
-                    tol,
-                    1e-5,
-                    &format!("d_table {what}"),
-                );
+                let gg = g.to_device(dev).unwrap();
+                for ver in [1u32, 2] {
+                    crate::versions::force("embedding_backward", Some(ver));
+                    let dg = t(&init, &[v, h]).to_device(dev).unwrap();
+                    embedding_backward(&idg, &gg, &dg).unwrap();
+                    // atomicAdd order differs from the CPU's token order: f32 sums of up to n/v terms.
+                    let tol = 1e-6 * (n as f64 / v as f64).max(1.0).sqrt() * 8.0;
+                    assert_close(
+                        &dg.to_vec_f32().unwrap(),
+                        &to_f64(&dc.to_vec_f32().unwrap()),
+                        tol,
+                        1e-5,
+                        &format!("d_table v{ver} {dt} [{n},{v},{h}]"),
+                    );
+                }
+                crate::versions::force("embedding_backward", None);
                 // Out-of-range ids fail on CUDA too.
                 let bad = Tensor::from_slice(&[v as u32], &[1], Device::Cpu).unwrap().to_device(dev).unwrap();
-                assert!(embedding(&bad, &table.to_device(dev).unwrap()).is_err());
+                assert!(embedding(&bad, &tg).is_err());
             }
         }
     }

@@ -15,6 +15,13 @@
 //! Dtypes: `x`/`y`/`dy`/`dx` f32 or bf16; `w` f32 or bf16 (independently of `x`); `rstd` and
 //! `dw` always f32. Both the CPU and CUDA `dw` reductions are deterministic (fixed-order partial
 //! sums over fixed row chunks, then an ordered sum of the partials).
+//!
+//! CUDA kernel versions (thread mappings in `rmsnorm.cu`; pin one with
+//! `crate::versions::force("rmsnorm", ..)`, which applies to the forward and the backward):
+//! v1 warp per row with scalar loads (any row), v2 the same with 16-byte loads (rows of whole
+//! 16-byte chunks, aligned), v3 (the default where it fits) the row held in registers — rows
+//! of v2's kind up to 4096 bf16 / 2048 f32 — plus faster dw kernels. v3 gives v2's bits; dw has
+//! the same bits in every version.
 
 use rayon::prelude::*;
 use smelt_engine::{bf16, DType, Device, Error, Result, Tensor, WithDType};
@@ -245,6 +252,9 @@ mod cuda {
     /// Rows per block in the warp-per-row kernels (one warp per row, 8 warps per block).
     const ROWS_PER_BLOCK: usize = 8;
 
+    /// 16-byte chunks per row that v3 can hold in registers (32 lanes × 16 chunks).
+    const V3_MAX_CHUNKS: usize = 512;
+
     fn suffix(x: DType, w: DType) -> &'static str {
         match (x, w) {
             (DType::F32, DType::F32) => "f32_f32",
@@ -259,9 +269,49 @@ mod cuda {
         d % (16 / x.dtype().size_in_bytes()) == 0 && ptrs.iter().all(|p| p % 16 == 0)
     }
 
+    /// The versions a row kernel can run for this call (rmsnorm.cu): v1 always, v2 with vector
+    /// rows, v3 with vector rows of at most [`V3_MAX_CHUNKS`] chunks.
+    fn allowed(x: &Tensor, d: usize, ptrs: &[u64]) -> Vec<u32> {
+        let chunks = d * x.dtype().size_in_bytes() / 16;
+        match vec_ok(x, d, ptrs) {
+            false => vec![1],
+            true if chunks <= V3_MAX_CHUNKS => vec![1, 2, 3],
+            true => vec![1, 2],
+        }
+    }
+
     fn row_cfg(rows: usize) -> LaunchCfg {
         let grid = rows.div_ceil(ROWS_PER_BLOCK) as u32;
         LaunchCfg { grid: (grid, 1, 1), block: (32 * ROWS_PER_BLOCK as u32, 1, 1), smem: 0 }
+    }
+
+    /// v3's kernel name suffix `v3_<L>x<C>` (L lanes per row, C chunks per lane: the smallest
+    /// instantiated that holds `chunks`) and its launch (8 warps, 32/L rows per warp).
+    fn v3_kernel(rows: usize, chunks: usize) -> (String, LaunchCfg) {
+        let (l, c) = match chunks {
+            0..=8 => (8, 1),
+            9..=16 => (16, 1),
+            17..=32 => (32, 1),
+            33..=128 => (32, 4),
+            129..=256 => (32, 8),
+            _ => (32, 16),
+        };
+        let rows_per_block = ROWS_PER_BLOCK * 32 / l;
+        let grid = rows.div_ceil(rows_per_block) as u32;
+        (format!("v3_{l}x{c}"), LaunchCfg { grid: (grid, 1, 1), block: (32 * ROWS_PER_BLOCK as u32, 1, 1), smem: 0 })
+    }
+
+    /// The row kernel `rmsnorm_<kind>_<x>_<w>[_v2|_v3_LxC]` of `version` and its launch.
+    fn row_kernel(kind: &str, version: u32, x: &Tensor, w: &Tensor, rows: usize, d: usize) -> (String, LaunchCfg) {
+        let sfx = suffix(x.dtype(), w.dtype());
+        match version {
+            3 => {
+                let (v, cfg) = v3_kernel(rows, d * x.dtype().size_in_bytes() / 16);
+                (format!("rmsnorm_{kind}_{sfx}_{v}"), cfg)
+            }
+            2 => (format!("rmsnorm_{kind}_{sfx}_v2"), row_cfg(rows)),
+            _ => (format!("rmsnorm_{kind}_{sfx}"), row_cfg(rows)),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -279,8 +329,8 @@ mod cuda {
             return Ok(());
         }
         let (px, pw, py, pr) = (x.cuda_ptr()?, w.cuda_ptr()?, y.cuda_ptr()?, rstd.cuda_ptr()?);
-        let v = if vec_ok(x, d, &[px, py, pw]) { "_v2" } else { "" };
-        let func = format!("rmsnorm_fwd_{}{v}", suffix(x.dtype(), w.dtype()));
+        let version = crate::versions::pick("rmsnorm", &allowed(x, d, &[px, py, pw]))?;
+        let (func, cfg) = row_kernel("fwd", version, x, w, rows, d);
         let args = [
             Arg::Ptr(py),
             Arg::Ptr(pr),
@@ -290,11 +340,11 @@ mod cuda {
             Arg::U64(rows as u64),
             Arg::U32(d as u32),
         ];
-        launch(ord, &SRC, &func, row_cfg(rows), &args)
+        launch(ord, &SRC, &func, cfg, &args)
     }
 
     /// Row chunks of the dw partial sums: a function of `rows` only, so the summation order
-    /// (and so dw, bit for bit) does not depend on the device.
+    /// (and so dw, bit for bit) does not depend on the device or the version.
     pub(super) fn dw_chunks(rows: usize) -> (usize, usize) {
         let chunks = rows.div_ceil(32).clamp(1, 1024);
         let per = rows.div_ceil(chunks);
@@ -323,8 +373,8 @@ mod cuda {
             dw.copy_from(&Tensor::zeros(&[d], DType::F32, Device::Cpu)?)?;
             return Ok(());
         }
-        let sfx = suffix(x.dtype(), w.dtype());
-        let v = if vec_ok(x, d, &[px, pdy, pdx, pw]) { "_v2" } else { "" };
+        let version = crate::versions::pick("rmsnorm", &allowed(x, d, &[px, pdy, pdx, pw]))?;
+        let (func, cfg) = row_kernel("bwd_dx", version, x, w, rows, d);
         let args = [
             Arg::Ptr(pdx),
             Arg::Ptr(px),
@@ -334,14 +384,43 @@ mod cuda {
             Arg::U64(rows as u64),
             Arg::U32(d as u32),
         ];
-        launch(ord, &SRC, &format!("rmsnorm_bwd_dx_{sfx}{v}"), row_cfg(rows), &args)?;
+        launch(ord, &SRC, &func, cfg, &args)?;
 
         let (chunks, per) = dw_chunks(rows);
         let partial = Tensor::empty(&[chunks, d], DType::F32, x.device())?;
         let pp = partial.cuda_ptr()?;
+        let xdt = if x.dtype() == DType::F32 { "f32" } else { "bf16" };
+        if version == 3 {
+            // Column pairs across x (whole warps, blocks of up to 256 threads split evenly), row
+            // chunks across y, so a narrow D still gives full blocks. v3 rows are 16-byte
+            // vectors, so d is even and the pairs are 4/8-byte aligned.
+            let pairs = d / 2;
+            let nbx = pairs.div_ceil(256);
+            let bx = pairs.div_ceil(nbx).next_multiple_of(32);
+            let by = (256 / bx).max(1);
+            let cfg = LaunchCfg {
+                grid: (pairs.div_ceil(bx) as u32, chunks.div_ceil(by) as u32, 1),
+                block: (bx as u32, by as u32, 1),
+                smem: 0,
+            };
+            let args = [
+                Arg::Ptr(pp),
+                Arg::Ptr(px),
+                Arg::Ptr(pr),
+                Arg::Ptr(pdy),
+                Arg::U64(rows as u64),
+                Arg::U32(d as u32),
+                Arg::U32(per as u32),
+                Arg::U32(chunks as u32),
+            ];
+            launch(ord, &SRC, &format!("rmsnorm_bwd_dw_partial_v3_{xdt}"), cfg, &args)?;
+            let block = 128u32;
+            let cfg = LaunchCfg { grid: (d.div_ceil(block as usize) as u32, 1, 1), block: (block, 1, 1), smem: 0 };
+            let args = [Arg::Ptr(pdw), Arg::Ptr(pp), Arg::U32(chunks as u32), Arg::U32(d as u32)];
+            return launch(ord, &SRC, "rmsnorm_bwd_dw_reduce_v3", cfg, &args);
+        }
         let block = 256u32;
         let cols = d.div_ceil(block as usize) as u32;
-        let xdt = if x.dtype() == DType::F32 { "f32" } else { "bf16" };
         let cfg = LaunchCfg { grid: (cols, chunks as u32, 1), block: (block, 1, 1), smem: 0 };
         let args = [
             Arg::Ptr(pp),
@@ -502,76 +581,143 @@ mod tests {
         assert!(e.contains("rmsnorm_backward") && e.contains("rstd"), "{e}");
     }
 
+    /// Clears a forced version when a device test ends, even by a panic.
+    struct Unforce;
+    impl Drop for Unforce {
+        fn drop(&mut self) {
+            crate::versions::force("rmsnorm", None);
+        }
+    }
+
     #[test]
     fn rmsnorm_device_matches_cpu() {
         let Some(dev) = test_cuda_device() else { return };
+        let _unforce = Unforce;
         let mut rng = Rng::new(25);
-        // Hidden 896 and per-head 64/128, odd rows, a row not a multiple of 8, a dim of 1.
-        for (rows, d) in [(1usize, 1usize), (7, 37), (33, 896), (1000, 128), (4096, 64), (5, 4099), (3, 3584)] {
-            for (xdt, wdt) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::BF16, DType::F32)] {
+        // Hidden 896/1536/3584 and per-head 64/128, odd rows, a row not a multiple of 8, a dim
+        // of 1. v3's register cache (16-byte chunks per row: D/8 bf16, D/4 f32): lane groups of
+        // 8 (D 32, 64 bf16; 4096 and 77 rows leave groups of the last warp idle), 16 (128 bf16,
+        // 64 f32), whole warps holding 1/4/8/16 chunks a lane with a partial last round (896,
+        // 1000, 1536, 3584 bf16; 1000 and 1536 f32), 16 full (4096 bf16); above the cache
+        // (3584 and 4096 f32, 5120 bf16) only v1/v2 fit.
+        let shapes = [
+            (1usize, 1usize),
+            (7, 37),
+            (33, 896),
+            (1000, 128),
+            (4096, 64),
+            (77, 64),
+            (13, 32),
+            (5, 4099),
+            (3, 3584),
+            (9, 1000),
+            (6, 1536),
+            (5, 4096),
+            (2, 5120),
+        ];
+        let pairs = [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::BF16, DType::F32),
+            (DType::F32, DType::BF16),
+        ];
+        for (rows, d) in shapes {
+            for (xdt, wdt) in pairs {
                 let x = t(&randn(&mut rng, rows * d, 2.0), &[rows, d]).to_dtype(xdt).unwrap();
                 let w = t(&randn(&mut rng, d, 1.0), &[d]).to_dtype(wdt).unwrap();
                 let dy = t(&randn(&mut rng, rows * d, 1.0), &[rows, d]).to_dtype(xdt).unwrap();
+                let (xg, wg, dyg) = (x.to_device(dev).unwrap(), w.to_device(dev).unwrap(), dy.to_device(dev).unwrap());
                 let poison = |shapes: &[(&[usize], DType)]| {
                     let p: Vec<Tensor> =
                         shapes.iter().map(|(s, dt)| Tensor::full(f64::NAN, s, *dt, dev).unwrap()).collect();
                     drop(p);
                 };
-                let what = format!("{xdt}/{wdt} [{rows},{d}]");
-                let tol = if xdt == DType::F32 { 2e-6 } else { xdt.epsilon() };
+                // bf16: rstd summed in another order than the CPU's can move x·rstd across a bf16
+                // rounding boundary (1 ulp), which the rounding of w·n can make 2 ulps of y.
+                let (tol, rtol) = if xdt == DType::F32 { (2e-6, 2e-6) } else { (xdt.epsilon(), 2.0 * xdt.epsilon()) };
                 let (yc, rc) = rmsnorm(&x, &w, 1e-6).unwrap();
-                poison(&[(&[rows, d], xdt), (&[rows], DType::F32)]);
-                let (yg, rg) = rmsnorm(&x.to_device(dev).unwrap(), &w.to_device(dev).unwrap(), 1e-6).unwrap();
-                assert_close(
-                    &yg.to_vec_f32().unwrap(),
-                    &to_f64(&yc.to_vec_f32().unwrap()),
-                    tol,
-                    tol,
-                    &format!("y {what}"),
-                );
-                assert_close(
-                    &rg.to_vec_f32().unwrap(),
-                    &to_f64(&rc.to_vec_f32().unwrap()),
-                    0.0,
-                    2e-6,
-                    &format!("rstd {what}"),
-                );
-
                 let (dxc, dwc) = rmsnorm_backward(&x, &w, &rc, &dy).unwrap();
-                poison(&[(&[rows, d], xdt), (&[d], DType::F32)]);
-                let (dxg, dwg) = rmsnorm_backward(
-                    &x.to_device(dev).unwrap(),
-                    &w.to_device(dev).unwrap(),
-                    &rc.to_device(dev).unwrap(),
-                    &dy.to_device(dev).unwrap(),
-                )
-                .unwrap();
-                let dtol = if xdt == DType::F32 { 1e-5 } else { xdt.epsilon() };
-                assert_close(
-                    &dxg.to_vec_f32().unwrap(),
-                    &to_f64(&dxc.to_vec_f32().unwrap()),
-                    dtol,
-                    dtol,
-                    &format!("dx {what}"),
-                );
-                // dw: f32 sums over `rows` in a different order than the CPU's.
-                let dwtol = 1e-6 * (rows as f64).sqrt() * 8.0;
-                assert_close(
-                    &dwg.to_vec_f32().unwrap(),
-                    &to_f64(&dwc.to_vec_f32().unwrap()),
-                    dwtol,
-                    1e-5,
-                    &format!("dw {what}"),
-                );
-                // Deterministic: a second run gives the same bits.
-                let (_, dwg2) = rmsnorm_backward(
-                    &x.to_device(dev).unwrap(),
-                    &w.to_device(dev).unwrap(),
-                    &rc.to_device(dev).unwrap(),
-                    &dy.to_device(dev).unwrap(),
-                )
-                .unwrap();
-                assert_eq!(dwg.to_bytes().unwrap(), dwg2.to_bytes().unwrap(), "dw deterministic {what}");
+                let rcg = rc.to_device(dev).unwrap();
+                // Device buffers are 256-byte aligned: the row length decides the versions.
+                let chunks = d * xdt.size_in_bytes() / 16;
+                let vec = d % (16 / xdt.size_in_bytes()) == 0;
+                // v3 must give v2's bits (same per-lane sums, same butterfly); v1's lanes sum other
+                // elements, so its y/rstd/dx may differ in the last bits. dw is one kernel order
+                // for all versions: the same bits everywhere.
+                let mut v2_bits: Option<[Vec<u8>; 3]> = None;
+                let mut dw_bits: Option<Vec<u8>> = None;
+                for v in [1u32, 2, 3] {
+                    crate::versions::force("rmsnorm", Some(v));
+                    let what = format!("v{v} {xdt}/{wdt} [{rows},{d}]");
+                    let fits = match v {
+                        2 => vec,
+                        3 => vec && chunks <= 512,
+                        _ => true,
+                    };
+                    if !fits {
+                        let e = rmsnorm(&xg, &wg, 1e-6).unwrap_err().to_string();
+                        assert!(e.contains("rmsnorm") && e.contains(&format!("version {v}")), "{what}: {e}");
+                        let e = rmsnorm_backward(&xg, &wg, &rcg, &dyg).unwrap_err().to_string();
+                        assert!(e.contains("rmsnorm") && e.contains(&format!("version {v}")), "{what}: {e}");
+                        continue;
+                    }
+                    poison(&[(&[rows, d], xdt), (&[rows], DType::F32)]);
+                    let (yg, rg) = rmsnorm(&xg, &wg, 1e-6).unwrap();
+                    assert_close(
+                        &yg.to_vec_f32().unwrap(),
+                        &to_f64(&yc.to_vec_f32().unwrap()),
+                        tol,
+                        rtol,
+                        &format!("y {what}"),
+                    );
+                    assert_close(
+                        &rg.to_vec_f32().unwrap(),
+                        &to_f64(&rc.to_vec_f32().unwrap()),
+                        0.0,
+                        2e-6,
+                        &format!("rstd {what}"),
+                    );
+
+                    poison(&[(&[rows, d], xdt), (&[d], DType::F32), (&[rows.div_ceil(32).min(1024), d], DType::F32)]);
+                    let (dxg, dwg) = rmsnorm_backward(&xg, &wg, &rcg, &dyg).unwrap();
+                    let dtol = if xdt == DType::F32 { 1e-5 } else { xdt.epsilon() };
+                    assert_close(
+                        &dxg.to_vec_f32().unwrap(),
+                        &to_f64(&dxc.to_vec_f32().unwrap()),
+                        dtol,
+                        dtol,
+                        &format!("dx {what}"),
+                    );
+                    // dw: f32 sums over `rows` in a different order than the CPU's.
+                    let dwtol = 1e-6 * (rows as f64).sqrt() * 8.0;
+                    assert_close(
+                        &dwg.to_vec_f32().unwrap(),
+                        &to_f64(&dwc.to_vec_f32().unwrap()),
+                        dwtol,
+                        1e-5,
+                        &format!("dw {what}"),
+                    );
+                    // Deterministic: a second run gives the same bits.
+                    let (_, dwg2) = rmsnorm_backward(&xg, &wg, &rcg, &dyg).unwrap();
+                    assert_eq!(dwg.to_bytes().unwrap(), dwg2.to_bytes().unwrap(), "dw deterministic {what}");
+                    let bits = [yg.to_bytes().unwrap(), rg.to_bytes().unwrap(), dxg.to_bytes().unwrap()];
+                    match (v, &v2_bits) {
+                        (2, _) => v2_bits = Some(bits),
+                        (3, Some(b2)) => {
+                            for (k, name) in ["y", "rstd", "dx"].iter().enumerate() {
+                                assert!(bits[k] == b2[k], "{name} {what}: bits differ from v2");
+                            }
+                        }
+                        (3, None) => panic!("{what}: v3 ran where v2 could not"),
+                        _ => {}
+                    }
+                    let dwb = dwg.to_bytes().unwrap();
+                    match &dw_bits {
+                        None => dw_bits = Some(dwb),
+                        Some(b1) => assert!(&dwb == b1, "dw {what}: bits differ from v1"),
+                    }
+                }
+                crate::versions::force("rmsnorm", None);
             }
         }
     }

@@ -19,6 +19,11 @@
 //! Backward is the inverse rotation (sin → −sin): [`rope_backward`]. In-place variants:
 //! [`rope_`], [`RopeTable::forward_`], [`RopeTable::backward_`].
 //! Dtypes: f32, and bf16 storage with f32 math. Positions: u32.
+//!
+//! CUDA kernel versions (thread mappings in `rope.cu`; pin one with
+//! `crate::versions::force("rope", ..)`): v1 scalar and v2 16-byte vectors, one (token, head,
+//! chunk) per step; v3 (the default) computes each (token, chunk)'s cos/sin once for all heads
+//! on a 2-D grid, with vectors where v2 could use them. All give the same bits.
 
 use rayon::prelude::*;
 use smelt_engine::{bf16, DType, Device, Error, Result, Tensor, WithDType};
@@ -255,13 +260,33 @@ mod cuda {
         let (px, po, pp, pf) = (x.cuda_ptr()?, out.cuda_ptr()?, positions.cuda_ptr()?, inv_freq.cuda_ptr()?);
         let n = 16 / x.dtype().size_in_bytes();
         let vec = h % n == 0 && px % 16 == 0 && po % 16 == 0;
-        let (func, per) = match (x.dtype(), vec) {
-            (DType::F32, false) => ("rope_f32", 1),
-            (DType::F32, true) => ("rope_f32_v2", n),
-            (DType::BF16, false) => ("rope_bf16", 1),
-            (DType::BF16, true) => ("rope_bf16_v2", n),
-            (dtype, _) => return Err(Error::UnsupportedDType { op: "rope (cuda)", dtype }),
+        let dt = match x.dtype() {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            dtype => return Err(Error::UnsupportedDType { op: "rope (cuda)", dtype }),
         };
+        // The versions this call can run (see rope.cu): v2 needs the vector alignment.
+        let allowed: &[u32] = if vec { &[1, 2, 3] } else { &[1, 3] };
+        let version = crate::versions::pick("rope", allowed)?;
+        let (tokens64, heads32, h32) = (tokens as u64, heads as u32, h as u32);
+        if version == 3 {
+            let per = if vec { n } else { 1 };
+            let func = format!("rope_{dt}_v3{}", if vec { "" } else { "_scalar" });
+            let (cfg, hpg) = v3_cfg(tokens, heads, h / per);
+            let args = [
+                Arg::Ptr(po),
+                Arg::Ptr(px),
+                Arg::Ptr(pp),
+                Arg::Ptr(pf),
+                Arg::U64(tokens64),
+                Arg::U32(heads32),
+                Arg::U32(h32),
+                Arg::U32(hpg),
+                Arg::F32(sign),
+            ];
+            return launch(ord, &SRC, &func, cfg, &args);
+        }
+        let (func, per) = if version == 2 { (format!("rope_{dt}_v2"), n) } else { (format!("rope_{dt}"), 1) };
         let block = 256u32;
         let grid = ((pairs / per) as u64).div_ceil(block as u64).clamp(1, 132 * 16) as u32;
         let cfg = LaunchCfg { grid: (grid, 1, 1), block: (block, 1, 1), smem: 0 };
@@ -270,12 +295,49 @@ mod cuda {
             Arg::Ptr(px),
             Arg::Ptr(pp),
             Arg::Ptr(pf),
-            Arg::U64(tokens as u64),
-            Arg::U32(heads as u32),
-            Arg::U32(h as u32),
+            Arg::U64(tokens64),
+            Arg::U32(heads32),
+            Arg::U32(h32),
             Arg::F32(sign),
         ];
-        launch(ord, &SRC, func, cfg, &args)
+        launch(ord, &SRC, &func, cfg, &args)
+    }
+
+    /// v3's launch shape for `chunks` chunks per head half, and the heads per z group.
+    ///
+    /// Blocks hold up to 256 threads: `chunks` across x (split over several blocks when wider),
+    /// tokens across y. Tokens beyond 65,535 rows of blocks are looped over in the kernel. The
+    /// heads are split into z groups only when tokens·chunks threads would not fill the GPU
+    /// (about 2^17 threads keep an H100's 132 SMs busy), since each group recomputes cos/sin.
+    pub(super) fn v3_cfg(tokens: usize, heads: usize, chunks: usize) -> (LaunchCfg, u32) {
+        let (max_grid_y, fill) = v3_limits();
+        let bx = chunks.clamp(1, 256);
+        let by = (256 / bx).max(1);
+        let grid_x = chunks.div_ceil(bx);
+        let grid_y = tokens.div_ceil(by).clamp(1, max_grid_y);
+        let threads = (tokens * chunks).max(1);
+        let groups = fill.div_ceil(threads).clamp(1, heads.clamp(1, 65_535));
+        let hpg = heads.div_ceil(groups).max(1);
+        let grid_z = heads.div_ceil(hpg).max(1);
+        let cfg = LaunchCfg {
+            grid: (grid_x as u32, grid_y as u32, grid_z as u32),
+            block: (bx as u32, by as u32, 1),
+            smem: 0,
+        };
+        (cfg, hpg as u32)
+    }
+
+    /// (most blocks along y, threads that fill the GPU) for [`v3_cfg`]. Tests shrink them to
+    /// reach the token loop and multi-head groups at emulator-sized shapes.
+    #[cfg(not(test))]
+    fn v3_limits() -> (usize, usize) {
+        (65_535, 1 << 17)
+    }
+    #[cfg(test)]
+    pub(super) static V3_LIMITS: std::sync::Mutex<(usize, usize)> = std::sync::Mutex::new((65_535, 1 << 17));
+    #[cfg(test)]
+    fn v3_limits() -> (usize, usize) {
+        *V3_LIMITS.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -434,17 +496,46 @@ mod tests {
         assert!(e.contains("rope") && e.contains("u32"), "{e}");
     }
 
+    /// Clears a forced version and v3's test limits when a device test ends, even by a panic.
+    #[cfg(feature = "cuda")]
+    struct Restore;
+    #[cfg(feature = "cuda")]
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            crate::versions::force("rope", None);
+            *cuda::V3_LIMITS.lock().unwrap_or_else(|e| e.into_inner()) = (65_535, 1 << 17);
+        }
+    }
+
     #[test]
     fn rope_device_matches_cpu() {
         let Some(dev) = test_cuda_device() else { return };
+        #[cfg(feature = "cuda")]
+        let _restore = Restore;
         let mut rng = Rng::new(35);
-        for (tokens, heads, d) in [(1usize, 1usize, 2usize), (37, 3, 74), (513, 14, 64), (300, 16, 128), (64, 2, 100)] {
+        // (tokens, heads, d, v3 limits: most blocks along y, threads that fill the GPU). The last
+        // two shrink the limits so v3 loops over tokens (2 and 1 rows of blocks) and gives one
+        // thread all heads (14 = 4+4+4+2 and 5 = 4+1 in flight); (37, 3, 74) splits heads over z.
+        let shapes = [
+            (1usize, 1usize, 2usize, None),
+            (37, 3, 74, None),
+            (513, 14, 64, None),
+            (300, 16, 128, None),
+            (64, 2, 100, None),
+            (300, 14, 64, Some((2usize, 1usize))),
+            (77, 5, 100, Some((1, 1))),
+        ];
+        for (tokens, heads, d, limits) in shapes {
+            #[cfg(feature = "cuda")]
+            {
+                *cuda::V3_LIMITS.lock().unwrap() = limits.unwrap_or((65_535, 1 << 17));
+            }
+            let _ = limits;
             for dt in [DType::F32, DType::BF16] {
                 let x = t(&randn(&mut rng, tokens * heads * d, 1.0), &[tokens, heads, d]).to_dtype(dt).unwrap();
                 let pos: Vec<u32> = (0..tokens).map(|i| if i % 7 == 0 { 0 } else { rng.below(32768) as u32 }).collect();
                 let (xg, pg) = (x.to_device(dev).unwrap(), pos_t(&pos).to_device(dev).unwrap());
                 let tol = if dt == DType::F32 { 2e-6 } else { dt.epsilon() };
-                let what = format!("{dt} [{tokens},{heads},{d}]");
                 // CUDA's sincosf (≤ 2 ulp) and the CPU's sin_cos can differ in the last bit; for
                 // bf16 that occasionally moves cos or sin across a bf16 rounding boundary (one
                 // bf16 ulp, ≤ 2^-8 below 1), shifting an output by up to (|x_i| + |x_i+h|)·2^-8
@@ -456,28 +547,51 @@ mod tests {
                     let (base, j) = (e - e % d, (e % d) % h);
                     (xv[base + j].abs() + xv[base + j + h].abs()) as f64
                 };
-                let cmp = |got: &Tensor, want: &Tensor, w: &str| {
-                    let (got, want) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
-                    for (e, (&g, &wv)) in got.iter().zip(&want).enumerate() {
-                        let bound = tol * (1.0 + (wv as f64).abs()) + flip * pair_mag(e);
-                        assert!(
-                            ((g - wv) as f64).abs() <= bound,
-                            "{w} {what}: element {e}: got {g}, want {wv} (bound {bound})"
-                        );
-                    }
-                };
+                let want_fwd = rope(&x, &pos_t(&pos), 1e6).unwrap();
+                let want_bwd = rope_backward(&x, &pos_t(&pos), 1e6).unwrap();
                 let poison = || drop(Tensor::full(f64::NAN, x.shape(), dt, dev).unwrap());
-                poison();
-                cmp(&rope(&xg, &pg, 1e6).unwrap(), &rope(&x, &pos_t(&pos), 1e6).unwrap(), "rope");
-                poison();
-                cmp(
-                    &rope_backward(&xg, &pg, 1e6).unwrap(),
-                    &rope_backward(&x, &pos_t(&pos), 1e6).unwrap(),
-                    "rope_backward",
-                );
-                let xi = x.to_device(dev).unwrap();
-                rope_(&xi, &pg, 1e6).unwrap();
-                cmp(&xi, &rope(&x, &pos_t(&pos), 1e6).unwrap(), "rope_");
+                // v2 needs h % (16 bytes of T) == 0 (device buffers are 256-byte aligned).
+                let vec_ok = h % (16 / dt.size_in_bytes()) == 0;
+                // Every version's outputs, bit for bit, must equal v1's.
+                let mut first: Option<[Vec<u8>; 3]> = None;
+                for v in [1u32, 2, 3] {
+                    crate::versions::force("rope", Some(v));
+                    let what = format!("v{v} {dt} [{tokens},{heads},{d}]");
+                    if v == 2 && !vec_ok {
+                        let e = rope(&xg, &pg, 1e6).unwrap_err().to_string();
+                        assert!(e.contains("rope") && e.contains("version 2") && e.contains("[1, 3]"), "{what}: {e}");
+                        continue;
+                    }
+                    let cmp = |got: &Tensor, want: &Tensor, w: &str| {
+                        let (got, want) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
+                        for (e, (&g, &wv)) in got.iter().zip(&want).enumerate() {
+                            let bound = tol * (1.0 + (wv as f64).abs()) + flip * pair_mag(e);
+                            assert!(
+                                ((g - wv) as f64).abs() <= bound,
+                                "{w} {what}: element {e}: got {g}, want {wv} (bound {bound})"
+                            );
+                        }
+                    };
+                    poison();
+                    let fwd = rope(&xg, &pg, 1e6).unwrap();
+                    cmp(&fwd, &want_fwd, "rope");
+                    poison();
+                    let bwd = rope_backward(&xg, &pg, 1e6).unwrap();
+                    cmp(&bwd, &want_bwd, "rope_backward");
+                    let xi = x.to_device(dev).unwrap();
+                    rope_(&xi, &pg, 1e6).unwrap();
+                    cmp(&xi, &want_fwd, "rope_");
+                    let bits = [fwd.to_bytes().unwrap(), bwd.to_bytes().unwrap(), xi.to_bytes().unwrap()];
+                    match &first {
+                        None => first = Some(bits),
+                        Some(b1) => {
+                            for (k, name) in ["rope", "rope_backward", "rope_"].iter().enumerate() {
+                                assert!(bits[k] == b1[k], "{name} {what}: bits differ from v1");
+                            }
+                        }
+                    }
+                }
+                crate::versions::force("rope", None);
             }
         }
     }

@@ -579,32 +579,46 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let x = rt(&[t, h], 1)?;
             let w = rand_tensor(&[h], dt, device, 1.0, 0.1, seed ^ 2)?;
             let hf = h as f64;
+            // Every CUDA version (rmsnorm.cu), each pinned only while it runs (CPU ignores it).
+            let versions: &[u32] = if device.is_cpu() { &[1] } else { &[1, 2, 3] };
             if op == "rmsnorm_fwd" {
-                push(
-                    shape_name(format!("[{t},{h}]")),
-                    1,
-                    2.0 * tf * hf * es + hf * es + tf * 4.0,
-                    4.0 * tf * hf,
-                    Bound::Memory,
-                    Box::new(move || {
-                        rmsnorm::rmsnorm(&x, &w, 1e-6)?;
-                        Ok(())
-                    }),
-                );
+                for &ver in versions {
+                    let (x, w) = (x.clone(), w.clone());
+                    push(
+                        shape_name(format!("[{t},{h}]")),
+                        ver,
+                        2.0 * tf * hf * es + hf * es + tf * 4.0,
+                        4.0 * tf * hf,
+                        Bound::Memory,
+                        Box::new(move || {
+                            smelt_kernels::versions::force("rmsnorm", Some(ver));
+                            let r = rmsnorm::rmsnorm(&x, &w, 1e-6);
+                            smelt_kernels::versions::force("rmsnorm", None);
+                            r?;
+                            Ok(())
+                        }),
+                    );
+                }
             } else {
                 let (_, rstd) = rmsnorm::rmsnorm(&x, &w, 1e-6)?;
                 let dy = rt(&[t, h], 3)?;
-                push(
-                    shape_name(format!("[{t},{h}]")),
-                    1,
-                    3.0 * tf * hf * es + hf * (es + 4.0) + tf * 4.0,
-                    8.0 * tf * hf,
-                    Bound::Memory,
-                    Box::new(move || {
-                        rmsnorm::rmsnorm_backward(&x, &w, &rstd, &dy)?;
-                        Ok(())
-                    }),
-                );
+                for &ver in versions {
+                    let (x, w, rstd, dy) = (x.clone(), w.clone(), rstd.clone(), dy.clone());
+                    push(
+                        shape_name(format!("[{t},{h}]")),
+                        ver,
+                        3.0 * tf * hf * es + hf * (es + 4.0) + tf * 4.0,
+                        8.0 * tf * hf,
+                        Bound::Memory,
+                        Box::new(move || {
+                            smelt_kernels::versions::force("rmsnorm", Some(ver));
+                            let r = rmsnorm::rmsnorm_backward(&x, &w, &rstd, &dy);
+                            smelt_kernels::versions::force("rmsnorm", None);
+                            r?;
+                            Ok(())
+                        }),
+                    );
+                }
             }
         }
         "rope" => {
@@ -612,17 +626,25 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let pos: Vec<u32> = (0..t as u32).map(|p| p % 4096).collect();
             let pos = Tensor::from_slice(&pos, &[t], device)?;
             let n = tf * (ks.heads * ks.head_dim) as f64;
-            push(
-                shape_name(format!("q[{t},{},{}]", ks.heads, ks.head_dim)),
-                1,
-                2.0 * n * es + tf * 4.0,
-                3.0 * n,
-                Bound::Memory,
-                Box::new(move || {
-                    rope::rope(&x, &pos, 1e6)?;
-                    Ok(())
-                }),
-            );
+            // Every CUDA version (rope.cu), each pinned only while it runs (CPU ignores it).
+            let versions: &[u32] = if device.is_cpu() { &[1] } else { &[1, 2, 3] };
+            for &ver in versions {
+                let (x, pos) = (x.clone(), pos.clone());
+                push(
+                    shape_name(format!("q[{t},{},{}]", ks.heads, ks.head_dim)),
+                    ver,
+                    2.0 * n * es + tf * 4.0,
+                    3.0 * n,
+                    Bound::Memory,
+                    Box::new(move || {
+                        smelt_kernels::versions::force("rope", Some(ver));
+                        let r = rope::rope(&x, &pos, 1e6);
+                        smelt_kernels::versions::force("rope", None);
+                        r?;
+                        Ok(())
+                    }),
+                );
+            }
         }
         "swiglu" => {
             let (g, u) = (rt(&[t, ks.inter], 1)?, rt(&[t, ks.inter], 2)?);
@@ -642,17 +664,26 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
         "embedding" => {
             let table = rand_tensor(&[ks.vocab, h], dt, device, 0.0, 0.05, seed ^ 1)?;
             let ids = Tensor::from_slice(&rand_ids(t, ks.vocab, seed), &[t], device)?;
-            push(
-                shape_name(format!("ids[{t}] table[{},{h}]", ks.vocab)),
-                1,
-                2.0 * tf * h as f64 * es + tf * 4.0,
-                0.0,
-                Bound::Memory,
-                Box::new(move || {
-                    embedding::embedding(&ids, &table)?;
-                    Ok(())
-                }),
-            );
+            // Every CUDA forward version (embedding.cu: v1-v3 grid-stride with 2/4/16-byte
+            // units, v4 2-D), each pinned only while it runs (CPU ignores it).
+            let versions: &[u32] = if device.is_cpu() { &[1] } else { &[1, 2, 3, 4] };
+            for &ver in versions {
+                let (ids, table) = (ids.clone(), table.clone());
+                push(
+                    shape_name(format!("ids[{t}] table[{},{h}]", ks.vocab)),
+                    ver,
+                    2.0 * tf * h as f64 * es + tf * 4.0,
+                    0.0,
+                    Bound::Memory,
+                    Box::new(move || {
+                        smelt_kernels::versions::force("embedding", Some(ver));
+                        let r = embedding::embedding(&ids, &table);
+                        smelt_kernels::versions::force("embedding", None);
+                        r?;
+                        Ok(())
+                    }),
+                );
+            }
         }
         "cast" => {
             let x = rand_tensor(&[t, h], DType::F32, device, 0.0, 1.0, seed)?;
@@ -791,17 +822,25 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let desc = format!("{} N={n} h[{n},{h}] W[{},{h}]", ks.name, ks.vocab);
             let opts = head::LogprobEntropyOpts::default();
             if op == "logprob_entropy_fused_fwd" {
-                push(
-                    desc,
-                    1,
-                    io,
-                    2.0 * nvh,
-                    Bound::Compute,
-                    Box::new(move || {
-                        head::logprob_entropy(&hid, &w, &tg, 1.0, &opts)?;
-                        Ok(())
-                    }),
-                );
+                // The forward scan's versions (logprob_entropy.cu: v3 per element, v4 grouped).
+                let vers: &[u32] = if device.is_cpu() { &[1] } else { &[3, 4] };
+                for &ver in vers {
+                    let (hid, w, tg) = (hid.clone(), w.clone(), tg.clone());
+                    push(
+                        desc.clone(),
+                        ver,
+                        io,
+                        2.0 * nvh,
+                        Bound::Compute,
+                        Box::new(move || {
+                            versions::force("logprob_entropy", Some(ver));
+                            let r = head::logprob_entropy(&hid, &w, &tg, 1.0, &opts);
+                            versions::force("logprob_entropy", None);
+                            r?;
+                            Ok(())
+                        }),
+                    );
+                }
             } else {
                 let f = head::logprob_entropy(&hid, &w, &tg, 1.0, &opts)?;
                 let gl = rand_tensor(&[n], DType::F32, device, 0.0, 0.01, seed ^ 3)?;
@@ -831,17 +870,24 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let desc = format!("{} logits[{n},{}]", ks.name, ks.vocab);
             let opts = head::LogprobEntropyOpts::default();
             if op == "logprob_entropy_logits_fwd" {
-                push(
-                    desc,
-                    1,
-                    nv * es,
-                    5.0 * nv,
-                    Bound::Memory,
-                    Box::new(move || {
-                        head::logprob_entropy_from_logits(&logits, &tg, 1.0, &opts)?;
-                        Ok(())
-                    }),
-                );
+                let vers: &[u32] = if device.is_cpu() { &[1] } else { &[3, 4] };
+                for &ver in vers {
+                    let (logits, tg) = (logits.clone(), tg.clone());
+                    push(
+                        desc.clone(),
+                        ver,
+                        nv * es,
+                        5.0 * nv,
+                        Bound::Memory,
+                        Box::new(move || {
+                            versions::force("logprob_entropy", Some(ver));
+                            let r = head::logprob_entropy_from_logits(&logits, &tg, 1.0, &opts);
+                            versions::force("logprob_entropy", None);
+                            r?;
+                            Ok(())
+                        }),
+                    );
+                }
             } else {
                 let f = head::logprob_entropy_from_logits(&logits, &tg, 1.0, &opts)?;
                 let gl = rand_tensor(&[n], DType::F32, device, 0.0, 0.01, seed ^ 3)?;
