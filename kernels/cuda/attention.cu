@@ -711,6 +711,30 @@ ATT_BWD_V2(128, 32)
 // ---------------------------------------------------------------- decode (split-K)
 #define DEC_MAXQ 4  // new tokens per block
 
+// Merges the block's 4 warps' (m, l, acc) of query row r (in shared memory) and writes them as
+// split `split` of output row `row`: acc unnormalised, m in log2 units, l.
+template <int D, int RR>
+__device__ __forceinline__ void attn_decode_write_partial(const float (*sm_m)[RR], const float (*sm_l)[RR],
+                                                          const float (*sm_acc)[RR][D], int r, size_t row, int split,
+                                                          int nsplit, float* __restrict__ part_o,
+                                                          float* __restrict__ part_ml) {
+    const float M = fmaxf(fmaxf(sm_m[0][r], sm_m[1][r]), fmaxf(sm_m[2][r], sm_m[3][r]));
+    const float Mu = M == -SMELT_INF ? 0.f : M;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float a = 0.f;
+        #pragma unroll
+        for (int w = 0; w < 4; ++w) a += sm_acc[w][r][d] * exp2f(sm_m[w][r] - Mu);
+        part_o[(row * nsplit + split) * D + d] = a;
+    }
+    if (threadIdx.x == 0) {
+        float ls = 0.f;
+        #pragma unroll
+        for (int w = 0; w < 4; ++w) ls += sm_l[w][r] * exp2f(sm_m[w][r] - Mu);
+        part_ml[(row * nsplit + split) * 2] = M;
+        part_ml[(row * nsplit + split) * 2 + 1] = ls;
+    }
+}
+
 // Partial attention of ≤4 new tokens of batch row b, head h, over keys
 // [split·chunk, min((split+1)·chunk, limit)). Writes unnormalised acc and (m in log2 units, l).
 template <typename T, int D>
@@ -777,24 +801,9 @@ __device__ void attn_decode_partial(const T* __restrict__ q, const T* __restrict
             if (att_in<D>(lane * E + e)) sm_acc[warp][r][lane * E + e] = acc[r][e];
     }
     __syncthreads();
-    for (int r = 0; r < nq; ++r) {
-        float M = fmaxf(fmaxf(sm_m[0][r], sm_m[1][r]), fmaxf(sm_m[2][r], sm_m[3][r]));
-        const float Mu = M == -SMELT_INF ? 0.f : M;
-        const size_t row = ((size_t)b * n_new + i0 + r) * nh + h;
-        for (int d = threadIdx.x; d < D; d += blockDim.x) {
-            float a = 0.f;
-            #pragma unroll
-            for (int w = 0; w < 4; ++w) a += sm_acc[w][r][d] * exp2f(sm_m[w][r] - Mu);
-            part_o[(row * nsplit + split) * D + d] = a;
-        }
-        if (threadIdx.x == 0) {
-            float ls = 0.f;
-            #pragma unroll
-            for (int w = 0; w < 4; ++w) ls += sm_l[w][r] * exp2f(sm_m[w][r] - Mu);
-            part_ml[(row * nsplit + split) * 2] = M;
-            part_ml[(row * nsplit + split) * 2 + 1] = ls;
-        }
-    }
+    for (int r = 0; r < nq; ++r)
+        attn_decode_write_partial<D, DEC_MAXQ>(sm_m, sm_l, sm_acc, r, ((size_t)b * n_new + i0 + r) * nh + h, split,
+                                               nsplit, part_o, part_ml);
 }
 
 // One block of D threads per (row, head): merges the splits and normalises.
@@ -945,24 +954,10 @@ __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restr
         for (int e = 0; e < E; ++e) sacc[warp][r][lane * E + e] = acc[r][e];
     }
     __syncthreads();
-    for (int r = 0; r < R; ++r) {
-        const float M = fmaxf(fmaxf(sm_m[0][r], sm_m[1][r]), fmaxf(sm_m[2][r], sm_m[3][r]));
-        const float Mu = M == -SMELT_INF ? 0.f : M;
-        const size_t row = ((size_t)b * n_new + i0 + r / group) * nh + g * group + r % group;
-        for (int d = threadIdx.x; d < D; d += blockDim.x) {
-            float a = 0.f;
-            #pragma unroll
-            for (int w = 0; w < 4; ++w) a += sacc[w][r][d] * exp2f(sm_m[w][r] - Mu);
-            part_o[(row * nsplit + split) * D + d] = a;
-        }
-        if (threadIdx.x == 0) {
-            float ls = 0.f;
-            #pragma unroll
-            for (int w = 0; w < 4; ++w) ls += sm_l[w][r] * exp2f(sm_m[w][r] - Mu);
-            part_ml[(row * nsplit + split) * 2] = M;
-            part_ml[(row * nsplit + split) * 2 + 1] = ls;
-        }
-    }
+    for (int r = 0; r < R; ++r)
+        attn_decode_write_partial<D, DEC2_R>(sm_m, sm_l, sacc, r,
+                                             ((size_t)b * n_new + i0 + r / group) * nh + g * group + r % group,
+                                             split, nsplit, part_o, part_ml);
 }
 
 #define ATT_DEC_V2(SUF, T, D)                                                                          \

@@ -284,19 +284,15 @@ __device__ __forceinline__ void sample_row(const T* __restrict__ logits, u32 V, 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(SMP_THREADS)
-sample_f32(const float* __restrict__ logits, u32 V, float temp, u32 top_k, float top_p, u64 seed,
-           u64 step, u32* __restrict__ tokens, float* __restrict__ logp, float* __restrict__ logp_trunc,
-           float* __restrict__ entropy) {
-    sample_row<float>(logits, V, temp, top_k, top_p, seed, step, tokens, logp, logp_trunc, entropy);
-}
-
-extern "C" __global__ void __launch_bounds__(SMP_THREADS)
-sample_bf16(const bf16_t* __restrict__ logits, u32 V, float temp, u32 top_k, float top_p, u64 seed,
-            u64 step, u32* __restrict__ tokens, float* __restrict__ logp, float* __restrict__ logp_trunc,
-            float* __restrict__ entropy) {
-    sample_row<bf16_t>(logits, V, temp, top_k, top_p, seed, step, tokens, logp, logp_trunc, entropy);
-}
+#define SMP_KERNEL(NAME, T, IMPL)                                                                   \
+    extern "C" __global__ void __launch_bounds__(SMP_THREADS)                                         \
+        NAME(const T* __restrict__ logits, u32 V, float temp, u32 top_k, float top_p, u64 seed, u64 step, \
+             u32* __restrict__ tokens, float* __restrict__ logp, float* __restrict__ logp_trunc,        \
+             float* __restrict__ entropy) {                                                             \
+        IMPL<T>(logits, V, temp, top_k, top_p, seed, step, tokens, logp, logp_trunc, entropy);          \
+    }
+SMP_KERNEL(sample_f32, float, sample_row)
+SMP_KERNEL(sample_bf16, bf16_t, sample_row)
 
 // ---------------------------------------------------------------------------------------------
 // v2: radix selection on exact integer masses. Same rules and outputs as v1, in ~5 passes over
@@ -571,16 +567,5 @@ __device__ __forceinline__ void sample_row_v2(const T* __restrict__ logits, u32 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(SMP_THREADS)
-sample_v2_f32(const float* __restrict__ logits, u32 V, float temp, u32 top_k, float top_p, u64 seed,
-              u64 step, u32* __restrict__ tokens, float* __restrict__ logp, float* __restrict__ logp_trunc,
-              float* __restrict__ entropy) {
-    sample_row_v2<float>(logits, V, temp, top_k, top_p, seed, step, tokens, logp, logp_trunc, entropy);
-}
-
-extern "C" __global__ void __launch_bounds__(SMP_THREADS)
-sample_v2_bf16(const bf16_t* __restrict__ logits, u32 V, float temp, u32 top_k, float top_p, u64 seed,
-               u64 step, u32* __restrict__ tokens, float* __restrict__ logp, float* __restrict__ logp_trunc,
-               float* __restrict__ entropy) {
-    sample_row_v2<bf16_t>(logits, V, temp, top_k, top_p, seed, step, tokens, logp, logp_trunc, entropy);
-}
+SMP_KERNEL(sample_v2_f32, float, sample_row_v2)
+SMP_KERNEL(sample_v2_bf16, bf16_t, sample_row_v2)
