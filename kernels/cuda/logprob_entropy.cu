@@ -47,6 +47,7 @@
 //      two in flight per thread, and one max + at most one rescale per 8- or 4-element group
 //      (le_push_group) instead of a branch per element; rows not 16-byte aligned or not a
 //      multiple of the group fall back to v3's scan. The default; the backward kernels are v3's.
+//      A +inf logit gives lse = NaN here (v3: +inf); both are degenerate rows.
 
 #define LE_IGNORE 0xffffffffu
 
@@ -189,12 +190,12 @@ __device__ __forceinline__ LeState le_scan_row(const T* zr, u32 ncols, u32 col0,
 // first index (strict >, and the group's ids come after every id the state has seen).
 template <int K>
 __device__ __forceinline__ void le_push_group(LeState& st, const float* x, u32 idx0, float xt, u32 y) {
-    float gm = x[0];
+    float gm = -SMELT_INF;  // not x[0]: a NaN there would hide the group's real max
     u32 gi = 0;
     #pragma unroll
     for (int k = 0; k < K; ++k) {
         st.cnt += (u32)((x[k] > xt) && (idx0 + k != y));
-        if (k > 0 && x[k] > gm) {
+        if (x[k] > gm) {
             gm = x[k];
             gi = k;
         }

@@ -313,9 +313,10 @@ SMP_KERNEL(sample_bf16, bf16_t, sample_row)
 // Shared memory: 2,048 u64 bins (16 KiB) reused by every round.
 
 #define SMP_BINS 2048
-#define SMP_QSCALE 1099511627776.0f  // 2^40: Σ over 151,936 tokens of q ≤ 2^58 fits u64
+#define SMP_QSCALE 1099511627776.0f  // 2^40: Σq ≤ V·2^40 fits u64 for V < 2^24 (the launcher's rule)
 
-__device__ __forceinline__ u64 smp_q(float e) { return (u64)(e * SMP_QSCALE); }
+// NaN (a row of −inf logits has m = −inf and e = NaN) converts to 0 here, not by undefined cast.
+__device__ __forceinline__ u64 smp_q(float e) { return e > 0.f ? (u64)(e * SMP_QSCALE) : 0; }
 
 __device__ __forceinline__ u64 smp_warp_sum_u64(u64 v) {
 #ifdef SMELT_EMU

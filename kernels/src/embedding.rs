@@ -376,14 +376,12 @@ mod tests {
         assert_close(&dt.to_vec::<f32>().unwrap(), &want, 1e-6, 1e-5, "d_table by finite differences");
     }
 
-    /// Clears forced versions and the test grid limit when a device test ends, even by a panic.
+    /// Resets the test grid limit when a device test ends, even by a panic.
     #[cfg(feature = "cuda")]
     struct Restore;
     #[cfg(feature = "cuda")]
     impl Drop for Restore {
         fn drop(&mut self) {
-            crate::versions::force("embedding", None);
-            crate::versions::force("embedding_backward", None);
             cuda::MAX_GRID_Y.store(65_535, std::sync::atomic::Ordering::Relaxed);
         }
     }
@@ -423,7 +421,7 @@ mod tests {
                 // Device buffers are 256-byte aligned, so the row length decides the units.
                 let row_bytes = h * dt.size_in_bytes();
                 for ver in [1u32, 2, 3, 4] {
-                    crate::versions::force("embedding", Some(ver));
+                    let _v = crate::versions::scoped("embedding", ver);
                     let what = format!("v{ver} {dt} [{n},{v},{h}]");
                     let fits = match ver {
                         2 => row_bytes % 4 == 0,
@@ -442,7 +440,6 @@ mod tests {
                     let got = embedding(&idig, &tg).unwrap();
                     assert_eq!(got.to_bytes().unwrap(), want, "embedding i32 {what}");
                 }
-                crate::versions::force("embedding", None);
 
                 let g = t(&randn(&mut rng, n * h, 1.0), &[n, h]).to_dtype(dt).unwrap();
                 let init = randn(&mut rng, v * h, 1.0);
@@ -450,7 +447,7 @@ mod tests {
                 embedding_backward(&idc, &g, &dc).unwrap();
                 let gg = g.to_device(dev).unwrap();
                 for ver in [1u32, 2] {
-                    crate::versions::force("embedding_backward", Some(ver));
+                    let _v = crate::versions::scoped("embedding_backward", ver);
                     let dg = t(&init, &[v, h]).to_device(dev).unwrap();
                     embedding_backward(&idg, &gg, &dg).unwrap();
                     // atomicAdd order differs from the CPU's token order: f32 sums of up to n/v terms.
@@ -463,7 +460,6 @@ mod tests {
                         &format!("d_table v{ver} {dt} [{n},{v},{h}]"),
                     );
                 }
-                crate::versions::force("embedding_backward", None);
                 // Out-of-range ids fail on CUDA too.
                 let bad = Tensor::from_slice(&[v as u32], &[1], Device::Cpu).unwrap().to_device(dev).unwrap();
                 assert!(embedding(&bad, &tg).is_err());

@@ -1830,7 +1830,7 @@ mod tests {
                 let want = logprob_entropy(&h, &w, &y, t, &opts).unwrap();
                 // Both forward scan versions (v3 per element, v4 grouped) against the CPU.
                 for version in [3, 4] {
-                    crate::versions::force("logprob_entropy", Some(version));
+                    let _v = crate::versions::scoped("logprob_entropy", version);
                     poison(dev, n);
                     let got = logprob_entropy(&hg, &wg, &yg, t, &opts).unwrap();
                     let what = format!("device fused v{version} n{n} h{hd} v{v} {dt}");
@@ -1869,7 +1869,6 @@ mod tests {
                     assert!(rank_far == 0 && rank_off * 10 <= n.max(10), "{what}: rank differs in {rank_off}/{n} rows");
                     assert!(amax_off * 50 <= n.max(50), "{what}: argmax differs in {amax_off}/{n} rows");
                 }
-                crate::versions::force("logprob_entropy", None);
                 let what = format!("device fused n{n} h{hd} v{v} {dt}");
                 let f64v = |x: &Tensor| to_f64(&x.to_vec_f32().unwrap());
                 let gl = randn(&mut rng, n, 1.0);
@@ -1977,12 +1976,11 @@ mod tests {
                 let z = randn(&mut rng, n * v, 3.0);
                 let tg: Vec<u32> = (0..n).map(|i| if i == 1 { IGNORE } else { rng.below(v as u64) as u32 }).collect();
                 for version in [3, 4] {
-                    crate::versions::force("logprob_entropy", Some(version));
+                    let _v = crate::versions::scoped("logprob_entropy", version);
                     let what = format!("device from_logits v{version} n{n} v{v} {dt}");
                     let (dg, d) = device_from_logits_case(dev, &mut rng, &z, &tg, v, dt, 1.3, &what);
                     assert_close(&dg, &d, 1e-6, 1e-4 + dt.epsilon(), &format!("{what} d_logits"));
                 }
-                crate::versions::force("logprob_entropy", None);
             }
         }
     }
@@ -1994,7 +1992,7 @@ mod tests {
         // V = 1003 takes the scalar loads, 4096 and 5000 the vector loads (v4: whole groups,
         // some all −inf); forward scan versions 3 and 4.
         for (v, version) in [1003usize, 4096, 5000].into_iter().flat_map(|v| [(v, 3), (v, 4)]) {
-            crate::versions::force("logprob_entropy", Some(version));
+            let _v = crate::versions::scoped("logprob_entropy", version);
             for dt in [DType::F32, DType::BF16] {
                 let (mut z, mut tg) = masked_case(&mut rng, v);
                 // Plus two degenerate rows (every logit −inf), one ignored: NaN in the same places.
@@ -2013,6 +2011,5 @@ mod tests {
                 assert_close_nonfinite(&dg, &d, 1e-6, 1e-4 + dt.epsilon(), &format!("{what} d_logits"));
             }
         }
-        crate::versions::force("logprob_entropy", None);
     }
 }

@@ -581,18 +581,9 @@ mod tests {
         assert!(e.contains("rmsnorm_backward") && e.contains("rstd"), "{e}");
     }
 
-    /// Clears a forced version when a device test ends, even by a panic.
-    struct Unforce;
-    impl Drop for Unforce {
-        fn drop(&mut self) {
-            crate::versions::force("rmsnorm", None);
-        }
-    }
-
     #[test]
     fn rmsnorm_device_matches_cpu() {
         let Some(dev) = test_cuda_device() else { return };
-        let _unforce = Unforce;
         let mut rng = Rng::new(25);
         // Hidden 896/1536/3584 and per-head 64/128, odd rows, a row not a multiple of 8, a dim
         // of 1. v3's register cache (16-byte chunks per row: D/8 bf16, D/4 f32): lane groups of
@@ -647,7 +638,7 @@ mod tests {
                 let mut v2_bits: Option<[Vec<u8>; 3]> = None;
                 let mut dw_bits: Option<Vec<u8>> = None;
                 for v in [1u32, 2, 3] {
-                    crate::versions::force("rmsnorm", Some(v));
+                    let _v = crate::versions::scoped("rmsnorm", v);
                     let what = format!("v{v} {xdt}/{wdt} [{rows},{d}]");
                     let fits = match v {
                         2 => vec,
@@ -717,7 +708,6 @@ mod tests {
                         Some(b1) => assert!(&dwb == b1, "dw {what}: bits differ from v1"),
                     }
                 }
-                crate::versions::force("rmsnorm", None);
             }
         }
     }

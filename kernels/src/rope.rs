@@ -21,7 +21,7 @@
 //! Dtypes: f32, and bf16 storage with f32 math. Positions: u32.
 //!
 //! CUDA kernel versions (thread mappings in `rope.cu`; pin one with
-//! `crate::versions::force("rope", ..)`): v1 scalar and v2 16-byte vectors, one (token, head,
+//! `crate::versions::force("rope", ..)` or `scoped`): v1 scalar and v2 16-byte vectors, one (token, head,
 //! chunk) per step; v3 (the default) computes each (token, chunk)'s cos/sin once for all heads
 //! on a 2-D grid, with vectors where v2 could use them. All give the same bits.
 
@@ -496,13 +496,12 @@ mod tests {
         assert!(e.contains("rope") && e.contains("u32"), "{e}");
     }
 
-    /// Clears a forced version and v3's test limits when a device test ends, even by a panic.
+    /// Resets v3's test limits when a device test ends, even by a panic.
     #[cfg(feature = "cuda")]
     struct Restore;
     #[cfg(feature = "cuda")]
     impl Drop for Restore {
         fn drop(&mut self) {
-            crate::versions::force("rope", None);
             *cuda::V3_LIMITS.lock().unwrap_or_else(|e| e.into_inner()) = (65_535, 1 << 17);
         }
     }
@@ -555,7 +554,7 @@ mod tests {
                 // Every version's outputs, bit for bit, must equal v1's.
                 let mut first: Option<[Vec<u8>; 3]> = None;
                 for v in [1u32, 2, 3] {
-                    crate::versions::force("rope", Some(v));
+                    let _v = crate::versions::scoped("rope", v);
                     let what = format!("v{v} {dt} [{tokens},{heads},{d}]");
                     if v == 2 && !vec_ok {
                         let e = rope(&xg, &pg, 1e6).unwrap_err().to_string();
@@ -591,7 +590,6 @@ mod tests {
                         }
                     }
                 }
-                crate::versions::force("rope", None);
             }
         }
     }

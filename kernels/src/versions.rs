@@ -7,9 +7,12 @@
 //! A forced version that does not exist, or cannot take the shapes of a call, is an error
 //! naming the op, never a silent fallback.
 
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 static FORCED: Mutex<Vec<(&'static str, u32)>> = Mutex::new(Vec::new());
+/// Ops held by a live [`Scoped`], and the signal that one was let go.
+static HELD: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+static FREED: Condvar = Condvar::new();
 
 /// Pins `op` (the name its launcher uses, e.g. `"rope"`) to `version`; `None` restores the default.
 pub fn force(op: &'static str, version: Option<u32>) {
@@ -23,6 +26,35 @@ pub fn force(op: &'static str, version: Option<u32>) {
 /// The version `op` is pinned to, if any.
 pub fn forced(op: &str) -> Option<u32> {
     FORCED.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(o, _)| *o == op).map(|&(_, v)| v)
+}
+
+/// [`force`] for a scope: waits until no other [`Scoped`] holds `op`, pins it to `version`, and
+/// restores the previous pin when dropped, also when a panic unwinds. Tests running in parallel
+/// in one process use it so that none sees another's version.
+#[must_use = "the version is pinned only while the guard lives"]
+pub struct Scoped {
+    op: &'static str,
+    prev: Option<u32>,
+}
+
+pub fn scoped(op: &'static str, version: u32) -> Scoped {
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    while held.contains(&op) {
+        held = FREED.wait(held).unwrap_or_else(|e| e.into_inner());
+    }
+    held.push(op);
+    drop(held);
+    let prev = forced(op);
+    force(op, Some(version));
+    Scoped { op, prev }
+}
+
+impl Drop for Scoped {
+    fn drop(&mut self) {
+        force(self.op, self.prev);
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).retain(|o| *o != self.op);
+        FREED.notify_all();
+    }
 }
 
 /// The version a launcher runs: the forced one if it is among `allowed` (the versions that can
@@ -58,5 +90,33 @@ mod tests {
         assert_eq!(forced("versions_test_op"), None);
         assert_eq!(pick("versions_test_op", &[1]).unwrap(), 1);
         assert!(pick("versions_test_op", &[]).is_err());
+    }
+
+    #[test]
+    fn scoped_pins_restores_and_serialises() {
+        let op = "versions_scoped_test_op";
+        {
+            let _a = scoped(op, 2);
+            assert_eq!(forced(op), Some(2));
+            // A second scope on the same op waits until the first is dropped.
+            let t = std::thread::spawn(move || {
+                let _b = scoped(op, 3);
+                forced(op)
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(forced(op), Some(2), "the waiting scope must not pin yet");
+            drop(_a);
+            assert_eq!(t.join().unwrap(), Some(3));
+        }
+        assert_eq!(forced(op), None);
+        // Restored on unwind too.
+        let r = std::panic::catch_unwind(|| {
+            let _c = scoped(op, 4);
+            panic!("inside");
+        });
+        assert!(r.is_err());
+        assert_eq!(forced(op), None);
+        let _d = scoped(op, 1);
+        assert_eq!(forced(op), Some(1));
     }
 }

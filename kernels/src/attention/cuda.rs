@@ -308,7 +308,8 @@ pub fn decode(
     let max_len = k_cache.dim(1);
     let longest = cache_lens.iter().copied().max().unwrap_or(0) as usize;
     let group = dims.n_heads / dims.n_kv_heads;
-    let aligned = [q.cuda_ptr()?, k_cache.cuda_ptr()?, v_cache.cuda_ptr()?].iter().all(|p| p % 16 == 0);
+    // v2 reads K rows with 16-byte loads (q with scalar ones).
+    let aligned = [k_cache.cuda_ptr()?, v_cache.cuda_ptr()?].iter().all(|p| p % 16 == 0);
     let v2_fits = matches!(dims.head_dim, 64 | 128) && group <= DEC_V2_ROWS && aligned;
     let version = crate::versions::pick("attention_decode", if v2_fits { &[1, 2] } else { &[1] })?;
     // Blocks per (batch row, KV head or query head): v2 takes a KV group's heads for `tq` new

@@ -475,7 +475,7 @@ fn decode_device_matches_cpu() {
                 let want = attention_decode(&q, &kc, &vc, &lens_now, None).unwrap();
                 let versions: &[u32] = if d == 24 { &[1] } else { &[1, 2] };
                 for &version in versions {
-                    crate::versions::force("attention_decode", Some(version));
+                    let _v = crate::versions::scoped("attention_decode", version);
                     poison(dev, &[(q.shape(), dt)]);
                     let got = attention_decode(&q.to_device(dev).unwrap(), &kd, &vd, &lens_now, None).unwrap();
                     close_to_cpu(
@@ -489,12 +489,11 @@ fn decode_device_matches_cpu() {
         }
     }
     // d 24 cannot run v2: forcing it is an error naming the op, not a silent v1.
-    crate::versions::force("attention_decode", Some(2));
+    let _v = crate::versions::scoped("attention_decode", 2);
     let c = case(&mut rng, &[5], 4, 2, 24);
     let (kd, vd) = filled_cache(&c, &[5], 1, 8, DType::F32, dev);
     let q = Tensor::zeros(&[1, 1, 4, 24], DType::F32, dev).unwrap();
     let e = attention_decode(&q, &kd, &vd, &[5], None).unwrap_err().to_string();
-    crate::versions::force("attention_decode", None);
     assert!(e.contains("attention_decode") && e.contains("version 2"), "{e}");
 }
 
