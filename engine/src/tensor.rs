@@ -106,7 +106,7 @@ impl Tensor {
     /// `(rows, cols)` treating the last dimension as the row: the layout of every row op.
     pub fn rows_cols(&self) -> (usize, usize) {
         let cols = self.shape.last().copied().unwrap_or(1);
-        let rows = if cols == 0 { 0 } else { self.elem_count() / cols };
+        let rows = self.elem_count().checked_div(cols).unwrap_or(0);
         (rows, cols)
     }
     /// True when `self` and `other` share storage.

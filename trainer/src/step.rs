@@ -631,7 +631,7 @@ mod tests {
         let plain = StepBatch { supervised: false, ..demo.clone() };
         let (_, g_demo) = grads(GrpoLossConfig::default(), std::slice::from_ref(&plain));
         // dapo: each part's token mean is rescaled to the whole batch's token count.
-        let (n_roll, n_demo) = (s_roll.grpo.num_tokens as f32, s_mixed.grpo.num_tokens as f32);
+        let (n_roll, n_demo) = (s_roll.grpo.num_tokens, s_mixed.grpo.num_tokens);
         assert_eq!(n_roll, n_demo, "the demo's tokens are not in the GRPO statistics");
         let n_demo_tokens: f32 = loss_mask(&demo).unwrap().iter().sum();
         let total = n_roll + n_demo_tokens;
@@ -672,6 +672,7 @@ mod tests {
     /// within `tol.1` (relative norm of the difference), and the weights it wrote equal
     /// to AdamW applied on the CPU to the step's own gradients (so the optimizer is checked
     /// exactly, independently of how far the gradients moved).
+    #[allow(clippy::too_many_arguments)]
     fn check_step_on(
         base: &Qwen,
         b: &StepBatch,

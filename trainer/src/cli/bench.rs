@@ -512,7 +512,7 @@ fn ceilings(device: Device, quick: bool) -> Result<Ceilings> {
 /// Sequence lengths of a packed batch of `t` tokens: sequences of up to 4096 tokens (the
 /// length of a long reasoning completion).
 fn seq_lens(t: usize) -> Vec<u32> {
-    let s = t.min(4096).max(1);
+    let s = t.clamp(1, 4096);
     let mut cu = vec![0u32];
     let mut left = t;
     while left > 0 {
