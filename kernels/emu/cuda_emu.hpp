@@ -207,6 +207,7 @@ struct Fiber {
     uint3 tid;
     int lane, warp;
     unsigned shuffles;  // shuffles this thread has done: picks the slot of the next one
+    char* stack;        // its stack mapping; the lowest page is the guard page
 };
 
 struct Warp {
@@ -469,6 +470,7 @@ inline bool run_block(Block& b, Stacks& stacks, bool reverse) {
         // Stack tops staggered within 64 KiB: at one stride apart they would all share the same
         // few cache sets, and every fiber switch would miss.
         const size_t stagger = (size_t)((i * 2654435761u) >> 22) * 64;
+        f.stack = stack;
         make_context(f.ctx, stack + 4096, kStack - 4096 - stagger, fiber_main);
     }
     while (b.live > 0) {
@@ -547,16 +549,25 @@ inline int report(char* err, size_t len, const std::string& m) {
 
 // A fault inside a kernel (a read or write that reaches the guard page after a device block, or
 // any other unmapped address) still ends the process, as it must, but first says which kernel,
-// block and thread faulted and where. (A fiber stack overflow ends it without the message: the
-// handler has no stack left to run on.) Each emulator library chains to the handler installed before it (in
-// the end Rust's, then the default action); a library's handler speaks only for its own kernels.
+// block and thread faulted and where — or that the thread overflowed its fiber stack (the
+// handler runs on each worker's alternate signal stack, so it has a stack left to say so). Each
+// emulator library chains to the handler installed before it (in the end Rust's, then the
+// default action); a library's handler speaks only for its own kernels.
 inline thread_local const char* current_kernel = nullptr;
 inline struct sigaction previous_segv, previous_bus;
 
 inline void fault_handler(int sig, siginfo_t* info, void* ctx) {
     if (current_kernel && B) {
         char m[400];
-        const int n = snprintf(m, sizeof m,
+        const char* a = info ? static_cast<const char*>(info->si_addr) : nullptr;
+        const Fiber* f = B->cur >= 0 && B->cur < (int)B->fibers.size() ? &B->fibers[B->cur] : nullptr;
+        const int n = f && a >= f->stack && a < f->stack + 4096
+            ? snprintf(m, sizeof m,
+                       "\nCUDA emulator: kernel %s, block (%u,%u,%u), thread (%u,%u,%u) overflowed its stack "
+                       "(%zu KiB per emulated thread): a large local array? On a GPU it would be local memory\n",
+                       current_kernel, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z,
+                       (kStack - 4096) >> 10)
+            : snprintf(m, sizeof m,
                                "\nCUDA emulator: kernel %s, block (%u,%u,%u), thread (%u,%u,%u) touched unmapped "
                                "memory at %p: out of bounds of its device buffers (the guard page after a block, or "
                                "no device memory at all)\n",
@@ -629,6 +640,12 @@ int launch(const char* name, void (*f)(A...), unsigned max_threads, const uint64
     std::atomic_flag error_lock = ATOMIC_FLAG_INIT;
     install_fault_handler();
     auto work = [&] {
+        // The fault handler's own stack: a fiber that overflowed its stack has none left.
+        std::vector<char> alt(64 << 10);
+        stack_t ss{}, old_ss{};
+        ss.ss_sp = alt.data();
+        ss.ss_size = alt.size();
+        sigaltstack(&ss, &old_ss);
         current_kernel = name;
         std::unique_ptr<Stacks> stacks = stack_pool.take();
         Block b;
@@ -655,6 +672,7 @@ int launch(const char* name, void (*f)(A...), unsigned max_threads, const uint64
         }
         B = nullptr;
         stack_pool.put(std::move(stacks));
+        sigaltstack(&old_ss, nullptr);
     };
     // Always fresh threads, even for one block: __shared__ memory then starts zeroed in every
     // launch instead of holding the caller's previous launch's values.

@@ -46,6 +46,13 @@ extern "C" __global__ void write_past(float* out, u32 n, u32 extra) {
     if (threadIdx.x < n + extra) out[threadIdx.x] = 1.0f;
 }
 extern "C" __global__ void read_at(const float* x, u64 i, float* y) { y[0] = x[i]; }
+// A local array larger than an emulated thread's stack, touched from its top down (so the first
+// fault is in the guard page under the stack, not in whatever is mapped below it).
+extern "C" __global__ void deep_stack(float* y) {
+    volatile char buf[300 << 10];
+    for (int i = (int)sizeof(buf) - 1; i >= 0; i -= 512) buf[i] = (char)i;
+    y[0] = buf[0];
+}
 // out[t] = s[63 - t] after every thread wrote s[t] = t: needs the barrier.
 extern "C" __global__ void reverse(float* out, u32 with_barrier) {
     __shared__ float s[64];
@@ -259,6 +266,28 @@ fn reads_past_a_block_hit_the_guard_page() {
     let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.signal(), Some(11), "expected SIGSEGV; status {:?}, stdout:\n{text}", out.status);
     assert!(err.contains("kernel read_at, block (0,0,0), thread (0,0,0)") && err.contains("guard page"), "{err}");
+}
+
+/// A thread that overflows its fiber stack also dies with SIGSEGV, and the message says so
+/// (the fault handler runs on the worker's alternate signal stack).
+#[test]
+fn stack_overflow_is_named() {
+    let name = "stack_overflow_is_named";
+    if std::env::var_os("SMELT_EMU_STACK_CHILD").is_some() {
+        let y = on(&[0.0; 1], dev());
+        let r = run("deep_stack", cfg(1, 1), &[Arg::Ptr(y.cuda_ptr().unwrap())]);
+        println!("the deep stack returned {r:?}");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env("SMELT_EMU_STACK_CHILD", "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.signal(), Some(11), "expected SIGSEGV; status {:?}, stdout:\n{text}", out.status);
+    assert!(err.contains("kernel deep_stack, block (0,0,0), thread (0,0,0) overflowed its stack"), "{err}");
 }
 
 /// Plain CUDA that NVRTC compiles too, so the emulator knows what ptxas gives each kernel.
