@@ -338,7 +338,8 @@ pub struct KernelsArgs {
     /// Only ops whose name is NAME or starts with NAME_ (e.g. `rmsnorm`, `attention_fwd`).
     #[arg(long)]
     pub op: Option<String>,
-    /// Only this kernel version (ops with a single version are version 1).
+    /// Only this kernel version, numbered as in the op's `.cu` header (on CUDA every version of an
+    /// op is timed, each pinned with `versions::force`; CPU rows and single-version ops are 1).
     #[arg(long)]
     pub version: Option<u32>,
     /// Only this model shape: qwen2.5-0.5b, qwen2.5-1.5b or qwen2.5-7b.
