@@ -6,8 +6,18 @@
 //! side by side in one run, and device tests use it to check old versions against the CPU.
 //! A forced version that does not exist, or cannot take the shapes of a call, is an error
 //! naming the op, never a silent fallback.
+//!
+//! Without code, `SMELT_KERNEL_VERSIONS="sample=1,rmsnorm=2"` caps ops at a version: each call
+//! runs the newest version it can take that is not above the cap — the way back to an older
+//! kernel if a newer one misbehaves on some GPU. Op names: [`OPS`] (the attention forward and
+//! backward have `SMELT_ATTN_VERSION`). A malformed value or an unknown op name makes every
+//! launch of a versioned op fail with an error that quotes the variable.
 
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, OnceLock};
+
+/// The ops whose launchers pick their version here.
+pub const OPS: [&str; 7] =
+    ["attention_decode", "embedding", "embedding_backward", "logprob_entropy", "rmsnorm", "rope", "sample"];
 
 static FORCED: Mutex<Vec<(&'static str, u32)>> = Mutex::new(Vec::new());
 /// Ops held by a live [`Scoped`], and the signal that one was let go.
@@ -57,19 +67,51 @@ impl Drop for Scoped {
     }
 }
 
+/// Parses `SMELT_KERNEL_VERSIONS` (`op=version` pairs, comma-separated; empty: no caps).
+pub fn parse_caps(s: &str) -> Result<Vec<(String, u32)>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let bad = |why: &str| format!("SMELT_KERNEL_VERSIONS={s:?}: `{e}` {why}");
+            let (op, v) = e.split_once('=').ok_or_else(|| bad("is not op=version"))?;
+            let op = op.trim();
+            if !OPS.contains(&op) {
+                return Err(bad(&format!("names no versioned op (ops: {})", OPS.join(", "))));
+            }
+            let v = v.trim().parse::<u32>().map_err(|_| bad("has a version that is not a number"))?;
+            Ok((op.to_string(), v))
+        })
+        .collect()
+}
+
+fn env_caps() -> &'static Result<Vec<(String, u32)>, String> {
+    static CAPS: OnceLock<Result<Vec<(String, u32)>, String>> = OnceLock::new();
+    CAPS.get_or_init(|| parse_caps(&std::env::var("SMELT_KERNEL_VERSIONS").unwrap_or_default()))
+}
+
 /// The version a launcher runs: the forced one if it is among `allowed` (the versions that can
-/// take this call's shapes), else an error naming the op; without a forced version, the last
-/// of `allowed` (launchers list them oldest first).
+/// take this call's shapes), else an error naming the op; without a forced version, the newest
+/// of `allowed` (launchers list them oldest first) not above the op's `SMELT_KERNEL_VERSIONS` cap.
 pub fn pick(op: &'static str, allowed: &[u32]) -> smelt_engine::Result<u32> {
-    match forced(op) {
-        Some(v) if allowed.contains(&v) => Ok(v),
-        Some(v) => Err(smelt_engine::Error::shape(
-            op,
-            format!("kernel version {v} was forced, but this call can run only versions {allowed:?}"),
-        )),
-        None => {
-            allowed.last().copied().ok_or_else(|| smelt_engine::Error::shape(op, "no kernel version fits this call"))
+    let caps = env_caps().as_ref().map_err(|m| smelt_engine::Error::msg(format!("{op}: {m}")))?;
+    let cap = caps.iter().find(|(o, _)| o == op).map(|&(_, v)| v);
+    pick_from(op, allowed, forced(op), cap)
+}
+
+fn pick_from(op: &'static str, allowed: &[u32], forced: Option<u32>, cap: Option<u32>) -> smelt_engine::Result<u32> {
+    let err = |m: String| smelt_engine::Error::shape(op, m);
+    match (forced, cap) {
+        (Some(v), _) if allowed.contains(&v) => Ok(v),
+        (Some(v), _) => {
+            Err(err(format!("kernel version {v} was forced, but this call can run only versions {allowed:?}")))
         }
+        (None, Some(c)) => allowed.iter().rev().find(|&&v| v <= c).copied().ok_or_else(|| {
+            err(format!(
+                "SMELT_KERNEL_VERSIONS caps it at version {c}, but this call can run only versions {allowed:?}"
+            ))
+        }),
+        (None, None) => allowed.last().copied().ok_or_else(|| err("no kernel version fits this call".into())),
     }
 }
 
@@ -90,6 +132,27 @@ mod tests {
         assert_eq!(forced("versions_test_op"), None);
         assert_eq!(pick("versions_test_op", &[1]).unwrap(), 1);
         assert!(pick("versions_test_op", &[]).is_err());
+    }
+
+    #[test]
+    fn env_caps_parse_and_cap() {
+        assert_eq!(parse_caps("").unwrap(), vec![]);
+        assert_eq!(
+            parse_caps(" sample=1, rmsnorm = 2 ,").unwrap(),
+            vec![("sample".to_string(), 1), ("rmsnorm".to_string(), 2)]
+        );
+        let e = parse_caps("sample").unwrap_err();
+        assert!(e.contains("SMELT_KERNEL_VERSIONS") && e.contains("`sample` is not op=version"), "{e}");
+        let e = parse_caps("smaple=1").unwrap_err();
+        assert!(e.contains("`smaple=1` names no versioned op") && e.contains("rmsnorm"), "{e}");
+        assert!(parse_caps("rope=two").unwrap_err().contains("not a number"));
+        // A cap runs the newest fitting version not above it; a forced version wins over a cap.
+        assert_eq!(pick_from("op", &[1, 2, 3], None, Some(2)).unwrap(), 2);
+        assert_eq!(pick_from("op", &[1, 3], None, Some(2)).unwrap(), 1);
+        assert_eq!(pick_from("op", &[1, 3], None, Some(9)).unwrap(), 3);
+        assert_eq!(pick_from("op", &[1, 2, 3], Some(3), Some(1)).unwrap(), 3);
+        let e = pick_from("op", &[2, 3], None, Some(1)).unwrap_err().to_string();
+        assert!(e.contains("caps it at version 1") && e.contains("[2, 3]"), "{e}");
     }
 
     #[test]
