@@ -339,7 +339,7 @@ pub struct KernelsArgs {
     #[arg(long)]
     pub op: Option<String>,
     /// Only this kernel version, numbered as in the op's `.cu` header (on CUDA every version of an
-    /// op is timed, each pinned with `versions::force`; CPU rows and single-version ops are 1).
+    /// op is timed, each pinned with `versions::scoped`; CPU rows and single-version ops are 1).
     #[arg(long)]
     pub version: Option<u32>,
     /// Only this model shape: qwen2.5-0.5b, qwen2.5-1.5b or qwen2.5-7b.
@@ -581,9 +581,9 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let w = rand_tensor(&[h], dt, device, 1.0, 0.1, seed ^ 2)?;
             let hf = h as f64;
             // Every CUDA version (rmsnorm.cu), each pinned only while it runs (CPU ignores it).
-            let versions: &[u32] = if device.is_cpu() { &[1] } else { &[1, 2, 3] };
+            let vers = versions_on(device, &[1, 2, 3]);
             if op == "rmsnorm_fwd" {
-                for &ver in versions {
+                for &ver in vers {
                     let (x, w) = (x.clone(), w.clone());
                     push(
                         shape_name(format!("[{t},{h}]")),
@@ -591,19 +591,13 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                         2.0 * tf * hf * es + hf * es + tf * 4.0,
                         4.0 * tf * hf,
                         Bound::Memory,
-                        Box::new(move || {
-                            smelt_kernels::versions::force("rmsnorm", Some(ver));
-                            let r = rmsnorm::rmsnorm(&x, &w, 1e-6);
-                            smelt_kernels::versions::force("rmsnorm", None);
-                            r?;
-                            Ok(())
-                        }),
+                        Box::new(move || pinned("rmsnorm", ver, || rmsnorm::rmsnorm(&x, &w, 1e-6))),
                     );
                 }
             } else {
                 let (_, rstd) = rmsnorm::rmsnorm(&x, &w, 1e-6)?;
                 let dy = rt(&[t, h], 3)?;
-                for &ver in versions {
+                for &ver in vers {
                     let (x, w, rstd, dy) = (x.clone(), w.clone(), rstd.clone(), dy.clone());
                     push(
                         shape_name(format!("[{t},{h}]")),
@@ -611,13 +605,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                         3.0 * tf * hf * es + hf * (es + 4.0) + tf * 4.0,
                         8.0 * tf * hf,
                         Bound::Memory,
-                        Box::new(move || {
-                            smelt_kernels::versions::force("rmsnorm", Some(ver));
-                            let r = rmsnorm::rmsnorm_backward(&x, &w, &rstd, &dy);
-                            smelt_kernels::versions::force("rmsnorm", None);
-                            r?;
-                            Ok(())
-                        }),
+                        Box::new(move || pinned("rmsnorm", ver, || rmsnorm::rmsnorm_backward(&x, &w, &rstd, &dy))),
                     );
                 }
             }
@@ -628,8 +616,8 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let pos = Tensor::from_slice(&pos, &[t], device)?;
             let n = tf * (ks.heads * ks.head_dim) as f64;
             // Every CUDA version (rope.cu), each pinned only while it runs (CPU ignores it).
-            let versions: &[u32] = if device.is_cpu() { &[1] } else { &[1, 2, 3] };
-            for &ver in versions {
+            let vers = versions_on(device, &[1, 2, 3]);
+            for &ver in vers {
                 let (x, pos) = (x.clone(), pos.clone());
                 push(
                     shape_name(format!("q[{t},{},{}]", ks.heads, ks.head_dim)),
@@ -637,13 +625,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                     2.0 * n * es + tf * 4.0,
                     3.0 * n,
                     Bound::Memory,
-                    Box::new(move || {
-                        smelt_kernels::versions::force("rope", Some(ver));
-                        let r = rope::rope(&x, &pos, 1e6);
-                        smelt_kernels::versions::force("rope", None);
-                        r?;
-                        Ok(())
-                    }),
+                    Box::new(move || pinned("rope", ver, || rope::rope(&x, &pos, 1e6))),
                 );
             }
         }
@@ -667,8 +649,8 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let ids = Tensor::from_slice(&rand_ids(t, ks.vocab, seed), &[t], device)?;
             // Every CUDA forward version (embedding.cu: v1-v3 grid-stride with 2/4/16-byte
             // units, v4 2-D), each pinned only while it runs (CPU ignores it).
-            let versions: &[u32] = if device.is_cpu() { &[1] } else { &[1, 2, 3, 4] };
-            for &ver in versions {
+            let vers = versions_on(device, &[1, 2, 3, 4]);
+            for &ver in vers {
                 let (ids, table) = (ids.clone(), table.clone());
                 push(
                     shape_name(format!("ids[{t}] table[{},{h}]", ks.vocab)),
@@ -676,13 +658,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                     2.0 * tf * h as f64 * es + tf * 4.0,
                     0.0,
                     Bound::Memory,
-                    Box::new(move || {
-                        smelt_kernels::versions::force("embedding", Some(ver));
-                        let r = embedding::embedding(&ids, &table);
-                        smelt_kernels::versions::force("embedding", None);
-                        r?;
-                        Ok(())
-                    }),
+                    Box::new(move || pinned("embedding", ver, || embedding::embedding(&ids, &table))),
                 );
             }
         }
@@ -751,9 +727,9 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let io = (2.0 * tf * (nh * d) as f64 + 2.0 * tf * (nkv * d) as f64) * es;
             let seqs = cu.len() - 1;
             let desc = format!("{seqs}x{} causal, heads {nh}/{nkv}, d {d}", t / seqs.max(1));
-            let versions: Vec<u32> = if device.is_cpu() { vec![1] } else { vec![1, 2] };
+            let vers = versions_on(device, &[1, 2]);
             if op == "attention_fwd" {
-                for ver in versions {
+                for &ver in vers {
                     let (q, k, v, cu) = (q.clone(), k.clone(), v.clone(), cu.clone());
                     push(
                         shape_name(desc.clone()),
@@ -770,7 +746,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             } else {
                 let (o, lse) = attention::attention_forward(&q, &k, &v, &cu, None)?;
                 let d_o = rt(&[t, nh, d], 4)?;
-                for ver in versions {
+                for &ver in vers {
                     let (q, k, v, o, lse, d_o, cu) =
                         (q.clone(), k.clone(), v.clone(), o.clone(), lse.clone(), d_o.clone(), cu.clone());
                     push(
@@ -794,7 +770,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let vc = rt(&[b, t, nkv, d], 3)?;
             let lens = vec![t as u32; b];
             let kv_bytes = 2.0 * (b * t * nkv * d) as f64 * es;
-            let vers: &[u32] = if device.is_cpu() { &[1] } else { &[1, 2] };
+            let vers = versions_on(device, &[1, 2]);
             for &ver in vers {
                 let (q, kc, vc, lens) = (q.clone(), kc.clone(), vc.clone(), lens.clone());
                 push(
@@ -804,11 +780,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                     4.0 * (b * nh * d) as f64 * tf,
                     Bound::Memory,
                     Box::new(move || {
-                        versions::force("attention_decode", Some(ver));
-                        let r = attention::attention_decode(&q, &kc, &vc, &lens, None);
-                        versions::force("attention_decode", None);
-                        r?;
-                        Ok(())
+                        pinned("attention_decode", ver, || attention::attention_decode(&q, &kc, &vc, &lens, None))
                     }),
                 );
             }
@@ -824,7 +796,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let opts = head::LogprobEntropyOpts::default();
             if op == "logprob_entropy_fused_fwd" {
                 // The forward scan's versions (logprob_entropy.cu: v3 per element, v4 grouped).
-                let vers: &[u32] = if device.is_cpu() { &[1] } else { &[3, 4] };
+                let vers = versions_on(device, &[3, 4]);
                 for &ver in vers {
                     let (hid, w, tg) = (hid.clone(), w.clone(), tg.clone());
                     push(
@@ -834,11 +806,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                         2.0 * nvh,
                         Bound::Compute,
                         Box::new(move || {
-                            versions::force("logprob_entropy", Some(ver));
-                            let r = head::logprob_entropy(&hid, &w, &tg, 1.0, &opts);
-                            versions::force("logprob_entropy", None);
-                            r?;
-                            Ok(())
+                            pinned("logprob_entropy", ver, || head::logprob_entropy(&hid, &w, &tg, 1.0, &opts))
                         }),
                     );
                 }
@@ -871,7 +839,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let desc = format!("{} logits[{n},{}]", ks.name, ks.vocab);
             let opts = head::LogprobEntropyOpts::default();
             if op == "logprob_entropy_logits_fwd" {
-                let vers: &[u32] = if device.is_cpu() { &[1] } else { &[3, 4] };
+                let vers = versions_on(device, &[3, 4]);
                 for &ver in vers {
                     let (logits, tg) = (logits.clone(), tg.clone());
                     push(
@@ -881,11 +849,9 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                         5.0 * nv,
                         Bound::Memory,
                         Box::new(move || {
-                            versions::force("logprob_entropy", Some(ver));
-                            let r = head::logprob_entropy_from_logits(&logits, &tg, 1.0, &opts);
-                            versions::force("logprob_entropy", None);
-                            r?;
-                            Ok(())
+                            pinned("logprob_entropy", ver, || {
+                                head::logprob_entropy_from_logits(&logits, &tg, 1.0, &opts)
+                            })
                         }),
                     );
                 }
@@ -938,7 +904,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let logits = rand_tensor(&[b, ks.vocab], dt, device, 0.0, 2.0, seed ^ 1)?;
             // Nucleus sampling, and plain temperature sampling (TRL's rollout default).
             let configs = [(1.0, 0.95, "T=1 top_p=0.95"), (1.0, 1.0, "T=1")];
-            let vers: &[u32] = if device.is_cpu() { &[1] } else { &[1, 2] };
+            let vers = versions_on(device, &[1, 2]);
             for &(temperature, top_p, label) in &configs {
                 for &ver in vers {
                     let cfg = sample::SamplingConfig { temperature, top_p, top_k: None };
@@ -952,11 +918,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                         Bound::Memory,
                         Box::new(move || {
                             stepn += 1;
-                            versions::force("sample", Some(ver));
-                            let r = sample::sample(&logits, &cfg, 7, stepn);
-                            versions::force("sample", None);
-                            r?;
-                            Ok(())
+                            pinned("sample", ver, || sample::sample(&logits, &cfg, 7, stepn))
                         }),
                     );
                 }
@@ -968,6 +930,22 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
 }
 
 /// Ops that do not depend on the token count run once per model shape.
+/// The versions a benchmark times: every listed CUDA version, or the CPU's one (numbered 1).
+fn versions_on(device: Device, cuda: &'static [u32]) -> &'static [u32] {
+    if device.is_cpu() {
+        &[1]
+    } else {
+        cuda
+    }
+}
+
+/// Runs `f` with `op`'s kernel pinned to version `ver` (CPU launchers ignore the pin).
+fn pinned<T>(op: &'static str, ver: u32, f: impl FnOnce() -> smelt_engine::Result<T>) -> Result<()> {
+    let _pin = versions::scoped(op, ver);
+    f()?;
+    Ok(())
+}
+
 fn token_independent(op: &str) -> bool {
     matches!(op, "adamw" | "global_norm" | "sample")
 }
