@@ -297,6 +297,206 @@ __device__ void attn_fwd_v2(const bf16_t* __restrict__ q, const bf16_t* __restri
 ATT_FWD_V2(attn_fwd_v2_bf16_d64, 64)
 ATT_FWD_V2(attn_fwd_v2_bf16_d128, 128)
 
+// ---------------------------------------------------------------- forward v3 (cp.async, ldmatrix)
+// v2's algorithm with FlashAttention-2's staging. K and V tiles are copied with cp.async, one
+// buffer each, so V(j) lands while S = Q·K(j)ᵀ and the softmax run, and K(j+1) lands while
+// O += P·V(j). B fragments come from smem by ldmatrix (.trans for V): one instruction per four
+// fragment registers instead of v2's four 32-bit or eight 16-bit loads. At head_dim 64 each
+// warp owns MT = 2 m-tiles (32 rows, 128 per block), so every K/V fragment read from smem
+// feeds two mma (half the smem traffic per FLOP). A warp whose rows all precede a key tile
+// skips it, and only tiles that cross the diagonal or the sequence end are masked.
+template <int D, int MT>
+__device__ void attn_fwd_v3(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                            const bf16_t* __restrict__ v, const u32* __restrict__ tiles,
+                            const u32* __restrict__ cu, int ntok, int nh, int nkv, float scale,
+                            bf16_t* __restrict__ o, float* __restrict__ lse) {
+    constexpr int BR = 64 * MT, BC = 64, KS = D + 8;  // KS: padded smem row (conflict-free ldmatrix)
+    constexpr int NT = BC / 8, DT = D / 8, KC = D / 16;
+    constexpr int CH = BC * D / 8;  // 16-byte chunks per tile, a multiple of the 128 threads
+    __shared__ __align__(16) bf16_t Ks[BC * KS];
+    __shared__ __align__(16) bf16_t Vs[BC * KS];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int b = (int)tiles[2 * blockIdx.x], r0 = (int)tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, g = h / (nh / nkv);
+    const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
+    const int w0 = r0 + warp * 16 * MT;             // this warp's first row
+    const int wlast = min(w0 + 16 * MT, len) - 1;   // its last row inside the sequence
+    const float sl2 = scale * ATT_LOG2E;
+
+    // Copies the BC rows of K or V from key kt into smem; rows past the sequence are zero-filled
+    // (P is 0 there, and 0 · garbage could be NaN).
+    // Thread tid moves column chunk tid % (D/8) of rows tid / (D/8) + RS·i.
+    constexpr int RS = 128 / (D / 8);
+    const int srow = tid / (D / 8), scol = (tid % (D / 8)) * 8;
+    auto stage = [&](bf16_t* dst, const bf16_t* src, int kt) {
+        const bf16_t* p = src + ((size_t)(s0 + kt + srow) * nkv + g) * D + scol;
+        bf16_t* d = dst + srow * KS + scol;
+        #pragma unroll
+        for (int i = 0; i < CH / 128; ++i) {
+            const bool in = kt + srow + RS * i < len;
+            cp_async16(d, in ? p : src, in);
+            p += (size_t)RS * nkv * D;
+            d += RS * KS;
+        }
+        cp_async_commit();
+    };
+
+    u32 qa[MT][KC][4];
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const int ra = w0 + mt * 16 + gid, rb = ra + 8;
+        const u32* qra = (const u32*)(q + ((size_t)(s0 + ra) * nh + h) * D);
+        const u32* qrb = (const u32*)(q + ((size_t)(s0 + rb) * nh + h) * D);
+        #pragma unroll
+        for (int kc = 0; kc < KC; ++kc) {
+            qa[mt][kc][0] = ra < len ? qra[kc * 8 + tig] : 0u;
+            qa[mt][kc][1] = rb < len ? qrb[kc * 8 + tig] : 0u;
+            qa[mt][kc][2] = ra < len ? qra[kc * 8 + 4 + tig] : 0u;
+            qa[mt][kc][3] = rb < len ? qrb[kc * 8 + 4 + tig] : 0u;
+        }
+    }
+    float acc[MT][DT][4], m[MT][2], l[MT][2];  // [.][0]: row gid, [.][1]: row gid + 8
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        m[mt][0] = m[mt][1] = -SMELT_INF;
+        l[mt][0] = l[mt][1] = 0.f;
+        #pragma unroll
+        for (int dt = 0; dt < DT; ++dt) acc[mt][dt][0] = acc[mt][dt][1] = acc[mt][dt][2] = acc[mt][dt][3] = 0.f;
+    }
+
+    const int kmax = min(len, r0 + BR);
+    stage(Ks, k, 0);
+    for (int kt = 0; kt < kmax; kt += BC) {
+        cp_async_wait<0>();
+        __syncthreads();  // K(kt) visible to all; every warp is past P·V of the previous V tile
+        stage(Vs, v, kt);
+        const bool active = w0 < len && kt <= wlast;
+        const bool edge = kt + BC - 1 > w0 || kt + BC > len;  // some key of the tile is masked
+        u32 pa[MT][BC / 16][4];  // P as bf16 A fragments, packed as soon as it is known
+        if (active) {
+            float sc[MT][NT][4];
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt) sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.f;
+                // Lane i addresses row i % 8 (key) of the 8×8 matrix at d = 32·kc2 + 8·(i / 8).
+                const bf16_t* kr = Ks + (nt * 8 + (lane & 7)) * KS + (lane >> 3) * 8;
+                #pragma unroll
+                for (int kc2 = 0; kc2 < KC / 2; ++kc2) {
+                    u32 bk[4];
+                    ldmatrix_x4(bk, kr + kc2 * 32);
+                    #pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        att_mma_bf16(sc[mt][nt], qa[mt][2 * kc2], bk[0], bk[1]);
+                        att_mma_bf16(sc[mt][nt], qa[mt][2 * kc2 + 1], bk[2], bk[3]);
+                    }
+                }
+            }
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int ra = w0 + mt * 16 + gid, rb = ra + 8;
+                float mxa = -SMELT_INF, mxb = -SMELT_INF;
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = kt + nt * 8 + tig * 2 + (e & 1);
+                        float x = sc[mt][nt][e] * sl2;
+                        if (edge && (key > (e < 2 ? ra : rb) || key >= len)) x = -SMELT_INF;
+                        sc[mt][nt][e] = x;
+                        if (e < 2) mxa = fmaxf(mxa, x); else mxb = fmaxf(mxb, x);
+                    }
+                }
+                #pragma unroll
+                for (int off = 1; off < 4; off <<= 1) {
+                    mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, off));
+                    mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, off));
+                }
+                const float mna = fmaxf(m[mt][0], mxa), mnb = fmaxf(m[mt][1], mxb);
+                const float ua = mna == -SMELT_INF ? 0.f : mna, ub = mnb == -SMELT_INF ? 0.f : mnb;
+                const float alpha_a = exp2f(m[mt][0] - ua), alpha_b = exp2f(m[mt][1] - ub);
+                m[mt][0] = mna; m[mt][1] = mnb;
+                l[mt][0] *= alpha_a; l[mt][1] *= alpha_b;
+                #pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    acc[mt][dt][0] *= alpha_a; acc[mt][dt][1] *= alpha_a;
+                    acc[mt][dt][2] *= alpha_b; acc[mt][dt][3] *= alpha_b;
+                }
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    sc[mt][nt][0] = exp2f(sc[mt][nt][0] - ua); sc[mt][nt][1] = exp2f(sc[mt][nt][1] - ua);
+                    sc[mt][nt][2] = exp2f(sc[mt][nt][2] - ub); sc[mt][nt][3] = exp2f(sc[mt][nt][3] - ub);
+                    l[mt][0] += sc[mt][nt][0] + sc[mt][nt][1];
+                    l[mt][1] += sc[mt][nt][2] + sc[mt][nt][3];
+                }
+                // Two S n-tiles form one A fragment (k = 16 keys).
+                #pragma unroll
+                for (int kc = 0; kc < BC / 16; ++kc) {
+                    pa[mt][kc][0] = att_pack_bf16(sc[mt][2 * kc][0], sc[mt][2 * kc][1]);
+                    pa[mt][kc][1] = att_pack_bf16(sc[mt][2 * kc][2], sc[mt][2 * kc][3]);
+                    pa[mt][kc][2] = att_pack_bf16(sc[mt][2 * kc + 1][0], sc[mt][2 * kc + 1][1]);
+                    pa[mt][kc][3] = att_pack_bf16(sc[mt][2 * kc + 1][2], sc[mt][2 * kc + 1][3]);
+                }
+            }
+        }
+        cp_async_wait<0>();
+        __syncthreads();  // V(kt) visible to all; every warp is done reading K(kt)
+        if (kt + BC < kmax) stage(Ks, k, kt + BC);
+        if (active) {
+            #pragma unroll
+            for (int kc = 0; kc < BC / 16; ++kc) {
+                // Lane i addresses key 16·kc + 8·(i / 8 % 2) + i % 8 at d = 16·dt2 + 8·(i / 16):
+                // transposed, matrices 0, 1 are b0, b1 of n-tile 2·dt2 and 2, 3 those of 2·dt2 + 1.
+                const bf16_t* vr = Vs + (kc * 16 + (lane & 15)) * KS + (lane >> 4) * 8;
+                #pragma unroll
+                for (int dt2 = 0; dt2 < DT / 2; ++dt2) {
+                    u32 bv[4];
+                    ldmatrix_x4_trans(bv, vr + dt2 * 16);
+                    #pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        att_mma_bf16(acc[mt][2 * dt2], pa[mt][kc], bv[0], bv[1]);
+                        att_mma_bf16(acc[mt][2 * dt2 + 1], pa[mt][kc], bv[2], bv[3]);
+                    }
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float la = l[mt][0], lb = l[mt][1];
+        #pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            la += __shfl_xor_sync(0xffffffffu, la, off);
+            lb += __shfl_xor_sync(0xffffffffu, lb, off);
+        }
+        const int ra = w0 + mt * 16 + gid, rb = ra + 8;
+        const float ia = 1.f / la, ib = 1.f / lb;
+        if (ra < len) {
+            u32* orow = (u32*)(o + ((size_t)(s0 + ra) * nh + h) * D);
+            #pragma unroll
+            for (int dt = 0; dt < DT; ++dt) orow[dt * 4 + tig] = att_pack_bf16(acc[mt][dt][0] * ia, acc[mt][dt][1] * ia);
+            if (tig == 0) lse[(size_t)h * ntok + s0 + ra] = (m[mt][0] + log2f(la)) * ATT_LN2;
+        }
+        if (rb < len) {
+            u32* orow = (u32*)(o + ((size_t)(s0 + rb) * nh + h) * D);
+            #pragma unroll
+            for (int dt = 0; dt < DT; ++dt) orow[dt * 4 + tig] = att_pack_bf16(acc[mt][dt][2] * ib, acc[mt][dt][3] * ib);
+            if (tig == 0) lse[(size_t)h * ntok + s0 + rb] = (m[mt][1] + log2f(lb)) * ATT_LN2;
+        }
+    }
+}
+
+#define ATT_FWD_V3(NAME, D, MT)                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                             \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* tiles, const u32* cu, int ntok,   \
+        int nh, int nkv, float scale, bf16_t* o, float* lse) {                                          \
+        attn_fwd_v3<D, MT>(q, k, v, tiles, cu, ntok, nh, nkv, scale, o, lse);                           \
+    }
+ATT_FWD_V3(attn_fwd_v3_bf16_d64, 64, 2)
+ATT_FWD_V3(attn_fwd_v3_bf16_d128, 128, 1)
+
 // ---------------------------------------------------------------- backward v1 (tiled FMA)
 // delta[h, t] = Σ_d dO[t,h,d]·O[t,h,d]; one warp per (t, h).
 template <typename T, int D>

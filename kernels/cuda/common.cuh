@@ -145,3 +145,38 @@ template <typename T, int N> __device__ __forceinline__ void ldn(const T* p, flo
 template <typename T, int N> __device__ __forceinline__ void stn(T* p, const float* f) {
     if constexpr (N == 1) st1(p, f[0]); else st16(p, f);
 }
+
+// Tensor-core operand staging (sm_80+): ldmatrix loads four 8×8 b16 matrices from shared memory
+// into mma fragments (lane i addresses row i % 8 of matrix i / 8; 16-byte aligned rows), .trans
+// transposing each; cp.async copies 16 bytes global → shared without a register round trip
+// (fill = false zero-fills instead of reading), retired in commit groups by cp_async_wait<N>
+// (at most N newest groups still in flight). The emulator performs each copy at its wait.
+#ifdef SMELT_EMU
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* row) { smelt_emu_ldmatrix_x4(r, row, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* row) { smelt_emu_ldmatrix_x4(r, row, true); }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) { smelt_emu_cp_async16(dst, src, fill); }
+__device__ __forceinline__ void cp_async_commit() { smelt_emu_cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { smelt_emu_cp_async_wait(N); }
+#else
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(row)) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(row)) : "memory");
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(fill ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#endif

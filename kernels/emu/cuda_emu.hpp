@@ -201,6 +201,14 @@ inline void make_context(Context& c, char* base, size_t size, void (*entry)()) {
 }
 #endif
 
+// One 16-byte cp.async not yet performed: `group` is the number of commit_groups before it.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    bool fill;  // src-size 16 (copy) rather than 0 (zero-fill)
+    unsigned group;
+};
+
 struct Fiber {
     Context ctx;
     St st;
@@ -208,6 +216,8 @@ struct Fiber {
     int lane, warp;
     unsigned shuffles;  // shuffles this thread has done: picks the slot of the next one
     char* stack;        // its stack mapping; the lowest page is the guard page
+    std::vector<AsyncCopy> copies;  // issued, not yet waited for
+    unsigned committed;             // cp.async.commit_group count
 };
 
 struct Warp {
@@ -372,6 +382,12 @@ inline void fiber_main() {
     Block& b = *B;
     b.thunk(b.args);
     Fiber& f = b.fibers[b.cur];
+    if (!f.copies.empty()) {
+        char m[160];
+        snprintf(m, sizeof m, "thread (%u,%u,%u) returned with %zu cp.async copies never waited for", f.tid.x,
+                 f.tid.y, f.tid.z, f.copies.size());
+        fail(m);
+    }
     f.st = St::Done;
     b.live--;
     Warp& w = b.warps[f.warp];
@@ -461,6 +477,8 @@ inline bool run_block(Block& b, Stacks& stacks, bool reverse) {
         f.lane = (int)(i % 32);
         f.warp = (int)(i / 32);
         f.shuffles = 0;
+        f.copies.clear();
+        f.committed = 0;
         b.warps[f.warp].lanes++;
         char* stack = stacks.get(i);
         if (!stack) {
@@ -738,6 +756,64 @@ inline void smelt_emu_mma_m16n8k16_bf16(float* c, const uint32_t* a, uint32_t b0
         c[i] = acc;
     }
     sync_warp("mma.sync");
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane i gives the address of row i % 8 of
+// matrix i / 8 (8 b16 = 16 bytes, 16-byte aligned); register m of lane l receives matrix m's
+// elements (row l/4, cols 2(l%4), 2(l%4)+1), or with .trans (rows 2(l%4), 2(l%4)+1, col l/4);
+// the lower index in the lower half.
+inline void smelt_emu_ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
+    using namespace smelt_emu;
+    Fiber& f = B->fibers[B->cur];
+    Warp& w = B->warps[f.warp];
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        char m[120];
+        snprintf(m, sizeof m, "ldmatrix: lane %d's row address %p is not 16-byte aligned", f.lane, row);
+        fail(m);
+    }
+    w.slot[f.lane][6] = reinterpret_cast<uintptr_t>(row);
+    sync_warp("ldmatrix");
+    auto at = [&](int m, int rw, int col) {
+        return (uint32_t)reinterpret_cast<const uint16_t*>(w.slot[8 * m + rw][6])[col];
+    };
+    const int l = f.lane;
+    for (int m = 0; m < 4; ++m)
+        r[m] = trans ? at(m, 2 * (l & 3), l >> 2) | (at(m, 2 * (l & 3) + 1, l >> 2) << 16)
+                     : at(m, l >> 2, 2 * (l & 3)) | (at(m, l >> 2, 2 * (l & 3) + 1) << 16);
+    sync_warp("ldmatrix");
+}
+
+// cp.async.cg.shared.global 16 bytes (src-size 16, or 0 to zero-fill): queued, and performed at
+// the cp.async.wait_group that retires its group — the latest moment a GPU may perform it — so a
+// kernel that reads the destination before waiting sees stale data here.
+inline void smelt_emu_cp_async16(void* dst, const void* src, bool fill) {
+    using namespace smelt_emu;
+    Fiber& f = B->fibers[B->cur];
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (fill && reinterpret_cast<uintptr_t>(src) % 16 != 0)) {
+        char m[140];
+        snprintf(m, sizeof m, "cp.async of 16 bytes from %p to %p: both must be 16-byte aligned", src, dst);
+        fail(m);
+        return;
+    }
+    f.copies.push_back({dst, src, fill, f.committed});
+}
+inline void smelt_emu_cp_async_commit() { smelt_emu::B->fibers[smelt_emu::B->cur].committed++; }
+// Waits until at most `n` of the newest committed groups are pending (uncommitted copies stay).
+inline void smelt_emu_cp_async_wait(unsigned n) {
+    using namespace smelt_emu;
+    Fiber& f = B->fibers[B->cur];
+    const unsigned done = f.committed >= n ? f.committed - n : 0;  // groups [0, done) complete
+    size_t keep = 0;
+    for (size_t i = 0; i < f.copies.size(); ++i) {
+        AsyncCopy& c = f.copies[i];
+        if (c.group < done) {
+            if (c.fill) std::memcpy(c.dst, c.src, 16);
+            else std::memset(c.dst, 0, 16);
+        } else {
+            f.copies[keep++] = c;
+        }
+    }
+    f.copies.resize(keep);
 }
 
 // One exported entry point per kernel (kernels/src/emu.rs appends these after the source, with the

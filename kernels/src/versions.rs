@@ -9,15 +9,23 @@
 //!
 //! Without code, `SMELT_KERNEL_VERSIONS="sample=1,rmsnorm=2"` caps ops at a version: each call
 //! runs the newest version it can take that is not above the cap — the way back to an older
-//! kernel if a newer one misbehaves on some GPU. Op names: [`OPS`] (the attention forward and
-//! backward have `SMELT_ATTN_VERSION`). A malformed value or an unknown op name makes every
-//! launch of a versioned op fail with an error that quotes the variable.
+//! kernel if a newer one misbehaves on some GPU. Op names: [`OPS`]. A malformed value or an
+//! unknown op name makes every launch of a versioned op fail with an error that quotes the variable.
 
 use std::sync::{Condvar, Mutex, OnceLock};
 
 /// The ops whose launchers pick their version here.
-pub const OPS: [&str; 7] =
-    ["attention_decode", "embedding", "embedding_backward", "logprob_entropy", "rmsnorm", "rope", "sample"];
+pub const OPS: [&str; 9] = [
+    "attention_backward",
+    "attention_decode",
+    "attention_forward",
+    "embedding",
+    "embedding_backward",
+    "logprob_entropy",
+    "rmsnorm",
+    "rope",
+    "sample",
+];
 
 static FORCED: Mutex<Vec<(&'static str, u32)>> = Mutex::new(Vec::new());
 /// Ops held by a live [`Scoped`], and the signal that one was let go.

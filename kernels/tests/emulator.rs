@@ -90,6 +90,34 @@ extern "C" __global__ void mma_tile(const bf16_t* a, const bf16_t* b, float* c) 
     smelt_emu_mma_m16n8k16_bf16(acc, ar, b0, b1);
     for (int i = 0; i < 4; ++i) c[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = acc[i];
 }
+// Four 8×8 b16 matrices (row-major, 32 rows of 8) copied to shared memory with cp.async into rows
+// padded to 16 elements (the second half zero-filled over a 0xffff pattern), then read back with
+// ldmatrix_x4 and ldmatrix_x4_trans: out[32·r + lane] = register r, r < 4 plain, 4..8 transposed.
+// early[lane] is the first word of the lane's row read before the wait; pad[lane] after it.
+extern "C" __global__ void staged_fragments(const bf16_t* m, u32* out, u32* early, u32* pad) {
+    __shared__ __align__(16) bf16_t s[32 * 16];
+    const int l = threadIdx.x;
+    for (int i = 8; i < 16; ++i) s[l * 16 + i] = 0xffffu;
+    cp_async16(s + l * 16, m + l * 8, true);
+    cp_async16(s + l * 16 + 8, m, false);
+    cp_async_commit();
+    early[l] = *(const u32*)(s + l * 16);
+    cp_async_wait<0>();
+    __syncthreads();
+    pad[l] = *(const u32*)(s + l * 16 + 8);
+    u32 r[4];
+    ldmatrix_x4(r, s + l * 16);
+    for (int i = 0; i < 4; ++i) out[32 * i + l] = r[i];
+    ldmatrix_x4_trans(r, s + l * 16);
+    for (int i = 0; i < 4; ++i) out[32 * (4 + i) + l] = r[i];
+}
+// Issues a copy and returns without waiting for it.
+extern "C" __global__ void unwaited_copy(const float* x, float* y) {
+    __shared__ __align__(16) float s[4];
+    cp_async16(s, x, true);
+    cp_async_commit();
+    y[0] = 1.0f;
+}
 "#,
 };
 
@@ -186,6 +214,38 @@ fn mma_m16n8k16_matches_a_matmul() {
             assert!((c[r * 8 + n] as f64 - want).abs() < 1e-4, "C[{r},{n}] = {} vs {want}", c[r * 8 + n]);
         }
     }
+}
+
+/// ldmatrix's fragment layout (plain and transposed) as the PTX ISA gives it, and cp.async: copy
+/// and zero-fill, performed at the wait (so a read before it sees the old contents), and a copy
+/// never waited for is an error.
+#[test]
+fn ldmatrix_and_cp_async_follow_the_ptx_isa() {
+    let dev = dev();
+    // Element (matrix mi, row r, col c) = 64·mi + 8·r + c + 1, as raw b16 bits.
+    let m: Vec<smelt_engine::bf16> = (0..256).map(|i| smelt_engine::bf16::from_bits(i as u16 + 1)).collect();
+    let md = Tensor::from_slice(&m, &[256], Device::Cpu).unwrap().to_device(dev).unwrap();
+    let u32s = |n: usize| Tensor::zeros(&[n], DType::U32, dev).unwrap();
+    let (out, early, pad) = (u32s(256), u32s(32), u32s(32));
+    let ptr = |t: &Tensor| Arg::Ptr(t.cuda_ptr().unwrap());
+    run("staged_fragments", cfg(1, 32), &[ptr(&md), ptr(&out), ptr(&early), ptr(&pad)]).unwrap();
+    let (out, early, pad) =
+        (out.to_vec::<u32>().unwrap(), early.to_vec::<u32>().unwrap(), pad.to_vec::<u32>().unwrap());
+    let el = |mi: usize, r: usize, c: usize| (64 * mi + 8 * r + c + 1) as u32;
+    for l in 0..32 {
+        let (g, t) = (l / 4, l % 4);
+        for mi in 0..4 {
+            let plain = el(mi, g, 2 * t) | el(mi, g, 2 * t + 1) << 16;
+            let trans = el(mi, 2 * t, g) | el(mi, 2 * t + 1, g) << 16;
+            assert_eq!(out[32 * mi + l], plain, "ldmatrix lane {l} matrix {mi}");
+            assert_eq!(out[32 * (4 + mi) + l], trans, "ldmatrix.trans lane {l} matrix {mi}");
+        }
+    }
+    assert_eq!(early, vec![0; 32], "a read before cp.async.wait_group sees the old shared memory");
+    assert_eq!(pad, vec![0; 32], "src-size 0 zero-fills");
+    let (x, y) = (on(&[1.0; 4], dev), on(&[0.0; 1], dev));
+    let e = run("unwaited_copy", cfg(1, 32), &[ptr(&x), ptr(&y)]).unwrap_err().to_string();
+    assert!(e.contains("unwaited_copy") && e.contains("cp.async copies never waited for"), "{e}");
 }
 
 /// Threads interleave only at barriers: without `__syncthreads`, thread 0 reads s[63] before

@@ -7,6 +7,14 @@ use crate::cuda::{launch, Arg, LaunchCfg};
 
 /// Forward query-tile rows of v2 (must match `BR` in the kernel).
 const FWD_V2_BR: usize = 64;
+/// Forward query-tile rows of v3 at a head dim (must match `BR` = 64·MT in the kernel).
+fn fwd_v3_br(head_dim: usize) -> usize {
+    if head_dim == 64 {
+        128
+    } else {
+        64
+    }
+}
 /// Backward v1 key / query tile sizes (must match `BWD_BK` / `BWD_BQ`).
 const BWD_BK: usize = 32;
 const BWD_BQ: usize = 8;
@@ -82,8 +90,8 @@ fn key_tiles(cu: &[u32], size: usize) -> Vec<u32> {
     tiles_by(cu, size, |len, s| len - s)
 }
 
-/// Whether the v2 (mma.sync) kernels take these tensors: bf16, head_dim 64 or 128, and 16-byte
-/// aligned rows (uint4 loads); otherwise v1 runs.
+/// Whether the tensor-core (mma.sync) kernels, forward v2/v3 and backward v2, take these
+/// tensors: bf16, head_dim 64 or 128, and 16-byte aligned rows; otherwise only v1 can.
 fn v2_fits(dims: Dims, ts: &[&Tensor]) -> Result<bool> {
     if ts[0].dtype() != DType::BF16 || !matches!(dims.head_dim, 64 | 128) {
         return Ok(false);
@@ -109,7 +117,6 @@ pub fn forward(
     cu: &[u32],
     dims: Dims,
     scale: f32,
-    version: u32,
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "attention_forward (cuda)";
     let suf = suffix(OP, q.dtype(), dims.head_dim)?;
@@ -122,47 +129,45 @@ pub fn forward(
     }
     let cu_d = upload(ord, cu)?;
     let (pq, pk, pv, po) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, o.cuda_ptr()?);
-    let version = if version == 0 { LATEST_FORWARD_VERSION } else { version };
-    let v2_ok = v2_fits(dims, &[q, k, v, &o])?;
+    let tensor_cores = v2_fits(dims, &[q, k, v, &o])?;
+    let version = crate::versions::pick("attention_forward", if tensor_cores { &[1, 2, 3] } else { &[1] })?;
     let (nh, nkv) = (i32_arg(OP, dims.n_heads)?, i32_arg(OP, dims.n_kv_heads)?);
-    let common = |tail: &[Arg]| -> Vec<Arg> {
-        let mut a = vec![Arg::Ptr(pq), Arg::Ptr(pk), Arg::Ptr(pv)];
-        a.extend_from_slice(tail);
-        a
-    };
-    match version {
-        2 if v2_ok => {
-            let tl = tiles(cu, FWD_V2_BR);
-            let tl_d = upload(ord, &tl)?;
-            let cfg = LaunchCfg { grid: ((tl.len() / 2) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
-            let args = common(&[
-                Arg::Ptr(tl_d.cuda_ptr()?),
-                Arg::Ptr(cu_d.cuda_ptr()?),
-                i32_arg(OP, t)?,
-                nh,
-                nkv,
-                Arg::F32(scale),
-                Arg::Ptr(po),
-                Arg::Ptr(lse.cuda_ptr()?),
-            ]);
-            launch(ord, &SRC, &format!("attn_fwd_v2_{suf}"), cfg, &args)?;
-        }
-        1 | 2 => {
-            let cfg = LaunchCfg { grid: (t.div_ceil(4) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
-            let args = common(&[
-                Arg::Ptr(cu_d.cuda_ptr()?),
-                i32_arg(OP, cu.len() - 1)?,
-                i32_arg(OP, t)?,
-                nh,
-                nkv,
-                Arg::F32(scale),
-                Arg::Ptr(po),
-                Arg::Ptr(lse.cuda_ptr()?),
-            ]);
-            launch(ord, &SRC, &format!("attn_fwd_v1_{suf}"), cfg, &args)?;
-        }
-        n => return Err(Error::msg(format!("{OP}: no kernel version {n} (have 1, 2)"))),
+    let (lse_p, cu_p) = (Arg::Ptr(lse.cuda_ptr()?), Arg::Ptr(cu_d.cuda_ptr()?));
+    if version == 1 {
+        let cfg = LaunchCfg { grid: (t.div_ceil(4) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
+        let nseq = i32_arg(OP, cu.len() - 1)?;
+        let args = [
+            Arg::Ptr(pq),
+            Arg::Ptr(pk),
+            Arg::Ptr(pv),
+            cu_p,
+            nseq,
+            i32_arg(OP, t)?,
+            nh,
+            nkv,
+            Arg::F32(scale),
+            Arg::Ptr(po),
+            lse_p,
+        ];
+        return launch(ord, &SRC, &format!("attn_fwd_v1_{suf}"), cfg, &args).map(|()| (o, lse));
     }
+    let tl = tiles(cu, if version == 2 { FWD_V2_BR } else { fwd_v3_br(dims.head_dim) });
+    let tl_d = upload(ord, &tl)?;
+    let cfg = LaunchCfg { grid: ((tl.len() / 2) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
+    let args = [
+        Arg::Ptr(pq),
+        Arg::Ptr(pk),
+        Arg::Ptr(pv),
+        Arg::Ptr(tl_d.cuda_ptr()?),
+        cu_p,
+        i32_arg(OP, t)?,
+        nh,
+        nkv,
+        Arg::F32(scale),
+        Arg::Ptr(po),
+        lse_p,
+    ];
+    launch(ord, &SRC, &format!("attn_fwd_v{version}_{suf}"), cfg, &args)?;
     Ok((o, lse))
 }
 
@@ -178,10 +183,11 @@ pub fn backward(
     cu: &[u32],
     dims: Dims,
     scale: f32,
-    version: u32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "attention_backward (cuda)";
     let suf = suffix(OP, q.dtype(), dims.head_dim)?;
+    let tensor_cores = v2_fits(dims, &[q, k, v, o, d_o])?;
+    let v2 = crate::versions::pick("attention_backward", if tensor_cores { &[1, 2] } else { &[1] })? == 2;
     let t = q.dim(0);
     let dev = Device::Cuda(ord);
     let dq = Tensor::empty(q.shape(), q.dtype(), dev)?;
@@ -211,12 +217,6 @@ pub fn backward(
         Arg::Ptr(lse.cuda_ptr()?),
         Arg::Ptr(delta.cuda_ptr()?),
     ];
-    let version = if version == 0 { LATEST_BACKWARD_VERSION } else { version };
-    let v2 = match version {
-        1 => false,
-        2 => v2_fits(dims, &[q, k, v, o, d_o])?,
-        n => return Err(Error::msg(format!("{OP}: no kernel version {n} (have 1, 2)"))),
-    };
     let (kv_tile, q_tile, v2_tag) = if v2 { (BWD_V2_TILE, BWD_V2_TILE, "v2_") } else { (BWD_BK, BWD_BQ, "") };
     let kt = key_tiles(cu, kv_tile);
     let kt_d = upload(ord, &kt)?;

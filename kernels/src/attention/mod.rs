@@ -31,14 +31,16 @@
 //! CPU: any multiple of 8 up to 256. CUDA: 8, 16, 24, 32, 64 and 128 (`CUDA_HEAD_DIMS` in `attention/cuda.rs`;
 //! others are a clear error), the tensor-core forward at 64 and 128.
 //!
-//! # CUDA versions (`SMELT_ATTN_VERSION` or [`attention_forward_version`])
+//! # CUDA versions (ops `attention_forward`, `attention_backward`, `attention_decode` in [`crate::versions`])
 //! See `kernels/cuda/attention.cu` and `kernels/cuda/attention.md`: forward v1 naive (one warp
-//! per query row), v2 flash-tiled with `mma.sync` bf16 tensor cores (bf16 only; f32 inputs use
-//! v1); backward v1 tiled two-pass (dK/dV per KV tile, then dQ per Q tile; no atomics), v2 the
+//! per query row), v2 flash-tiled with `mma.sync` bf16 tensor cores, v3 the same with cp.async
+//! K/V staging overlapped with compute, `ldmatrix` operand loads and 32 query rows per warp at
+//! head_dim 64 (v2/v3: bf16, head_dim 64/128; else v1); backward v1 tiled two-pass (dK/dV per KV tile, then dQ per Q tile; no atomics), v2 the
 //! same two passes on `mma.sync` bf16 tensor cores (bf16, head_dim 64/128; else v1); decode v1
 //! split-K (flash-decoding) with a combine kernel, decode v2 the same split with all query heads
 //! of a KV group in one block, so each cache row is read once (head_dim 64/128, ≤ 8 query heads
-//! per KV head; else v1). Decode's version is picked with `versions::force("attention_decode", ..)`.
+//! per KV head; else v1). Each call runs the newest version its shapes allow, unless
+//! [`crate::versions`] pins or caps it (`SMELT_KERNEL_VERSIONS="attention_forward=2"`).
 
 use smelt_engine::{bf16, DType, Device, Error, Result, Tensor};
 
@@ -54,10 +56,6 @@ pub(crate) const SRC: crate::KernelSource =
 
 /// Largest head dim the CPU path accepts.
 pub const MAX_HEAD_DIM_CPU: usize = 256;
-/// Latest CUDA forward version (what [`attention_forward`] runs unless `SMELT_ATTN_VERSION` says otherwise).
-pub const LATEST_FORWARD_VERSION: u32 = 2;
-/// Latest CUDA backward version (what [`attention_backward`] runs unless `SMELT_ATTN_VERSION` says otherwise).
-pub const LATEST_BACKWARD_VERSION: u32 = 2;
 
 /// `1/sqrt(head_dim)`, the default scale.
 pub fn default_scale(head_dim: usize) -> f32 {
@@ -87,19 +85,6 @@ pub fn attention_forward(
     cu_seqlens: &[u32],
     scale: Option<f32>,
 ) -> Result<(Tensor, Tensor)> {
-    attention_forward_version(q, k, v, cu_seqlens, scale, env_version())
-}
-
-/// [`attention_forward`] with the CUDA kernel version chosen by number (ignored on CPU;
-/// `0` means the latest).
-pub fn attention_forward_version(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cu_seqlens: &[u32],
-    scale: Option<f32>,
-    version: u32,
-) -> Result<(Tensor, Tensor)> {
     const OP: &str = "attention_forward";
     let dims = check_qkv(OP, q, k, v)?;
     let t = q.dim(0);
@@ -115,12 +100,9 @@ pub fn attention_forward_version(
             Ok((from_f32(&o, q.shape(), q.dtype())?, Tensor::from_slice(&lse, &[dims.n_heads, t], Device::Cpu)?))
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda::forward(ord, q, k, v, cu_seqlens, dims, scale, version),
+        Device::Cuda(ord) => cuda::forward(ord, q, k, v, cu_seqlens, dims, scale),
         #[cfg(not(feature = "cuda"))]
-        d => {
-            let _ = version;
-            Err(Error::UnsupportedDevice { op: OP, device: d })
-        }
+        d => Err(Error::UnsupportedDevice { op: OP, device: d }),
     }
 }
 
@@ -135,23 +117,6 @@ pub fn attention_backward(
     d_o: &Tensor,
     cu_seqlens: &[u32],
     scale: Option<f32>,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    attention_backward_version(q, k, v, o, lse, d_o, cu_seqlens, scale, env_version())
-}
-
-/// [`attention_backward`] with the CUDA kernel version chosen by number (ignored on CPU;
-/// 0 = [`LATEST_BACKWARD_VERSION`]; v2 needs bf16 and head_dim 64 or 128, else v1 runs).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward_version(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    d_o: &Tensor,
-    cu_seqlens: &[u32],
-    scale: Option<f32>,
-    version: u32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "attention_backward";
     let dims = check_qkv(OP, q, k, v)?;
@@ -196,12 +161,9 @@ pub fn attention_backward_version(
             ))
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda::backward(ord, q, k, v, o, lse, d_o, cu_seqlens, dims, scale, version),
+        Device::Cuda(ord) => cuda::backward(ord, q, k, v, o, lse, d_o, cu_seqlens, dims, scale),
         #[cfg(not(feature = "cuda"))]
-        d => {
-            let _ = version;
-            Err(Error::UnsupportedDevice { op: OP, device: d })
-        }
+        d => Err(Error::UnsupportedDevice { op: OP, device: d }),
     }
 }
 
@@ -399,10 +361,6 @@ pub fn attention_decode(
         #[cfg(not(feature = "cuda"))]
         dev => Err(Error::UnsupportedDevice { op: OP, device: dev }),
     }
-}
-
-fn env_version() -> u32 {
-    std::env::var("SMELT_ATTN_VERSION").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }
 
 fn check_float(op: &'static str, dt: DType) -> Result<()> {

@@ -397,6 +397,16 @@ fn device_table() -> Vec<(Vec<u32>, usize, usize, usize)> {
     ]
 }
 
+/// The versions a call can run: all of `all` for bf16 at head_dim 64/128 (the tensor-core
+/// kernels), else v1 only.
+fn tensor_core_versions(dt: DType, d: usize, all: &'static [u32]) -> &'static [u32] {
+    if dt == DType::BF16 && matches!(d, 64 | 128) {
+        all
+    } else {
+        &[1]
+    }
+}
+
 #[test]
 fn forward_device_matches_cpu() {
     let Some(dev) = test_cuda_device() else { return };
@@ -409,15 +419,30 @@ fn forward_device_matches_cpu() {
             let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             let (wo, wl) = attention_forward(&f(&q), &f(&k), &f(&v), &c.cu, None).unwrap();
             let [qd, kd, vd, _] = c.tensors(dt, dev);
-            for version in [1u32, 2] {
+            for &version in tensor_core_versions(dt, d, &[1, 2, 3]) {
+                let _v = crate::versions::scoped("attention_forward", version);
                 poison(dev, &[(q.shape(), dt), (&[nh, c.t], DType::F32)]);
-                let (o, lse) = attention_forward_version(&qd, &kd, &vd, &c.cu, None, version).unwrap();
+                let (o, lse) = attention_forward(&qd, &kd, &vd, &c.cu, None).unwrap();
                 let what = format!("fwd v{version} {dt} lens {lens:?} heads {nh}/{nkv} d {d}");
                 close_to_cpu(&o, &wo, dt, &format!("o {what}"));
                 assert_close(&lse.to_vec_f32().unwrap(), &to_f64(&wl.to_vec_f32().unwrap()), 1e-3, 1e-4, &what);
             }
         }
     }
+}
+
+#[test]
+fn forcing_a_tensor_core_version_on_f32_is_an_error() {
+    let Some(dev) = test_cuda_device() else { return };
+    let z = |s: &[usize]| Tensor::zeros(s, DType::F32, dev).unwrap();
+    let (q, k) = (z(&[4, 2, 64]), z(&[4, 1, 64]));
+    let _f = crate::versions::scoped("attention_forward", 3);
+    let e = attention_forward(&q, &k, &k, &[0, 4], None).unwrap_err().to_string();
+    assert!(e.contains("attention_forward") && e.contains("version 3") && e.contains("[1]"), "{e}");
+    let (o, lse) = (z(&[4, 2, 64]), z(&[2, 4]));
+    let _b = crate::versions::scoped("attention_backward", 2);
+    let e = attention_backward(&q, &k, &k, &o, &lse, &q, &[0, 4], None).unwrap_err().to_string();
+    assert!(e.contains("attention_backward") && e.contains("version 2"), "{e}");
 }
 
 #[test]
@@ -434,10 +459,10 @@ fn backward_device_matches_cpu() {
             let od = o.to_dtype(dt).unwrap().to_device(dev).unwrap();
             let [qd, kd, vd, dod] = c.tensors(dt, dev);
             let lsed = lse.to_device(dev).unwrap();
-            for version in [1u32, 2] {
+            for &version in tensor_core_versions(dt, d, &[1, 2]) {
+                let _v = crate::versions::scoped("attention_backward", version);
                 poison(dev, &[(q.shape(), dt), (k.shape(), dt), (v.shape(), dt)]);
-                let (dq, dk, dv) =
-                    attention_backward_version(&qd, &kd, &vd, &od, &lsed, &dod, &c.cu, None, version).unwrap();
+                let (dq, dk, dv) = attention_backward(&qd, &kd, &vd, &od, &lsed, &dod, &c.cu, None).unwrap();
                 let what = format!("bwd v{version} {dt} lens {lens:?} heads {nh}/{nkv} d {d}");
                 close_to_cpu(&dq, &wq, dt, &format!("dq {what}"));
                 close_to_cpu(&dk, &wk, dt, &format!("dk {what}"));

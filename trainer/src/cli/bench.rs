@@ -727,9 +727,8 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let io = (2.0 * tf * (nh * d) as f64 + 2.0 * tf * (nkv * d) as f64) * es;
             let seqs = cu.len() - 1;
             let desc = format!("{seqs}x{} causal, heads {nh}/{nkv}, d {d}", t / seqs.max(1));
-            let vers = versions_on(device, &[1, 2]);
             if op == "attention_fwd" {
-                for &ver in vers {
+                for &ver in versions_on(device, &[1, 2, 3]) {
                     let (q, k, v, cu) = (q.clone(), k.clone(), v.clone(), cu.clone());
                     push(
                         shape_name(desc.clone()),
@@ -738,15 +737,14 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                         fwd_flops,
                         Bound::Compute,
                         Box::new(move || {
-                            attention::attention_forward_version(&q, &k, &v, &cu, None, ver)?;
-                            Ok(())
+                            pinned("attention_forward", ver, || attention::attention_forward(&q, &k, &v, &cu, None))
                         }),
                     );
                 }
             } else {
                 let (o, lse) = attention::attention_forward(&q, &k, &v, &cu, None)?;
                 let d_o = rt(&[t, nh, d], 4)?;
-                for &ver in vers {
+                for &ver in versions_on(device, &[1, 2]) {
                     let (q, k, v, o, lse, d_o, cu) =
                         (q.clone(), k.clone(), v.clone(), o.clone(), lse.clone(), d_o.clone(), cu.clone());
                     push(
@@ -756,8 +754,9 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                         2.5 * fwd_flops,
                         Bound::Compute,
                         Box::new(move || {
-                            attention::attention_backward_version(&q, &k, &v, &o, &lse, &d_o, &cu, None, ver)?;
-                            Ok(())
+                            pinned("attention_backward", ver, || {
+                                attention::attention_backward(&q, &k, &v, &o, &lse, &d_o, &cu, None)
+                            })
                         }),
                     );
                 }
