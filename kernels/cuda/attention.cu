@@ -21,6 +21,11 @@
 //     The host passes the (sequence, tile start) list, heaviest (latest) tiles first.
 //     Budget per block: 128 threads; smem 2·64·(D+8)·2 B = 34,816 B (D=128) / 18,432 B (D=64)
 //     static; registers ≈ 4·D/8 O + D/4 Q-fragment + 32 S per thread.
+//   fwd v3 (attn_fwd_v3_bf16_*): v2's mapping with MT m-tiles per warp (MT = 2 at D=64: 128-row
+//     query tiles, 32 rows per warp; MT = 1 at D=128), K and V tiles staged by cp.async (V(j)
+//     lands during S(j) and the softmax, K(j+1) during P·V(j)), B fragments by ldmatrix(.trans).
+//     Budget per block: 128 threads; smem as v2 (one K and one V tile); registers (sm_90) 255
+//     with 12 B spilled at D=64, 234 at D=128.
 //   bwd: delta kernel (one warp per (row, head): D = rowsum(dO∘O)); dK/dV kernel: one block per
 //     (32-key tile, KV head), K/V tile in smem, loops over the group's query heads and the query
 //     rows ≥ tile start in steps of 8, recomputing P from lse; dQ kernel: one block per (8-row
@@ -46,6 +51,8 @@
 // Versions:
 //   fwd v1 naive warp-per-row, f32 and bf16 (correctness baseline)
 //   fwd v2 flash-tiled, mma.sync bf16 tensor cores, 64×64 tiles (bf16 only; f32 runs v1)
+//   fwd v3 v2 + cp.async staging overlapped with compute, ldmatrix operands, 32 rows per warp at
+//     D=64 (bf16, D 64/128)
 //   bwd v1 tiled FMA, two passes (dK/dV per KV tile, then dQ per Q tile), f32 and bf16
 //   bwd v2 the same passes on mma.sync bf16 tensor cores, 64-row tiles (bf16, D 64/128 only)
 //   decode v1 split-K partial + combine, f32 and bf16
