@@ -304,206 +304,6 @@ __device__ void attn_fwd_v2(const bf16_t* __restrict__ q, const bf16_t* __restri
 ATT_FWD_V2(attn_fwd_v2_bf16_d64, 64)
 ATT_FWD_V2(attn_fwd_v2_bf16_d128, 128)
 
-// ---------------------------------------------------------------- forward v3 (cp.async, ldmatrix)
-// v2's algorithm with FlashAttention-2's staging. K and V tiles are copied with cp.async, one
-// buffer each, so V(j) lands while S = Q·K(j)ᵀ and the softmax run, and K(j+1) lands while
-// O += P·V(j). B fragments come from smem by ldmatrix (.trans for V): one instruction per four
-// fragment registers instead of v2's four 32-bit or eight 16-bit loads. At head_dim 64 each
-// warp owns MT = 2 m-tiles (32 rows, 128 per block), so every K/V fragment read from smem
-// feeds two mma (half the smem traffic per FLOP). A warp whose rows all precede a key tile
-// skips it, and only tiles that cross the diagonal or the sequence end are masked.
-template <int D, int MT>
-__device__ void attn_fwd_v3(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
-                            const bf16_t* __restrict__ v, const u32* __restrict__ tiles,
-                            const u32* __restrict__ cu, int ntok, int nh, int nkv, float scale,
-                            bf16_t* __restrict__ o, float* __restrict__ lse) {
-    constexpr int BR = 64 * MT, BC = 64, KS = D + 8;  // KS: padded smem row (conflict-free ldmatrix)
-    constexpr int NT = BC / 8, DT = D / 8, KC = D / 16;
-    constexpr int CH = BC * D / 8;  // 16-byte chunks per tile, a multiple of the 128 threads
-    __shared__ __align__(16) bf16_t Ks[BC * KS];
-    __shared__ __align__(16) bf16_t Vs[BC * KS];
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int gid = lane >> 2, tig = lane & 3;
-    const int b = (int)tiles[2 * blockIdx.x], r0 = (int)tiles[2 * blockIdx.x + 1];
-    const int h = blockIdx.y, g = h / (nh / nkv);
-    const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
-    const int w0 = r0 + warp * 16 * MT;             // this warp's first row
-    const int wlast = min(w0 + 16 * MT, len) - 1;   // its last row inside the sequence
-    const float sl2 = scale * ATT_LOG2E;
-
-    // Copies the BC rows of K or V from key kt into smem; rows past the sequence are zero-filled
-    // (P is 0 there, and 0 · garbage could be NaN).
-    // Thread tid moves column chunk tid % (D/8) of rows tid / (D/8) + RS·i.
-    constexpr int RS = 128 / (D / 8);
-    const int srow = tid / (D / 8), scol = (tid % (D / 8)) * 8;
-    auto stage = [&](bf16_t* dst, const bf16_t* src, int kt) {
-        const bf16_t* p = src + ((size_t)(s0 + kt + srow) * nkv + g) * D + scol;
-        bf16_t* d = dst + srow * KS + scol;
-        #pragma unroll
-        for (int i = 0; i < CH / 128; ++i) {
-            const bool in = kt + srow + RS * i < len;
-            cp_async16(d, in ? p : src, in);
-            p += (size_t)RS * nkv * D;
-            d += RS * KS;
-        }
-        cp_async_commit();
-    };
-
-    u32 qa[MT][KC][4];
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        const int ra = w0 + mt * 16 + gid, rb = ra + 8;
-        const u32* qra = (const u32*)(q + ((size_t)(s0 + ra) * nh + h) * D);
-        const u32* qrb = (const u32*)(q + ((size_t)(s0 + rb) * nh + h) * D);
-        #pragma unroll
-        for (int kc = 0; kc < KC; ++kc) {
-            qa[mt][kc][0] = ra < len ? qra[kc * 8 + tig] : 0u;
-            qa[mt][kc][1] = rb < len ? qrb[kc * 8 + tig] : 0u;
-            qa[mt][kc][2] = ra < len ? qra[kc * 8 + 4 + tig] : 0u;
-            qa[mt][kc][3] = rb < len ? qrb[kc * 8 + 4 + tig] : 0u;
-        }
-    }
-    float acc[MT][DT][4], m[MT][2], l[MT][2];  // [.][0]: row gid, [.][1]: row gid + 8
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        m[mt][0] = m[mt][1] = -SMELT_INF;
-        l[mt][0] = l[mt][1] = 0.f;
-        #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) acc[mt][dt][0] = acc[mt][dt][1] = acc[mt][dt][2] = acc[mt][dt][3] = 0.f;
-    }
-
-    const int kmax = min(len, r0 + BR);
-    stage(Ks, k, 0);
-    for (int kt = 0; kt < kmax; kt += BC) {
-        cp_async_wait<0>();
-        __syncthreads();  // K(kt) visible to all; every warp is past P·V of the previous V tile
-        stage(Vs, v, kt);
-        const bool active = w0 < len && kt <= wlast;
-        const bool edge = kt + BC - 1 > w0 || kt + BC > len;  // some key of the tile is masked
-        u32 pa[MT][BC / 16][4];  // P as bf16 A fragments, packed as soon as it is known
-        if (active) {
-            float sc[MT][NT][4];
-            #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.f;
-                // Lane i addresses row i % 8 (key) of the 8×8 matrix at d = 32·kc2 + 8·(i / 8).
-                const bf16_t* kr = Ks + (nt * 8 + (lane & 7)) * KS + (lane >> 3) * 8;
-                #pragma unroll
-                for (int kc2 = 0; kc2 < KC / 2; ++kc2) {
-                    u32 bk[4];
-                    ldmatrix_x4(bk, kr + kc2 * 32);
-                    #pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        att_mma_bf16(sc[mt][nt], qa[mt][2 * kc2], bk[0], bk[1]);
-                        att_mma_bf16(sc[mt][nt], qa[mt][2 * kc2 + 1], bk[2], bk[3]);
-                    }
-                }
-            }
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                const int ra = w0 + mt * 16 + gid, rb = ra + 8;
-                float mxa = -SMELT_INF, mxb = -SMELT_INF;
-                #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = kt + nt * 8 + tig * 2 + (e & 1);
-                        float x = sc[mt][nt][e] * sl2;
-                        if (edge && (key > (e < 2 ? ra : rb) || key >= len)) x = -SMELT_INF;
-                        sc[mt][nt][e] = x;
-                        if (e < 2) mxa = fmaxf(mxa, x); else mxb = fmaxf(mxb, x);
-                    }
-                }
-                #pragma unroll
-                for (int off = 1; off < 4; off <<= 1) {
-                    mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, off));
-                    mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, off));
-                }
-                const float mna = fmaxf(m[mt][0], mxa), mnb = fmaxf(m[mt][1], mxb);
-                const float ua = mna == -SMELT_INF ? 0.f : mna, ub = mnb == -SMELT_INF ? 0.f : mnb;
-                const float alpha_a = exp2f(m[mt][0] - ua), alpha_b = exp2f(m[mt][1] - ub);
-                m[mt][0] = mna; m[mt][1] = mnb;
-                l[mt][0] *= alpha_a; l[mt][1] *= alpha_b;
-                #pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    acc[mt][dt][0] *= alpha_a; acc[mt][dt][1] *= alpha_a;
-                    acc[mt][dt][2] *= alpha_b; acc[mt][dt][3] *= alpha_b;
-                }
-                #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    sc[mt][nt][0] = exp2f(sc[mt][nt][0] - ua); sc[mt][nt][1] = exp2f(sc[mt][nt][1] - ua);
-                    sc[mt][nt][2] = exp2f(sc[mt][nt][2] - ub); sc[mt][nt][3] = exp2f(sc[mt][nt][3] - ub);
-                    l[mt][0] += sc[mt][nt][0] + sc[mt][nt][1];
-                    l[mt][1] += sc[mt][nt][2] + sc[mt][nt][3];
-                }
-                // Two S n-tiles form one A fragment (k = 16 keys).
-                #pragma unroll
-                for (int kc = 0; kc < BC / 16; ++kc) {
-                    pa[mt][kc][0] = att_pack_bf16(sc[mt][2 * kc][0], sc[mt][2 * kc][1]);
-                    pa[mt][kc][1] = att_pack_bf16(sc[mt][2 * kc][2], sc[mt][2 * kc][3]);
-                    pa[mt][kc][2] = att_pack_bf16(sc[mt][2 * kc + 1][0], sc[mt][2 * kc + 1][1]);
-                    pa[mt][kc][3] = att_pack_bf16(sc[mt][2 * kc + 1][2], sc[mt][2 * kc + 1][3]);
-                }
-            }
-        }
-        cp_async_wait<0>();
-        __syncthreads();  // V(kt) visible to all; every warp is done reading K(kt)
-        if (kt + BC < kmax) stage(Ks, k, kt + BC);
-        if (active) {
-            #pragma unroll
-            for (int kc = 0; kc < BC / 16; ++kc) {
-                // Lane i addresses key 16·kc + 8·(i / 8 % 2) + i % 8 at d = 16·dt2 + 8·(i / 16):
-                // transposed, matrices 0, 1 are b0, b1 of n-tile 2·dt2 and 2, 3 those of 2·dt2 + 1.
-                const bf16_t* vr = Vs + (kc * 16 + (lane & 15)) * KS + (lane >> 4) * 8;
-                #pragma unroll
-                for (int dt2 = 0; dt2 < DT / 2; ++dt2) {
-                    u32 bv[4];
-                    ldmatrix_x4_trans(bv, vr + dt2 * 16);
-                    #pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        att_mma_bf16(acc[mt][2 * dt2], pa[mt][kc], bv[0], bv[1]);
-                        att_mma_bf16(acc[mt][2 * dt2 + 1], pa[mt][kc], bv[2], bv[3]);
-                    }
-                }
-            }
-        }
-    }
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        float la = l[mt][0], lb = l[mt][1];
-        #pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            la += __shfl_xor_sync(0xffffffffu, la, off);
-            lb += __shfl_xor_sync(0xffffffffu, lb, off);
-        }
-        const int ra = w0 + mt * 16 + gid, rb = ra + 8;
-        const float ia = 1.f / la, ib = 1.f / lb;
-        if (ra < len) {
-            u32* orow = (u32*)(o + ((size_t)(s0 + ra) * nh + h) * D);
-            #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) orow[dt * 4 + tig] = att_pack_bf16(acc[mt][dt][0] * ia, acc[mt][dt][1] * ia);
-            if (tig == 0) lse[(size_t)h * ntok + s0 + ra] = (m[mt][0] + log2f(la)) * ATT_LN2;
-        }
-        if (rb < len) {
-            u32* orow = (u32*)(o + ((size_t)(s0 + rb) * nh + h) * D);
-            #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) orow[dt * 4 + tig] = att_pack_bf16(acc[mt][dt][2] * ib, acc[mt][dt][3] * ib);
-            if (tig == 0) lse[(size_t)h * ntok + s0 + rb] = (m[mt][1] + log2f(lb)) * ATT_LN2;
-        }
-    }
-}
-
-#define ATT_FWD_V3(NAME, D, MT)                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                             \
-        const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* tiles, const u32* cu, int ntok,   \
-        int nh, int nkv, float scale, bf16_t* o, float* lse) {                                          \
-        attn_fwd_v3<D, MT>(q, k, v, tiles, cu, ntok, nh, nkv, scale, o, lse);                           \
-    }
-ATT_FWD_V3(attn_fwd_v3_bf16_d64, 64, 2)
-ATT_FWD_V3(attn_fwd_v3_bf16_d128, 128, 1)
-
 // ---------------------------------------------------------------- backward v1 (tiled FMA)
 // delta[h, t] = Σ_d dO[t,h,d]·O[t,h,d]; one warp per (t, h).
 template <typename T, int D>
@@ -914,6 +714,401 @@ __device__ void attn_bwd_dq_v2(const bf16_t* __restrict__ q, const bf16_t* __res
     }
 ATT_BWD_V2(64, 64)
 ATT_BWD_V2(128, 32)
+
+// ---------------------------------------------------------------- ldmatrix mma helpers (v3)
+// Tiles in smem are row-major with rows padded to S = D + 8 bf16 (16-byte aligned, and the 8 rows
+// one ldmatrix phase reads fall in distinct bank groups). MT m-tiles of 16 rows share each B
+// fragment read from smem.
+
+// acc[mt][nt] = A[mt] (16×D, fragments) · (tile rows 8·nt..8·nt+8)ᵀ for NT n-tiles. Lane i
+// addresses row i % 8 of the 8×8 matrix at column 32·kc2 + 8·(i / 8): registers 0, 1 are B for
+// k-chunk 2·kc2, registers 2, 3 for 2·kc2 + 1.
+template <int D, int NT, int MT>
+__device__ __forceinline__ void att_ldm_abt(float (&acc)[MT][NT][4], const u32 (&a)[MT][D / 16][4],
+                                            const bf16_t* tile) {
+    constexpr int S = D + 8;
+    const int lane = threadIdx.x & 31;
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+        const bf16_t* r = tile + (nt * 8 + (lane & 7)) * S + (lane >> 3) * 8;
+        #pragma unroll
+        for (int kc2 = 0; kc2 < D / 32; ++kc2) {
+            u32 b[4];
+            ldmatrix_x4(b, r + kc2 * 32);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                att_mma_bf16(acc[mt][nt], a[mt][2 * kc2], b[0], b[1]);
+                att_mma_bf16(acc[mt][nt], a[mt][2 * kc2 + 1], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// out[mt] (16×D) += X[mt] (16×16·KT, bf16 A fragments) · tile rows 0..16·KT. Lane i addresses
+// row 16·kc + i % 16 at column 16·dt2 + 8·(i / 16); transposed, matrices 0, 1 are B of n-tile
+// 2·dt2 and matrices 2, 3 of n-tile 2·dt2 + 1.
+template <int D, int KT, int MT>
+__device__ __forceinline__ void att_ldm_ab(float (&out)[MT][D / 8][4], const u32 (&x)[MT][KT][4],
+                                           const bf16_t* tile) {
+    constexpr int S = D + 8;
+    const int lane = threadIdx.x & 31;
+    #pragma unroll
+    for (int kc = 0; kc < KT; ++kc) {
+        const bf16_t* t = tile + (kc * 16 + (lane & 15)) * S + (lane >> 4) * 8;
+        #pragma unroll
+        for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+            u32 b[4];
+            ldmatrix_x4_trans(b, t + dt2 * 16);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                att_mma_bf16(out[mt][2 * dt2], x[mt][kc], b[0], b[1]);
+                att_mma_bf16(out[mt][2 * dt2 + 1], x[mt][kc], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// C fragments of 2·KT n-tiles (16 rows × 16·KT columns, f32) as bf16 A fragments.
+template <int KT>
+__device__ __forceinline__ void att_pack_a(u32 (&x)[KT][4], const float (*c)[4]) {
+    #pragma unroll
+    for (int kc = 0; kc < KT; ++kc) {
+        x[kc][0] = att_pack_bf16(c[2 * kc][0], c[2 * kc][1]);
+        x[kc][1] = att_pack_bf16(c[2 * kc][2], c[2 * kc][3]);
+        x[kc][2] = att_pack_bf16(c[2 * kc + 1][0], c[2 * kc + 1][1]);
+        x[kc][3] = att_pack_bf16(c[2 * kc + 1][2], c[2 * kc + 1][3]);
+    }
+}
+
+// Copies rows r0..r0+ROWS of one head of a [T, heads, D] bf16 tensor (sequence offset s0) into
+// a padded smem tile with cp.async (the caller commits); rows at or past `len` are zero-filled.
+template <int D, int ROWS>
+__device__ __forceinline__ void att_tile_stage(bf16_t* dst, const bf16_t* src, int s0, int r0, int len, int heads,
+                                               int head) {
+    constexpr int S = D + 8, CPR = D / 8, RS = 128 / CPR;  // RS rows per pass of the 128 threads
+    static_assert(ROWS * CPR % 128 == 0, "tile chunks must be a multiple of the block");
+    const int r = threadIdx.x / CPR, col = (threadIdx.x % CPR) * 8;
+    const bf16_t* p = src + ((size_t)(s0 + r0 + r) * heads + head) * D + col;
+    bf16_t* d = dst + r * S + col;
+    #pragma unroll
+    for (int i = 0; i < ROWS * CPR / 128; ++i) {
+        const bool in = r0 + r + RS * i < len;
+        cp_async16(d, in ? p : src, in);
+        p += (size_t)RS * heads * D;
+        d += RS * S;
+    }
+}
+
+// ---------------------------------------------------------------- forward v3 (cp.async, ldmatrix)
+// v2's algorithm with FlashAttention-2's staging. K and V tiles are copied with cp.async, one
+// buffer each, so V(j) lands while S = Q·K(j)ᵀ and the softmax run, and K(j+1) lands while
+// O += P·V(j). B fragments come from smem by ldmatrix (.trans for V): one instruction per four
+// fragment registers instead of v2's four 32-bit or eight 16-bit loads. At head_dim 64 each
+// warp owns MT = 2 m-tiles (32 rows, 128 per block), so every K/V fragment read from smem
+// feeds two mma (half the smem traffic per FLOP). A warp whose rows all precede a key tile
+// skips it, and only tiles that cross the diagonal or the sequence end are masked.
+template <int D, int MT>
+__device__ void attn_fwd_v3(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                            const bf16_t* __restrict__ v, const u32* __restrict__ tiles,
+                            const u32* __restrict__ cu, int ntok, int nh, int nkv, float scale,
+                            bf16_t* __restrict__ o, float* __restrict__ lse) {
+    constexpr int BR = 64 * MT, BC = 64, KS = D + 8;  // KS: padded smem row (conflict-free ldmatrix)
+    constexpr int NT = BC / 8, DT = D / 8, KC = D / 16;
+    __shared__ __align__(16) bf16_t Ks[BC * KS];
+    __shared__ __align__(16) bf16_t Vs[BC * KS];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int b = (int)tiles[2 * blockIdx.x], r0 = (int)tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, g = h / (nh / nkv);
+    const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
+    const int w0 = r0 + warp * 16 * MT;             // this warp's first row
+    const int wlast = min(w0 + 16 * MT, len) - 1;   // its last row inside the sequence
+    const float sl2 = scale * ATT_LOG2E;
+
+    u32 qa[MT][KC][4];
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) att_frag_rows<D>(qa[mt], q, s0, w0 + mt * 16 + gid, len, nh, h);
+    float acc[MT][DT][4], m[MT][2], l[MT][2];  // [.][0]: row gid, [.][1]: row gid + 8
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        m[mt][0] = m[mt][1] = -SMELT_INF;
+        l[mt][0] = l[mt][1] = 0.f;
+        #pragma unroll
+        for (int dt = 0; dt < DT; ++dt) acc[mt][dt][0] = acc[mt][dt][1] = acc[mt][dt][2] = acc[mt][dt][3] = 0.f;
+    }
+
+    const int kmax = min(len, r0 + BR);
+    att_tile_stage<D, BC>(Ks, k, s0, 0, len, nkv, g);
+    cp_async_commit();
+    for (int kt = 0; kt < kmax; kt += BC) {
+        cp_async_wait<0>();
+        __syncthreads();  // K(kt) visible to all; every warp is past P·V of the previous V tile
+        att_tile_stage<D, BC>(Vs, v, s0, kt, len, nkv, g);
+        cp_async_commit();
+        const bool active = w0 < len && kt <= wlast;
+        const bool edge = kt + BC - 1 > w0 || kt + BC > len;  // some key of the tile is masked
+        u32 pa[MT][BC / 16][4];  // P as bf16 A fragments, packed as soon as it is known
+        if (active) {
+            float sc[MT][NT][4];
+            att_ldm_abt<D, NT, MT>(sc, qa, Ks);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int ra = w0 + mt * 16 + gid, rb = ra + 8;
+                float mxa = -SMELT_INF, mxb = -SMELT_INF;
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = kt + nt * 8 + tig * 2 + (e & 1);
+                        float x = sc[mt][nt][e] * sl2;
+                        if (edge && (key > (e < 2 ? ra : rb) || key >= len)) x = -SMELT_INF;
+                        sc[mt][nt][e] = x;
+                        if (e < 2) mxa = fmaxf(mxa, x); else mxb = fmaxf(mxb, x);
+                    }
+                }
+                #pragma unroll
+                for (int off = 1; off < 4; off <<= 1) {
+                    mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, off));
+                    mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, off));
+                }
+                const float mna = fmaxf(m[mt][0], mxa), mnb = fmaxf(m[mt][1], mxb);
+                const float ua = mna == -SMELT_INF ? 0.f : mna, ub = mnb == -SMELT_INF ? 0.f : mnb;
+                const float alpha_a = exp2f(m[mt][0] - ua), alpha_b = exp2f(m[mt][1] - ub);
+                m[mt][0] = mna; m[mt][1] = mnb;
+                l[mt][0] *= alpha_a; l[mt][1] *= alpha_b;
+                #pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    acc[mt][dt][0] *= alpha_a; acc[mt][dt][1] *= alpha_a;
+                    acc[mt][dt][2] *= alpha_b; acc[mt][dt][3] *= alpha_b;
+                }
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    sc[mt][nt][0] = exp2f(sc[mt][nt][0] - ua); sc[mt][nt][1] = exp2f(sc[mt][nt][1] - ua);
+                    sc[mt][nt][2] = exp2f(sc[mt][nt][2] - ub); sc[mt][nt][3] = exp2f(sc[mt][nt][3] - ub);
+                    l[mt][0] += sc[mt][nt][0] + sc[mt][nt][1];
+                    l[mt][1] += sc[mt][nt][2] + sc[mt][nt][3];
+                }
+                att_pack_a<BC / 16>(pa[mt], sc[mt]);
+            }
+        }
+        cp_async_wait<0>();
+        __syncthreads();  // V(kt) visible to all; every warp is done reading K(kt)
+        if (kt + BC < kmax) {
+            att_tile_stage<D, BC>(Ks, k, s0, kt + BC, len, nkv, g);
+            cp_async_commit();
+        }
+        if (active) att_ldm_ab<D, BC / 16, MT>(acc, pa, Vs);
+    }
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float la = l[mt][0], lb = l[mt][1];
+        #pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            la += __shfl_xor_sync(0xffffffffu, la, off);
+            lb += __shfl_xor_sync(0xffffffffu, lb, off);
+        }
+        const int ra = w0 + mt * 16 + gid, rb = ra + 8;
+        const float ia = 1.f / la, ib = 1.f / lb;
+        if (ra < len) {
+            u32* orow = (u32*)(o + ((size_t)(s0 + ra) * nh + h) * D);
+            #pragma unroll
+            for (int dt = 0; dt < DT; ++dt) orow[dt * 4 + tig] = att_pack_bf16(acc[mt][dt][0] * ia, acc[mt][dt][1] * ia);
+            if (tig == 0) lse[(size_t)h * ntok + s0 + ra] = (m[mt][0] + log2f(la)) * ATT_LN2;
+        }
+        if (rb < len) {
+            u32* orow = (u32*)(o + ((size_t)(s0 + rb) * nh + h) * D);
+            #pragma unroll
+            for (int dt = 0; dt < DT; ++dt) orow[dt * 4 + tig] = att_pack_bf16(acc[mt][dt][2] * ib, acc[mt][dt][3] * ib);
+            if (tig == 0) lse[(size_t)h * ntok + s0 + rb] = (m[mt][1] + log2f(lb)) * ATT_LN2;
+        }
+    }
+}
+
+#define ATT_FWD_V3(NAME, D, MT)                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                             \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* tiles, const u32* cu, int ntok,   \
+        int nh, int nkv, float scale, bf16_t* o, float* lse) {                                          \
+        attn_fwd_v3<D, MT>(q, k, v, tiles, cu, ntok, nh, nkv, scale, o, lse);                           \
+    }
+ATT_FWD_V3(attn_fwd_v3_bf16_d64, 64, 2)
+ATT_FWD_V3(attn_fwd_v3_bf16_d128, 128, 1)
+
+// ---------------------------------------------------------------- backward v3 (cp.async, ldmatrix)
+// v2's two passes with forward v3's operand path: smem tiles staged by cp.async, every B
+// fragment read by ldmatrix. dK/dV: the (query head, BQ-row tile) steps of a key tile form one
+// flat sequence whose Q, dO, lse and delta tiles are double-buffered, so step i + 1 lands while
+// step i computes. dQ: V(j) lands first; dP = dO·V(j)ᵀ runs while K(j) lands, S, dS and
+// dQ += dS·K(j) while V(j+1) lands, and K(j+1) is copied once every warp is done with K(j).
+// Warps whose keys (dK/dV) or rows (dQ) no row of a tile sees skip it; only tiles that cross the
+// diagonal or the sequence end are masked.
+template <int D, int BQ>
+__device__ void attn_bwd_dkdv_v3(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                                 const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_o,
+                                 const float* __restrict__ lse, const float* __restrict__ delta,
+                                 const u32* __restrict__ tiles, const u32* __restrict__ cu, int ntok, int nh, int nkv,
+                                 float scale, bf16_t* __restrict__ dk, bf16_t* __restrict__ dv) {
+    constexpr int S = D + 8, NT = BQ / 8, DT = D / 8, KC = D / 16;
+    __shared__ __align__(16) bf16_t Qs[2][BQ * S];
+    __shared__ __align__(16) bf16_t Os[2][BQ * S];
+    __shared__ __align__(16) float Ls[2][BQ];
+    __shared__ __align__(16) float Ds[2][BQ];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int b = (int)tiles[2 * blockIdx.x], k0 = (int)tiles[2 * blockIdx.x + 1];
+    const int g = blockIdx.y, rep = nh / nkv;
+    const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
+    const int kw = k0 + warp * 16, ka = kw + gid, kb = ka + 8;  // this warp's first key, its two
+    const float sl2 = scale * ATT_LOG2E;
+    u32 kf[1][KC][4], vf[1][KC][4];
+    att_frag_rows<D>(kf[0], k, s0, ka, len, nkv, g);
+    att_frag_rows<D>(vf[0], v, s0, ka, len, nkv, g);
+    float adk[1][DT][4], adv[1][DT][4];
+    #pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) adk[0][dt][e] = adv[0][dt][e] = 0.f;
+
+    const int nq = (len - k0 + BQ - 1) / BQ, steps = rep * nq;  // query tiles per head, in all
+    // Step i: query head g·rep + i / nq, rows from k0 + BQ·(i % nq), into buffer i % 2.
+    auto stage = [&](int i) {
+        const int h = g * rep + i / nq, q0 = k0 + BQ * (i % nq), buf = i & 1;
+        att_tile_stage<D, BQ>(Qs[buf], q, s0, q0, len, nh, h);
+        att_tile_stage<D, BQ>(Os[buf], d_o, s0, q0, len, nh, h);
+        if (tid < BQ) {
+            const bool in = q0 + tid < len;
+            const size_t at = (size_t)h * ntok + s0 + (in ? q0 + tid : 0);
+            cp_async4(&Ls[buf][tid], lse + at, in);
+            cp_async4(&Ds[buf][tid], delta + at, in);
+        }
+        cp_async_commit();
+    };
+    stage(0);
+    for (int i = 0; i < steps; ++i) {
+        if (i + 1 < steps) {
+            stage(i + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // step i's tiles are visible to all
+        const int buf = i & 1, q0 = k0 + BQ * (i % nq);
+        if (kw < len && kw <= q0 + BQ - 1) {
+            const bool edge = kw + 15 > q0 || q0 + BQ > len;  // some (row, key) of the tile is masked
+            float st[1][NT][4], dpt[1][NT][4];
+            att_ldm_abt<D, NT, 1>(st, kf, Qs[buf]);
+            att_ldm_abt<D, NT, 1>(dpt, vf, Os[buf]);
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = nt * 8 + tig * 2 + (e & 1), row = q0 + qi, key = e < 2 ? ka : kb;
+                    const bool seen = !edge || (row < len && key <= row);
+                    const float p = seen ? exp2f(st[0][nt][e] * sl2 - Ls[buf][qi] * ATT_LOG2E) : 0.f;
+                    st[0][nt][e] = p;
+                    dpt[0][nt][e] = p * (dpt[0][nt][e] - Ds[buf][qi]);
+                }
+            }
+            u32 pa[1][BQ / 16][4], sa[1][BQ / 16][4];
+            att_pack_a<BQ / 16>(pa[0], st[0]);
+            att_pack_a<BQ / 16>(sa[0], dpt[0]);
+            att_ldm_ab<D, BQ / 16, 1>(adv, pa, Os[buf]);
+            att_ldm_ab<D, BQ / 16, 1>(adk, sa, Qs[buf]);
+        }
+        __syncthreads();  // buffer i % 2 is free for step i + 2
+    }
+    att_store_rows<D>(dk, adk[0], scale, s0, ka, len, nkv, g);
+    att_store_rows<D>(dv, adv[0], 1.f, s0, ka, len, nkv, g);
+}
+
+template <int D>
+__device__ void attn_bwd_dq_v3(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                               const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_o,
+                               const float* __restrict__ lse, const float* __restrict__ delta,
+                               const u32* __restrict__ tiles, const u32* __restrict__ cu, int ntok, int nh, int nkv,
+                               float scale, bf16_t* __restrict__ dq) {
+    constexpr int BK = 64, S = D + 8, NT = BK / 8, DT = D / 8, KC = D / 16;
+    __shared__ __align__(16) bf16_t Ks[BK * S];
+    __shared__ __align__(16) bf16_t Vs[BK * S];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int b = (int)tiles[2 * blockIdx.x], q0 = (int)tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, g = h / (nh / nkv);
+    const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
+    const int w0 = q0 + warp * 16, wlast = min(w0 + 16, len) - 1;  // this warp's rows
+    const int ra = w0 + gid, rb = ra + 8;
+    const float sl2 = scale * ATT_LOG2E;
+    u32 qf[1][KC][4], of[1][KC][4];
+    att_frag_rows<D>(qf[0], q, s0, ra, len, nh, h);
+    att_frag_rows<D>(of[0], d_o, s0, ra, len, nh, h);
+    const float la = ra < len ? lse[(size_t)h * ntok + s0 + ra] * ATT_LOG2E : 0.f;
+    const float lb = rb < len ? lse[(size_t)h * ntok + s0 + rb] * ATT_LOG2E : 0.f;
+    const float da = ra < len ? delta[(size_t)h * ntok + s0 + ra] : 0.f;
+    const float db = rb < len ? delta[(size_t)h * ntok + s0 + rb] : 0.f;
+    float adq[1][DT][4];
+    #pragma unroll
+    for (int dt = 0; dt < DT; ++dt) adq[0][dt][0] = adq[0][dt][1] = adq[0][dt][2] = adq[0][dt][3] = 0.f;
+
+    const int kmax = min(len, q0 + 64);
+    att_tile_stage<D, BK>(Vs, v, s0, 0, len, nkv, g);
+    cp_async_commit();
+    att_tile_stage<D, BK>(Ks, k, s0, 0, len, nkv, g);
+    cp_async_commit();
+    for (int kt = 0; kt < kmax; kt += BK) {
+        cp_async_wait<1>();
+        __syncthreads();  // V(kt) is visible to all (K(kt) may still be in flight)
+        const bool active = w0 < len && kt <= wlast;
+        const bool edge = kt + BK - 1 > w0 || kt + BK > len;  // some key of the tile is masked
+        float dp[1][NT][4];
+        if (active) att_ldm_abt<D, NT, 1>(dp, of, Vs);
+        cp_async_wait<0>();
+        __syncthreads();  // K(kt) is visible to all; every warp is done with V(kt)
+        const bool more = kt + BK < kmax;
+        if (more) {
+            att_tile_stage<D, BK>(Vs, v, s0, kt + BK, len, nkv, g);
+            cp_async_commit();
+        }
+        if (active) {
+            float st[1][NT][4];
+            att_ldm_abt<D, NT, 1>(st, qf, Ks);
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = kt + nt * 8 + tig * 2 + (e & 1), row = e < 2 ? ra : rb;
+                    const bool seen = !edge || (row < len && key <= row);
+                    const float p = seen ? exp2f(st[0][nt][e] * sl2 - (e < 2 ? la : lb)) : 0.f;
+                    st[0][nt][e] = p * (dp[0][nt][e] - (e < 2 ? da : db));
+                }
+            }
+            u32 sa[1][BK / 16][4];
+            att_pack_a<BK / 16>(sa[0], st[0]);
+            att_ldm_ab<D, BK / 16, 1>(adq, sa, Ks);
+        }
+        if (more) {
+            __syncthreads();  // every warp is done with K(kt)
+            att_tile_stage<D, BK>(Ks, k, s0, kt + BK, len, nkv, g);
+            cp_async_commit();
+        }
+    }
+    att_store_rows<D>(dq, adq[0], scale, s0, ra, len, nh, h);
+}
+
+#define ATT_BWD_V3(D, BQ)                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_v3_bf16_d##D(                       \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
+        const float* delta, const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale,    \
+        bf16_t* dk, bf16_t* dv) {                                                                       \
+        attn_bwd_dkdv_v3<D, BQ>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dk, dv);     \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_v3_bf16_d##D(                         \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
+        const float* delta, const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale,    \
+        bf16_t* dq) {                                                                                   \
+        attn_bwd_dq_v3<D>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dq);               \
+    }
+ATT_BWD_V3(64, 64)
+ATT_BWD_V3(128, 32)
 
 // ---------------------------------------------------------------- decode (split-K)
 #define DEC_MAXQ 4  // new tokens per block

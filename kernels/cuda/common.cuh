@@ -148,13 +148,14 @@ template <typename T, int N> __device__ __forceinline__ void stn(T* p, const flo
 
 // Tensor-core operand staging (sm_80+): ldmatrix loads four 8×8 b16 matrices from shared memory
 // into mma fragments (lane i addresses row i % 8 of matrix i / 8; 16-byte aligned rows), .trans
-// transposing each; cp.async copies 16 bytes global → shared without a register round trip
+// transposing each; cp.async copies 16 (or 4) bytes global → shared without a register round trip
 // (fill = false zero-fills instead of reading), retired in commit groups by cp_async_wait<N>
 // (at most N newest groups still in flight). The emulator performs each copy at its wait.
 #ifdef SMELT_EMU
 __device__ __forceinline__ void ldmatrix_x4(u32* r, const void* row) { smelt_emu_ldmatrix_x4(r, row, false); }
 __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* row) { smelt_emu_ldmatrix_x4(r, row, true); }
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) { smelt_emu_cp_async16(dst, src, fill); }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) { smelt_emu_cp_async(dst, src, 16, fill); }
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool fill) { smelt_emu_cp_async(dst, src, 4, fill); }
 __device__ __forceinline__ void cp_async_commit() { smelt_emu_cp_async_commit(); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { smelt_emu_cp_async_wait(N); }
 #else
@@ -173,6 +174,10 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* row) {
 }
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(fill ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool fill) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(fill ? 4 : 0)
                  : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }

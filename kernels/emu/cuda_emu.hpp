@@ -201,11 +201,12 @@ inline void make_context(Context& c, char* base, size_t size, void (*entry)()) {
 }
 #endif
 
-// One 16-byte cp.async not yet performed: `group` is the number of commit_groups before it.
+// One cp.async not yet performed: `group` is the number of commit_groups before it.
 struct AsyncCopy {
     void* dst;
     const void* src;
-    bool fill;  // src-size 16 (copy) rather than 0 (zero-fill)
+    unsigned bytes;
+    bool fill;  // src-size = bytes (copy) rather than 0 (zero-fill)
     unsigned group;
 };
 
@@ -783,19 +784,35 @@ inline void smelt_emu_ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
     sync_warp("ldmatrix");
 }
 
-// cp.async.cg.shared.global 16 bytes (src-size 16, or 0 to zero-fill): queued, and performed at
-// the cp.async.wait_group that retires its group — the latest moment a GPU may perform it — so a
-// kernel that reads the destination before waiting sees stale data here.
-inline void smelt_emu_cp_async16(void* dst, const void* src, bool fill) {
+// cp.async.{ca,cg}.shared.global of 4, 8 or 16 bytes (src-size = bytes, or 0 to zero-fill). A
+// GPU may perform the copy at any moment between the issue and the cp.async.wait_group that
+// retires it; the emulator takes one end: by default the wait (a kernel that reads the
+// destination before waiting sees stale data), with SMELT_EMU_CP_ASYNC=eager the issue (a
+// kernel that copies into a buffer other warps still read, without a barrier between, corrupts
+// their reads — run it with SMELT_EMU_ORDER=reverse too, so each warp gets to be the late one).
+inline bool cp_async_eager() {
+    static const bool eager = [] {
+        const char* e = getenv("SMELT_EMU_CP_ASYNC");
+        return e && strcmp(e, "eager") == 0;
+    }();
+    return eager;
+}
+inline void smelt_emu_cp_async(void* dst, const void* src, unsigned bytes, bool fill) {
     using namespace smelt_emu;
     Fiber& f = B->fibers[B->cur];
-    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (fill && reinterpret_cast<uintptr_t>(src) % 16 != 0)) {
+    if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || (fill && reinterpret_cast<uintptr_t>(src) % bytes != 0)) {
         char m[140];
-        snprintf(m, sizeof m, "cp.async of 16 bytes from %p to %p: both must be 16-byte aligned", src, dst);
+        snprintf(m, sizeof m, "cp.async of %u bytes from %p to %p: both must be %u-byte aligned", bytes, src, dst, bytes);
         fail(m);
         return;
     }
-    f.copies.push_back({dst, src, fill, f.committed});
+    const bool now = cp_async_eager();
+    if (now) {
+        if (fill) std::memcpy(dst, src, bytes);
+        else std::memset(dst, 0, bytes);
+    }
+    // An eager copy stays listed (as done) so that a copy never waited for is still an error.
+    f.copies.push_back({dst, src, now ? 0u : bytes, fill, f.committed});
 }
 inline void smelt_emu_cp_async_commit() { smelt_emu::B->fibers[smelt_emu::B->cur].committed++; }
 // Waits until at most `n` of the newest committed groups are pending (uncommitted copies stay).
@@ -807,8 +824,8 @@ inline void smelt_emu_cp_async_wait(unsigned n) {
     for (size_t i = 0; i < f.copies.size(); ++i) {
         AsyncCopy& c = f.copies[i];
         if (c.group < done) {
-            if (c.fill) std::memcpy(c.dst, c.src, 16);
-            else std::memset(c.dst, 0, 16);
+            if (c.fill) std::memcpy(c.dst, c.src, c.bytes);
+            else std::memset(c.dst, 0, c.bytes);
         } else {
             f.copies[keep++] = c;
         }

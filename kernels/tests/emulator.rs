@@ -111,6 +111,20 @@ extern "C" __global__ void staged_fragments(const bf16_t* m, u32* out, u32* earl
     ldmatrix_x4_trans(r, s + l * 16);
     for (int i = 0; i < 4; ++i) out[32 * (4 + i) + l] = r[i];
 }
+// Every thread reads s[63 - t], then copies y[t] into s[t] with no barrier between the two (a
+// write-after-read race on a GPU), and waits for it only after the next barrier.
+extern "C" __global__ void copy_over_read(const float* x, const float* y, float* out) {
+    __shared__ __align__(16) float s[64];
+    const int t = threadIdx.x;
+    s[t] = x[t];
+    __syncthreads();
+    const float r = s[63 - t];
+    cp_async4(s + t, y + t, true);
+    cp_async_commit();
+    __syncthreads();
+    cp_async_wait<0>();
+    out[t] = r;
+}
 // Issues a copy and returns without waiting for it.
 extern "C" __global__ void unwaited_copy(const float* x, float* y) {
     __shared__ __align__(16) float s[4];
@@ -246,6 +260,38 @@ fn ldmatrix_and_cp_async_follow_the_ptx_isa() {
     let (x, y) = (on(&[1.0; 4], dev), on(&[0.0; 1], dev));
     let e = run("unwaited_copy", cfg(1, 32), &[ptr(&x), ptr(&y)]).unwrap_err().to_string();
     assert!(e.contains("unwaited_copy") && e.contains("cp.async copies never waited for"), "{e}");
+}
+
+/// The two ends of a cp.async's window: performed at the wait (default), the racy kernel above
+/// reads the old values; performed at the issue (`SMELT_EMU_CP_ASYNC=eager`, in a child process
+/// of this test binary), the race shows.
+#[test]
+fn eager_cp_async_exposes_a_copy_over_unfinished_reads() {
+    let run_it = || {
+        let dev = dev();
+        let x: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let (xd, yd, out) = (on(&x, dev), on(&[-1.0; 64], dev), on(&[f32::NAN; 64], dev));
+        let ptr = |t: &Tensor| Arg::Ptr(t.cuda_ptr().unwrap());
+        run("copy_over_read", cfg(1, 64), &[ptr(&xd), ptr(&yd), ptr(&out)]).unwrap();
+        out.to_vec::<f32>().unwrap()
+    };
+    let name = "eager_cp_async_exposes_a_copy_over_unfinished_reads";
+    if std::env::var_os("SMELT_EMU_CP_ASYNC").is_some() {
+        println!("result {:?}", run_it());
+        return;
+    }
+    let want: Vec<f32> = (0..64).rev().map(|i| i as f32).collect();
+    assert_eq!(run_it(), want, "copies performed at the wait: every read sees the old value");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env("SMELT_EMU_CP_ASYNC", "eager")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let line =
+        text.lines().find(|l| l.contains("result [")).unwrap_or_else(|| panic!("no result from the child: {text}"));
+    assert!(line.contains("-1.0"), "copies performed at the issue: late readers see the new value; {line}");
 }
 
 /// Threads interleave only at barriers: without `__syncthreads`, thread 0 reads s[63] before

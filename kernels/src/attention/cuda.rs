@@ -18,7 +18,7 @@ fn fwd_v3_br(head_dim: usize) -> usize {
 /// Backward v1 key / query tile sizes (must match `BWD_BK` / `BWD_BQ`).
 const BWD_BK: usize = 32;
 const BWD_BQ: usize = 8;
-/// Backward v2 key tile (dK/dV) and query tile (dQ) rows.
+/// Backward v2/v3 key tile (dK/dV) and query tile (dQ) rows.
 const BWD_V2_TILE: usize = 64;
 /// New tokens per decode block (must match `DEC_MAXQ`).
 const DEC_MAXQ: usize = 4;
@@ -187,7 +187,7 @@ pub fn backward(
     const OP: &str = "attention_backward (cuda)";
     let suf = suffix(OP, q.dtype(), dims.head_dim)?;
     let tensor_cores = v2_fits(dims, &[q, k, v, o, d_o])?;
-    let v2 = crate::versions::pick("attention_backward", if tensor_cores { &[1, 2] } else { &[1] })? == 2;
+    let version = crate::versions::pick("attention_backward", if tensor_cores { &[1, 2, 3] } else { &[1] })?;
     let t = q.dim(0);
     let dev = Device::Cuda(ord);
     let dq = Tensor::empty(q.shape(), q.dtype(), dev)?;
@@ -217,7 +217,8 @@ pub fn backward(
         Arg::Ptr(lse.cuda_ptr()?),
         Arg::Ptr(delta.cuda_ptr()?),
     ];
-    let (kv_tile, q_tile, v2_tag) = if v2 { (BWD_V2_TILE, BWD_V2_TILE, "v2_") } else { (BWD_BK, BWD_BQ, "") };
+    let (kv_tile, q_tile, tag) =
+        if version == 1 { (BWD_BK, BWD_BQ, String::new()) } else { (BWD_V2_TILE, BWD_V2_TILE, format!("v{version}_")) };
     let kt = key_tiles(cu, kv_tile);
     let kt_d = upload(ord, &kt)?;
     let mut args = head.to_vec();
@@ -232,7 +233,7 @@ pub fn backward(
         Arg::Ptr(dv.cuda_ptr()?),
     ]);
     let cfg = LaunchCfg { grid: ((kt.len() / 2) as u32, dims.n_kv_heads as u32, 1), block: (128, 1, 1), smem: 0 };
-    launch(ord, &SRC, &format!("attn_bwd_dkdv_{v2_tag}{suf}"), cfg, &args)?;
+    launch(ord, &SRC, &format!("attn_bwd_dkdv_{tag}{suf}"), cfg, &args)?;
 
     let qt = tiles(cu, q_tile);
     let qt_d = upload(ord, &qt)?;
@@ -247,7 +248,7 @@ pub fn backward(
         Arg::Ptr(dq.cuda_ptr()?),
     ]);
     let cfg = LaunchCfg { grid: ((qt.len() / 2) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
-    launch(ord, &SRC, &format!("attn_bwd_dq_{v2_tag}{suf}"), cfg, &args)?;
+    launch(ord, &SRC, &format!("attn_bwd_dq_{tag}{suf}"), cfg, &args)?;
     Ok((dq, dk, dv))
 }
 

@@ -459,7 +459,7 @@ fn backward_device_matches_cpu() {
             let od = o.to_dtype(dt).unwrap().to_device(dev).unwrap();
             let [qd, kd, vd, dod] = c.tensors(dt, dev);
             let lsed = lse.to_device(dev).unwrap();
-            for &version in tensor_core_versions(dt, d, &[1, 2]) {
+            for &version in tensor_core_versions(dt, d, &[1, 2, 3]) {
                 let _v = crate::versions::scoped("attention_backward", version);
                 poison(dev, &[(q.shape(), dt), (k.shape(), dt), (v.shape(), dt)]);
                 let (dq, dk, dv) = attention_backward(&qd, &kd, &vd, &od, &lsed, &dod, &c.cu, None).unwrap();

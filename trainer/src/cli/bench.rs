@@ -744,7 +744,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             } else {
                 let (o, lse) = attention::attention_forward(&q, &k, &v, &cu, None)?;
                 let d_o = rt(&[t, nh, d], 4)?;
-                for &ver in versions_on(device, &[1, 2]) {
+                for &ver in versions_on(device, &[1, 2, 3]) {
                     let (q, k, v, o, lse, d_o, cu) =
                         (q.clone(), k.clone(), v.clone(), o.clone(), lse.clone(), d_o.clone(), cu.clone());
                     push(
