@@ -38,6 +38,11 @@
 //     query head of the group. dQ: one block per (64-row query tile, head), 16 rows per warp
 //     (Q, dO fragments in registers), 64-key K/V tiles in smem (2·64·(D+8)·2 B). The delta
 //     kernel is v1's.
+//   bwd v3 (attn_bwd_{dkdv,dq}_v3_bf16_*): v2's blocks and tiles; dK/dV double-buffers the Q,
+//     dO, lse and delta tiles of its flat (query head, query tile) sequence with cp.async (smem
+//     2·2·BQ·(D+8)·2 + 4·BQ·4 B = 37,888 B at D=64, 35,328 B at D=128); dQ stages V(j) then
+//     K(j) (single buffers, as the v3 forward). B fragments by ldmatrix(.trans). Registers
+//     (sm_90): dK/dV 249 / 255 (36 B spilled at D=128), dQ 223 / 255 (36 B spilled at D=128).
 //   decode: split-K (flash-decoding). attn_decode_partial: one block (4 warps) per (split of the
 //     cache length, head, batch row × group of ≤4 new tokens); warps take keys round-robin,
 //     lanes split D; the 4 warps merge in smem (4·4·D·4 B ≤ 8 KiB) and write an unnormalised
@@ -55,6 +60,8 @@
 //     D=64 (bf16, D 64/128)
 //   bwd v1 tiled FMA, two passes (dK/dV per KV tile, then dQ per Q tile), f32 and bf16
 //   bwd v2 the same passes on mma.sync bf16 tensor cores, 64-row tiles (bf16, D 64/128 only)
+//   bwd v3 v2 + cp.async staging overlapped with compute (double-buffered in dK/dV), ldmatrix
+//     operands (bf16, D 64/128)
 //   decode v1 split-K partial + combine, f32 and bf16
 //   decode v2 the same split-K with a KV group per block, key-parallel scores (D 64/128, ≤ 8
 //     query heads per KV head; others run v1)

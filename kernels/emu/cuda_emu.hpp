@@ -7,13 +7,15 @@
 // How work maps to CPU threads: the blocks of a launch are shared out among a few OS threads;
 // each OS thread runs one block at a time, with every CUDA thread of the block a fiber
 // on its own stack. A fiber runs until it reaches a synchronisation point —
-// __syncthreads, a warp shuffle, mma.sync — or returns; the scheduler then runs the next fiber.
+// __syncthreads, a warp shuffle, mma.sync, ldmatrix — or returns; the scheduler then runs the
+// next fiber.
 // So the threads of a block interleave only at synchronisation points, which is exactly what a
 // correct kernel may rely on: a kernel that reads shared memory another thread writes without a
 // barrier in between sees stale data here (SMELT_EMU_ORDER=reverse runs the fibers in the other
 // order, to expose the other half of such races).
 //   __shared__ variables: thread-local statics (one copy per OS thread = per running block).
-//   Warp shuffles and mma.sync: all 32 lanes deposit their operands, meet, read, meet again.
+//   Warp shuffles, mma.sync and ldmatrix: all 32 lanes deposit their operands, meet, read, meet
+//   again. cp.async: performed at the wait that retires it (SMELT_EMU_CP_ASYNC=eager: at the issue).
 //
 // What it checks, as errors returned to the launcher (never a crash):
 //   - every kernel argument's kind (pointer, 32/64-bit integer, f32, f64) against the kernel's
@@ -22,7 +24,8 @@
 //     (registers and shared memory per block are checked by kernels/src/emu.rs against ptxas's
 //     report for sm_80 and sm_90, when NVRTC is installed);
 //   - deadlock: threads waiting at a barrier that the others can never reach;
-//   - a full-mask warp operation in a warp with an exited or missing lane (undefined on a GPU).
+//   - a full-mask warp operation in a warp with an exited or missing lane (undefined on a GPU);
+//   - misaligned ldmatrix rows and cp.async addresses, and cp.async copies never waited for.
 // Out-of-bounds accesses are caught on the memory side (smelt_engine::cuda::emu): a guard page
 // after every device block (SIGSEGV) and a canary after every tensor, checked after each launch.
 // What it cannot check: timing-dependent races between blocks, GPU rounding (no FMA contraction

@@ -32,15 +32,19 @@
 //! others are a clear error), the tensor-core forward at 64 and 128.
 //!
 //! # CUDA versions (ops `attention_forward`, `attention_backward`, `attention_decode` in [`crate::versions`])
-//! See `kernels/cuda/attention.cu` and `kernels/cuda/attention.md`: forward v1 naive (one warp
-//! per query row), v2 flash-tiled with `mma.sync` bf16 tensor cores, v3 the same with cp.async
-//! K/V staging overlapped with compute, `ldmatrix` operand loads and 32 query rows per warp at
-//! head_dim 64 (v2/v3: bf16, head_dim 64/128; else v1); backward v1 tiled two-pass (dK/dV per KV tile, then dQ per Q tile; no atomics), v2 the
-//! same two passes on `mma.sync` bf16 tensor cores (bf16, head_dim 64/128; else v1); decode v1
-//! split-K (flash-decoding) with a combine kernel, decode v2 the same split with all query heads
-//! of a KV group in one block, so each cache row is read once (head_dim 64/128, ≤ 8 query heads
-//! per KV head; else v1). Each call runs the newest version its shapes allow, unless
-//! [`crate::versions`] pins or caps it (`SMELT_KERNEL_VERSIONS="attention_forward=2"`).
+//! See `kernels/cuda/attention.cu` and `kernels/cuda/attention.md`.
+//! - Forward: v1 naive (one warp per query row); v2 flash-tiled with `mma.sync` bf16 tensor
+//!   cores; v3 the same with cp.async K/V staging overlapped with compute, `ldmatrix` operand
+//!   loads and 32 query rows per warp at head_dim 64.
+//! - Backward: v1 tiled two-pass (dK/dV per KV tile, then dQ per Q tile; no atomics); v2 the same
+//!   two passes on `mma.sync` bf16 tensor cores; v3 those with cp.async staging (double-buffered
+//!   in dK/dV) and `ldmatrix` operands.
+//! - Decode: v1 split-K (flash-decoding) with a combine kernel; v2 the same split with all query
+//!   heads of a KV group in one block, so each cache row is read once (≤ 8 query heads per KV head).
+//!
+//! The tensor-core versions take bf16 at head_dim 64/128 (16-byte aligned); other calls run v1.
+//! Each call runs the newest version its shapes allow, unless [`crate::versions`] pins or caps it
+//! (`SMELT_KERNEL_VERSIONS="attention_forward=2"`).
 
 use smelt_engine::{bf16, DType, Device, Error, Result, Tensor};
 
