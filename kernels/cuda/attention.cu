@@ -25,7 +25,7 @@
 //     query tiles, 32 rows per warp; MT = 1 at D=128), K and V tiles staged by cp.async (V(j)
 //     lands during S(j) and the softmax, K(j+1) during P·V(j)), B fragments by ldmatrix(.trans).
 //     Budget per block: 128 threads; smem as v2 (one K and one V tile); registers (sm_90) 255
-//     with 12 B spilled at D=64, 234 at D=128.
+//     with 4 B spilled at D=64, 230 at D=128.
 //   bwd: delta kernel (one warp per (row, head): D = rowsum(dO∘O)); dK/dV kernel: one block per
 //     (32-key tile, KV head), K/V tile in smem, loops over the group's query heads and the query
 //     rows ≥ tile start in steps of 8, recomputing P from lse; dQ kernel: one block per (8-row
@@ -42,7 +42,7 @@
 //     dO, lse and delta tiles of its flat (query head, query tile) sequence with cp.async (smem
 //     2·2·BQ·(D+8)·2 + 4·BQ·4 B = 37,888 B at D=64, 35,328 B at D=128); dQ stages V(j) then
 //     K(j) (single buffers, as the v3 forward). B fragments by ldmatrix(.trans). Registers
-//     (sm_90): dK/dV 249 / 255 (36 B spilled at D=128), dQ 223 / 255 (36 B spilled at D=128).
+//     (sm_90): dK/dV 248 / 255 (36 B spilled at D=128), dQ 221 / 255 (36 B spilled at D=128).
 //   decode: split-K (flash-decoding). attn_decode_partial: one block (4 warps) per (split of the
 //     cache length, head, batch row × group of ≤4 new tokens); warps take keys round-robin,
 //     lanes split D; the 4 warps merge in smem (4·4·D·4 B ≤ 8 KiB) and write an unnormalised
@@ -835,6 +835,8 @@ __device__ void attn_fwd_v3(const bf16_t* __restrict__ q, const bf16_t* __restri
     const int wlast = min(w0 + 16 * MT, len) - 1;   // its last row inside the sequence
     const float sl2 = scale * ATT_LOG2E;
 
+    att_tile_stage<D, BC>(Ks, k, s0, 0, len, nkv, g);  // K(0) lands while Q is read
+    cp_async_commit();
     u32 qa[MT][KC][4];
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt) att_frag_rows<D>(qa[mt], q, s0, w0 + mt * 16 + gid, len, nh, h);
@@ -848,8 +850,6 @@ __device__ void attn_fwd_v3(const bf16_t* __restrict__ q, const bf16_t* __restri
     }
 
     const int kmax = min(len, r0 + BR);
-    att_tile_stage<D, BC>(Ks, k, s0, 0, len, nkv, g);
-    cp_async_commit();
     for (int kt = 0; kt < kmax; kt += BC) {
         cp_async_wait<0>();
         __syncthreads();  // K(kt) visible to all; every warp is past P·V of the previous V tile
@@ -968,15 +968,6 @@ __device__ void attn_bwd_dkdv_v3(const bf16_t* __restrict__ q, const bf16_t* __r
     const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
     const int kw = k0 + warp * 16, ka = kw + gid, kb = ka + 8;  // this warp's first key, its two
     const float sl2 = scale * ATT_LOG2E;
-    u32 kf[1][KC][4], vf[1][KC][4];
-    att_frag_rows<D>(kf[0], k, s0, ka, len, nkv, g);
-    att_frag_rows<D>(vf[0], v, s0, ka, len, nkv, g);
-    float adk[1][DT][4], adv[1][DT][4];
-    #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) adk[0][dt][e] = adv[0][dt][e] = 0.f;
-
     const int nq = (len - k0 + BQ - 1) / BQ, steps = rep * nq;  // query tiles per head, in all
     // Step i: query head g·rep + i / nq, rows from k0 + BQ·(i % nq), into buffer i % 2.
     auto stage = [&](int i) {
@@ -991,16 +982,25 @@ __device__ void attn_bwd_dkdv_v3(const bf16_t* __restrict__ q, const bf16_t* __r
         }
         cp_async_commit();
     };
-    stage(0);
+    stage(0);  // lands while K and V are read
+    u32 kf[1][KC][4], vf[1][KC][4];
+    att_frag_rows<D>(kf[0], k, s0, ka, len, nkv, g);
+    att_frag_rows<D>(vf[0], v, s0, ka, len, nkv, g);
+    float adk[1][DT][4], adv[1][DT][4];
+    #pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) adk[0][dt][e] = adv[0][dt][e] = 0.f;
     for (int i = 0; i < steps; ++i) {
+        const int buf = i & 1, q0 = k0 + BQ * (i % nq);
         if (i + 1 < steps) {
             stage(i + 1);
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
+        if (tid < BQ) Ls[buf][tid] *= ATT_LOG2E;  // this thread's own copy, landed at its wait
         __syncthreads();  // step i's tiles are visible to all
-        const int buf = i & 1, q0 = k0 + BQ * (i % nq);
         if (kw < len && kw <= q0 + BQ - 1) {
             const bool edge = kw + 15 > q0 || q0 + BQ > len;  // some (row, key) of the tile is masked
             float st[1][NT][4], dpt[1][NT][4];
@@ -1012,7 +1012,7 @@ __device__ void attn_bwd_dkdv_v3(const bf16_t* __restrict__ q, const bf16_t* __r
                 for (int e = 0; e < 4; ++e) {
                     const int qi = nt * 8 + tig * 2 + (e & 1), row = q0 + qi, key = e < 2 ? ka : kb;
                     const bool seen = !edge || (row < len && key <= row);
-                    const float p = seen ? exp2f(st[0][nt][e] * sl2 - Ls[buf][qi] * ATT_LOG2E) : 0.f;
+                    const float p = seen ? exp2f(st[0][nt][e] * sl2 - Ls[buf][qi]) : 0.f;
                     st[0][nt][e] = p;
                     dpt[0][nt][e] = p * (dpt[0][nt][e] - Ds[buf][qi]);
                 }
@@ -1045,6 +1045,10 @@ __device__ void attn_bwd_dq_v3(const bf16_t* __restrict__ q, const bf16_t* __res
     const int w0 = q0 + warp * 16, wlast = min(w0 + 16, len) - 1;  // this warp's rows
     const int ra = w0 + gid, rb = ra + 8;
     const float sl2 = scale * ATT_LOG2E;
+    att_tile_stage<D, BK>(Vs, v, s0, 0, len, nkv, g);  // V(0), K(0) land while Q and dO are read
+    cp_async_commit();
+    att_tile_stage<D, BK>(Ks, k, s0, 0, len, nkv, g);
+    cp_async_commit();
     u32 qf[1][KC][4], of[1][KC][4];
     att_frag_rows<D>(qf[0], q, s0, ra, len, nh, h);
     att_frag_rows<D>(of[0], d_o, s0, ra, len, nh, h);
@@ -1057,10 +1061,6 @@ __device__ void attn_bwd_dq_v3(const bf16_t* __restrict__ q, const bf16_t* __res
     for (int dt = 0; dt < DT; ++dt) adq[0][dt][0] = adq[0][dt][1] = adq[0][dt][2] = adq[0][dt][3] = 0.f;
 
     const int kmax = min(len, q0 + 64);
-    att_tile_stage<D, BK>(Vs, v, s0, 0, len, nkv, g);
-    cp_async_commit();
-    att_tile_stage<D, BK>(Ks, k, s0, 0, len, nkv, g);
-    cp_async_commit();
     for (int kt = 0; kt < kmax; kt += BK) {
         cp_async_wait<1>();
         __syncthreads();  // V(kt) is visible to all (K(kt) may still be in flight)

@@ -90,7 +90,7 @@ fn key_tiles(cu: &[u32], size: usize) -> Vec<u32> {
     tiles_by(cu, size, |len, s| len - s)
 }
 
-/// Whether the tensor-core (mma.sync) kernels, forward v2/v3 and backward v2, take these
+/// Whether the tensor-core (mma.sync) kernels, forward and backward v2/v3, take these
 /// tensors: bf16, head_dim 64 or 128, and 16-byte aligned rows; otherwise only v1 can.
 fn v2_fits(dims: Dims, ts: &[&Tensor]) -> Result<bool> {
     if ts[0].dtype() != DType::BF16 || !matches!(dims.head_dim, 64 | 128) {
