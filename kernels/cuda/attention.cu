@@ -706,21 +706,22 @@ __device__ void attn_bwd_dq_v2(const bf16_t* __restrict__ q, const bf16_t* __res
     att_store_rows<D>(dq, adq, scale, s0, ra, len, nh, h);
 }
 
-#define ATT_BWD_V2(D, BQ)                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_v2_bf16_d##D(                       \
+// Backward tensor-core kernels of version V (2, 3) at head dim D, dK/dV query tile BQ.
+#define ATT_BWD_TC(V, D, BQ)                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_v##V##_bf16_d##D(                   \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
         const float* delta, const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale,    \
         bf16_t* dk, bf16_t* dv) {                                                                       \
-        attn_bwd_dkdv_v2<D, BQ>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dk, dv);     \
+        attn_bwd_dkdv_v##V<D, BQ>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dk, dv);   \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_v2_bf16_d##D(                         \
+    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_v##V##_bf16_d##D(                     \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
         const float* delta, const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale,    \
         bf16_t* dq) {                                                                                   \
-        attn_bwd_dq_v2<D>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dq);               \
+        attn_bwd_dq_v##V<D>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dq);             \
     }
-ATT_BWD_V2(64, 64)
-ATT_BWD_V2(128, 32)
+ATT_BWD_TC(2, 64, 64)
+ATT_BWD_TC(2, 128, 32)
 
 // ---------------------------------------------------------------- ldmatrix mma helpers (v3)
 // Tiles in smem are row-major with rows padded to S = D + 8 bf16 (16-byte aligned, and the 8 rows
@@ -1101,21 +1102,8 @@ __device__ void attn_bwd_dq_v3(const bf16_t* __restrict__ q, const bf16_t* __res
     att_store_rows<D>(dq, adq[0], scale, s0, ra, len, nh, h);
 }
 
-#define ATT_BWD_V3(D, BQ)                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_v3_bf16_d##D(                       \
-        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
-        const float* delta, const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale,    \
-        bf16_t* dk, bf16_t* dv) {                                                                       \
-        attn_bwd_dkdv_v3<D, BQ>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dk, dv);     \
-    }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_v3_bf16_d##D(                         \
-        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
-        const float* delta, const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale,    \
-        bf16_t* dq) {                                                                                   \
-        attn_bwd_dq_v3<D>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dq);               \
-    }
-ATT_BWD_V3(64, 64)
-ATT_BWD_V3(128, 32)
+ATT_BWD_TC(3, 64, 64)
+ATT_BWD_TC(3, 128, 32)
 
 // ---------------------------------------------------------------- decode (split-K)
 #define DEC_MAXQ 4  // new tokens per block

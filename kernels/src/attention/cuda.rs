@@ -132,40 +132,30 @@ pub fn forward(
     let tensor_cores = v2_fits(dims, &[q, k, v, &o])?;
     let version = crate::versions::pick("attention_forward", if tensor_cores { &[1, 2, 3] } else { &[1] })?;
     let (nh, nkv) = (i32_arg(OP, dims.n_heads)?, i32_arg(OP, dims.n_kv_heads)?);
-    let (lse_p, cu_p) = (Arg::Ptr(lse.cuda_ptr()?), Arg::Ptr(cu_d.cuda_ptr()?));
-    if version == 1 {
-        let cfg = LaunchCfg { grid: (t.div_ceil(4) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
-        let nseq = i32_arg(OP, cu.len() - 1)?;
-        let args = [
-            Arg::Ptr(pq),
-            Arg::Ptr(pk),
-            Arg::Ptr(pv),
-            cu_p,
-            nseq,
-            i32_arg(OP, t)?,
-            nh,
-            nkv,
-            Arg::F32(scale),
-            Arg::Ptr(po),
-            lse_p,
-        ];
-        return launch(ord, &SRC, &format!("attn_fwd_v1_{suf}"), cfg, &args).map(|()| (o, lse));
-    }
-    let tl = tiles(cu, if version == 2 { FWD_V2_BR } else { fwd_v3_br(dims.head_dim) });
-    let tl_d = upload(ord, &tl)?;
-    let cfg = LaunchCfg { grid: ((tl.len() / 2) as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
+    // v1: one block per 4 query rows, finding each row's sequence in cu; v2/v3: one block per
+    // (sequence, query tile) of a host-made list.
+    let tile_list;
+    let (blocks, index_args) = if version == 1 {
+        (t.div_ceil(4), [Arg::Ptr(cu_d.cuda_ptr()?), i32_arg(OP, cu.len() - 1)?])
+    } else {
+        let tl = tiles(cu, if version == 2 { FWD_V2_BR } else { fwd_v3_br(dims.head_dim) });
+        tile_list = upload(ord, &tl)?;
+        (tl.len() / 2, [Arg::Ptr(tile_list.cuda_ptr()?), Arg::Ptr(cu_d.cuda_ptr()?)])
+    };
+    let cfg = LaunchCfg { grid: (blocks as u32, dims.n_heads as u32, 1), block: (128, 1, 1), smem: 0 };
+    let [ia, ib] = index_args;
     let args = [
         Arg::Ptr(pq),
         Arg::Ptr(pk),
         Arg::Ptr(pv),
-        Arg::Ptr(tl_d.cuda_ptr()?),
-        cu_p,
+        ia,
+        ib,
         i32_arg(OP, t)?,
         nh,
         nkv,
         Arg::F32(scale),
         Arg::Ptr(po),
-        lse_p,
+        Arg::Ptr(lse.cuda_ptr()?),
     ];
     launch(ord, &SRC, &format!("attn_fwd_v{version}_{suf}"), cfg, &args)?;
     Ok((o, lse))
