@@ -967,7 +967,7 @@ __device__ void attn_bwd_dkdv_v3(const bf16_t* __restrict__ q, const bf16_t* __r
     const int b = (int)tiles[2 * blockIdx.x], k0 = (int)tiles[2 * blockIdx.x + 1];
     const int g = blockIdx.y, rep = nh / nkv;
     const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
-    const int kw = k0 + warp * 16, ka = kw + gid, kb = ka + 8;  // this warp's first key, its two
+    const int kw = k0 + warp * 16, ka = kw + gid, kb = ka + 8;  // the warp's first key; this thread's two
     const float sl2 = scale * ATT_LOG2E;
     const int nq = (len - k0 + BQ - 1) / BQ, steps = rep * nq;  // query tiles per head, in all
     // Step i: query head g·rep + i / nq, rows from k0 + BQ·(i % nq), into buffer i % 2.

@@ -92,7 +92,7 @@ fn key_tiles(cu: &[u32], size: usize) -> Vec<u32> {
 
 /// Whether the tensor-core (mma.sync) kernels, forward and backward v2/v3, take these
 /// tensors: bf16, head_dim 64 or 128, and 16-byte aligned rows; otherwise only v1 can.
-fn v2_fits(dims: Dims, ts: &[&Tensor]) -> Result<bool> {
+fn tensor_cores_fit(dims: Dims, ts: &[&Tensor]) -> Result<bool> {
     if ts[0].dtype() != DType::BF16 || !matches!(dims.head_dim, 64 | 128) {
         return Ok(false);
     }
@@ -129,7 +129,7 @@ pub fn forward(
     }
     let cu_d = upload(ord, cu)?;
     let (pq, pk, pv, po) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, o.cuda_ptr()?);
-    let tensor_cores = v2_fits(dims, &[q, k, v, &o])?;
+    let tensor_cores = tensor_cores_fit(dims, &[q, k, v, &o])?;
     let version = crate::versions::pick("attention_forward", if tensor_cores { &[1, 2, 3] } else { &[1] })?;
     let (nh, nkv) = (i32_arg(OP, dims.n_heads)?, i32_arg(OP, dims.n_kv_heads)?);
     // v1: one block per 4 query rows, finding each row's sequence in cu; v2/v3: one block per
@@ -176,7 +176,7 @@ pub fn backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "attention_backward (cuda)";
     let suf = suffix(OP, q.dtype(), dims.head_dim)?;
-    let tensor_cores = v2_fits(dims, &[q, k, v, o, d_o])?;
+    let tensor_cores = tensor_cores_fit(dims, &[q, k, v, o, d_o])?;
     let version = crate::versions::pick("attention_backward", if tensor_cores { &[1, 2, 3] } else { &[1] })?;
     let t = q.dim(0);
     let dev = Device::Cuda(ord);
