@@ -162,6 +162,29 @@ impl Weights {
         assemble(config, |_, shape| Ok(Tensor::zeros(shape, dtype, device)?))
     }
 
+    /// [`Weights::zeros`] as views into one flat buffer, which is returned too: an op over the
+    /// whole model (zeroing gradients, their global norm) is then one launch instead of one per
+    /// tensor. Each view starts 256-byte aligned (the padding between views stays zero), so
+    /// vectorised kernels and cuBLAS see aligned rows.
+    pub fn zeros_flat(config: &Config, dtype: DType, device: Device) -> Result<(Weights, Tensor)> {
+        const ALIGN: usize = 256;
+        let per = (ALIGN / dtype.size_in_bytes()).max(1);
+        let padded = |shape: &[usize]| shape.iter().product::<usize>().div_ceil(per) * per;
+        let total: usize = config.expected_tensors().iter().map(|(_, s)| padded(s)).sum();
+        let flat = Tensor::zeros(&[total.max(1)], dtype, device)?;
+        let mut at = 0usize;
+        let weights = assemble(config, |name, shape| {
+            let n: usize = shape.iter().product();
+            if at + n > total {
+                return Err(Error::Msg(format!("internal: zeros_flat has no room for {name}")));
+            }
+            let view = flat.narrow_rows(at, n)?.reshape(shape)?;
+            at += padded(shape);
+            Ok(view)
+        })?;
+        Ok((weights, flat))
+    }
+
     /// Builds weights from named tensors (HF names), checking names and shapes against
     /// `config` like [`Weights::load`]. Tensor dtypes and devices are kept.
     pub fn from_named(config: &Config, tensors: Vec<(String, Tensor)>) -> Result<Weights> {

@@ -130,8 +130,10 @@ pub struct StepStats {
 /// Optimizer state for one model, and the step that updates it.
 pub struct PolicyStep {
     pub config: StepConfig,
-    /// f32 gradients, zeroed at the start of every step.
+    /// f32 gradients, zeroed at the start of every step: views into `grads_flat`.
     pub grads: Weights,
+    /// The one buffer behind `grads` (zeroed, and its norm taken, in one launch each).
+    grads_flat: Tensor,
     /// f32 master weights when the model's own are not f32; `None` = the model's tensors.
     master: Option<Weights>,
     m: Weights,
@@ -153,7 +155,7 @@ impl PolicyStep {
     pub fn new(model: &Qwen, config: StepConfig) -> Result<PolicyStep> {
         config.loss.validate()?;
         let dev = model.device();
-        let grads = Weights::zeros(&model.config, DType::F32, dev)?;
+        let (grads, grads_flat) = Weights::zeros_flat(&model.config, DType::F32, dev)?;
         let m = Weights::zeros(&model.config, DType::F32, dev)?;
         let v = Weights::zeros(&model.config, DType::F32, dev)?;
         let master = if model.weights.embed_tokens.dtype() == DType::F32 {
@@ -162,13 +164,13 @@ impl PolicyStep {
             Some(model.weights.try_map(|_, t| Ok(smelt_kernels::cast::cast(t, DType::F32)?))?)
         };
         let decay = model.weights.named_tensors().iter().map(|(n, _)| decays(n)).collect();
-        Ok(PolicyStep { config, grads, master, m, v, decay, step: 0 })
+        Ok(PolicyStep { config, grads, grads_flat, master, m, v, decay, step: 0 })
     }
 
     /// Bytes of optimizer state this holds (gradients, moments, master copy).
     pub fn state_bytes(&self) -> usize {
         let b = |w: &Weights| w.named_tensors().iter().map(|(_, t)| t.size_in_bytes()).sum::<usize>();
-        b(&self.grads) + b(&self.m) + b(&self.v) + self.master.as_ref().map_or(0, b)
+        self.grads_flat.size_in_bytes() + b(&self.m) + b(&self.v) + self.master.as_ref().map_or(0, b)
     }
 
     /// Writes the AdamW moments (and the f32 master weights when kept) to `path` as
@@ -247,9 +249,7 @@ impl PolicyStep {
         };
         let mut ph = PhaseTimes::default();
         let t0 = Instant::now();
-        for (_, g) in self.grads.named_tensors() {
-            zero_(g)?;
-        }
+        zero_(&self.grads_flat)?;
         sync(&mut ph.optimizer, t0)?;
 
         let (mut loss, mut ent_sum, mut logp_sum) = (0f64, 0f64, 0f64);
@@ -326,9 +326,8 @@ impl PolicyStep {
         }
 
         let t0 = Instant::now();
+        let norm = global_norm(&[&self.grads_flat])?;
         let grads = self.grads.named_tensors();
-        let grad_refs: Vec<&Tensor> = grads.iter().map(|(_, t)| *t).collect();
-        let norm = global_norm(&grad_refs)?;
         let scale = cfg.max_grad_norm.map_or(1.0, |max| clip_scale(norm, max));
         // Nothing to learn from (every token masked): no AdamW step, so momentum and weight
         // decay do not move the weights either.
@@ -829,6 +828,15 @@ mod tests {
         let ((two, rows2), (five, rows5)) = (copies(2), copies(5));
         assert_eq!(two, five, "copies per step grow with depth:\n2 layers: {rows2:?}\n5 layers: {rows5:?}");
         assert!(two <= 20, "{two} host↔device copies in one step: {rows2:?}");
+        // The gradients live in one buffer: zeroing them and their norm are one launch each,
+        // however many tensors the model has.
+        let calls = |rows: &[profile::ProfileRow], name: &str| -> usize {
+            rows.iter().filter(|r| r.name.contains(name)).map(|r| r.calls).sum()
+        };
+        for rows in [&rows2, &rows5] {
+            assert_eq!(calls(rows, "memset"), 1, "{rows:?}");
+            assert_eq!(calls(rows, "global_norm::sumsq_f32"), 1, "{rows:?}");
+        }
     }
 
     #[test]
