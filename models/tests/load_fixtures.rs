@@ -154,6 +154,27 @@ fn weights_containers_zeros_map_from_named() {
     assert!(rebuilt.layers[1].down_proj.same_storage(&w.layers[1].down_proj));
     let e = Weights::from_named(&c, named[1..].to_vec()).unwrap_err().to_string();
     assert!(e.contains("missing: model.embed_tokens.weight"), "{e}");
+
+    // zeros_flat: the same names and shapes as zeros, as aligned, disjoint views of one buffer.
+    let (f, flat) = Weights::zeros_flat(&c, DType::F32, Device::Cpu).unwrap();
+    let (fz, zz) = (f.named_tensors(), z.named_tensors());
+    assert_eq!(
+        fz.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect::<Vec<_>>(),
+        zz.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect::<Vec<_>>()
+    );
+    let mut end = 0;
+    for (n, t) in &fz {
+        assert!(t.same_storage(&flat), "{n}");
+        assert!(t.offset() >= end && t.offset() * 4 % 256 == 0, "{n} at element {}", t.offset());
+        end = t.offset() + t.elem_count();
+    }
+    assert!(end <= flat.elem_count());
+    // Writing one view shows in the buffer at its offset and nowhere else.
+    let (name, last) = fz.last().unwrap();
+    last.copy_from(&smelt_engine::Tensor::full(2.0, last.shape(), DType::F32, Device::Cpu).unwrap()).unwrap();
+    let all = flat.to_vec_f32().unwrap();
+    assert_eq!(all.iter().filter(|&&x| x == 2.0).count(), last.elem_count(), "{name}");
+    assert!(all[last.offset()..last.offset() + last.elem_count()].iter().all(|&x| x == 2.0));
 }
 
 #[test]
