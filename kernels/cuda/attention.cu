@@ -302,14 +302,16 @@ __device__ void attn_fwd_v2(const bf16_t* __restrict__ q, const bf16_t* __restri
     }
 }
 
-#define ATT_FWD_V2(NAME, D)                                                                             \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                             \
+// Forward tensor-core kernel of version V (2, 3) at head dim D; the rest are attn_fwd_vV's
+// template arguments.
+#define ATT_FWD_TC(V, D, ...)                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) attn_fwd_v##V##_bf16_d##D(                        \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* tiles, const u32* cu, int ntok,   \
         int nh, int nkv, float scale, bf16_t* o, float* lse) {                                          \
-        attn_fwd_v2<D>(q, k, v, tiles, cu, ntok, nh, nkv, scale, o, lse);                               \
+        attn_fwd_v##V<__VA_ARGS__>(q, k, v, tiles, cu, ntok, nh, nkv, scale, o, lse);                   \
     }
-ATT_FWD_V2(attn_fwd_v2_bf16_d64, 64)
-ATT_FWD_V2(attn_fwd_v2_bf16_d128, 128)
+ATT_FWD_TC(2, 64, 64)
+ATT_FWD_TC(2, 128, 128)
 
 // ---------------------------------------------------------------- backward v1 (tiled FMA)
 // delta[h, t] = Σ_d dO[t,h,d]·O[t,h,d]; one warp per (t, h).
@@ -935,14 +937,8 @@ __device__ void attn_fwd_v3(const bf16_t* __restrict__ q, const bf16_t* __restri
     }
 }
 
-#define ATT_FWD_V3(NAME, D, MT)                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                             \
-        const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* tiles, const u32* cu, int ntok,   \
-        int nh, int nkv, float scale, bf16_t* o, float* lse) {                                          \
-        attn_fwd_v3<D, MT>(q, k, v, tiles, cu, ntok, nh, nkv, scale, o, lse);                           \
-    }
-ATT_FWD_V3(attn_fwd_v3_bf16_d64, 64, 2)
-ATT_FWD_V3(attn_fwd_v3_bf16_d128, 128, 1)
+ATT_FWD_TC(3, 64, 64, 2)
+ATT_FWD_TC(3, 128, 128, 1)
 
 // ---------------------------------------------------------------- backward v3 (cp.async, ldmatrix)
 // v2's two passes with forward v3's operand path: smem tiles staged by cp.async, every B

@@ -211,6 +211,10 @@ struct AsyncCopy {
     unsigned bytes;
     bool fill;  // src-size = bytes (copy) rather than 0 (zero-fill)
     unsigned group;
+    void perform() const {
+        if (fill) std::memcpy(dst, src, bytes);
+        else std::memset(dst, 0, bytes);
+    }
 };
 
 struct Fiber {
@@ -809,13 +813,12 @@ inline void smelt_emu_cp_async(void* dst, const void* src, unsigned bytes, bool 
         fail(m);
         return;
     }
-    const bool now = cp_async_eager();
-    if (now) {
-        if (fill) std::memcpy(dst, src, bytes);
-        else std::memset(dst, 0, bytes);
+    AsyncCopy c{dst, src, bytes, fill, f.committed};
+    if (cp_async_eager()) {
+        c.perform();
+        c.bytes = 0;  // listed as done, so that a copy never waited for is still an error
     }
-    // An eager copy stays listed (as done) so that a copy never waited for is still an error.
-    f.copies.push_back({dst, src, now ? 0u : bytes, fill, f.committed});
+    f.copies.push_back(c);
 }
 inline void smelt_emu_cp_async_commit() { smelt_emu::B->fibers[smelt_emu::B->cur].committed++; }
 // Waits until at most `n` of the newest committed groups are pending (uncommitted copies stay).
@@ -827,8 +830,7 @@ inline void smelt_emu_cp_async_wait(unsigned n) {
     for (size_t i = 0; i < f.copies.size(); ++i) {
         AsyncCopy& c = f.copies[i];
         if (c.group < done) {
-            if (c.fill) std::memcpy(c.dst, c.src, c.bytes);
-            else std::memset(c.dst, 0, c.bytes);
+            c.perform();
         } else {
             f.copies[keep++] = c;
         }

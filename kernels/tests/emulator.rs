@@ -154,6 +154,16 @@ fn run(name: &str, c: LaunchCfg, args: &[Arg]) -> smelt_engine::Result<()> {
     launch(0, &SRC, name, c, args)
 }
 
+/// Runs test `name` of this binary again in a child process with `env` set (the child takes the
+/// branch that does the dangerous or process-wide thing) and returns what it did.
+fn run_in_child(name: &str, env: (&str, &str)) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env(env.0, env.1)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn collectives_match_the_host() {
     let dev = dev();
@@ -282,11 +292,7 @@ fn eager_cp_async_exposes_a_copy_over_unfinished_reads() {
     }
     let want: Vec<f32> = (0..64).rev().map(|i| i as f32).collect();
     assert_eq!(run_it(), want, "copies performed at the wait: every read sees the old value");
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
-        .env("SMELT_EMU_CP_ASYNC", "eager")
-        .output()
-        .unwrap();
+    let out = run_in_child(name, ("SMELT_EMU_CP_ASYNC", "eager"));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let line =
@@ -363,11 +369,7 @@ fn reads_past_a_block_hit_the_guard_page() {
         println!("the read past the block returned {r:?}");
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
-        .env("SMELT_EMU_GUARD_CHILD", "1")
-        .output()
-        .unwrap();
+    let out = run_in_child(name, ("SMELT_EMU_GUARD_CHILD", "1"));
     use std::os::unix::process::ExitStatusExt;
     let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.signal(), Some(11), "expected SIGSEGV; status {:?}, stdout:\n{text}", out.status);
@@ -385,11 +387,7 @@ fn stack_overflow_is_named() {
         println!("the deep stack returned {r:?}");
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
-        .env("SMELT_EMU_STACK_CHILD", "1")
-        .output()
-        .unwrap();
+    let out = run_in_child(name, ("SMELT_EMU_STACK_CHILD", "1"));
     use std::os::unix::process::ExitStatusExt;
     let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.signal(), Some(11), "expected SIGSEGV; status {:?}, stdout:\n{text}", out.status);

@@ -19,7 +19,7 @@ fn fwd_v3_br(head_dim: usize) -> usize {
 const BWD_BK: usize = 32;
 const BWD_BQ: usize = 8;
 /// Backward v2/v3 key tile (dK/dV) and query tile (dQ) rows.
-const BWD_V2_TILE: usize = 64;
+const BWD_TC_TILE: usize = 64;
 /// New tokens per decode block (must match `DEC_MAXQ`).
 const DEC_MAXQ: usize = 4;
 /// Decode aims at this many blocks (about 2 per SM on an H100) before splitting the cache.
@@ -208,7 +208,7 @@ pub fn backward(
         Arg::Ptr(delta.cuda_ptr()?),
     ];
     let (kv_tile, q_tile, tag) =
-        if version == 1 { (BWD_BK, BWD_BQ, String::new()) } else { (BWD_V2_TILE, BWD_V2_TILE, format!("v{version}_")) };
+        if version == 1 { (BWD_BK, BWD_BQ, String::new()) } else { (BWD_TC_TILE, BWD_TC_TILE, format!("v{version}_")) };
     let kt = key_tiles(cu, kv_tile);
     let kt_d = upload(ord, &kt)?;
     let mut args = head.to_vec();
