@@ -25,11 +25,16 @@
 //     report for sm_80 and sm_90, when NVRTC is installed);
 //   - deadlock: threads waiting at a barrier that the others can never reach;
 //   - a full-mask warp operation in a warp with an exited or missing lane (undefined on a GPU);
-//   - misaligned ldmatrix rows and cp.async addresses, and cp.async copies never waited for.
+//   - misaligned ldmatrix rows and cp.async addresses, and cp.async copies never waited for;
+//   - with SMELT_EMU_RACECHECK=1, data races within a block (what compute-sanitizer's racecheck
+//     reports, and the same on global memory): two threads touch the same byte, one writes, and
+//     no __syncthreads (or, within a warp, __syncwarp) orders them. The kernel source is then
+//     compiled with -fsanitize=thread, whose per-access callbacks are the detector in namespace
+//     race below (libtsan is not used). About 3x slower; see "the race detector" below.
 // Out-of-bounds accesses are caught on the memory side (smelt_engine::cuda::emu): a guard page
 // after every device block (SIGSEGV) and a canary after every tensor, checked after each launch.
-// What it cannot check: timing-dependent races between blocks, GPU rounding (no FMA contraction
-// here, exact expf for __expf).
+// What it cannot check: races between blocks, GPU rounding (no FMA contraction here, exact expf
+// for __expf).
 
 #pragma once
 #include <algorithm>
@@ -54,6 +59,17 @@
 #include <ucontext.h>
 
 #define SMELT_EMU 1
+
+// SMELT_EMU_RACECHECK: the kernel source is compiled with -fsanitize=thread, whose memory-access
+// callbacks are the race detector below; SMELT_RT marks the emulator's own runtime, whose
+// bookkeeping (warp slots, barrier counters) is not kernel memory and is left uninstrumented.
+#ifdef SMELT_EMU_RACECHECK
+#define SMELT_RT __attribute__((no_sanitize_thread))
+#include <dlfcn.h>
+#include <link.h>
+#else
+#define SMELT_RT
+#endif
 
 // ---- language ------------------------------------------------------------------------------
 #ifdef SMELT_EMU_SCAN
@@ -126,23 +142,31 @@ template <class A, class B> inline auto max(A a, B b) -> std::common_type_t<A, B
     return (C)a < (C)b ? (C)b : (C)a;
 }
 
-// Atomics: blocks run on several OS threads, so these are real atomic read-modify-writes.
-template <class T> inline T smelt_atomic_add(T* p, T v) {
-    using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-    U* q = reinterpret_cast<U*>(p);
-    U old = __atomic_load_n(q, __ATOMIC_RELAXED);
-    for (;;) {
-        U next = smelt_bits<U>(T(smelt_bits<T>(old) + v));
-        if (__atomic_compare_exchange_n(q, &old, next, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) return smelt_bits<T>(old);
+// Atomics: blocks run on several OS threads, so these are real atomic read-modify-writes (and,
+// under the race detector, atomic accesses: they race with plain accesses only).
+namespace smelt_emu {
+SMELT_RT inline void race_atomic(const void* p, unsigned bytes);
+}
+template <class T> SMELT_RT inline T smelt_atomic_add(T* p, T v) {
+    smelt_emu::race_atomic(p, sizeof(T));
+    if constexpr (std::is_integral_v<T>) {
+        return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+    } else {
+        using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+        U* q = reinterpret_cast<U*>(p);
+        U old = __atomic_load_n(q, __ATOMIC_RELAXED);
+        for (;;) {
+            U next = smelt_bits<U>(T(smelt_bits<T>(old) + v));
+            if (__atomic_compare_exchange_n(q, &old, next, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+                return smelt_bits<T>(old);
+        }
     }
 }
 inline float atomicAdd(float* p, float v) { return smelt_atomic_add(p, v); }
 inline double atomicAdd(double* p, double v) { return smelt_atomic_add(p, v); }
-inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-}
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return smelt_atomic_add(p, v); }
+inline int atomicAdd(int* p, int v) { return smelt_atomic_add(p, v); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return smelt_atomic_add(p, v); }
 
 // ---- the fiber runtime -----------------------------------------------------------------------
 namespace smelt_emu {
@@ -211,7 +235,7 @@ struct AsyncCopy {
     unsigned bytes;
     bool fill;  // src-size = bytes (copy) rather than 0 (zero-fill)
     unsigned group;
-    void perform() const {
+    SMELT_RT void perform() const {
         if (fill) std::memcpy(dst, src, bytes);
         else std::memset(dst, 0, bytes);
     }
@@ -226,6 +250,8 @@ struct Fiber {
     char* stack;        // its stack mapping; the lowest page is the guard page
     std::vector<AsyncCopy> copies;  // issued, not yet waited for
     unsigned committed;             // cp.async.commit_group count
+    unsigned wsync;                 // __syncwarp count: orders this warp's accesses (race detector)
+    int quiet;                      // > 0: in the runtime, whose memory accesses are not the kernel's
 };
 
 struct Warp {
@@ -246,6 +272,10 @@ struct Warp {
     }
 };
 
+namespace race {
+struct Table;
+}
+
 struct Block {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
@@ -254,31 +284,237 @@ struct Block {
     void (*thunk)(const void*) = nullptr;
     const void* args = nullptr;
     std::string error;
+    bool racing = false;  // a kernel fiber is running: its memory accesses are checked for races
+    uint64_t gen = 0;     // one per block and per completed __syncthreads (race detector)
+    race::Table* race = nullptr;
 };
 
 inline thread_local Block* B = nullptr;
 
-inline void fail(std::string msg) {
+constexpr size_t kStack = 256 << 10;  // each fiber's stack mapping, guard page included
+
+SMELT_RT inline void fail(std::string msg) {
     if (B->error.empty()) B->error = std::move(msg);
 }
 
+// ---- the race detector (SMELT_EMU_RACECHECK=1) ----------------------------------------------
+// What compute-sanitizer's racecheck reports, checked on every access the kernel makes to memory
+// that is not its own stack: two threads of one block touch the same byte, at least one writes
+// (an atomic counts as a write that races only with plain accesses), and no barrier orders them.
+// Ordering: all threads of a block run between the same two __syncthreads, so accesses from
+// different barrier intervals are ordered and only the current interval is remembered (entries
+// carry the interval's `gen`); two lanes of one warp are also ordered by a __syncwarp between
+// them. Shuffles, mma.sync and ldmatrix are not memory barriers, so they do not order accesses.
+// cp.async writes its destination both at the issue and when performed, and ldmatrix reads each
+// lane's row as that lane. Byte-exact; it remembers the last writer and two readers per byte.
+// Accesses to global memory are checked within a block too; between blocks nothing is ordered
+// or checked (as with racecheck).
+namespace race {
+struct Access {
+    int tid = -1;  // linear thread index in the block; -1: none
+    unsigned wsync = 0;
+};
+struct Entry {
+    uint64_t gen;  // the interval it belongs to; older entries are empty (0: never used)
+    uintptr_t addr;
+    Access w, r1, r2;
+    bool atomic;  // the write was an atomic
+};
+enum Kind { Read, Write, Atomic };
+
+// One per worker thread and launch (the workers are fresh threads), owned by its Block.
+struct Table {
+    std::vector<Entry> e;  // global memory: open addressing; entries of older intervals are free
+    size_t used = 0;
+    uint64_t gen = 0;
+    uintptr_t smem_lo = 0, smem_hi = 0;  // this OS thread's __shared__ (TLS) block of this library
+    Entry* smem = nullptr;               // one entry per byte of it (calloc: untouched pages stay free)
+    bool busy = false;                   // inside the detector: its own library calls are not checked
+    SMELT_RT ~Table() { free(smem); }
+};
+
+SMELT_RT inline bool enabled() {
+#ifdef SMELT_EMU_RACECHECK
+    return true;
+#else
+    return false;
+#endif
+}
+
+#ifdef SMELT_EMU_RACECHECK
+SMELT_RT inline int find_tls(struct dl_phdr_info* info, size_t, void* data) {
+    auto* t = static_cast<Table*>(data);
+    Dl_info self;
+    if (!dladdr(reinterpret_cast<void*>(&find_tls), &self) || info->dlpi_addr != (ElfW(Addr))self.dli_fbase) return 0;
+    for (int i = 0; i < info->dlpi_phnum; ++i)
+        if (info->dlpi_phdr[i].p_type == PT_TLS && info->dlpi_tls_data) {
+            t->smem_lo = reinterpret_cast<uintptr_t>(info->dlpi_tls_data);
+            t->smem_hi = t->smem_lo + info->dlpi_phdr[i].p_memsz;
+        }
+    return 1;
+}
+#endif
+
+SMELT_RT inline Table* new_table() {
+    auto* t = new Table;
+    t->e.resize(1 << 12);
+#ifdef SMELT_EMU_RACECHECK
+    (void)threadIdx.x;  // makes sure this thread's TLS block of the library exists
+    dl_iterate_phdr(find_tls, t);
+    if (t->smem_hi > t->smem_lo) t->smem = static_cast<Entry*>(calloc(t->smem_hi - t->smem_lo, sizeof(Entry)));
+#endif
+    return t;
+}
+
+SMELT_RT inline size_t slot_of(uintptr_t a, size_t mask) { return (size_t)((a * 0x9E3779B97F4A7C15ull) >> 20) & mask; }
+
+// The entry of global-memory byte `a` in the current interval (new and empty if it had none).
+SMELT_RT inline Entry& global_entry(Table& t, uintptr_t a) {
+    for (;;) {
+        const size_t mask = t.e.size() - 1;
+        for (size_t i = slot_of(a, mask);; i = (i + 1) & mask) {
+            Entry& x = t.e[i];
+            if (x.gen == t.gen && x.addr == a) return x;
+            if (x.gen != t.gen) {
+                if (2 * (t.used + 1) <= t.e.size()) {
+                    x = Entry{t.gen, a, {}, {}, {}, false};
+                    t.used++;
+                    return x;
+                }
+                break;  // half full: grow and look again
+            }
+        }
+        std::vector<Entry> old(t.e.size() * 2);
+        old.swap(t.e);
+        const size_t mask2 = t.e.size() - 1;
+        for (const Entry& x : old)
+            if (x.gen == t.gen)
+                for (size_t i = slot_of(x.addr, mask2);; i = (i + 1) & mask2)
+                    if (t.e[i].gen != t.gen) {
+                        t.e[i] = x;
+                        break;
+                    }
+    }
+}
+
+// Whether accesses a and b (by different threads) may run concurrently in this interval.
+SMELT_RT inline bool concurrent(const Access& a, const Access& b) {
+    return a.tid >= 0 && b.tid >= 0 && a.tid != b.tid && ((a.tid >> 5) != (b.tid >> 5) || a.wsync == b.wsync);
+}
+
+SMELT_RT inline void report(const Table& t, uintptr_t a, const Access& first, Kind first_kind, const Access& now,
+                            Kind kind) {
+    const uint3 p = B->fibers[first.tid].tid, q = B->fibers[now.tid].tid;
+    const Fiber* owner = nullptr;
+    for (const Fiber& f : B->fibers)
+        if (a >= reinterpret_cast<uintptr_t>(f.stack) && a < reinterpret_cast<uintptr_t>(f.stack) + kStack) owner = &f;
+    char where[96];
+    if (a >= t.smem_lo && a < t.smem_hi)
+        snprintf(where, sizeof where, "shared memory at %p", reinterpret_cast<void*>(a));
+    else if (owner)
+        snprintf(where, sizeof where, "a local variable of thread (%u,%u,%u)", owner->tid.x, owner->tid.y, owner->tid.z);
+    else
+        snprintf(where, sizeof where, "global memory at %p", reinterpret_cast<void*>(a));
+    const char* what[] = {"reads", "writes", "atomically updates"};
+    char m[400];
+    snprintf(m, sizeof m, "race on %s: thread (%u,%u,%u) %s it and thread (%u,%u,%u) %s it with no %s between them",
+             where, p.x, p.y, p.z, what[first_kind], q.x, q.y, q.z, what[kind],
+             (first.tid >> 5) == (now.tid >> 5) ? "__syncwarp or __syncthreads" : "__syncthreads");
+    fail(m);
+}
+
+// Checks byte `a`'s entry against an access `now`, then records it; false on a race (reported).
+SMELT_RT inline bool check(const Table& t, Entry& x, uintptr_t a, const Access& now, Kind kind) {
+    if (concurrent(x.w, now) && !(kind == Atomic && x.atomic)) {
+        report(t, a, x.w, x.atomic ? Atomic : Write, now, kind);
+        return false;
+    }
+    if (kind != Read) {
+        if (concurrent(x.r1, now) || concurrent(x.r2, now)) {
+            report(t, a, concurrent(x.r1, now) ? x.r1 : x.r2, Read, now, kind);
+            return false;
+        }
+        x.w = now;
+        x.atomic = kind == Atomic;
+    } else if (x.r1.tid < 0 || x.r1.tid == now.tid) {
+        x.r1 = now;
+    } else {
+        x.r2 = now;
+    }
+    return true;
+}
+
+// Checks and records an access of `bytes` bytes at `p` by the running thread.
+SMELT_RT inline void access(const void* p, size_t bytes, Kind kind) {
+    Block* b = B;
+    if (!enabled() || !b || !b->racing || !b->error.empty()) return;
+    if (!b->race) {
+        b->racing = false;  // constructing it calls instrumented library code
+        b->race = new_table();
+        b->racing = true;
+    }
+    Table& t = *b->race;
+    if (t.busy) return;
+    const Fiber& f = b->fibers[b->cur];
+    const uintptr_t a0 = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t stack = reinterpret_cast<uintptr_t>(f.stack);
+    if (a0 >= stack && a0 < stack + kStack) return;  // its own locals
+    if (t.gen != b->gen) {
+        t.gen = b->gen;
+        t.used = 0;
+    }
+    const Access now{b->cur, f.wsync};
+    if (t.smem && a0 >= t.smem_lo && a0 + bytes <= t.smem_hi) {
+        Entry* e = t.smem + (a0 - t.smem_lo);
+        for (size_t i = 0; i < bytes; ++i) {
+            if (e[i].gen != t.gen) e[i] = Entry{t.gen, a0 + i, {}, {}, {}, false};
+            if (!check(t, e[i], a0 + i, now, kind)) return;
+        }
+        return;
+    }
+    t.busy = true;  // growing the table calls instrumented library code
+    for (uintptr_t a = a0; a < a0 + bytes; ++a)
+        if (!check(t, global_entry(t, a), a, now, kind)) break;
+    t.busy = false;
+}
+
+// Library code the runtime calls (std::vector, std::string) is instrumented too; its accesses are
+// the emulator's, not the kernel's (and a heap block one fiber's vector frees and another's
+// reuses would look like shared data). A Quiet scope, per fiber because a scope may span a
+// yield, hides them; the runtime reports the kernel's own accesses through access() directly.
+struct Quiet {
+    Fiber& f;
+    SMELT_RT Quiet() : f(B->fibers[B->cur]) { ++f.quiet; }
+    SMELT_RT ~Quiet() { --f.quiet; }
+};
+
+// An access by the kernel's own code (the -fsanitize=thread callbacks): outside Quiet scopes.
+SMELT_RT inline void access_by_kernel(const void* p, size_t bytes, Kind kind) {
+    Block* b = B;
+    if (enabled() && b && b->racing && b->fibers[b->cur].quiet == 0) access(p, bytes, kind);
+}
+}  // namespace race
+
+SMELT_RT inline void race_atomic(const void* p, unsigned bytes) { race::access(p, bytes, race::Atomic); }
+
 // Releases the fibers waiting with state `s`: all of the block's (warp < 0), or one warp's.
-inline void release(St s, int warp) {
+SMELT_RT inline void release(St s, int warp) {
     const size_t lo = warp < 0 ? 0 : (size_t)warp * 32;
     const size_t hi = warp < 0 ? B->fibers.size() : std::min(B->fibers.size(), lo + 32);
     for (size_t i = lo; i < hi; ++i)
         if (B->fibers[i].st == s) B->fibers[i].st = St::Ready;
 }
 
-inline void yield_to_scheduler() {
+SMELT_RT inline void yield_to_scheduler() {
     Fiber& f = B->fibers[B->cur];
     switch_to(f.ctx, B->sched);
 }
 
-inline void sync_block() {
+SMELT_RT inline void sync_block() {
     Block& b = *B;
     if (++b.at_block_barrier == b.live) {
         b.at_block_barrier = 0;
+        b.gen++;
         release(St::AtBlockBarrier, -1);
         return;
     }
@@ -286,7 +522,7 @@ inline void sync_block() {
     yield_to_scheduler();
 }
 
-inline void sync_warp(const char* op) {
+SMELT_RT inline void sync_warp(const char* op) {
     Block& b = *B;
     Fiber& f = b.fibers[b.cur];
     Warp& w = b.warps[f.warp];
@@ -311,7 +547,7 @@ inline void sync_warp(const char* op) {
     yield_to_scheduler();
 }
 
-inline void check_mask(unsigned mask, const char* op) {
+SMELT_RT inline void check_mask(unsigned mask, const char* op) {
     if (mask != 0xffffffffu) {
         char m[120];
         snprintf(m, sizeof m, "%s with mask %#x: the emulator supports full-warp masks only", op, mask);
@@ -320,7 +556,7 @@ inline void check_mask(unsigned mask, const char* op) {
 }
 
 // Every lane deposits `v`, all meet, each reads lane `src(lane)`'s value, all meet again.
-template <class T, class F> inline T shuffle(unsigned mask, T v, F src, const char* op) {
+template <class T, class F> SMELT_RT inline T shuffle(unsigned mask, T v, F src, const char* op) {
     static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
     check_mask(mask, op);
     Fiber& f = B->fibers[B->cur];
@@ -342,8 +578,9 @@ template <class T, class F> inline T shuffle(unsigned mask, T v, F src, const ch
 // lane reads its own entry. For trivially copyable T up to 64 bytes (a reduction state struct
 // fits). The results are rewritten only after the next barrier, which every lane reaches after
 // its read; deposits alternate between two buffers for the same reason.
-template <class T, class F> inline T warp_collective(T v, F all, const char* name) {
+template <class T, class F> SMELT_RT inline T warp_collective(T v, F all, const char* name) {
     static_assert(sizeof(T) <= 64 && std::is_trivially_copyable_v<T>, "warp collective over an unsupported type");
+    race::Quiet quiet;
     Fiber& f = B->fibers[B->cur];
     Warp& w = B->warps[f.warp];
     const int k = f.shuffles++ & 1;
@@ -386,10 +623,11 @@ template <class T, class Op> inline T scan_up(T v, Op op, const char* name) {
     }, name);
 }
 
-inline void fiber_main() {
+SMELT_RT inline void fiber_main() {
     Block& b = *B;
     b.thunk(b.args);
     Fiber& f = b.fibers[b.cur];
+    ++f.quiet;  // the kernel has returned
     if (!f.copies.empty()) {
         char m[160];
         snprintf(m, sizeof m, "thread (%u,%u,%u) returned with %zu cp.async copies never waited for", f.tid.x,
@@ -409,6 +647,7 @@ inline void fiber_main() {
     // Threads that have exited count as arrived at __syncthreads (as on sm_70+ hardware).
     if (b.at_block_barrier > 0 && b.at_block_barrier == b.live) {
         b.at_block_barrier = 0;
+        b.gen++;
         release(St::AtBlockBarrier, -1);
     }
     // Back to the scheduler for good: this fiber is never resumed.
@@ -416,7 +655,6 @@ inline void fiber_main() {
     switch_to(dead, b.sched);
 }
 
-constexpr size_t kStack = 256 << 10;
 
 // Fiber stacks of one OS thread, reused by every block it runs.
 struct Stacks {
@@ -470,7 +708,7 @@ inline std::string describe_deadlock(const Block& b) {
 }
 
 // Runs one block to completion; false (with b.error set) on an error.
-inline bool run_block(Block& b, Stacks& stacks, bool reverse) {
+SMELT_RT inline bool run_block(Block& b, Stacks& stacks, bool reverse) {
     const unsigned n = blockDim.x * blockDim.y * blockDim.z;
     b.fibers.resize(n);
     b.warps.resize((n + 31) / 32);
@@ -478,6 +716,7 @@ inline bool run_block(Block& b, Stacks& stacks, bool reverse) {
     b.live = (int)n;
     b.at_block_barrier = 0;
     b.error.clear();
+    b.gen++;
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = b.fibers[i];
         f.st = St::Ready;
@@ -487,6 +726,8 @@ inline bool run_block(Block& b, Stacks& stacks, bool reverse) {
         f.shuffles = 0;
         f.copies.clear();
         f.committed = 0;
+        f.wsync = 0;
+        f.quiet = 0;
         b.warps[f.warp].lanes++;
         char* stack = stacks.get(i);
         if (!stack) {
@@ -506,7 +747,9 @@ inline bool run_block(Block& b, Stacks& stacks, bool reverse) {
             if (b.fibers[i].st != St::Ready) continue;
             b.cur = (int)i;
             threadIdx = b.fibers[i].tid;
+            b.racing = true;
             switch_to(b.sched, b.fibers[i].ctx);
+            b.racing = false;
             ran = true;
             if (!b.error.empty()) return false;
         }
@@ -562,7 +805,7 @@ template <class... A, size_t... I> inline int first_bad_arg(const uint8_t* kinds
 template <class... A> struct Call {
     void (*f)(A...);
     std::tuple<A...> args;
-    static void run(const void* self) {
+    SMELT_RT static void run(const void* self) {
         auto* c = static_cast<const Call*>(self);
         std::apply(c->f, c->args);  // each CUDA thread gets its own copies of the parameters
     }
@@ -582,7 +825,7 @@ inline int report(char* err, size_t len, const std::string& m) {
 inline thread_local const char* current_kernel = nullptr;
 inline struct sigaction previous_segv, previous_bus;
 
-inline void fault_handler(int sig, siginfo_t* info, void* ctx) {
+SMELT_RT inline void fault_handler(int sig, siginfo_t* info, void* ctx) {
     if (current_kernel && B) {
         char m[400];
         const char* a = info ? static_cast<const char*>(info->si_addr) : nullptr;
@@ -626,7 +869,7 @@ inline void install_fault_handler() {
 
 // Launches kernel `f` over grid × block; returns 0, or 1 with a message in `err`.
 template <class... A>
-int launch(const char* name, void (*f)(A...), unsigned max_threads, const uint64_t* args, const uint8_t* kinds,
+SMELT_RT int launch(const char* name, void (*f)(A...), unsigned max_threads, const uint64_t* args, const uint8_t* kinds,
            int nargs, const unsigned* grid, const unsigned* block, char* err, size_t errlen) {
     constexpr int np = sizeof...(A);
     if (nargs != np)
@@ -697,6 +940,7 @@ int launch(const char* name, void (*f)(A...), unsigned max_threads, const uint64
             }
         }
         B = nullptr;
+        delete b.race;
         stack_pool.put(std::move(stacks));
         sigaltstack(&old_ss, nullptr);
     };
@@ -711,8 +955,9 @@ int launch(const char* name, void (*f)(A...), unsigned max_threads, const uint64
 }  // namespace smelt_emu
 
 inline void __syncthreads() { smelt_emu::sync_block(); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) {
+SMELT_RT inline void __syncwarp(unsigned mask = 0xffffffffu) {
     smelt_emu::check_mask(mask, "__syncwarp");
+    smelt_emu::B->fibers[smelt_emu::B->cur].wsync++;
     smelt_emu::sync_warp("__syncwarp");
 }
 template <class T> inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
@@ -738,8 +983,9 @@ template <class T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta,
 //   A (16×16, 4 regs): a0 (row g, k 2t..2t+1), a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..)
 //   B (16×8, 2 regs):  b0 (k 2t..2t+1, col g), b1 (k 2t+8..2t+9, col g)
 //   C (16×8, 4 f32):   c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1)
-inline void smelt_emu_mma_m16n8k16_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+SMELT_RT inline void smelt_emu_mma_m16n8k16_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
     using namespace smelt_emu;
+    race::Quiet quiet;
     Fiber& f = B->fibers[B->cur];
     Warp& w = B->warps[f.warp];
     uint64_t* s = w.slot[f.lane];
@@ -770,7 +1016,7 @@ inline void smelt_emu_mma_m16n8k16_bf16(float* c, const uint32_t* a, uint32_t b0
 // matrix i / 8 (8 b16 = 16 bytes, 16-byte aligned); register m of lane l receives matrix m's
 // elements (row l/4, cols 2(l%4), 2(l%4)+1), or with .trans (rows 2(l%4), 2(l%4)+1, col l/4);
 // the lower index in the lower half.
-inline void smelt_emu_ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
+SMELT_RT inline void smelt_emu_ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
     using namespace smelt_emu;
     Fiber& f = B->fibers[B->cur];
     Warp& w = B->warps[f.warp];
@@ -780,6 +1026,8 @@ inline void smelt_emu_ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
         fail(m);
     }
     w.slot[f.lane][6] = reinterpret_cast<uintptr_t>(row);
+    race::access(row, 16, race::Read);  // the lane's row; the warp's reads of the others' are not its own
+    race::Quiet quiet;
     sync_warp("ldmatrix");
     auto at = [&](int m, int rw, int col) {
         return (uint32_t)reinterpret_cast<const uint16_t*>(w.slot[8 * m + rw][6])[col];
@@ -804,7 +1052,7 @@ inline bool cp_async_eager() {
     }();
     return eager;
 }
-inline void smelt_emu_cp_async(void* dst, const void* src, unsigned bytes, bool fill) {
+SMELT_RT inline void smelt_emu_cp_async(void* dst, const void* src, unsigned bytes, bool fill) {
     using namespace smelt_emu;
     Fiber& f = B->fibers[B->cur];
     if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || (fill && reinterpret_cast<uintptr_t>(src) % bytes != 0)) {
@@ -814,22 +1062,28 @@ inline void smelt_emu_cp_async(void* dst, const void* src, unsigned bytes, bool 
         return;
     }
     AsyncCopy c{dst, src, bytes, fill, f.committed};
+    // The copy may land any time until its wait: a write at the issue, and again when performed.
+    race::access(dst, bytes, race::Write);
+    if (fill) race::access(src, bytes, race::Read);
+    race::Quiet quiet;
     if (cp_async_eager()) {
         c.perform();
         c.bytes = 0;  // listed as done, so that a copy never waited for is still an error
     }
     f.copies.push_back(c);
 }
-inline void smelt_emu_cp_async_commit() { smelt_emu::B->fibers[smelt_emu::B->cur].committed++; }
+SMELT_RT inline void smelt_emu_cp_async_commit() { smelt_emu::B->fibers[smelt_emu::B->cur].committed++; }
 // Waits until at most `n` of the newest committed groups are pending (uncommitted copies stay).
-inline void smelt_emu_cp_async_wait(unsigned n) {
+SMELT_RT inline void smelt_emu_cp_async_wait(unsigned n) {
     using namespace smelt_emu;
+    race::Quiet quiet;
     Fiber& f = B->fibers[B->cur];
     const unsigned done = f.committed >= n ? f.committed - n : 0;  // groups [0, done) complete
     size_t keep = 0;
     for (size_t i = 0; i < f.copies.size(); ++i) {
         AsyncCopy& c = f.copies[i];
         if (c.group < done) {
+            if (c.bytes) race::access(c.dst, c.bytes, race::Write);
             c.perform();
         } else {
             f.copies[keep++] = c;
@@ -841,9 +1095,52 @@ inline void smelt_emu_cp_async_wait(unsigned n) {
 // One exported entry point per kernel (kernels/src/emu.rs appends these after the source, with the
 // kernel's __launch_bounds__ thread count, or 0 when it declares none).
 #define SMELT_EMU_EXPORT(name, max_threads)                                                                  \
-    extern "C" int smelt_emu_launch_##name(const uint64_t* args, const uint8_t* kinds, int nargs,           \
+    extern "C" __attribute__((visibility("default"))) int smelt_emu_launch_##name(const uint64_t* args, const uint8_t* kinds, int nargs,           \
                                            const unsigned* grid, const unsigned* block, char* err,           \
                                            size_t errlen) {                                                  \
         return smelt_emu::launch(#name, &name, (unsigned)(max_threads), args, kinds, nargs, grid, block, err, \
                                  errlen);                                                                    \
     }
+
+#ifdef SMELT_EMU_RACECHECK
+// -fsanitize=thread's callbacks, implemented by the race detector instead of libtsan (which is
+// never linked): plain loads and stores of the kernel code, and the atomics of inlined library
+// code (performed as they are, unchecked).
+#define SMELT_EMU_TSAN_RW(n)                                                                                       \
+    extern "C" SMELT_RT void __tsan_read##n(void* p) { smelt_emu::race::access_by_kernel(p, n, smelt_emu::race::Read); }    \
+    extern "C" SMELT_RT void __tsan_write##n(void* p) { smelt_emu::race::access_by_kernel(p, n, smelt_emu::race::Write); }  \
+    extern "C" SMELT_RT void __tsan_unaligned_read##n(void* p) { smelt_emu::race::access_by_kernel(p, n, smelt_emu::race::Read); } \
+    extern "C" SMELT_RT void __tsan_unaligned_write##n(void* p) { smelt_emu::race::access_by_kernel(p, n, smelt_emu::race::Write); }
+SMELT_EMU_TSAN_RW(1)
+SMELT_EMU_TSAN_RW(2)
+SMELT_EMU_TSAN_RW(4)
+SMELT_EMU_TSAN_RW(8)
+SMELT_EMU_TSAN_RW(16)
+extern "C" SMELT_RT void __tsan_read_range(void* p, unsigned long n) { smelt_emu::race::access_by_kernel(p, n, smelt_emu::race::Read); }
+extern "C" SMELT_RT void __tsan_write_range(void* p, unsigned long n) { smelt_emu::race::access_by_kernel(p, n, smelt_emu::race::Write); }
+extern "C" SMELT_RT void __tsan_init() {}
+extern "C" SMELT_RT void __tsan_func_entry(void*) {}
+extern "C" SMELT_RT void __tsan_func_exit() {}
+extern "C" SMELT_RT void __tsan_vptr_update(void*, void*) {}
+#define SMELT_EMU_TSAN_ATOMIC(n, T)                                                                                \
+    extern "C" SMELT_RT T __tsan_atomic##n##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+    extern "C" SMELT_RT void __tsan_atomic##n##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+    extern "C" SMELT_RT T __tsan_atomic##n##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
+    extern "C" SMELT_RT T __tsan_atomic##n##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
+    extern "C" SMELT_RT T __tsan_atomic##n##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
+    extern "C" SMELT_RT T __tsan_atomic##n##_fetch_and(volatile T* a, T v, int) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
+    extern "C" SMELT_RT T __tsan_atomic##n##_fetch_or(volatile T* a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); } \
+    extern "C" SMELT_RT T __tsan_atomic##n##_fetch_xor(volatile T* a, T v, int) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
+    extern "C" SMELT_RT bool __tsan_atomic##n##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {    \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                  \
+    }                                                                                                              \
+    extern "C" SMELT_RT bool __tsan_atomic##n##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {      \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                  \
+    }
+SMELT_EMU_TSAN_ATOMIC(8, uint8_t)
+SMELT_EMU_TSAN_ATOMIC(16, uint16_t)
+SMELT_EMU_TSAN_ATOMIC(32, uint32_t)
+SMELT_EMU_TSAN_ATOMIC(64, uint64_t)
+extern "C" SMELT_RT void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+extern "C" SMELT_RT void __tsan_atomic_signal_fence(int) {}
+#endif

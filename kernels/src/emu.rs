@@ -8,7 +8,8 @@
 //! launcher/kernel signature; whether it is right on a GPU is still for the GPU to say.
 //!
 //! Build: `$CXX` (default `g++`), C++17, `-O2 -ffp-contract=off` (so no FMA contraction: the
-//! CPU results do not depend on the compiler's choices).
+//! CPU results do not depend on the compiler's choices); with `SMELT_EMU_RACECHECK=1` also
+//! `-fsanitize=thread`, whose callbacks are the header's race detector (see [`racecheck`]).
 //!
 //! Besides what the header checks, each launch is checked here against the kernel's registers
 //! and shared memory (from ptxas, through NVRTC) and, after it ran, for writes past the end of
@@ -37,10 +38,26 @@ fn compiler() -> String {
     std::env::var("CXX").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "g++".into())
 }
 
+/// `SMELT_EMU_RACECHECK=1`: kernels are built with the race detector (see the header).
+pub fn racecheck() -> bool {
+    std::env::var("SMELT_EMU_RACECHECK").is_ok_and(|v| v == "1")
+}
+
+/// Compile flags: the race detector's build instruments every memory access with
+/// `-fsanitize=thread`, whose callbacks the header defines, so the objects are compiled and then
+/// linked without the sanitizer (libtsan is never linked or loaded).
 fn flags() -> Vec<String> {
-    ["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-w"]
-        .map(String::from)
-        .to_vec()
+    let mut f: Vec<String> =
+        ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-strict-aliasing", "-w"]
+            .map(String::from)
+            .to_vec();
+    if racecheck() {
+        f.extend(
+            ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0", "-DSMELT_EMU_RACECHECK"]
+                .map(String::from),
+        );
+    }
+    f
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
@@ -123,8 +140,12 @@ fn build(src: &KernelSource) -> Result<Lib> {
         let result = names.and_then(|names| {
             let exports: String = names.iter().map(|(n, b)| format!("SMELT_EMU_EXPORT({n}, {b})\n")).collect();
             write(&cpp, &format!("{code}\n{exports}"))?;
-            let tmp = cpp.with_extension("so");
-            run(Command::new(&cxx).args(&fl).arg("-o").arg(&tmp).arg(&cpp), &format!("{}.cu with {cxx}", src.name))?;
+            let (obj, tmp) = (cpp.with_extension("o"), cpp.with_extension("so"));
+            let what = format!("{}.cu with {cxx}", src.name);
+            let compiled = run(Command::new(&cxx).args(&fl).arg("-c").arg("-o").arg(&obj).arg(&cpp), &what)
+                .and_then(|_| run(Command::new(&cxx).args(["-shared", "-o"]).arg(&tmp).arg(&obj), &what));
+            let _ = std::fs::remove_file(&obj);
+            compiled?;
             std::fs::rename(&tmp, &path).map_err(|e| Error::Cuda {
                 op: "emulator compile",
                 detail: format!("renaming {} to {}: {e}", tmp.display(), path.display()),

@@ -125,6 +125,23 @@ extern "C" __global__ void copy_over_read(const float* x, const float* y, float*
     cp_async_wait<0>();
     out[t] = r;
 }
+// Lane t writes s[t], then reads its neighbour's s[t ^ 1]: ordered only by the __syncwarp.
+extern "C" __global__ void neighbour(float* out, u32 with_syncwarp) {
+    __shared__ float s[32];
+    s[threadIdx.x] = (float)threadIdx.x;
+    if (with_syncwarp) __syncwarp();
+    out[threadIdx.x] = s[threadIdx.x ^ 1];
+}
+// Counts x into 8 shared bins with atomicAdd; threads 0-7 read the bins back after a barrier (or
+// without one: a race between their reads and the other threads' atomics).
+extern "C" __global__ void histogram(const u32* x, u32* out, u32 with_barrier) {
+    __shared__ u32 bins[8];
+    if (threadIdx.x < 8) bins[threadIdx.x] = 0;
+    __syncthreads();
+    atomicAdd(&bins[x[threadIdx.x] & 7], 1u);
+    if (with_barrier) __syncthreads();
+    if (threadIdx.x < 8) out[threadIdx.x] = bins[threadIdx.x];
+}
 // Issues a copy and returns without waiting for it.
 extern "C" __global__ void unwaited_copy(const float* x, float* y) {
     __shared__ __align__(16) float s[4];
@@ -298,6 +315,50 @@ fn eager_cp_async_exposes_a_copy_over_unfinished_reads() {
     let line =
         text.lines().find(|l| l.contains("result [")).unwrap_or_else(|| panic!("no result from the child: {text}"));
     assert!(line.contains("-1.0"), "copies performed at the issue: late readers see the new value; {line}");
+}
+
+/// The race detector (`SMELT_EMU_RACECHECK=1`, in a child process of this test binary): each racy
+/// kernel above is reported with the threads and the missing barrier, and its ordered twin passes.
+#[test]
+fn racecheck_reports_unordered_accesses() {
+    if std::env::var_os("SMELT_EMU_RACECHECK").is_none() {
+        let out = run_in_child("racecheck_reports_unordered_accesses", ("SMELT_EMU_RACECHECK", "1"));
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("racecheck cases passed"), "{text}");
+        return;
+    }
+    let dev = dev();
+    let ptr = |t: &Tensor| Arg::Ptr(t.cuda_ptr().unwrap());
+    let out = on(&[0.0; 64], dev);
+    let race = |name: &str, c: LaunchCfg, args: &[Arg], want: &[&str]| {
+        let e = run(name, c, args).expect_err(name).to_string();
+        assert!(want.iter().all(|w| e.contains(w)), "{name}: {e}");
+    };
+    run("reverse", cfg(1, 64), &[ptr(&out), Arg::U32(1)]).unwrap();
+    race(
+        "reverse",
+        cfg(1, 64),
+        &[ptr(&out), Arg::U32(0)],
+        &["race on shared memory", "thread (31,0,0) reads", "thread (32,0,0) writes", "no __syncthreads"],
+    );
+    run("neighbour", cfg(1, 32), &[ptr(&out), Arg::U32(1)]).unwrap();
+    race(
+        "neighbour",
+        cfg(1, 32),
+        &[ptr(&out), Arg::U32(0)],
+        &["race on shared memory", "thread (0,0,0) reads", "thread (1,0,0) writes", "no __syncwarp"],
+    );
+    let ids: Vec<u32> = (0..64u32).map(|i| i * 7 % 11).collect();
+    let ids = Tensor::from_slice(&ids, &[64], Device::Cpu).unwrap().to_device(dev).unwrap();
+    let bins = Tensor::zeros(&[8], DType::U32, dev).unwrap();
+    run("histogram", cfg(1, 64), &[ptr(&ids), ptr(&bins), Arg::U32(1)]).unwrap();
+    assert_eq!(bins.to_vec::<u32>().unwrap().iter().sum::<u32>(), 64);
+    race("histogram", cfg(1, 64), &[ptr(&ids), ptr(&bins), Arg::U32(0)], &["atomically updates"]);
+    let (x, y) = (on(&[1.0; 64], dev), on(&[2.0; 64], dev));
+    race("copy_over_read", cfg(1, 64), &[ptr(&x), ptr(&y), ptr(&out)], &["race on shared memory", "writes"]);
+    let (xs, sums) = (on(&[1.0; 1000], dev), on(&[0.0; 4], dev));
+    run("block_sums", cfg(4, 256), &[ptr(&xs), ptr(&sums), Arg::U32(1000)]).unwrap();
+    println!("racecheck cases passed");
 }
 
 /// Threads interleave only at barriers: without `__syncthreads`, thread 0 reads s[63] before
