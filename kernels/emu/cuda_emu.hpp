@@ -313,12 +313,14 @@ namespace race {
 struct Access {
     int tid = -1;  // linear thread index in the block; -1: none
     unsigned wsync = 0;
+    bool async = false;  // a cp.async copy in flight: unordered with every other thread
 };
 struct Entry {
     uint64_t gen;  // the interval it belongs to; older entries are empty (0: never used)
     uintptr_t addr;
     Access w, r1, r2;
-    bool atomic;  // the write was an atomic
+    Access w2;    // an earlier atomic writer, when several threads update the byte atomically
+    bool atomic;  // every write in the interval was an atomic
 };
 enum Kind { Read, Write, Atomic };
 
@@ -359,7 +361,7 @@ SMELT_RT inline Table* new_table() {
     auto* t = new Table;
     t->e.resize(1 << 12);
 #ifdef SMELT_EMU_RACECHECK
-    (void)threadIdx.x;  // makes sure this thread's TLS block of the library exists
+    // This thread's TLS block of the library exists by now: the worker has set B and blockDim.
     dl_iterate_phdr(find_tls, t);
     if (t->smem_hi > t->smem_lo) t->smem = static_cast<Entry*>(calloc(t->smem_hi - t->smem_lo, sizeof(Entry)));
 #endif
@@ -377,7 +379,7 @@ SMELT_RT inline Entry& global_entry(Table& t, uintptr_t a) {
             if (x.gen == t.gen && x.addr == a) return x;
             if (x.gen != t.gen) {
                 if (2 * (t.used + 1) <= t.e.size()) {
-                    x = Entry{t.gen, a, {}, {}, {}, false};
+                    x = Entry{t.gen, a, {}, {}, {}, {}, false};
                     t.used++;
                     return x;
                 }
@@ -399,7 +401,8 @@ SMELT_RT inline Entry& global_entry(Table& t, uintptr_t a) {
 
 // Whether accesses a and b (by different threads) may run concurrently in this interval.
 SMELT_RT inline bool concurrent(const Access& a, const Access& b) {
-    return a.tid >= 0 && b.tid >= 0 && a.tid != b.tid && ((a.tid >> 5) != (b.tid >> 5) || a.wsync == b.wsync);
+    return a.tid >= 0 && b.tid >= 0 && a.tid != b.tid &&
+           (a.async || b.async || (a.tid >> 5) != (b.tid >> 5) || a.wsync == b.wsync);
 }
 
 SMELT_RT inline void report(const Table& t, uintptr_t a, const Access& first, Kind first_kind, const Access& now,
@@ -425,17 +428,25 @@ SMELT_RT inline void report(const Table& t, uintptr_t a, const Access& first, Ki
 
 // Checks byte `a`'s entry against an access `now`, then records it; false on a race (reported).
 SMELT_RT inline bool check(const Table& t, Entry& x, uintptr_t a, const Access& now, Kind kind) {
-    if (concurrent(x.w, now) && !(kind == Atomic && x.atomic)) {
-        report(t, a, x.w, x.atomic ? Atomic : Write, now, kind);
-        return false;
-    }
+    for (const Access* w : {&x.w, &x.w2})
+        if (concurrent(*w, now) && !(kind == Atomic && x.atomic)) {
+            report(t, a, *w, x.atomic ? Atomic : Write, now, kind);
+            return false;
+        }
     if (kind != Read) {
         if (concurrent(x.r1, now) || concurrent(x.r2, now)) {
             report(t, a, concurrent(x.r1, now) ? x.r1 : x.r2, Read, now, kind);
             return false;
         }
+        if (kind == Write) {
+            x.atomic = false;  // and stays so: a later atomic by another thread races with it
+            x.w2 = {};
+        } else if (x.w.tid < 0) {
+            x.atomic = true;
+        } else if (x.atomic && x.w.tid != now.tid) {
+            x.w2 = x.w;  // keep another atomic writer, so a plain access by this one still races
+        }
         x.w = now;
-        x.atomic = kind == Atomic;
     } else if (x.r1.tid < 0 || x.r1.tid == now.tid) {
         x.r1 = now;
     } else {
@@ -444,8 +455,9 @@ SMELT_RT inline bool check(const Table& t, Entry& x, uintptr_t a, const Access& 
     return true;
 }
 
-// Checks and records an access of `bytes` bytes at `p` by the running thread.
-SMELT_RT inline void access(const void* p, size_t bytes, Kind kind) {
+// Checks and records an access of `bytes` bytes at `p` by thread `tid` (default: the running
+// one); `async`: by a cp.async copy that thread has in flight.
+SMELT_RT inline void access(const void* p, size_t bytes, Kind kind, int tid = -1, bool async = false) {
     Block* b = B;
     if (!enabled() || !b || !b->racing || !b->error.empty()) return;
     if (!b->race) {
@@ -455,7 +467,8 @@ SMELT_RT inline void access(const void* p, size_t bytes, Kind kind) {
     }
     Table& t = *b->race;
     if (t.busy) return;
-    const Fiber& f = b->fibers[b->cur];
+    if (tid < 0) tid = b->cur;
+    const Fiber& f = b->fibers.data()[tid];
     const uintptr_t a0 = reinterpret_cast<uintptr_t>(p);
     const uintptr_t stack = reinterpret_cast<uintptr_t>(f.stack);
     if (a0 >= stack && a0 < stack + kStack) return;  // its own locals
@@ -463,19 +476,29 @@ SMELT_RT inline void access(const void* p, size_t bytes, Kind kind) {
         t.gen = b->gen;
         t.used = 0;
     }
-    const Access now{b->cur, f.wsync};
+    // Busy from here: growing the table and reporting call instrumented library code.
+    t.busy = true;
+    const Access now{tid, f.wsync, async};
     if (t.smem && a0 >= t.smem_lo && a0 + bytes <= t.smem_hi) {
         Entry* e = t.smem + (a0 - t.smem_lo);
         for (size_t i = 0; i < bytes; ++i) {
-            if (e[i].gen != t.gen) e[i] = Entry{t.gen, a0 + i, {}, {}, {}, false};
-            if (!check(t, e[i], a0 + i, now, kind)) return;
+            if (e[i].gen != t.gen) e[i] = Entry{t.gen, a0 + i, {}, {}, {}, {}, false};
+            if (!check(t, e[i], a0 + i, now, kind)) break;
         }
-        return;
+    } else {
+        for (uintptr_t a = a0; a < a0 + bytes; ++a)
+            if (!check(t, global_entry(t, a), a, now, kind)) break;
     }
-    t.busy = true;  // growing the table calls instrumented library code
-    for (uintptr_t a = a0; a < a0 + bytes; ++a)
-        if (!check(t, global_entry(t, a), a, now, kind)) break;
     t.busy = false;
+}
+
+// A new barrier interval: every copy still in flight may land in it, so each is a write again.
+SMELT_RT inline void copies_in_flight() {
+    if (!enabled()) return;
+    Block& b = *B;
+    for (size_t i = 0; i < b.fibers.size(); ++i)
+        for (const AsyncCopy& c : b.fibers.data()[i].copies)
+            if (c.bytes) access(c.dst, c.bytes, Write, (int)i, true);
 }
 
 // Library code the runtime calls (std::vector, std::string) is instrumented too; its accesses are
@@ -515,6 +538,7 @@ SMELT_RT inline void sync_block() {
     if (++b.at_block_barrier == b.live) {
         b.at_block_barrier = 0;
         b.gen++;
+        race::copies_in_flight();
         release(St::AtBlockBarrier, -1);
         return;
     }
@@ -648,6 +672,7 @@ SMELT_RT inline void fiber_main() {
     if (b.at_block_barrier > 0 && b.at_block_barrier == b.live) {
         b.at_block_barrier = 0;
         b.gen++;
+        race::copies_in_flight();
         release(St::AtBlockBarrier, -1);
     }
     // Back to the scheduler for good: this fiber is never resumed.
@@ -690,7 +715,8 @@ struct StackPool {
         free.push_back(std::move(s));
     }
 };
-inline StackPool stack_pool;
+// One pool for every emulator library in the process (built with -fvisibility=hidden).
+inline __attribute__((visibility("default"))) StackPool stack_pool;
 
 inline std::string describe_deadlock(const Block& b) {
     int at_block = 0, at_warp = 0, done = 0;
@@ -1063,8 +1089,8 @@ SMELT_RT inline void smelt_emu_cp_async(void* dst, const void* src, unsigned byt
     }
     AsyncCopy c{dst, src, bytes, fill, f.committed};
     // The copy may land any time until its wait: a write at the issue, and again when performed.
-    race::access(dst, bytes, race::Write);
-    if (fill) race::access(src, bytes, race::Read);
+    race::access(dst, bytes, race::Write, -1, true);
+    if (fill) race::access(src, bytes, race::Read, -1, true);
     race::Quiet quiet;
     if (cp_async_eager()) {
         c.perform();

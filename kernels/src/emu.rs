@@ -8,8 +8,9 @@
 //! launcher/kernel signature; whether it is right on a GPU is still for the GPU to say.
 //!
 //! Build: `$CXX` (default `g++`), C++17, `-O2 -ffp-contract=off` (so no FMA contraction: the
-//! CPU results do not depend on the compiler's choices); with `SMELT_EMU_RACECHECK=1` also
-//! `-fsanitize=thread`, whose callbacks are the header's race detector (see [`racecheck`]).
+//! CPU results do not depend on the compiler's choices), `-fvisibility=hidden` (only the launch
+//! wrappers are exported); with `SMELT_EMU_RACECHECK=1` also `-fsanitize=thread` (GCC's flags),
+//! whose callbacks are the header's race detector (see [`racecheck`]).
 //!
 //! Besides what the header checks, each launch is checked here against the kernel's registers
 //! and shared memory (from ptxas, through NVRTC) and, after it ran, for writes past the end of

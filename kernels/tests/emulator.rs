@@ -142,6 +142,26 @@ extern "C" __global__ void histogram(const u32* x, u32* out, u32 with_barrier) {
     if (with_barrier) __syncthreads();
     if (threadIdx.x < 8) out[threadIdx.x] = bins[threadIdx.x];
 }
+// Threads 0-7 zero the bins and every thread counts into them with no barrier between: the
+// atomics of threads 8.. race with the plain zeroing.
+extern "C" __global__ void zero_then_count(u32* out) {
+    __shared__ u32 bins[8];
+    if (threadIdx.x < 8) bins[threadIdx.x] = 0;
+    atomicAdd(&bins[threadIdx.x & 7], 1u);
+    __syncthreads();
+    if (threadIdx.x < 8) out[threadIdx.x] = bins[threadIdx.x];
+}
+// Reads s after a barrier but before the copies into it are waited for: they may land any time.
+extern "C" __global__ void copy_across_barrier(const float* x, float* out) {
+    __shared__ __align__(16) float s[64];
+    const int t = threadIdx.x;
+    cp_async4(s + t, x + t, true);
+    cp_async_commit();
+    __syncthreads();
+    out[t] = s[63 - t];
+    __syncthreads();
+    cp_async_wait<0>();
+}
 // Issues a copy and returns without waiting for it.
 extern "C" __global__ void unwaited_copy(const float* x, float* y) {
     __shared__ __align__(16) float s[4];
@@ -356,6 +376,8 @@ fn racecheck_reports_unordered_accesses() {
     race("histogram", cfg(1, 64), &[ptr(&ids), ptr(&bins), Arg::U32(0)], &["atomically updates"]);
     let (x, y) = (on(&[1.0; 64], dev), on(&[2.0; 64], dev));
     race("copy_over_read", cfg(1, 64), &[ptr(&x), ptr(&y), ptr(&out)], &["race on shared memory", "writes"]);
+    race("zero_then_count", cfg(1, 64), &[ptr(&bins)], &["race on shared memory", "atomically updates"]);
+    race("copy_across_barrier", cfg(1, 64), &[ptr(&x), ptr(&out)], &["race on shared memory", "writes it", "reads it"]);
     let (xs, sums) = (on(&[1.0; 1000], dev), on(&[0.0; 4], dev));
     run("block_sums", cfg(4, 256), &[ptr(&xs), ptr(&sums), Arg::U32(1000)]).unwrap();
     println!("racecheck cases passed");
