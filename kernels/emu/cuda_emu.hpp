@@ -305,8 +305,9 @@ SMELT_RT inline void fail(std::string msg) {
 // different barrier intervals are ordered and only the current interval is remembered (entries
 // carry the interval's `gen`); two lanes of one warp are also ordered by a __syncwarp between
 // them. Shuffles, mma.sync and ldmatrix are not memory barriers, so they do not order accesses.
-// cp.async writes its destination both at the issue and when performed, and ldmatrix reads each
-// lane's row as that lane. Byte-exact; it remembers the last writer and two readers per byte.
+// A cp.async copy writes its destination from its issue until it lands: at the issue, in every
+// barrier interval it stays in flight (unordered with every other thread), and at its wait; its
+// source is read at the issue. ldmatrix reads each lane's row as that lane. Byte-exact; it remembers the last writer and two readers per byte.
 // Accesses to global memory are checked within a block too; between blocks nothing is ordered
 // or checked (as with racecheck).
 namespace race {
@@ -335,13 +336,11 @@ struct Table {
     SMELT_RT ~Table() { free(smem); }
 };
 
-SMELT_RT inline bool enabled() {
 #ifdef SMELT_EMU_RACECHECK
-    return true;
+constexpr bool enabled = true;
 #else
-    return false;
+constexpr bool enabled = false;
 #endif
-}
 
 #ifdef SMELT_EMU_RACECHECK
 SMELT_RT inline int find_tls(struct dl_phdr_info* info, size_t, void* data) {
@@ -434,10 +433,11 @@ SMELT_RT inline bool check(const Table& t, Entry& x, uintptr_t a, const Access& 
             return false;
         }
     if (kind != Read) {
-        if (concurrent(x.r1, now) || concurrent(x.r2, now)) {
-            report(t, a, concurrent(x.r1, now) ? x.r1 : x.r2, Read, now, kind);
-            return false;
-        }
+        for (const Access* r : {&x.r1, &x.r2})
+            if (concurrent(*r, now)) {
+                report(t, a, *r, Read, now, kind);
+                return false;
+            }
         if (kind == Write) {
             x.atomic = false;  // and stays so: a later atomic by another thread races with it
             x.w2 = {};
@@ -459,7 +459,7 @@ SMELT_RT inline bool check(const Table& t, Entry& x, uintptr_t a, const Access& 
 // one); `async`: by a cp.async copy that thread has in flight.
 SMELT_RT inline void access(const void* p, size_t bytes, Kind kind, int tid = -1, bool async = false) {
     Block* b = B;
-    if (!enabled() || !b || !b->racing || !b->error.empty()) return;
+    if (!enabled || !b || !b->racing || !b->error.empty()) return;
     if (!b->race) {
         b->racing = false;  // constructing it calls instrumented library code
         b->race = new_table();
@@ -494,7 +494,7 @@ SMELT_RT inline void access(const void* p, size_t bytes, Kind kind, int tid = -1
 
 // A new barrier interval: every copy still in flight may land in it, so each is a write again.
 SMELT_RT inline void copies_in_flight() {
-    if (!enabled()) return;
+    if (!enabled) return;
     Block& b = *B;
     for (size_t i = 0; i < b.fibers.size(); ++i)
         for (const AsyncCopy& c : b.fibers.data()[i].copies)
@@ -514,7 +514,7 @@ struct Quiet {
 // An access by the kernel's own code (the -fsanitize=thread callbacks): outside Quiet scopes.
 SMELT_RT inline void access_by_kernel(const void* p, size_t bytes, Kind kind) {
     Block* b = B;
-    if (enabled() && b && b->racing && b->fibers[b->cur].quiet == 0) access(p, bytes, kind);
+    if (b && b->racing && b->fibers[b->cur].quiet == 0) access(p, bytes, kind);
 }
 }  // namespace race
 
@@ -1088,7 +1088,7 @@ SMELT_RT inline void smelt_emu_cp_async(void* dst, const void* src, unsigned byt
         return;
     }
     AsyncCopy c{dst, src, bytes, fill, f.committed};
-    // The copy may land any time until its wait: a write at the issue, and again when performed.
+    // The copy may land any time until its wait: a write from now (see copies_in_flight).
     race::access(dst, bytes, race::Write, -1, true);
     if (fill) race::access(src, bytes, race::Read, -1, true);
     race::Quiet quiet;
