@@ -146,6 +146,31 @@ template <typename T, int N> __device__ __forceinline__ void stn(T* p, const flo
     if constexpr (N == 1) st1(p, f[0]); else st16(p, f);
 }
 
+// RoPE arithmetic (rotate-half, HF's bf16 rounding points), shared by rope.cu and
+// attention_inputs.cu; rope.cu's header explains the rounding.
+// One chunk of N pairs rotated with precomputed cos/sin (already rounded to T, sign applied).
+template <typename T, int N>
+__device__ __forceinline__ void rope_rotate(float* lo, float* hi, const float* a, const float* b, const float* cs,
+                                            const float* sn, const T* tag) {
+    #pragma unroll
+    for (int k = 0; k < N; ++k) {
+        lo[k] = __fadd_rn(round_to(__fmul_rn(a[k], cs[k]), tag), round_to(__fmul_rn(-b[k], sn[k]), tag));
+        hi[k] = __fadd_rn(round_to(__fmul_rn(b[k], cs[k]), tag), round_to(__fmul_rn(a[k], sn[k]), tag));
+    }
+}
+
+// cos/sin of p·inv_freq[k] for N frequencies, rounded to T as HF's cos.to(dtype), sign applied.
+template <typename T, int N>
+__device__ __forceinline__ void rope_cos_sin(float* cs, float* sn, float p, const float* f, float sign, const T* tag) {
+    #pragma unroll
+    for (int k = 0; k < N; ++k) {
+        float s, c;
+        sincosf(__fmul_rn(p, f[k]), &s, &c);
+        cs[k] = round_to(c, tag);
+        sn[k] = sign * round_to(s, tag);
+    }
+}
+
 // Tensor-core operand staging (sm_80+): ldmatrix loads four 8×8 b16 matrices from shared memory
 // into mma fragments (lane i addresses row i % 8 of matrix i / 8; 16-byte aligned rows), .trans
 // transposing each; cp.async copies 16 (or 4) bytes global → shared without a register round trip

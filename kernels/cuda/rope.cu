@@ -27,28 +27,8 @@
 //   v3 cos/sin once per (token, chunk) for all heads, 2-D grid; vector loads where v2 could
 //      use them, scalar otherwise (default for every shape)
 
-// One chunk of N pairs rotated with precomputed cos/sin (already rounded to T, sign applied).
-template <typename T, int N>
-__device__ __forceinline__ void rope_rotate(float* lo, float* hi, const float* a, const float* b, const float* cs,
-                                            const float* sn, const T* tag) {
-    #pragma unroll
-    for (int k = 0; k < N; ++k) {
-        lo[k] = __fadd_rn(round_to(__fmul_rn(a[k], cs[k]), tag), round_to(__fmul_rn(-b[k], sn[k]), tag));
-        hi[k] = __fadd_rn(round_to(__fmul_rn(b[k], cs[k]), tag), round_to(__fmul_rn(a[k], sn[k]), tag));
-    }
-}
-
-// cos/sin of p·inv_freq[k] for N frequencies, rounded to T as HF's cos.to(dtype), sign applied.
-template <typename T, int N>
-__device__ __forceinline__ void rope_cos_sin(float* cs, float* sn, float p, const float* f, float sign, const T* tag) {
-    #pragma unroll
-    for (int k = 0; k < N; ++k) {
-        float s, c;
-        sincosf(__fmul_rn(p, f[k]), &s, &c);
-        cs[k] = round_to(c, tag);
-        sn[k] = sign * round_to(s, tag);
-    }
-}
+// rope_rotate and rope_cos_sin (the per-element arithmetic) live in common.cuh, shared with
+// attention_inputs.cu, so the fused kernel there rounds exactly as this file does.
 
 template <typename T, int N>
 __device__ __forceinline__ void rope_impl(T* out, const T* x, const u32* __restrict__ pos,

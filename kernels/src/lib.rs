@@ -17,6 +17,7 @@ pub mod versions;
 pub mod adamw;
 pub mod add;
 pub mod attention;
+pub mod attention_inputs;
 pub mod cast;
 pub mod embedding;
 pub(crate) mod fastmath;

@@ -19,6 +19,7 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use smelt_engine::{DType, Device, Tensor};
+use smelt_kernels::attention_inputs::{attention_inputs, CacheAppend, Extras};
 use smelt_kernels::rope::RopeTable;
 use smelt_kernels::{add, attention, cast, embedding, logprob_entropy as head, matmul, rmsnorm, swiglu};
 
@@ -265,6 +266,45 @@ impl Qwen {
         linear(&a.act, &self.weights.layers[l].down_proj, None)
     }
 
+    /// One layer for inference (prefill and decode): nothing is kept for a backward, and the
+    /// fused `attention_inputs` op turns the projections into attention's q/k/v and writes k/v
+    /// into the cache in one launch. `attend(q, k, v)` is the attention itself (causal over the
+    /// packed prompts, or decode against the cache). Returns the layer's output.
+    fn layer_infer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        positions: &[u32],
+        to_cache: CacheAppend,
+        attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (c, w) = (&self.config, &self.weights.layers[l]);
+        let eps = c.rms_norm_eps as f32;
+        let (h1, _) = rmsnorm::rmsnorm(x, &w.input_layernorm, eps)?;
+        let extras = Extras {
+            q_bias: w.q_bias.as_ref(),
+            k_bias: w.k_bias.as_ref(),
+            v_bias: w.v_bias.as_ref(),
+            q_norm: w.q_norm.as_ref(),
+            k_norm: w.k_norm.as_ref(),
+            eps,
+        };
+        let (q, k, v) = attention_inputs(
+            &linear(&h1, &w.q_proj, None)?,
+            &linear(&h1, &w.k_proj, None)?,
+            &linear(&h1, &w.v_proj, None)?,
+            &extras,
+            &*self.rope()?,
+            positions,
+            Some(to_cache),
+        )?;
+        let o = attend(&q, &k, &v)?.reshape(&[x.dim(0), c.q_dim()])?;
+        let x_mid = add::add(x, &linear(&o, &w.o_proj, w.o_bias.as_ref())?)?;
+        let (h2, _) = rmsnorm::rmsnorm(&x_mid, &w.post_attention_layernorm, eps)?;
+        let act = swiglu::swiglu(&linear(&h2, &w.gate_proj, None)?, &linear(&h2, &w.up_proj, None)?)?;
+        Ok(add::add(&x_mid, &linear(&act, &w.down_proj, None)?)?)
+    }
+
     /// Qwen3's per-head RMSNorm over head_dim (identity without a norm weight). Returns the
     /// result as `[T, heads, head_dim]` and the per-row rstd.
     fn head_norm(&self, x: &Tensor, w: Option<&Tensor>, heads: usize) -> Result<(Tensor, Option<Tensor>)> {
@@ -452,7 +492,6 @@ impl Qwen {
         self.check_batch(&batch)?;
         let dev = self.device();
         let pos = batch.positions();
-        let positions = Tensor::from_slice(&pos, &[pos.len()], dev)?;
         let slots: Vec<u32> = batch
             .cu_seqlens
             .windows(2)
@@ -462,9 +501,10 @@ impl Qwen {
         let ids = Tensor::from_slice(&batch.ids, &[batch.ids.len()], dev)?;
         let mut x = embedding::embedding(&ids, &self.weights.embed_tokens)?;
         for l in 0..self.weights.layers.len() {
-            let a = self.layer_forward(l, &x, &positions, &batch.cu_seqlens)?;
-            attention::kv_cache_append(&cache.k[l], &cache.v[l], &a.k, &a.v, &slots, &pos)?;
-            x = add::add(&a.x_mid, &self.mlp_out(l, &a)?)?;
+            let to_cache = CacheAppend { k_cache: &cache.k[l], v_cache: &cache.v[l], slots: &slots };
+            x = self.layer_infer(l, &x, &pos, to_cache, |q, k, v| {
+                Ok(attention::attention_forward(q, k, v, &batch.cu_seqlens, None)?.0)
+            })?;
         }
         for (b, p) in prompts.iter().enumerate() {
             cache.lens[b] = p.len() as u32;
@@ -491,27 +531,16 @@ impl Qwen {
         }
         let pos: Vec<u32> = cache.lens[..b].to_vec();
         let slots: Vec<u32> = (0..b as u32).collect();
-        let positions = Tensor::from_slice(&pos, &[b], dev)?;
         let lens_after: Vec<u32> = pos.iter().map(|p| p + 1).collect();
-        let eps = c.rms_norm_eps as f32;
-        let rope = self.rope()?;
         let mut x = embedding::embedding(&Tensor::from_slice(tokens, &[b], dev)?, &self.weights.embed_tokens)?;
-        for (l, w) in self.weights.layers.iter().enumerate() {
-            let (h1, _) = rmsnorm::rmsnorm(&x, &w.input_layernorm, eps)?;
-            let q_raw = linear(&h1, &w.q_proj, w.q_bias.as_ref())?;
-            let k_raw = linear(&h1, &w.k_proj, w.k_bias.as_ref())?;
-            let v = linear(&h1, &w.v_proj, w.v_bias.as_ref())?.reshape(&[b, c.num_key_value_heads, c.head_dim])?;
-            let q = rope.forward(&self.head_norm(&q_raw, w.q_norm.as_ref(), c.num_attention_heads)?.0, &positions)?;
-            let k = rope.forward(&self.head_norm(&k_raw, w.k_norm.as_ref(), c.num_key_value_heads)?.0, &positions)?;
-            attention::kv_cache_append(&cache.k[l], &cache.v[l], &k, &v, &slots, &pos)?;
-            let o = attention::attention_decode(&q, &cache.k[l], &cache.v[l], &lens_after, None)?;
-            let x_mid = add::add(&x, &linear(&o.reshape(&[b, c.q_dim()])?, &w.o_proj, w.o_bias.as_ref())?)?;
-            let (h2, _) = rmsnorm::rmsnorm(&x_mid, &w.post_attention_layernorm, eps)?;
-            let act = swiglu::swiglu(&linear(&h2, &w.gate_proj, None)?, &linear(&h2, &w.up_proj, None)?)?;
-            x = add::add(&x_mid, &linear(&act, &w.down_proj, None)?)?;
+        for l in 0..self.weights.layers.len() {
+            let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
+            x = self.layer_infer(l, &x, &pos, CacheAppend { k_cache, v_cache, slots: &slots }, |q, _, _| {
+                Ok(attention::attention_decode(q, k_cache, v_cache, &lens_after, None)?)
+            })?;
         }
         cache.lens[..b].copy_from_slice(&lens_after);
-        Ok(rmsnorm::rmsnorm(&x, &self.weights.norm, eps)?.0)
+        Ok(rmsnorm::rmsnorm(&x, &self.weights.norm, c.rms_norm_eps as f32)?.0)
     }
 
     /// Full logits `[B, V]` for a few rows of hidden states (decoding; training never needs them).

@@ -49,7 +49,7 @@ fn suffix(op: &'static str, dt: DType, d: usize) -> Result<String> {
 /// synchronous), and a step's layers all pass the same cu_seqlens and tile lists, so the last
 /// few lists are kept and reused when the same list comes again (content-compared; the kernels
 /// only read them): one drain of the GPU per list per step instead of one per layer.
-fn upload(ord: usize, v: &[u32]) -> Result<Tensor> {
+pub(crate) fn upload(ord: usize, v: &[u32]) -> Result<Tensor> {
     const KEEP: usize = 8;
     static RECENT: Mutex<Vec<(usize, Vec<u32>, Tensor)>> = Mutex::new(Vec::new());
     let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());

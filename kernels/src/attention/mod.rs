@@ -50,7 +50,7 @@ use smelt_engine::{bf16, DType, Device, Error, Result, Tensor};
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 #[cfg(test)]
 mod tests;
 
@@ -171,6 +171,51 @@ pub fn attention_backward(
     }
 }
 
+/// Checks that `k_cache` and `v_cache` are alike `[n_slots, max_len, n_kv_heads, d]` caches on
+/// one device, sharing no storage.
+pub(crate) fn check_caches(op: &'static str, k_cache: &Tensor, v_cache: &Tensor) -> Result<()> {
+    if !(k_cache.rank() == 4 && k_cache.shape() == v_cache.shape() && k_cache.dtype() == v_cache.dtype()) {
+        return Err(Error::shape(
+            op,
+            format!(
+                "caches must be [n_slots, max_len, n_kv_heads, d] and alike: k {:?} {}, v {:?} {}",
+                k_cache.shape(),
+                k_cache.dtype(),
+                v_cache.shape(),
+                v_cache.dtype()
+            ),
+        ));
+    }
+    same_device(op, k_cache, v_cache)?;
+    if k_cache.same_storage(v_cache) {
+        return Err(Error::shape(op, "the K and V caches must not share storage"));
+    }
+    Ok(())
+}
+
+/// Checks that `n` new rows can go to (`slots[r]`, `positions[r]`) of a cache shaped like `cache`.
+pub(crate) fn check_cache_rows(
+    op: &'static str,
+    cache: &Tensor,
+    n: usize,
+    slots: &[u32],
+    positions: &[u32],
+) -> Result<()> {
+    let (n_slots, max_len) = (cache.dim(0), cache.dim(1));
+    if slots.len() != n || positions.len() != n {
+        return Err(Error::shape(op, format!("{n} rows but {} slots and {} positions", slots.len(), positions.len())));
+    }
+    for (r, (&s, &p)) in slots.iter().zip(positions).enumerate() {
+        if s as usize >= n_slots || p as usize >= max_len {
+            return Err(Error::shape(
+                op,
+                format!("row {r}: slot {s} / position {p} outside cache {:?}", cache.shape()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Writes `k_new`/`v_new` rows `[N, n_kv_heads, d]` into the caches `[n_slots, max_len,
 /// n_kv_heads, d]`: row r goes to slot `slots[r]`, position `positions[r]`.
 pub fn kv_cache_append(
@@ -182,16 +227,8 @@ pub fn kv_cache_append(
     positions: &[u32],
 ) -> Result<()> {
     const OP: &str = "kv_cache_append";
-    crate::ensure_shape!(
-        k_cache.rank() == 4 && k_cache.shape() == v_cache.shape() && k_cache.dtype() == v_cache.dtype(),
-        "kv_cache_append",
-        "caches must be [n_slots, max_len, n_kv_heads, d] and alike: k {:?} {}, v {:?} {}",
-        k_cache.shape(),
-        k_cache.dtype(),
-        v_cache.shape(),
-        v_cache.dtype()
-    );
-    let (n_slots, max_len, n_kv, d) = (k_cache.dim(0), k_cache.dim(1), k_cache.dim(2), k_cache.dim(3));
+    check_caches(OP, k_cache, v_cache)?;
+    let (max_len, n_kv, d) = (k_cache.dim(1), k_cache.dim(2), k_cache.dim(3));
     crate::ensure_shape!(
         k_new.rank() == 3
             && k_new.shape() == v_new.shape()
@@ -208,21 +245,8 @@ pub fn kv_cache_append(
         k_cache.dtype()
     );
     let n = k_new.dim(0);
-    crate::ensure_shape!(
-        slots.len() == n && positions.len() == n,
-        "kv_cache_append",
-        "{n} rows but {} slots and {} positions",
-        slots.len(),
-        positions.len()
-    );
-    for (r, (&s, &p)) in slots.iter().zip(positions).enumerate() {
-        crate::ensure_shape!(
-            (s as usize) < n_slots && (p as usize) < max_len,
-            "kv_cache_append",
-            "row {r}: slot {s} / position {p} outside cache [{n_slots}, {max_len}, {n_kv}, {d}]"
-        );
-    }
-    for x in [v_cache, k_new, v_new] {
+    check_cache_rows(OP, k_cache, n, slots, positions)?;
+    for x in [k_new, v_new] {
         same_device(OP, k_cache, x)?;
     }
     if k_cache.same_storage(v_cache) || k_cache.same_storage(k_new) || v_cache.same_storage(v_new) {

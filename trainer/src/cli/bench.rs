@@ -1321,7 +1321,11 @@ fn step(args: StepArgs) -> Result<()> {
     }
     let (peak, peak_src) = peak_bytes(device);
     let s = last.context("no step ran")?;
-    let profile = if args.profile { Some(profile_step(&mut policy, &model, &batch, device)?) } else { None };
+    let profile = if args.profile {
+        Some(profile_run(device, "one step", || Ok(policy.step(&model, &batch).map(|_| ())?))?)
+    } else {
+        None
+    };
     let med = median(&times);
     let tokens = (b * t) as f64;
     let flops = train_step_flops(&c, &vec![t; b]);
@@ -1392,18 +1396,18 @@ fn step(args: StepArgs) -> Result<()> {
     write_json(&args.json, &report)
 }
 
-/// One more step with every device operation timed (`smelt_engine::cuda::profile`): prints the
-/// operations taking the most GPU time and returns all of them as JSON, with the step's wall
-/// time, so the gap between the wall time and the summed GPU time (the GPU waiting for the host)
-/// shows too.
+/// Runs `work` once more with every device operation timed (`smelt_engine::cuda::profile`):
+/// prints the operations taking the most GPU time and returns all of them as JSON, with the
+/// wall time, so the gap between the wall time and the summed GPU time (the GPU waiting for the
+/// host) shows too. `what` names the work in the printout ("one step", "one decode step").
 #[cfg(feature = "cuda")]
-fn profile_step(policy: &mut PolicyStep, model: &Qwen, batch: &StepBatch, device: Device) -> Result<Value> {
+fn profile_run(device: Device, what: &str, work: impl FnOnce() -> Result<()>) -> Result<Value> {
     use smelt_engine::cuda::profile;
     let Device::Cuda(i) = device else { bail!("--profile needs a CUDA device (got {device})") };
     let dev = smelt_engine::cuda::device(i)?;
     let ((run, wall_ms), rows) = profile::record(&dev, || {
         let t0 = Instant::now();
-        let run = policy.step(model, batch).and_then(|_| synchronize(device));
+        let run = work().and_then(|_| Ok(synchronize(device)?));
         (run, t0.elapsed().as_secs_f64() * 1e3)
     })?;
     run?;
@@ -1412,7 +1416,9 @@ fn profile_step(policy: &mut PolicyStep, model: &Qwen, batch: &StepBatch, device
     let calls: usize = rows.iter().map(|r| r.calls).sum();
     let timed = rows.iter().any(|r| r.gpu_ms.is_some());
     let gpu = if timed { format!("{gpu_ms:.1} ms GPU") } else { "no GPU times (the emulator has no events)".into() };
-    println!("  profile     one step: {wall_ms:.1} ms wall, {gpu} over {calls} operations, {host_ms:.1} ms host in the calls");
+    println!(
+        "  profile     {what}: {wall_ms:.1} ms wall, {gpu} over {calls} operations, {host_ms:.1} ms host in the calls"
+    );
     println!("  {:<58} {:>6} {:>10} {:>6} {:>10}", "operation", "calls", "GPU ms", "%GPU", "host ms");
     for r in rows.iter().take(30) {
         let g = r.gpu_ms.map(|g| format!("{g:10.2}")).unwrap_or_else(|| format!("{:>10}", "-"));
@@ -1427,11 +1433,13 @@ fn profile_step(policy: &mut PolicyStep, model: &Qwen, batch: &StepBatch, device
         .map(|r| json!({"name": r.name, "calls": r.calls, "gpu_ms": r.gpu_ms, "host_ms": r.host_ms}))
         .collect();
     let gpu_ms = timed.then_some(gpu_ms);
-    Ok(json!({"wall_ms": wall_ms, "gpu_ms": gpu_ms, "host_ms": host_ms, "operations": rows}))
+    Ok(
+        json!({"what": what, "wall_ms": wall_ms, "gpu_ms": gpu_ms, "host_ms": host_ms, "calls": calls, "operations": rows}),
+    )
 }
 
 #[cfg(not(feature = "cuda"))]
-fn profile_step(_: &mut PolicyStep, _: &Qwen, _: &StepBatch, device: Device) -> Result<Value> {
+fn profile_run(device: Device, _: &str, _: impl FnOnce() -> Result<()>) -> Result<Value> {
     bail!("--profile needs a CUDA device and a build with the `cuda` feature (got {device})")
 }
 
@@ -1463,6 +1471,11 @@ pub struct GenerateArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// After the timed runs, prefill once more and time every kernel launch, cuBLAS call, copy and
+    /// driver allocation of one decode iteration (logits, sample, token download, decode step) by
+    /// CUDA events, and print (and write to the JSON) the time per operation (CUDA only)
+    #[arg(long)]
+    pub profile: bool,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -1509,6 +1522,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
             c.max_position_embeddings
         );
     }
+    if args.profile && device.is_cpu() {
+        bail!("--profile times CUDA operations: it needs --device cuda");
+    }
     let (b, p, n) = (args.batch, args.prompt_len, args.new_tokens);
     let prompts: Vec<Vec<u32>> = (0..b).map(|i| rand_ids(p, c.vocab_size, args.seed * 1000 + i as u64)).collect();
     reset_peak(device);
@@ -1523,6 +1539,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
         total.push(t);
     }
     let (peak, peak_src) = peak_bytes(device);
+    let profile = if args.profile {
+        let mut cache = model.new_kv_cache(b, p + 2)?;
+        let hidden = model.prefill(&prompts, &mut cache)?;
+        Some(profile_run(device, "one decode iteration", || {
+            let logits = model.logits(&hidden)?;
+            let s = sample::sample(&logits, &sample::SamplingConfig::greedy(), 0, 0)?;
+            model.decode_step(&s.tokens.to_vec::<u32>()?, &mut cache)?;
+            Ok(())
+        })?)
+    } else {
+        None
+    };
     let (f, t) = (median(&ttft), median(&total));
     let prefill_tps = (b * p) as f64 / f;
     let decode_tps = (b * (n - 1)) as f64 / (t - f);
@@ -1553,6 +1581,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     report["tokens_per_s"] = json!(tps);
     report["peak_bytes"] = json!(peak);
     report["peak_bytes_source"] = json!(peak_src);
+    report["profile"] = json!(profile);
     report["definition"] = json!(
         "greedy, no stop tokens; prefill = time to first token (prefill + lm_head + sample); \
          decode = the remaining new_tokens-1 steps; tokens_per_s = all new tokens over the total time"

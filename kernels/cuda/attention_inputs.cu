@@ -1,0 +1,132 @@
+// attention_inputs.cu — inference's path from the q/k/v projections to attention's inputs in one
+// pass, for prefill and decode with a KV cache. Per token t and head:
+//   q, k, v  += their bias                                   (Qwen2; skipped without one)
+//   q, k      = w ∘ round_T(x · rstd) per head over head_dim  (Qwen3's q_norm / k_norm; skipped
+//               without), rstd = 1/sqrt(mean(x²) + eps) in f32
+//   q, k      = rope(q, k) at position pos[t]                 (HF rotate-half, sign +1)
+//   q_out, k_out, v_out ← the results; with a cache also k_cache[slot[t], pos[t]] ← k and
+//   v_cache[slot[t], pos[t]] ← v
+// Each stage rounds to T where the unfused ops store their result (add_bias_, rmsnorm, rope),
+// and uses the same expressions, so this kernel gives the bits of those ops in sequence wherever
+// their reductions agree (the head norm's sum of squares is a warp_sum here, as in rmsnorm.cu).
+// Training does not use it: its backward needs the intermediate q/k, so the model keeps the
+// separate ops there; inference replaces 7 launches per layer (3 bias adds, 2 ropes, 2 appends)
+// by this one.
+//
+// Layout: q [T, nh, d], k and v [T, nkv, d] row-major (the projections' outputs); biases [nh·d] /
+// [nkv·d]; norm weights [d]; caches [n_slots, max_len, nkv, d]; pos and slot [T] u32; inv_freq
+// [d/2] f32. T = f32 or bf16 for everything (weights in the activations' dtype). Null pointers
+// mean "no bias", "no norm", "no cache".
+// Threads: one warp per (token, head) over a token's nh + 2·nkv heads (q heads, then k, then v),
+// grid-stride over T·(nh + 2·nkv) warps, 4 warps per block. Lane l owns the rotate-half pairs
+// (i, i + d/2) for i = l, l + 32, … < d/2 (d ≤ 256, so at most 4 pairs), loaded as scalars: the
+// rows are short and the kernel moves a few bytes per token, so launch count, not bandwidth,
+// is what it saves. The head norm's sum of squares is one warp_sum.
+// Versions: v1 only.
+
+#define AI_MAX_PAIRS 4  // pairs per lane: d/2 ≤ 32·AI_MAX_PAIRS, so head_dim ≤ 256
+
+template <typename T>
+__device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_out, T* k_cache, T* v_cache,
+                                                      const T* q, const T* k, const T* v, const T* bq,
+                                                      const T* bk, const T* bv, const T* wq, const T* wk,
+                                                      const u32* __restrict__ pos, const u32* __restrict__ slot,
+                                                      const float* __restrict__ inv_freq, u64 tokens, u32 nh,
+                                                      u32 nkv, u32 h, u32 max_len, float eps) {
+    const u32 lane = threadIdx.x & 31;
+    const u32 heads = nh + 2 * nkv, d = 2 * h;
+    const u64 warps = tokens * heads;
+    for (u64 w = blockIdx.x * (u64)(blockDim.x >> 5) + (threadIdx.x >> 5); w < warps;
+         w += (u64)gridDim.x * (blockDim.x >> 5)) {
+        const u64 t = w / heads;
+        const u32 hd = (u32)(w - t * heads);
+        const T *src, *bias, *nw;
+        T *dst, *cdst = nullptr;
+        bool rotate = true;
+        u64 cache_row = 0;
+        if (k_cache) cache_row = ((u64)slot[t] * max_len + pos[t]) * nkv;
+        if (hd < nh) {
+            src = q + (t * nh + hd) * d;
+            dst = q_out + (t * nh + hd) * d;
+            bias = bq ? bq + (u64)hd * d : nullptr;
+            nw = wq;
+        } else if (hd < nh + nkv) {
+            const u32 kh = hd - nh;
+            src = k + (t * nkv + kh) * d;
+            dst = k_out + (t * nkv + kh) * d;
+            bias = bk ? bk + (u64)kh * d : nullptr;
+            nw = wk;
+            if (k_cache) cdst = k_cache + (cache_row + kh) * d;
+        } else {
+            const u32 vh = hd - nh - nkv;
+            src = v + (t * nkv + vh) * d;
+            dst = v_out + (t * nkv + vh) * d;
+            bias = bv ? bv + (u64)vh * d : nullptr;
+            nw = nullptr;
+            rotate = false;
+            if (v_cache) cdst = v_cache + (cache_row + vh) * d;
+        }
+        float a[AI_MAX_PAIRS], b[AI_MAX_PAIRS];
+        float ss = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < AI_MAX_PAIRS; ++j) {
+            const u32 i = lane + 32 * j;
+            a[j] = b[j] = 0.0f;
+            if (i < h) {
+                a[j] = ld1(src + i);
+                b[j] = ld1(src + i + h);
+                if (bias) {
+                    // add_bias_: the sum rounded to T.
+                    a[j] = round_to(__fadd_rn(a[j], ld1(bias + i)), src);
+                    b[j] = round_to(__fadd_rn(b[j], ld1(bias + i + h)), src);
+                }
+                ss = __fmaf_rn(a[j], a[j], ss);
+                ss = __fmaf_rn(b[j], b[j], ss);
+            }
+        }
+        if (nw) {
+            // rmsnorm.cu's expressions: rstd in f32, x·rstd rounded to T, then times the weight.
+            ss = warp_sum(ss);
+            const float rs = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, (float)d), eps)));
+            #pragma unroll
+            for (int j = 0; j < AI_MAX_PAIRS; ++j) {
+                const u32 i = lane + 32 * j;
+                if (i < h) {
+                    a[j] = round_to(__fmul_rn(ld1(nw + i), round_to(__fmul_rn(a[j], rs), src)), src);
+                    b[j] = round_to(__fmul_rn(ld1(nw + i + h), round_to(__fmul_rn(b[j], rs), src)), src);
+                }
+            }
+        }
+        const float p = (float)pos[t];
+        #pragma unroll
+        for (int j = 0; j < AI_MAX_PAIRS; ++j) {
+            const u32 i = lane + 32 * j;
+            if (i >= h) continue;
+            float lo = a[j], hi = b[j];
+            if (rotate) {
+                float cs, sn;
+                rope_cos_sin<T, 1>(&cs, &sn, p, inv_freq + i, 1.0f, src);
+                rope_rotate<T, 1>(&lo, &hi, &a[j], &b[j], &cs, &sn, src);
+            }
+            st1(dst + i, lo);
+            st1(dst + i + h, hi);
+            if (cdst) {
+                st1(cdst + i, lo);
+                st1(cdst + i + h, hi);
+            }
+        }
+    }
+}
+
+#define ATTENTION_INPUTS_KERNEL(NAME, T)                                                                \
+    extern "C" __global__ void NAME(T* q_out, T* k_out, T* v_out, T* k_cache, T* v_cache, const T* q,  \
+                                    const T* k, const T* v, const T* bq, const T* bk, const T* bv,      \
+                                    const T* wq, const T* wk, const u32* pos, const u32* slot,          \
+                                    const float* inv_freq, u64 tokens, u32 nh, u32 nkv, u32 h,          \
+                                    u32 max_len, float eps) {                                           \
+        attention_inputs_impl<T>(q_out, k_out, v_out, k_cache, v_cache, q, k, v, bq, bk, bv, wq, wk,   \
+                                 pos, slot, inv_freq, tokens, nh, nkv, h, max_len, eps);                \
+    }
+
+ATTENTION_INPUTS_KERNEL(attention_inputs_f32, float)
+ATTENTION_INPUTS_KERNEL(attention_inputs_bf16, bf16_t)

@@ -1,0 +1,527 @@
+//! Inference's path from the q/k/v projections to attention's inputs, fused: the projection
+//! biases (Qwen2), Qwen3's per-head `q_norm` / `k_norm`, RoPE on q and k, and the KV-cache
+//! append — one launch per layer where the separate ops take seven (three bias adds, two ropes,
+//! two appends; nine with the head norms). Decoding a token is a few hundred launches of tiny
+//! kernels, so at decode sizes the launch count, not bandwidth, sets the time per token.
+//!
+//! The result is exactly what the separate ops give in sequence — [`crate::add::add_bias_`],
+//! [`crate::rmsnorm::rmsnorm`] per head, [`crate::rope::RopeTable::forward`],
+//! [`crate::attention::kv_cache_append`] — with the same rounding to the storage dtype after each
+//! stage. The CPU implementation *is* that sequence, and the CUDA kernel is tested against it.
+//!
+//! Inference only: training's backward needs the intermediate q/k (before the norm and the
+//! rotation), so the model's training forward keeps the separate ops; there is no backward
+//! here (the backward of each stage lives with its op).
+//!
+//! Dtypes: f32, or bf16 storage with f32 math; biases and norm weights in the activations' dtype.
+//! CUDA: head_dim ≤ 256 (any even head_dim on CPU). One kernel version (thread mapping in
+//! `attention_inputs.cu`).
+
+use smelt_engine::{DType, Device, Error, Result, Tensor};
+
+use crate::attention::{check_cache_rows, check_caches};
+use crate::rope::RopeTable;
+use crate::{add, rmsnorm};
+
+crate::kernel_source!("attention_inputs");
+
+/// The optional per-layer parameters between the projections and attention.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras<'a> {
+    /// `[n_heads·d]`, `[n_kv·d]`, `[n_kv·d]` (Qwen2, or Qwen3 with `attention_bias`).
+    pub q_bias: Option<&'a Tensor>,
+    pub k_bias: Option<&'a Tensor>,
+    pub v_bias: Option<&'a Tensor>,
+    /// `[d]`, applied to each query / key head (Qwen3).
+    pub q_norm: Option<&'a Tensor>,
+    pub k_norm: Option<&'a Tensor>,
+    /// The head norms' epsilon.
+    pub eps: f32,
+}
+
+/// Where the new K/V rows go: row r to slot `slots[r]` at its position (the RoPE position).
+#[derive(Clone, Copy, Debug)]
+pub struct CacheAppend<'a> {
+    /// `[n_slots, max_len, n_kv, d]` each.
+    pub k_cache: &'a Tensor,
+    pub v_cache: &'a Tensor,
+    pub slots: &'a [u32],
+}
+
+/// From `q [T, n_heads·d]`, `k`/`v [T, n_kv·d]` (the projections, unbiased) to attention's
+/// inputs `(q, k, v)`, shaped `[T, heads, d]`: biased, head-normed (when given), q and k rotated
+/// to `positions` (one per token); with `cache`, k and v are also written into it.
+pub fn attention_inputs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    extras: &Extras,
+    rope: &RopeTable,
+    positions: &[u32],
+    cache: Option<CacheAppend>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "attention_inputs";
+    let d = rope.head_dim();
+    let (t, q_cols) = q.rows_cols();
+    let (kt, kv_cols) = k.rows_cols();
+    crate::ensure_shape!(
+        q_cols % d == 0 && kv_cols % d == 0 && q_cols > 0 && kv_cols > 0 && kt == t && v.rows_cols() == (t, kv_cols),
+        "attention_inputs",
+        "q {:?}, k {:?}, v {:?} must be [T, n_heads·{d}], [T, n_kv·{d}], [T, n_kv·{d}]",
+        q.shape(),
+        k.shape(),
+        v.shape()
+    );
+    let (nh, nkv) = (q_cols / d, kv_cols / d);
+    let dt = q.dtype();
+    if !matches!(dt, DType::F32 | DType::BF16) {
+        return Err(Error::UnsupportedDType { op: OP, dtype: dt });
+    }
+    let params = [
+        ("k", Some(k), kv_cols),
+        ("v", Some(v), kv_cols),
+        ("q_bias", extras.q_bias, q_cols),
+        ("k_bias", extras.k_bias, kv_cols),
+        ("v_bias", extras.v_bias, kv_cols),
+        ("q_norm", extras.q_norm, d),
+        ("k_norm", extras.k_norm, d),
+    ];
+    for (name, x, cols) in params {
+        let Some(x) = x else { continue };
+        if x.dtype() != dt {
+            return Err(Error::shape(OP, format!("{name} is {} but q is {dt}", x.dtype())));
+        }
+        if x.device() != q.device() {
+            return Err(Error::DeviceMismatch { op: OP, a: q.device(), b: x.device() });
+        }
+        if !matches!(name, "k" | "v") && x.elem_count() != cols {
+            return Err(Error::shape(OP, format!("{name} {:?} must hold {cols} elements", x.shape())));
+        }
+    }
+    crate::ensure_shape!(positions.len() == t, "attention_inputs", "{} positions for {t} tokens", positions.len());
+    if let Some(c) = &cache {
+        check_caches(OP, c.k_cache, c.v_cache)?;
+        crate::ensure_shape!(
+            c.k_cache.dim(2) == nkv && c.k_cache.dim(3) == d && c.k_cache.dtype() == dt,
+            "attention_inputs",
+            "cache {:?} {} must be [n_slots, max_len, {nkv}, {d}] {dt}",
+            c.k_cache.shape(),
+            c.k_cache.dtype()
+        );
+        check_cache_rows(OP, c.k_cache, t, c.slots, positions)?;
+        if c.k_cache.device() != q.device() {
+            return Err(Error::DeviceMismatch { op: OP, a: q.device(), b: c.k_cache.device() });
+        }
+    }
+    if rope.inv_freq().device() != q.device() {
+        return Err(Error::DeviceMismatch { op: OP, a: q.device(), b: rope.inv_freq().device() });
+    }
+    match q.device() {
+        Device::Cpu => {
+            let pos = Tensor::from_slice(positions, &[t], Device::Cpu)?;
+            let stage = |x: &Tensor, heads: usize, bias: Option<&Tensor>, norm: Option<&Tensor>, rotate: bool| {
+                let y = Tensor::empty(&[t, heads, d], dt, Device::Cpu)?;
+                y.copy_from(&x.reshape(&[t, heads, d])?)?;
+                if let Some(b) = bias {
+                    add::add_bias_(&y.reshape(&[t, heads * d])?, b)?;
+                }
+                let y = match norm {
+                    Some(w) => {
+                        rmsnorm::rmsnorm(&y.reshape(&[t * heads, d])?, w, extras.eps)?.0.reshape(&[t, heads, d])?
+                    }
+                    None => y,
+                };
+                if rotate {
+                    rope.forward_(&y, &pos)?;
+                }
+                Ok::<_, Error>(y)
+            };
+            let qo = stage(q, nh, extras.q_bias, extras.q_norm, true)?;
+            let ko = stage(k, nkv, extras.k_bias, extras.k_norm, true)?;
+            let vo = stage(v, nkv, extras.v_bias, None, false)?;
+            if let Some(c) = cache {
+                crate::attention::kv_cache_append(c.k_cache, c.v_cache, &ko, &vo, c.slots, positions)?;
+            }
+            Ok((qo, ko, vo))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => cuda::attention_inputs(ord, q, k, v, extras, rope, positions, cache, (t, nh, nkv, d)),
+        #[cfg(not(feature = "cuda"))]
+        device => Err(Error::UnsupportedDevice { op: OP, device }),
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::attention::cuda::upload;
+    use crate::cuda::{launch, Arg, LaunchCfg};
+
+    /// Most head_dim the kernel takes (`AI_MAX_PAIRS` pairs per lane).
+    const MAX_HEAD_DIM: usize = 256;
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_inputs(
+        ord: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        extras: &Extras,
+        rope: &RopeTable,
+        positions: &[u32],
+        cache: Option<CacheAppend>,
+        (t, nh, nkv, d): (usize, usize, usize, usize),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        const OP: &str = "attention_inputs (cuda)";
+        if d > MAX_HEAD_DIM {
+            return Err(Error::shape(OP, format!("head_dim {d}: the CUDA kernel takes head_dim <= {MAX_HEAD_DIM}")));
+        }
+        let dev = q.device();
+        let dt = q.dtype();
+        let qo = Tensor::empty(&[t, nh, d], dt, dev)?;
+        let ko = Tensor::empty(&[t, nkv, d], dt, dev)?;
+        let vo = Tensor::empty(&[t, nkv, d], dt, dev)?;
+        if t == 0 {
+            return Ok((qo, ko, vo));
+        }
+        let func = if dt == DType::F32 { "attention_inputs_f32" } else { "attention_inputs_bf16" };
+        let ptr = |x: Option<&Tensor>| x.map(Tensor::cuda_ptr).transpose().map(|p| p.unwrap_or(0));
+        let pos_d = upload(ord, positions)?;
+        let (kc, vc, slots_d, max_len) = match &cache {
+            Some(c) => (c.k_cache.cuda_ptr()?, c.v_cache.cuda_ptr()?, Some(upload(ord, c.slots)?), c.k_cache.dim(1)),
+            None => (0, 0, None, 0),
+        };
+        let warps = t * (nh + 2 * nkv);
+        let grid = warps.div_ceil(4).clamp(1, 132 * 16) as u32;
+        let cfg = LaunchCfg { grid: (grid, 1, 1), block: (128, 1, 1), smem: 0 };
+        let u32_arg = |n: usize, what: &str| {
+            u32::try_from(n).map(Arg::U32).map_err(|_| Error::shape(OP, format!("{what} {n} exceeds u32")))
+        };
+        let args = [
+            Arg::Ptr(qo.cuda_ptr()?),
+            Arg::Ptr(ko.cuda_ptr()?),
+            Arg::Ptr(vo.cuda_ptr()?),
+            Arg::Ptr(kc),
+            Arg::Ptr(vc),
+            Arg::Ptr(q.cuda_ptr()?),
+            Arg::Ptr(k.cuda_ptr()?),
+            Arg::Ptr(v.cuda_ptr()?),
+            Arg::Ptr(ptr(extras.q_bias)?),
+            Arg::Ptr(ptr(extras.k_bias)?),
+            Arg::Ptr(ptr(extras.v_bias)?),
+            Arg::Ptr(ptr(extras.q_norm)?),
+            Arg::Ptr(ptr(extras.k_norm)?),
+            Arg::Ptr(pos_d.cuda_ptr()?),
+            Arg::Ptr(ptr(slots_d.as_ref())?),
+            Arg::Ptr(rope.inv_freq().cuda_ptr()?),
+            Arg::U64(t as u64),
+            u32_arg(nh, "n_heads")?,
+            u32_arg(nkv, "n_kv_heads")?,
+            Arg::U32((d / 2) as u32),
+            u32_arg(max_len, "max_len")?,
+            Arg::F32(extras.eps),
+        ];
+        launch(ord, &SRC, func, cfg, &args)?;
+        Ok((qo, ko, vo))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+    use smelt_engine::Rng;
+
+    /// One layer's worth of inputs: projections, biases, head-norm weights.
+    struct Case {
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        d: usize,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        bias: Option<[Vec<f32>; 3]>,
+        norm: Option<[Vec<f32>; 2]>,
+        pos: Vec<u32>,
+    }
+
+    impl Case {
+        fn new(rng: &mut Rng, (t, nh, nkv, d): (usize, usize, usize, usize), bias: bool, norm: bool) -> Case {
+            let (qn, kn) = (t * nh * d, t * nkv * d);
+            Case {
+                t,
+                nh,
+                nkv,
+                d,
+                q: randn(rng, qn, 1.0),
+                k: randn(rng, kn, 1.0),
+                v: randn(rng, kn, 1.0),
+                bias: bias.then(|| [randn(rng, nh * d, 0.5), randn(rng, nkv * d, 0.5), randn(rng, nkv * d, 0.5)]),
+                norm: norm.then(|| [randn(rng, d, 0.3).iter().map(|w| 1.0 + w).collect(), randn(rng, d, 0.3)]),
+                pos: (0..t).map(|i| if i % 5 == 0 { 0 } else { rng.below(4000) as u32 }).collect(),
+            }
+        }
+
+        /// The inputs as tensors of `dt` on `dev`: q, k, v, then biases and norm weights.
+        fn tensors(&self, dt: DType, dev: Device) -> (Vec<Tensor>, Vec<Option<Tensor>>) {
+            let mk = |v: &[f32], shape: &[usize]| {
+                Tensor::from_slice(v, shape, Device::Cpu).unwrap().to_dtype(dt).unwrap().to_device(dev).unwrap()
+            };
+            let (t, hq, hkv) = (self.t, self.nh * self.d, self.nkv * self.d);
+            let main = vec![mk(&self.q, &[t, hq]), mk(&self.k, &[t, hkv]), mk(&self.v, &[t, hkv])];
+            let b = self.bias.as_ref();
+            let n = self.norm.as_ref();
+            let opt = vec![
+                b.map(|b| mk(&b[0], &[hq])),
+                b.map(|b| mk(&b[1], &[hkv])),
+                b.map(|b| mk(&b[2], &[hkv])),
+                n.map(|n| mk(&n[0], &[self.d])),
+                n.map(|n| mk(&n[1], &[self.d])),
+            ];
+            (main, opt)
+        }
+
+        /// float64: bias, head norm, rotation, with the angle as HF forms it (f32 product).
+        fn reference(&self, theta: f32) -> [Vec<f64>; 3] {
+            let (d, h) = (self.d, self.d / 2);
+            let inv = crate::rope::cpu::inv_freq(d, theta);
+            let run = |x: &[f32], heads: usize, bias: Option<&Vec<f32>>, norm: Option<&Vec<f32>>, rotate: bool| {
+                let mut out = vec![0f64; x.len()];
+                for tk in 0..self.t {
+                    for hd in 0..heads {
+                        let base = (tk * heads + hd) * d;
+                        let mut y: Vec<f64> =
+                            (0..d).map(|i| x[base + i] as f64 + bias.map_or(0.0, |b| b[hd * d + i] as f64)).collect();
+                        if let Some(w) = norm {
+                            let rstd = 1.0 / (y.iter().map(|v| v * v).sum::<f64>() / d as f64 + 1e-6).sqrt();
+                            y = y.iter().zip(w).map(|(v, &w)| v * rstd * w as f64).collect();
+                        }
+                        for i in 0..h {
+                            let (a, b) = (y[i], y[i + h]);
+                            let (s, c) = if rotate {
+                                let ang = (self.pos[tk] as f32 * inv[i]) as f64;
+                                (ang.sin(), ang.cos())
+                            } else {
+                                (0.0, 1.0)
+                            };
+                            out[base + i] = a * c - b * s;
+                            out[base + i + h] = b * c + a * s;
+                        }
+                    }
+                }
+                out
+            };
+            let (b, n) = (self.bias.as_ref(), self.norm.as_ref());
+            [
+                run(&self.q, self.nh, b.map(|b| &b[0]), n.map(|n| &n[0]), true),
+                run(&self.k, self.nkv, b.map(|b| &b[1]), n.map(|n| &n[1]), true),
+                run(&self.v, self.nkv, b.map(|b| &b[2]), None, false),
+            ]
+        }
+    }
+
+    fn extras(opt: &[Option<Tensor>]) -> Extras<'_> {
+        Extras {
+            q_bias: opt[0].as_ref(),
+            k_bias: opt[1].as_ref(),
+            v_bias: opt[2].as_ref(),
+            q_norm: opt[3].as_ref(),
+            k_norm: opt[4].as_ref(),
+            eps: 1e-6,
+        }
+    }
+
+    const SHAPES: [(usize, usize, usize, usize); 5] =
+        [(1, 1, 1, 2), (5, 14, 2, 64), (3, 7, 1, 200), (17, 16, 8, 128), (33, 4, 2, 40)];
+
+    #[test]
+    fn attention_inputs_match_f64_on_odd_shapes() {
+        let mut rng = Rng::new(71);
+        for shape in SHAPES {
+            for (bias, norm) in [(true, false), (false, true), (true, true), (false, false)] {
+                let c = Case::new(&mut rng, shape, bias, norm);
+                let (main, opt) = c.tensors(DType::F32, Device::Cpu);
+                let rope = RopeTable::new(c.d, 1e6, Device::Cpu).unwrap();
+                let got = attention_inputs(&main[0], &main[1], &main[2], &extras(&opt), &rope, &c.pos, None).unwrap();
+                let want = c.reference(1e6);
+                for (name, (g, w)) in ["q", "k", "v"].iter().zip([got.0, got.1, got.2].iter().zip(&want)) {
+                    let what = format!("{name} {shape:?} bias {bias} norm {norm}");
+                    assert_close(&g.to_vec::<f32>().unwrap(), w, 1e-5, 1e-5, &what);
+                }
+            }
+        }
+    }
+
+    /// The fused op is defined as the separate ops in sequence: on the CPU (which runs that
+    /// sequence) and on CUDA (one kernel) it must give what they give, and fill the cache.
+    fn check_against_separate_ops(dev: Device, dt: DType) {
+        let mut rng = Rng::new(72);
+        for shape in SHAPES {
+            if dev.is_cuda() && shape.3 > 256 {
+                continue;
+            }
+            for (bias, norm) in [(true, false), (false, true), (true, true)] {
+                let c = Case::new(&mut rng, shape, bias, norm);
+                let (t, nh, nkv, d) = shape;
+                let what = format!("{dev} {dt} {shape:?} bias {bias} norm {norm}");
+                // The separate ops on the CPU.
+                let (main, opt) = c.tensors(dt, Device::Cpu);
+                let e = extras(&opt);
+                let rope = RopeTable::new(d, 1e6, Device::Cpu).unwrap();
+                let pos_t = Tensor::from_slice(&c.pos, &[t], Device::Cpu).unwrap();
+                let step = |x: &Tensor, heads: usize, b: Option<&Tensor>, w: Option<&Tensor>, rot: bool| {
+                    let y = add::scale(x, 1.0).unwrap();
+                    if let Some(b) = b {
+                        add::add_bias_(&y, b).unwrap();
+                    }
+                    let y = match w {
+                        Some(w) => rmsnorm::rmsnorm(&y.reshape(&[t * heads, d]).unwrap(), w, 1e-6).unwrap().0,
+                        None => y,
+                    };
+                    let y = y.reshape(&[t, heads, d]).unwrap();
+                    if rot {
+                        rope.forward(&y, &pos_t).unwrap()
+                    } else {
+                        y
+                    }
+                };
+                let want = [
+                    step(&main[0], nh, e.q_bias, e.q_norm, true),
+                    step(&main[1], nkv, e.k_bias, e.k_norm, true),
+                    step(&main[2], nkv, e.v_bias, None, false),
+                ];
+                // Distinct slots in reverse order, the cache longer than the positions need.
+                let (n_slots, max_len) = (t + 2, 4001);
+                let slots: Vec<u32> = (0..t as u32).map(|i| n_slots as u32 - 1 - i).collect();
+                let cache = || Tensor::full(f64::NAN, &[n_slots, max_len, nkv, d], dt, dev).unwrap();
+                let (kc, vc) = (cache(), cache());
+                let (main_d, opt_d) = c.tensors(dt, dev);
+                let rope_d = RopeTable::new(d, 1e6, dev).unwrap();
+                drop(Tensor::full(f64::NAN, &[t * (nh + 2 * nkv) * d], dt, dev).unwrap());
+                let got = attention_inputs(
+                    &main_d[0],
+                    &main_d[1],
+                    &main_d[2],
+                    &extras(&opt_d),
+                    &rope_d,
+                    &c.pos,
+                    Some(CacheAppend { k_cache: &kc, v_cache: &vc, slots: &slots }),
+                )
+                .unwrap();
+                let got = [got.0, got.1, got.2];
+                // CUDA's sincosf and the CPU's sin_cos may differ in the last bit, which for bf16
+                // can move cos or sin across a rounding boundary (see rope's device test); the
+                // head norm's sum of squares is reduced in another order. Both stay within a few
+                // ulps of the output scale; the CPU must match exactly.
+                let tol = if dev.is_cpu() {
+                    0.0
+                } else if dt == DType::F32 {
+                    1e-5
+                } else {
+                    4.0 / 256.0
+                };
+                for (name, (g, w)) in ["q", "k", "v"].iter().zip(got.iter().zip(&want)) {
+                    assert_eq!(g.shape(), w.shape(), "{name} {what}");
+                    let (gv, wv) = (g.to_vec_f32().unwrap(), w.to_vec_f32().unwrap());
+                    let scale = wv.iter().fold(1f32, |m, x| m.max(x.abs())) as f64;
+                    for (i, (&a, &b)) in gv.iter().zip(&wv).enumerate() {
+                        assert!(
+                            ((a - b) as f64).abs() <= tol * scale,
+                            "{name} {what}: element {i}: got {a}, want {b} (scale {scale})"
+                        );
+                    }
+                    // Those last-bit differences are rare once rounded to bf16, while a missed
+                    // rounding step moves many elements by one bf16 ulp: nearly all must match.
+                    let differ = gv.iter().zip(&wv).filter(|(a, b)| a != b).count();
+                    if dt == DType::BF16 {
+                        assert!(differ <= gv.len() / 100, "{name} {what}: {differ} of {} elements differ", gv.len());
+                    }
+                }
+                // The cache holds k and v at (slot, position) and nothing else changed.
+                let row = nkv * d;
+                for (name, cache, new) in [("k cache", &kc, &got[1]), ("v cache", &vc, &got[2])] {
+                    let (cv, nv) = (cache.to_vec_f32().unwrap(), new.to_vec_f32().unwrap());
+                    let mut written = vec![false; n_slots * max_len];
+                    for r in 0..t {
+                        let at = slots[r] as usize * max_len + c.pos[r] as usize;
+                        written[at] = true;
+                        assert_eq!(&cv[at * row..(at + 1) * row], &nv[r * row..(r + 1) * row], "{name} row {r} {what}");
+                    }
+                    let untouched = written
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &w)| !w)
+                        .all(|(at, _)| cv[at * row..(at + 1) * row].iter().all(|x| x.is_nan()));
+                    assert!(untouched, "{name} {what}: a row outside (slot, position) was written");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_inputs_cpu_is_the_separate_ops() {
+        for dt in [DType::F32, DType::BF16] {
+            check_against_separate_ops(Device::Cpu, dt);
+        }
+    }
+
+    #[test]
+    fn attention_inputs_device_matches_separate_ops() {
+        let Some(dev) = test_cuda_device() else { return };
+        for dt in [DType::F32, DType::BF16] {
+            check_against_separate_ops(dev, dt);
+        }
+    }
+
+    #[test]
+    fn attention_inputs_errors_name_op_and_shapes() {
+        let dev = Device::Cpu;
+        let z = |s: &[usize]| Tensor::zeros(s, DType::F32, dev).unwrap();
+        let rope = RopeTable::new(8, 1e4, dev).unwrap();
+        let (q, k, v) = (z(&[3, 16]), z(&[3, 8]), z(&[3, 8]));
+        let run = |q: &Tensor, k: &Tensor, e: &Extras, pos: &[u32], c: Option<CacheAppend>| {
+            attention_inputs(q, k, &v, e, &rope, pos, c).unwrap_err().to_string()
+        };
+        let e = run(&z(&[3, 12]), &k, &Extras::default(), &[0, 1, 2], None);
+        assert!(e.contains("attention_inputs") && e.contains("[3, 12]") && e.contains("n_heads·8"), "{e}");
+        let e = run(&q, &z(&[2, 8]), &Extras::default(), &[0, 1, 2], None);
+        assert!(e.contains("k [2, 8]"), "{e}");
+        let e = run(&q, &k, &Extras::default(), &[0, 1], None);
+        assert!(e.contains("2 positions for 3 tokens"), "{e}");
+        let b = z(&[8]);
+        let e = run(&q, &k, &Extras { q_bias: Some(&b), ..Default::default() }, &[0, 1, 2], None);
+        assert!(e.contains("q_bias [8] must hold 16"), "{e}");
+        let bb = Tensor::zeros(&[16], DType::BF16, dev).unwrap();
+        let e = run(&q, &k, &Extras { q_bias: Some(&bb), ..Default::default() }, &[0, 1, 2], None);
+        assert!(e.contains("q_bias is bf16 but q is f32"), "{e}");
+        let (kc, vc) = (z(&[2, 4, 1, 8]), z(&[2, 4, 1, 8]));
+        let slots = [0u32, 1, 1];
+        let e = run(
+            &q,
+            &k,
+            &Extras::default(),
+            &[0, 1, 4],
+            Some(CacheAppend { k_cache: &kc, v_cache: &vc, slots: &slots }),
+        );
+        assert!(e.contains("row 2: slot 1 / position 4 outside cache [2, 4, 1, 8]"), "{e}");
+        let kc2 = z(&[2, 4, 2, 8]);
+        let e = run(
+            &q,
+            &k,
+            &Extras::default(),
+            &[0, 1, 2],
+            Some(CacheAppend { k_cache: &kc2, v_cache: &kc2, slots: &slots }),
+        );
+        assert!(e.contains("share storage"), "{e}");
+        let vc2 = z(&[2, 4, 2, 8]);
+        let e = run(
+            &q,
+            &k,
+            &Extras::default(),
+            &[0, 1, 2],
+            Some(CacheAppend { k_cache: &kc2, v_cache: &vc2, slots: &slots }),
+        );
+        assert!(e.contains("[n_slots, max_len, 1, 8]"), "{e}");
+    }
+}
