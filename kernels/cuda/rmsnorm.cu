@@ -26,6 +26,10 @@
 //     load per row), a 2-D block (columns × chunks) so narrow D still fills blocks, and 8 rows
 //     loaded ahead of their (still in-order) additions; its reduce loads 16 chunks ahead. Same
 //     additions in the same order per column, so the same bits as v1/v2.
+// add_rmsnorm (rmsnorm_add_fwd_*): the forward of s = round_T(x + r) — the residual add, whose
+//   sum it also writes — in the same kernel, versions and thread mapping; only same-dtype
+//   (x, w) pairs. It saves a launch and a pass over the rows per residual add in inference and
+//   training forwards; its backward is add's and rmsnorm's.
 // Arithmetic uses explicit _rn intrinsics where the CPU reference rounds, so the compiler does
 // not contract into FMAs and CUDA follows the CPU's rounding steps.
 // Versions:
@@ -45,8 +49,11 @@ template <typename W, typename T, int N> __device__ __forceinline__ void ldw(con
     }
 }
 
-template <typename T, typename W, int N>
-__device__ __forceinline__ void rmsnorm_fwd(T* y, float* rstd, const T* x, const W* w, float eps, u64 rows, u32 d) {
+// R (add_rmsnorm): the row normalised is s = round_T(x + r), written to `s` on the way (the
+// first pass stores it, the second re-reads it: the same lane, the same addresses).
+template <typename T, typename W, int N, bool R = false>
+__device__ __forceinline__ void rmsnorm_fwd(T* y, float* rstd, const T* x, const W* w, float eps, u64 rows, u32 d,
+                                            T* s = nullptr, const T* r = nullptr) {
     const u32 lane = threadIdx.x & 31;
     const u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;  // the whole warp leaves together
@@ -56,15 +63,23 @@ __device__ __forceinline__ void rmsnorm_fwd(T* y, float* rstd, const T* x, const
     for (u32 c = lane * N; c < d; c += 32 * N) {
         float v[N];
         ldn<T, N>(xr + c, v);
+        if constexpr (R) {
+            float rv[N];
+            ldn<T, N>(r + row * d + c, rv);
+            #pragma unroll
+            for (int k = 0; k < N; ++k) v[k] = round_to(__fadd_rn(v[k], rv[k]), x);
+            stn<T, N>(s + row * d + c, v);
+        }
         #pragma unroll
         for (int k = 0; k < N; ++k) ss = __fmaf_rn(v[k], v[k], ss);
     }
     ss = warp_sum(ss);
     const float rs = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, (float)d), eps)));
     if (lane == 0) rstd[row] = rs;
+    const T* nr = R ? s + row * d : xr;
     for (u32 c = lane * N; c < d; c += 32 * N) {
         float v[N], wv[N], o[N];
-        ldn<T, N>(xr + c, v);
+        ldn<T, N>(nr + c, v);
         ldw<W, T, N>(w + c, wv);
         #pragma unroll
         for (int k = 0; k < N; ++k) o[k] = __fmul_rn(wv[k], round_to(__fmul_rn(v[k], rs), x));
@@ -125,6 +140,18 @@ RMSNORM_KERNELS(f32_bf16_v2, float, bf16_t, 4)
 RMSNORM_KERNELS(bf16_f32_v2, bf16_t, float, 8)
 RMSNORM_KERNELS(bf16_bf16_v2, bf16_t, bf16_t, 8)
 
+// add_rmsnorm (v1/v2): s = x + r, then the norm of s; w in x's dtype.
+#define RMSNORM_ADD_KERNEL(SFX, T, N)                                                              \
+    extern "C" __global__ void rmsnorm_add_fwd_##SFX(T* y, float* rstd, T* s, const T* x,          \
+                                                     const T* r, const T* w, float eps, u64 rows,  \
+                                                     u32 d) {                                      \
+        rmsnorm_fwd<T, T, N, true>(y, rstd, x, w, eps, rows, d, s, r);                             \
+    }
+RMSNORM_ADD_KERNEL(f32_f32, float, 1)
+RMSNORM_ADD_KERNEL(bf16_bf16, bf16_t, 1)
+RMSNORM_ADD_KERNEL(f32_f32_v2, float, 4)
+RMSNORM_ADD_KERNEL(bf16_bf16_v2, bf16_t, 8)
+
 // ---- v3: row in registers ----------------------------------------------------------------
 
 // A 16-byte chunk of T kept as raw bits (4 registers whatever T is), unpacked when used; the
@@ -139,6 +166,16 @@ __device__ __forceinline__ void unpack16(const uint4& r, float* f, const bf16_t*
         f[2 * k] = bf16_to_f32((bf16_t)(w[k] & 0xffffu));
         f[2 * k + 1] = bf16_to_f32((bf16_t)(w[k] >> 16));
     }
+}
+// The inverse of unpack16: N floats (already representable in T) back to 16 raw bytes.
+__device__ __forceinline__ uint4 pack16(const float* f, const float*) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
+__device__ __forceinline__ uint4 pack16(const float* f, const bf16_t*) {
+    u32 w[4];
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) w[k] = (u32)f32_to_bf16(f[2 * k]) | ((u32)f32_to_bf16(f[2 * k + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // Sum over the L lanes of a group (L divides 32, groups aligned), with the bits warp_sum gives
@@ -164,8 +201,10 @@ template <int L> __device__ __forceinline__ u64 v3_row(u32& g) {
     return ((u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * (32 / L) + lane / L;
 }
 
-template <typename T, typename W, int L, int C>
-__device__ __forceinline__ void rmsnorm_fwd_v3(T* y, float* rstd, const T* x, const W* w, float eps, u64 rows, u32 d) {
+// R (add_rmsnorm): the row held is s = round_T(x + r), stored to `s` once computed.
+template <typename T, typename W, int L, int C, bool R = false>
+__device__ __forceinline__ void rmsnorm_fwd_v3(T* y, float* rstd, const T* x, const W* w, float eps, u64 rows, u32 d,
+                                               T* s = nullptr, const T* r = nullptr) {
     constexpr int N = 16 / sizeof(T);
     u32 g;
     const u64 row = v3_row<L>(g);
@@ -176,6 +215,27 @@ __device__ __forceinline__ void rmsnorm_fwd_v3(T* y, float* rstd, const T* x, co
     for (int i = 0; i < C; ++i) {
         const u32 c = (g + i * L) * N;
         if (live && c < d) xc[i] = *reinterpret_cast<const uint4*>(xr + c);
+    }
+    if constexpr (R) {
+        uint4 rc[C] = {};
+        #pragma unroll
+        for (int i = 0; i < C; ++i) {
+            const u32 c = (g + i * L) * N;
+            if (live && c < d) rc[i] = *reinterpret_cast<const uint4*>(r + row * d + c);
+        }
+        #pragma unroll
+        for (int i = 0; i < C; ++i) {
+            const u32 c = (g + i * L) * N;
+            if (live && c < d) {
+                float v[N], rv[N];
+                unpack16(xc[i], v, x);
+                unpack16(rc[i], rv, x);
+                #pragma unroll
+                for (int k = 0; k < N; ++k) v[k] = round_to(__fadd_rn(v[k], rv[k]), x);
+                st16(s + row * d + c, v);
+                xc[i] = pack16(v, x);
+            }
+        }
     }
     float ss = 0.0f;
     #pragma unroll
@@ -282,6 +342,22 @@ RMSNORM_V3_KERNELS(f32_f32, float, float)
 RMSNORM_V3_KERNELS(f32_bf16, float, bf16_t)
 RMSNORM_V3_KERNELS(bf16_f32, bf16_t, float)
 RMSNORM_V3_KERNELS(bf16_bf16, bf16_t, bf16_t)
+
+// add_rmsnorm v3: rmsnorm_add_fwd_<SFX>_v3_<L>x<C>, same-dtype pairs only.
+#define RMSNORM_ADD_V3_KERNEL_LC(SFX, T, L, C)                                                     \
+    extern "C" __global__ void __launch_bounds__(256) rmsnorm_add_fwd_##SFX##_v3_##L##x##C(       \
+        T* y, float* rstd, T* s, const T* x, const T* r, const T* w, float eps, u64 rows, u32 d) { \
+        rmsnorm_fwd_v3<T, T, L, C, true>(y, rstd, x, w, eps, rows, d, s, r);                       \
+    }
+#define RMSNORM_ADD_V3_KERNELS(SFX, T)                                                             \
+    RMSNORM_ADD_V3_KERNEL_LC(SFX, T, 8, 1)                                                         \
+    RMSNORM_ADD_V3_KERNEL_LC(SFX, T, 16, 1)                                                        \
+    RMSNORM_ADD_V3_KERNEL_LC(SFX, T, 32, 1)                                                        \
+    RMSNORM_ADD_V3_KERNEL_LC(SFX, T, 32, 4)                                                        \
+    RMSNORM_ADD_V3_KERNEL_LC(SFX, T, 32, 8)                                                        \
+    RMSNORM_ADD_V3_KERNEL_LC(SFX, T, 32, 16)
+RMSNORM_ADD_V3_KERNELS(f32_f32, float)
+RMSNORM_ADD_V3_KERNELS(bf16_bf16, bf16_t)
 
 // scratch[chunk, j] = Σ_{rows r of chunk, in order} dy[r, j]·(x[r, j]·rstd[r]).
 template <typename T>

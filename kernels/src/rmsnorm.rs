@@ -58,6 +58,50 @@ pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
     Ok((y, rstd))
 }
 
+/// `(s, y, rstd)`: the residual add `s = x + r` (rounded to x's dtype, as [`crate::add::add`])
+/// and `(y, rstd) = rmsnorm(s, w)`, in one pass on CUDA — one launch and one read of `x` and `r`
+/// where the two ops take two launches and read `s` back twice. `r` is like `x`; `w` must have
+/// x's dtype. The backward is the two ops' (the gradient reaching `s` goes to both `x` and `r`).
+pub fn add_rmsnorm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+    let (rows, d) = check("add_rmsnorm", x, w)?;
+    if r.shape() != x.shape() || r.dtype() != x.dtype() || w.dtype() != x.dtype() {
+        return Err(Error::shape(
+            "add_rmsnorm",
+            format!(
+                "r {:?} {} must match x {:?} {}, and w ({}) have x's dtype",
+                r.shape(),
+                r.dtype(),
+                x.shape(),
+                x.dtype(),
+                w.dtype()
+            ),
+        ));
+    }
+    if r.device() != x.device() {
+        return Err(Error::DeviceMismatch { op: "add_rmsnorm", a: x.device(), b: r.device() });
+    }
+    match x.device() {
+        Device::Cpu => {
+            let s = crate::add::add(x, r)?;
+            let (y, rstd) = rmsnorm(&s, w, eps)?;
+            Ok((s, y, rstd))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => {
+            let s = Tensor::empty(x.shape(), x.dtype(), x.device())?;
+            let y = Tensor::empty(x.shape(), x.dtype(), x.device())?;
+            let rstd = Tensor::empty(&[rows], DType::F32, x.device())?;
+            cuda::forward_add(ord, x, r, w, eps, &s, &y, &rstd, rows, d)?;
+            Ok((s, y, rstd))
+        }
+        #[cfg(not(feature = "cuda"))]
+        device => {
+            let _ = (rows, d);
+            Err(Error::UnsupportedDevice { op: "add_rmsnorm", device })
+        }
+    }
+}
+
 /// `(dx, dw)`: `dx` like `x`; `dw` `[D]` f32, summed over rows. `rstd` is the forward's.
 pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let (rows, d) = check("rmsnorm_backward", x, w)?;
@@ -335,6 +379,41 @@ mod cuda {
             Arg::Ptr(py),
             Arg::Ptr(pr),
             Arg::Ptr(px),
+            Arg::Ptr(pw),
+            Arg::F32(eps),
+            Arg::U64(rows as u64),
+            Arg::U32(d as u32),
+        ];
+        launch(ord, &SRC, &func, cfg, &args)
+    }
+
+    /// [`super::add_rmsnorm`]'s kernel: the forward's versions with the residual add in front.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_add(
+        ord: usize,
+        x: &Tensor,
+        r: &Tensor,
+        w: &Tensor,
+        eps: f32,
+        s: &Tensor,
+        y: &Tensor,
+        rstd: &Tensor,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        if rows == 0 || d == 0 {
+            return Ok(());
+        }
+        let ptrs = [x.cuda_ptr()?, r.cuda_ptr()?, w.cuda_ptr()?, s.cuda_ptr()?, y.cuda_ptr()?, rstd.cuda_ptr()?];
+        let version = crate::versions::pick("rmsnorm", &allowed(x, d, &ptrs[..5]))?;
+        let (func, cfg) = row_kernel("add_fwd", version, x, w, rows, d);
+        let [px, pr, pw, ps, py, prs] = ptrs;
+        let args = [
+            Arg::Ptr(py),
+            Arg::Ptr(prs),
+            Arg::Ptr(ps),
+            Arg::Ptr(px),
+            Arg::Ptr(pr),
             Arg::Ptr(pw),
             Arg::F32(eps),
             Arg::U64(rows as u64),
@@ -707,6 +786,85 @@ mod tests {
                         None => dw_bits = Some(dwb),
                         Some(b1) => assert!(&dwb == b1, "dw {what}: bits differ from v1"),
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn add_rmsnorm_matches_f64_and_the_separate_ops() {
+        let mut rng = Rng::new(26);
+        for (rows, d) in [(1usize, 1usize), (7, 37), (33, 896), (5, 4099)] {
+            let (x, r, w) = (randn(&mut rng, rows * d, 2.0), randn(&mut rng, rows * d, 2.0), randn(&mut rng, d, 1.0));
+            let (s, y, rstd) = add_rmsnorm(&t(&x, &[rows, d]), &t(&r, &[rows, d]), &t(&w, &[d]), 1e-6).unwrap();
+            let sum: Vec<f64> = x.iter().zip(&r).map(|(&a, &b)| a as f64 + b as f64).collect();
+            assert_close(&s.to_vec::<f32>().unwrap(), &sum, 0.0, f32::EPSILON as f64, "add_rmsnorm s");
+            let mut want_y = vec![0f64; rows * d];
+            let mut want_r = vec![0f64; rows];
+            for i in 0..rows {
+                let row = &sum[i * d..(i + 1) * d];
+                let rs = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / d as f64 + 1e-6).sqrt();
+                want_r[i] = rs;
+                for j in 0..d {
+                    want_y[i * d + j] = row[j] * rs * w[j] as f64;
+                }
+            }
+            assert_close(&y.to_vec::<f32>().unwrap(), &want_y, 2e-6, 2e-6, "add_rmsnorm y");
+            assert_close(&rstd.to_vec::<f32>().unwrap(), &want_r, 0.0, 2e-6, "add_rmsnorm rstd");
+            // bf16: exactly add, then rmsnorm.
+            let b = |v: &[f32], shape: &[usize]| t(v, shape).to_dtype(DType::BF16).unwrap();
+            let (xb, rb, wb) = (b(&x, &[rows, d]), b(&r, &[rows, d]), b(&w, &[d]));
+            let (s, y, rstd) = add_rmsnorm(&xb, &rb, &wb, 1e-6).unwrap();
+            let s2 = crate::add::add(&xb, &rb).unwrap();
+            let (y2, r2) = rmsnorm(&s2, &wb, 1e-6).unwrap();
+            assert_eq!(s.to_bytes().unwrap(), s2.to_bytes().unwrap(), "bf16 s [{rows},{d}]");
+            assert_eq!(y.to_bytes().unwrap(), y2.to_bytes().unwrap(), "bf16 y [{rows},{d}]");
+            assert_eq!(rstd.to_bytes().unwrap(), r2.to_bytes().unwrap(), "bf16 rstd [{rows},{d}]");
+        }
+        let x = t(&[1.0; 8], &[2, 4]);
+        let e = add_rmsnorm(&x, &t(&[1.0; 4], &[1, 4]), &t(&[1.0; 4], &[4]), 1e-6).unwrap_err().to_string();
+        assert!(e.contains("add_rmsnorm") && e.contains("[1, 4]") && e.contains("[2, 4]"), "{e}");
+        let wb = t(&[1.0; 4], &[4]).to_dtype(DType::BF16).unwrap();
+        let e = add_rmsnorm(&x, &x, &wb, 1e-6).unwrap_err().to_string();
+        assert!(e.contains("add_rmsnorm") && e.contains("w (bf16)"), "{e}");
+    }
+
+    /// On the device the fused kernel must give, for every version, the bits of the device's own
+    /// add followed by its rmsnorm at that version (same per-lane order), and stay within the
+    /// rmsnorm tolerance of the CPU.
+    #[test]
+    fn add_rmsnorm_device_is_add_then_rmsnorm() {
+        let Some(dev) = test_cuda_device() else { return };
+        let mut rng = Rng::new(27);
+        for (rows, d) in [(1usize, 1usize), (7, 37), (33, 896), (77, 64), (6, 1536), (5, 4096), (2, 5120)] {
+            for dt in [DType::F32, DType::BF16] {
+                let mk = |std: f32, shape: &[usize], rng: &mut Rng| {
+                    t(&randn(rng, shape.iter().product(), std), shape).to_dtype(dt).unwrap()
+                };
+                let (x, r, w) = (mk(2.0, &[rows, d], &mut rng), mk(2.0, &[rows, d], &mut rng), mk(1.0, &[d], &mut rng));
+                let (sc, yc, _) = add_rmsnorm(&x, &r, &w, 1e-6).unwrap();
+                let (xg, rg, wg) = (x.to_device(dev).unwrap(), r.to_device(dev).unwrap(), w.to_device(dev).unwrap());
+                let chunks = d * dt.size_in_bytes() / 16;
+                let vec = d % (16 / dt.size_in_bytes()) == 0;
+                for v in [1u32, 2, 3] {
+                    let _v = crate::versions::scoped("rmsnorm", v);
+                    let what = format!("v{v} {dt} [{rows},{d}]");
+                    if !(v == 1 || (vec && (v == 2 || chunks <= 512))) {
+                        let e = add_rmsnorm(&xg, &rg, &wg, 1e-6).unwrap_err().to_string();
+                        assert!(e.contains("rmsnorm") && e.contains(&format!("version {v}")), "{what}: {e}");
+                        continue;
+                    }
+                    drop(Tensor::full(f64::NAN, &[3 * rows * d], dt, dev).unwrap());
+                    let (s, y, rstd) = add_rmsnorm(&xg, &rg, &wg, 1e-6).unwrap();
+                    let s2 = crate::add::add(&xg, &rg).unwrap();
+                    let (y2, r2) = rmsnorm(&s2, &wg, 1e-6).unwrap();
+                    assert_eq!(s.to_bytes().unwrap(), sc.to_bytes().unwrap(), "s {what} vs CPU");
+                    assert_eq!(s.to_bytes().unwrap(), s2.to_bytes().unwrap(), "s {what} vs add");
+                    assert_eq!(y.to_bytes().unwrap(), y2.to_bytes().unwrap(), "y {what} vs rmsnorm");
+                    assert_eq!(rstd.to_bytes().unwrap(), r2.to_bytes().unwrap(), "rstd {what} vs rmsnorm");
+                    let (tol, rtol) = if dt == DType::F32 { (2e-6, 2e-6) } else { (dt.epsilon(), 2.0 * dt.epsilon()) };
+                    let want = to_f64(&yc.to_vec_f32().unwrap());
+                    assert_close(&y.to_vec_f32().unwrap(), &want, tol, rtol, &format!("y {what} vs CPU"));
                 }
             }
         }

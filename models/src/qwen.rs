@@ -72,6 +72,34 @@ impl Packed {
     }
 }
 
+/// The residual stream entering a norm: the stream itself, or the previous layer's `x_mid` and
+/// MLP output, which the norm sums on the way ([`rmsnorm::add_rmsnorm`]: one launch and one
+/// pass for the residual add and the next layer's input norm).
+#[derive(Clone, Copy)]
+enum Stream<'a> {
+    Sum(&'a Tensor),
+    Parts(&'a Tensor, &'a Tensor),
+}
+
+impl<'a> Stream<'a> {
+    /// The stream after the embedding and the layers run so far (their last `(x_mid, MLP
+    /// output)`, none before the first layer).
+    fn after(embedded: &'a Tensor, parts: &'a Option<(Tensor, Tensor)>) -> Stream<'a> {
+        parts.as_ref().map_or(Stream::Sum(embedded), |(a, b)| Stream::Parts(a, b))
+    }
+
+    /// `(x, rmsnorm(x, w), rstd)` with x the stream's sum.
+    fn norm(self, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok(match self {
+            Stream::Sum(x) => {
+                let (y, rstd) = rmsnorm::rmsnorm(x, w, eps)?;
+                (x.clone(), y, rstd)
+            }
+            Stream::Parts(a, b) => rmsnorm::add_rmsnorm(a, b, w, eps)?,
+        })
+    }
+}
+
 /// What one layer's backward needs from its forward.
 struct LayerActs {
     x: Tensor,
@@ -208,23 +236,29 @@ impl Qwen {
         let dev = self.device();
         let ids = Tensor::from_slice(&batch.ids, &[batch.ids.len()], dev)?;
         let positions = Tensor::from_slice(&batch.positions(), &[batch.ids.len()], dev)?;
-        let mut x = embedding::embedding(&ids, &self.weights.embed_tokens)?;
+        let embedded = embedding::embedding(&ids, &self.weights.embed_tokens)?;
         let mut layers = Vec::with_capacity(self.weights.layers.len());
+        // The previous layer's (x_mid, MLP output), summed by the next norm.
+        let mut parts: Option<(Tensor, Tensor)> = None;
         for l in 0..self.weights.layers.len() {
-            let acts = self.layer_forward(l, &x, &positions, &batch.cu_seqlens)?;
-            x = add::add(&acts.x_mid, &self.mlp_out(l, &acts)?)?;
+            let input = Stream::after(&embedded, &parts);
+            let acts = self.layer_forward(l, input, &positions, &batch.cu_seqlens)?;
+            let mlp = self.mlp_out(l, &acts)?;
+            let x_mid = acts.x_mid.clone();
             layers.push(if self.recompute { Stored::Input(acts.x.clone()) } else { Stored::Full(Box::new(acts)) });
+            parts = Some((x_mid, mlp));
         }
-        let (hidden, rstd_final) = rmsnorm::rmsnorm(&x, &self.weights.norm, self.config.rms_norm_eps as f32)?;
-        Ok(Activations { batch: batch.clone(), positions, layers, x_final: x, rstd_final, hidden })
+        let input = Stream::after(&embedded, &parts);
+        let (x_final, hidden, rstd_final) = input.norm(&self.weights.norm, self.config.rms_norm_eps as f32)?;
+        Ok(Activations { batch: batch.clone(), positions, layers, x_final, rstd_final, hidden })
     }
 
     /// The attention half of layer `l` and the MLP's inputs; the MLP output is [`Self::mlp_out`].
-    fn layer_forward(&self, l: usize, x: &Tensor, positions: &Tensor, cu: &[u32]) -> Result<LayerActs> {
+    fn layer_forward(&self, l: usize, input: Stream, positions: &Tensor, cu: &[u32]) -> Result<LayerActs> {
         let (c, w) = (&self.config, &self.weights.layers[l]);
         let eps = c.rms_norm_eps as f32;
+        let (x, h1, rstd1) = input.norm(&w.input_layernorm, eps)?;
         let t = x.dim(0);
-        let (h1, rstd1) = rmsnorm::rmsnorm(x, &w.input_layernorm, eps)?;
         let q_raw = linear(&h1, &w.q_proj, w.q_bias.as_ref())?;
         let k_raw = linear(&h1, &w.k_proj, w.k_bias.as_ref())?;
         let v = linear(&h1, &w.v_proj, w.v_bias.as_ref())?.reshape(&[t, c.num_key_value_heads, c.head_dim])?;
@@ -235,13 +269,13 @@ impl Qwen {
         let k = rope.forward(&k_n, positions)?;
         let (attn, lse) = attention::attention_forward(&q, &k, &v, cu, None)?;
         let attn = attn.reshape(&[t, c.q_dim()])?;
-        let x_mid = add::add(x, &linear(&attn, &w.o_proj, w.o_bias.as_ref())?)?;
-        let (h2, rstd2) = rmsnorm::rmsnorm(&x_mid, &w.post_attention_layernorm, eps)?;
+        let o = linear(&attn, &w.o_proj, w.o_bias.as_ref())?;
+        let (x_mid, h2, rstd2) = rmsnorm::add_rmsnorm(&x, &o, &w.post_attention_layernorm, eps)?;
         let gate = linear(&h2, &w.gate_proj, None)?;
         let up = linear(&h2, &w.up_proj, None)?;
         let act = swiglu::swiglu(&gate, &up)?;
         Ok(LayerActs {
-            x: x.clone(),
+            x,
             h1,
             rstd1,
             q_raw,
@@ -269,18 +303,19 @@ impl Qwen {
     /// One layer for inference (prefill and decode): nothing is kept for a backward, and the
     /// fused `attention_inputs` op turns the projections into attention's q/k/v and writes k/v
     /// into the cache in one launch. `attend(q, k, v)` is the attention itself (causal over the
-    /// packed prompts, or decode against the cache). Returns the layer's output.
+    /// packed prompts, or decode against the cache). Returns the layer's `x_mid` and MLP output,
+    /// whose sum (the layer's output) the next norm forms.
     fn layer_infer(
         &self,
         l: usize,
-        x: &Tensor,
+        input: Stream,
         positions: &[u32],
         to_cache: CacheAppend,
         attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let (c, w) = (&self.config, &self.weights.layers[l]);
         let eps = c.rms_norm_eps as f32;
-        let (h1, _) = rmsnorm::rmsnorm(x, &w.input_layernorm, eps)?;
+        let (x, h1, _) = input.norm(&w.input_layernorm, eps)?;
         let extras = Extras {
             q_bias: w.q_bias.as_ref(),
             k_bias: w.k_bias.as_ref(),
@@ -299,10 +334,10 @@ impl Qwen {
             Some(to_cache),
         )?;
         let o = attend(&q, &k, &v)?.reshape(&[x.dim(0), c.q_dim()])?;
-        let x_mid = add::add(x, &linear(&o, &w.o_proj, w.o_bias.as_ref())?)?;
-        let (h2, _) = rmsnorm::rmsnorm(&x_mid, &w.post_attention_layernorm, eps)?;
+        let o = linear(&o, &w.o_proj, w.o_bias.as_ref())?;
+        let (x_mid, h2, _) = rmsnorm::add_rmsnorm(&x, &o, &w.post_attention_layernorm, eps)?;
         let act = swiglu::swiglu(&linear(&h2, &w.gate_proj, None)?, &linear(&h2, &w.up_proj, None)?)?;
-        Ok(add::add(&x_mid, &linear(&act, &w.down_proj, None)?)?)
+        Ok((x_mid, linear(&act, &w.down_proj, None)?))
     }
 
     /// Qwen3's per-head RMSNorm over head_dim (identity without a norm weight). Returns the
@@ -370,7 +405,7 @@ impl Qwen {
             let a: &LayerActs = match &acts.layers[l] {
                 Stored::Full(a) => a,
                 Stored::Input(x) => {
-                    recomputed = self.layer_forward(l, x, &acts.positions, &acts.batch.cu_seqlens)?;
+                    recomputed = self.layer_forward(l, Stream::Sum(x), &acts.positions, &acts.batch.cu_seqlens)?;
                     &recomputed
                 }
             };
@@ -499,19 +534,25 @@ impl Qwen {
             .flat_map(|(b, w)| std::iter::repeat_n(b as u32, (w[1] - w[0]) as usize))
             .collect();
         let ids = Tensor::from_slice(&batch.ids, &[batch.ids.len()], dev)?;
-        let mut x = embedding::embedding(&ids, &self.weights.embed_tokens)?;
+        let embedded = embedding::embedding(&ids, &self.weights.embed_tokens)?;
+        let mut parts: Option<(Tensor, Tensor)> = None;
         for l in 0..self.weights.layers.len() {
             let to_cache = CacheAppend { k_cache: &cache.k[l], v_cache: &cache.v[l], slots: &slots };
-            x = self.layer_infer(l, &x, &pos, to_cache, |q, k, v| {
+            let input = Stream::after(&embedded, &parts);
+            parts = Some(self.layer_infer(l, input, &pos, to_cache, |q, k, v| {
                 Ok(attention::attention_forward(q, k, v, &batch.cu_seqlens, None)?.0)
-            })?;
+            })?);
         }
         for (b, p) in prompts.iter().enumerate() {
             cache.lens[b] = p.len() as u32;
         }
+        // Only each prompt's last token goes through the final norm.
         let last: Vec<u32> = batch.cu_seqlens[1..].iter().map(|&e| e - 1).collect();
-        let x_last = embedding::embedding(&Tensor::from_slice(&last, &[last.len()], dev)?, &x)?;
-        Ok(rmsnorm::rmsnorm(&x_last, &self.weights.norm, self.config.rms_norm_eps as f32)?.0)
+        let last = Tensor::from_slice(&last, &[last.len()], dev)?;
+        let rows = |x: &Tensor| embedding::embedding(&last, x);
+        let parts = parts.map(|(a, b)| Ok::<_, Error>((rows(&a)?, rows(&b)?))).transpose()?;
+        let embedded = if parts.is_none() { rows(&embedded)? } else { embedded };
+        Ok(Stream::after(&embedded, &parts).norm(&self.weights.norm, self.config.rms_norm_eps as f32)?.1)
     }
 
     /// One decode step: `tokens[b]` is appended to slot b; returns the final hidden states `[B, H]`.
@@ -532,15 +573,22 @@ impl Qwen {
         let pos: Vec<u32> = cache.lens[..b].to_vec();
         let slots: Vec<u32> = (0..b as u32).collect();
         let lens_after: Vec<u32> = pos.iter().map(|p| p + 1).collect();
-        let mut x = embedding::embedding(&Tensor::from_slice(tokens, &[b], dev)?, &self.weights.embed_tokens)?;
+        let embedded = embedding::embedding(&Tensor::from_slice(tokens, &[b], dev)?, &self.weights.embed_tokens)?;
+        let mut parts: Option<(Tensor, Tensor)> = None;
         for l in 0..self.weights.layers.len() {
             let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
-            x = self.layer_infer(l, &x, &pos, CacheAppend { k_cache, v_cache, slots: &slots }, |q, _, _| {
-                Ok(attention::attention_decode(q, k_cache, v_cache, &lens_after, None)?)
-            })?;
+            let input = Stream::after(&embedded, &parts);
+            parts = Some(self.layer_infer(
+                l,
+                input,
+                &pos,
+                CacheAppend { k_cache, v_cache, slots: &slots },
+                |q, _, _| Ok(attention::attention_decode(q, k_cache, v_cache, &lens_after, None)?),
+            )?);
         }
         cache.lens[..b].copy_from_slice(&lens_after);
-        Ok(rmsnorm::rmsnorm(&x, &self.weights.norm, c.rms_norm_eps as f32)?.0)
+        let input = Stream::after(&embedded, &parts);
+        Ok(input.norm(&self.weights.norm, c.rms_norm_eps as f32)?.1)
     }
 
     /// Full logits `[B, V]` for a few rows of hidden states (decoding; training never needs them).
