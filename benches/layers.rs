@@ -1,5 +1,5 @@
-//! Criterion benchmarks for the CPU layer ops — embedding, RMSNorm, RoPE, SwiGLU, forward and
-//! backward, and the residual/bias ops (axpby, bias add, bias gradient) — at Qwen2.5-0.5B shapes (hidden 896, 14 heads × head_dim 64, intermediate 4864)
+//! Criterion benchmarks for the CPU layer ops — embedding, RMSNorm (and the fused residual add +
+//! RMSNorm), RoPE, SwiGLU, forward and backward, and the residual/bias ops (axpby, bias add, bias gradient) — at Qwen2.5-0.5B shapes (hidden 896, 14 heads × head_dim 64, intermediate 4864)
 //! for 512 and 4096 tokens, f32.
 //!
 //! These ops are memory-bound, so throughput is `Bytes` = the bytes each call must move
@@ -61,6 +61,12 @@ fn benches(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(3 * rows + (2 * HIDDEN + n) as u64 * F));
         g.bench_function(BenchmarkId::new("backward", format!("{n}x{HIDDEN}")), |b| {
             b.iter(|| rmsnorm::cpu::rmsnorm_backward(black_box(&x), &w, &rstd, &dy, &mut dx, &mut dw))
+        });
+        // add_rmsnorm: x and the residual read, the sum and y written.
+        let mut s = vec![0f32; n * HIDDEN];
+        g.throughput(Throughput::Bytes(4 * rows + (HIDDEN + n) as u64 * F));
+        g.bench_function(BenchmarkId::new("add_forward", format!("{n}x{HIDDEN}")), |b| {
+            b.iter(|| rmsnorm::cpu::add_rmsnorm(black_box(&x), &dy, &w, 1e-6, &mut s, &mut y, &mut rstd))
         });
     }
     g.finish();

@@ -60,8 +60,10 @@ pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
 
 /// `(s, y, rstd)`: the residual add `s = x + r` (rounded to x's dtype, as [`crate::add::add`])
 /// and `(y, rstd) = rmsnorm(s, w)`, in one pass on CUDA — one launch and one read of `x` and `r`
-/// where the two ops take two launches and read `s` back twice. `r` is like `x`; `w` must have
-/// x's dtype. The backward is the two ops' (the gradient reaching `s` goes to both `x` and `r`).
+/// where the two ops take two launches and read `s` back twice (on the CPU, a row at a time while
+/// it is in cache). The bits of `add` followed by `rmsnorm` on either device. `r` is like `x`; `w`
+/// must have x's dtype. The backward is the two ops' (the gradient reaching `s` goes to both `x`
+/// and `r`).
 pub fn add_rmsnorm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
     let (rows, d) = check("add_rmsnorm", x, w)?;
     if r.shape() != x.shape() || r.dtype() != x.dtype() || w.dtype() != x.dtype() {
@@ -82,8 +84,19 @@ pub fn add_rmsnorm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tens
     }
     match x.device() {
         Device::Cpu => {
-            let s = crate::add::add(x, r)?;
-            let (y, rstd) = rmsnorm(&s, w, eps)?;
+            let s = Tensor::empty(x.shape(), x.dtype(), x.device())?;
+            let y = Tensor::empty(x.shape(), x.dtype(), x.device())?;
+            let rstd = Tensor::empty(&[rows], DType::F32, x.device())?;
+            fn go<T: WithDType>(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32, out: [&Tensor; 3]) -> Result<()> {
+                let (xv, rv, wv) = (x.cpu_read::<T>()?, r.cpu_read::<T>()?, w.cpu_read::<T>()?);
+                let (mut s, mut y) = (out[0].cpu_write::<T>()?, out[1].cpu_write::<T>()?);
+                cpu::add_rmsnorm(&xv, &rv, &wv, eps, &mut s, &mut y, &mut out[2].cpu_write::<f32>()?);
+                Ok(())
+            }
+            match x.dtype() {
+                DType::F32 => go::<f32>(x, r, w, eps, [&s, &y, &rstd])?,
+                _ => go::<bf16>(x, r, w, eps, [&s, &y, &rstd])?,
+            }
             Ok((s, y, rstd))
         }
         #[cfg(feature = "cuda")]
@@ -226,16 +239,46 @@ pub mod cpu {
             y.par_chunks_mut(rpt * d).zip(rstd.par_chunks_mut(rpt)).enumerate().for_each(|(c, (yc, rc))| {
                 for (i, (yr, r)) in yc.chunks_mut(d).zip(rc.iter_mut()).enumerate() {
                     let row = (c * rpt + i) * d;
-                    let xr = &x[row..row + d];
-                    let rs = row_rstd(xr, eps);
-                    *r = rs;
-                    for ((y, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
-                        // HF: weight * hidden.to(input_dtype).
-                        let n = ld(st::<T>(ld(xv) * rs));
-                        *y = st(ld(wv) * n);
-                    }
+                    *r = norm_row(&x[row..row + d], w, eps, yr);
                 }
             })
+        })
+    }
+
+    /// One row of [`rmsnorm`]; returns its rstd.
+    #[inline]
+    fn norm_row<T: WithDType, W: WithDType>(xr: &[T], w: &[W], eps: f32, yr: &mut [T]) -> f32 {
+        let rs = row_rstd(xr, eps);
+        for ((y, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+            // HF: weight * hidden.to(input_dtype).
+            let n = ld(st::<T>(ld(xv) * rs));
+            *y = st(ld(wv) * n);
+        }
+        rs
+    }
+
+    /// `s = round_T(x + r)` then [`rmsnorm`] of `s`, a row at a time (the sum is normalised
+    /// while still in cache): the bits of `crate::add::add` followed by `rmsnorm`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rmsnorm<T: WithDType>(x: &[T], r: &[T], w: &[T], eps: f32, s: &mut [T], y: &mut [T], rstd: &mut [f32]) {
+        let d = w.len();
+        if d == 0 {
+            return;
+        }
+        let rpt = (CHUNK / d).max(1);
+        smelt_engine::cpu::pool().install(|| {
+            (s.par_chunks_mut(rpt * d), y.par_chunks_mut(rpt * d), rstd.par_chunks_mut(rpt))
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(c, (sc, yc, rc))| {
+                    for (i, ((sr, yr), rs)) in sc.chunks_mut(d).zip(yc.chunks_mut(d)).zip(rc.iter_mut()).enumerate() {
+                        let row = (c * rpt + i) * d;
+                        for ((sv, &a), &b) in sr.iter_mut().zip(&x[row..row + d]).zip(&r[row..row + d]) {
+                            *sv = st(ld(a) + ld(b));
+                        }
+                        *rs = norm_row(sr, w, eps, yr);
+                    }
+                })
         })
     }
 
@@ -811,15 +854,17 @@ mod tests {
             }
             assert_close(&y.to_vec::<f32>().unwrap(), &want_y, 2e-6, 2e-6, "add_rmsnorm y");
             assert_close(&rstd.to_vec::<f32>().unwrap(), &want_r, 0.0, 2e-6, "add_rmsnorm rstd");
-            // bf16: exactly add, then rmsnorm.
-            let b = |v: &[f32], shape: &[usize]| t(v, shape).to_dtype(DType::BF16).unwrap();
-            let (xb, rb, wb) = (b(&x, &[rows, d]), b(&r, &[rows, d]), b(&w, &[d]));
-            let (s, y, rstd) = add_rmsnorm(&xb, &rb, &wb, 1e-6).unwrap();
-            let s2 = crate::add::add(&xb, &rb).unwrap();
-            let (y2, r2) = rmsnorm(&s2, &wb, 1e-6).unwrap();
-            assert_eq!(s.to_bytes().unwrap(), s2.to_bytes().unwrap(), "bf16 s [{rows},{d}]");
-            assert_eq!(y.to_bytes().unwrap(), y2.to_bytes().unwrap(), "bf16 y [{rows},{d}]");
-            assert_eq!(rstd.to_bytes().unwrap(), r2.to_bytes().unwrap(), "bf16 rstd [{rows},{d}]");
+            // Exactly add, then rmsnorm, in f32 and bf16.
+            for dt in [DType::F32, DType::BF16] {
+                let b = |v: &[f32], shape: &[usize]| t(v, shape).to_dtype(dt).unwrap();
+                let (xb, rb, wb) = (b(&x, &[rows, d]), b(&r, &[rows, d]), b(&w, &[d]));
+                let (s, y, rstd) = add_rmsnorm(&xb, &rb, &wb, 1e-6).unwrap();
+                let s2 = crate::add::add(&xb, &rb).unwrap();
+                let (y2, r2) = rmsnorm(&s2, &wb, 1e-6).unwrap();
+                assert_eq!(s.to_bytes().unwrap(), s2.to_bytes().unwrap(), "{dt} s [{rows},{d}]");
+                assert_eq!(y.to_bytes().unwrap(), y2.to_bytes().unwrap(), "{dt} y [{rows},{d}]");
+                assert_eq!(rstd.to_bytes().unwrap(), r2.to_bytes().unwrap(), "{dt} rstd [{rows},{d}]");
+            }
         }
         let x = t(&[1.0; 8], &[2, 4]);
         let e = add_rmsnorm(&x, &t(&[1.0; 4], &[1, 4]), &t(&[1.0; 4], &[4]), 1e-6).unwrap_err().to_string();

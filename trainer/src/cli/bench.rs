@@ -20,8 +20,8 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 use smelt_engine::{bf16, DType, Device, Rng, Tensor};
 use smelt_kernels::{
-    adamw, add, attention, cast, embedding, global_norm, grpo_loss, logprob_entropy as head, matmul, rmsnorm, rope,
-    sample, swiglu, versions,
+    adamw, add, attention, attention_inputs, cast, embedding, global_norm, grpo_loss, logprob_entropy as head, matmul,
+    rmsnorm, rope, sample, swiglu, versions,
 };
 use smelt_models::{Config, Packed, Qwen, Weights};
 use smelt_trainer::memory::{peak_bytes, proc_mem, reset_peak};
@@ -374,12 +374,14 @@ const KSHAPES: [KShape; 3] = [
     KShape { name: "qwen2.5-7b", hidden: 3584, heads: 28, kv_heads: 4, head_dim: 128, inter: 18_944, vocab: 152_064 },
 ];
 
-const OPS: [&str; 19] = [
+const OPS: [&str; 21] = [
     "matmul",
     "add",
     "rmsnorm_fwd",
     "rmsnorm_bwd",
+    "rmsnorm_add_fwd",
     "rope",
+    "attention_inputs",
     "swiglu",
     "embedding",
     "cast",
@@ -609,6 +611,52 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                     );
                 }
             }
+        }
+        "rmsnorm_add_fwd" => {
+            let (x, r) = (rt(&[t, h], 1)?, rt(&[t, h], 2)?);
+            let w = rand_tensor(&[h], dt, device, 1.0, 0.1, seed ^ 3)?;
+            let hf = h as f64;
+            for &ver in versions_on(device, &[1, 2, 3]) {
+                let (x, r, w) = (x.clone(), r.clone(), w.clone());
+                push(
+                    shape_name(format!("[{t},{h}]")),
+                    ver,
+                    4.0 * tf * hf * es + hf * es + tf * 4.0,
+                    5.0 * tf * hf,
+                    Bound::Memory,
+                    Box::new(move || pinned("rmsnorm", ver, || rmsnorm::add_rmsnorm(&x, &r, &w, 1e-6))),
+                );
+            }
+        }
+        "attention_inputs" => {
+            // A prefill of t tokens into t cache slots, with Qwen2's biases.
+            let (qd, kvd) = (ks.heads * ks.head_dim, ks.kv_heads * ks.head_dim);
+            let (q, k, v) = (rt(&[t, qd], 1)?, rt(&[t, kvd], 2)?, rt(&[t, kvd], 3)?);
+            let (bq, bk, bv) = (rt(&[qd], 4)?, rt(&[kvd], 5)?, rt(&[kvd], 6)?);
+            let cache = || Tensor::zeros(&[t, 1, ks.kv_heads, ks.head_dim], dt, device);
+            let (kc, vc) = (cache()?, cache()?);
+            let table = rope::RopeTable::new(ks.head_dim, 1e6, device)?;
+            let slots: Vec<u32> = (0..t as u32).collect();
+            let pos = vec![0u32; t];
+            let n = tf * (qd + 2 * kvd) as f64;
+            push(
+                shape_name(format!("q[{t},{qd}] k,v[{t},{kvd}] + bias, rope, cache")),
+                1,
+                2.0 * n * es + 2.0 * tf * kvd as f64 * es + (qd + 2 * kvd) as f64 * es + tf * 8.0,
+                4.0 * n,
+                Bound::Memory,
+                Box::new(move || {
+                    let extras = attention_inputs::Extras {
+                        q_bias: Some(&bq),
+                        k_bias: Some(&bk),
+                        v_bias: Some(&bv),
+                        ..Default::default()
+                    };
+                    let to_cache = attention_inputs::CacheAppend { k_cache: &kc, v_cache: &vc, slots: &slots };
+                    attention_inputs::attention_inputs(&q, &k, &v, &extras, &table, &pos, Some(to_cache))?;
+                    Ok(())
+                }),
+            );
         }
         "rope" => {
             let x = rt(&[t, ks.heads, ks.head_dim], 1)?;
