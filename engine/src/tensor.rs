@@ -134,6 +134,27 @@ impl Tensor {
         Ok(Tensor { shape, offset: self.offset + start * row, ..self.clone() })
     }
 
+    /// The view spanning `parts` when they are consecutive row views of one storage (each
+    /// starting where the previous ends, with equal trailing dims and dtype), e.g. a fused
+    /// `[q; k; v]` projection weight whose parts are `q_proj`, `k_proj` and `v_proj`; `None`
+    /// otherwise (so callers can fall back to using the parts one by one).
+    pub fn rows_view(parts: &[&Tensor]) -> Option<Tensor> {
+        let first = *parts.first()?;
+        let tail = first.shape.get(1..)?;
+        let mut rows = 0;
+        let mut next = first.offset;
+        for p in parts {
+            if !p.same_storage(first) || p.dtype != first.dtype || p.shape.get(1..) != Some(tail) || p.offset != next {
+                return None;
+            }
+            rows += p.shape[0];
+            next += p.elem_count();
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = rows;
+        Some(Tensor { shape, ..first.clone() })
+    }
+
     /// Read access to a CPU tensor's elements.
     pub fn cpu_read<T: WithDType>(&self) -> Result<CpuRef<'_, T>> {
         self.check_cpu::<T>("cpu_read")?;
@@ -325,6 +346,23 @@ impl<T: WithDType> DerefMut for CpuMut<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_view_spans_adjacent_views_only() {
+        let t = Tensor::from_slice(&(0..24).map(|i| i as f32).collect::<Vec<_>>(), &[6, 4], Device::Cpu).unwrap();
+        let (a, b, c) = (t.narrow_rows(0, 1).unwrap(), t.narrow_rows(1, 3).unwrap(), t.narrow_rows(4, 2).unwrap());
+        let all = Tensor::rows_view(&[&a, &b, &c]).unwrap();
+        assert_eq!(all.shape(), &[6, 4]);
+        assert_eq!(all.to_vec::<f32>().unwrap(), t.to_vec::<f32>().unwrap());
+        let bc = Tensor::rows_view(&[&b, &c]).unwrap();
+        assert_eq!((bc.shape(), bc.offset()), (&[5usize, 4][..], 4));
+        assert!(Tensor::rows_view(&[&a, &c]).is_none(), "a gap");
+        assert!(Tensor::rows_view(&[&b, &a]).is_none(), "out of order");
+        let other = Tensor::from_slice(&[0f32; 8], &[2, 4], Device::Cpu).unwrap();
+        assert!(Tensor::rows_view(&[&c, &other]).is_none(), "another storage");
+        assert!(Tensor::rows_view(&[&a.reshape(&[2, 2]).unwrap(), &b]).is_none(), "other row length");
+        assert!(Tensor::rows_view(&[]).is_none());
+    }
 
     #[test]
     fn roundtrip_reshape_narrow() {

@@ -13,7 +13,9 @@
 // separate ops there; inference replaces 7 launches per layer (3 bias adds, 2 ropes, 2 appends)
 // by this one.
 //
-// Layout: q [T, nh, d], k and v [T, nkv, d] row-major (the projections' outputs); biases [nh·d] /
+// Layout: q [T, nh, d], k and v [T, nkv, d] (the projections' outputs), rows sq, sk, sv elements
+// apart — nh·d and nkv·d for separate projections, (nh + 2·nkv)·d for the column blocks of one
+// fused [q | k | v] projection; the outputs are contiguous. Biases [nh·d] /
 // [nkv·d]; norm weights [d]; caches [n_slots, max_len, nkv, d]; pos and slot [T] u32; inv_freq
 // [d/2] f32. T = f32 or bf16 for everything (weights in the activations' dtype). Null pointers
 // mean "no bias", "no norm", "no cache".
@@ -32,7 +34,8 @@ __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_o
                                                       const T* bk, const T* bv, const T* wq, const T* wk,
                                                       const u32* __restrict__ pos, const u32* __restrict__ slot,
                                                       const float* __restrict__ inv_freq, u64 tokens, u32 nh,
-                                                      u32 nkv, u32 h, u32 max_len, float eps) {
+                                                      u32 nkv, u32 h, u32 max_len, float eps, u64 sq, u64 sk,
+                                                      u64 sv) {
     const u32 lane = threadIdx.x & 31;
     const u32 heads = nh + 2 * nkv, d = 2 * h;
     const u64 warps = tokens * heads;
@@ -46,20 +49,20 @@ __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_o
         u64 cache_row = 0;
         if (k_cache) cache_row = ((u64)slot[t] * max_len + pos[t]) * nkv;
         if (hd < nh) {
-            src = q + (t * nh + hd) * d;
+            src = q + t * sq + (u64)hd * d;
             dst = q_out + (t * nh + hd) * d;
             bias = bq ? bq + (u64)hd * d : nullptr;
             nw = wq;
         } else if (hd < nh + nkv) {
             const u32 kh = hd - nh;
-            src = k + (t * nkv + kh) * d;
+            src = k + t * sk + (u64)kh * d;
             dst = k_out + (t * nkv + kh) * d;
             bias = bk ? bk + (u64)kh * d : nullptr;
             nw = wk;
             if (k_cache) cdst = k_cache + (cache_row + kh) * d;
         } else {
             const u32 vh = hd - nh - nkv;
-            src = v + (t * nkv + vh) * d;
+            src = v + t * sv + (u64)vh * d;
             dst = v_out + (t * nkv + vh) * d;
             bias = bv ? bv + (u64)vh * d : nullptr;
             nw = nullptr;
@@ -123,9 +126,9 @@ __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_o
                                     const T* k, const T* v, const T* bq, const T* bk, const T* bv,      \
                                     const T* wq, const T* wk, const u32* pos, const u32* slot,          \
                                     const float* inv_freq, u64 tokens, u32 nh, u32 nkv, u32 h,          \
-                                    u32 max_len, float eps) {                                           \
+                                    u32 max_len, float eps, u64 sq, u64 sk, u64 sv) {                   \
         attention_inputs_impl<T>(q_out, k_out, v_out, k_cache, v_cache, q, k, v, bq, bk, bv, wq, wk,   \
-                                 pos, slot, inv_freq, tokens, nh, nkv, h, max_len, eps);                \
+                                 pos, slot, inv_freq, tokens, nh, nkv, h, max_len, eps, sq, sk, sv);    \
     }
 
 ATTENTION_INPUTS_KERNEL(attention_inputs_f32, float)

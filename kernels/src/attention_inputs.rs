@@ -17,7 +17,7 @@
 //! CUDA: head_dim ≤ 256 (any even head_dim on CPU). One kernel version (thread mapping in
 //! `attention_inputs.cu`).
 
-use smelt_engine::{DType, Device, Error, Result, Tensor};
+use smelt_engine::{bf16, DType, Device, Error, Result, Tensor, WithDType};
 
 use crate::attention::{check_cache_rows, check_caches};
 use crate::rope::RopeTable;
@@ -48,13 +48,20 @@ pub struct CacheAppend<'a> {
     pub slots: &'a [u32],
 }
 
-/// From `q [T, n_heads·d]`, `k`/`v [T, n_kv·d]` (the projections, unbiased) to attention's
-/// inputs `(q, k, v)`, shaped `[T, heads, d]`: biased, head-normed (when given), q and k rotated
-/// to `positions` (one per token); with `cache`, k and v are also written into it.
+/// The projections attention_inputs starts from.
+#[derive(Clone, Copy, Debug)]
+pub enum Qkv<'a> {
+    /// `q [T, n_heads·d]`, `k` and `v [T, n_kv·d]`.
+    Separate(&'a Tensor, &'a Tensor, &'a Tensor),
+    /// One fused projection's output `[T, (n_heads + 2·n_kv)·d]`: q, k, v as column blocks.
+    Packed { qkv: &'a Tensor, n_heads: usize, n_kv: usize },
+}
+
+/// From the projections (unbiased) to attention's inputs `(q, k, v)`, shaped `[T, heads, d]`:
+/// biased, head-normed (when given), q and k rotated to `positions` (one per token); with
+/// `cache`, k and v are also written into it.
 pub fn attention_inputs(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: Qkv,
     extras: &Extras,
     rope: &RopeTable,
     positions: &[u32],
@@ -62,17 +69,38 @@ pub fn attention_inputs(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "attention_inputs";
     let d = rope.head_dim();
-    let (t, q_cols) = q.rows_cols();
-    let (kt, kv_cols) = k.rows_cols();
-    crate::ensure_shape!(
-        q_cols % d == 0 && kv_cols % d == 0 && q_cols > 0 && kv_cols > 0 && kt == t && v.rows_cols() == (t, kv_cols),
-        "attention_inputs",
-        "q {:?}, k {:?}, v {:?} must be [T, n_heads·{d}], [T, n_kv·{d}], [T, n_kv·{d}]",
-        q.shape(),
-        k.shape(),
-        v.shape()
-    );
-    let (nh, nkv) = (q_cols / d, kv_cols / d);
+    let (q, k, v, nh, nkv) = match qkv {
+        Qkv::Separate(q, k, v) => {
+            let (t, q_cols) = q.rows_cols();
+            let (kt, kv_cols) = k.rows_cols();
+            crate::ensure_shape!(
+                q_cols % d == 0
+                    && kv_cols % d == 0
+                    && q_cols > 0
+                    && kv_cols > 0
+                    && kt == t
+                    && v.rows_cols() == (t, kv_cols),
+                "attention_inputs",
+                "q {:?}, k {:?}, v {:?} must be [T, n_heads·{d}], [T, n_kv·{d}], [T, n_kv·{d}]",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            );
+            (q, k, v, q_cols / d, kv_cols / d)
+        }
+        Qkv::Packed { qkv, n_heads, n_kv } => {
+            crate::ensure_shape!(
+                n_heads > 0 && n_kv > 0 && qkv.rows_cols().1 == (n_heads + 2 * n_kv) * d,
+                "attention_inputs",
+                "packed qkv {:?} must be [T, ({n_heads} + 2·{n_kv})·{d}]",
+                qkv.shape()
+            );
+            (qkv, qkv, qkv, n_heads, n_kv)
+        }
+    };
+    let packed = matches!(qkv, Qkv::Packed { .. });
+    let t = q.rows_cols().0;
+    let (q_cols, kv_cols) = (nh * d, nkv * d);
     let dt = q.dtype();
     if !matches!(dt, DType::F32 | DType::BF16) {
         return Err(Error::UnsupportedDType { op: OP, dtype: dt });
@@ -136,18 +164,53 @@ pub fn attention_inputs(
                 }
                 Ok::<_, Error>(y)
             };
-            let qo = stage(q, nh, extras.q_bias, extras.q_norm, true)?;
-            let ko = stage(k, nkv, extras.k_bias, extras.k_norm, true)?;
-            let vo = stage(v, nkv, extras.v_bias, None, false)?;
+            let (q, k, v) =
+                if packed { split_columns(q, &[q_cols, kv_cols, kv_cols])? } else { (q.clone(), k.clone(), v.clone()) };
+            let qo = stage(&q, nh, extras.q_bias, extras.q_norm, true)?;
+            let ko = stage(&k, nkv, extras.k_bias, extras.k_norm, true)?;
+            let vo = stage(&v, nkv, extras.v_bias, None, false)?;
             if let Some(c) = cache {
                 crate::attention::kv_cache_append(c.k_cache, c.v_cache, &ko, &vo, c.slots, positions)?;
             }
             Ok((qo, ko, vo))
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda::attention_inputs(ord, q, k, v, extras, rope, positions, cache, (t, nh, nkv, d)),
+        Device::Cuda(ord) => {
+            // Element offsets of k and v within a packed row, and each input's row stride.
+            let (offs, strides) = if packed {
+                ([0, q_cols, q_cols + kv_cols], [q_cols + 2 * kv_cols; 3])
+            } else {
+                ([0; 3], [q_cols, kv_cols, kv_cols])
+            };
+            cuda::attention_inputs(ord, [q, k, v], offs, strides, extras, rope, positions, cache, (t, nh, nkv, d))
+        }
         #[cfg(not(feature = "cuda"))]
         device => Err(Error::UnsupportedDevice { op: OP, device }),
+    }
+}
+
+/// A CPU `[T, Σ widths]` tensor's three column blocks as contiguous `[T, width]` tensors.
+fn split_columns(x: &Tensor, widths: &[usize; 3]) -> Result<(Tensor, Tensor, Tensor)> {
+    fn go<T: WithDType>(x: &Tensor, widths: &[usize; 3]) -> Result<Vec<Tensor>> {
+        let (t, cols) = x.rows_cols();
+        let v = x.cpu_read::<T>()?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(3);
+        for &w in widths {
+            let part: Vec<T> = (0..t).flat_map(|r| v[r * cols + start..r * cols + start + w].iter().copied()).collect();
+            out.push(Tensor::from_slice(&part, &[t, w], Device::Cpu)?);
+            start += w;
+        }
+        Ok(out)
+    }
+    let mut parts = match x.dtype() {
+        DType::F32 => go::<f32>(x, widths)?,
+        _ => go::<bf16>(x, widths)?,
+    }
+    .into_iter();
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(q), Some(k), Some(v)) => Ok((q, k, v)),
+        _ => Err(Error::msg("attention_inputs: splitting the packed projection failed")),
     }
 }
 
@@ -163,9 +226,9 @@ mod cuda {
     #[allow(clippy::too_many_arguments)]
     pub fn attention_inputs(
         ord: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        [q, k, v]: [&Tensor; 3],
+        offs: [usize; 3],
+        strides: [usize; 3],
         extras: &Extras,
         rope: &RopeTable,
         positions: &[u32],
@@ -185,6 +248,7 @@ mod cuda {
             return Ok((qo, ko, vo));
         }
         let func = if dt == DType::F32 { "attention_inputs_f32" } else { "attention_inputs_bf16" };
+        let es = dt.size_in_bytes();
         let ptr = |x: Option<&Tensor>| x.map(Tensor::cuda_ptr).transpose().map(|p| p.unwrap_or(0));
         let pos_d = upload(ord, positions)?;
         let (kc, vc, slots_d, max_len) = match &cache {
@@ -203,9 +267,9 @@ mod cuda {
             Arg::Ptr(vo.cuda_ptr()?),
             Arg::Ptr(kc),
             Arg::Ptr(vc),
-            Arg::Ptr(q.cuda_ptr()?),
-            Arg::Ptr(k.cuda_ptr()?),
-            Arg::Ptr(v.cuda_ptr()?),
+            Arg::Ptr(q.cuda_ptr()? + (offs[0] * es) as u64),
+            Arg::Ptr(k.cuda_ptr()? + (offs[1] * es) as u64),
+            Arg::Ptr(v.cuda_ptr()? + (offs[2] * es) as u64),
             Arg::Ptr(ptr(extras.q_bias)?),
             Arg::Ptr(ptr(extras.k_bias)?),
             Arg::Ptr(ptr(extras.v_bias)?),
@@ -220,6 +284,9 @@ mod cuda {
             Arg::U32((d / 2) as u32),
             u32_arg(max_len, "max_len")?,
             Arg::F32(extras.eps),
+            Arg::U64(strides[0] as u64),
+            Arg::U64(strides[1] as u64),
+            Arg::U64(strides[2] as u64),
         ];
         launch(ord, &SRC, func, cfg, &args)?;
         Ok((qo, ko, vo))
@@ -343,7 +410,9 @@ mod tests {
                 let c = Case::new(&mut rng, shape, bias, norm);
                 let (main, opt) = c.tensors(DType::F32, Device::Cpu);
                 let rope = RopeTable::new(c.d, 1e6, Device::Cpu).unwrap();
-                let got = attention_inputs(&main[0], &main[1], &main[2], &extras(&opt), &rope, &c.pos, None).unwrap();
+                let got =
+                    attention_inputs(Qkv::Separate(&main[0], &main[1], &main[2]), &extras(&opt), &rope, &c.pos, None)
+                        .unwrap();
                 let want = c.reference(1e6);
                 for (name, (g, w)) in ["q", "k", "v"].iter().zip([got.0, got.1, got.2].iter().zip(&want)) {
                     let what = format!("{name} {shape:?} bias {bias} norm {norm}");
@@ -395,21 +464,45 @@ mod tests {
                 let (n_slots, max_len) = (t + 2, 4001);
                 let slots: Vec<u32> = (0..t as u32).map(|i| n_slots as u32 - 1 - i).collect();
                 let cache = || Tensor::full(f64::NAN, &[n_slots, max_len, nkv, d], dt, dev).unwrap();
-                let (kc, vc) = (cache(), cache());
                 let (main_d, opt_d) = c.tensors(dt, dev);
                 let rope_d = RopeTable::new(d, 1e6, dev).unwrap();
-                drop(Tensor::full(f64::NAN, &[t * (nh + 2 * nkv) * d], dt, dev).unwrap());
-                let got = attention_inputs(
-                    &main_d[0],
-                    &main_d[1],
-                    &main_d[2],
-                    &extras(&opt_d),
-                    &rope_d,
-                    &c.pos,
-                    Some(CacheAppend { k_cache: &kc, v_cache: &vc, slots: &slots }),
-                )
-                .unwrap();
-                let got = [got.0, got.1, got.2];
+                let run = |qkv: Qkv| {
+                    let (kc, vc) = (cache(), cache());
+                    drop(Tensor::full(f64::NAN, &[t * (nh + 2 * nkv) * d], dt, dev).unwrap());
+                    let to_cache = CacheAppend { k_cache: &kc, v_cache: &vc, slots: &slots };
+                    let (q, k, v) = attention_inputs(qkv, &extras(&opt_d), &rope_d, &c.pos, Some(to_cache)).unwrap();
+                    ([q, k, v], kc, vc)
+                };
+                let (got, kc, vc) = run(Qkv::Separate(&main_d[0], &main_d[1], &main_d[2]));
+                // The same projections as the column blocks of one fused output: the same bits.
+                let packed = {
+                    let (qv, kv, vv) =
+                        (main[0].to_vec_f32().unwrap(), main[1].to_vec_f32().unwrap(), main[2].to_vec_f32().unwrap());
+                    let (qd, kvd) = (nh * d, nkv * d);
+                    let rows: Vec<f32> = (0..t)
+                        .flat_map(|r| {
+                            qv[r * qd..(r + 1) * qd]
+                                .iter()
+                                .chain(&kv[r * kvd..(r + 1) * kvd])
+                                .chain(&vv[r * kvd..(r + 1) * kvd])
+                                .copied()
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    Tensor::from_slice(&rows, &[t, qd + 2 * kvd], Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dt)
+                        .unwrap()
+                        .to_device(dev)
+                        .unwrap()
+                };
+                let (got_p, kc_p, vc_p) = run(Qkv::Packed { qkv: &packed, n_heads: nh, n_kv: nkv });
+                for (name, (a, b)) in ["q", "k", "v", "k cache", "v cache"]
+                    .iter()
+                    .zip(got.iter().chain([&kc, &vc]).zip(got_p.iter().chain([&kc_p, &vc_p])))
+                {
+                    assert_eq!(a.to_bytes().unwrap(), b.to_bytes().unwrap(), "packed {name} {what}");
+                }
                 // CUDA's sincosf and the CPU's sin_cos may differ in the last bit, which for bf16
                 // can move cos or sin across a rounding boundary (see rope's device test); the
                 // head norm's sum of squares is reduced in another order. Both stay within a few
@@ -481,12 +574,15 @@ mod tests {
         let rope = RopeTable::new(8, 1e4, dev).unwrap();
         let (q, k, v) = (z(&[3, 16]), z(&[3, 8]), z(&[3, 8]));
         let run = |q: &Tensor, k: &Tensor, e: &Extras, pos: &[u32], c: Option<CacheAppend>| {
-            attention_inputs(q, k, &v, e, &rope, pos, c).unwrap_err().to_string()
+            attention_inputs(Qkv::Separate(q, k, &v), e, &rope, pos, c).unwrap_err().to_string()
         };
         let e = run(&z(&[3, 12]), &k, &Extras::default(), &[0, 1, 2], None);
         assert!(e.contains("attention_inputs") && e.contains("[3, 12]") && e.contains("n_heads·8"), "{e}");
         let e = run(&q, &z(&[2, 8]), &Extras::default(), &[0, 1, 2], None);
         assert!(e.contains("k [2, 8]"), "{e}");
+        let packed = Qkv::Packed { qkv: &q, n_heads: 1, n_kv: 1 };
+        let e = attention_inputs(packed, &Extras::default(), &rope, &[0, 1, 2], None).unwrap_err().to_string();
+        assert!(e.contains("packed qkv [3, 16] must be [T, (1 + 2·1)·8]"), "{e}");
         let e = run(&q, &k, &Extras::default(), &[0, 1], None);
         assert!(e.contains("2 positions for 3 tokens"), "{e}");
         let b = z(&[8]);

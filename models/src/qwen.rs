@@ -19,7 +19,7 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use smelt_engine::{DType, Device, Tensor};
-use smelt_kernels::attention_inputs::{attention_inputs, CacheAppend, Extras};
+use smelt_kernels::attention_inputs::{attention_inputs, CacheAppend, Extras, Qkv};
 use smelt_kernels::rope::RopeTable;
 use smelt_kernels::{add, attention, cast, embedding, logprob_entropy as head, matmul, rmsnorm, swiglu};
 
@@ -185,7 +185,14 @@ fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
 }
 
 impl Qwen {
-    pub fn new(config: Config, weights: Weights) -> Qwen {
+    /// The model, with each layer's q/k/v and gate/up weights fused into one buffer per group
+    /// ([`Weights::fuse_projections`]) so inference runs one GEMM per group. If that fails
+    /// (out of memory), the layers it could not fuse keep separate weights and a warning is
+    /// logged; the model works either way.
+    pub fn new(config: Config, mut weights: Weights) -> Qwen {
+        if let Err(e) = weights.fuse_projections() {
+            tracing::warn!("keeping separate q/k/v and gate/up weights (fusing them failed: {e})");
+        }
         Qwen { config, weights, recompute: false, rope: OnceLock::new() }
     }
 
@@ -324,19 +331,27 @@ impl Qwen {
             k_norm: w.k_norm.as_ref(),
             eps,
         };
-        let (q, k, v) = attention_inputs(
-            &linear(&h1, &w.q_proj, None)?,
-            &linear(&h1, &w.k_proj, None)?,
-            &linear(&h1, &w.v_proj, None)?,
-            &extras,
-            &*self.rope()?,
-            positions,
-            Some(to_cache),
-        )?;
+        let rope = self.rope()?;
+        let to_attention = |qkv: Qkv| attention_inputs(qkv, &extras, &rope, positions, Some(to_cache));
+        // One GEMM for q, k and v, and one for gate and up, when the weights are fused.
+        let (q, k, v) = match w.qkv() {
+            Some(w_qkv) => {
+                let qkv = linear(&h1, &w_qkv, None)?;
+                to_attention(Qkv::Packed { qkv: &qkv, n_heads: c.num_attention_heads, n_kv: c.num_key_value_heads })?
+            }
+            None => {
+                let (q, k, v) =
+                    (linear(&h1, &w.q_proj, None)?, linear(&h1, &w.k_proj, None)?, linear(&h1, &w.v_proj, None)?);
+                to_attention(Qkv::Separate(&q, &k, &v))?
+            }
+        };
         let o = attend(&q, &k, &v)?.reshape(&[x.dim(0), c.q_dim()])?;
         let o = linear(&o, &w.o_proj, w.o_bias.as_ref())?;
         let (x_mid, h2, _) = rmsnorm::add_rmsnorm(&x, &o, &w.post_attention_layernorm, eps)?;
-        let act = swiglu::swiglu(&linear(&h2, &w.gate_proj, None)?, &linear(&h2, &w.up_proj, None)?)?;
+        let act = match w.gate_up() {
+            Some(w_gate_up) => swiglu::swiglu_fused(&linear(&h2, &w_gate_up, None)?)?,
+            None => swiglu::swiglu(&linear(&h2, &w.gate_proj, None)?, &linear(&h2, &w.up_proj, None)?)?,
+        };
         Ok((x_mid, linear(&act, &w.down_proj, None)?))
     }
 

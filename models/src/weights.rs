@@ -66,6 +66,36 @@ pub struct LayerWeights {
     pub down_proj: Tensor,
 }
 
+impl LayerWeights {
+    /// `[q_proj; k_proj; v_proj]` as one `[(heads + 2·kv_heads)·head_dim, hidden]` weight when
+    /// the three are consecutive rows of one buffer ([`Weights::fuse_projections`]), else `None`.
+    pub fn qkv(&self) -> Option<Tensor> {
+        Tensor::rows_view(&[&self.q_proj, &self.k_proj, &self.v_proj])
+    }
+
+    /// `[gate_proj; up_proj]` as one `[2·intermediate, hidden]` weight, like [`Self::qkv`].
+    pub fn gate_up(&self) -> Option<Tensor> {
+        Tensor::rows_view(&[&self.gate_proj, &self.up_proj])
+    }
+
+    /// Re-homes `parts` into one new buffer (row blocks in order) and returns the views that
+    /// replace them. Nothing changes on error.
+    fn fuse(parts: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let rows: usize = parts.iter().map(|p| p.dim(0)).sum();
+        let (first, cols) = (parts[0], parts[0].rows_cols().1);
+        let fused = Tensor::empty(&[rows, cols], first.dtype(), first.device())?;
+        let mut start = 0;
+        let mut views = Vec::with_capacity(parts.len());
+        for p in parts {
+            let view = fused.narrow_rows(start, p.dim(0))?;
+            smelt_kernels::cast::cast_into(p, &view)?;
+            views.push(view);
+            start += p.dim(0);
+        }
+        Ok(views)
+    }
+}
+
 /// Every parameter of a Qwen2/Qwen3 causal LM.
 ///
 /// The same struct holds anything parameter-shaped (gradients, AdamW moments): build one
@@ -220,6 +250,26 @@ impl Weights {
 
     /// Every tensor with its HF name, in [`Config::expected_tensors`] order. With tied
     /// embeddings `lm_head.weight` is absent (and stays absent when saved).
+    /// Stores each layer's q/k/v and gate/up projection weights as row blocks of one buffer per
+    /// group, so inference runs one GEMM per group ([`LayerWeights::qkv`],
+    /// [`LayerWeights::gate_up`]). The fields become views of those buffers with the same names,
+    /// shapes and values: training, optimizers and checkpoints see no difference. Copies run on
+    /// the weights' device; a layer already fused is left alone, and an error leaves the layer it
+    /// happened in as it was.
+    pub fn fuse_projections(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            if l.qkv().is_none() {
+                let v = LayerWeights::fuse(&[&l.q_proj, &l.k_proj, &l.v_proj])?;
+                (l.q_proj, l.k_proj, l.v_proj) = (v[0].clone(), v[1].clone(), v[2].clone());
+            }
+            if l.gate_up().is_none() {
+                let v = LayerWeights::fuse(&[&l.gate_proj, &l.up_proj])?;
+                (l.gate_proj, l.up_proj) = (v[0].clone(), v[1].clone());
+            }
+        }
+        Ok(())
+    }
+
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
         for (l, layer) in self.layers.iter().enumerate() {

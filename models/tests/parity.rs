@@ -243,6 +243,48 @@ fn sampled_generation_logp_equals_rescoring() {
     }
 }
 
+/// `Qwen::new` fuses each layer's q/k/v and gate/up weights into one buffer per group: the named
+/// tensors keep their values, training sees the same bits, and inference (one GEMM per group)
+/// agrees with a copy of the model whose weights stay separate.
+#[test]
+fn fused_projections_change_nothing_but_the_gemm_count() {
+    use smelt_kernels::sample::SamplingConfig;
+    use smelt_models::{generate, GenerateOptions};
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        let fused = load(name, false);
+        let dir = fixture(name);
+        let config = Config::from_file(dir.join("config.json")).unwrap();
+        let file = Weights::load(&dir, &config, &LoadOptions::default()).unwrap();
+        for ((n, a), (_, b)) in fused.weights.named_tensors().iter().zip(file.named_tensors()) {
+            assert_eq!(a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap(), "{name} {n}");
+        }
+        assert!(fused.weights.layers.iter().all(|l| l.qkv().is_some() && l.gate_up().is_some()), "{name}: fused");
+        // Separate storage for every tensor: inference falls back to a GEMM per projection.
+        let mut separate = load(name, false);
+        separate.weights = separate
+            .weights
+            .try_map(|_, t| Ok(Tensor::from_slice(&t.to_vec::<f32>()?, t.shape(), Device::Cpu)?))
+            .unwrap();
+        assert!(separate.weights.layers.iter().all(|l| l.qkv().is_none() && l.gate_up().is_none()));
+        let ids = vec![vec![5u32, 77, 300, 12, 9, 41], vec![42u32, 7, 8]];
+        assert_eq!(score(&fused, &Packed::new(&ids), 1.0), score(&separate, &Packed::new(&ids), 1.0), "{name}");
+        let opts = GenerateOptions {
+            max_new_tokens: 8,
+            sampling: SamplingConfig { temperature: 0.8, top_k: None, top_p: 1.0 },
+            n_samples: 2,
+            seed: 7,
+            stop_ids: vec![],
+        };
+        let (a, b) = (generate(&fused, &ids, &opts).unwrap(), generate(&separate, &ids, &opts).unwrap());
+        for (ga, gb) in a.iter().zip(&b) {
+            assert_eq!(ga.ids, gb.ids, "{name}: sampled tokens");
+            for (x, y) in ga.logp.iter().zip(&gb.logp) {
+                assert!((x - y).abs() < 1e-5, "{name}: logp {x} vs {y}");
+            }
+        }
+    }
+}
+
 /// `generate` with greedy sampling gives transformers' continuations too (eos disabled).
 #[test]
 fn greedy_generate_matches_transformers() {

@@ -631,7 +631,9 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
         "attention_inputs" => {
             // A prefill of t tokens into t cache slots, with Qwen2's biases.
             let (qd, kvd) = (ks.heads * ks.head_dim, ks.kv_heads * ks.head_dim);
-            let (q, k, v) = (rt(&[t, qd], 1)?, rt(&[t, kvd], 2)?, rt(&[t, kvd], 3)?);
+            // The fused [q | k | v] projection's output, as the model runs it.
+            let qkv = rt(&[t, qd + 2 * kvd], 1)?;
+            let (n_heads, n_kv) = (ks.heads, ks.kv_heads);
             let (bq, bk, bv) = (rt(&[qd], 4)?, rt(&[kvd], 5)?, rt(&[kvd], 6)?);
             let cache = || Tensor::zeros(&[t, 1, ks.kv_heads, ks.head_dim], dt, device);
             let (kc, vc) = (cache()?, cache()?);
@@ -640,7 +642,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let pos = vec![0u32; t];
             let n = tf * (qd + 2 * kvd) as f64;
             push(
-                shape_name(format!("q[{t},{qd}] k,v[{t},{kvd}] + bias, rope, cache")),
+                shape_name(format!("qkv[{t},{}] + bias, rope, cache", qd + 2 * kvd)),
                 1,
                 2.0 * n * es + 2.0 * tf * kvd as f64 * es + (qd + 2 * kvd) as f64 * es + tf * 8.0,
                 4.0 * n,
@@ -653,7 +655,8 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                         ..Default::default()
                     };
                     let to_cache = attention_inputs::CacheAppend { k_cache: &kc, v_cache: &vc, slots: &slots };
-                    attention_inputs::attention_inputs(&q, &k, &v, &extras, &table, &pos, Some(to_cache))?;
+                    let packed = attention_inputs::Qkv::Packed { qkv: &qkv, n_heads, n_kv };
+                    attention_inputs::attention_inputs(packed, &extras, &table, &pos, Some(to_cache))?;
                     Ok(())
                 }),
             );
