@@ -23,7 +23,7 @@ use smelt_kernels::attention_inputs::{attention_inputs, CacheAppend, Extras, Qkv
 use smelt_kernels::rope::RopeTable;
 use smelt_kernels::{add, attention, cast, embedding, logprob_entropy as head, matmul, rmsnorm, swiglu};
 
-use crate::{Config, Error, Result, Weights};
+use crate::{Config, Error, LayerWeights, Result, Weights};
 
 /// A packed batch: sequences laid end to end, no padding.
 #[derive(Clone, Debug)]
@@ -119,9 +119,15 @@ struct LayerActs {
     x_mid: Tensor,
     h2: Tensor,
     rstd2: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    /// The MLP's gate and up projections: one `[T, 2·I]` output (gate | up) when the weights
+    /// are fused, else two `[T, I]`.
+    gate_up: MlpIn,
     act: Tensor,
+}
+
+enum MlpIn {
+    Fused(Tensor),
+    Separate(Tensor, Tensor),
 }
 
 /// Activations kept by [`Qwen::forward`] for [`Qwen::backward`].
@@ -182,6 +188,54 @@ fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, dw: &Tensor, db: Option<
 /// `dst += src`, `src` cast on its device to `dst`'s dtype (f32 gradients of bf16 weights).
 fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
     Ok(add::add_scaled_(dst, 1.0, &cast::cast(src, dst.dtype())?)?)
+}
+
+/// The MLP up to `down_proj`'s input: `(gate and up projections, silu(gate)·up)`, with one
+/// GEMM for gate | up when the layer's weights are fused.
+fn mlp_in(w: &LayerWeights, h2: &Tensor) -> Result<(MlpIn, Tensor)> {
+    Ok(match w.gate_up() {
+        Some(w_gate_up) => {
+            let gate_up = linear(h2, &w_gate_up, None)?;
+            let act = swiglu::swiglu_fused(&gate_up)?;
+            (MlpIn::Fused(gate_up), act)
+        }
+        None => {
+            let (gate, up) = (linear(h2, &w.gate_proj, None)?, linear(h2, &w.up_proj, None)?);
+            let act = swiglu::swiglu(&gate, &up)?;
+            (MlpIn::Separate(gate, up), act)
+        }
+    })
+}
+
+/// Backward of [`mlp_in`] from `d_act`: returns dh2; adds dW into the gate and up gradients.
+fn mlp_in_backward(w: &LayerWeights, g: &LayerWeights, h2: &Tensor, gate_up: &MlpIn, d_act: &Tensor) -> Result<Tensor> {
+    match gate_up {
+        MlpIn::Fused(gate_up) => {
+            let d_gate_up = swiglu::swiglu_fused_backward(gate_up, d_act)?;
+            let w_gate_up =
+                w.gate_up().ok_or_else(|| Error::Msg("gate/up weights unfused after a fused forward".into()))?;
+            // One GEMM each for dh2 and dW; dW straight into the gradients when they are
+            // adjacent too (PolicyStep's flat gradient buffer), else through a scratch.
+            match Tensor::rows_view(&[&g.gate_proj, &g.up_proj]) {
+                Some(dw) => linear_backward(h2, &w_gate_up, &d_gate_up, &dw, None),
+                None => {
+                    let dw = Tensor::zeros(w_gate_up.shape(), g.gate_proj.dtype(), h2.device())?;
+                    let dh2 = linear_backward(h2, &w_gate_up, &d_gate_up, &dw, None)?;
+                    let i = g.gate_proj.dim(0);
+                    accumulate(&g.gate_proj, &dw.narrow_rows(0, i)?)?;
+                    accumulate(&g.up_proj, &dw.narrow_rows(i, i)?)?;
+                    Ok(dh2)
+                }
+            }
+        }
+        MlpIn::Separate(gate, up) => {
+            let (d_gate, d_up) = swiglu::swiglu_backward(gate, up, d_act)?;
+            Ok(add::add(
+                &linear_backward(h2, &w.gate_proj, &d_gate, &g.gate_proj, None)?,
+                &linear_backward(h2, &w.up_proj, &d_up, &g.up_proj, None)?,
+            )?)
+        }
+    }
 }
 
 impl Qwen {
@@ -278,29 +332,8 @@ impl Qwen {
         let attn = attn.reshape(&[t, c.q_dim()])?;
         let o = linear(&attn, &w.o_proj, w.o_bias.as_ref())?;
         let (x_mid, h2, rstd2) = rmsnorm::add_rmsnorm(&x, &o, &w.post_attention_layernorm, eps)?;
-        let gate = linear(&h2, &w.gate_proj, None)?;
-        let up = linear(&h2, &w.up_proj, None)?;
-        let act = swiglu::swiglu(&gate, &up)?;
-        Ok(LayerActs {
-            x,
-            h1,
-            rstd1,
-            q_raw,
-            k_raw,
-            rstd_q,
-            rstd_k,
-            q,
-            k,
-            v,
-            attn,
-            lse,
-            x_mid,
-            h2,
-            rstd2,
-            gate,
-            up,
-            act,
-        })
+        let (gate_up, act) = mlp_in(w, &h2)?;
+        Ok(LayerActs { x, h1, rstd1, q_raw, k_raw, rstd_q, rstd_k, q, k, v, attn, lse, x_mid, h2, rstd2, gate_up, act })
     }
 
     fn mlp_out(&self, l: usize, a: &LayerActs) -> Result<Tensor> {
@@ -348,10 +381,7 @@ impl Qwen {
         let o = attend(&q, &k, &v)?.reshape(&[x.dim(0), c.q_dim()])?;
         let o = linear(&o, &w.o_proj, w.o_bias.as_ref())?;
         let (x_mid, h2, _) = rmsnorm::add_rmsnorm(&x, &o, &w.post_attention_layernorm, eps)?;
-        let act = match w.gate_up() {
-            Some(w_gate_up) => swiglu::swiglu_fused(&linear(&h2, &w_gate_up, None)?)?,
-            None => swiglu::swiglu(&linear(&h2, &w.gate_proj, None)?, &linear(&h2, &w.up_proj, None)?)?,
-        };
+        let (_, act) = mlp_in(w, &h2)?;
         Ok((x_mid, linear(&act, &w.down_proj, None)?))
     }
 
@@ -445,11 +475,7 @@ impl Qwen {
         let t = a.x.dim(0);
         // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2)))
         let d_act = linear_backward(&a.act, &w.down_proj, dy, &g.down_proj, None)?;
-        let (d_gate, d_up) = swiglu::swiglu_backward(&a.gate, &a.up, &d_act)?;
-        let dh2 = add::add(
-            &linear_backward(&a.h2, &w.gate_proj, &d_gate, &g.gate_proj, None)?,
-            &linear_backward(&a.h2, &w.up_proj, &d_up, &g.up_proj, None)?,
-        )?;
+        let dh2 = mlp_in_backward(w, g, &a.h2, &a.gate_up, &d_act)?;
         let (dx_mid_norm, d_ln2) = rmsnorm::rmsnorm_backward(&a.x_mid, &w.post_attention_layernorm, &a.rstd2, &dh2)?;
         accumulate(&g.post_attention_layernorm, &d_ln2)?;
         let dx_mid = add::add(dy, &dx_mid_norm)?;

@@ -121,6 +121,21 @@ fn check_grads_on(model: &Qwen, name: &str, loss_tol: f64, grad_tol: f64) {
     let g_ent = Tensor::zeros(&[n], DType::F32, dev).unwrap();
     let grads = Weights::zeros(&model.config, DType::F32, dev).unwrap();
     model.backward(&acts, &out, 1.0, &g_logp, &g_ent, &grads).unwrap();
+    // Gradients in one flat buffer (as PolicyStep keeps them) take the fused gate|up dW GEMM
+    // straight into the buffer; separate ones go through a scratch: the same values (on a GPU,
+    // cuBLAS may pick another algorithm for other alignments, so there only within rounding).
+    let (flat, _) = Weights::zeros_flat(&model.config, DType::F32, dev).unwrap();
+    model.backward(&acts, &out, 1.0, &g_logp, &g_ent, &flat).unwrap();
+    for ((pname, a), (_, b)) in grads.named_tensors().iter().zip(flat.named_tensors()) {
+        let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+        if dev.is_cpu() {
+            assert_eq!(a, b, "{name} {pname}: flat vs separate gradients");
+        } else {
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max);
+            assert!(worst <= 1e-5 * scale, "{name} {pname}: flat vs separate gradients differ by {worst:e}");
+        }
+    }
 
     let reference = SafetensorsFile::open(fixture(name).join("reference/grads.safetensors")).unwrap();
     let mine = grads.named_tensors();
