@@ -38,7 +38,7 @@ pub struct Generation {
     pub sample: usize,
     /// New token ids (the stop token included when it ended the sequence).
     pub ids: Vec<u32>,
-    /// log softmax(z/T)[token] for each new token (T = 1 under greedy decoding).
+    /// `log softmax(z/T)[token]` for each new token (T = 1 under greedy decoding).
     pub logp: Vec<f32>,
     /// Entropy of softmax(z/T) at each new token.
     pub entropy: Vec<f32>,

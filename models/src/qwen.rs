@@ -14,6 +14,13 @@
 //! ```
 //!
 //! All compute is in the weights' dtype (f32 on CPU) with f32 accumulation inside the kernels.
+//!
+//! Fewer, larger launches where the math allows (decoding a token is hundreds of small launches,
+//! so their count sets its speed): each residual add is done by the next RMSNorm
+//! (`add_rmsnorm`); q/k/v and gate/up are one GEMM each when [`Qwen::new`] has fused their
+//! weights (gate/up in training too); and inference (prefill, decode) turns the q/k/v projection
+//! into attention's inputs and the KV-cache rows with one `attention_inputs` kernel. Training
+//! keeps the separate bias, head-norm and RoPE ops, whose intermediates its backward needs.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
