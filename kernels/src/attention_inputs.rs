@@ -591,33 +591,17 @@ mod tests {
         let bb = Tensor::zeros(&[16], DType::BF16, dev).unwrap();
         let e = run(&q, &k, &Extras { q_bias: Some(&bb), ..Default::default() }, &[0, 1, 2], None);
         assert!(e.contains("q_bias is bf16 but q is f32"), "{e}");
-        let (kc, vc) = (z(&[2, 4, 1, 8]), z(&[2, 4, 1, 8]));
         let slots = [0u32, 1, 1];
-        let e = run(
-            &q,
-            &k,
-            &Extras::default(),
-            &[0, 1, 4],
-            Some(CacheAppend { k_cache: &kc, v_cache: &vc, slots: &slots }),
-        );
+        let with_cache = |kc: &Tensor, vc: &Tensor, pos: &[u32]| {
+            run(&q, &k, &Extras::default(), pos, Some(CacheAppend { k_cache: kc, v_cache: vc, slots: &slots }))
+        };
+        let (kc, vc) = (z(&[2, 4, 1, 8]), z(&[2, 4, 1, 8]));
+        let e = with_cache(&kc, &vc, &[0, 1, 4]);
         assert!(e.contains("row 2: slot 1 / position 4 outside cache [2, 4, 1, 8]"), "{e}");
-        let kc2 = z(&[2, 4, 2, 8]);
-        let e = run(
-            &q,
-            &k,
-            &Extras::default(),
-            &[0, 1, 2],
-            Some(CacheAppend { k_cache: &kc2, v_cache: &kc2, slots: &slots }),
-        );
+        let (kc2, vc2) = (z(&[2, 4, 2, 8]), z(&[2, 4, 2, 8]));
+        let e = with_cache(&kc2, &kc2, &[0, 1, 2]);
         assert!(e.contains("share storage"), "{e}");
-        let vc2 = z(&[2, 4, 2, 8]);
-        let e = run(
-            &q,
-            &k,
-            &Extras::default(),
-            &[0, 1, 2],
-            Some(CacheAppend { k_cache: &kc2, v_cache: &vc2, slots: &slots }),
-        );
+        let e = with_cache(&kc2, &vc2, &[0, 1, 2]);
         assert!(e.contains("[n_slots, max_len, 1, 8]"), "{e}");
     }
 }

@@ -50,7 +50,7 @@ pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
             }
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda::forward(ord, x, w, eps, &y, &rstd, rows, d)?,
+        Device::Cuda(ord) => cuda::forward(ord, x, w, eps, &y, &rstd, rows, d, None)?,
         #[cfg(not(feature = "cuda"))]
         device => return Err(Error::UnsupportedDevice { op: "rmsnorm", device }),
     }
@@ -104,7 +104,7 @@ pub fn add_rmsnorm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tens
             let s = Tensor::empty(x.shape(), x.dtype(), x.device())?;
             let y = Tensor::empty(x.shape(), x.dtype(), x.device())?;
             let rstd = Tensor::empty(&[rows], DType::F32, x.device())?;
-            cuda::forward_add(ord, x, r, w, eps, &s, &y, &rstd, rows, d)?;
+            cuda::forward(ord, x, w, eps, &y, &rstd, rows, d, Some((r, &s)))?;
             Ok((s, y, rstd))
         }
         #[cfg(not(feature = "cuda"))]
@@ -401,6 +401,8 @@ mod cuda {
         }
     }
 
+    /// The forward; with `residual = Some((r, s))`, [`super::add_rmsnorm`]'s kernels, which
+    /// normalise `s = x + r` and write `s` too.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         ord: usize,
@@ -411,57 +413,30 @@ mod cuda {
         rstd: &Tensor,
         rows: usize,
         d: usize,
+        residual: Option<(&Tensor, &Tensor)>,
     ) -> Result<()> {
         if rows == 0 || d == 0 {
             return Ok(());
         }
         let (px, pw, py, pr) = (x.cuda_ptr()?, w.cuda_ptr()?, y.cuda_ptr()?, rstd.cuda_ptr()?);
-        let version = crate::versions::pick("rmsnorm", &allowed(x, d, &[px, py, pw]))?;
-        let (func, cfg) = row_kernel("fwd", version, x, w, rows, d);
-        let args = [
-            Arg::Ptr(py),
-            Arg::Ptr(pr),
-            Arg::Ptr(px),
-            Arg::Ptr(pw),
-            Arg::F32(eps),
-            Arg::U64(rows as u64),
-            Arg::U32(d as u32),
-        ];
-        launch(ord, &SRC, &func, cfg, &args)
-    }
-
-    /// [`super::add_rmsnorm`]'s kernel: the forward's versions with the residual add in front.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_add(
-        ord: usize,
-        x: &Tensor,
-        r: &Tensor,
-        w: &Tensor,
-        eps: f32,
-        s: &Tensor,
-        y: &Tensor,
-        rstd: &Tensor,
-        rows: usize,
-        d: usize,
-    ) -> Result<()> {
-        if rows == 0 || d == 0 {
-            return Ok(());
-        }
-        let ptrs = [x.cuda_ptr()?, r.cuda_ptr()?, w.cuda_ptr()?, s.cuda_ptr()?, y.cuda_ptr()?, rstd.cuda_ptr()?];
-        let version = crate::versions::pick("rmsnorm", &allowed(x, d, &ptrs[..5]))?;
-        let (func, cfg) = row_kernel("add_fwd", version, x, w, rows, d);
-        let [px, pr, pw, ps, py, prs] = ptrs;
-        let args = [
-            Arg::Ptr(py),
-            Arg::Ptr(prs),
-            Arg::Ptr(ps),
-            Arg::Ptr(px),
-            Arg::Ptr(pr),
-            Arg::Ptr(pw),
-            Arg::F32(eps),
-            Arg::U64(rows as u64),
-            Arg::U32(d as u32),
-        ];
+        // Pointers the vector loads need aligned, and the kernel's leading arguments.
+        let mut rows_at = vec![px, py, pw];
+        let mut args = vec![Arg::Ptr(py), Arg::Ptr(pr)];
+        let kind = match residual {
+            Some((r, s)) => {
+                let (p_r, p_s) = (r.cuda_ptr()?, s.cuda_ptr()?);
+                rows_at.extend([p_r, p_s]);
+                args.extend([Arg::Ptr(p_s), Arg::Ptr(px), Arg::Ptr(p_r)]);
+                "add_fwd"
+            }
+            None => {
+                args.push(Arg::Ptr(px));
+                "fwd"
+            }
+        };
+        args.extend([Arg::Ptr(pw), Arg::F32(eps), Arg::U64(rows as u64), Arg::U32(d as u32)]);
+        let version = crate::versions::pick("rmsnorm", &allowed(x, d, &rows_at))?;
+        let (func, cfg) = row_kernel(kind, version, x, w, rows, d);
         launch(ord, &SRC, &func, cfg, &args)
     }
 
