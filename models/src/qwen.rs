@@ -249,7 +249,8 @@ impl Qwen {
     /// The model, with each layer's q/k/v and gate/up weights fused into one buffer per group
     /// ([`Weights::fuse_projections`]) so inference runs one GEMM per group. If that fails
     /// (out of memory), the layers it could not fuse keep separate weights and a warning is
-    /// logged; the model works either way.
+    /// logged; the model works either way. Fusing copies those five tensors per layer into new
+    /// buffers: a clone of `weights` the caller kept no longer shares them with the model.
     pub fn new(config: Config, mut weights: Weights) -> Qwen {
         if let Err(e) = weights.fuse_projections() {
             tracing::warn!("keeping separate q/k/v and gate/up weights (fusing them failed: {e})");
