@@ -17,8 +17,8 @@
 // apart — nh·d and nkv·d for separate projections, (nh + 2·nkv)·d for the column blocks of one
 // fused [q | k | v] projection; the outputs are contiguous. Biases [nh·d] /
 // [nkv·d]; norm weights [d]; caches [n_slots, max_len, nkv, d]; pos and slot [T] u32; inv_freq
-// [d/2] f32. T = f32 or bf16 for everything (weights in the activations' dtype). Null pointers
-// mean "no bias", "no norm", "no cache".
+// [d/2] f32. T = f32 or bf16 for the activations, the biases and the caches; W = f32 or bf16 for
+// the norm weights (as rmsnorm takes any mix). Null pointers mean "no bias", "no norm", "no cache".
 // Threads: one warp per (token, head) over a token's nh + 2·nkv heads (q heads, then k, then v),
 // grid-stride over T·(nh + 2·nkv) warps, 4 warps per block. Lane l owns the rotate-half pairs
 // (i, i + d/2) for i = l, l + 32, … < d/2 (d ≤ 256, so at most 4 pairs), loaded as scalars: the
@@ -28,10 +28,10 @@
 
 #define AI_MAX_PAIRS 4  // pairs per lane: d/2 ≤ 32·AI_MAX_PAIRS, so head_dim ≤ 256
 
-template <typename T>
+template <typename T, typename W>
 __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_out, T* k_cache, T* v_cache,
                                                       const T* q, const T* k, const T* v, const T* bq,
-                                                      const T* bk, const T* bv, const T* wq, const T* wk,
+                                                      const T* bk, const T* bv, const W* wq, const W* wk,
                                                       const u32* __restrict__ pos, const u32* __restrict__ slot,
                                                       const float* __restrict__ inv_freq, u64 tokens, u32 nh,
                                                       u32 nkv, u32 h, u32 max_len, float eps, u64 sq, u64 sk,
@@ -43,7 +43,8 @@ __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_o
          w += (u64)gridDim.x * (blockDim.x >> 5)) {
         const u64 t = w / heads;
         const u32 hd = (u32)(w - t * heads);
-        const T *src, *bias, *nw;
+        const T *src, *bias;
+        const W* nw;
         T *dst, *cdst = nullptr;
         bool rotate = true;
         u64 cache_row = 0;
@@ -121,15 +122,18 @@ __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_o
     }
 }
 
-#define ATTENTION_INPUTS_KERNEL(NAME, T)                                                                \
+#define ATTENTION_INPUTS_KERNEL(NAME, T, W)                                                             \
     extern "C" __global__ void NAME(T* q_out, T* k_out, T* v_out, T* k_cache, T* v_cache, const T* q,  \
                                     const T* k, const T* v, const T* bq, const T* bk, const T* bv,      \
-                                    const T* wq, const T* wk, const u32* pos, const u32* slot,          \
+                                    const W* wq, const W* wk, const u32* pos, const u32* slot,          \
                                     const float* inv_freq, u64 tokens, u32 nh, u32 nkv, u32 h,          \
                                     u32 max_len, float eps, u64 sq, u64 sk, u64 sv) {                   \
-        attention_inputs_impl<T>(q_out, k_out, v_out, k_cache, v_cache, q, k, v, bq, bk, bv, wq, wk,   \
+        attention_inputs_impl<T, W>(q_out, k_out, v_out, k_cache, v_cache, q, k, v, bq, bk, bv, wq, wk,   \
                                  pos, slot, inv_freq, tokens, nh, nkv, h, max_len, eps, sq, sk, sv);    \
     }
 
-ATTENTION_INPUTS_KERNEL(attention_inputs_f32, float)
-ATTENTION_INPUTS_KERNEL(attention_inputs_bf16, bf16_t)
+// attention_inputs_<x>_<norm weights>
+ATTENTION_INPUTS_KERNEL(attention_inputs_f32_f32, float, float)
+ATTENTION_INPUTS_KERNEL(attention_inputs_f32_bf16, float, bf16_t)
+ATTENTION_INPUTS_KERNEL(attention_inputs_bf16_f32, bf16_t, float)
+ATTENTION_INPUTS_KERNEL(attention_inputs_bf16_bf16, bf16_t, bf16_t)

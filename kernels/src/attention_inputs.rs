@@ -13,7 +13,8 @@
 //! rotation), so the model's training forward keeps the separate ops; there is no backward
 //! here (the backward of each stage lives with its op).
 //!
-//! Dtypes: f32, or bf16 storage with f32 math; biases and norm weights in the activations' dtype.
+//! Dtypes: f32, or bf16 storage with f32 math; biases in the activations' dtype, head-norm weights
+//! in f32 or bf16 (as [`crate::rmsnorm::rmsnorm`] takes them).
 //! CUDA: head_dim ≤ 256 (any even head_dim on CPU). One kernel version (thread mapping in
 //! `attention_inputs.cu`).
 
@@ -114,10 +115,14 @@ pub fn attention_inputs(
         ("q_norm", extras.q_norm, d),
         ("k_norm", extras.k_norm, d),
     ];
+    // The head norms' weights may be f32 or bf16 (both the same), as rmsnorm's; all else has q's dtype.
+    let norm_dt = extras.q_norm.or(extras.k_norm).map_or(dt, |w| w.dtype());
     for (name, x, cols) in params {
         let Some(x) = x else { continue };
-        if x.dtype() != dt {
-            return Err(Error::shape(OP, format!("{name} is {} but q is {dt}", x.dtype())));
+        let want = if name.ends_with("_norm") { norm_dt } else { dt };
+        if x.dtype() != want || !matches!(want, DType::F32 | DType::BF16) {
+            let of = if name.ends_with("_norm") { "the other head norm" } else { "q" };
+            return Err(Error::shape(OP, format!("{name} is {} but {of} is {want}", x.dtype())));
         }
         if x.device() != q.device() {
             return Err(Error::DeviceMismatch { op: OP, a: q.device(), b: x.device() });
@@ -137,6 +142,9 @@ pub fn attention_inputs(
             c.k_cache.dtype()
         );
         check_cache_rows(OP, c.k_cache, t, c.slots, positions)?;
+        if [q, k, v].iter().any(|x| x.same_storage(c.k_cache) || x.same_storage(c.v_cache)) {
+            return Err(Error::shape(OP, "the caches must not share storage with q, k or v"));
+        }
         if c.k_cache.device() != q.device() {
             return Err(Error::DeviceMismatch { op: OP, a: q.device(), b: c.k_cache.device() });
         }
@@ -247,7 +255,9 @@ mod cuda {
         if t == 0 {
             return Ok((qo, ko, vo));
         }
-        let func = if dt == DType::F32 { "attention_inputs_f32" } else { "attention_inputs_bf16" };
+        let name = |t: DType| if t == DType::F32 { "f32" } else { "bf16" };
+        let norm_dt = extras.q_norm.or(extras.k_norm).map_or(dt, |w| w.dtype());
+        let func = format!("attention_inputs_{}_{}", name(dt), name(norm_dt));
         let es = dt.size_in_bytes();
         let ptr = |x: Option<&Tensor>| x.map(Tensor::cuda_ptr).transpose().map(|p| p.unwrap_or(0));
         let pos_d = upload(ord, positions)?;
@@ -288,7 +298,7 @@ mod cuda {
             Arg::U64(strides[1] as u64),
             Arg::U64(strides[2] as u64),
         ];
-        launch(ord, &SRC, func, cfg, &args)?;
+        launch(ord, &SRC, &func, cfg, &args)?;
         Ok((qo, ko, vo))
     }
 }
@@ -331,10 +341,12 @@ mod tests {
         }
 
         /// The inputs as tensors of `dt` on `dev`: q, k, v, then biases and norm weights.
-        fn tensors(&self, dt: DType, dev: Device) -> (Vec<Tensor>, Vec<Option<Tensor>>) {
-            let mk = |v: &[f32], shape: &[usize]| {
+        /// The head-norm weights in `norm_dt`, everything else in `dt`.
+        fn tensors(&self, dt: DType, norm_dt: DType, dev: Device) -> (Vec<Tensor>, Vec<Option<Tensor>>) {
+            let mk_as = |v: &[f32], shape: &[usize], dt: DType| {
                 Tensor::from_slice(v, shape, Device::Cpu).unwrap().to_dtype(dt).unwrap().to_device(dev).unwrap()
             };
+            let mk = |v: &[f32], shape: &[usize]| mk_as(v, shape, dt);
             let (t, hq, hkv) = (self.t, self.nh * self.d, self.nkv * self.d);
             let main = vec![mk(&self.q, &[t, hq]), mk(&self.k, &[t, hkv]), mk(&self.v, &[t, hkv])];
             let b = self.bias.as_ref();
@@ -343,8 +355,8 @@ mod tests {
                 b.map(|b| mk(&b[0], &[hq])),
                 b.map(|b| mk(&b[1], &[hkv])),
                 b.map(|b| mk(&b[2], &[hkv])),
-                n.map(|n| mk(&n[0], &[self.d])),
-                n.map(|n| mk(&n[1], &[self.d])),
+                n.map(|n| mk_as(&n[0], &[self.d], norm_dt)),
+                n.map(|n| mk_as(&n[1], &[self.d], norm_dt)),
             ];
             (main, opt)
         }
@@ -408,7 +420,7 @@ mod tests {
         for shape in SHAPES {
             for (bias, norm) in [(true, false), (false, true), (true, true), (false, false)] {
                 let c = Case::new(&mut rng, shape, bias, norm);
-                let (main, opt) = c.tensors(DType::F32, Device::Cpu);
+                let (main, opt) = c.tensors(DType::F32, DType::F32, Device::Cpu);
                 let rope = RopeTable::new(c.d, 1e6, Device::Cpu).unwrap();
                 let got =
                     attention_inputs(Qkv::Separate(&main[0], &main[1], &main[2]), &extras(&opt), &rope, &c.pos, None)
@@ -430,12 +442,20 @@ mod tests {
             if dev.is_cuda() && shape.3 > 256 {
                 continue;
             }
-            for (bias, norm) in [(true, false), (false, true), (true, true)] {
+            // The last case has head-norm weights of the other float dtype.
+            for (bias, norm, mixed) in
+                [(true, false, false), (false, true, false), (true, true, false), (false, true, true)]
+            {
                 let c = Case::new(&mut rng, shape, bias, norm);
                 let (t, nh, nkv, d) = shape;
-                let what = format!("{dev} {dt} {shape:?} bias {bias} norm {norm}");
+                let norm_dt = match (mixed, dt) {
+                    (false, _) => dt,
+                    (true, DType::F32) => DType::BF16,
+                    (true, _) => DType::F32,
+                };
+                let what = format!("{dev} {dt} {shape:?} bias {bias} norm {norm} (weights {norm_dt})");
                 // The separate ops on the CPU.
-                let (main, opt) = c.tensors(dt, Device::Cpu);
+                let (main, opt) = c.tensors(dt, norm_dt, Device::Cpu);
                 let e = extras(&opt);
                 let rope = RopeTable::new(d, 1e6, Device::Cpu).unwrap();
                 let pos_t = Tensor::from_slice(&c.pos, &[t], Device::Cpu).unwrap();
@@ -464,7 +484,7 @@ mod tests {
                 let (n_slots, max_len) = (t + 2, 4001);
                 let slots: Vec<u32> = (0..t as u32).map(|i| n_slots as u32 - 1 - i).collect();
                 let cache = || Tensor::full(f64::NAN, &[n_slots, max_len, nkv, d], dt, dev).unwrap();
-                let (main_d, opt_d) = c.tensors(dt, dev);
+                let (main_d, opt_d) = c.tensors(dt, norm_dt, dev);
                 let rope_d = RopeTable::new(d, 1e6, dev).unwrap();
                 let run = |qkv: Qkv| {
                     let (kc, vc) = (cache(), cache());
@@ -591,6 +611,9 @@ mod tests {
         let bb = Tensor::zeros(&[16], DType::BF16, dev).unwrap();
         let e = run(&q, &k, &Extras { q_bias: Some(&bb), ..Default::default() }, &[0, 1, 2], None);
         assert!(e.contains("q_bias is bf16 but q is f32"), "{e}");
+        let (nb, nf) = (Tensor::zeros(&[8], DType::BF16, dev).unwrap(), z(&[8]));
+        let e = run(&q, &k, &Extras { q_norm: Some(&nb), k_norm: Some(&nf), ..Default::default() }, &[0, 1, 2], None);
+        assert!(e.contains("k_norm is f32 but the other head norm is bf16"), "{e}");
         let slots = [0u32, 1, 1];
         let with_cache = |kc: &Tensor, vc: &Tensor, pos: &[u32]| {
             run(&q, &k, &Extras::default(), pos, Some(CacheAppend { k_cache: kc, v_cache: vc, slots: &slots }))

@@ -61,26 +61,24 @@ pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
 /// `(s, y, rstd)`: the residual add `s = x + r` (rounded to x's dtype, as [`crate::add::add`])
 /// and `(y, rstd) = rmsnorm(s, w)`, in one pass on CUDA — one launch and one read of `x` and `r`
 /// where the two ops take two launches and read `s` back twice (on the CPU, a row at a time while
-/// it is in cache). The bits of `add` followed by `rmsnorm` on either device. `r` is like `x`; `w`
-/// must have x's dtype. The backward is the two ops' (the gradient reaching `s` goes to both `x`
-/// and `r`).
+/// it is in cache). The bits of `add` followed by `rmsnorm` on either device. `r` is like `x`.
+/// A `w` of another dtype than `x` runs the two ops (the fused kernels take one dtype). The
+/// backward is the two ops' (the gradient reaching `s` goes to both `x` and `r`).
 pub fn add_rmsnorm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
     let (rows, d) = check("add_rmsnorm", x, w)?;
-    if r.shape() != x.shape() || r.dtype() != x.dtype() || w.dtype() != x.dtype() {
+    if r.shape() != x.shape() || r.dtype() != x.dtype() {
         return Err(Error::shape(
             "add_rmsnorm",
-            format!(
-                "r {:?} {} must match x {:?} {}, and w ({}) have x's dtype",
-                r.shape(),
-                r.dtype(),
-                x.shape(),
-                x.dtype(),
-                w.dtype()
-            ),
+            format!("r {:?} {} must match x {:?} {}", r.shape(), r.dtype(), x.shape(), x.dtype()),
         ));
     }
     if r.device() != x.device() {
         return Err(Error::DeviceMismatch { op: "add_rmsnorm", a: x.device(), b: r.device() });
+    }
+    if w.dtype() != x.dtype() {
+        let s = crate::add::add(x, r)?;
+        let (y, rstd) = rmsnorm(&s, w, eps)?;
+        return Ok((s, y, rstd));
     }
     match x.device() {
         Device::Cpu => {
@@ -844,9 +842,13 @@ mod tests {
         let x = t(&[1.0; 8], &[2, 4]);
         let e = add_rmsnorm(&x, &t(&[1.0; 4], &[1, 4]), &t(&[1.0; 4], &[4]), 1e-6).unwrap_err().to_string();
         assert!(e.contains("add_rmsnorm") && e.contains("[1, 4]") && e.contains("[2, 4]"), "{e}");
-        let wb = t(&[1.0; 4], &[4]).to_dtype(DType::BF16).unwrap();
-        let e = add_rmsnorm(&x, &x, &wb, 1e-6).unwrap_err().to_string();
-        assert!(e.contains("add_rmsnorm") && e.contains("w (bf16)"), "{e}");
+        // Mixed dtypes run the two ops.
+        let wb = t(&[1.0, 2.0, 0.5, 3.0], &[4]).to_dtype(DType::BF16).unwrap();
+        let xs = t(&[1.0, -2.0, 3.0, 0.25, 5.0, 6.0, -7.0, 8.0], &[2, 4]);
+        let (s, y, _) = add_rmsnorm(&xs, &xs, &wb, 1e-6).unwrap();
+        let s2 = crate::add::add(&xs, &xs).unwrap();
+        assert_eq!(s.to_vec::<f32>().unwrap(), s2.to_vec::<f32>().unwrap());
+        assert_eq!(y.to_vec::<f32>().unwrap(), rmsnorm(&s2, &wb, 1e-6).unwrap().0.to_vec::<f32>().unwrap());
     }
 
     /// On the device the fused kernel must give, for every version, the bits of the device's own

@@ -226,8 +226,9 @@ fn mlp_in_backward(w: &LayerWeights, g: &LayerWeights, h2: &Tensor, gate_up: &Ml
             match Tensor::rows_view(&[&g.gate_proj, &g.up_proj]) {
                 Some(dw) => linear_backward(h2, &w_gate_up, &d_gate_up, &dw, None),
                 None => {
-                    let dw = Tensor::zeros(w_gate_up.shape(), g.gate_proj.dtype(), h2.device())?;
-                    let dh2 = linear_backward(h2, &w_gate_up, &d_gate_up, &dw, None)?;
+                    let dh2 = matmul::matmul(&d_gate_up, &w_gate_up, false, false)?;
+                    let dw = Tensor::empty(w_gate_up.shape(), g.gate_proj.dtype(), h2.device())?;
+                    matmul::matmul_backward_into(h2, &w_gate_up, &d_gate_up, true, None, Some(&dw), false)?;
                     let i = g.gate_proj.dim(0);
                     accumulate(&g.gate_proj, &dw.narrow_rows(0, i)?)?;
                     accumulate(&g.up_proj, &dw.narrow_rows(i, i)?)?;

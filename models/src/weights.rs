@@ -81,8 +81,20 @@ impl LayerWeights {
     /// Re-homes `parts` into one new buffer (row blocks in order) and returns the views that
     /// replace them. Nothing changes on error.
     fn fuse(parts: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let first = *parts.first().ok_or_else(|| Error::Msg("fuse_projections: no tensors".into()))?;
+        let cols = first.rows_cols().1;
+        if parts
+            .iter()
+            .any(|p| p.rank() != 2 || p.dim(1) != cols || p.dtype() != first.dtype() || p.device() != first.device())
+        {
+            let shapes: Vec<String> =
+                parts.iter().map(|p| format!("{:?} {} {}", p.shape(), p.dtype(), p.device())).collect();
+            return Err(Error::Msg(format!(
+                "fuse_projections: weights {} are not [rows, {cols}] alike",
+                shapes.join(", ")
+            )));
+        }
         let rows: usize = parts.iter().map(|p| p.dim(0)).sum();
-        let (first, cols) = (parts[0], parts[0].rows_cols().1);
         let fused = Tensor::empty(&[rows, cols], first.dtype(), first.device())?;
         let mut start = 0;
         let mut views = Vec::with_capacity(parts.len());
@@ -248,14 +260,12 @@ impl Weights {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// Every tensor with its HF name, in [`Config::expected_tensors`] order. With tied
-    /// embeddings `lm_head.weight` is absent (and stays absent when saved).
     /// Stores each layer's q/k/v and gate/up projection weights as row blocks of one buffer per
     /// group, so inference runs one GEMM per group ([`LayerWeights::qkv`],
     /// [`LayerWeights::gate_up`]). The fields become views of those buffers with the same names,
     /// shapes and values: training, optimizers and checkpoints see no difference. Copies run on
-    /// the weights' device; a layer already fused is left alone, and an error leaves the layer it
-    /// happened in as it was.
+    /// the weights' device; a group already fused is left alone, and an error leaves the group it
+    /// happened in separate (its tensors untouched).
     pub fn fuse_projections(&mut self) -> Result<()> {
         for l in &mut self.layers {
             if l.qkv().is_none() {
@@ -270,6 +280,8 @@ impl Weights {
         Ok(())
     }
 
+    /// Every tensor with its HF name, in [`Config::expected_tensors`] order. With tied
+    /// embeddings `lm_head.weight` is absent (and stays absent when saved).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
         for (l, layer) in self.layers.iter().enumerate() {
