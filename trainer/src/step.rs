@@ -839,6 +839,42 @@ mod tests {
         }
     }
 
+    /// Decoding is launch-bound, so a decode step's launches per layer are pinned down: the
+    /// input norm (fused with the previous layer's residual add), one q|k|v GEMM,
+    /// attention_inputs (bias, RoPE, cache append), decode attention (partial + combine), the
+    /// o GEMM, add_rmsnorm, one gate|up GEMM, swiglu and the down GEMM — and no copy per layer.
+    /// (On the emulator and on a GPU alike: it counts launches, not time.)
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn device_decode_launches_per_layer() {
+        use smelt_engine::cuda::profile;
+        let _g = device_lock();
+        let Some(dev) = smelt_kernels::testing::test_cuda_device() else { return };
+        let Device::Cuda(ord) = dev else { unreachable!() };
+        let cuda = smelt_engine::cuda::device(ord).unwrap();
+        let count = |layers: usize| {
+            let config = Config { num_hidden_layers: layers, ..tiny() };
+            let m = Qwen::new(config.clone(), copy_weights(&model(&config, 3).weights, DType::BF16, dev));
+            let prompts = vec![vec![3u32, 9, 27], vec![5u32]];
+            let mut cache = m.new_kv_cache(2, 8).unwrap();
+            m.prefill(&prompts, &mut cache).unwrap();
+            m.decode_step(&[1, 2], &mut cache).unwrap(); // warm-up: kernel builds, allocator
+            let (r, rows) = profile::record(&cuda, || m.decode_step(&[4, 6], &mut cache)).unwrap();
+            r.unwrap();
+            let calls =
+                |keep: &dyn Fn(&str) -> bool| -> usize { rows.iter().filter(|r| keep(&r.name)).map(|r| r.calls).sum() };
+            let launches = calls(&|n| n.contains("::") || n.starts_with("cublas"));
+            (launches, calls(&|n| n.starts_with("copy")), rows)
+        };
+        let ((l2, c2, rows2), (l3, c3, rows3)) = (count(2), count(3));
+        assert_eq!(l3 - l2, 10, "launches per decoded layer:\n2 layers: {rows2:?}\n3 layers: {rows3:?}");
+        // The tokens' upload, the embedding's id check, and the positions' upload unless an
+        // earlier call uploaded the same list (attention's memo is process-wide): none per layer.
+        for (c, rows) in [(c2, &rows2), (c3, &rows3)] {
+            assert!(c <= 3, "{c} copies in one decode step: {rows:?}");
+        }
+    }
+
     #[test]
     fn flops_count_matches_hand_count() {
         let c = tiny();
