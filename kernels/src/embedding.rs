@@ -11,7 +11,9 @@
 //!
 //! Ids are u32 or i32. Every id is checked against V before anything runs; an out-of-range id
 //! is an error naming the id, its position and V. On CUDA this check copies the ids to the host
-//! (N·4 bytes and a stream sync), which is what makes a readable error possible.
+//! (N·4 bytes and a stream sync), which is what makes a readable error possible; callers whose
+//! ids are on the host use [`embedding_from_host`] / [`embedding_backward_from_host`], which
+//! check them there and only upload them.
 //!
 //! CUDA kernel versions (thread mappings in `embedding.cu`; pin one with
 //! `crate::versions::force`): forward (op name `"embedding"`) v1/v2/v3 copy 2/4/16-byte units
@@ -26,14 +28,33 @@ crate::kernel_source!("embedding");
 
 /// `table[ids]`: shape `ids.shape ++ [H]`, dtype of `table [V, H]`.
 pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    let v = check_table(table)?;
+    let idv = checked_ids("embedding", ids, v, table.device())?;
+    gather(ids, &idv, table)
+}
+
+/// [`embedding`] of ids held on the host, `[N]`: checked there and uploaded once, so on CUDA
+/// nothing is copied back (a device-side `ids` tensor has to be, for its check: a stream sync).
+pub fn embedding_from_host(ids: &[u32], table: &Tensor) -> Result<Tensor> {
+    let v = check_table(table)?;
+    check_range("embedding", ids.iter().map(|&id| i64::from(id)), v, &[ids.len()])?;
+    gather(&Tensor::from_slice(ids, &[ids.len()], table.device())?, ids, table)
+}
+
+/// V after checking that `table` is a 2-D float `[V, H]`.
+fn check_table(table: &Tensor) -> Result<usize> {
     if table.rank() != 2 || !table.dtype().is_float() {
         return Err(Error::shape(
             "embedding",
             format!("table must be a 2-D float [V, H] tensor, got {:?} {}", table.shape(), table.dtype()),
         ));
     }
-    let (v, h) = (table.dim(0), table.dim(1));
-    let idv = checked_ids("embedding", ids, v, table.device())?;
+    Ok(table.dim(0))
+}
+
+/// The forward with checked ids: `ids` on the table's device and `idv`, the same ids on the host.
+fn gather(ids: &Tensor, idv: &[u32], table: &Tensor) -> Result<Tensor> {
+    let h = table.dim(1);
     let mut shape = ids.shape().to_vec();
     shape.push(h);
     let out = Tensor::empty(&shape, table.dtype(), table.device())?;
@@ -44,9 +65,9 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
                 Ok(())
             }
             match table.dtype() {
-                DType::F32 => go::<f32>(&idv, table, &out)?,
-                DType::BF16 => go::<bf16>(&idv, table, &out)?,
-                DType::F16 => go::<f16>(&idv, table, &out)?,
+                DType::F32 => go::<f32>(idv, table, &out)?,
+                DType::BF16 => go::<bf16>(idv, table, &out)?,
+                DType::F16 => go::<f16>(idv, table, &out)?,
                 dtype => return Err(Error::UnsupportedDType { op: "embedding", dtype }),
             }
         }
@@ -61,6 +82,13 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
 /// `d_table[ids[t]] += d_out[t]` for every token t. `d_table [V, H]` f32; `d_out` has shape
 /// `ids.shape ++ [H]`, f32 or bf16.
 pub fn embedding_backward(ids: &Tensor, d_out: &Tensor, d_table: &Tensor) -> Result<()> {
+    check_backward(ids, d_out, d_table)?;
+    let idv = checked_ids("embedding_backward", ids, d_table.dim(0), d_table.device())?;
+    scatter(ids, &idv, d_out, d_table)
+}
+
+/// The backward's shape, dtype and device checks (the ids' range is checked apart).
+fn check_backward(ids: &Tensor, d_out: &Tensor, d_table: &Tensor) -> Result<()> {
     let op = "embedding_backward";
     if d_table.rank() != 2 || d_table.dtype() != DType::F32 {
         return Err(Error::shape(
@@ -68,9 +96,8 @@ pub fn embedding_backward(ids: &Tensor, d_out: &Tensor, d_table: &Tensor) -> Res
             format!("d_table must be [V, H] f32, got {:?} {}", d_table.shape(), d_table.dtype()),
         ));
     }
-    let (v, h) = (d_table.dim(0), d_table.dim(1));
     let mut want = ids.shape().to_vec();
-    want.push(h);
+    want.push(d_table.dim(1));
     if d_out.shape() != want.as_slice() || !matches!(d_out.dtype(), DType::F32 | DType::BF16) {
         return Err(Error::shape(
             op,
@@ -86,20 +113,36 @@ pub fn embedding_backward(ids: &Tensor, d_out: &Tensor, d_table: &Tensor) -> Res
     if d_out.device() != d_table.device() {
         return Err(Error::DeviceMismatch { op, a: d_out.device(), b: d_table.device() });
     }
-    let idv = checked_ids(op, ids, v, d_table.device())?;
+    Ok(())
+}
+
+/// [`embedding_backward`] of ids held on the host, like [`embedding_from_host`].
+pub fn embedding_backward_from_host(ids: &[u32], d_out: &Tensor, d_table: &Tensor) -> Result<()> {
+    let t = Tensor::from_slice(ids, &[ids.len()], d_table.device())?;
+    check_backward(&t, d_out, d_table)?;
+    check_range("embedding_backward", ids.iter().map(|&id| i64::from(id)), d_table.dim(0), &[ids.len()])?;
+    scatter(&t, ids, d_out, d_table)
+}
+
+/// The backward with checked ids (as [`gather`]).
+fn scatter(ids: &Tensor, idv: &[u32], d_out: &Tensor, d_table: &Tensor) -> Result<()> {
+    let h = d_table.dim(1);
     match d_table.device() {
         Device::Cpu => {
             let mut dt = d_table.cpu_write::<f32>()?;
             match d_out.dtype() {
-                DType::F32 => cpu::embedding_backward(&idv, &d_out.cpu_read::<f32>()?, h, &mut dt),
-                _ => cpu::embedding_backward(&idv, &d_out.cpu_read::<bf16>()?, h, &mut dt),
+                DType::F32 => cpu::embedding_backward(idv, &d_out.cpu_read::<f32>()?, h, &mut dt),
+                _ => cpu::embedding_backward(idv, &d_out.cpu_read::<bf16>()?, h, &mut dt),
             }
             Ok(())
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ord) => cuda::backward(ord, ids, d_out, d_table, idv.len()),
         #[cfg(not(feature = "cuda"))]
-        device => Err(Error::UnsupportedDevice { op, device }),
+        device => {
+            let _ = ids;
+            Err(Error::UnsupportedDevice { op: "embedding_backward", device })
+        }
     }
 }
 
@@ -113,13 +156,18 @@ fn checked_ids(op: &'static str, ids: &Tensor, vocab: usize, device: Device) -> 
         DType::I32 => ids.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
         got => return Err(Error::DType { op, expected: DType::U32, got }),
     };
-    if let Some((pos, id)) = out.iter().enumerate().find(|(_, &id)| id < 0 || id >= vocab as i64) {
-        return Err(Error::msg(format!(
-            "{op}: token id {id} at position {pos} is out of range for vocab size V = {vocab} (ids {:?})",
-            ids.shape()
-        )));
-    }
+    check_range(op, out.iter().copied(), vocab, ids.shape())?;
     Ok(out.into_iter().map(|id| id as u32).collect())
+}
+
+/// An error naming the first id outside `0..vocab`, its position and the ids' shape.
+fn check_range(op: &str, ids: impl Iterator<Item = i64>, vocab: usize, shape: &[usize]) -> Result<()> {
+    match ids.enumerate().find(|&(_, id)| id < 0 || id >= vocab as i64) {
+        Some((pos, id)) => Err(Error::msg(format!(
+            "{op}: token id {id} at position {pos} is out of range for vocab size V = {vocab} (ids {shape:?})"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Slice-level CPU implementations (the reference for the CUDA kernels). Ids must be < V.
@@ -277,6 +325,57 @@ mod tests {
 
     fn t(v: &[f32], shape: &[usize]) -> Tensor {
         Tensor::from_slice(v, shape, Device::Cpu).unwrap()
+    }
+
+    /// Host ids give what device ids give, with the same range check, and on a device nothing
+    /// is copied back.
+    fn check_from_host(dev: Device) {
+        let mut rng = Rng::new(44);
+        let (n, v, h) = (37usize, 11usize, 24usize);
+        let table = t(&randn(&mut rng, v * h, 1.0), &[v, h]).to_device(dev).unwrap();
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+        let ids_t = Tensor::from_slice(&ids, &[n], dev).unwrap();
+        let want = embedding(&ids_t, &table).unwrap().to_vec::<f32>().unwrap();
+        let d_out = t(&randn(&mut rng, n * h, 1.0), &[n, h]).to_device(dev).unwrap();
+        let d_want = Tensor::zeros(&[v, h], DType::F32, dev).unwrap();
+        embedding_backward(&ids_t, &d_out, &d_want).unwrap();
+        let d_got = Tensor::zeros(&[v, h], DType::F32, dev).unwrap();
+        #[cfg(feature = "cuda")]
+        let record = |f: &mut dyn FnMut()| match dev {
+            Device::Cuda(i) => {
+                use smelt_engine::cuda::profile;
+                let (_, rows) = profile::record(&smelt_engine::cuda::device(i).unwrap(), f).unwrap();
+                let back: usize = rows.iter().filter(|r| r.name == "copy device→host").map(|r| r.calls).sum();
+                assert_eq!(back, 0, "from_host copied back: {rows:?}");
+            }
+            _ => f(),
+        };
+        #[cfg(not(feature = "cuda"))]
+        let record = |f: &mut dyn FnMut()| f();
+        let mut got = None;
+        record(&mut || {
+            got = Some(embedding_from_host(&ids, &table).unwrap());
+            embedding_backward_from_host(&ids, &d_out, &d_got).unwrap();
+        });
+        assert_eq!(got.unwrap().to_vec::<f32>().unwrap(), want, "{dev}: forward");
+        // The device backward adds with atomics, in no fixed order.
+        let (dg, dw) = (d_got.to_vec::<f32>().unwrap(), d_want.to_vec::<f32>().unwrap());
+        assert_close(&dg, &to_f64(&dw), 1e-6, 1e-6, &format!("{dev}: backward"));
+        let e = embedding_from_host(&[3, 11], &table).unwrap_err().to_string();
+        assert!(e.contains("embedding: token id 11 at position 1 is out of range for vocab size V = 11"), "{e}");
+        let e = embedding_backward_from_host(&[11], &d_out.narrow_rows(0, 1).unwrap(), &d_got).unwrap_err().to_string();
+        assert!(e.contains("embedding_backward: token id 11 at position 0"), "{e}");
+    }
+
+    #[test]
+    fn embedding_from_host_matches_device_ids() {
+        check_from_host(Device::Cpu);
+    }
+
+    #[test]
+    fn embedding_from_host_device_copies_nothing_back() {
+        let Some(dev) = test_cuda_device() else { return };
+        check_from_host(dev);
     }
 
     #[test]

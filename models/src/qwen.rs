@@ -304,9 +304,8 @@ impl Qwen {
     pub fn forward(&self, batch: &Packed) -> Result<Activations> {
         self.check_batch(batch)?;
         let dev = self.device();
-        let ids = Tensor::from_slice(&batch.ids, &[batch.ids.len()], dev)?;
         let positions = Tensor::from_slice(&batch.positions(), &[batch.ids.len()], dev)?;
-        let embedded = embedding::embedding(&ids, &self.weights.embed_tokens)?;
+        let embedded = embedding::embedding_from_host(&batch.ids, &self.weights.embed_tokens)?;
         let mut layers = Vec::with_capacity(self.weights.layers.len());
         // The previous layer's (x_mid, MLP output), summed by the next norm.
         let mut parts: Option<(Tensor, Tensor)> = None;
@@ -465,8 +464,7 @@ impl Qwen {
             };
             dx = self.layer_backward(l, a, &acts.positions, &acts.batch.cu_seqlens, &dx, grads)?;
         }
-        let ids = Tensor::from_slice(&acts.batch.ids, &[acts.batch.ids.len()], self.device())?;
-        embedding::embedding_backward(&ids, &cast::cast(&dx, DType::F32)?, &grads.embed_tokens)?;
+        embedding::embedding_backward_from_host(&acts.batch.ids, &cast::cast(&dx, DType::F32)?, &grads.embed_tokens)?;
         Ok(())
     }
 
@@ -575,7 +573,6 @@ impl Qwen {
         }
         let batch = Packed::new(prompts);
         self.check_batch(&batch)?;
-        let dev = self.device();
         let pos = batch.positions();
         let slots: Vec<u32> = batch
             .cu_seqlens
@@ -583,8 +580,7 @@ impl Qwen {
             .enumerate()
             .flat_map(|(b, w)| std::iter::repeat_n(b as u32, (w[1] - w[0]) as usize))
             .collect();
-        let ids = Tensor::from_slice(&batch.ids, &[batch.ids.len()], dev)?;
-        let embedded = embedding::embedding(&ids, &self.weights.embed_tokens)?;
+        let embedded = embedding::embedding_from_host(&batch.ids, &self.weights.embed_tokens)?;
         let mut parts: Option<(Tensor, Tensor)> = None;
         for l in 0..self.weights.layers.len() {
             let to_cache = CacheAppend { k_cache: &cache.k[l], v_cache: &cache.v[l], slots: &slots };
@@ -598,8 +594,7 @@ impl Qwen {
         }
         // Only each prompt's last token goes through the final norm.
         let last: Vec<u32> = batch.cu_seqlens[1..].iter().map(|&e| e - 1).collect();
-        let last = Tensor::from_slice(&last, &[last.len()], dev)?;
-        let rows = |x: &Tensor| embedding::embedding(&last, x);
+        let rows = |x: &Tensor| embedding::embedding_from_host(&last, x);
         let parts = parts.map(|(a, b)| Ok::<_, Error>((rows(&a)?, rows(&b)?))).transpose()?;
         let embedded = if parts.is_none() { rows(&embedded)? } else { embedded };
         Ok(Stream::after(&embedded, &parts).norm(&self.weights.norm, self.config.rms_norm_eps as f32)?.1)
@@ -607,7 +602,7 @@ impl Qwen {
 
     /// One decode step: `tokens[b]` is appended to slot b; returns the final hidden states `[B, H]`.
     pub fn decode_step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let (c, dev) = (&self.config, self.device());
+        let c = &self.config;
         let b = tokens.len();
         if b > cache.lens.len() || cache.lens[..b].iter().any(|&l| l as usize >= cache.max_len) {
             return Err(Error::Msg(format!(
@@ -623,7 +618,7 @@ impl Qwen {
         let pos: Vec<u32> = cache.lens[..b].to_vec();
         let slots: Vec<u32> = (0..b as u32).collect();
         let lens_after: Vec<u32> = pos.iter().map(|p| p + 1).collect();
-        let embedded = embedding::embedding(&Tensor::from_slice(tokens, &[b], dev)?, &self.weights.embed_tokens)?;
+        let embedded = embedding::embedding_from_host(tokens, &self.weights.embed_tokens)?;
         let mut parts: Option<(Tensor, Tensor)> = None;
         for l in 0..self.weights.layers.len() {
             let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
