@@ -190,7 +190,8 @@ pub fn attention_inputs(
             } else {
                 ([0; 3], [q_cols, kv_cols, kv_cols])
             };
-            cuda::attention_inputs(ord, [q, k, v], offs, strides, extras, rope, positions, cache, (t, nh, nkv, d))
+            let dims = (t, nh, nkv, d);
+            cuda::attention_inputs(ord, [q, k, v], offs, strides, extras, norm_dt, rope, positions, cache, dims)
         }
         #[cfg(not(feature = "cuda"))]
         device => Err(Error::UnsupportedDevice { op: OP, device }),
@@ -238,6 +239,7 @@ mod cuda {
         offs: [usize; 3],
         strides: [usize; 3],
         extras: &Extras,
+        norm_dt: DType,
         rope: &RopeTable,
         positions: &[u32],
         cache: Option<CacheAppend>,
@@ -256,7 +258,6 @@ mod cuda {
             return Ok((qo, ko, vo));
         }
         let name = |t: DType| if t == DType::F32 { "f32" } else { "bf16" };
-        let norm_dt = extras.q_norm.or(extras.k_norm).map_or(dt, |w| w.dtype());
         let func = format!("attention_inputs_{}_{}", name(dt), name(norm_dt));
         let es = dt.size_in_bytes();
         let ptr = |x: Option<&Tensor>| x.map(Tensor::cuda_ptr).transpose().map(|p| p.unwrap_or(0));

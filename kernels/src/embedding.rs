@@ -82,13 +82,13 @@ fn gather(ids: &Tensor, idv: &[u32], table: &Tensor) -> Result<Tensor> {
 /// `d_table[ids[t]] += d_out[t]` for every token t. `d_table [V, H]` f32; `d_out` has shape
 /// `ids.shape ++ [H]`, f32 or bf16.
 pub fn embedding_backward(ids: &Tensor, d_out: &Tensor, d_table: &Tensor) -> Result<()> {
-    check_backward(ids, d_out, d_table)?;
+    check_backward(ids.shape(), d_out, d_table)?;
     let idv = checked_ids("embedding_backward", ids, d_table.dim(0), d_table.device())?;
     scatter(ids, &idv, d_out, d_table)
 }
 
 /// The backward's shape, dtype and device checks (the ids' range is checked apart).
-fn check_backward(ids: &Tensor, d_out: &Tensor, d_table: &Tensor) -> Result<()> {
+fn check_backward(ids_shape: &[usize], d_out: &Tensor, d_table: &Tensor) -> Result<()> {
     let op = "embedding_backward";
     if d_table.rank() != 2 || d_table.dtype() != DType::F32 {
         return Err(Error::shape(
@@ -96,7 +96,7 @@ fn check_backward(ids: &Tensor, d_out: &Tensor, d_table: &Tensor) -> Result<()> 
             format!("d_table must be [V, H] f32, got {:?} {}", d_table.shape(), d_table.dtype()),
         ));
     }
-    let mut want = ids.shape().to_vec();
+    let mut want = ids_shape.to_vec();
     want.push(d_table.dim(1));
     if d_out.shape() != want.as_slice() || !matches!(d_out.dtype(), DType::F32 | DType::BF16) {
         return Err(Error::shape(
@@ -105,7 +105,7 @@ fn check_backward(ids: &Tensor, d_out: &Tensor, d_table: &Tensor) -> Result<()> 
                 "d_out {:?} {} must be {want:?} f32/bf16 for ids {:?} and d_table {:?}",
                 d_out.shape(),
                 d_out.dtype(),
-                ids.shape(),
+                ids_shape,
                 d_table.shape()
             ),
         ));
@@ -118,10 +118,9 @@ fn check_backward(ids: &Tensor, d_out: &Tensor, d_table: &Tensor) -> Result<()> 
 
 /// [`embedding_backward`] of ids held on the host, like [`embedding_from_host`].
 pub fn embedding_backward_from_host(ids: &[u32], d_out: &Tensor, d_table: &Tensor) -> Result<()> {
-    let t = Tensor::from_slice(ids, &[ids.len()], d_table.device())?;
-    check_backward(&t, d_out, d_table)?;
+    check_backward(&[ids.len()], d_out, d_table)?;
     check_range("embedding_backward", ids.iter().map(|&id| i64::from(id)), d_table.dim(0), &[ids.len()])?;
-    scatter(&t, ids, d_out, d_table)
+    scatter(&Tensor::from_slice(ids, &[ids.len()], d_table.device())?, ids, d_out, d_table)
 }
 
 /// The backward with checked ids (as [`gather`]).

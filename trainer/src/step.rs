@@ -802,40 +802,51 @@ mod tests {
         LOCK.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The test device (real or emulated) and its handle for the profiler, if any.
+    #[cfg(feature = "cuda")]
+    fn profiled_device() -> Option<(Device, std::sync::Arc<smelt_engine::cuda::CudaDevice>)> {
+        let dev = smelt_kernels::testing::test_cuda_device()?;
+        let Device::Cuda(ord) = dev else { unreachable!() };
+        Some((dev, smelt_engine::cuda::device(ord).unwrap()))
+    }
+
+    /// The tiny model at `layers` layers in bf16 on `dev`.
+    #[cfg(feature = "cuda")]
+    fn bf16_model(layers: usize, dev: Device) -> (Config, Qwen) {
+        let config = Config { num_hidden_layers: layers, ..tiny() };
+        let m = Qwen::new(config.clone(), copy_weights(&model(&config, 3).weights, DType::BF16, dev));
+        (config, m)
+    }
+
+    /// Calls summed over the profile rows whose names `keep` accepts.
+    #[cfg(feature = "cuda")]
+    fn calls(rows: &[smelt_engine::cuda::profile::ProfileRow], keep: impl Fn(&str) -> bool) -> usize {
+        rows.iter().filter(|r| keep(&r.name)).map(|r| r.calls).sum()
+    }
+
     #[cfg(feature = "cuda")]
     #[test]
     fn device_step_copies_do_not_grow_with_depth() {
         use smelt_engine::cuda::profile;
         let _g = device_lock();
-        let Some(dev) = smelt_kernels::testing::test_cuda_device() else { return };
-        let Device::Cuda(ord) = dev else { unreachable!() };
-        let cuda = smelt_engine::cuda::device(ord).unwrap();
+        let Some((dev, cuda)) = profiled_device() else { return };
         let copies = |layers: usize| {
-            let config = Config { num_hidden_layers: layers, ..tiny() };
-            let m = Qwen::new(config.clone(), copy_weights(&model(&config, 3).weights, DType::BF16, dev));
+            let (config, m) = bf16_model(layers, dev);
             let b = batch(&config, &mut Rng::new(9));
             let mut st = PolicyStep::new(&m, StepConfig::default()).unwrap();
             st.step(&m, &b).unwrap(); // warm-up: kernel builds, allocator
             let (r, rows) = profile::record(&cuda, || st.step(&m, &b)).unwrap();
             r.unwrap();
-            let n: usize = rows
-                .iter()
-                .filter(|r| r.name == "copy host→device" || r.name == "copy device→host")
-                .map(|r| r.calls)
-                .sum();
-            (n, rows)
+            (calls(&rows, |n| n == "copy host→device" || n == "copy device→host"), rows)
         };
         let ((two, rows2), (five, rows5)) = (copies(2), copies(5));
         assert_eq!(two, five, "copies per step grow with depth:\n2 layers: {rows2:?}\n5 layers: {rows5:?}");
         assert!(two <= 20, "{two} host↔device copies in one step: {rows2:?}");
         // The gradients live in one buffer: zeroing them and their norm are one launch each,
         // however many tensors the model has.
-        let calls = |rows: &[profile::ProfileRow], name: &str| -> usize {
-            rows.iter().filter(|r| r.name.contains(name)).map(|r| r.calls).sum()
-        };
         for rows in [&rows2, &rows5] {
-            assert_eq!(calls(rows, "memset"), 1, "{rows:?}");
-            assert_eq!(calls(rows, "global_norm::sumsq_f32"), 1, "{rows:?}");
+            assert_eq!(calls(rows, |n| n.contains("memset")), 1, "{rows:?}");
+            assert_eq!(calls(rows, |n| n.contains("global_norm::sumsq_f32")), 1, "{rows:?}");
         }
     }
 
@@ -849,22 +860,17 @@ mod tests {
     fn device_decode_launches_per_layer() {
         use smelt_engine::cuda::profile;
         let _g = device_lock();
-        let Some(dev) = smelt_kernels::testing::test_cuda_device() else { return };
-        let Device::Cuda(ord) = dev else { unreachable!() };
-        let cuda = smelt_engine::cuda::device(ord).unwrap();
+        let Some((dev, cuda)) = profiled_device() else { return };
         let count = |layers: usize| {
-            let config = Config { num_hidden_layers: layers, ..tiny() };
-            let m = Qwen::new(config.clone(), copy_weights(&model(&config, 3).weights, DType::BF16, dev));
+            let (_, m) = bf16_model(layers, dev);
             let prompts = vec![vec![3u32, 9, 27], vec![5u32]];
             let mut cache = m.new_kv_cache(2, 8).unwrap();
             m.prefill(&prompts, &mut cache).unwrap();
             m.decode_step(&[1, 2], &mut cache).unwrap(); // warm-up: kernel builds, allocator
             let (r, rows) = profile::record(&cuda, || m.decode_step(&[4, 6], &mut cache)).unwrap();
             r.unwrap();
-            let calls =
-                |keep: &dyn Fn(&str) -> bool| -> usize { rows.iter().filter(|r| keep(&r.name)).map(|r| r.calls).sum() };
-            let launches = calls(&|n| n.contains("::") || n.starts_with("cublas"));
-            (launches, calls(&|n| n.starts_with("copy")), rows)
+            let launches = calls(&rows, |n| n.contains("::") || n.starts_with("cublas"));
+            (launches, calls(&rows, |n| n.starts_with("copy")), rows)
         };
         let ((l2, c2, rows2), (l3, c3, rows3)) = (count(2), count(3));
         assert_eq!(l3 - l2, 10, "launches per decoded layer:\n2 layers: {rows2:?}\n3 layers: {rows3:?}");
