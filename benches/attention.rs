@@ -92,7 +92,7 @@ fn benches(c: &mut Criterion) {
     let lens_now = vec![cache_len; bsz];
     g.throughput(Throughput::Bytes((2 * bsz * cache_len as usize * nkv * d * 4) as u64));
     g.bench_function("decode_f32_B8_L1024_h14x2_d64", |b| {
-        b.iter(|| black_box(attention_decode(&qd, &kc, &vc, &lens_now, None).expect("decode")))
+        b.iter(|| black_box(attention_decode(&qd, &kc, &vc, &lens_now, None, None).expect("decode")))
     });
     g.finish();
 }

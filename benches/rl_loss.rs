@@ -82,7 +82,7 @@ fn bench_sample(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new(name, format!("{rows}x{VOCAB}")), |b| {
                 b.iter(|| {
                     step += 1;
-                    sample_into(black_box(&logits), &cfg, 7, step, &out).expect("sample")
+                    sample_into(black_box(&logits), &cfg, 7, step, None, &out).expect("sample")
                 })
             });
         }

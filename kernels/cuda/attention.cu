@@ -4,8 +4,9 @@
 // Layout (row-major, no padding tokens):
 //   q, o, dq, dO: [T, n_heads, D]; k, v, dk, dv: [T, n_kv_heads, D]; lse, delta: [n_heads, T] f32.
 //   cu: u32[B+1] cumulative sequence offsets. Query head h reads KV head h / (n_heads/n_kv_heads).
-//   KV cache: [n_slots, max_len, n_kv_heads, D]; decode batch row b uses slot b; cache_lens[b]
-//   counts the valid rows including the n_new new tokens, the last n_new of which are the queries.
+//   KV cache: [n_slots, max_len, n_kv_heads, D]; decode batch row b uses slot slots[b] (slot b
+//   when slots is null); cache_lens[b] counts that slot's valid rows including the n_new new
+//   tokens, the last n_new of which are the queries.
 //   Element type T: float or bf16_t (bf16 storage, f32 accumulation). D (head_dim): 8, 16, 24,
 //   32, 64 or 128 (v2 forward: 64 and 128). Where lanes split D, a D that is not a multiple of 32
 //   leaves the last lanes idle (att_in: compile-time true for 64 and 128).
@@ -1132,8 +1133,9 @@ __device__ __forceinline__ void attn_decode_write_partial(const float (*sm_m)[RR
 // [split·chunk, min((split+1)·chunk, limit)). Writes unnormalised acc and (m in log2 units, l).
 template <typename T, int D>
 __device__ void attn_decode_partial(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-                                    const u32* __restrict__ cache_lens, int n_new, int nh, int nkv, int max_len,
-                                    int chunk, int nsplit, float scale, float* __restrict__ part_o,
+                                    const u32* __restrict__ cache_lens, const u32* __restrict__ slots, int n_new,
+                                    int nh, int nkv, int max_len, int chunk, int nsplit, float scale,
+                                    float* __restrict__ part_o,
                                     float* __restrict__ part_ml) {
     constexpr int E = (D + 31) / 32;  // elements lane·E .. lane·E + E − 1 (those < D)
     __shared__ float sm_m[4][DEC_MAXQ], sm_l[4][DEC_MAXQ];
@@ -1160,8 +1162,9 @@ __device__ void attn_decode_partial(const T* __restrict__ q, const T* __restrict
         m[r] = -SMELT_INF;
         l[r] = 0.f;
     }
-    const T* kbase = kc + ((size_t)b * max_len * nkv + g) * D + lane * E;
-    const T* vbase = vc + ((size_t)b * max_len * nkv + g) * D + lane * E;
+    const size_t slot = slots ? slots[b] : (u32)b;
+    const T* kbase = kc + (slot * max_len * nkv + g) * D + lane * E;
+    const T* vbase = vc + (slot * max_len * nkv + g) * D + lane * E;
     for (int j = kbeg + warp; j < kend; j += 4) {
         float kr[E], vr[E];
         #pragma unroll
@@ -1220,10 +1223,10 @@ __device__ void attn_decode_combine(const float* __restrict__ part_o, const floa
 
 #define ATT_DEC(SUF, T, D)                                                                              \
     extern "C" __global__ void __launch_bounds__(128) attn_decode_partial_##SUF(                        \
-        const T* q, const T* kc, const T* vc, const u32* cache_lens, int n_new, int nh, int nkv,        \
-        int max_len, int chunk, int nsplit, float scale, float* part_o, float* part_ml) {               \
-        attn_decode_partial<T, D>(q, kc, vc, cache_lens, n_new, nh, nkv, max_len, chunk, nsplit, scale, \
-                                  part_o, part_ml);                                                     \
+        const T* q, const T* kc, const T* vc, const u32* cache_lens, const u32* slots, int n_new, int nh, \
+        int nkv, int max_len, int chunk, int nsplit, float scale, float* part_o, float* part_ml) {      \
+        attn_decode_partial<T, D>(q, kc, vc, cache_lens, slots, n_new, nh, nkv, max_len, chunk, nsplit, \
+                                  scale, part_o, part_ml);                                              \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(128) attn_decode_combine_##SUF(                        \
         const float* part_o, const float* part_ml, int nsplit, T* o) {                                  \
@@ -1244,8 +1247,9 @@ ATT_FOR_EACH_DIM(ATT_DEC, bf16_t, bf16)
 // combine kernel finishes the job.
 template <typename T, int D>
 __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-                                       const u32* __restrict__ cache_lens, int n_new, int nh, int nkv, int max_len,
-                                       int chunk, int nsplit, float scale, int tq, float* __restrict__ part_o,
+                                       const u32* __restrict__ cache_lens, const u32* __restrict__ slots, int n_new,
+                                       int nh, int nkv, int max_len, int chunk, int nsplit, float scale, int tq,
+                                       float* __restrict__ part_o,
                                        float* __restrict__ part_ml) {
     constexpr int E = D / 32;              // V elements per lane
     constexpr int NV = 16 / sizeof(T);     // K elements per 16-byte load
@@ -1280,8 +1284,9 @@ __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restr
         for (int e = 0; e < E; ++e) acc[r][e] = 0.f;
     }
     const size_t stride = (size_t)nkv * D;  // between consecutive cache positions
-    const T* kb = kc + ((size_t)b * max_len * nkv + g) * D;
-    const T* vb = vc + ((size_t)b * max_len * nkv + g) * D + lane * E;
+    const size_t slot = slots ? slots[b] : (u32)b;
+    const T* kb = kc + (slot * max_len * nkv + g) * D;
+    const T* vb = vc + (slot * max_len * nkv + g) * D + lane * E;
     for (int j0 = kbeg + 32 * warp; j0 < kend; j0 += 128) {
         const int j = j0 + lane;
         float s[DEC2_R];
@@ -1355,10 +1360,10 @@ __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restr
 
 #define ATT_DEC_V2(SUF, T, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(128) attn_decode_v2_partial_##SUF(                    \
-        const T* q, const T* kc, const T* vc, const u32* cache_lens, int n_new, int nh, int nkv,       \
-        int max_len, int chunk, int nsplit, float scale, int tq, float* part_o, float* part_ml) {      \
-        attn_decode_v2_partial<T, D>(q, kc, vc, cache_lens, n_new, nh, nkv, max_len, chunk, nsplit,    \
-                                     scale, tq, part_o, part_ml);                                      \
+        const T* q, const T* kc, const T* vc, const u32* cache_lens, const u32* slots, int n_new, int nh, \
+        int nkv, int max_len, int chunk, int nsplit, float scale, int tq, float* part_o, float* part_ml) { \
+        attn_decode_v2_partial<T, D>(q, kc, vc, cache_lens, slots, n_new, nh, nkv, max_len, chunk,     \
+                                     nsplit, scale, tq, part_o, part_ml);                              \
     }
 ATT_DEC_V2(f32_d64, float, 64)
 ATT_DEC_V2(f32_d128, float, 128)

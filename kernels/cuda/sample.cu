@@ -2,8 +2,8 @@
 // top-p sampling with one uniform draw per row (rules and outputs: kernels/src/sample.rs, whose
 // `cpu::sample_row` is the reference).
 //
-// Layout: logits [B, V] row-major (f32 or bf16 storage, f32 math); outputs tokens u32 [B],
-// logp / logp_trunc / entropy f32 [B].
+// Layout: logits [B, V] row-major (f32 or bf16 storage, f32 math); streams u32 [B] or null;
+// outputs tokens u32 [B], logp / logp_trunc / entropy f32 [B].
 // Threads: one block of 1024 threads per row; every pass strides over the row (V up to 151,936
 // stays in L2 between passes). Passes, with s = z/T and e = exp(s − max):
 //   1. max + first argmax (block reduction on (value, index));
@@ -16,7 +16,8 @@
 //   5. Σ survivor e, then a tiled block-wide inclusive scan in vocabulary order; the first
 //      survivor where the running sum exceeds u·Σ is the token (block min of candidate indices).
 // All reductions are fixed-shape trees (no atomics), so a row's result is deterministic.
-// The uniform u comes from the same SplitMix64 chain as `row_uniform` in sample.rs.
+// The uniform u comes from the same SplitMix64 chain as `row_uniform` in sample.rs, keyed by
+// streams[row] when a stream list is given (null: by the row).
 // Versions:
 //   v1 one block per row, bisection thresholds over full-row passes, f32 block scans
 //   v2 one block per row, radix selects on exact integer masses (below; the default)
@@ -159,7 +160,8 @@ __device__ __forceinline__ float smp_block_scan(float x, float* scratch, float* 
 
 template <typename T>
 __device__ __forceinline__ void sample_row(const T* __restrict__ logits, u32 V, float temp, u32 top_k,
-                                           float top_p, u64 seed, u64 step, u32* __restrict__ tokens,
+                                           float top_p, u64 seed, u64 step, const u32* __restrict__ streams,
+                                           u32* __restrict__ tokens,
                                            float* __restrict__ logp, float* __restrict__ logp_trunc,
                                            float* __restrict__ entropy) {
     __shared__ float sf[32];
@@ -253,7 +255,7 @@ __device__ __forceinline__ void sample_row(const T* __restrict__ logits, u32 V, 
         if (smp_key(s) >= kth && __float_as_uint(e) >= pth) sp += e;
     }
     sp = block_sum(sp, sf);
-    const float target = smp_uniform(seed, step, row) * sp;
+    const float target = smp_uniform(seed, step, streams ? streams[row] : row) * sp;
     u32 tok = SMP_NONE;
     float carry = 0.0f;
     for (u32 base = 0; base < V; base += blockDim.x) {
@@ -287,9 +289,9 @@ __device__ __forceinline__ void sample_row(const T* __restrict__ logits, u32 V, 
 #define SMP_KERNEL(NAME, T, IMPL)                                                                   \
     extern "C" __global__ void __launch_bounds__(SMP_THREADS)                                         \
         NAME(const T* __restrict__ logits, u32 V, float temp, u32 top_k, float top_p, u64 seed, u64 step, \
-             u32* __restrict__ tokens, float* __restrict__ logp, float* __restrict__ logp_trunc,        \
-             float* __restrict__ entropy) {                                                             \
-        IMPL<T>(logits, V, temp, top_k, top_p, seed, step, tokens, logp, logp_trunc, entropy);          \
+             const u32* __restrict__ streams, u32* __restrict__ tokens, float* __restrict__ logp,         \
+             float* __restrict__ logp_trunc, float* __restrict__ entropy) {                             \
+        IMPL<T>(logits, V, temp, top_k, top_p, seed, step, streams, tokens, logp, logp_trunc, entropy); \
     }
 SMP_KERNEL(sample_f32, float, sample_row)
 SMP_KERNEL(sample_bf16, bf16_t, sample_row)
@@ -417,7 +419,8 @@ __device__ __forceinline__ void smp_topp_bin(u64* bins, int r, u32 prefix, const
 
 template <typename T>
 __device__ __forceinline__ void sample_row_v2(const T* __restrict__ logits, u32 V, float temp, u32 top_k,
-                                              float top_p, u64 seed, u64 step, u32* __restrict__ tokens,
+                                              float top_p, u64 seed, u64 step, const u32* __restrict__ streams,
+                                           u32* __restrict__ tokens,
                                               float* __restrict__ logp, float* __restrict__ logp_trunc,
                                               float* __restrict__ entropy) {
     __shared__ u64 bins[SMP_BINS];
@@ -530,7 +533,7 @@ __device__ __forceinline__ void sample_row_v2(const T* __restrict__ logits, u32 
         u64 total = 0;
         for (u32 w = 0; w < nwarps; ++w) total += wsum[w];
         // U = ⌊u·total⌋ with u = h/2^24, exactly (total < 2^58, so split it to stay in 64 bits).
-        const u64 h = smp_hash24(seed, step, row);
+        const u64 h = smp_hash24(seed, step, streams ? streams[row] : row);
         const u64 target = (total >> 24) * h + (((total & 0xffffffull) * h) >> 24);
         u64 before = 0;
         u32 w = 0;

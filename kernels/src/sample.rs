@@ -23,7 +23,9 @@
 //!   distribution actually sampled from (for importance corrections of top-p/top-k rollouts);
 //! - `entropy` = entropy of softmax(z/T) over the full vocabulary (PEAR's H_t, `entropy_old`).
 //!
-//! Randomness: row r of a call with (`seed`, `step`) uses [`row_uniform`]`(seed, step, r)`, a
+//! Randomness: row r of a call with (`seed`, `step`) uses [`row_uniform`]`(seed, step, r)`, or
+//! `row_uniform(seed, step, streams[r])` given a stream list (so a sequence keeps its random
+//! stream when the batch around it shrinks: generation drops finished rows), a
 //! SplitMix64 hash chain (smelt_engine's `Rng` finaliser) that the CUDA kernel computes the same
 //! way. Results are deterministic for a given seed, step and device. CPU and CUDA use the same
 //! u and the same rules, so they pick the same token except when u·mass falls within rounding
@@ -114,14 +116,32 @@ pub fn row_uniform(seed: u64, step: u64, row: u64) -> f32 {
 
 /// Samples one token per row of `logits` (`[.., V]`, f32 or bf16).
 pub fn sample(logits: &Tensor, cfg: &SamplingConfig, seed: u64, step: u64) -> Result<SampleOutput> {
+    sample_streams(logits, cfg, seed, step, None)
+}
+
+/// [`sample`] with row r drawing from random stream `streams[r]` (the row index without a list).
+pub fn sample_streams(
+    logits: &Tensor,
+    cfg: &SamplingConfig,
+    seed: u64,
+    step: u64,
+    streams: Option<&[u32]>,
+) -> Result<SampleOutput> {
     let (rows, _) = logits.rows_cols();
     let out = SampleOutput::empty(rows, logits.device())?;
-    sample_into(logits, cfg, seed, step, &out)?;
+    sample_into(logits, cfg, seed, step, streams, &out)?;
     Ok(out)
 }
 
-/// [`sample`] writing into caller-owned outputs (reused across decode steps).
-pub fn sample_into(logits: &Tensor, cfg: &SamplingConfig, seed: u64, step: u64, out: &SampleOutput) -> Result<()> {
+/// [`sample_streams`] writing into caller-owned outputs (reused across decode steps).
+pub fn sample_into(
+    logits: &Tensor,
+    cfg: &SamplingConfig,
+    seed: u64,
+    step: u64,
+    streams: Option<&[u32]>,
+    out: &SampleOutput,
+) -> Result<()> {
     cfg.validate()?;
     let (rows, v) = logits.rows_cols();
     crate::ensure_shape!(
@@ -130,6 +150,15 @@ pub fn sample_into(logits: &Tensor, cfg: &SamplingConfig, seed: u64, step: u64, 
         "logits {:?} need a non-empty vocabulary dimension",
         logits.shape()
     );
+    if let Some(st) = streams {
+        crate::ensure_shape!(
+            st.len() == rows,
+            "sample",
+            "{} streams for logits {:?} ({rows} rows)",
+            st.len(),
+            logits.shape()
+        );
+    }
     let outs = [
         ("tokens", &out.tokens, DType::U32),
         ("logp", &out.logp, DType::F32),
@@ -155,8 +184,8 @@ pub fn sample_into(logits: &Tensor, cfg: &SamplingConfig, seed: u64, step: u64, 
     match logits.device() {
         Device::Cpu => {
             let res = match logits.dtype() {
-                DType::F32 => cpu::sample(&logits.cpu_read::<f32>()?, v, cfg, seed, step, |x| x),
-                DType::BF16 => cpu::sample(&logits.cpu_read::<bf16>()?, v, cfg, seed, step, |x| x.to_f32()),
+                DType::F32 => cpu::sample(&logits.cpu_read::<f32>()?, v, cfg, seed, step, streams, |x| x),
+                DType::BF16 => cpu::sample(&logits.cpu_read::<bf16>()?, v, cfg, seed, step, streams, |x| x.to_f32()),
                 dt => return Err(Error::UnsupportedDType { op: "sample", dtype: dt }),
             };
             let mut tok = out.tokens.cpu_write::<u32>()?;
@@ -169,7 +198,7 @@ pub fn sample_into(logits: &Tensor, cfg: &SamplingConfig, seed: u64, step: u64, 
             Ok(())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda::sample(ord, logits, cfg, seed, step, out),
+        Device::Cuda(ord) => cuda::sample(ord, logits, cfg, seed, step, streams, out),
         #[cfg(not(feature = "cuda"))]
         d => Err(Error::UnsupportedDevice { op: "sample", device: d }),
     }
@@ -200,13 +229,15 @@ pub mod cpu {
         }
     }
 
-    /// Samples every row of `logits` (`rows × v`, row-major), rows in parallel.
+    /// Samples every row of `logits` (`rows × v`, row-major), rows in parallel; row r draws
+    /// from stream `streams[r]` (r without a list).
     pub fn sample<T: Copy + Sync>(
         logits: &[T],
         v: usize,
         cfg: &SamplingConfig,
         seed: u64,
         step: u64,
+        streams: Option<&[u32]>,
         to_f32: fn(T) -> f32,
     ) -> Vec<RowSample> {
         smelt_engine::cpu::pool().install(|| {
@@ -215,7 +246,8 @@ pub mod cpu {
                 .enumerate()
                 .map(|(r, row)| {
                     let z: Vec<f32> = row.iter().map(|&x| to_f32(x)).collect();
-                    sample_row(&z, cfg, row_uniform(seed, step, r as u64))
+                    let stream = streams.map_or(r as u64, |s| s[r] as u64);
+                    sample_row(&z, cfg, row_uniform(seed, step, stream))
                 })
                 .collect()
         })
@@ -315,9 +347,11 @@ mod cuda {
         cfg: &SamplingConfig,
         seed: u64,
         step: u64,
+        streams: Option<&[u32]>,
         out: &SampleOutput,
     ) -> Result<()> {
         let (rows, v) = logits.rows_cols();
+        let streams = streams.map(|s| crate::attention::cuda::upload(ord, s)).transpose()?;
         // v2's u64 masses (≤ 2^40 per token) need V < 2^24.
         let allowed: &[u32] = if v < 1 << 24 { &[1, 2] } else { &[1] };
         let func = match (logits.dtype(), crate::versions::pick("sample", allowed)?) {
@@ -346,6 +380,7 @@ mod cuda {
                 Arg::F32(cfg.top_p),
                 Arg::U64(seed),
                 Arg::U64(step),
+                Arg::Ptr(streams.as_ref().map_or(Ok(0), Tensor::cuda_ptr)?),
                 Arg::Ptr(out.tokens.cuda_ptr()?),
                 Arg::Ptr(out.logp.cuda_ptr()?),
                 Arg::Ptr(out.logp_truncated.cuda_ptr()?),
@@ -574,6 +609,16 @@ mod tests {
         let (x, y) = (sample(&zb, &cfg, 1, 1).unwrap(), sample(&zf, &cfg, 1, 1).unwrap());
         assert_eq!(x.tokens.to_vec::<u32>().unwrap(), y.tokens.to_vec::<u32>().unwrap());
         assert_eq!(x.logp.to_vec::<f32>().unwrap(), y.logp.to_vec::<f32>().unwrap());
+        // With a stream list, row r draws what row streams[r] of the whole batch draws.
+        let zt = logits_tensor(&z, b, DType::F32, Device::Cpu);
+        let all = sample(&zt, &cfg, 42, 7).unwrap().tokens.to_vec::<u32>().unwrap();
+        let rows = [40u32, 3, 17];
+        let sub: Vec<f32> = rows.iter().flat_map(|&r| z[r as usize * v..(r as usize + 1) * v].to_vec()).collect();
+        let st = sample_streams(&logits_tensor(&sub, 3, DType::F32, Device::Cpu), &cfg, 42, 7, Some(&rows)).unwrap();
+        let want: Vec<u32> = rows.iter().map(|&r| all[r as usize]).collect();
+        assert_eq!(st.tokens.to_vec::<u32>().unwrap(), want, "streams");
+        let e = sample_streams(&zt, &cfg, 42, 7, Some(&rows)).unwrap_err().to_string();
+        assert!(e.contains("sample") && e.contains("3 streams") && e.contains("64 rows"), "{e}");
         // The row streams are the documented hash chain.
         let next = |x: u64| Rng::new(x).next_u64();
         let h = next(next(next(42) ^ 7) ^ 3);
@@ -603,7 +648,7 @@ mod tests {
         let i = Tensor::zeros(&[2, 5], DType::I32, Device::Cpu).unwrap();
         assert!(sample(&i, &SamplingConfig::default(), 0, 0).is_err());
         let wrong = SampleOutput::empty(3, Device::Cpu).unwrap();
-        let e = sample_into(&z, &SamplingConfig::default(), 0, 0, &wrong).unwrap_err().to_string();
+        let e = sample_into(&z, &SamplingConfig::default(), 0, 0, None, &wrong).unwrap_err().to_string();
         assert!(e.contains("sample") && e.contains("[2, 5]"), "{e}");
     }
 
@@ -647,7 +692,7 @@ mod tests {
                     let what = format!("sample cuda v{version} {dt} B={b} V={v} {cfg:?}");
                     let want = sample(&zc, &cfg, 77, 3).unwrap();
                     let got = poisoned(b);
-                    sample_into(&zd, &cfg, 77, 3, &got).unwrap();
+                    sample_into(&zd, &cfg, 77, 3, None, &got).unwrap();
                     let (wt, gt) = (want.tokens.to_vec::<u32>().unwrap(), got.tokens.to_vec::<u32>().unwrap());
                     let ent = to_f64(&want.entropy.to_vec::<f32>().unwrap());
                     assert_close(&got.entropy.to_vec::<f32>().unwrap(), &ent, 1e-4, 1e-4, &format!("{what}: entropy"));
@@ -672,6 +717,18 @@ mod tests {
                     // Deterministic on the device.
                     let again = sample(&zd, &cfg, 77, 3).unwrap().tokens.to_vec::<u32>().unwrap();
                     assert_eq!(again, gt, "{what}: nondeterministic");
+                    // A stream list keys each row's draw as on the CPU.
+                    let streams: Vec<u32> = (0..b as u32).map(|r| (r * 7 + 3) % 11).collect();
+                    let tokens = |z: &Tensor| {
+                        let s = sample_streams(z, &cfg, 77, 3, Some(&streams)).unwrap();
+                        s.tokens.to_vec::<u32>().unwrap()
+                    };
+                    let (ws, gs) = (tokens(&zc), tokens(&zd));
+                    let same = ws.iter().zip(&gs).filter(|(a, b)| a == b).count();
+                    assert!(same + 1 >= b, "{what}: streams {streams:?}: tokens {gs:?} vs cpu {ws:?}");
+                    if cfg.temperature > 0.0 {
+                        assert_ne!(gs, gt, "{what}: the stream list changed nothing");
+                    }
                 }
             }
         }

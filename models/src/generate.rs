@@ -1,9 +1,11 @@
 //! Batched generation: prompts of different lengths share one KV cache (one slot per sample),
-//! greedy or sampled, stopping on stop ids or at a token budget. Every sampled token's
+//! greedy or sampled, stopping on stop ids or at a token budget. A sequence that stops leaves
+//! the decode batch (its slot is no longer computed or read); each sequence keeps its own slot
+//! and random stream, so its tokens do not depend on when the others stop. Every sampled token's
 //! log-prob and the entropy of its distribution (both under the sampling temperature, over the
 //! full vocabulary) are recorded, so rollouts carry `logp_old` and `entropy_old` at no cost.
 
-use smelt_kernels::sample::{sample, SamplingConfig};
+use smelt_kernels::sample::{sample_streams, SamplingConfig};
 
 use crate::{Error, Qwen, Result};
 
@@ -81,24 +83,29 @@ pub fn generate(model: &Qwen, prompts: &[Vec<u32>], opts: &GenerateOptions) -> R
     }
     let mut cache = model.new_kv_cache(seqs.len(), longest + budget)?;
     let mut hidden = model.prefill(&expanded, &mut cache)?;
+    // Sequence i lives in cache slot i and draws from random stream i; `active` lists the
+    // unfinished ones, which are the rows of `hidden`. Finished sequences leave the batch, so
+    // their slots are neither computed nor read again.
+    let mut active: Vec<u32> = (0..seqs.len() as u32).collect();
     for step in 0..budget {
         let logits = model.logits(&hidden)?;
-        let s = sample(&logits, &opts.sampling, opts.seed, step as u64)?;
+        let streams = (active.len() < seqs.len()).then_some(active.as_slice());
+        let s = sample_streams(&logits, &opts.sampling, opts.seed, step as u64, streams)?;
         let (tokens, logp, ent) = (s.tokens.to_vec::<u32>()?, s.logp.to_vec::<f32>()?, s.entropy.to_vec::<f32>()?);
-        for (i, g) in out.iter_mut().enumerate() {
-            if g.stopped {
-                continue;
-            }
-            g.ids.push(tokens[i]);
-            g.logp.push(logp[i]);
-            g.entropy.push(ent[i]);
-            g.stopped = opts.stop_ids.contains(&tokens[i]);
+        for (r, &i) in active.iter().enumerate() {
+            let g = &mut out[i as usize];
+            g.ids.push(tokens[r]);
+            g.logp.push(logp[r]);
+            g.entropy.push(ent[r]);
+            g.stopped = opts.stop_ids.contains(&tokens[r]);
         }
-        if step + 1 == budget || out.iter().all(|g| g.stopped) {
+        let (slots, next): (Vec<u32>, Vec<u32>) =
+            active.iter().zip(&tokens).filter(|&(&i, _)| !out[i as usize].stopped).map(|(&i, &t)| (i, t)).unzip();
+        if step + 1 == budget || slots.is_empty() {
             break;
         }
-        // Finished rows still run (their output is ignored): it keeps slot b = row b.
-        hidden = model.decode_step(&tokens, &mut cache)?;
+        hidden = model.decode_slots(&slots, &next, &mut cache)?;
+        active = slots;
     }
     Ok(out)
 }

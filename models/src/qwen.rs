@@ -602,36 +602,51 @@ impl Qwen {
 
     /// One decode step: `tokens[b]` is appended to slot b; returns the final hidden states `[B, H]`.
     pub fn decode_step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let slots: Vec<u32> = (0..tokens.len() as u32).collect();
+        self.decode_slots(&slots, tokens, cache)
+    }
+
+    /// One decode step over some of the cache's slots: `tokens[i]` is appended to slot
+    /// `slots[i]` (distinct slots, any order); returns the final hidden states `[slots.len(), H]`
+    /// in that order. Slots left out (finished sequences) cost nothing and keep their cache.
+    pub fn decode_slots(&self, slots: &[u32], tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.config;
-        let b = tokens.len();
-        if b > cache.lens.len() || cache.lens[..b].iter().any(|&l| l as usize >= cache.max_len) {
+        let n_slots = cache.lens.len();
+        let mut seen = vec![false; n_slots];
+        let bad = slots.len() != tokens.len()
+            || slots.iter().any(|&s| {
+                let s = s as usize;
+                s >= n_slots || std::mem::replace(&mut seen[s], true) || cache.lens[s] as usize >= cache.max_len
+            });
+        if bad {
             return Err(Error::Msg(format!(
-                "decode_step: {b} tokens for a cache of {} slots, lengths {:?}, max {}",
-                cache.lens.len(),
-                &cache.lens[..b.min(cache.lens.len())],
+                "decode: {} tokens for slots {slots:?} of a cache of {n_slots} slots, lengths {:?}, max {} \
+                 (one token per slot, distinct slots with room left)",
+                tokens.len(),
+                cache.lens,
                 cache.max_len
             )));
         }
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::Msg(format!("token id {id} is outside the vocabulary (vocab_size {})", c.vocab_size)));
         }
-        let pos: Vec<u32> = cache.lens[..b].to_vec();
-        let slots: Vec<u32> = (0..b as u32).collect();
+        let pos: Vec<u32> = slots.iter().map(|&s| cache.lens[s as usize]).collect();
         let lens_after: Vec<u32> = pos.iter().map(|p| p + 1).collect();
+        // Rows 0..B on slots 0..B need no slot list (the kernels' own default).
+        let in_order = slots.iter().enumerate().all(|(i, &s)| s as usize == i);
+        let read_slots = (!in_order).then_some(slots);
         let embedded = embedding::embedding_from_host(tokens, &self.weights.embed_tokens)?;
         let mut parts: Option<(Tensor, Tensor)> = None;
         for l in 0..self.weights.layers.len() {
             let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
             let input = Stream::after(&embedded, &parts);
-            parts = Some(self.layer_infer(
-                l,
-                input,
-                &pos,
-                CacheAppend { k_cache, v_cache, slots: &slots },
-                |q, _, _| Ok(attention::attention_decode(q, k_cache, v_cache, &lens_after, None)?),
-            )?);
+            parts = Some(self.layer_infer(l, input, &pos, CacheAppend { k_cache, v_cache, slots }, |q, _, _| {
+                Ok(attention::attention_decode(q, k_cache, v_cache, &lens_after, read_slots, None)?)
+            })?);
         }
-        cache.lens[..b].copy_from_slice(&lens_after);
+        for (&s, &l) in slots.iter().zip(&lens_after) {
+            cache.lens[s as usize] = l;
+        }
         let input = Stream::after(&embedded, &parts);
         Ok(input.norm(&self.weights.norm, c.rms_norm_eps as f32)?.1)
     }

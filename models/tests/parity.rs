@@ -258,6 +258,41 @@ fn sampled_generation_logp_equals_rescoring() {
     }
 }
 
+/// Sequences that stop leave the decode batch, and that changes nothing for the others: each
+/// sequence's tokens are those of a run without stop ids, cut after its first stop id (each
+/// sequence keeps its own cache slot and random stream however the batch shrinks).
+#[test]
+fn finished_sequences_leave_the_batch_without_changing_the_rest() {
+    use smelt_kernels::sample::SamplingConfig;
+    use smelt_models::{generate, GenerateOptions};
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        let model = load(name, false);
+        let prompts = vec![vec![5u32, 77, 300, 12, 9], vec![42u32, 7], vec![3u32; 11]];
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            sampling: SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 },
+            n_samples: 3,
+            seed: 5,
+            stop_ids: vec![],
+        };
+        let full = generate(&model, &prompts, &opts).unwrap();
+        // Stop ids that end some sequences early, at different steps, and leave others running.
+        let stop_ids = vec![full[0].ids[2], full[4].ids[6], full[7].ids[9]];
+        let cut = generate(&model, &prompts, &GenerateOptions { stop_ids: stop_ids.clone(), ..opts }).unwrap();
+        let mut ended = 0;
+        for (f, c) in full.iter().zip(&cut) {
+            let end = f.ids.iter().position(|t| stop_ids.contains(t)).map_or(f.ids.len(), |p| p + 1);
+            ended += usize::from(end < f.ids.len());
+            let what = format!("{name} prompt {} sample {}", f.prompt, f.sample);
+            assert_eq!(c.ids, f.ids[..end], "{what}: tokens");
+            assert_eq!(c.stopped, end < f.ids.len() || f.ids.last().is_some_and(|t| stop_ids.contains(t)), "{what}");
+            let (lp, h) = (diff_stats(&c.logp, &f.logp[..end]).0, diff_stats(&c.entropy, &f.entropy[..end]).0);
+            assert!(lp < 1e-5 && h < 1e-5, "{what}: logp |Δ| {lp}, entropy |Δ| {h}");
+        }
+        assert!(ended >= 3, "{name}: only {ended} sequences stopped early");
+    }
+}
+
 /// `Qwen::new` fuses each layer's q/k/v and gate/up weights into one buffer per group: the named
 /// tensors keep their values, training sees the same bits, and inference (one GEMM per group)
 /// agrees with a copy of the model whose weights stay separate.

@@ -968,7 +968,7 @@ fn blocks_len(cu: &[u32], s: usize) -> usize {
 }
 
 /// Decode: `q` `[B, n_new, n_heads, d]`, caches `[n_slots, max_len, n_kv_heads, d]`, batch row
-/// b on slot b; `o` like q.
+/// b on slot `slots[b]` (slot b without a list); `o` like q.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     q: &[f32],
@@ -977,6 +977,7 @@ pub fn decode(
     v_cache: &[f32],
     max_len: usize,
     cache_lens: &[u32],
+    slots: Option<&[u32]>,
     dims: Dims,
     scale: f32,
     o: &mut [f32],
@@ -1005,7 +1006,8 @@ pub fn decode(
                     // New token i sits at position nkeys - n_new + i and sees keys up to it.
                     sc.lim[r] = nkeys - n_new + i0 + r % n + 1;
                 }
-                let base = b * max_len * ks + g * d;
+                let slot = slots.map_or(b, |s| s[b] as usize);
+                let base = slot * max_len * ks + g * d;
                 sc.attend(rows, d, &k_cache[base..], &v_cache[base..], ks, nkeys);
                 for r in 0..rows {
                     let (hh, i) = (r / n, i0 + r % n);

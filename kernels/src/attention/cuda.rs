@@ -289,6 +289,7 @@ pub fn decode(
     k_cache: &Tensor,
     v_cache: &Tensor,
     cache_lens: &[u32],
+    slots: Option<&[u32]>,
     dims: Dims,
     scale: f32,
 ) -> Result<Tensor> {
@@ -324,7 +325,10 @@ pub fn decode(
     let part_o = Tensor::empty(&[rows, nsplit, dims.head_dim], DType::F32, dev)?;
     let part_ml = Tensor::empty(&[rows, nsplit, 2], DType::F32, dev)?;
     let o = Tensor::empty(q.shape(), q.dtype(), dev)?;
-    let lens_d = upload(ord, cache_lens)?;
+    // One upload: the lengths, then the slots when given.
+    let lists = upload(ord, &[cache_lens, slots.unwrap_or_default()].concat())?;
+    let lens_ptr = lists.cuda_ptr()?;
+    let slots_ptr = if slots.is_some() { lens_ptr + 4 * b as u64 } else { 0 };
     let grid_z = u32::try_from(b * qg).ok().filter(|&z| z <= 65_535);
     let grid_z =
         grid_z.ok_or_else(|| Error::shape("attention_decode", format!("batch {b} × {qg} token groups too large")))?;
@@ -333,7 +337,8 @@ pub fn decode(
         Arg::Ptr(q.cuda_ptr()?),
         Arg::Ptr(k_cache.cuda_ptr()?),
         Arg::Ptr(v_cache.cuda_ptr()?),
-        Arg::Ptr(lens_d.cuda_ptr()?),
+        Arg::Ptr(lens_ptr),
+        Arg::Ptr(slots_ptr),
         i32_arg(OP, n_new)?,
         i32_arg(OP, dims.n_heads)?,
         i32_arg(OP, dims.n_kv_heads)?,

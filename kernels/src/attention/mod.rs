@@ -17,8 +17,9 @@
 //! Per layer one K and one V tensor `[n_slots, max_len, n_kv_heads, head_dim]`, so a slot's
 //! cache is contiguous. The caller writes the new tokens' K/V with [`kv_cache_append`] first;
 //! then [`attention_decode`] takes `q` `[B, n_new, n_heads, head_dim]` (or `[B, n_heads,
-//! head_dim]` for one token) where batch row b uses slot b (B ≤ n_slots), and
-//! `cache_lens[b]` = number of valid cache rows of slot b *including* the n_new new ones. New
+//! head_dim]` for one token) where batch row b uses slot b (B ≤ n_slots) or, given a slot list,
+//! slot `slots[b]`, and `cache_lens[b]` = number of valid cache rows of that slot *including*
+//! the n_new new ones. New
 //! token i of sequence b sits at position `cache_lens[b] - n_new + i` and sees keys
 //! `0..=that position` (causal among the new tokens). Rows past `cache_lens[b]` are never read.
 //!
@@ -308,11 +309,14 @@ pub fn kv_cache_append(
 
 /// Decode attention of `q` (`[B, n_new, n_heads, d]` or `[B, n_heads, d]`) against the KV
 /// cache; returns o shaped like q. See the module docs for the cache layout and `cache_lens`.
+/// Batch row b reads slot `slots[b]`, or slot b when `slots` is `None` (so a batch can skip
+/// the slots of finished sequences without moving any cache).
 pub fn attention_decode(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     cache_lens: &[u32],
+    slots: Option<&[u32]>,
     scale: Option<f32>,
 ) -> Result<Tensor> {
     const OP: &str = "attention_decode";
@@ -333,12 +337,24 @@ pub fn attention_decode(
     );
     let (n_slots, max_len, n_kv) = (k_cache.dim(0), k_cache.dim(1), k_cache.dim(2));
     crate::ensure_shape!(
-        k_cache.dim(3) == d && n_kv > 0 && n_heads % n_kv == 0 && b <= n_slots,
+        k_cache.dim(3) == d && n_kv > 0 && n_heads % n_kv == 0 && (slots.is_some() || b <= n_slots),
         "attention_decode",
         "q {:?} vs cache {:?}: need same head_dim, n_heads a multiple of n_kv_heads, B <= n_slots",
         q.shape(),
         k_cache.shape()
     );
+    if let Some(slots) = slots {
+        crate::ensure_shape!(
+            slots.len() == b,
+            "attention_decode",
+            "{} slots for batch {b} (q {:?})",
+            slots.len(),
+            q.shape()
+        );
+        if let Some(i) = slots.iter().position(|&s| s as usize >= n_slots) {
+            return Err(Error::shape(OP, format!("slots[{i}] = {} outside the cache's {n_slots} slots", slots[i])));
+        }
+    }
     crate::ensure_shape!(
         q.dtype() == k_cache.dtype() && q.dtype() == v_cache.dtype(),
         "attention_decode",
@@ -376,7 +392,7 @@ pub fn attention_decode(
             let qv = q.to_vec_f32()?;
             let mut o = vec![0f32; qv.len()];
             let run = |kc: &[f32], vc: &[f32], o: &mut [f32]| {
-                cpu::decode(&qv, n_new, kc, vc, max_len, cache_lens, dims, scale, o)
+                cpu::decode(&qv, n_new, kc, vc, max_len, cache_lens, slots, dims, scale, o)
             };
             match k_cache.dtype() {
                 DType::F32 => run(&k_cache.cpu_read::<f32>()?, &v_cache.cpu_read::<f32>()?, &mut o),
@@ -385,7 +401,7 @@ pub fn attention_decode(
             from_f32(&o, q.shape(), q.dtype())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda::decode(ord, q, n_new, k_cache, v_cache, cache_lens, dims, scale),
+        Device::Cuda(ord) => cuda::decode(ord, q, n_new, k_cache, v_cache, cache_lens, slots, dims, scale),
         #[cfg(not(feature = "cuda"))]
         dev => Err(Error::UnsupportedDevice { op: OP, device: dev }),
     }

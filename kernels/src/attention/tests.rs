@@ -272,7 +272,7 @@ fn decode_matches_forward_rows_at_every_position() {
             let lens_now: Vec<u32> = lens.iter().map(|&l| step.min(l)).collect();
             let qv = gather_q(&c, &lens_now, n_new);
             let qt = Tensor::from_slice(&qv, &[lens.len(), n_new, nh, d], Device::Cpu).unwrap();
-            let got = attention_decode(&qt, &kc, &vc, &lens_now, None).unwrap().to_vec_f32().unwrap();
+            let got = attention_decode(&qt, &kc, &vc, &lens_now, None, None).unwrap().to_vec_f32().unwrap();
             let mut want = vec![];
             for (b, &l) in lens_now.iter().enumerate() {
                 for i in 0..n_new {
@@ -285,7 +285,35 @@ fn decode_matches_forward_rows_at_every_position() {
         // Single-token rank-3 q.
         let lens_now: Vec<u32> = lens.iter().map(|&l| l.min(5)).collect();
         let qt = Tensor::from_slice(&gather_q(&c, &lens_now, 1), &[4, nh, d], Device::Cpu).unwrap();
-        assert_eq!(attention_decode(&qt, &kc, &vc, &lens_now, None).unwrap().shape(), &[4, nh, d]);
+        assert_eq!(attention_decode(&qt, &kc, &vc, &lens_now, None, None).unwrap().shape(), &[4, nh, d]);
+    }
+}
+
+/// The rows `rows` of a row-major list of `len`-element rows.
+fn pick_rows(v: &[f32], rows: &[u32], len: usize) -> Vec<f32> {
+    rows.iter().flat_map(|&r| v[r as usize * len..(r as usize + 1) * len].iter().copied()).collect()
+}
+
+/// With a slot list, batch row i reads slot `slots[i]`: any subset of the slots, in any order,
+/// gives exactly the rows that decoding every slot in order gives.
+#[test]
+fn decode_reads_the_given_slots() {
+    let mut rng = Rng::new(18);
+    let lens = [4u32, 9, 33, 70];
+    for (n_new, nh, nkv, d) in [(1usize, 4usize, 2usize, 64usize), (3, 7, 1, 24)] {
+        let c = case(&mut rng, &lens, nh, nkv, d);
+        let (kc, vc) = filled_cache(&c, &lens, 4, 80, DType::F32, Device::Cpu);
+        let qv = gather_q(&c, &lens, n_new);
+        let qt = Tensor::from_slice(&qv, &[4, n_new, nh, d], Device::Cpu).unwrap();
+        let all = attention_decode(&qt, &kc, &vc, &lens, None, None).unwrap().to_vec_f32().unwrap();
+        let row = n_new * nh * d;
+        for slots in [vec![3u32, 1], vec![2], vec![0, 3, 2, 1]] {
+            let q =
+                Tensor::from_slice(&pick_rows(&qv, &slots, row), &[slots.len(), n_new, nh, d], Device::Cpu).unwrap();
+            let lens_now: Vec<u32> = slots.iter().map(|&s| lens[s as usize]).collect();
+            let got = attention_decode(&q, &kc, &vc, &lens_now, Some(&slots), None).unwrap();
+            assert_eq!(got.to_vec_f32().unwrap(), pick_rows(&all, &slots, row), "slots {slots:?} n_new {n_new}");
+        }
     }
 }
 
@@ -301,7 +329,7 @@ fn decode_with_four_new_tokens() {
     let lens_now = [9u32, 4];
     let qv = gather_q(&c, &lens_now, 4);
     let qt = Tensor::from_slice(&qv, &[2, 4, 2, 8], Device::Cpu).unwrap();
-    let got = attention_decode(&qt, &kc, &vc, &lens_now, None).unwrap().to_vec_f32().unwrap();
+    let got = attention_decode(&qt, &kc, &vc, &lens_now, None, None).unwrap().to_vec_f32().unwrap();
     let mut want = vec![];
     for (b, &l) in lens_now.iter().enumerate() {
         for i in 0..4 {
@@ -321,7 +349,7 @@ fn decode_bf16_cache_matches_f32_reference() {
     let lens_now = [5u32, 40];
     let qv = gather_q(&c, &lens_now, 2);
     let qt = Tensor::from_slice(&qv, &[2, 2, 4, 32], Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
-    let got = attention_decode(&qt, &kc, &vc, &lens_now, None).unwrap();
+    let got = attention_decode(&qt, &kc, &vc, &lens_now, None, None).unwrap();
     assert_eq!(got.dtype(), DType::BF16);
     // Reference: f32 forward on the bf16-rounded inputs.
     let [qh, kh, vh, _] = c.tensors(DType::BF16, Device::Cpu);
@@ -356,8 +384,12 @@ fn errors_name_the_op_and_shapes() {
     assert!(e.contains("attention_backward") && e.contains("lse"), "{e}");
     assert!(attention_backward(&q, &k, &k, &o, &lse, &q, &[0, 1, 4], None).is_ok());
     let cache = z(&[2, 8, 1, 8]);
-    let e = attention_decode(&z(&[2, 2, 8]), &cache, &z(&[2, 8, 1, 8]), &[3, 9], None).unwrap_err().to_string();
+    let e = attention_decode(&z(&[2, 2, 8]), &cache, &z(&[2, 8, 1, 8]), &[3, 9], None, None).unwrap_err().to_string();
     assert!(e.contains("attention_decode") && e.contains("cache_lens[1] = 9"), "{e}");
+    let e = attention_decode(&z(&[1, 2, 8]), &cache, &cache, &[3], Some(&[2]), None).unwrap_err().to_string();
+    assert!(e.contains("attention_decode") && e.contains("slots[0] = 2"), "{e}");
+    let e = attention_decode(&z(&[1, 2, 8]), &cache, &cache, &[3], Some(&[0, 1]), None).unwrap_err().to_string();
+    assert!(e.contains("attention_decode") && e.contains("2 slots for batch 1"), "{e}");
     let e =
         kv_cache_append(&cache, &z(&[2, 8, 1, 8]), &z(&[1, 1, 8]), &z(&[1, 1, 8]), &[2], &[0]).unwrap_err().to_string();
     assert!(e.contains("kv_cache_append") && e.contains("slot 2"), "{e}");
@@ -497,18 +529,29 @@ fn decode_device_matches_cpu() {
             for (n_new, lens_now) in steps {
                 let qv = gather_q(&c, &lens_now, n_new);
                 let q = Tensor::from_slice(&qv, &[4, n_new, nh, d], Device::Cpu).unwrap().to_dtype(dt).unwrap();
-                let want = attention_decode(&q, &kc, &vc, &lens_now, None).unwrap();
+                let want = attention_decode(&q, &kc, &vc, &lens_now, None, None).unwrap();
                 let versions: &[u32] = if d == 24 { &[1] } else { &[1, 2] };
                 for &version in versions {
                     let _v = crate::versions::scoped("attention_decode", version);
                     poison(dev, &[(q.shape(), dt)]);
-                    let got = attention_decode(&q.to_device(dev).unwrap(), &kd, &vd, &lens_now, None).unwrap();
+                    let got = attention_decode(&q.to_device(dev).unwrap(), &kd, &vd, &lens_now, None, None).unwrap();
                     close_to_cpu(
                         &got,
                         &want,
                         dt,
                         &format!("decode v{version} {dt} n_new {n_new} lens {lens_now:?} heads {nh}/{nkv} d {d}"),
                     );
+                    // Rows 3 and 1 only, through the slot list.
+                    let slots = [3u32, 1];
+                    let row = n_new * nh * d;
+                    let sub = |v: &[f32], dev| {
+                        let t = Tensor::from_slice(&pick_rows(v, &slots, row), &[2, n_new, nh, d], Device::Cpu);
+                        t.unwrap().to_dtype(dt).unwrap().to_device(dev).unwrap()
+                    };
+                    let lens_sub = [lens_now[3], lens_now[1]];
+                    let got = attention_decode(&sub(&qv, dev), &kd, &vd, &lens_sub, Some(&slots), None).unwrap();
+                    let want_sub = sub(&want.to_vec_f32().unwrap(), Device::Cpu);
+                    close_to_cpu(&got, &want_sub, dt, &format!("decode v{version} {dt} slots {slots:?} d {d}"));
                 }
             }
         }
@@ -518,7 +561,7 @@ fn decode_device_matches_cpu() {
     let c = case(&mut rng, &[5], 4, 2, 24);
     let (kd, vd) = filled_cache(&c, &[5], 1, 8, DType::F32, dev);
     let q = Tensor::zeros(&[1, 1, 4, 24], DType::F32, dev).unwrap();
-    let e = attention_decode(&q, &kd, &vd, &[5], None).unwrap_err().to_string();
+    let e = attention_decode(&q, &kd, &vd, &[5], None, None).unwrap_err().to_string();
     assert!(e.contains("attention_decode") && e.contains("version 2"), "{e}");
 }
 

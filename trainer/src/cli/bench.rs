@@ -830,7 +830,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                     4.0 * (b * nh * d) as f64 * tf,
                     Bound::Memory,
                     Box::new(move || {
-                        pinned("attention_decode", ver, || attention::attention_decode(&q, &kc, &vc, &lens, None))
+                        pinned("attention_decode", ver, || attention::attention_decode(&q, &kc, &vc, &lens, None, None))
                     }),
                 );
             }
@@ -1522,6 +1522,12 @@ pub struct GenerateArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Sequence i of B ends after ceil(n·(i+1)/B) new tokens (n = --new-tokens): lengths spread
+    /// evenly, as RL rollouts end at different lengths. Reports the new tokens per second with
+    /// finished sequences leaving the batch (what `generate` does) and, side by side, with every
+    /// sequence decoded until the longest ends
+    #[arg(long)]
+    pub spread: bool,
     /// After the timed runs, prefill once more and time every kernel launch, cuBLAS call, copy and
     /// driver allocation of one decode iteration (logits, sample, token download, decode step) by
     /// CUDA events, and print (and write to the JSON) the time per operation (CUDA only)
@@ -1531,17 +1537,22 @@ pub struct GenerateArgs {
     pub json: Option<PathBuf>,
 }
 
-/// One greedy generation, exactly as `smelt_models::generate` runs it (prefill, then per token:
-/// logits → sample → decode step), with no stop tokens. Returns (time to first token, total) s.
-fn timed_generation(model: &Qwen, prompts: &[Vec<u32>], new_tokens: usize) -> Result<(f64, f64)> {
+/// One greedy generation as `smelt_models::generate` runs it (prefill, then per token: logits →
+/// sample → decode step), sequence b ending after `lengths[b]` new tokens instead of on stop
+/// tokens. With `drop_finished` a finished sequence leaves the decode batch (as in `generate`);
+/// without, every row is decoded until the longest sequence ends. Returns (time to first
+/// token, total) s.
+fn timed_generation(model: &Qwen, prompts: &[Vec<u32>], lengths: &[usize], drop_finished: bool) -> Result<(f64, f64)> {
     let dev = model.device();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let new_tokens = lengths.iter().copied().max().unwrap_or(0);
     let mut cache = model.new_kv_cache(prompts.len(), longest + new_tokens)?;
     let greedy = sample::SamplingConfig::greedy();
     synchronize(dev)?;
     let t0 = Instant::now();
     let mut hidden = model.prefill(prompts, &mut cache)?;
     let mut first = 0.0;
+    let mut active: Vec<u32> = (0..prompts.len() as u32).collect();
     for step in 0..new_tokens {
         let logits = model.logits(&hidden)?;
         let s = sample::sample(&logits, &greedy, 0, step as u64)?;
@@ -1549,9 +1560,17 @@ fn timed_generation(model: &Qwen, prompts: &[Vec<u32>], new_tokens: usize) -> Re
         if step == 0 {
             first = t0.elapsed().as_secs_f64();
         }
-        if step + 1 < new_tokens {
-            hidden = model.decode_step(&tokens, &mut cache)?;
+        if step + 1 == new_tokens {
+            break;
         }
+        let (slots, next): (Vec<u32>, Vec<u32>) = active
+            .iter()
+            .zip(&tokens)
+            .filter(|&(&b, _)| !drop_finished || lengths[b as usize] > step + 1)
+            .map(|(&b, &t)| (b, t))
+            .unzip();
+        hidden = model.decode_slots(&slots, &next, &mut cache)?;
+        active = slots;
     }
     synchronize(dev)?;
     Ok((first, t0.elapsed().as_secs_f64()))
@@ -1578,17 +1597,23 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     let (b, p, n) = (args.batch, args.prompt_len, args.new_tokens);
     let prompts: Vec<Vec<u32>> = (0..b).map(|i| rand_ids(p, c.vocab_size, args.seed * 1000 + i as u64)).collect();
+    let lengths: Vec<usize> = (0..b).map(|i| if args.spread { (n * (i + 1)).div_ceil(b) } else { n }).collect();
     reset_peak(device);
     for _ in 0..args.warmup {
-        timed_generation(&model, &prompts, n.min(4))?;
+        timed_generation(&model, &prompts, &vec![n.min(4); b], true)?;
     }
-    let mut ttft = Vec::new();
-    let mut total = Vec::new();
-    for _ in 0..args.runs {
-        let (f, t) = timed_generation(&model, &prompts, n)?;
-        ttft.push(f);
-        total.push(t);
-    }
+    let timed = |drop_finished: bool| -> Result<(f64, f64)> {
+        let (mut ttft, mut total) = (Vec::new(), Vec::new());
+        for _ in 0..args.runs {
+            let (f, t) = timed_generation(&model, &prompts, &lengths, drop_finished)?;
+            ttft.push(f);
+            total.push(t);
+        }
+        Ok((median(&ttft), median(&total)))
+    };
+    let (f, t) = timed(true)?;
+    // The same lengths with no row ever leaving the batch: what dropping finished rows saves.
+    let full_batch_ms = if args.spread { Some(timed(false)?.1 * 1e3) } else { None };
     let (peak, peak_src) = peak_bytes(device);
     let profile = if args.profile {
         let mut cache = model.new_kv_cache(b, p + 2)?;
@@ -1602,18 +1627,26 @@ fn generate(args: GenerateArgs) -> Result<()> {
     } else {
         None
     };
-    let (f, t) = (median(&ttft), median(&total));
+    let new_total: usize = lengths.iter().sum();
     let prefill_tps = (b * p) as f64 / f;
-    let decode_tps = (b * (n - 1)) as f64 / (t - f);
-    let tps = (b * n) as f64 / t;
-    println!("{label}: batch {b}, prompt {p}, {n} new tokens on {device} ({dtype}), greedy");
+    let decode_tps = (new_total - b) as f64 / (t - f);
+    let tps = new_total as f64 / t;
+    let spread = if args.spread { format!(", lengths {}..={n} (--spread)", lengths[0]) } else { String::new() };
+    println!("{label}: batch {b}, prompt {p}, {n} new tokens{spread} on {device} ({dtype}), greedy");
     println!("  prefill  {:>10.1} tokens/s   (time to first token {:.1} ms)", prefill_tps, f * 1e3);
     println!(
-        "  decode   {:>10.1} tokens/s   ({:.2} ms per step of {b} tokens)",
+        "  decode   {:>10.1} tokens/s   ({:.2} ms per step of up to {b} tokens)",
         decode_tps,
         (t - f) / (n - 1) as f64 * 1e3
     );
     println!("  overall  {:>10.1} new tokens/s ({:.1} ms total)", tps, t * 1e3);
+    if let Some(full) = full_batch_ms {
+        println!(
+            "  every row decoded to the end: {full:.1} ms total ({:.1} new tokens/s); dropping finished rows: {:.2}× faster",
+            new_total as f64 / full * 1e3,
+            full / (t * 1e3)
+        );
+    }
     println!("  peak memory {} ({peak_src})", peak.map(|p| gib(p as f64)).unwrap_or_else(|| "n/a".into()));
     let mut report = report_header("smelt-bench-generate", device);
     report["model"] = json!(label);
@@ -1623,6 +1656,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
     report["batch"] = json!(b);
     report["prompt_len"] = json!(p);
     report["new_tokens"] = json!(n);
+    report["spread"] = json!(args.spread);
+    report["new_tokens_total"] = json!(new_total);
+    report["full_batch_total_ms"] = json!(full_batch_ms);
     report["runs"] = json!(args.runs);
     report["threads"] = json!(smelt_engine::cpu::num_threads());
     report["ttft_ms"] = json!(f * 1e3);
@@ -1634,8 +1670,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
     report["peak_bytes_source"] = json!(peak_src);
     report["profile"] = json!(profile);
     report["definition"] = json!(
-        "greedy, no stop tokens; prefill = time to first token (prefill + lm_head + sample); \
-         decode = the remaining new_tokens-1 steps; tokens_per_s = all new tokens over the total time"
+        "greedy, no stop tokens (with spread, sequence i of B ends after ceil(new_tokens·(i+1)/B) \
+         tokens and leaves the batch); prefill = time to first token (prefill + lm_head + sample); \
+         decode = the remaining new tokens over the remaining time; tokens_per_s = all new tokens \
+         over the total time; full_batch_total_ms = the same lengths with every row decoded to the end"
     );
     write_json(&args.json, &report)
 }
