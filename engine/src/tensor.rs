@@ -242,6 +242,29 @@ impl Tensor {
         Self::from_storage_bytes(&out, &self.shape, dtype, self.device)
     }
 
+    /// Copies rows `from..from+count` (along the first dimension) onto rows `to..to+count` of
+    /// the same tensor, on its device (a device-to-device copy on CUDA, queued on the stream).
+    /// The two ranges must not overlap.
+    pub fn copy_rows_within(&self, from: usize, to: usize, count: usize) -> Result<()> {
+        let rows = *self.shape.first().ok_or_else(|| Error::shape("copy_rows_within", "scalar tensor"))?;
+        if from.max(to) + count > rows || from.abs_diff(to) < count {
+            return Err(Error::shape(
+                "copy_rows_within",
+                format!("rows {from}..{} onto {to}..{} of {:?}", from + count, to + count, self.shape),
+            ));
+        }
+        let row = self.elem_count() / rows * self.dtype.size_in_bytes();
+        let base = self.offset * self.dtype.size_in_bytes();
+        let (src, dst, bytes) = (base + from * row, base + to * row, count * row);
+        let mut st = self.storage.try_write().map_err(|_| Error::Busy { op: "copy_rows_within" })?;
+        match &mut *st {
+            Storage::Cpu(s) => s.bytes_mut().copy_within(src..src + bytes, dst),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.device().dtod(s.ptr() + src as u64, s.ptr() + dst as u64, bytes)?,
+        }
+        Ok(())
+    }
+
     /// Copies another tensor's contents into this one (same shape and dtype; any devices).
     pub fn copy_from(&self, src: &Tensor) -> Result<()> {
         if src.shape != self.shape || src.dtype != self.dtype {
@@ -362,6 +385,30 @@ mod tests {
         assert!(Tensor::rows_view(&[&c, &other]).is_none(), "another storage");
         assert!(Tensor::rows_view(&[&a.reshape(&[2, 2]).unwrap(), &b]).is_none(), "other row length");
         assert!(Tensor::rows_view(&[]).is_none());
+    }
+
+    /// Rows copied within one tensor (a view's rows count from the view's start), on every
+    /// device the tests can reach; overlapping or out-of-range ranges are errors.
+    #[test]
+    fn copy_rows_within_copies_only_those_rows() {
+        let data: Vec<f32> = (0..30).map(|i| i as f32).collect();
+        let mut devices = vec![Device::Cpu];
+        #[cfg(feature = "cuda")]
+        devices.extend(crate::cuda::device(0).ok().map(|d| d.as_device()));
+        for dev in devices {
+            let t = Tensor::from_slice(&data, &[10, 3], Device::Cpu).unwrap().to_device(dev).unwrap();
+            t.copy_rows_within(1, 6, 3).unwrap();
+            let mut want = data.clone();
+            want.copy_within(3..12, 18);
+            assert_eq!(t.to_vec::<f32>().unwrap(), want, "{dev}");
+            let view = t.narrow_rows(2, 8).unwrap().reshape(&[4, 6]).unwrap();
+            view.copy_rows_within(3, 0, 1).unwrap();
+            want.copy_within(24..30, 6);
+            assert_eq!(t.to_vec::<f32>().unwrap(), want, "{dev}: view");
+            let e = t.copy_rows_within(0, 2, 3).unwrap_err().to_string();
+            assert!(e.contains("copy_rows_within") && e.contains("rows 0..3 onto 2..5"), "{e}");
+            assert!(t.copy_rows_within(8, 0, 3).is_err(), "{dev}: past the end");
+        }
     }
 
     #[test]

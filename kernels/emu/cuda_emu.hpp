@@ -26,6 +26,10 @@
 //   - deadlock: threads waiting at a barrier that the others can never reach;
 //   - a full-mask warp operation in a warp with an exited or missing lane (undefined on a GPU);
 //   - misaligned ldmatrix rows and cp.async addresses, and cp.async copies never waited for;
+//   - any load or store through a pointer misaligned for its type (a float4 / uint4 vector
+//     access at an address that is not a multiple of 16, …: "misaligned address" on a GPU),
+//     by -fsanitize=alignment, whose callback is defined at the end of this header (not in the
+//     race detector's build);
 //   - with SMELT_EMU_RACECHECK=1, data races within a block (what compute-sanitizer's racecheck
 //     reports, and the same on global memory): two threads touch the same byte, one writes, and
 //     no __syncthreads (or, within a warp, __syncwarp) orders them. The kernel source is then
@@ -1170,3 +1174,36 @@ SMELT_EMU_TSAN_ATOMIC(64, uint64_t)
 extern "C" SMELT_RT void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 extern "C" SMELT_RT void __tsan_atomic_signal_fence(int) {}
 #endif
+
+// -fsanitize=alignment's callback (kernels/src/emu.rs compiles every kernel with it; libubsan is
+// never linked). GCC calls it for a load or store whose pointer is null or misaligned for the
+// accessed type; only misalignment is reported here, as a launch failure naming the type, the
+// address and the source line.
+namespace smelt_emu {
+struct UbsanLocation {
+    const char* file;
+    uint32_t line, column;
+};
+struct UbsanType {
+    uint16_t kind, info;
+    char name[1];
+};
+struct UbsanTypeMismatch {
+    UbsanLocation loc;
+    const UbsanType* type;
+    unsigned char log_alignment, check_kind;
+};
+}  // namespace smelt_emu
+extern "C" SMELT_RT void __ubsan_handle_type_mismatch_v1(void* data, void* ptr) {
+    const auto* d = static_cast<const smelt_emu::UbsanTypeMismatch*>(data);
+    const uintptr_t align = uintptr_t(1) << d->log_alignment;
+    if (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % align == 0) return;
+    char m[320];
+    snprintf(m, sizeof m, "misaligned address: %p accessed as %s, which needs %zu-byte alignment (%s:%u)", ptr,
+             d->type->name, (size_t)align, d->loc.file, d->loc.line);
+    if (smelt_emu::B) {
+        smelt_emu::fail(m);
+    } else {
+        fprintf(stderr, "smelt CUDA emulator: %s\n", m);
+    }
+}

@@ -9,8 +9,11 @@
 //!
 //! Build: `$CXX` (default `g++`), C++17, `-O2 -ffp-contract=off` (so no FMA contraction: the
 //! CPU results do not depend on the compiler's choices), `-fvisibility=hidden` (only the launch
-//! wrappers are exported); with `SMELT_EMU_RACECHECK=1` also `-fsanitize=thread` (GCC's flags),
-//! whose callbacks are the header's race detector (see [`racecheck`]).
+//! wrappers are exported), and either `-fsanitize=alignment` (a load or store through a pointer
+//! misaligned for its type, e.g. a 16-byte vector load at an 8-byte offset, fails the launch as
+//! it would fault on a GPU; the header implements the callback, libubsan is never linked) or,
+//! with `SMELT_EMU_RACECHECK=1`, `-fsanitize=thread` (GCC's flags), whose callbacks are the
+//! header's race detector (see [`racecheck`]).
 //!
 //! Besides what the header checks, each launch is checked here against the kernel's registers
 //! and shared memory (from ptxas, through NVRTC) and, after it ran, for writes past the end of
@@ -57,6 +60,12 @@ fn flags() -> Vec<String> {
             ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0", "-DSMELT_EMU_RACECHECK"]
                 .map(String::from),
         );
+    } else {
+        // Every load and store checks its pointer's alignment (the header's handler fails the
+        // launch: on a GPU a misaligned vector access is a "misaligned address" fault). Not in
+        // the race detector's build: there its checks keep the detector's own library calls
+        // from being inlined, and those calls, instrumented, re-enter the detector.
+        f.push("-fsanitize=alignment".into());
     }
     f
 }
@@ -119,7 +128,7 @@ fn kernel_names(file: &Path) -> Result<Vec<(String, String)>> {
 }
 
 fn build(src: &KernelSource) -> Result<Lib> {
-    let code = format!("{EMU_HPP}\n{COMMON_CUH}\n#line 1 \"{}.cu\"\n{}\n", src.name, src.src);
+    let code = format!("{EMU_HPP}\n#line 1 \"common.cuh\"\n{COMMON_CUH}\n#line 1 \"{}.cu\"\n{}\n", src.name, src.src);
     let cxx = compiler();
     let fl = flags();
     let key = fnv1a_128(&[code.as_bytes(), cxx.as_bytes(), fl.join(" ").as_bytes(), b"exports-v2"]);

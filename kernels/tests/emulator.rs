@@ -162,6 +162,8 @@ extern "C" __global__ void copy_across_barrier(const float* x, float* out) {
     __syncthreads();
     cp_async_wait<0>();
 }
+// y = the 4 floats at x + offset, as one 16-byte vector load (common.cuh's ld16).
+extern "C" __global__ void vector_load_at(const float* x, u32 offset, float* y) { ld16(x + offset, y); }
 // Issues a copy and returns without waiting for it.
 extern "C" __global__ void unwaited_copy(const float* x, float* y) {
     __shared__ __align__(16) float s[4];
@@ -432,6 +434,21 @@ fn writes_past_a_tensor_are_reported() {
     let e = run("write_past", cfg(1, 32), &[p, Arg::U32(10), Arg::U32(1)]).unwrap_err().to_string();
     assert!(e.contains("write_past") && e.contains("argument 0") && e.contains("40-byte device buffer"), "{e}");
     assert!(e.contains("bytes 0..=3 after its end"), "{e}");
+}
+
+/// A 16-byte vector load from an address that is not a multiple of 16 faults on a GPU
+/// ("misaligned address"); the emulator fails the launch, naming the type and the line.
+#[test]
+fn misaligned_vector_loads_are_reported() {
+    let dev = dev();
+    let x = on(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], dev);
+    let y = on(&[0.0; 4], dev);
+    let args = |offset| [Arg::Ptr(x.cuda_ptr().unwrap()), Arg::U32(offset), Arg::Ptr(y.cuda_ptr().unwrap())];
+    run("vector_load_at", cfg(1, 1), &args(4)).unwrap();
+    assert_eq!(y.to_vec::<f32>().unwrap(), [5.0, 6.0, 7.0, 8.0]);
+    let e = run("vector_load_at", cfg(1, 1), &args(2)).unwrap_err().to_string();
+    assert!(e.contains("vector_load_at") && e.contains("misaligned address"), "{e}");
+    assert!(e.contains("float4") && e.contains("16-byte alignment") && e.contains("common.cuh"), "{e}");
 }
 
 /// A read past a tensor's block reaches its guard page: the process dies with SIGSEGV, saying

@@ -66,7 +66,6 @@ pub fn generate(model: &Qwen, prompts: &[Vec<u32>], opts: &GenerateOptions) -> R
     }
     let budget = opts.max_new_tokens.min(max_pos - longest);
     let seqs: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..opts.n_samples).map(move |s| (p, s))).collect();
-    let expanded: Vec<Vec<u32>> = seqs.iter().map(|&(p, _)| prompts[p].clone()).collect();
     let mut out: Vec<Generation> = seqs
         .iter()
         .map(|&(prompt, sample)| Generation {
@@ -82,7 +81,7 @@ pub fn generate(model: &Qwen, prompts: &[Vec<u32>], opts: &GenerateOptions) -> R
         return Ok(out);
     }
     let mut cache = model.new_kv_cache(seqs.len(), longest + budget)?;
-    let mut hidden = model.prefill(&expanded, &mut cache)?;
+    let mut hidden = model.prefill_samples(prompts, opts.n_samples, &mut cache)?;
     // Sequence i lives in cache slot i and draws from random stream i; `active` lists the
     // unfinished ones, which are the rows of `hidden`. Finished sequences leave the batch, so
     // their slots are neither computed nor read again.

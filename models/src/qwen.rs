@@ -562,35 +562,47 @@ impl Qwen {
     /// Runs the prompts (prompt b into slot b, which must be empty), fills the cache and returns
     /// the final hidden state of each prompt's last token, `[B, H]`.
     pub fn prefill(&self, prompts: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
-        if prompts.len() > cache.lens.len() || prompts.iter().any(|p| p.is_empty() || p.len() > cache.max_len) {
+        let slots: Vec<u32> = (0..prompts.len() as u32).collect();
+        self.prefill_slots(&slots, prompts, cache)
+    }
+
+    /// [`Qwen::prefill`] into chosen slots: prompt i goes into slot `slots[i]` (distinct, empty).
+    pub fn prefill_slots(&self, slots: &[u32], prompts: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
+        let n_slots = cache.lens.len();
+        let mut seen = vec![false; n_slots];
+        let bad_slot = slots.iter().any(|&s| {
+            let s = s as usize;
+            s >= n_slots || std::mem::replace(&mut seen[s], true) || cache.lens[s] != 0
+        });
+        if bad_slot || slots.len() != prompts.len() || prompts.iter().any(|p| p.is_empty() || p.len() > cache.max_len) {
             return Err(Error::Msg(format!(
-                "prefill: {} prompts (lengths {:?}) do not fit a cache of {} slots × {} positions (prompts must be non-empty)",
+                "prefill: {} prompts (lengths {:?}) into slots {slots:?} do not fit a cache of {n_slots} slots × {} \
+                 positions (prompts must be non-empty, one distinct empty slot each)",
                 prompts.len(),
                 prompts.iter().map(Vec::len).collect::<Vec<_>>(),
-                cache.lens.len(),
                 cache.max_len
             )));
         }
         let batch = Packed::new(prompts);
         self.check_batch(&batch)?;
         let pos = batch.positions();
-        let slots: Vec<u32> = batch
+        let token_slots: Vec<u32> = batch
             .cu_seqlens
             .windows(2)
-            .enumerate()
-            .flat_map(|(b, w)| std::iter::repeat_n(b as u32, (w[1] - w[0]) as usize))
+            .zip(slots)
+            .flat_map(|(w, &s)| std::iter::repeat_n(s, (w[1] - w[0]) as usize))
             .collect();
         let embedded = embedding::embedding_from_host(&batch.ids, &self.weights.embed_tokens)?;
         let mut parts: Option<(Tensor, Tensor)> = None;
         for l in 0..self.weights.layers.len() {
-            let to_cache = CacheAppend { k_cache: &cache.k[l], v_cache: &cache.v[l], slots: &slots };
+            let to_cache = CacheAppend { k_cache: &cache.k[l], v_cache: &cache.v[l], slots: &token_slots };
             let input = Stream::after(&embedded, &parts);
             parts = Some(self.layer_infer(l, input, &pos, to_cache, |q, k, v| {
                 Ok(attention::attention_forward(q, k, v, &batch.cu_seqlens, None)?.0)
             })?);
         }
-        for (b, p) in prompts.iter().enumerate() {
-            cache.lens[b] = p.len() as u32;
+        for (&s, p) in slots.iter().zip(prompts) {
+            cache.lens[s as usize] = p.len() as u32;
         }
         // Only each prompt's last token goes through the final norm.
         let last: Vec<u32> = batch.cu_seqlens[1..].iter().map(|&e| e - 1).collect();
@@ -598,6 +610,25 @@ impl Qwen {
         let parts = parts.map(|(a, b)| Ok::<_, Error>((rows(&a)?, rows(&b)?))).transpose()?;
         let embedded = if parts.is_none() { rows(&embedded)? } else { embedded };
         Ok(Stream::after(&embedded, &parts).norm(&self.weights.norm, self.config.rms_norm_eps as f32)?.1)
+    }
+
+    /// Prefill for `n` samples of each prompt: each prompt runs once, into the slot of its first
+    /// sample, and the prompt's other samples get copies of that slot's cache. Sample s of
+    /// prompt p is slot `p·n + s`; returns every slot's last hidden state, `[prompts · n, H]`.
+    pub fn prefill_samples(&self, prompts: &[Vec<u32>], n: usize, cache: &mut KvCache) -> Result<Tensor> {
+        match n {
+            0 => return Err(Error::Msg("prefill_samples: 0 samples per prompt".into())),
+            1 => return self.prefill(prompts, cache),
+            _ => {}
+        }
+        let first: Vec<u32> = (0..prompts.len()).map(|p| (p * n) as u32).collect();
+        let hidden = self.prefill_slots(&first, prompts, cache)?;
+        for &f in &first {
+            let rest: Vec<u32> = (f + 1..f + n as u32).collect();
+            cache.copy_slot(f as usize, &rest)?;
+        }
+        let rows: Vec<u32> = (0..prompts.len() as u32).flat_map(|p| std::iter::repeat_n(p, n)).collect();
+        Ok(embedding::embedding_from_host(&rows, &hidden)?)
     }
 
     /// One decode step: `tokens[b]` is appended to slot b; returns the final hidden states `[B, H]`.
@@ -664,4 +695,35 @@ pub struct KvCache {
     /// Valid positions per slot.
     pub lens: Vec<u32>,
     pub max_len: usize,
+}
+
+impl KvCache {
+    /// Gives each slot of `dst` (distinct, empty, not `src`) a copy of slot `src`'s cache: the
+    /// samples of one prompt share its prefill this way. Device-side copies, 2 per layer and slot.
+    pub fn copy_slot(&mut self, src: usize, dst: &[u32]) -> Result<()> {
+        let n = self.lens.len();
+        let mut seen = vec![false; n];
+        let bad = src >= n
+            || dst.iter().any(|&d| {
+                let d = d as usize;
+                d >= n || d == src || std::mem::replace(&mut seen[d], true) || self.lens[d] != 0
+            });
+        if bad {
+            return Err(Error::Msg(format!(
+                "KV cache copy: slot {src} to slots {dst:?} of {n} (targets distinct, empty and not the source)"
+            )));
+        }
+        let len = self.lens[src] as usize;
+        for t in self.k.iter().chain(&self.v) {
+            // [n_slots · max_len, n_kv_heads · head_dim]: a slot's positions are consecutive rows.
+            let rows = t.reshape(&[n * self.max_len, t.elem_count() / (n * self.max_len)])?;
+            for &d in dst {
+                rows.copy_rows_within(src * self.max_len, d as usize * self.max_len, len)?;
+            }
+        }
+        for &d in dst {
+            self.lens[d as usize] = len as u32;
+        }
+        Ok(())
+    }
 }

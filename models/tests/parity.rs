@@ -293,6 +293,37 @@ fn finished_sequences_leave_the_batch_without_changing_the_rest() {
     }
 }
 
+/// The samples of a prompt share one prefill (their slots get copies of its cache): the result
+/// is the one of prefilling every sample's copy of the prompt on its own.
+#[test]
+fn samples_share_their_prompts_prefill() {
+    use smelt_kernels::sample::SamplingConfig;
+    use smelt_models::{generate, GenerateOptions};
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        let model = load(name, false);
+        let prompts = vec![vec![5u32, 77, 300, 12, 9], vec![42u32, 7], vec![3u32; 11]];
+        let opts = GenerateOptions {
+            max_new_tokens: 9,
+            sampling: SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 },
+            n_samples: 3,
+            seed: 11,
+            stop_ids: vec![],
+        };
+        let shared = generate(&model, &prompts, &opts).unwrap();
+        let expanded: Vec<Vec<u32>> = prompts.iter().flat_map(|p| [p.clone(), p.clone(), p.clone()]).collect();
+        let alone = generate(&model, &expanded, &GenerateOptions { n_samples: 1, ..opts }).unwrap();
+        assert_eq!(shared.len(), alone.len());
+        for (i, (a, b)) in shared.iter().zip(&alone).enumerate() {
+            assert_eq!((a.prompt, a.sample), (i / 3, i % 3));
+            assert_eq!(a.ids, b.ids, "{name} sequence {i}: tokens");
+            let (lp, h) = (diff_stats(&a.logp, &b.logp).0, diff_stats(&a.entropy, &b.entropy).0);
+            assert!(lp < 1e-5 && h < 1e-5, "{name} sequence {i}: logp |Δ| {lp}, entropy |Δ| {h}");
+        }
+        // The samples of one prompt differ (they share the prefill, not the random stream).
+        assert!(shared[0].ids != shared[1].ids || shared[1].ids != shared[2].ids, "{name}: identical samples");
+    }
+}
+
 /// `Qwen::new` fuses each layer's q/k/v and gate/up weights into one buffer per group: the named
 /// tensors keep their values, training sees the same bits, and inference (one GEMM per group)
 /// agrees with a copy of the model whose weights stay separate.

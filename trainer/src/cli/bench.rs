@@ -1522,6 +1522,11 @@ pub struct GenerateArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Completions per prompt: the batch is --batch prompts × --samples sequences, and each
+    /// prompt is prefilled once for all its samples (what `generate` does); the prefill of every
+    /// sample's own copy is timed beside it
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
     /// Sequence i of B ends after ceil(n·(i+1)/B) new tokens (n = --new-tokens): lengths spread
     /// evenly, as RL rollouts end at different lengths. Reports the new tokens per second with
     /// finished sequences leaving the batch (what `generate` does) and, side by side, with every
@@ -1538,21 +1543,28 @@ pub struct GenerateArgs {
 }
 
 /// One greedy generation as `smelt_models::generate` runs it (prefill, then per token: logits →
-/// sample → decode step), sequence b ending after `lengths[b]` new tokens instead of on stop
+/// sample → decode step) of `samples` sequences per prompt (`lengths.len()` in all, sharing
+/// their prompt's prefill), sequence b ending after `lengths[b]` new tokens instead of on stop
 /// tokens. With `drop_finished` a finished sequence leaves the decode batch (as in `generate`);
 /// without, every row is decoded until the longest sequence ends. Returns (time to first
 /// token, total) s.
-fn timed_generation(model: &Qwen, prompts: &[Vec<u32>], lengths: &[usize], drop_finished: bool) -> Result<(f64, f64)> {
+fn timed_generation(
+    model: &Qwen,
+    prompts: &[Vec<u32>],
+    samples: usize,
+    lengths: &[usize],
+    drop_finished: bool,
+) -> Result<(f64, f64)> {
     let dev = model.device();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let new_tokens = lengths.iter().copied().max().unwrap_or(0);
-    let mut cache = model.new_kv_cache(prompts.len(), longest + new_tokens)?;
+    let mut cache = model.new_kv_cache(lengths.len(), longest + new_tokens)?;
     let greedy = sample::SamplingConfig::greedy();
     synchronize(dev)?;
     let t0 = Instant::now();
-    let mut hidden = model.prefill(prompts, &mut cache)?;
+    let mut hidden = model.prefill_samples(prompts, samples, &mut cache)?;
     let mut first = 0.0;
-    let mut active: Vec<u32> = (0..prompts.len() as u32).collect();
+    let mut active: Vec<u32> = (0..lengths.len() as u32).collect();
     for step in 0..new_tokens {
         let logits = model.logits(&hidden)?;
         let s = sample::sample(&logits, &greedy, 0, step as u64)?;
@@ -1577,8 +1589,8 @@ fn timed_generation(model: &Qwen, prompts: &[Vec<u32>], lengths: &[usize], drop_
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    if args.batch == 0 || args.prompt_len == 0 || args.new_tokens < 2 || args.runs == 0 {
-        bail!("--batch, --prompt-len and --runs must be >= 1 and --new-tokens >= 2");
+    if args.batch == 0 || args.samples == 0 || args.prompt_len == 0 || args.new_tokens < 2 || args.runs == 0 {
+        bail!("--batch, --samples, --prompt-len and --runs must be >= 1 and --new-tokens >= 2");
     }
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref(), device)?;
@@ -1595,17 +1607,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if args.profile && device.is_cpu() {
         bail!("--profile times CUDA operations: it needs --device cuda");
     }
-    let (b, p, n) = (args.batch, args.prompt_len, args.new_tokens);
-    let prompts: Vec<Vec<u32>> = (0..b).map(|i| rand_ids(p, c.vocab_size, args.seed * 1000 + i as u64)).collect();
+    let (np, ns, p, n) = (args.batch, args.samples, args.prompt_len, args.new_tokens);
+    let b = np * ns;
+    let prompts: Vec<Vec<u32>> = (0..np).map(|i| rand_ids(p, c.vocab_size, args.seed * 1000 + i as u64)).collect();
     let lengths: Vec<usize> = (0..b).map(|i| if args.spread { (n * (i + 1)).div_ceil(b) } else { n }).collect();
     reset_peak(device);
     for _ in 0..args.warmup {
-        timed_generation(&model, &prompts, &vec![n.min(4); b], true)?;
+        timed_generation(&model, &prompts, ns, &vec![n.min(4); b], true)?;
     }
     let timed = |drop_finished: bool| -> Result<(f64, f64)> {
         let (mut ttft, mut total) = (Vec::new(), Vec::new());
         for _ in 0..args.runs {
-            let (f, t) = timed_generation(&model, &prompts, &lengths, drop_finished)?;
+            let (f, t) = timed_generation(&model, &prompts, ns, &lengths, drop_finished)?;
             ttft.push(f);
             total.push(t);
         }
@@ -1614,6 +1627,22 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let (f, t) = timed(true)?;
     // The same lengths with no row ever leaving the batch: what dropping finished rows saves.
     let full_batch_ms = if args.spread { Some(timed(false)?.1 * 1e3) } else { None };
+    // Every sample's copy of its prompt prefilled on its own: what sharing the prefill saves.
+    let unshared_prefill_ms = if ns > 1 {
+        let expanded: Vec<Vec<u32>> = prompts.iter().flat_map(|q| vec![q.clone(); ns]).collect();
+        let mut ms = Vec::new();
+        for _ in 0..args.runs {
+            let mut cache = model.new_kv_cache(b, p)?;
+            synchronize(device)?;
+            let t0 = Instant::now();
+            model.prefill(&expanded, &mut cache)?;
+            synchronize(device)?;
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        Some(median(&ms))
+    } else {
+        None
+    };
     let (peak, peak_src) = peak_bytes(device);
     let profile = if args.profile {
         let mut cache = model.new_kv_cache(b, p + 2)?;
@@ -1628,12 +1657,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
         None
     };
     let new_total: usize = lengths.iter().sum();
-    let prefill_tps = (b * p) as f64 / f;
+    let prefill_tps = (np * p) as f64 / f;
     let decode_tps = (new_total - b) as f64 / (t - f);
     let tps = new_total as f64 / t;
     let spread = if args.spread { format!(", lengths {}..={n} (--spread)", lengths[0]) } else { String::new() };
-    println!("{label}: batch {b}, prompt {p}, {n} new tokens{spread} on {device} ({dtype}), greedy");
+    let batch = if ns > 1 { format!("{np} prompts × {ns} samples") } else { format!("batch {b}") };
+    println!("{label}: {batch}, prompt {p}, {n} new tokens{spread} on {device} ({dtype}), greedy");
     println!("  prefill  {:>10.1} tokens/s   (time to first token {:.1} ms)", prefill_tps, f * 1e3);
+    if let Some(ms) = unshared_prefill_ms {
+        println!("  prefill of each sample's own copy of its prompt: {ms:.1} ms (shared: once per prompt, then cache copies)");
+    }
     println!(
         "  decode   {:>10.1} tokens/s   ({:.2} ms per step of up to {b} tokens)",
         decode_tps,
@@ -1656,6 +1689,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
     report["batch"] = json!(b);
     report["prompt_len"] = json!(p);
     report["new_tokens"] = json!(n);
+    report["samples"] = json!(ns);
+    report["unshared_prefill_ms"] = json!(unshared_prefill_ms);
     report["spread"] = json!(args.spread);
     report["new_tokens_total"] = json!(new_total);
     report["full_batch_total_ms"] = json!(full_batch_ms);
@@ -1673,7 +1708,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         "greedy, no stop tokens (with spread, sequence i of B ends after ceil(new_tokens·(i+1)/B) \
          tokens and leaves the batch); prefill = time to first token (prefill + lm_head + sample); \
          decode = the remaining new tokens over the remaining time; tokens_per_s = all new tokens \
-         over the total time; full_batch_total_ms = the same lengths with every row decoded to the end"
+         over the total time; full_batch_total_ms = the same lengths with every row decoded to the end; \
+         batch = prompts × samples sequences; prefill tokens/s counts each prompt once (its samples \
+         share it); unshared_prefill_ms = prefill alone of every sample's own copy of its prompt"
     );
     write_json(&args.json, &report)
 }
