@@ -820,30 +820,50 @@ impl Trainer {
             let close: &[u32] = if r.think_end.is_some() { &[] } else { &[think_end] };
             seqs.push([prompt.as_slice(), reasoning, close, &y].concat());
         }
-        let all = self.score(&self.model, &seqs, ranks)?;
-        // Entry t predicts token t+1: y_j sits at len − |y| + j.
-        fn tail<T: Copy>(rows: &[Vec<T>], k: usize) -> Vec<Vec<T>> {
-            rows.iter().map(|r| r[r.len() - k - 1..r.len() - 1].to_vec()).collect()
-        }
-        Ok(Scored { logp: tail(&all.logp, y.len()), rank: tail(&all.rank, y.len()) })
+        // Entry t predicts token t+1: only the entries of y's tokens are needed.
+        self.score(&self.model, &seqs, ranks, Some(y.len()))
     }
 
     /// Per-token log-probs (entry t = log p(token t+1)) of each sequence, and the targets'
-    /// ranks when asked, without gradient, in micro-batches.
-    fn score(&self, model: &Qwen, seqs: &[Vec<u32>], ranks: bool) -> Result<Scored> {
+    /// ranks when asked, without gradient, in micro-batches. With `last = Some(k)` only the
+    /// entries that predict each sequence's final k tokens go through the head (the vocabulary
+    /// projection, most of a small model's forward cost) and come back.
+    fn score(&self, model: &Qwen, seqs: &[Vec<u32>], ranks: bool, last: Option<usize>) -> Result<Scored> {
+        if let Some((i, s)) = last.and_then(|k| seqs.iter().enumerate().find(|(_, s)| s.len() <= k)) {
+            bail!("scoring the last {} tokens of sequence {i}, which has only {}", last.unwrap_or(0), s.len());
+        }
         let (mut lps, mut rks) = (Vec::with_capacity(seqs.len()), Vec::new());
         let opts = LogprobEntropyOpts { rank: ranks, ..Default::default() };
         for chunk in seqs.chunks(self.cfg.per_device_train_batch_size) {
             let packed = Packed::new(chunk);
             let acts = model.forward(&packed)?;
-            let head = model.head_with(&acts.hidden, &packed.next_token_targets(), self.cfg.temperature, &opts)?;
+            let targets = packed.next_token_targets();
+            // The hidden-state rows each sequence sends through the head.
+            let spans: Vec<std::ops::Range<usize>> = packed
+                .cu_seqlens
+                .windows(2)
+                .map(|w| match last {
+                    None => w[0] as usize..w[1] as usize,
+                    Some(k) => w[1] as usize - k - 1..w[1] as usize - 1,
+                })
+                .collect();
+            let head = if last.is_some() {
+                let rows: Vec<u32> = spans.iter().flat_map(|r| r.clone()).map(|r| r as u32).collect();
+                let targets: Vec<u32> = rows.iter().map(|&r| targets[r as usize]).collect();
+                let hidden = smelt_kernels::embedding::embedding_from_host(&rows, &acts.hidden)?;
+                model.head_with(&hidden, &targets, self.cfg.temperature, &opts)?
+            } else {
+                model.head_with(&acts.hidden, &targets, self.cfg.temperature, &opts)?
+            };
             let lp: Vec<f32> = head.logp.to_vec()?;
             let rk: Option<Vec<u32>> = head.rank.map(|r| r.to_vec()).transpose()?;
-            for w in packed.cu_seqlens.windows(2) {
-                let (a, b) = (w[0] as usize, w[1] as usize);
-                lps.push(lp[a..b].to_vec());
+            let mut at = 0;
+            for span in spans {
+                let rows = at..at + span.len();
+                at = rows.end;
+                lps.push(lp[rows.clone()].to_vec());
                 if let Some(rk) = &rk {
-                    rks.push(rk[a..b].to_vec());
+                    rks.push(rk[rows].to_vec());
                 }
             }
         }
@@ -927,7 +947,7 @@ impl Trainer {
                 }
             }
             let logp_ref = match &self.reference {
-                Some(r) if !supervised => Some(self.score(r, part, false)?.logp.concat()),
+                Some(r) if !supervised => Some(self.score(r, part, false, None)?.logp.concat()),
                 _ => None,
             };
             out.push(StepBatch {
