@@ -7,7 +7,7 @@
 
 use smelt_kernels::sample::{sample_streams, SamplingConfig};
 
-use crate::{Error, Qwen, Result};
+use crate::{Error, KvCache, Qwen, Result};
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
@@ -50,9 +50,25 @@ pub struct Generation {
 
 /// Generates `opts.n_samples` completions for each prompt. Results are ordered prompt-major.
 pub fn generate(model: &Qwen, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Generation>> {
+    Ok(generate_with_cache(model, prompts, opts, 0)?.0)
+}
+
+/// [`generate`], also returning the KV cache it decoded with, for teacher-forcing tokens after
+/// a completion's prefix without recomputing it ([`Qwen::decode_slots`]). Completion i (in
+/// the returned order) is slot i, and the slot holds its prompt and every new token but the
+/// last (`prompt.len() + ids.len() − 1` positions): the last token was sampled, never decoded.
+/// Each slot has room for `room` positions past the longest prompt plus the token budget
+/// (clamped to `max_position_embeddings`), for the tokens to be forced later. `None` when
+/// nothing was generated.
+pub fn generate_with_cache(
+    model: &Qwen,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    room: usize,
+) -> Result<(Vec<Generation>, Option<KvCache>)> {
     opts.sampling.validate()?;
     if prompts.is_empty() || opts.n_samples == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(Error::Msg(format!("generate: prompt {i} is empty")));
@@ -78,9 +94,9 @@ pub fn generate(model: &Qwen, prompts: &[Vec<u32>], opts: &GenerateOptions) -> R
         })
         .collect();
     if budget == 0 {
-        return Ok(out);
+        return Ok((out, None));
     }
-    let mut cache = model.new_kv_cache(seqs.len(), longest + budget)?;
+    let mut cache = model.new_kv_cache(seqs.len(), (longest + budget + room).min(max_pos))?;
     let mut hidden = model.prefill_samples(prompts, opts.n_samples, &mut cache)?;
     // Sequence i lives in cache slot i and draws from random stream i; `active` lists the
     // unfinished ones, which are the rows of `hidden`. Finished sequences leave the batch, so
@@ -106,5 +122,5 @@ pub fn generate(model: &Qwen, prompts: &[Vec<u32>], opts: &GenerateOptions) -> R
         hidden = model.decode_slots(&slots, &next, &mut cache)?;
         active = slots;
     }
-    Ok(out)
+    Ok((out, Some(cache)))
 }

@@ -30,7 +30,7 @@ pub use chat::{ChatTemplate, Message, RenderOptions, CHATML_TEMPLATE};
 pub use checkpoint::Checkpoint;
 pub use config::{config_path, limits, Config, ModelType};
 pub use error::{Error, Result};
-pub use generate::{generate, GenerateOptions, Generation};
+pub use generate::{generate, generate_with_cache, GenerateOptions, Generation};
 pub use generation_config::{stop_token_ids, GenerationConfig};
 pub use qwen::{Activations, HeadOutputs, KvCache, Packed, Qwen};
 pub use safetensors::save_safetensors;

@@ -637,22 +637,26 @@ impl Qwen {
         self.decode_slots(&slots, tokens, cache)
     }
 
-    /// One decode step over some of the cache's slots: `tokens[i]` is appended to slot
-    /// `slots[i]` (distinct slots, any order); returns the final hidden states `[slots.len(), H]`
-    /// in that order. Slots left out (finished sequences) cost nothing and keep their cache.
+    /// One decode step over some of the cache's slots: the same number n of new tokens for
+    /// each slot (`tokens` slot-major: `tokens[i·n..(i+1)·n]` are appended to slot `slots[i]`;
+    /// distinct slots, any order). Returns the final hidden states `[slots.len() · n, H]` in that
+    /// order. Slots left out (finished sequences) cost nothing and keep their cache. n > 1
+    /// teacher-forces a few tokens after a cached prefix (causal among the new tokens).
     pub fn decode_slots(&self, slots: &[u32], tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.config;
         let n_slots = cache.lens.len();
+        let n_new = if slots.is_empty() { 0 } else { tokens.len() / slots.len() };
         let mut seen = vec![false; n_slots];
-        let bad = slots.len() != tokens.len()
+        let bad = n_new * slots.len() != tokens.len()
+            || (n_new == 0 && !slots.is_empty())
             || slots.iter().any(|&s| {
                 let s = s as usize;
-                s >= n_slots || std::mem::replace(&mut seen[s], true) || cache.lens[s] as usize >= cache.max_len
+                s >= n_slots || std::mem::replace(&mut seen[s], true) || cache.lens[s] as usize + n_new > cache.max_len
             });
         if bad {
             return Err(Error::Msg(format!(
                 "decode: {} tokens for slots {slots:?} of a cache of {n_slots} slots, lengths {:?}, max {} \
-                 (one token per slot, distinct slots with room left)",
+                 (the same number of tokens per slot, distinct slots with room for them)",
                 tokens.len(),
                 cache.lens,
                 cache.max_len
@@ -661,8 +665,10 @@ impl Qwen {
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::Msg(format!("token id {id} is outside the vocabulary (vocab_size {})", c.vocab_size)));
         }
-        let pos: Vec<u32> = slots.iter().map(|&s| cache.lens[s as usize]).collect();
-        let lens_after: Vec<u32> = pos.iter().map(|p| p + 1).collect();
+        let lens_before: Vec<u32> = slots.iter().map(|&s| cache.lens[s as usize]).collect();
+        let lens_after: Vec<u32> = lens_before.iter().map(|l| l + n_new as u32).collect();
+        let pos: Vec<u32> = lens_before.iter().flat_map(|&l| l..l + n_new as u32).collect();
+        let token_slots: Vec<u32> = slots.iter().flat_map(|&s| std::iter::repeat_n(s, n_new)).collect();
         // Rows 0..B on slots 0..B need no slot list (the kernels' own default).
         let in_order = slots.iter().enumerate().all(|(i, &s)| s as usize == i);
         let read_slots = (!in_order).then_some(slots);
@@ -671,9 +677,16 @@ impl Qwen {
         for l in 0..self.weights.layers.len() {
             let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
             let input = Stream::after(&embedded, &parts);
-            parts = Some(self.layer_infer(l, input, &pos, CacheAppend { k_cache, v_cache, slots }, |q, _, _| {
-                Ok(attention::attention_decode(q, k_cache, v_cache, &lens_after, read_slots, None)?)
-            })?);
+            parts = Some(self.layer_infer(
+                l,
+                input,
+                &pos,
+                CacheAppend { k_cache, v_cache, slots: &token_slots },
+                |q, _, _| {
+                    let q = q.reshape(&[slots.len(), n_new, q.dim(1), q.dim(2)])?;
+                    Ok(attention::attention_decode(&q, k_cache, v_cache, &lens_after, read_slots, None)?)
+                },
+            )?);
         }
         for (&s, &l) in slots.iter().zip(&lens_after) {
             cache.lens[s as usize] = l;
@@ -698,6 +711,17 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Forgets slot `slot`'s positions from `len` on (a later decode overwrites them).
+    pub fn truncate(&mut self, slot: usize, len: usize) -> Result<()> {
+        match self.lens.get_mut(slot) {
+            Some(l) if len <= *l as usize => {
+                *l = len as u32;
+                Ok(())
+            }
+            _ => Err(Error::Msg(format!("KV cache: truncating slot {slot} to {len} positions ({:?} held)", self.lens))),
+        }
+    }
+
     /// Gives each slot of `dst` (distinct, empty, not `src`) a copy of slot `src`'s cache: the
     /// samples of one prompt share its prefill this way. Device-side copies, 2 per layer and slot.
     pub fn copy_slot(&mut self, src: usize, dst: &[u32]) -> Result<()> {

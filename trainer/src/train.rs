@@ -28,7 +28,8 @@ use smelt_kernels::grpo_loss::LossType;
 use smelt_kernels::logprob_entropy::LogprobEntropyOpts;
 use smelt_kernels::sample::SamplingConfig;
 use smelt_models::{
-    generate, Checkpoint, GenerateOptions, Generation, LoadOptions, Message, Packed, Qwen, RenderOptions,
+    generate, generate_with_cache, Checkpoint, GenerateOptions, Generation, KvCache, LoadOptions, Message, Packed,
+    Qwen, RenderOptions,
 };
 
 use crate::advantage::{advantages, groups_with_signal, RewardStats};
@@ -434,7 +435,10 @@ impl Trainer {
         }
     }
 
-    fn rollout(&self, prompts: &[usize], seed: u64) -> Result<Vec<Rollout>> {
+    /// G rollouts of each prompt (prompt-major), judged; with `room = Some(r)` also the
+    /// generation's KV cache (rollout i in slot i, `r` spare positions per slot), for
+    /// teacher-forcing tokens after the rollouts.
+    fn rollout(&self, prompts: &[usize], seed: u64, room: Option<usize>) -> Result<(Vec<Rollout>, Option<KvCache>)> {
         let ids: Vec<Vec<u32>> = prompts.iter().map(|&i| self.train_ids[i].clone()).collect();
         let opts = GenerateOptions {
             max_new_tokens: self.cfg.max_completion_length,
@@ -443,18 +447,40 @@ impl Trainer {
             seed,
             stop_ids: self.stop_ids.clone(),
         };
-        let gens = generate(&self.model, &ids, &opts)?;
-        gens.into_iter().map(|g| self.judge(g, prompts)).collect()
+        let (gens, cache) = match room {
+            Some(r) => generate_with_cache(&self.model, &ids, &opts, r)?,
+            None => (generate(&self.model, &ids, &opts)?, None),
+        };
+        let rs = gens.into_iter().map(|g| self.judge(g, prompts)).collect::<Result<_>>()?;
+        Ok((rs, cache))
+    }
+
+    /// Spare cache positions DRO's teacher forcing needs after the rollouts of `prompts`: the
+    /// longest reference answer, plus one (see [`Trainer::teacher_force`]).
+    fn dro_room(&self, prompts: &[usize]) -> Result<usize> {
+        let tok = self.ckpt.tokenizer()?;
+        let mut room = 0;
+        for &ex in prompts {
+            room = room.max(tok.encode(&self.train[ex].answer, false)?.len() + 1);
+        }
+        Ok(room)
     }
 
     /// The RL step's rollouts: [`Trainer::rollout`], or with early rejection G prefixes of
     /// `prefix_tokens` per prompt of which the `keep` best (by mean log-prob) are finished.
-    /// Also returns the tokens the rejected samples generated.
-    fn rollout_rl(&self, prompts: &[usize], seed: u64) -> Result<(Vec<Rollout>, usize)> {
+    /// Also returns the tokens the rejected samples generated, and without early rejection,
+    /// given `room`, the generation's KV cache (see [`Trainer::rollout`]).
+    fn rollout_rl(
+        &self,
+        prompts: &[usize],
+        seed: u64,
+        room: Option<usize>,
+    ) -> Result<(Vec<Rollout>, usize, Option<KvCache>)> {
         use crate::early_rejection::{join, prefix_score, survivors};
         let er = &self.cfg.early_rejection;
         if !er.enabled {
-            return Ok((self.rollout(prompts, seed)?, 0));
+            let (rs, cache) = self.rollout(prompts, seed, room)?;
+            return Ok((rs, 0, cache));
         }
         let ids: Vec<Vec<u32>> = prompts.iter().map(|&i| self.train_ids[i].clone()).collect();
         let head = GenerateOptions {
@@ -498,7 +524,7 @@ impl Trainer {
                 self.judge(g, prompts)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((rollouts, rejected_tokens))
+        Ok((rollouts, rejected_tokens, None))
     }
 
     fn judge(&self, gen: Generation, prompts: &[usize]) -> Result<Rollout> {
@@ -547,9 +573,13 @@ impl Trainer {
             let need = want - prompts.len();
             let picks: Vec<usize> = self.sampler.take(need).into_iter().map(|k| self.active[k]).collect();
             let seed = mix(&[self.cfg.seed, self.step as u64, round as u64]);
-            let (mut rs, rejected) = self.rollout_rl(&picks, seed)?;
+            // DRO teacher-forces the reference answers after the rollouts' reasoning, on top of
+            // the generation's cache.
+            let room = if kind == RewardKind::Dro { Some(self.dro_room(&picks)?) } else { None };
+            let (mut rs, rejected, mut cache) = self.rollout_rl(&picks, seed, room)?;
             rejected_tokens += rejected;
-            let groups_no_signal = self.rewards(kind, &picks, &mut rs, &mut terms)?;
+            let groups_no_signal = self.rewards(kind, &picks, &mut rs, &mut terms, cache.as_mut())?;
+            drop(cache);
             let rewards: Vec<f32> = rs.iter().map(|r| r.reward).collect();
             let signal = groups_with_signal(&rewards, g);
             for (p, chunk) in rs.chunks(g).enumerate() {
@@ -688,6 +718,7 @@ impl Trainer {
         picks: &[usize],
         rs: &mut [Rollout],
         terms: &mut BTreeMap<&'static str, f64>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Vec<bool>> {
         use crate::reward::{laser, pear};
         let g = self.cfg.group_size();
@@ -736,7 +767,7 @@ impl Trainer {
                     r.reward = pear::pear_reward(r.outcome.is_correct(), ht, ha, p.s, p.alpha, p.format_score);
                 }
             }
-            RewardKind::Dro => no_signal = self.dro_rewards(picks, rs, terms)?,
+            RewardKind::Dro => no_signal = self.dro_rewards(picks, rs, terms, cache)?,
             RewardKind::Rubric => {
                 let judge = self.judge.as_ref().context("rubric reward without a judge")?;
                 let mut requests = Vec::with_capacity(rs.len());
@@ -774,13 +805,15 @@ impl Trainer {
         picks: &[usize],
         rs: &mut [Rollout],
         terms: &mut BTreeMap<&'static str, f64>,
+        mut cache: Option<&mut KvCache>,
     ) -> Result<Vec<bool>> {
         use crate::reward::dro::{dro_reward, length_term, r3_rewards};
         let g = self.cfg.group_size();
         let weighting = self.cfg.dro_weighting()?;
         let mut no_signal = Vec::with_capacity(picks.len());
         for (p, chunk) in rs.chunks_mut(g).enumerate() {
-            let forced = self.teacher_force(picks[p], chunk, false)?;
+            let cached = cache.as_deref_mut().map(|c| (c, p * g));
+            let forced = self.teacher_force(picks[p], chunk, false, cached)?;
             let (y_len, logp_y) = (forced.logp[0].len(), forced.logp);
             let group = r3_rewards(&logp_y, weighting);
             no_signal.push(!group.signal);
@@ -799,7 +832,21 @@ impl Trainer {
     /// Teacher-forces example `ex`'s reference answer y after each rollout's reasoning
     /// (through `</think>`, appended when the rollout has none), without gradient: per
     /// rollout, the log-probs ℓ^y_j and (when asked) the ranks of y's tokens.
-    fn teacher_force(&self, ex: usize, group: &[Rollout], ranks: bool) -> Result<Scored> {
+    ///
+    /// With `cached = Some((cache, first))` (the generation's cache, rollout i of the group in
+    /// slot first + i, with |y| + 1 spare positions) the prompt and reasoning are not run again:
+    /// each slot is cut back to the position before y's predecessor and decodes |y| + 1 tokens
+    /// (that predecessor, y's other tokens and, first, the token before it), whose last |y|
+    /// outputs predict y. Starting one token early keeps the step uniform: a rollout cut off
+    /// by the budget never decoded its last token. Without a cache, a full forward pass over
+    /// prompt + reasoning + y.
+    fn teacher_force(
+        &self,
+        ex: usize,
+        group: &[Rollout],
+        ranks: bool,
+        cached: Option<(&mut KvCache, usize)>,
+    ) -> Result<Scored> {
         let tok = self.ckpt.tokenizer()?;
         let think_end = self.think_end_id.context("DRO needs `</think>`")?;
         let answer = &self.train[ex].answer;
@@ -820,8 +867,32 @@ impl Trainer {
             let close: &[u32] = if r.think_end.is_some() { &[] } else { &[think_end] };
             seqs.push([prompt.as_slice(), reasoning, close, &y].concat());
         }
-        // Entry t predicts token t+1: only the entries of y's tokens are needed.
-        self.score(&self.model, &seqs, ranks, Some(y.len()))
+        let Some((cache, first)) = cached else {
+            // Entry t predicts token t+1: only the entries of y's tokens are needed.
+            return self.score(&self.model, &seqs, ranks, Some(y.len()));
+        };
+        let n = y.len() + 1;
+        let mut slots = Vec::with_capacity(seqs.len());
+        let mut tokens = Vec::with_capacity(seqs.len() * n);
+        for (i, seq) in seqs.iter().enumerate() {
+            let start = seq.len() - y.len() - 2;
+            cache.truncate(first + i, start)?;
+            slots.push((first + i) as u32);
+            tokens.extend_from_slice(&seq[start..seq.len() - 1]);
+        }
+        let hidden = self.model.decode_slots(&slots, &tokens, cache)?;
+        // Row 0 of each slot's block predicts y's predecessor, which is not scored.
+        let rows: Vec<u32> = (0..seqs.len()).flat_map(|i| (i * n + 1..(i + 1) * n).map(|r| r as u32)).collect();
+        let hidden = smelt_kernels::embedding::embedding_from_host(&rows, &hidden)?;
+        let targets: Vec<u32> = seqs.iter().flat_map(|_| y.iter().copied()).collect();
+        let opts = LogprobEntropyOpts { rank: ranks, ..Default::default() };
+        let head = self.model.head_with(&hidden, &targets, self.cfg.temperature, &opts)?;
+        let lp: Vec<f32> = head.logp.to_vec()?;
+        let rank: Vec<u32> = head.rank.map(|r| r.to_vec()).transpose()?.unwrap_or_default();
+        Ok(Scored {
+            logp: lp.chunks(y.len()).map(<[f32]>::to_vec).collect(),
+            rank: rank.chunks(y.len()).map(<[u32]>::to_vec).collect(),
+        })
     }
 
     /// Per-token log-probs (entry t = log p(token t+1)) of each sequence, and the targets'
@@ -883,9 +954,10 @@ impl Trainer {
         let all: Vec<usize> = (0..self.train.len()).collect();
         let (mut survivors, mut sigmas) = (Vec::new(), Vec::new());
         for (c, chunk) in all.chunks(self.cfg.prompts_per_step()).enumerate() {
-            let rs = self.rollout(chunk, mix(&[self.cfg.seed, self.step as u64, 0xf117e2, c as u64]))?;
+            let seed = mix(&[self.cfg.seed, self.step as u64, 0xf117e2, c as u64]);
+            let (rs, mut cache) = self.rollout(chunk, seed, Some(self.dro_room(chunk)?))?;
             for (p, group) in rs.chunks(g).enumerate() {
-                let forced = self.teacher_force(chunk[p], group, true)?;
+                let forced = self.teacher_force(chunk[p], group, true, cache.as_mut().map(|c| (c, p * g)))?;
                 if rank_filter_keep(&forced.rank, d.rank_k, d.worst_frac) {
                     survivors.push(chunk[p]);
                     sigmas.push(max_sigma(&token_sigma(&forced.logp)));
@@ -1329,12 +1401,20 @@ mod tests {
         };
         let t = Trainer::new(cfg).unwrap();
         let ex = 5;
-        let group = t.rollout(&[ex], 11).unwrap();
+        let (mut group, cache) = t.rollout(&[ex], 11, Some(t.dro_room(&[ex]).unwrap())).unwrap();
+        let mut cache = cache.unwrap();
         assert_eq!(group.len(), 8);
-        let forced = t.teacher_force(ex, &group, true).unwrap();
+        // The tiny model never writes `</think>`: mark reasoning ends by index instead (the token
+        // there is what it is), including the last token of a rollout, which the generation
+        // never decoded into the cache.
+        group[0].think_end = Some(3);
+        group[1].think_end = Some(group[1].len - 1);
+        assert!(group[1].gen.ids.len() == group[1].len, "rollout 1 ran out of budget");
+        let full = t.teacher_force(ex, &group, true, None).unwrap();
+        let cached = t.teacher_force(ex, &group, true, Some((&mut cache, 0))).unwrap();
         let y = t.ckpt.tokenizer().unwrap().encode(&t.train[ex].answer, false).unwrap();
         let think_end = t.think_end_id.unwrap();
-        for (i, r) in group.iter().enumerate() {
+        for ((i, r), forced) in group.iter().enumerate().flat_map(|x| [(x, &full), (x, &cached)]) {
             let mut seq = t.train_ids[ex].clone();
             match r.think_end {
                 Some(k) => seq.extend_from_slice(&r.gen.ids[..=k]),
