@@ -326,50 +326,53 @@ fn samples_share_their_prompts_prefill() {
 
 /// After generation, the returned cache lets a few tokens be teacher-forced after any prefix of
 /// a completion: several tokens per slot in one decode call (causal among them), in any slot
-/// order, give the hidden states of a full forward over the same sequences.
-#[test]
-fn tokens_forced_after_a_generated_prefix_match_the_forward() {
+/// order, give the hidden states of a full forward over the same sequences (within `tol`).
+fn check_forced_tokens_on(model: &Qwen, name: &str, tol: f64) {
     use smelt_kernels::sample::SamplingConfig;
     use smelt_models::{generate_with_cache, GenerateOptions};
+    let prompts = vec![vec![5u32, 77, 300, 12, 9], vec![42u32, 7]];
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        sampling: SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 },
+        n_samples: 2,
+        seed: 3,
+        stop_ids: vec![],
+    };
+    let (gens, cache) = generate_with_cache(model, &prompts, &opts, 2).unwrap();
+    let mut cache = cache.unwrap();
+    for (i, g) in gens.iter().enumerate() {
+        assert_eq!(cache.lens[i] as usize, prompts[g.prompt].len() + g.ids.len() - 1, "{name} slot {i}");
+    }
+    // Slots 3 and 0: keep prompt + `keep` new tokens, then force 3 tokens.
+    let (slots, keep, forced) = ([3u32, 0], [4usize, 6], [[9u32, 10, 11], [20, 21, 22]]);
+    let mut seqs = Vec::new();
+    for (k, &s) in slots.iter().enumerate() {
+        let g = &gens[s as usize];
+        let p = &prompts[g.prompt];
+        cache.truncate(s as usize, p.len() + keep[k]).unwrap();
+        seqs.push([p.as_slice(), &g.ids[..keep[k]], &forced[k]].concat());
+    }
+    let hidden = model.decode_slots(&slots, &forced.concat(), &mut cache).unwrap().to_vec_f32().unwrap();
+    let batch = Packed::new(&seqs);
+    let full = model.forward(&batch).unwrap().hidden.to_vec_f32().unwrap();
+    let h = model.config.hidden_size;
+    for (k, seq) in seqs.iter().enumerate() {
+        let end = batch.cu_seqlens[k + 1] as usize;
+        let got = &hidden[k * 3 * h..(k + 1) * 3 * h];
+        let (max, _) = diff_stats(got, &full[(end - 3) * h..end * h]);
+        eprintln!("{name} on {}: forced tokens after a generated prefix, hidden |Δ| max {max:.2e}", model.device());
+        assert!(max < tol, "{name} slot {}: hidden |Δ| {max} (sequence of {})", slots[k], seq.len());
+    }
+    assert!(cache.truncate(0, 1000).is_err());
+    // Room for 2 positions past prompt + budget (5 + 8): slot 0 holds 14 now, so 2 more fail.
+    assert_eq!((cache.max_len, cache.lens[0]), (15, 14));
+    assert!(model.decode_slots(&[0], &[1, 2], &mut cache).is_err());
+}
+
+#[test]
+fn tokens_forced_after_a_generated_prefix_match_the_forward() {
     for name in ["qwen2-tiny", "qwen3-tiny"] {
-        let model = load(name, false);
-        let prompts = vec![vec![5u32, 77, 300, 12, 9], vec![42u32, 7]];
-        let opts = GenerateOptions {
-            max_new_tokens: 8,
-            sampling: SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 },
-            n_samples: 2,
-            seed: 3,
-            stop_ids: vec![],
-        };
-        let (gens, cache) = generate_with_cache(&model, &prompts, &opts, 2).unwrap();
-        let mut cache = cache.unwrap();
-        for (i, g) in gens.iter().enumerate() {
-            assert_eq!(cache.lens[i] as usize, prompts[g.prompt].len() + g.ids.len() - 1, "{name} slot {i}");
-        }
-        // Slots 3 and 0: keep prompt + `keep` new tokens, then force 3 tokens.
-        let (slots, keep, forced) = ([3u32, 0], [4usize, 6], [[9u32, 10, 11], [20, 21, 22]]);
-        let mut seqs = Vec::new();
-        for (k, &s) in slots.iter().enumerate() {
-            let g = &gens[s as usize];
-            let p = &prompts[g.prompt];
-            cache.truncate(s as usize, p.len() + keep[k]).unwrap();
-            seqs.push([p.as_slice(), &g.ids[..keep[k]], &forced[k]].concat());
-        }
-        let hidden = model.decode_slots(&slots, &forced.concat(), &mut cache).unwrap().to_vec::<f32>().unwrap();
-        let batch = Packed::new(&seqs);
-        let full = model.forward(&batch).unwrap().hidden.to_vec::<f32>().unwrap();
-        let h = model.config.hidden_size;
-        for (k, seq) in seqs.iter().enumerate() {
-            let end = batch.cu_seqlens[k + 1] as usize;
-            let want: Vec<f32> = full[(end - 3) * h..end * h].to_vec();
-            let got = &hidden[k * 3 * h..(k + 1) * 3 * h];
-            let (max, _) = diff_stats(got, &want);
-            assert!(max < 1e-4, "{name} slot {}: hidden |Δ| {max} (sequence of {})", slots[k], seq.len());
-        }
-        assert!(cache.truncate(0, 1000).is_err());
-        // Room for 2 positions past prompt + budget (5 + 8): slot 0 holds 15 now, so one more fails.
-        assert_eq!((cache.max_len, cache.lens[0]), (15, 14));
-        assert!(model.decode_slots(&[0], &[1, 2], &mut cache).is_err());
+        check_forced_tokens_on(&load(name, false), name, 1e-4);
     }
 }
 
@@ -526,8 +529,17 @@ fn device_bf16_tracks_cpu_f32() {
     }
 }
 
+#[test]
+fn device_tokens_forced_after_a_generated_prefix_match_the_forward() {
+    let Some(dev) = cuda() else { return };
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        check_forced_tokens_on(&load_on(name, false, DType::F32, dev), name, 1e-3);
+    }
+}
+
 /// `generate` on the GPU in f32: greedy gives the CPU's tokens, and the recorded log-probs and
-/// entropies agree with the CPU's; sampling with a seed is repeatable on the device.
+/// entropies agree with the CPU's (also when sequences stop, and leave the batch, at different
+/// steps); sampling with a seed is repeatable on the device.
 #[test]
 fn device_generate_matches_cpu() {
     use smelt_kernels::sample::SamplingConfig;
@@ -542,6 +554,13 @@ fn device_generate_matches_cpu() {
             assert_eq!(g.ids, w.ids, "{name} prompt {}: greedy tokens on {dev} vs cpu", w.prompt);
             let (lp, h) = (diff_stats(&g.logp, &w.logp).0, diff_stats(&g.entropy, &w.entropy).0);
             assert!(lp < 1e-4 && h < 1e-4, "{name} prompt {}: logp |Δ| {lp}, entropy |Δ| {h}", w.prompt);
+        }
+        // Stop ids that end sequences 0 and 2 early: the others decode on without them.
+        let stop = GenerateOptions { stop_ids: vec![want[0].ids[3], want[2].ids[7]], ..greedy.clone() };
+        let (want, got) = (generate(&cpu, &prompts, &stop).unwrap(), generate(&gpu, &prompts, &stop).unwrap());
+        assert!(want.iter().filter(|g| g.stopped).count() >= 2, "{name}: stop ids stopped too few");
+        for (w, g) in want.iter().zip(&got) {
+            assert_eq!((&g.ids, g.stopped), (&w.ids, w.stopped), "{name} prompt {}: with stop ids", w.prompt);
         }
         let sampled = GenerateOptions {
             sampling: SamplingConfig { temperature: 0.9, top_k: Some(50), top_p: 0.95 },
