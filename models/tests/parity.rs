@@ -258,23 +258,29 @@ fn sampled_generation_logp_equals_rescoring() {
     }
 }
 
+/// Three prompts of different lengths, and sampling at T = 1 with `n` samples per prompt.
+fn sampled(max_new_tokens: usize, n_samples: usize, seed: u64) -> (Vec<Vec<u32>>, smelt_models::GenerateOptions) {
+    let prompts = vec![vec![5u32, 77, 300, 12, 9], vec![42u32, 7], vec![3u32; 11]];
+    let sampling = smelt_kernels::sample::SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 };
+    (prompts, smelt_models::GenerateOptions { max_new_tokens, sampling, n_samples, seed, stop_ids: vec![] })
+}
+
+/// `got` is `want` cut after `end` tokens: the same tokens, log-probs and entropies within 1e-5.
+fn assert_prefix(got: &smelt_models::Generation, want: &smelt_models::Generation, end: usize, what: &str) {
+    assert_eq!(got.ids, want.ids[..end], "{what}: tokens");
+    let (lp, h) = (diff_stats(&got.logp, &want.logp[..end]).0, diff_stats(&got.entropy, &want.entropy[..end]).0);
+    assert!(lp < 1e-5 && h < 1e-5, "{what}: logp |Δ| {lp}, entropy |Δ| {h}");
+}
+
 /// Sequences that stop leave the decode batch, and that changes nothing for the others: each
 /// sequence's tokens are those of a run without stop ids, cut after its first stop id (each
 /// sequence keeps its own cache slot and random stream however the batch shrinks).
 #[test]
 fn finished_sequences_leave_the_batch_without_changing_the_rest() {
-    use smelt_kernels::sample::SamplingConfig;
     use smelt_models::{generate, GenerateOptions};
     for name in ["qwen2-tiny", "qwen3-tiny"] {
         let model = load(name, false);
-        let prompts = vec![vec![5u32, 77, 300, 12, 9], vec![42u32, 7], vec![3u32; 11]];
-        let opts = GenerateOptions {
-            max_new_tokens: 12,
-            sampling: SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 },
-            n_samples: 3,
-            seed: 5,
-            stop_ids: vec![],
-        };
+        let (prompts, opts) = sampled(12, 3, 5);
         let full = generate(&model, &prompts, &opts).unwrap();
         // Stop ids that end some sequences early, at different steps, and leave others running.
         let stop_ids = vec![full[0].ids[2], full[4].ids[6], full[7].ids[9]];
@@ -284,10 +290,8 @@ fn finished_sequences_leave_the_batch_without_changing_the_rest() {
             let end = f.ids.iter().position(|t| stop_ids.contains(t)).map_or(f.ids.len(), |p| p + 1);
             ended += usize::from(end < f.ids.len());
             let what = format!("{name} prompt {} sample {}", f.prompt, f.sample);
-            assert_eq!(c.ids, f.ids[..end], "{what}: tokens");
+            assert_prefix(c, f, end, &what);
             assert_eq!(c.stopped, end < f.ids.len() || f.ids.last().is_some_and(|t| stop_ids.contains(t)), "{what}");
-            let (lp, h) = (diff_stats(&c.logp, &f.logp[..end]).0, diff_stats(&c.entropy, &f.entropy[..end]).0);
-            assert!(lp < 1e-5 && h < 1e-5, "{what}: logp |Δ| {lp}, entropy |Δ| {h}");
         }
         assert!(ended >= 3, "{name}: only {ended} sequences stopped early");
     }
@@ -297,27 +301,17 @@ fn finished_sequences_leave_the_batch_without_changing_the_rest() {
 /// is the one of prefilling every sample's copy of the prompt on its own.
 #[test]
 fn samples_share_their_prompts_prefill() {
-    use smelt_kernels::sample::SamplingConfig;
     use smelt_models::{generate, GenerateOptions};
     for name in ["qwen2-tiny", "qwen3-tiny"] {
         let model = load(name, false);
-        let prompts = vec![vec![5u32, 77, 300, 12, 9], vec![42u32, 7], vec![3u32; 11]];
-        let opts = GenerateOptions {
-            max_new_tokens: 9,
-            sampling: SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 },
-            n_samples: 3,
-            seed: 11,
-            stop_ids: vec![],
-        };
+        let (prompts, opts) = sampled(9, 3, 11);
         let shared = generate(&model, &prompts, &opts).unwrap();
         let expanded: Vec<Vec<u32>> = prompts.iter().flat_map(|p| [p.clone(), p.clone(), p.clone()]).collect();
         let alone = generate(&model, &expanded, &GenerateOptions { n_samples: 1, ..opts }).unwrap();
         assert_eq!(shared.len(), alone.len());
         for (i, (a, b)) in shared.iter().zip(&alone).enumerate() {
             assert_eq!((a.prompt, a.sample), (i / 3, i % 3));
-            assert_eq!(a.ids, b.ids, "{name} sequence {i}: tokens");
-            let (lp, h) = (diff_stats(&a.logp, &b.logp).0, diff_stats(&a.entropy, &b.entropy).0);
-            assert!(lp < 1e-5 && h < 1e-5, "{name} sequence {i}: logp |Δ| {lp}, entropy |Δ| {h}");
+            assert_prefix(a, b, b.ids.len(), &format!("{name} sequence {i}"));
         }
         // The samples of one prompt differ (they share the prefill, not the random stream).
         assert!(shared[0].ids != shared[1].ids || shared[1].ids != shared[2].ids, "{name}: identical samples");
