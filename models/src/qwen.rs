@@ -569,12 +569,9 @@ impl Qwen {
     /// [`Qwen::prefill`] into chosen slots: prompt i goes into slot `slots[i]` (distinct, empty).
     pub fn prefill_slots(&self, slots: &[u32], prompts: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
         let n_slots = cache.lens.len();
-        let mut seen = vec![false; n_slots];
-        let bad_slot = slots.iter().any(|&s| {
-            let s = s as usize;
-            s >= n_slots || std::mem::replace(&mut seen[s], true) || cache.lens[s] != 0
-        });
-        if bad_slot || slots.len() != prompts.len() || prompts.iter().any(|p| p.is_empty() || p.len() > cache.max_len) {
+        let slots_ok = cache.distinct_slots(slots, |len| len == 0);
+        if !slots_ok || slots.len() != prompts.len() || prompts.iter().any(|p| p.is_empty() || p.len() > cache.max_len)
+        {
             return Err(Error::Msg(format!(
                 "prefill: {} prompts (lengths {:?}) into slots {slots:?} do not fit a cache of {n_slots} slots × {} \
                  positions (prompts must be non-empty, one distinct empty slot each)",
@@ -646,14 +643,9 @@ impl Qwen {
         let c = &self.config;
         let n_slots = cache.lens.len();
         let n_new = if slots.is_empty() { 0 } else { tokens.len() / slots.len() };
-        let mut seen = vec![false; n_slots];
-        let bad = n_new * slots.len() != tokens.len()
-            || (n_new == 0 && !slots.is_empty())
-            || slots.iter().any(|&s| {
-                let s = s as usize;
-                s >= n_slots || std::mem::replace(&mut seen[s], true) || cache.lens[s] as usize + n_new > cache.max_len
-            });
-        if bad {
+        let room = cache.max_len;
+        let slots_ok = cache.distinct_slots(slots, |len| len + n_new <= room);
+        if !slots_ok || n_new * slots.len() != tokens.len() || (n_new == 0 && !slots.is_empty()) {
             return Err(Error::Msg(format!(
                 "decode: {} tokens for slots {slots:?} of a cache of {n_slots} slots, lengths {:?}, max {} \
                  (the same number of tokens per slot, distinct slots with room for them)",
@@ -711,6 +703,15 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Whether `slots` are distinct slots of this cache, each with a length that passes `ok`.
+    fn distinct_slots(&self, slots: &[u32], ok: impl Fn(usize) -> bool) -> bool {
+        let mut seen = vec![false; self.lens.len()];
+        slots.iter().all(|&s| {
+            let s = s as usize;
+            s < seen.len() && !std::mem::replace(&mut seen[s], true) && ok(self.lens[s] as usize)
+        })
+    }
+
     /// Forgets slot `slot`'s positions from `len` on (a later decode overwrites them).
     pub fn truncate(&mut self, slot: usize, len: usize) -> Result<()> {
         match self.lens.get_mut(slot) {
@@ -726,13 +727,7 @@ impl KvCache {
     /// samples of one prompt share its prefill this way. Device-side copies, 2 per layer and slot.
     pub fn copy_slot(&mut self, src: usize, dst: &[u32]) -> Result<()> {
         let n = self.lens.len();
-        let mut seen = vec![false; n];
-        let bad = src >= n
-            || dst.iter().any(|&d| {
-                let d = d as usize;
-                d >= n || d == src || std::mem::replace(&mut seen[d], true) || self.lens[d] != 0
-            });
-        if bad {
+        if src >= n || dst.contains(&(src as u32)) || !self.distinct_slots(dst, |len| len == 0) {
             return Err(Error::Msg(format!(
                 "KV cache copy: slot {src} to slots {dst:?} of {n} (targets distinct, empty and not the source)"
             )));

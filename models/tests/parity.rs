@@ -363,6 +363,33 @@ fn check_forced_tokens_on(model: &Qwen, name: &str, tol: f64) {
     assert!(model.decode_slots(&[0], &[1, 2], &mut cache).is_err());
 }
 
+/// Misused cache slots are errors naming the slots, and leave the cache as it was.
+#[test]
+fn cache_slot_misuse_is_an_error() {
+    let model = load("qwen2-tiny", false);
+    let mut cache = model.new_kv_cache(3, 8).unwrap();
+    model.prefill_slots(&[2], &[vec![5, 6]], &mut cache).unwrap();
+    let err = |r: smelt_models::Result<Tensor>| r.map(|_| ()).unwrap_err().to_string();
+    let e = err(model.prefill_slots(&[2], &[vec![1]], &mut cache));
+    assert!(e.contains("prefill") && e.contains("slots [2]") && e.contains("empty"), "{e}");
+    let e = err(model.prefill_slots(&[0, 0], &[vec![1], vec![2]], &mut cache));
+    assert!(e.contains("slots [0, 0]") && e.contains("distinct"), "{e}");
+    let e = err(model.decode_slots(&[2, 2], &[1, 2], &mut cache));
+    assert!(e.contains("decode") && e.contains("slots [2, 2]"), "{e}");
+    let e = err(model.decode_slots(&[2, 0], &[1, 2, 3], &mut cache));
+    assert!(e.contains("3 tokens for slots [2, 0]"), "{e}");
+    let e = err(model.decode_slots(&[3], &[1], &mut cache));
+    assert!(e.contains("slots [3]") && e.contains("3 slots"), "{e}");
+    let e = err(model.decode_slots(&[2], &[1; 7], &mut cache));
+    assert!(e.contains("room"), "{e}");
+    let e = cache.copy_slot(2, &[0, 2]).unwrap_err().to_string();
+    assert!(e.contains("slot 2 to slots [0, 2]"), "{e}");
+    assert_eq!(cache.lens, [0, 0, 2]);
+    cache.copy_slot(2, &[0, 1]).unwrap();
+    assert_eq!(cache.lens, [2, 2, 2]);
+    assert!(cache.copy_slot(2, &[0]).is_err(), "copy into a filled slot");
+}
+
 #[test]
 fn tokens_forced_after_a_generated_prefix_match_the_forward() {
     for name in ["qwen2-tiny", "qwen3-tiny"] {
