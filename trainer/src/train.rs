@@ -835,11 +835,11 @@ impl Trainer {
     ///
     /// With `cached = Some((cache, first))` (the generation's cache, rollout i of the group in
     /// slot first + i, with |y| + 1 spare positions) the prompt and reasoning are not run again:
-    /// each slot is cut back to the position before y's predecessor and decodes |y| + 1 tokens
-    /// (that predecessor, y's other tokens and, first, the token before it), whose last |y|
-    /// outputs predict y. Starting one token early keeps the step uniform: a rollout cut off
-    /// by the budget never decoded its last token. Without a cache, a full forward pass over
-    /// prompt + reasoning + y.
+    /// each slot is cut back to all but the last two tokens before y, then decodes |y| + 1
+    /// tokens (those two, and y without its last token), and the outputs at the last |y| of
+    /// them predict y. Re-decoding one token more than needed keeps the count the same for the
+    /// whole group: a rollout cut off by the budget never decoded its last token into the cache.
+    /// Without a cache, a full forward pass over prompt + reasoning + y.
     fn teacher_force(
         &self,
         ex: usize,

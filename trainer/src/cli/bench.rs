@@ -1646,7 +1646,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let (peak, peak_src) = peak_bytes(device);
     let profile = if args.profile {
         let mut cache = model.new_kv_cache(b, p + 2)?;
-        let hidden = model.prefill(&prompts, &mut cache)?;
+        let hidden = model.prefill_samples(&prompts, ns, &mut cache)?;
         Some(profile_run(device, "one decode iteration", || {
             let logits = model.logits(&hidden)?;
             let s = sample::sample(&logits, &sample::SamplingConfig::greedy(), 0, 0)?;
