@@ -19,9 +19,9 @@
 //! then [`attention_decode`] takes `q` `[B, n_new, n_heads, head_dim]` (or `[B, n_heads,
 //! head_dim]` for one token) where batch row b uses slot b (B ≤ n_slots) or, given a slot list,
 //! slot `slots[b]`, and `cache_lens[b]` = number of valid cache rows of that slot *including*
-//! the n_new new ones. New
-//! token i of sequence b sits at position `cache_lens[b] - n_new + i` and sees keys
-//! `0..=that position` (causal among the new tokens). Rows past `cache_lens[b]` are never read.
+//! the n_new new ones. New token i of row b sits at position `cache_lens[b] - n_new + i` and
+//! sees keys `0..=that position` (causal among the new tokens). Rows past `cache_lens[b]` are
+//! never read.
 //!
 //! # Backward
 //! FlashAttention-2: `Dᵢ = rowsum(dOᵢ ∘ Oᵢ)`, P recomputed from lse, `dS = P ∘ (dP − D)`,
