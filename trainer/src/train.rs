@@ -569,6 +569,7 @@ impl Trainer {
         let mut rejected_tokens = 0usize;
         let mut terms: BTreeMap<&'static str, f64> = BTreeMap::new();
         let mut no_signal: Vec<bool> = Vec::new();
+        let mut reward_s = 0.0;
         for round in 0..=self.cfg.max_resample {
             let need = want - prompts.len();
             let picks: Vec<usize> = self.sampler.take(need).into_iter().map(|k| self.active[k]).collect();
@@ -578,8 +579,10 @@ impl Trainer {
             let room = if kind == RewardKind::Dro { Some(self.dro_room(&picks)?) } else { None };
             let (mut rs, rejected, mut cache) = self.rollout_rl(&picks, seed, room)?;
             rejected_tokens += rejected;
+            let t_reward = Instant::now();
             let groups_no_signal = self.rewards(kind, &picks, &mut rs, &mut terms, cache.as_mut())?;
             drop(cache);
+            reward_s += t_reward.elapsed().as_secs_f64();
             let rewards: Vec<f32> = rs.iter().map(|r| r.reward).collect();
             let signal = groups_with_signal(&rewards, g);
             for (p, chunk) in rs.chunks(g).enumerate() {
@@ -606,6 +609,7 @@ impl Trainer {
                 break;
             }
         }
+        // Generation and rewards, every resampling round; reward_s is the rewards' share.
         let rollout_s = t0.elapsed().as_secs_f64();
         let mean = |v: &[f32]| if v.is_empty() { 0.0 } else { v.iter().sum::<f32>() / v.len() as f32 };
         let frac =
@@ -676,6 +680,7 @@ impl Trainer {
             "trained_sequences": rollouts.len() + experts.len(),
             "groups_without_signal": no_signal.iter().filter(|&&x| x).count(),
             "rollout_s": rollout_s,
+            "reward_s": reward_s,
             "update_s": update_s,
             "tokens_per_s": tokens as f64 * self.cfg.num_iterations as f64 / update_s.max(1e-9),
             "peak_bytes": crate::memory::peak_bytes(self.model.device()).0,
