@@ -263,7 +263,7 @@ pub mod cpu {
         }
     }
 
-    /// The AdamW update in place over equal-length slices; `out[i]` = bf16(p[i]) when given.
+    /// The AdamW update in place over equal-length slices; `out[i] = bf16(p[i])` when given.
     pub fn adamw<G: CastElem>(
         p: &mut [f32],
         m: &mut [f32],

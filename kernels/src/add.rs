@@ -42,7 +42,7 @@ pub fn axpby(sa: f32, a: &Tensor, sb: f32, b: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
-/// x[r, :] += bias for every row r, in place. `x` is [rows, D] (any leading dims), `bias` is [D]
+/// `x[r, :] += bias` for every row r, in place. `x` is `[rows, D]` (any leading dims), `bias` is `[D]`
 /// of the same dtype.
 pub fn add_bias_(x: &Tensor, bias: &Tensor) -> Result<()> {
     let (rows, d) = x.rows_cols();
@@ -73,7 +73,7 @@ pub fn add_bias_(x: &Tensor, bias: &Tensor) -> Result<()> {
     }
 }
 
-/// Gradient of a broadcast bias: Σ over rows of `dout` [rows, D], as f32 [D].
+/// Gradient of a broadcast bias: Σ over rows of `dout` `[rows, D]`, as f32 `[D]`.
 ///
 /// On CUDA this is a column-sum kernel; the sum is taken in f32 per column (deterministic).
 pub fn bias_grad(dout: &Tensor) -> Result<Tensor> {

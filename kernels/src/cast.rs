@@ -123,7 +123,7 @@ pub mod cpu {
         }
     }
 
-    /// dst[i] = D(S(src[i]) as f32). Lengths must match (the Tensor-level functions check).
+    /// `dst[i] = D(S(src[i]) as f32)`. Lengths must match (the Tensor-level functions check).
     pub fn cast<S: CastElem, D: CastElem>(src: &[S], dst: &mut [D]) {
         debug_assert_eq!(src.len(), dst.len());
         smelt_engine::cpu::pool().install(|| {

@@ -1,6 +1,6 @@
 //! Gradient clipping: the global L2 norm over many tensors, and clip-by-global-norm.
 //!
-//! - [`global_norm`]: sqrt(Σ_t Σ_i x_t[i]²) over f32, bf16 or f16 tensors on one device. Both
+//! - [`global_norm`]: `sqrt(Σ_t Σ_i x_t[i]²)` over f32, bf16 or f16 tensors on one device. Both
 //!   devices accumulate the squares in f64, so the norm of ~500M parameters is as precise as
 //!   the f32 result can hold (an f32 running sum drops the small squares once it is large), and
 //!   squares that overflow f32 (|x| ≳ 1.8e19) do not make it infinite. CPU: exact f64 squares,

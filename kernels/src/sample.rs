@@ -16,7 +16,7 @@
 //!
 //! Returned per row:
 //! - `tokens` (u32);
-//! - `logp` = log softmax(z/T)[token] over the **full** vocabulary — the log-prob under the
+//! - `logp` = `log softmax(z/T)[token]` over the **full** vocabulary — the log-prob under the
 //!   tempered policy before truncation. This is `logp_old` as the GRPO trainer needs it: the
 //!   trainer's recomputation (`logprob_entropy` at the same T) is of this quantity;
 //! - `logp_truncated` = log of the token's probability under the truncated, renormalised
@@ -85,7 +85,7 @@ impl SamplingConfig {
 pub struct SampleOutput {
     /// u32 token ids.
     pub tokens: Tensor,
-    /// f32 log softmax(z/T)[token] (full distribution).
+    /// f32 `log softmax(z/T)[token]` (full distribution).
     pub logp: Tensor,
     /// f32 log-prob under the truncated distribution sampled from.
     pub logp_truncated: Tensor,

@@ -5,7 +5,7 @@
 //! crate with `Parallelism::None`: parallelism stays at the task level, on
 //! `smelt_engine::cpu::pool()`, so no pool is nested), with the row-wise softmax work between
 //! them (online max/exp/sum and rescale; P and dS in the backward) in AVX2+FMA intrinsics, or
-//! portable code on other CPUs. The query rows of up to [`MAX_STACK`] heads of one KV group are
+//! portable code on other CPUs. The query rows of up to `MAX_STACK` heads of one KV group are
 //! copied (q pre-scaled) into one stacked `[heads·rows, d]` operand, so each K/V tile serves all
 //! of them in one GEMM. Only the diagonal key block needs the causal mask.
 //!
