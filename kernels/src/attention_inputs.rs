@@ -226,7 +226,7 @@ fn split_columns(x: &Tensor, widths: &[usize; 3]) -> Result<(Tensor, Tensor, Ten
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use crate::attention::cuda::upload;
+    use crate::cuda::upload;
     use crate::cuda::{launch, Arg, LaunchCfg};
 
     /// Most head_dim the kernel takes (`AI_MAX_PAIRS` pairs per lane).

@@ -351,7 +351,7 @@ mod cuda {
         out: &SampleOutput,
     ) -> Result<()> {
         let (rows, v) = logits.rows_cols();
-        let streams = streams.map(|s| crate::attention::cuda::upload(ord, s)).transpose()?;
+        let streams = streams.map(|s| crate::cuda::upload(ord, s)).transpose()?;
         // v2's u64 masses (≤ 2^40 per token) need V < 2^24.
         let allowed: &[u32] = if v < 1 << 24 { &[1, 2] } else { &[1] };
         let func = match (logits.dtype(), crate::versions::pick("sample", allowed)?) {

@@ -1,9 +1,7 @@
 //! Launchers for `kernels/cuda/attention.cu`. Host-side index lists (cu_seqlens, tile lists,
 //! cache slots) are uploaded as small u32 tensors per call.
 use super::*;
-use std::sync::Mutex;
-
-use crate::cuda::{launch, Arg, LaunchCfg};
+use crate::cuda::{launch, upload, Arg, LaunchCfg};
 
 /// Forward query-tile rows of v2 (must match `BR` in the kernel).
 const FWD_V2_BR: usize = 64;
@@ -43,28 +41,6 @@ fn suffix(op: &'static str, dt: DType, d: usize) -> Result<String> {
         return Err(Error::shape(op, format!("head_dim {d}: the CUDA kernels take {CUDA_HEAD_DIMS:?}")));
     }
     Ok(format!("{t}_d{d}"))
-}
-
-/// A host index list as a device tensor. An upload waits for the stream (`htod` is
-/// synchronous), and a step's layers all pass the same cu_seqlens and tile lists, so the last
-/// few lists are kept and reused when the same list comes again (content-compared; the kernels
-/// only read them): one drain of the GPU per list per step instead of one per layer.
-pub(crate) fn upload(ord: usize, v: &[u32]) -> Result<Tensor> {
-    const KEEP: usize = 8;
-    static RECENT: Mutex<Vec<(usize, Vec<u32>, Tensor)>> = Mutex::new(Vec::new());
-    let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(i) = recent.iter().position(|(o, list, _)| *o == ord && list == v) {
-        let hit = recent.remove(i);
-        let t = hit.2.clone();
-        recent.push(hit);
-        return Ok(t);
-    }
-    let t = Tensor::from_slice(v, &[v.len()], Device::Cuda(ord))?;
-    if recent.len() == KEEP {
-        recent.remove(0);
-    }
-    recent.push((ord, v.to_vec(), t.clone()));
-    Ok(t)
 }
 
 /// (sequence, tile start) pairs flattened, heaviest first. Query tiles (forward, dQ) see keys
