@@ -207,6 +207,7 @@ pub fn sample_into(
 /// Slice-level CPU implementation (the reference for the CUDA kernel).
 pub mod cpu {
     use super::*;
+    use crate::fastmath::{exp_neg, EXP_MIN};
 
     /// One row's result.
     #[derive(Clone, Copy, Debug, PartialEq)]
@@ -245,9 +246,12 @@ pub mod cpu {
                 .par_chunks(v)
                 .enumerate()
                 .map(|(r, row)| {
-                    let z: Vec<f32> = row.iter().map(|&x| to_f32(x)).collect();
                     let stream = streams.map_or(r as u64, |s| s[r] as u64);
-                    sample_row(&z, cfg, row_uniform(seed, step, stream))
+                    let t = if cfg.temperature == 0.0 { 1.0 } else { cfg.temperature };
+                    // s = z/t by IEEE division, as the kernel does (not z·(1/t), which rounds
+                    // differently).
+                    let s = row.iter().map(|&x| to_f32(x) / t).collect();
+                    sample_scaled(s, cfg, row_uniform(seed, step, stream))
                 })
                 .collect()
         })
@@ -255,27 +259,33 @@ pub mod cpu {
 
     /// One row with the uniform draw `u` (see the module docs for the rules).
     pub fn sample_row(z: &[f32], cfg: &SamplingConfig, u: f32) -> RowSample {
-        let v = z.len();
+        let t = if cfg.temperature == 0.0 { 1.0 } else { cfg.temperature };
+        sample_scaled(z.iter().map(|&x| x / t).collect(), cfg, u)
+    }
+
+    /// [`sample_row`] given s = z/T. The passes over the row are written lane-wise (8 f32 or 4
+    /// f64 partial results) so they vectorise; the f64 sums therefore add in a different order
+    /// than one running sum would, which moves results by rounding only.
+    fn sample_scaled(s: Vec<f32>, cfg: &SamplingConfig, u: f32) -> RowSample {
+        let v = s.len();
         let greedy = cfg.temperature == 0.0;
-        let t = if greedy { 1.0 } else { cfg.temperature };
-        // s = z/t by IEEE division, as the kernel does (not z·(1/t), which rounds differently).
-        let s: Vec<f32> = z.iter().map(|&x| x / t).collect();
-        // Strict `>` keeps the first index of the maximum (and never picks NaN).
-        let (mut m, mut arg) = (f32::NEG_INFINITY, 0usize);
-        for (i, &x) in s.iter().enumerate() {
-            if x > m {
-                (m, arg) = (x, i);
-            }
-        }
-        let e: Vec<f32> = s.iter().map(|&x| (x - m).exp()).collect();
-        let (mut zsum, mut se) = (0f64, 0f64);
-        for (&x, &ei) in s.iter().zip(&e) {
-            // e = 0 for −inf logits, whose (s − m)·e must count as 0, not NaN.
-            if ei > 0.0 {
-                zsum += ei as f64;
-                se += ei as f64 * (x - m) as f64;
-            }
-        }
+        let m = row_max(&s);
+        // The first index of the maximum (the kernel's tie rule).
+        let arg = s.iter().position(|&x| x == m).unwrap_or(0);
+        // e = exp(s − m), exactly 0 where it underflows f32 (−inf logits included, whose
+        // (s − m)·e must count as 0, not NaN).
+        let e: Vec<f32> = s
+            .iter()
+            .map(|&x| {
+                let (d, ed) = (x - m, exp_neg(x - m));
+                if d < EXP_MIN {
+                    0.0
+                } else {
+                    ed
+                }
+            })
+            .collect();
+        let (zsum, se) = masses(&s, &e, m);
         let lnz = zsum.ln();
         let entropy = (lnz - se / zsum) as f32;
         let finish = |tok: usize, ln_mass: f64| {
@@ -294,13 +304,13 @@ pub mod cpu {
             }
             _ => 0,
         };
-        let in_k = |i: usize| kth == 0 || ord_key(s[i]) >= kth;
         let p_bits = if cfg.top_p < 1.0 {
-            let sk: f64 = (0..v).filter(|&i| in_k(i)).map(|i| e[i] as f64).sum();
+            let sk = kept_mass(&s, &e, kth, 0);
             let target = cfg.top_p as f64 * sk;
             // Tokens below t0 hold less than (1 − top_p)·mass together, so τ ≥ t0: only the
             // ones above need sorting (a handful for a peaked LLM distribution).
             let t0 = (0.5 * (1.0 - cfg.top_p as f64) * sk / v as f64) as f32;
+            let in_k = |i: usize| kth == 0 || ord_key(s[i]) >= kth;
             let mut cand: Vec<u32> = (0..v).filter(|&i| in_k(i) && e[i] >= t0).map(|i| e[i].to_bits()).collect();
             cand.sort_unstable_by(|a, b| b.cmp(a));
             let mut cum = 0f64;
@@ -316,23 +326,91 @@ pub mod cpu {
         } else {
             0
         };
-        let keep = |i: usize| in_k(i) && e[i].to_bits() >= p_bits;
-        let sp: f64 = (0..v).filter(|&i| keep(i)).map(|i| e[i] as f64).sum();
+        // Without truncation every token is kept: the survivors' mass is Σe.
+        let sp = if kth != 0 || p_bits != 0 { kept_mass(&s, &e, kth, p_bits) } else { zsum };
         let target = u as f64 * sp;
-        let mut cum = 0f64;
-        // If rounding leaves the running sum short of the target, fall back to the argmax,
-        // which always survives (the CUDA kernel does the same).
+        // The first survivor where the running survivor mass passes the target: whole blocks
+        // are skipped on their (vectorised) sums, the block that passes is scanned. If rounding
+        // leaves the running sum short of the target, the argmax, which always survives, is
+        // the token (the CUDA kernel does the same).
+        const BLOCK: usize = 512;
         let mut tok = arg;
-        for (i, &ei) in e.iter().enumerate() {
-            if keep(i) && ei > 0.0 {
-                cum += ei as f64;
-                if cum > target {
-                    tok = i;
-                    break;
+        let mut cum = 0f64;
+        'blocks: for b0 in (0..v).step_by(BLOCK) {
+            let b1 = (b0 + BLOCK).min(v);
+            let block = kept_mass(&s[b0..b1], &e[b0..b1], kth, p_bits);
+            if cum + block <= target {
+                cum += block;
+                continue;
+            }
+            for i in b0..b1 {
+                if (kth == 0 || ord_key(s[i]) >= kth) && e[i].to_bits() >= p_bits && e[i] > 0.0 {
+                    cum += e[i] as f64;
+                    if cum > target {
+                        tok = i;
+                        break 'blocks;
+                    }
                 }
             }
         }
         finish(tok, sp.ln())
+    }
+
+    /// max over the row (−∞ when empty; NaN is never the maximum).
+    fn row_max(s: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; 8];
+        let chunks = s.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for j in 0..8 {
+                if c[j] > acc[j] {
+                    acc[j] = c[j];
+                }
+            }
+        }
+        acc.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+    }
+
+    /// (Σ e, Σ e·(s − m)) in f64 over the tokens with e > 0.
+    fn masses(s: &[f32], e: &[f32], m: f32) -> (f64, f64) {
+        let (mut z, mut w) = ([0f64; 4], [0f64; 4]);
+        let add = |z: &mut f64, w: &mut f64, x: f32, ei: f32| {
+            *z += ei as f64;
+            *w += if ei > 0.0 { ei as f64 * (x - m) as f64 } else { 0.0 };
+        };
+        let (cs, ce) = (s.chunks_exact(4), e.chunks_exact(4));
+        let (rs, re) = (cs.remainder(), ce.remainder());
+        for (a, b) in cs.zip(ce) {
+            for j in 0..4 {
+                add(&mut z[j], &mut w[j], a[j], b[j]);
+            }
+        }
+        for (&x, &ei) in rs.iter().zip(re) {
+            add(&mut z[0], &mut w[0], x, ei);
+        }
+        (z.iter().sum(), w.iter().sum())
+    }
+
+    /// Σ e in f64 over the tokens that survive top-k (`ord_key(s) ≥ kth`, any when kth = 0)
+    /// and top-p (e's bits ≥ `p_bits`).
+    fn kept_mass(s: &[f32], e: &[f32], kth: u32, p_bits: u32) -> f64 {
+        let mut acc = [0f64; 4];
+        let kept = |x: f32, ei: f32| {
+            if (kth == 0 || ord_key(x) >= kth) && ei.to_bits() >= p_bits {
+                ei as f64
+            } else {
+                0.0
+            }
+        };
+        let (cs, ce) = (s.chunks_exact(4), e.chunks_exact(4));
+        let (rs, re) = (cs.remainder(), ce.remainder());
+        for (a, b) in cs.zip(ce) {
+            for j in 0..4 {
+                acc[j] += kept(a[j], b[j]);
+            }
+        }
+        acc[0] += rs.iter().zip(re).map(|(&x, &ei)| kept(x, ei)).sum::<f64>();
+        acc.iter().sum()
     }
 }
 
@@ -510,6 +588,34 @@ mod tests {
                         assert_close(&[ent[r]], &[rf.entropy], 1e-5, 1e-5, &format!("{what}: entropy"));
                     }
                 }
+            }
+        }
+    }
+
+    /// The drawn token is the inverse CDF of the truncated distribution at u, in vocabulary
+    /// order, across many blocks of the blockwise search (V = 5,003) and −inf logits: the same
+    /// token as the f64 reference's running sum, for draws spread over [0, 1).
+    #[test]
+    fn draw_is_the_inverse_cdf_at_u() {
+        let mut rng = Rng::new(25);
+        let v = 5003;
+        let mut z = randn(&mut rng, v, 2.0);
+        z[100..140].fill(f32::NEG_INFINITY);
+        for cfg in [
+            SamplingConfig { temperature: 1.0, top_k: None, top_p: 1.0 },
+            SamplingConfig { temperature: 0.8, top_k: Some(700), top_p: 1.0 },
+            SamplingConfig { temperature: 1.2, top_k: None, top_p: 0.8 },
+        ] {
+            let rf = reference(&z, &cfg);
+            for k in 0..200 {
+                let u = (k as f32 + 0.5) / 200.0;
+                let got = cpu::sample_row(&z, &cfg, u).token as usize;
+                let mut cum = 0.0;
+                let want = rf.p_trunc.iter().position(|&p| {
+                    cum += p;
+                    cum > u as f64
+                });
+                assert_eq!(Some(got), want, "{cfg:?} u = {u}");
             }
         }
     }
