@@ -311,18 +311,8 @@ pub mod cpu {
             // ones above need sorting (a handful for a peaked LLM distribution).
             let t0 = (0.5 * (1.0 - cfg.top_p as f64) * sk / v as f64) as f32;
             let in_k = |i: usize| kth == 0 || ord_key(s[i]) >= kth;
-            let mut cand: Vec<u32> = (0..v).filter(|&i| in_k(i) && e[i] >= t0).map(|i| e[i].to_bits()).collect();
-            cand.sort_unstable_by(|a, b| b.cmp(a));
-            let mut cum = 0f64;
-            let mut tau = cand.last().copied().unwrap_or(0);
-            for &b in &cand {
-                cum += f32::from_bits(b) as f64;
-                if cum >= target {
-                    tau = b;
-                    break;
-                }
-            }
-            tau
+            let cand: Vec<u32> = (0..v).filter(|&i| in_k(i) && e[i] >= t0).map(|i| e[i].to_bits()).collect();
+            top_p_threshold(&cand, target)
         } else {
             0
         };
@@ -354,6 +344,36 @@ pub mod cpu {
             }
         }
         finish(tok, sp.ln())
+    }
+
+    /// τ for top-p: walking the candidates' values in descending order, the value at which
+    /// their running sum first reaches `target` (the smallest candidate if rounding keeps it
+    /// short; 0 without candidates). `cand` holds positive f32 bits, whose order is value order.
+    /// A histogram on the top bits finds the bin where the walk reaches the target, and only
+    /// that bin is sorted.
+    fn top_p_threshold(cand: &[u32], target: f64) -> u32 {
+        const SHIFT: u32 = 18;
+        let Some(&top) = cand.iter().max() else { return 0 };
+        let mut mass = vec![0f64; (top >> SHIFT) as usize + 1];
+        for &b in cand {
+            mass[(b >> SHIFT) as usize] += f32::from_bits(b) as f64;
+        }
+        let mut cum = 0f64;
+        for bin in (0..mass.len()).rev() {
+            if cum + mass[bin] < target {
+                cum += mass[bin];
+                continue;
+            }
+            let mut inside: Vec<u32> = cand.iter().copied().filter(|&b| (b >> SHIFT) as usize == bin).collect();
+            inside.sort_unstable_by(|a, b| b.cmp(a));
+            for &b in &inside {
+                cum += f32::from_bits(b) as f64;
+                if cum >= target {
+                    return b;
+                }
+            }
+        }
+        cand.iter().copied().min().unwrap_or(0)
     }
 
     /// max over the row (−∞ when empty; NaN is never the maximum).
