@@ -247,11 +247,7 @@ pub mod cpu {
                 .enumerate()
                 .map(|(r, row)| {
                     let stream = streams.map_or(r as u64, |s| s[r] as u64);
-                    let t = if cfg.temperature == 0.0 { 1.0 } else { cfg.temperature };
-                    // s = z/t by IEEE division, as the kernel does (not z·(1/t), which rounds
-                    // differently).
-                    let s = row.iter().map(|&x| to_f32(x) / t).collect();
-                    sample_scaled(s, cfg, row_uniform(seed, step, stream))
+                    sample_scaled(scaled(row, to_f32, cfg), cfg, row_uniform(seed, step, stream))
                 })
                 .collect()
         })
@@ -259,8 +255,14 @@ pub mod cpu {
 
     /// One row with the uniform draw `u` (see the module docs for the rules).
     pub fn sample_row(z: &[f32], cfg: &SamplingConfig, u: f32) -> RowSample {
+        sample_scaled(scaled(z, |x| x, cfg), cfg, u)
+    }
+
+    /// s = z/T (T = 1 when greedy) by IEEE division, as the kernel does (not z·(1/T), which
+    /// rounds differently).
+    fn scaled<T: Copy>(z: &[T], to_f32: fn(T) -> f32, cfg: &SamplingConfig) -> Vec<f32> {
         let t = if cfg.temperature == 0.0 { 1.0 } else { cfg.temperature };
-        sample_scaled(z.iter().map(|&x| x / t).collect(), cfg, u)
+        z.iter().map(|&x| to_f32(x) / t).collect()
     }
 
     /// [`sample_row`] given s = z/T. The passes over the row are written lane-wise (8 f32 or 4

@@ -104,8 +104,7 @@ pub fn generate_with_cache(
     let mut active: Vec<u32> = (0..seqs.len() as u32).collect();
     for step in 0..budget {
         let logits = model.logits(&hidden)?;
-        let streams = (active.len() < seqs.len()).then_some(active.as_slice());
-        let s = sample_streams(&logits, &opts.sampling, opts.seed, step as u64, streams)?;
+        let s = sample_streams(&logits, &opts.sampling, opts.seed, step as u64, Some(&active))?;
         let (tokens, logp, ent) = (s.tokens.to_vec::<u32>()?, s.logp.to_vec::<f32>()?, s.entropy.to_vec::<f32>()?);
         for (r, &i) in active.iter().enumerate() {
             let g = &mut out[i as usize];

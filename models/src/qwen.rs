@@ -661,9 +661,6 @@ impl Qwen {
         let lens_after: Vec<u32> = lens_before.iter().map(|l| l + n_new as u32).collect();
         let pos: Vec<u32> = lens_before.iter().flat_map(|&l| l..l + n_new as u32).collect();
         let token_slots: Vec<u32> = slots.iter().flat_map(|&s| std::iter::repeat_n(s, n_new)).collect();
-        // Rows 0..B on slots 0..B need no slot list (the kernels' own default).
-        let in_order = slots.iter().enumerate().all(|(i, &s)| s as usize == i);
-        let read_slots = (!in_order).then_some(slots);
         let embedded = embedding::embedding_from_host(tokens, &self.weights.embed_tokens)?;
         let mut parts: Option<(Tensor, Tensor)> = None;
         for l in 0..self.weights.layers.len() {
@@ -676,7 +673,7 @@ impl Qwen {
                 CacheAppend { k_cache, v_cache, slots: &token_slots },
                 |q, _, _| {
                     let q = q.reshape(&[slots.len(), n_new, q.dim(1), q.dim(2)])?;
-                    Ok(attention::attention_decode(&q, k_cache, v_cache, &lens_after, read_slots, None)?)
+                    Ok(attention::attention_decode(&q, k_cache, v_cache, &lens_after, Some(slots), None)?)
                 },
             )?);
         }

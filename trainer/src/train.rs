@@ -888,16 +888,29 @@ impl Trainer {
         let hidden = self.model.decode_slots(&slots, &tokens, cache)?;
         // Row 0 of each slot's block predicts y's predecessor, which is not scored.
         let rows: Vec<u32> = (0..seqs.len()).flat_map(|i| (i * n + 1..(i + 1) * n).map(|r| r as u32)).collect();
-        let hidden = smelt_kernels::embedding::embedding_from_host(&rows, &hidden)?;
         let targets: Vec<u32> = seqs.iter().flat_map(|_| y.iter().copied()).collect();
-        let opts = LogprobEntropyOpts { rank: ranks, ..Default::default() };
-        let head = self.model.head_with(&hidden, &targets, self.cfg.temperature, &opts)?;
-        let lp: Vec<f32> = head.logp.to_vec()?;
-        let rank: Vec<u32> = head.rank.map(|r| r.to_vec()).transpose()?.unwrap_or_default();
+        let (lp, rank) = self.head_rows(&self.model, &hidden, Some(&rows), &targets, ranks)?;
         Ok(Scored {
             logp: lp.chunks(y.len()).map(<[f32]>::to_vec).collect(),
             rank: rank.chunks(y.len()).map(<[u32]>::to_vec).collect(),
         })
+    }
+
+    /// The fused head without gradient on rows `rows` of `hidden` (every row when `None`), whose
+    /// targets are `targets`: per row the log-prob, and the rank when asked (else none).
+    fn head_rows(
+        &self,
+        model: &Qwen,
+        hidden: &smelt_engine::Tensor,
+        rows: Option<&[u32]>,
+        targets: &[u32],
+        ranks: bool,
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        let picked = rows.map(|r| smelt_kernels::embedding::embedding_from_host(r, hidden)).transpose()?;
+        let opts = LogprobEntropyOpts { rank: ranks, ..Default::default() };
+        let head = model.head_with(picked.as_ref().unwrap_or(hidden), targets, self.cfg.temperature, &opts)?;
+        let rank = head.rank.map(|r| r.to_vec()).transpose()?.unwrap_or_default();
+        Ok((head.logp.to_vec()?, rank))
     }
 
     /// Per-token log-probs (entry t = log p(token t+1)) of each sequence, and the targets'
@@ -909,7 +922,6 @@ impl Trainer {
             bail!("scoring the last {} tokens of sequence {i}, which has only {}", last.unwrap_or(0), s.len());
         }
         let (mut lps, mut rks) = (Vec::with_capacity(seqs.len()), Vec::new());
-        let opts = LogprobEntropyOpts { rank: ranks, ..Default::default() };
         for chunk in seqs.chunks(self.cfg.per_device_train_batch_size) {
             let packed = Packed::new(chunk);
             let acts = model.forward(&packed)?;
@@ -923,22 +935,18 @@ impl Trainer {
                     Some(k) => w[1] as usize - k - 1..w[1] as usize - 1,
                 })
                 .collect();
-            let head = if last.is_some() {
-                let rows: Vec<u32> = spans.iter().flat_map(|r| r.clone()).map(|r| r as u32).collect();
-                let targets: Vec<u32> = rows.iter().map(|&r| targets[r as usize]).collect();
-                let hidden = smelt_kernels::embedding::embedding_from_host(&rows, &acts.hidden)?;
-                model.head_with(&hidden, &targets, self.cfg.temperature, &opts)?
-            } else {
-                model.head_with(&acts.hidden, &targets, self.cfg.temperature, &opts)?
+            let rows: Option<Vec<u32>> = last.map(|_| spans.iter().flat_map(|r| r.clone()).map(|r| r as u32).collect());
+            let targets = match &rows {
+                Some(rows) => rows.iter().map(|&r| targets[r as usize]).collect(),
+                None => targets,
             };
-            let lp: Vec<f32> = head.logp.to_vec()?;
-            let rk: Option<Vec<u32>> = head.rank.map(|r| r.to_vec()).transpose()?;
+            let (lp, rk) = self.head_rows(model, &acts.hidden, rows.as_deref(), &targets, ranks)?;
             let mut at = 0;
             for span in spans {
                 let rows = at..at + span.len();
                 at = rows.end;
                 lps.push(lp[rows.clone()].to_vec());
-                if let Some(rk) = &rk {
+                if ranks {
                     rks.push(rk[rows].to_vec());
                 }
             }

@@ -301,10 +301,11 @@ pub fn decode(
     let part_o = Tensor::empty(&[rows, nsplit, dims.head_dim], DType::F32, dev)?;
     let part_ml = Tensor::empty(&[rows, nsplit, 2], DType::F32, dev)?;
     let o = Tensor::empty(q.shape(), q.dtype(), dev)?;
-    // One upload: the lengths, then the slots when given.
-    let lists = upload(ord, &[cache_lens, slots.unwrap_or_default()].concat())?;
-    let lens_ptr = lists.cuda_ptr()?;
-    let slots_ptr = if slots.is_some() { lens_ptr + 4 * b as u64 } else { 0 };
+    // Two lists, so each can be the upload memo's hit: the slots stay the same from step to step,
+    // and these lengths are the next step's positions (attention_inputs uploads those).
+    let lens_d = upload(ord, cache_lens)?;
+    let slots_d = slots.map(|s| upload(ord, s)).transpose()?;
+    let (lens_ptr, slots_ptr) = (lens_d.cuda_ptr()?, slots_d.as_ref().map_or(Ok(0), Tensor::cuda_ptr)?);
     let grid_z = u32::try_from(b * qg).ok().filter(|&z| z <= 65_535);
     let grid_z =
         grid_z.ok_or_else(|| Error::shape("attention_decode", format!("batch {b} × {qg} token groups too large")))?;
