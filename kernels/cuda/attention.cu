@@ -44,6 +44,13 @@
 //     2·2·BQ·(D+8)·2 + 4·BQ·4 B = 37,888 B at D=64, 35,328 B at D=128); dQ stages V(j) then
 //     K(j) (single buffers, as the v3 forward). B fragments by ldmatrix(.trans). Registers
 //     (sm_90): dK/dV 248 / 255 (36 B spilled at D=128), dQ 221 / 255 (36 B spilled at D=128).
+//   bwd v4 (attn_bwd_dkdv_v4_bf16_*): v3, with the query heads of a KV group split over
+//     `parts` blocks per (key tile, KV head) when those blocks alone would not fill the GPU
+//     (Qwen2.5-0.5B at 8 × 1024 tokens: 256 blocks of 7 heads each for 264 block slots on an
+//     H100, and the first key tile of each sequence does 16× the last's work). Each part writes
+//     f32 partial dK/dV ([parts, T, n_kv_heads, D]); attn_bwd_dkdv_reduce_bf16 sums them in a
+//     fixed order (deterministic). A 1-D grid over (key tile, KV head, part), part fastest and
+//     key tiles heaviest first, so the long blocks start in the first wave. dQ and delta are v3's.
 //   decode: split-K (flash-decoding). attn_decode_partial: one block (4 warps) per (split of the
 //     cache length, head, batch row × group of ≤4 new tokens); warps take keys round-robin,
 //     lanes split D; the 4 warps merge in smem (4·4·D·4 B ≤ 8 KiB) and write an unnormalised
@@ -63,6 +70,8 @@
 //   bwd v2 the same passes on mma.sync bf16 tensor cores, 64-row tiles (bf16, D 64/128 only)
 //   bwd v3 v2 + cp.async staging overlapped with compute (double-buffered in dK/dV), ldmatrix
 //     operands (bf16, D 64/128)
+//   bwd v4 v3 with a KV group's query heads split over blocks in dK/dV, f32 partials summed by a
+//     second kernel (bf16, D 64/128)
 //   decode v1 split-K partial + combine, f32 and bf16
 //   decode v2 the same split-K with a KV group per block, key-parallel scores (D 64/128, ≤ 8
 //     query heads per KV head; others run v1)
@@ -71,6 +80,9 @@
 // kernels/src/attention/cuda.rs): M(<dtype>_d<D>, T, D).
 #define ATT_FOR_EACH_DIM(M, T, SUF) \
     M(SUF##_d8, T, 8) M(SUF##_d16, T, 16) M(SUF##_d24, T, 24) M(SUF##_d32, T, 32) M(SUF##_d64, T, 64) M(SUF##_d128, T, 128)
+
+// A comma inside a macro argument (template argument lists passed through ATT_BWD_TC).
+#define COMMA ,
 
 #define ATT_LOG2E 1.4426950408889634f
 #define ATT_LN2 0.6931471805599453f
@@ -595,6 +607,22 @@ __device__ __forceinline__ void att_store_rows(bf16_t* dst, const float (*acc)[4
     }
 }
 
+// att_store_rows in f32 (v4's partial sums).
+template <int D>
+__device__ __forceinline__ void att_store_rows_f32(float* dst, const float (*acc)[4], float mul, int s0, int ra,
+                                                   int len, int heads, int head) {
+    const int tig = threadIdx.x & 3;
+    #pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = ra + 8 * half;
+        if (r >= len) continue;
+        float2* row = (float2*)(dst + ((size_t)(s0 + r) * heads + head) * D);
+        #pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+            row[dt * 4 + tig] = make_float2(acc[dt][2 * half] * mul, acc[dt][2 * half + 1] * mul);
+    }
+}
+
 // dK, dV for one (64-key tile, KV head): each warp owns 16 keys (K and V fragments in
 // registers) and streams BQ-row tiles of Q and dO (every query head of the group, query rows
 // from the tile start on) through shared memory: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, Pᵀ from lse,
@@ -709,13 +737,15 @@ __device__ void attn_bwd_dq_v2(const bf16_t* __restrict__ q, const bf16_t* __res
     att_store_rows<D>(dq, adq, scale, s0, ra, len, nh, h);
 }
 
-// Backward tensor-core kernels of version V (2, 3) at head dim D, dK/dV query tile BQ.
-#define ATT_BWD_TC(V, D, BQ)                                                                            \
+// Backward tensor-core kernels of version V (2, 3) at head dim D, dK/dV query tile BQ; DKDV_T
+// is v3's extra template argument and trailing arguments (empty for v2).
+#define ATT_BWD_TC(V, D, BQ, DKDV_T, DKDV_A)                                                            \
     extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_v##V##_bf16_d##D(                   \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
         const float* delta, const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale,    \
         bf16_t* dk, bf16_t* dv) {                                                                       \
-        attn_bwd_dkdv_v##V<D, BQ>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dk, dv);   \
+        attn_bwd_dkdv_v##V<D, BQ DKDV_T>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dk, \
+                                         dv DKDV_A);                                                    \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_v##V##_bf16_d##D(                     \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
@@ -723,8 +753,8 @@ __device__ void attn_bwd_dq_v2(const bf16_t* __restrict__ q, const bf16_t* __res
         bf16_t* dq) {                                                                                   \
         attn_bwd_dq_v##V<D>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, dq);             \
     }
-ATT_BWD_TC(2, 64, 64)
-ATT_BWD_TC(2, 128, 32)
+ATT_BWD_TC(2, 64, 64, , )
+ATT_BWD_TC(2, 128, 32, , )
 
 // ---------------------------------------------------------------- ldmatrix mma helpers (v3)
 // Tiles in smem are row-major with rows padded to S = D + 8 bf16 (16-byte aligned, and the 8 rows
@@ -949,27 +979,36 @@ ATT_FWD_TC(3, 128, 128, 1)
 // dQ += dS·K(j) while V(j+1) lands, and K(j+1) is copied once every warp is done with K(j).
 // Warps whose keys (dK/dV) or rows (dQ) no row of a tile sees skip it; only tiles that cross the
 // diagonal or the sequence end are masked.
-template <int D, int BQ>
+// PART (v4): a 1-D grid over (key tile, KV head, part), part fastest, so the heaviest key
+// tiles of every part start first; the block takes part `part` of `parts` of the group's query
+// heads and writes f32 partial sums to that part of pdk, pdv ([parts, ntok, nkv, D]; dk, dv
+// unused), which attn_bwd_dkdv_reduce_bf16 adds up.
+template <int D, int BQ, bool PART>
 __device__ void attn_bwd_dkdv_v3(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                  const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_o,
                                  const float* __restrict__ lse, const float* __restrict__ delta,
                                  const u32* __restrict__ tiles, const u32* __restrict__ cu, int ntok, int nh, int nkv,
-                                 float scale, bf16_t* __restrict__ dk, bf16_t* __restrict__ dv) {
+                                 float scale, bf16_t* __restrict__ dk, bf16_t* __restrict__ dv,
+                                 float* __restrict__ pdk, float* __restrict__ pdv, int parts) {
     constexpr int S = D + 8, NT = BQ / 8, DT = D / 8, KC = D / 16;
     __shared__ __align__(16) bf16_t Qs[2][BQ * S];
     __shared__ __align__(16) bf16_t Os[2][BQ * S];
     __shared__ __align__(16) float Ls[2][BQ];
     __shared__ __align__(16) float Ds[2][BQ];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
-    const int b = (int)tiles[2 * blockIdx.x], k0 = (int)tiles[2 * blockIdx.x + 1];
-    const int g = blockIdx.y, rep = nh / nkv;
+    const int part = PART ? (int)blockIdx.x % parts : 0;
+    const int tile = PART ? (int)blockIdx.x / parts / nkv : (int)blockIdx.x;
+    const int g = PART ? (int)blockIdx.x / parts % nkv : (int)blockIdx.y, rep = nh / nkv;
+    const int b = (int)tiles[2 * tile], k0 = (int)tiles[2 * tile + 1];
     const int s0 = (int)cu[b], len = (int)cu[b + 1] - s0;
     const int kw = k0 + warp * 16, ka = kw + gid, kb = ka + 8;  // the warp's first key; this thread's two
     const float sl2 = scale * ATT_LOG2E;
-    const int nq = (len - k0 + BQ - 1) / BQ, steps = rep * nq;  // query tiles per head, in all
-    // Step i: query head g·rep + i / nq, rows from k0 + BQ·(i % nq), into buffer i % 2.
+    // This block's query heads: all of the group's, or part `part` of `parts` of them.
+    const int h_lo = g * rep + rep * part / parts, h_hi = g * rep + rep * (part + 1) / parts;
+    const int nq = (len - k0 + BQ - 1) / BQ, steps = (h_hi - h_lo) * nq;  // query tiles per head, in all
+    // Step i: query head h_lo + i / nq, rows from k0 + BQ·(i % nq), into buffer i % 2.
     auto stage = [&](int i) {
-        const int h = g * rep + i / nq, q0 = k0 + BQ * (i % nq), buf = i & 1;
+        const int h = h_lo + i / nq, q0 = k0 + BQ * (i % nq), buf = i & 1;
         att_tile_stage<D, BQ>(Qs[buf], q, s0, q0, len, nh, h);
         att_tile_stage<D, BQ>(Os[buf], d_o, s0, q0, len, nh, h);
         if (tid < BQ) {
@@ -1023,8 +1062,14 @@ __device__ void attn_bwd_dkdv_v3(const bf16_t* __restrict__ q, const bf16_t* __r
         }
         __syncthreads();  // buffer i % 2 is free for step i + 2
     }
-    att_store_rows<D>(dk, adk[0], scale, s0, ka, len, nkv, g);
-    att_store_rows<D>(dv, adv[0], 1.f, s0, ka, len, nkv, g);
+    if (PART) {
+        const size_t at = (size_t)part * ntok * nkv * D;
+        att_store_rows_f32<D>(pdk + at, adk[0], scale, s0, ka, len, nkv, g);
+        att_store_rows_f32<D>(pdv + at, adv[0], 1.f, s0, ka, len, nkv, g);
+    } else {
+        att_store_rows<D>(dk, adk[0], scale, s0, ka, len, nkv, g);
+        att_store_rows<D>(dv, adv[0], 1.f, s0, ka, len, nkv, g);
+    }
 }
 
 template <int D>
@@ -1099,8 +1144,43 @@ __device__ void attn_bwd_dq_v3(const bf16_t* __restrict__ q, const bf16_t* __res
     att_store_rows<D>(dq, adq[0], scale, s0, ra, len, nh, h);
 }
 
-ATT_BWD_TC(3, 64, 64)
-ATT_BWD_TC(3, 128, 32)
+ATT_BWD_TC(3, 64, 64, COMMA false, COMMA nullptr COMMA nullptr COMMA 1)
+ATT_BWD_TC(3, 128, 32, COMMA false, COMMA nullptr COMMA nullptr COMMA 1)
+
+// v4's dK/dV: v3's with the group's query heads split into `parts` (f32 partials).
+#define ATT_BWD_DKDV_V4(D, BQ)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_v4_bf16_d##D(                       \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* d_o, const float* lse,         \
+        const float* delta, const u32* tiles, const u32* cu, int ntok, int nh, int nkv, float scale,    \
+        float* pdk, float* pdv, int parts) {                                                            \
+        attn_bwd_dkdv_v3<D, BQ, true>(q, k, v, d_o, lse, delta, tiles, cu, ntok, nh, nkv, scale, nullptr, \
+                                      nullptr, pdk, pdv, parts);                                        \
+    }
+ATT_BWD_DKDV_V4(64, 64)
+ATT_BWD_DKDV_V4(128, 32)
+
+// dk, dv = the sums of v4's `parts` f32 partials ([parts, n] each, n % 4 == 0), as bf16.
+// Grid-stride over groups of 4 elements.
+extern "C" __global__ void attn_bwd_dkdv_reduce_bf16(const float* __restrict__ pdk, const float* __restrict__ pdv,
+                                                     int parts, long long n, bf16_t* __restrict__ dk,
+                                                     bf16_t* __restrict__ dv) {
+    const long long n4 = n / 4;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < 2 * n4;
+         i += (long long)gridDim.x * blockDim.x) {
+        const bool is_v = i >= n4;
+        const long long j = is_v ? i - n4 : i;
+        const float4* src = (const float4*)(is_v ? pdv : pdk) + j;
+        float4 a = src[0];
+        for (int p = 1; p < parts; ++p) {
+            const float4 b = src[(long long)p * n4];
+            a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
+        }
+        uint2 out;
+        out.x = att_pack_bf16(a.x, a.y);
+        out.y = att_pack_bf16(a.z, a.w);
+        ((uint2*)(is_v ? dv : dk))[j] = out;
+    }
+}
 
 // ---------------------------------------------------------------- decode (split-K)
 #define DEC_MAXQ 4  // new tokens per block

@@ -271,6 +271,22 @@ fn parse_ptxas_report(log: &str) -> std::result::Result<Vec<KernelResources>, St
 }
 
 impl KernelResources {
+    /// Blocks of `threads` threads (with `dyn_smem` bytes of dynamic shared memory) that one SM
+    /// of `arch` holds at once: the least of the thread, block, register and shared-memory
+    /// limits (sm_80/sm_90 figures; 1 KiB of shared memory per block is the system's).
+    pub fn blocks_per_sm(&self, arch: &str, threads: u32, dyn_smem: u32) -> u32 {
+        let (max_threads, max_blocks, smem_sm) = match arch {
+            "sm_80" => (2048, 32, 164 * 1024),
+            _ => (2048, 32, 228 * 1024),
+        };
+        let warps = threads.div_ceil(32).max(1);
+        let per_warp = (self.registers.max(1) * 32).div_ceil(REG_ALLOC_PER_WARP) * REG_ALLOC_PER_WARP;
+        let by_threads = max_threads / (warps * 32);
+        let by_regs = REGS_PER_BLOCK / (warps * per_warp);
+        let by_smem = smem_sm / (self.smem + dyn_smem + 1024);
+        by_threads.min(max_blocks).min(by_regs).min(by_smem)
+    }
+
     /// Whether a block of `threads` threads with `dyn_smem` bytes of dynamic shared memory fits
     /// one SM of `arch`; the error says what the driver would refuse and why.
     pub fn check_launch(&self, arch: &str, threads: u32, dyn_smem: u32) -> std::result::Result<(), String> {

@@ -301,6 +301,16 @@ pub fn launch(src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> R
             r.check_launch(arch, threads, cfg.smem).map_err(|e| fail(format!("{}::{e}", src.name)))?;
         }
     }
+    if smelt_engine::cuda::emu::dry() {
+        let sm90 = prep
+            .resources
+            .as_ref()
+            .and_then(|t| t.get(func))
+            .and_then(|rows| rows.iter().find(|(arch, _)| *arch == "sm_90").map(|(_, r)| r.clone()));
+        let mut log = DRY_LAUNCHES.lock().unwrap_or_else(|p| p.into_inner());
+        log.push(DryLaunch { kernel: format!("{}::{func}", src.name), cfg, resources: sm90 });
+        return Ok(());
+    }
     let sym = format!("smelt_emu_launch_{func}");
     // SAFETY: every `smelt_emu_launch_*` symbol is an SMELT_EMU_EXPORT wrapper with this signature.
     let f: libloading::Symbol<LaunchFn> = unsafe { prep.lib.lib.get(sym.as_bytes()) }
@@ -335,4 +345,68 @@ pub fn launch(src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> R
         }
     }
     Ok(())
+}
+
+/// One launch of a dry run (`SMELT_EMU_DRY=1`, see `smelt_engine::cuda::emu::dry`).
+#[derive(Clone, Debug)]
+pub struct DryLaunch {
+    /// `source::function`.
+    pub kernel: String,
+    pub cfg: LaunchCfg,
+    /// ptxas's report for sm_90 (`None` without NVRTC).
+    pub resources: Option<KernelResources>,
+}
+
+static DRY_LAUNCHES: Mutex<Vec<DryLaunch>> = Mutex::new(Vec::new());
+
+/// The launches of the dry run since the last call, in launch order.
+pub fn take_dry_launches() -> Vec<DryLaunch> {
+    std::mem::take(&mut *DRY_LAUNCHES.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// How a kernel's launches would fill an H100 (132 SMs): resident blocks per SM from its
+/// registers, shared memory and block size, and waves = blocks / (resident blocks · SMs). A
+/// launch under one wave leaves SMs idle for its whole run; 1.1 waves runs a second, nearly empty
+/// round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchFill {
+    pub kernel: String,
+    pub launches: usize,
+    pub threads: u32,
+    pub registers: Option<u32>,
+    pub blocks_per_sm: Option<u32>,
+    pub blocks: (u64, u64),
+    pub waves: Option<(f64, f64)>,
+}
+
+/// H100 SXM: the SM count of the GPU the figures are for.
+pub const H100_SMS: u32 = 132;
+
+/// Groups launches by kernel and block size, in first-launch order.
+pub fn launch_fill(launches: &[DryLaunch]) -> Vec<LaunchFill> {
+    let mut out: Vec<LaunchFill> = Vec::new();
+    for l in launches {
+        let (g, b) = (l.cfg.grid, l.cfg.block);
+        let threads = b.0 * b.1 * b.2;
+        let blocks = g.0 as u64 * g.1 as u64 * g.2 as u64;
+        let per_sm = l.resources.as_ref().map(|r| r.blocks_per_sm("sm_90", threads, l.cfg.smem));
+        let waves = per_sm.map(|p| blocks as f64 / (p.max(1) * H100_SMS) as f64);
+        match out.iter_mut().find(|f| f.kernel == l.kernel && f.threads == threads) {
+            Some(f) => {
+                f.launches += 1;
+                f.blocks = (f.blocks.0.min(blocks), f.blocks.1.max(blocks));
+                f.waves = f.waves.zip(waves).map(|((lo, hi), w)| (lo.min(w), hi.max(w)));
+            }
+            None => out.push(LaunchFill {
+                kernel: l.kernel.clone(),
+                launches: 1,
+                threads,
+                registers: l.resources.as_ref().map(|r| r.registers),
+                blocks_per_sm: per_sm,
+                blocks: (blocks, blocks),
+                waves: waves.map(|w| (w, w)),
+            }),
+        }
+    }
+    out
 }

@@ -29,8 +29,25 @@ use crate::{DType, Error, Result};
 const ALIGN: usize = 256;
 
 /// Total memory the emulated device reports; the allocator holds allocations to it, so
-/// out-of-memory paths can be tested.
-pub(super) const TOTAL_MEM: usize = 16 << 30;
+/// out-of-memory paths can be tested. A dry run ([`dry`]) reports an H100's 80 GB, so it can
+/// lay out the launches of models that would not fit here (its memory is never touched).
+pub(super) fn total_mem() -> usize {
+    if dry() {
+        80 << 30
+    } else {
+        16 << 30
+    }
+}
+
+/// `SMELT_EMU_DRY=1` (with the emulator): kernels and matmuls are not run, copies to the
+/// device and fills are skipped and copies to the host read zeros. What remains is every
+/// launch's kernel, grid, block and resources, in the order a real run queues them, at any
+/// model size in seconds: `smelt bench step|generate --profile` then prints how each launch
+/// would fill an H100 (`smelt_kernels::emu::take_dry_launches`). Results are meaningless.
+pub fn dry() -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENV.get_or_init(|| std::env::var("SMELT_EMU_DRY").as_deref() == Ok("1"))
+}
 
 static FORCED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -88,8 +105,10 @@ pub(super) fn malloc(bytes: usize) -> Result<u64> {
     }
     // The block ends as close to the guard page as 256-byte alignment allows.
     let ptr = (guard - bytes) & !(ALIGN - 1);
-    // SAFETY: [ptr, ptr + bytes) lies inside the writable part of the mapping.
-    unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xff, bytes) };
+    if !dry() {
+        // SAFETY: [ptr, ptr + bytes) lies inside the writable part of the mapping.
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xff, bytes) };
+    }
     Ok(ptr as u64)
 }
 
@@ -111,6 +130,9 @@ fn live() -> std::sync::MutexGuard<'static, BTreeMap<u64, (usize, usize)>> {
 /// A block of size class `class` at `ptr` now holds a tensor of `bytes`: the rest of the block,
 /// up to its guard page, becomes canary.
 pub(super) fn track(ptr: u64, bytes: usize, class: usize) {
+    if dry() {
+        return;
+    }
     let (_, _, guard) = mapping(ptr, class);
     let start = ptr as usize + bytes;
     // SAFETY: [start, guard) lies inside the block's writable mapping.
@@ -147,13 +169,29 @@ pub fn check_canary(ptr: u64) -> std::result::Result<(), String> {
 /// # Safety
 /// Both ranges are valid emulator memory (or host memory) of `bytes` bytes.
 pub(super) unsafe fn copy(src: u64, dst: u64, bytes: usize) {
-    std::ptr::copy(src as *const u8, dst as *mut u8, bytes);
+    if !dry() {
+        std::ptr::copy(src as *const u8, dst as *mut u8, bytes);
+    }
+}
+
+/// A copy to the host: in a dry run the host reads zeros.
+///
+/// # Safety
+/// As [`copy`].
+pub(super) unsafe fn copy_to_host(src: u64, dst: u64, bytes: usize) {
+    if dry() {
+        std::ptr::write_bytes(dst as *mut u8, 0, bytes);
+    } else {
+        copy(src, dst, bytes);
+    }
 }
 
 /// # Safety
 /// The range is valid emulator memory.
 pub(super) unsafe fn zero(ptr: u64, bytes: usize) {
-    std::ptr::write_bytes(ptr as *mut u8, 0, bytes);
+    if !dry() {
+        std::ptr::write_bytes(ptr as *mut u8, 0, bytes);
+    }
 }
 
 /// Reads `n` elements of `dtype` at `ptr` as f32.
@@ -185,6 +223,9 @@ pub(super) unsafe fn gemm_strided_batched(
     c: u64,
     stride_c: usize,
 ) -> Result<()> {
+    if dry() {
+        return Ok(());
+    }
     let (ea, ec) = (g.ab_dtype.size_in_bytes() as u64, g.c_dtype.size_in_bytes() as u64);
     let mut prod = vec![0f32; g.m * g.n];
     for i in 0..batch as u64 {

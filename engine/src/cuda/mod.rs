@@ -167,7 +167,7 @@ impl CudaDevice {
             pool: Mutex::new(alloc::Pool::default()),
             name: "smelt CUDA emulator (CPU; SMELT_CUDA_EMULATOR=1)".into(),
             compute_capability: (9, 0),
-            total_mem: emu::TOTAL_MEM,
+            total_mem: emu::total_mem(),
         }
     }
 
@@ -449,7 +449,7 @@ impl CudaDevice {
                 }
                 let Backend::Driver { stream, .. } = &self.backend else {
                     // SAFETY: range checked above.
-                    unsafe { emu::copy(src.ptr + offset as u64, out.as_mut_ptr() as u64, out.len()) };
+                    unsafe { emu::copy_to_host(src.ptr + offset as u64, out.as_mut_ptr() as u64, out.len()) };
                     return Ok(());
                 };
                 self.bind()?;

@@ -66,6 +66,26 @@ fn key_tiles(cu: &[u32], size: usize) -> Vec<u32> {
     tiles_by(cu, size, |len, s| len - s)
 }
 
+/// dK/dV blocks (key tile, KV head) backward v4 aims at before splitting a KV group's query
+/// heads over more blocks: 4 per SM of an H100, two waves at the two blocks an SM holds.
+const DKDV_TARGET_BLOCKS: usize = 4 * 132;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set the number of parts backward v4 splits a KV group's query heads into.
+    pub(super) static DKDV_PARTS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Parts backward v4 splits each KV group's `rep` query heads into, for `blocks` (key tile, KV
+/// head) blocks: enough that the blocks reach [`DKDV_TARGET_BLOCKS`], at most one head each.
+pub(super) fn dkdv_parts(blocks: usize, rep: usize) -> usize {
+    #[cfg(test)]
+    if let Some(p) = DKDV_PARTS.with(|p| p.get()) {
+        return p.clamp(1, rep.max(1));
+    }
+    DKDV_TARGET_BLOCKS.div_ceil(blocks.max(1)).clamp(1, rep.max(1))
+}
+
 /// Whether the tensor-core (mma.sync) kernels, forward and backward v2/v3, take these
 /// tensors: bf16, head_dim 64 or 128, and 16-byte aligned rows; otherwise only v1 can.
 fn tensor_cores_fit(dims: Dims, ts: &[&Tensor]) -> Result<bool> {
@@ -153,7 +173,7 @@ pub fn backward(
     const OP: &str = "attention_backward (cuda)";
     let suf = suffix(OP, q.dtype(), dims.head_dim)?;
     let tensor_cores = tensor_cores_fit(dims, &[q, k, v, o, d_o])?;
-    let version = crate::versions::pick("attention_backward", if tensor_cores { &[1, 2, 3] } else { &[1] })?;
+    let version = crate::versions::pick("attention_backward", if tensor_cores { &[1, 2, 3, 4] } else { &[1] })?;
     let t = q.dim(0);
     let dev = Device::Cuda(ord);
     let dq = Tensor::empty(q.shape(), q.dtype(), dev)?;
@@ -183,23 +203,46 @@ pub fn backward(
         Arg::Ptr(lse.cuda_ptr()?),
         Arg::Ptr(delta.cuda_ptr()?),
     ];
-    let (kv_tile, q_tile, tag) =
-        if version == 1 { (BWD_BK, BWD_BQ, String::new()) } else { (BWD_TC_TILE, BWD_TC_TILE, format!("v{version}_")) };
+    // v4 is v3 with the dK/dV heads split (below); its dQ kernel is v3's.
+    let (kv_tile, q_tile, tag) = match version {
+        1 => (BWD_BK, BWD_BQ, String::new()),
+        4 => (BWD_TC_TILE, BWD_TC_TILE, "v3_".to_string()),
+        v => (BWD_TC_TILE, BWD_TC_TILE, format!("v{v}_")),
+    };
     let kt = key_tiles(cu, kv_tile);
     let kt_d = upload(ord, &kt)?;
+    let key_blocks = kt.len() / 2;
+    let parts = if version == 4 { dkdv_parts(key_blocks * dims.n_kv_heads, dims.n_heads / dims.n_kv_heads) } else { 1 };
     let mut args = head.to_vec();
-    args.extend([
-        Arg::Ptr(kt_d.cuda_ptr()?),
-        Arg::Ptr(cu_d.cuda_ptr()?),
-        nt,
-        nh,
-        nkv,
-        Arg::F32(scale),
-        Arg::Ptr(dk.cuda_ptr()?),
-        Arg::Ptr(dv.cuda_ptr()?),
-    ]);
-    let cfg = LaunchCfg { grid: ((kt.len() / 2) as u32, dims.n_kv_heads as u32, 1), block: (128, 1, 1), smem: 0 };
-    launch(ord, &SRC, &format!("attn_bwd_dkdv_{tag}{suf}"), cfg, &args)?;
+    args.extend([Arg::Ptr(kt_d.cuda_ptr()?), Arg::Ptr(cu_d.cuda_ptr()?), nt, nh, nkv, Arg::F32(scale)]);
+    if parts == 1 {
+        let cfg = LaunchCfg { grid: (key_blocks as u32, dims.n_kv_heads as u32, 1), block: (128, 1, 1), smem: 0 };
+        args.extend([Arg::Ptr(dk.cuda_ptr()?), Arg::Ptr(dv.cuda_ptr()?)]);
+        launch(ord, &SRC, &format!("attn_bwd_dkdv_{tag}{suf}"), cfg, &args)?;
+    } else {
+        let blocks = u32::try_from(key_blocks * dims.n_kv_heads * parts)
+            .map_err(|_| Error::shape(OP, format!("{t} tokens need too many dK/dV blocks")))?;
+        let cfg = LaunchCfg { grid: (blocks, 1, 1), block: (128, 1, 1), smem: 0 };
+        // Every (token, KV head) row of each part is written: each part's blocks cover all key
+        // tiles of all sequences.
+        let n = k.elem_count();
+        let pdk = Tensor::empty(&[parts, n], DType::F32, dev)?;
+        let pdv = Tensor::empty(&[parts, n], DType::F32, dev)?;
+        args.extend([Arg::Ptr(pdk.cuda_ptr()?), Arg::Ptr(pdv.cuda_ptr()?), i32_arg(OP, parts)?]);
+        launch(ord, &SRC, &format!("attn_bwd_dkdv_v4_{suf}"), cfg, &args)?;
+        let groups = 2 * n / 4;
+        let cfg = LaunchCfg::for_items(groups, 256);
+        let cfg = LaunchCfg { grid: (cfg.grid.0.min(4 * 132 * 8), 1, 1), ..cfg };
+        let args = [
+            Arg::Ptr(pdk.cuda_ptr()?),
+            Arg::Ptr(pdv.cuda_ptr()?),
+            i32_arg(OP, parts)?,
+            Arg::I64(n as i64),
+            Arg::Ptr(dk.cuda_ptr()?),
+            Arg::Ptr(dv.cuda_ptr()?),
+        ];
+        launch(ord, &SRC, "attn_bwd_dkdv_reduce_bf16", cfg, &args)?;
+    }
 
     let qt = tiles(cu, q_tile);
     let qt_d = upload(ord, &qt)?;

@@ -39,7 +39,9 @@
 //!   loads and 32 query rows per warp at head_dim 64.
 //! - Backward: v1 tiled two-pass (dK/dV per KV tile, then dQ per Q tile; no atomics); v2 the same
 //!   two passes on `mma.sync` bf16 tensor cores; v3 those with cp.async staging (double-buffered
-//!   in dK/dV) and `ldmatrix` operands.
+//!   in dK/dV) and `ldmatrix` operands; v4 is v3 with a KV group's query heads split over more
+//!   dK/dV blocks when (key tile, KV head) blocks alone would not fill the GPU (f32 partials,
+//!   summed by a second kernel in a fixed order).
 //! - Decode: v1 split-K (flash-decoding) with a combine kernel; v2 the same split with all query
 //!   heads of a KV group in one block, so each cache row is read once (≤ 8 query heads per KV head).
 //!

@@ -477,6 +477,18 @@ fn forcing_a_tensor_core_version_on_f32_is_an_error() {
     assert!(e.contains("attention_backward") && e.contains("version 2"), "{e}");
 }
 
+#[cfg(feature = "cuda")]
+#[test]
+fn backward_v4_splits_heads_until_the_blocks_fill_an_h100() {
+    use super::cuda::dkdv_parts;
+    // Qwen2.5-0.5B, 8 × 1024 tokens: 16 key tiles × 8 sequences × 2 KV heads = 256 blocks.
+    assert_eq!(dkdv_parts(256, 7), 3);
+    assert_eq!(dkdv_parts(12, 7), 7, "at most one head per part");
+    assert_eq!(dkdv_parts(528, 7), 1, "blocks enough already: v3's kernel");
+    assert_eq!(dkdv_parts(4, 1), 1, "one head per KV head cannot split");
+    assert_eq!(dkdv_parts(0, 4), 4);
+}
+
 #[test]
 fn backward_device_matches_cpu() {
     let Some(dev) = test_cuda_device() else { return };
@@ -491,11 +503,22 @@ fn backward_device_matches_cpu() {
             let od = o.to_dtype(dt).unwrap().to_device(dev).unwrap();
             let [qd, kd, vd, dod] = c.tensors(dt, dev);
             let lsed = lse.to_device(dev).unwrap();
-            for &version in tensor_core_versions(dt, d, &[1, 2, 3]) {
+            // v4 at its own split (one head per part on these small shapes) and at 3 parts
+            // (uneven for 7 heads per KV head).
+            let runs = tensor_core_versions(dt, d, &[1, 2, 3, 4]).iter().flat_map(|&v| {
+                if v == 4 {
+                    vec![(v, None), (v, Some(3))]
+                } else {
+                    vec![(v, None)]
+                }
+            });
+            for (version, parts) in runs {
                 let _v = crate::versions::scoped("attention_backward", version);
+                super::cuda::DKDV_PARTS.with(|p| p.set(parts));
                 poison(dev, &[(q.shape(), dt), (k.shape(), dt), (v.shape(), dt)]);
                 let (dq, dk, dv) = attention_backward(&qd, &kd, &vd, &od, &lsed, &dod, &c.cu, None).unwrap();
-                let what = format!("bwd v{version} {dt} lens {lens:?} heads {nh}/{nkv} d {d}");
+                super::cuda::DKDV_PARTS.with(|p| p.set(None));
+                let what = format!("bwd v{version} (parts {parts:?}) {dt} lens {lens:?} heads {nh}/{nkv} d {d}");
                 close_to_cpu(&dq, &wq, dt, &format!("dq {what}"));
                 close_to_cpu(&dk, &wk, dt, &format!("dk {what}"));
                 close_to_cpu(&dv, &wv, dt, &format!("dv {what}"));

@@ -795,7 +795,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             } else {
                 let (o, lse) = attention::attention_forward(&q, &k, &v, &cu, None)?;
                 let d_o = rt(&[t, nh, d], 4)?;
-                for &ver in versions_on(device, &[1, 2, 3]) {
+                for &ver in versions_on(device, &[1, 2, 3, 4]) {
                     let (q, k, v, o, lse, d_o, cu) =
                         (q.clone(), k.clone(), v.clone(), o.clone(), lse.clone(), d_o.clone(), cu.clone());
                     push(
@@ -1456,6 +1456,7 @@ fn profile_run(device: Device, what: &str, work: impl FnOnce() -> Result<()>) ->
     use smelt_engine::cuda::profile;
     let Device::Cuda(i) = device else { bail!("--profile needs a CUDA device (got {device})") };
     let dev = smelt_engine::cuda::device(i)?;
+    smelt_kernels::emu::take_dry_launches();
     let ((run, wall_ms), rows) = profile::record(&dev, || {
         let t0 = Instant::now();
         let run = work().and_then(|_| Ok(synchronize(device)?));
@@ -1484,9 +1485,43 @@ fn profile_run(device: Device, what: &str, work: impl FnOnce() -> Result<()>) ->
         .map(|r| json!({"name": r.name, "calls": r.calls, "gpu_ms": r.gpu_ms, "host_ms": r.host_ms}))
         .collect();
     let gpu_ms = timed.then_some(gpu_ms);
-    Ok(
-        json!({"what": what, "wall_ms": wall_ms, "gpu_ms": gpu_ms, "host_ms": host_ms, "calls": calls, "operations": rows}),
-    )
+    let mut report = json!({"what": what, "wall_ms": wall_ms, "gpu_ms": gpu_ms, "host_ms": host_ms, "calls": calls, "operations": rows});
+    if smelt_engine::cuda::emu::dry() {
+        report["launch_fill"] =
+            print_launch_fill(&smelt_kernels::emu::launch_fill(&smelt_kernels::emu::take_dry_launches()));
+    }
+    Ok(report)
+}
+
+/// Prints a dry run's launches per kernel (`SMELT_EMU_DRY=1`): how they would fill an H100.
+#[cfg(feature = "cuda")]
+fn print_launch_fill(fill: &[smelt_kernels::emu::LaunchFill]) -> Value {
+    let sms = smelt_kernels::emu::H100_SMS;
+    println!("  launch fill (dry run; waves = blocks / (resident blocks per SM × {sms} SMs), sm_90 resources)");
+    println!(
+        "  {:<52} {:>6} {:>7} {:>5} {:>6} {:>17} {:>15}",
+        "kernel", "calls", "threads", "regs", "blk/SM", "blocks", "waves"
+    );
+    let opt = |v: Option<u32>| v.map_or("-".into(), |v| v.to_string());
+    let range = |(lo, hi): (f64, f64)| if lo == hi { format!("{lo:.2}") } else { format!("{lo:.2}–{hi:.2}") };
+    for f in fill {
+        let blocks =
+            if f.blocks.0 == f.blocks.1 { f.blocks.0.to_string() } else { format!("{}–{}", f.blocks.0, f.blocks.1) };
+        let waves = f.waves.map_or("-".into(), range);
+        println!(
+            "  {:<52} {:>6} {:>7} {:>5} {:>6} {blocks:>17} {waves:>15}",
+            f.kernel,
+            f.launches,
+            f.threads,
+            opt(f.registers),
+            opt(f.blocks_per_sm)
+        );
+    }
+    json!(fill
+        .iter()
+        .map(|f| json!({"kernel": f.kernel, "launches": f.launches, "threads": f.threads, "registers": f.registers,
+            "blocks_per_sm": f.blocks_per_sm, "blocks": [f.blocks.0, f.blocks.1], "waves": f.waves.map(|w| [w.0, w.1])}))
+        .collect::<Vec<_>>())
 }
 
 #[cfg(not(feature = "cuda"))]
