@@ -294,22 +294,15 @@ pub fn launch(src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> R
     if cfg.smem > 0 {
         return Err(fail(format!("{}::{func}: dynamic shared memory ({} bytes) is not emulated", src.name, cfg.smem)));
     }
+    if smelt_engine::cuda::emu::dry() {
+        return dry_launch(src, func, cfg);
+    }
     let prep = prepared(src)?;
     if let Some(table) = &prep.resources {
         let threads = cfg.block.0 * cfg.block.1 * cfg.block.2;
         for (arch, r) in table.get(func).into_iter().flatten() {
             r.check_launch(arch, threads, cfg.smem).map_err(|e| fail(format!("{}::{e}", src.name)))?;
         }
-    }
-    if smelt_engine::cuda::emu::dry() {
-        let sm90 = prep
-            .resources
-            .as_ref()
-            .and_then(|t| t.get(func))
-            .and_then(|rows| rows.iter().find(|(arch, _)| *arch == "sm_90").map(|(_, r)| r.clone()));
-        let mut log = DRY_LAUNCHES.lock().unwrap_or_else(|p| p.into_inner());
-        log.push(DryLaunch { kernel: format!("{}::{func}", src.name), cfg, resources: sm90 });
-        return Ok(());
     }
     let sym = format!("smelt_emu_launch_{func}");
     // SAFETY: every `smelt_emu_launch_*` symbol is an SMELT_EMU_EXPORT wrapper with this signature.
@@ -358,6 +351,26 @@ pub struct DryLaunch {
 }
 
 static DRY_LAUNCHES: Mutex<Vec<DryLaunch>> = Mutex::new(Vec::new());
+
+/// A dry run's launch: checked against the kernel's resources and logged, not run (the
+/// kernel's host library is never built; the resources come from NVRTC, cached on disk).
+fn dry_launch(src: &KernelSource, func: &str, cfg: LaunchCfg) -> Result<()> {
+    static TABLES: OnceLock<Mutex<HashMap<&'static str, Option<Arc<Resources>>>>> = OnceLock::new();
+    let table = {
+        let mut map = TABLES.get_or_init(Default::default).lock().map_err(|_| Error::msg("dry run lock"))?;
+        map.entry(src.name).or_insert_with(|| resources(src).map(Arc::new)).clone()
+    };
+    let rows = table.as_ref().and_then(|t| t.get(func));
+    let threads = cfg.block.0 * cfg.block.1 * cfg.block.2;
+    for (arch, r) in rows.into_iter().flatten() {
+        r.check_launch(arch, threads, cfg.smem)
+            .map_err(|e| Error::Cuda { op: "kernel launch (dry run)", detail: format!("{}::{e}", src.name) })?;
+    }
+    let sm90 = rows.and_then(|rows| rows.iter().find(|(arch, _)| *arch == "sm_90").map(|(_, r)| r.clone()));
+    let mut log = DRY_LAUNCHES.lock().unwrap_or_else(|p| p.into_inner());
+    log.push(DryLaunch { kernel: format!("{}::{func}", src.name), cfg, resources: sm90 });
+    Ok(())
+}
 
 /// The launches of the dry run since the last call, in launch order.
 pub fn take_dry_launches() -> Vec<DryLaunch> {

@@ -107,3 +107,33 @@ fn bench_generate_tiny_and_bad_flags() {
         assert!(err.contains("--op") || err.contains("--shape") || err.contains("--batch"), "{bad:?}: {err}");
     }
 }
+
+/// The emulator's dry run lays out a Qwen2.5-0.5B-shaped step in seconds: the profile's
+/// `launch_fill` lists each kernel's launches and blocks as the launchers chose them.
+#[cfg(feature = "cuda")]
+#[test]
+fn dry_run_reports_launch_fill_at_a_real_shape() {
+    let path = tmp_json("dry");
+    let out = Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["bench", "step", "--device", "cuda", "--shape", "qwen2.5-0.5b", "--batch", "1", "--seq", "128"])
+        .args(["--steps", "1", "--warmup", "0", "--profile", "--json"])
+        .arg(&path)
+        .env("SMELT_CUDA_EMULATOR", "1")
+        .env("SMELT_EMU_DRY", "1")
+        .env("SMELT_NUM_THREADS", "2")
+        .output()
+        .expect("run smelt");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("launch fill (dry run"), "{stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let fill = v["profile"]["launch_fill"].as_array().expect("launch_fill rows");
+    let row = |k: &str| fill.iter().find(|r| r["kernel"] == k).unwrap_or_else(|| panic!("no {k} in {fill:?}"));
+    // 24 layers; 128 tokens are one 128-row query tile per head (14 heads).
+    let fwd = row("attention::attn_fwd_v3_bf16_d64");
+    assert_eq!((fwd["launches"].as_u64(), fwd["blocks"][0].as_u64()), (Some(24), Some(14)), "{fwd}");
+    // 2 key tiles × 2 KV heads = 4 blocks, far from filling an H100: 7 parts, one head each.
+    let dkdv = row("attention::attn_bwd_dkdv_v4_bf16_d64");
+    assert_eq!((dkdv["launches"].as_u64(), dkdv["blocks"][0].as_u64()), (Some(24), Some(28)), "{dkdv}");
+}
