@@ -355,7 +355,8 @@ static DRY_LAUNCHES: Mutex<Vec<DryLaunch>> = Mutex::new(Vec::new());
 /// A dry run's launch: checked against the kernel's resources and logged, not run (the
 /// kernel's host library is never built; the resources come from NVRTC, cached on disk).
 fn dry_launch(src: &KernelSource, func: &str, cfg: LaunchCfg) -> Result<()> {
-    static TABLES: OnceLock<Mutex<HashMap<&'static str, Option<Arc<Resources>>>>> = OnceLock::new();
+    type Tables = Mutex<HashMap<&'static str, Option<Arc<Resources>>>>;
+    static TABLES: OnceLock<Tables> = OnceLock::new();
     let table = {
         let mut map = TABLES.get_or_init(Default::default).lock().map_err(|_| Error::msg("dry run lock"))?;
         map.entry(src.name).or_insert_with(|| resources(src).map(Arc::new)).clone()
