@@ -165,7 +165,11 @@ impl CudaDevice {
             ordinal: 0,
             backend: Backend::Emulator,
             pool: Mutex::new(alloc::Pool::default()),
-            name: "smelt CUDA emulator (CPU; SMELT_CUDA_EMULATOR=1)".into(),
+            name: if emu::dry() {
+                "smelt CUDA emulator, dry run (SMELT_EMU_DRY=1: no kernel runs, times are not measurements)".into()
+            } else {
+                "smelt CUDA emulator (CPU; SMELT_CUDA_EMULATOR=1)".into()
+            },
             compute_capability: (9, 0),
             total_mem: emu::total_mem(),
         }

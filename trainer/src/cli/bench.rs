@@ -530,6 +530,10 @@ fn causal_pairs(cu: &[u32]) -> f64 {
     cu.windows(2).map(|w| (w[1] - w[0]) as f64).map(|s| s * (s + 1.0) / 2.0).sum()
 }
 
+/// Head row tile whose f32 logits chunk (× the default 4096 columns) fits a quarter of an
+/// H100's L2 (see the fused head's cases).
+const L2_ROW_TILE: usize = 1024;
+
 /// Builds the benchmark for one op at one model shape and token count.
 fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: bool, exact: bool) -> Result<Vec<Case>> {
     let dt = if device.is_cpu() { DType::F32 } else { DType::BF16 };
@@ -844,41 +848,66 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let io = ((n * h + ks.vocab * h) as f64) * es;
             let desc = format!("{} N={n} h[{n},{h}] W[{},{h}]", ks.name, ks.vocab);
             let opts = head::LogprobEntropyOpts::default();
+            // On CUDA the head runs all rows as one tile by default, so a chunk's f32 logits
+            // (N × 4096 × 4 B: 134 MB at N = 8192) go to HBM and back. The second case tiles
+            // the rows so that a tile's logits (1024 × 4096 × 4 B = 16 MiB) can stay in an
+            // H100's 50 MB L2 between the GEMM that writes them and the scan that reads them,
+            // at 8× the launches: which wins is for the GPU to say.
+            let l2_tile = head::LogprobEntropyOpts { row_tile: Some(L2_ROW_TILE), ..opts };
+            let tilings: Vec<(head::LogprobEntropyOpts, String)> = if device.is_cpu() || n <= L2_ROW_TILE {
+                vec![(opts, desc.clone())]
+            } else {
+                vec![(opts, desc.clone()), (l2_tile, format!("{desc} row tile {L2_ROW_TILE}"))]
+            };
             if op == "logprob_entropy_fused_fwd" {
                 // The forward scan's versions (logprob_entropy.cu: v3 per element, v4 grouped).
                 let vers = versions_on(device, &[3, 4]);
-                for &ver in vers {
-                    let (hid, w, tg) = (hid.clone(), w.clone(), tg.clone());
-                    push(
-                        desc.clone(),
-                        ver,
-                        io,
-                        2.0 * nvh,
-                        Bound::Compute,
-                        Box::new(move || {
-                            pinned("logprob_entropy", ver, || head::logprob_entropy(&hid, &w, &tg, 1.0, &opts))
-                        }),
-                    );
+                for (opts, desc) in &tilings {
+                    for &ver in vers {
+                        let (hid, w, tg, opts) = (hid.clone(), w.clone(), tg.clone(), *opts);
+                        push(
+                            desc.clone(),
+                            ver,
+                            io,
+                            2.0 * nvh,
+                            Bound::Compute,
+                            Box::new(move || {
+                                pinned("logprob_entropy", ver, || head::logprob_entropy(&hid, &w, &tg, 1.0, &opts))
+                            }),
+                        );
+                    }
                 }
             } else {
                 let f = head::logprob_entropy(&hid, &w, &tg, 1.0, &opts)?;
                 let gl = rand_tensor(&[n], DType::F32, device, 0.0, 0.01, seed ^ 3)?;
                 let ge = rand_tensor(&[n], DType::F32, device, 0.0, 0.01, seed ^ 4)?;
                 let dw = Tensor::zeros(&[ks.vocab, h], DType::F32, device)?;
-                push(
-                    desc,
-                    1,
-                    io + (n * h + ks.vocab * h) as f64 * 4.0 * 2.0,
-                    // Recomputing the logits (2NVH) plus dh and dW (4NVH).
-                    6.0 * nvh,
-                    Bound::Compute,
-                    Box::new(move || {
-                        head::logprob_entropy_backward_acc(
-                            &hid, &w, &tg, 1.0, &f.lse, &f.entropy, &gl, &ge, &dw, &opts,
-                        )?;
-                        Ok(())
-                    }),
-                );
+                for (opts, desc) in tilings {
+                    let (hid, w, tg, f_lse, f_ent, gl, ge, dw) = (
+                        hid.clone(),
+                        w.clone(),
+                        tg.clone(),
+                        f.lse.clone(),
+                        f.entropy.clone(),
+                        gl.clone(),
+                        ge.clone(),
+                        dw.clone(),
+                    );
+                    push(
+                        desc,
+                        1,
+                        io + (n * h + ks.vocab * h) as f64 * 4.0 * 2.0,
+                        // Recomputing the logits (2NVH) plus dh and dW (4NVH).
+                        6.0 * nvh,
+                        Bound::Compute,
+                        Box::new(move || {
+                            head::logprob_entropy_backward_acc(
+                                &hid, &w, &tg, 1.0, &f_lse, &f_ent, &gl, &ge, &dw, &opts,
+                            )?;
+                            Ok(())
+                        }),
+                    );
+                }
             }
         }
         "logprob_entropy_logits_fwd" | "logprob_entropy_logits_bwd" => {
