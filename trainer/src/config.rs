@@ -151,6 +151,9 @@ pub struct LaserConfig {
     /// Prompts in the monitor set, and K samples for each.
     pub monitor_size: usize,
     pub monitor_samples: usize,
+    /// LASER-DE's repetition rule: `runs` (back-to-back copies of a block, ours) or `ngram`
+    /// (the n-gram detector of LASER's released code, to reproduce the paper).
+    pub repetition: String,
 }
 
 /// PEAR phase-entropy reward.
@@ -326,6 +329,7 @@ impl Default for LaserConfig {
             monitor_every: 20,
             monitor_size: 16,
             monitor_samples: 8,
+            repetition: "runs".into(),
         }
     }
 }
@@ -533,6 +537,9 @@ impl TrainConfig {
         if kind.is_laser() {
             pos("laser.target_length", self.laser.target_length)?;
         }
+        if kind == RewardKind::LaserDe {
+            self.laser_repetition()?;
+        }
         if kind == RewardKind::Dro {
             self.dro_weighting()?;
             if self.dro.filter {
@@ -641,6 +648,10 @@ impl TrainConfig {
 
     pub fn scale(&self) -> Result<crate::advantage::ScaleRewards> {
         self.scale_rewards.parse().map_err(|e| anyhow::anyhow!("scale_rewards = {:?}: {e}", self.scale_rewards))
+    }
+
+    pub fn laser_repetition(&self) -> Result<crate::reward::laser::RepetitionRule> {
+        self.laser.repetition.parse().map_err(|e| anyhow::anyhow!("laser.repetition = {e}"))
     }
 
     pub fn dro_weighting(&self) -> Result<crate::reward::dro::R3Weighting> {
@@ -771,6 +782,8 @@ mod tests {
         assert!(err("model = \"m\"\n", &["adam_epsilon=0"]).contains("adam_epsilon"));
         assert!(err("model = \"m\"\n", &["weight_decay=-1"]).contains("weight_decay"));
         assert!(err("model = \"m\"\n", &["laser.alpha=nan"]).contains("laser.alpha"));
+        let e = err("model = \"m\"\n", &["reward=\"laser_de\"", "laser.repetition=\"verl\""]);
+        assert!(e.contains("laser.repetition") && e.contains("ngram"), "{e}");
         let e = err("model = \"m\"\n[rubric]\njudge_command = [\"python3\", \"j.py\"]\n", &[]);
         assert!(e.contains("rubric.judge_command") && e.contains("\"accuracy\""), "{e}");
         assert!(err("model = \"m\"\n", &["num_generations=1", "generation_batch_size=4"]).contains("num_generations"));

@@ -742,13 +742,14 @@ impl Trainer {
             RewardKind::Accuracy => {}
             RewardKind::Laser | RewardKind::LaserD | RewardKind::LaserDe => {
                 let mode: laser::LengthShaping = self.cfg.reward.parse().map_err(|e| anyhow::anyhow!("reward: {e}"))?;
+                let rule = self.cfg.laser_repetition()?;
                 for chunk in rs.chunks_mut(g) {
                     let correct = chunk.iter().filter(|r| r.outcome.is_correct()).count();
                     let d = Difficulty::from_counts(correct, chunk.len());
                     let target =
                         if mode.is_adaptive() { self.laser_targets.get(d) } else { self.cfg.laser.target_length };
                     for r in chunk.iter_mut() {
-                        let repetitive = mode.needs_repetition_check() && laser::is_repetitive(&r.gen.ids[..r.len]);
+                        let repetitive = mode.needs_repetition_check() && rule.is_repetitive(&r.gen.ids[..r.len]);
                         let shaped = laser::shaped_reward(
                             r.reward,
                             r.outcome,

@@ -6,7 +6,8 @@
 //! - LASER-D: the target L_A depends on the prompt's difficulty bucket (from its group's
 //!   accuracy) and is re-chosen from monitor rollouts ([`adapt_targets`]).
 //! - LASER-DE: as LASER-D, plus +α for an incorrect output longer than its target unless the
-//!   output is repetitive ([`is_repetitive`]).
+//!   output is repetitive ([`RepetitionRule`]: [`is_repetitive`], ours, or
+//!   [`is_repetitive_ngram`], the released code's).
 //!
 //! Bad-format outputs (truncated, no answer) never get a length bonus: the official code only
 //! shapes scores of exactly +1 (correct) and −0.5 (incorrect), so they stay at −1.
@@ -387,10 +388,10 @@ pub fn adapt_targets(monitor: &[Vec<MonitorResponse>], search: &TargetSearch) ->
 /// tokens. For p = 2–4 this is ALGORITHMS.md's repeated n-gram; longer periods catch the
 /// sentence- and paragraph-level loops that degenerate rollouts usually fall into.
 ///
-/// Why not the official detector (`detect_token_ngram_repetition_optimized_reversed`): it
-/// flags a sequence when any 4-gram occurs 3 times with two occurrences closer than a third of
-/// the length, which almost every long, healthy reasoning trace satisfies ("Let me check …").
-/// Here only back-to-back copies count.
+/// Why not the official detector by default ([`is_repetitive_ngram`], `laser.repetition =
+/// "ngram"`): it flags a sequence when any 4-gram occurs 3 times with two occurrences closer
+/// than a third of the length, which almost every long, healthy reasoning trace satisfies
+/// ("Let me check …"). Here only back-to-back copies count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RepetitionConfig {
     /// Longest block length (period) considered. Default 256.
@@ -422,6 +423,90 @@ pub fn is_repetitive_with(tokens: &[u32], cfg: &RepetitionConfig) -> bool {
 /// the sequence is not repetitive under `cfg`. Useful for logging how much of an output is loop.
 pub fn repetition_start(tokens: &[u32], cfg: &RepetitionConfig) -> Option<usize> {
     scan_repetition(tokens, cfg, false)
+}
+
+/// Which repetition rule LASER-DE applies (`laser.repetition` in the trainer's config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RepetitionRule {
+    /// Back-to-back copies of a block ([`is_repetitive`]; ours, the default).
+    #[default]
+    Runs,
+    /// The n-gram detector of LASER's released code ([`is_repetitive_ngram`]), for runs that
+    /// reproduce the paper.
+    Ngram,
+}
+
+impl FromStr for RepetitionRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "runs" => Ok(RepetitionRule::Runs),
+            "ngram" => Ok(RepetitionRule::Ngram),
+            other => Err(format!("{other:?}: expected runs (ours) or ngram (LASER's released detector)")),
+        }
+    }
+}
+
+impl RepetitionRule {
+    /// Whether `tokens` (a response, without its stop token) is repetitive under this rule.
+    pub fn is_repetitive(self, tokens: &[u32]) -> bool {
+        match self {
+            RepetitionRule::Runs => is_repetitive(tokens),
+            RepetitionRule::Ngram => is_repetitive_ngram(tokens),
+        }
+    }
+}
+
+/// The rule of LASER's released code (`detect_token_ngram_repetition_optimized_reversed` in
+/// `verl/utils/reward_score/compute_unique_tokens.py`, as its length penalty calls it), restated:
+///
+/// - responses of at most 12 tokens are never repetitive (the caller's n = 6, doubled);
+/// - n-grams of n = 2 below 30 tokens, 3 below 100, else 4; an n-gram of one token repeated
+///   (n > 2) is skipped;
+/// - scanning start positions from the end, a response is repetitive as soon as some n-gram has
+///   occurred at least 2 times (responses under 200 tokens) or 3 times, with two consecutive
+///   occurrences less than ⌊len/3⌋ apart;
+/// - failing that, when len ≥ 4n, it is repetitive if any 2n-gram occurs twice (anywhere).
+///
+/// It flags most long reasoning traces that revisit a phrase ("Let me check"), which is why it
+/// is not the default ([`RepetitionRule`]).
+pub fn is_repetitive_ngram(tokens: &[u32]) -> bool {
+    use std::collections::{HashMap, HashSet};
+    let len = tokens.len();
+    if len <= 12 {
+        return false;
+    }
+    let n = if len < 30 {
+        2
+    } else if len < 100 {
+        3
+    } else {
+        4
+    };
+    let threshold = if len < 200 { 2 } else { 3 };
+    let close = len / 3;
+    let mut seen: HashMap<&[u32], Vec<usize>> = HashMap::new();
+    for i in (0..=len - n).rev() {
+        let gram = &tokens[i..i + n];
+        if n > 2 && gram.iter().all(|&t| t == gram[0]) {
+            continue;
+        }
+        let at = seen.entry(gram).or_default();
+        // Scanned from the end, so positions arrive in decreasing order.
+        at.push(i);
+        if at.len() >= threshold && at.windows(2).any(|w| w[0] - w[1] < close) {
+            return true;
+        }
+    }
+    if len >= 4 * n {
+        let mut patterns: HashSet<&[u32]> = HashSet::new();
+        for i in (0..=len - 2 * n).rev() {
+            if !patterns.insert(&tokens[i..i + 2 * n]) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// O(len · max_period): for each period p, the length of the current run of positions i with
@@ -668,6 +753,42 @@ mod tests {
                 ((seed >> 33) % vocab as u64) as u32
             })
             .collect()
+    }
+
+    #[test]
+    fn laser_released_ngram_rule() {
+        // Distinct tokens, then a phrase revisited: flagged by the n-gram rule only.
+        let distinct: Vec<u32> = (100..400).collect();
+        let mut revisit = distinct.clone();
+        for at in [10, 60, 110] {
+            revisit[at..at + 4].copy_from_slice(&[1, 2, 3, 4]);
+        }
+        assert!(!is_repetitive_ngram(&distinct));
+        assert!(is_repetitive_ngram(&revisit), "a 4-gram 3 times, 50 tokens apart, in 300 tokens");
+        assert!(!is_repetitive(&revisit), "no back-to-back copies");
+        // The same three occurrences 120 apart (⌊300/3⌋ = 100 is the limit), no 8-gram twice.
+        let mut far = distinct.clone();
+        for at in [0, 120, 240] {
+            far[at..at + 4].copy_from_slice(&[1, 2, 3, 4]);
+        }
+        assert!(!is_repetitive_ngram(&far));
+        // Under 200 tokens two occurrences suffice.
+        let mut twice: Vec<u32> = (100..250).collect();
+        for at in [20, 60] {
+            twice[at..at + 4].copy_from_slice(&[1, 2, 3, 4]);
+        }
+        assert!(is_repetitive_ngram(&twice));
+        // Up to 12 tokens nothing is repetitive; at 13 a bigram twice, 2 apart, is.
+        assert!(!is_repetitive_ngram(&[1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2]));
+        assert!(is_repetitive_ngram(&[1, 2, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13]));
+        // One token repeated: its 3-grams are skipped, but its 6-grams repeat.
+        assert!(is_repetitive_ngram(&[7; 60]));
+        // A loop is repetitive under both rules.
+        let looped: Vec<u32> = (0..120).map(|i| [5, 6, 7][i % 3]).collect();
+        assert!(is_repetitive_ngram(&looped) && is_repetitive(&looped));
+        assert_eq!("ngram".parse::<RepetitionRule>(), Ok(RepetitionRule::Ngram));
+        assert!(RepetitionRule::Runs.is_repetitive(&looped) && !RepetitionRule::Runs.is_repetitive(&revisit));
+        assert!("verl".parse::<RepetitionRule>().unwrap_err().contains("runs"));
     }
 
     #[test]
