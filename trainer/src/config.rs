@@ -142,9 +142,11 @@ pub struct TrainConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LaserConfig {
     pub alpha: f32,
-    /// L_T: the (initial) target length in tokens.
+    /// L_T: the (initial) target length in tokens. Default 128 (ours, sized for the default
+    /// 256-token completion budget; the paper's targets are in the thousands at 8k–32k budgets).
     pub target_length: usize,
-    /// I: the step between candidate targets of LASER-D.
+    /// I: the step between candidate targets of LASER-D. Default 32 (ours, for the same reason;
+    /// the paper's code steps by 1024).
     pub target_interval: usize,
     /// Re-estimate the difficulty-bucket targets every this many steps (LASER-D/-DE).
     pub monitor_every: usize,
