@@ -51,10 +51,14 @@ impl Tensor {
     /// A zero-filled tensor.
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
         let bytes = elem_count(shape) * dtype.size_in_bytes();
-        match device {
-            Device::Cpu => Ok(Self::from_storage(Storage::alloc(device, bytes)?, shape, dtype)),
-            _ => Self::from_storage_bytes(&vec![0u8; bytes], shape, dtype, device),
+        let storage = Storage::alloc(device, bytes)?;
+        // CPU storage comes zeroed; device memory is filled on the stream (no host buffer, and
+        // a graph capture can hold it).
+        #[cfg(feature = "cuda")]
+        if let Storage::Cuda(s) = &storage {
+            s.device().memset_zero(s.ptr(), bytes)?;
         }
+        Ok(Self::from_storage(storage, shape, dtype))
     }
 
     /// A tensor whose contents are unspecified (zero on CPU; whatever the allocator held on

@@ -18,6 +18,7 @@
 //! CUDA: head_dim ≤ 256 (any even head_dim on CPU). One kernel version (thread mapping in
 //! `attention_inputs.cu`).
 
+use crate::Indices;
 use smelt_engine::{bf16, DType, Device, Error, Result, Tensor, WithDType};
 
 use crate::attention::{check_cache_rows, check_caches};
@@ -46,7 +47,8 @@ pub struct CacheAppend<'a> {
     /// `[n_slots, max_len, n_kv, d]` each.
     pub k_cache: &'a Tensor,
     pub v_cache: &'a Tensor,
-    pub slots: &'a [u32],
+    /// One per token.
+    pub slots: Indices<'a>,
 }
 
 /// The projections attention_inputs starts from.
@@ -61,14 +63,16 @@ pub enum Qkv<'a> {
 /// From the projections (unbiased) to attention's inputs `(q, k, v)`, shaped `[T, heads, d]`:
 /// biased, head-normed (when given), q and k rotated to `positions` (one per token); with
 /// `cache`, k and v are also written into it.
-pub fn attention_inputs(
+/// Device `positions` and slots ([`Indices::Device`]) are not value-checked.
+pub fn attention_inputs<'p>(
     qkv: Qkv,
     extras: &Extras,
     rope: &RopeTable,
-    positions: &[u32],
+    positions: impl Into<Indices<'p>>,
     cache: Option<CacheAppend>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "attention_inputs";
+    let positions: Indices = positions.into();
     let d = rope.head_dim();
     let (q, k, v, nh, nkv) = match qkv {
         Qkv::Separate(q, k, v) => {
@@ -141,7 +145,10 @@ pub fn attention_inputs(
             c.k_cache.shape(),
             c.k_cache.dtype()
         );
-        check_cache_rows(OP, c.k_cache, t, c.slots, positions)?;
+        crate::ensure_shape!(c.slots.len() == t, "attention_inputs", "{} cache slots for {t} tokens", c.slots.len());
+        if let (Some(slots), Some(pos)) = (c.slots.host(), positions.host()) {
+            check_cache_rows(OP, c.k_cache, t, slots, pos)?;
+        }
         if [q, k, v].iter().any(|x| x.same_storage(c.k_cache) || x.same_storage(c.v_cache)) {
             return Err(Error::shape(OP, "the caches must not share storage with q, k or v"));
         }
@@ -154,7 +161,8 @@ pub fn attention_inputs(
     }
     match q.device() {
         Device::Cpu => {
-            let pos = Tensor::from_slice(positions, &[t], Device::Cpu)?;
+            let positions = positions.values()?;
+            let pos = Tensor::from_slice(&positions, &[t], Device::Cpu)?;
             let stage = |x: &Tensor, heads: usize, bias: Option<&Tensor>, norm: Option<&Tensor>, rotate: bool| {
                 let y = Tensor::empty(&[t, heads, d], dt, Device::Cpu)?;
                 y.copy_from(&x.reshape(&[t, heads, d])?)?;
@@ -178,7 +186,7 @@ pub fn attention_inputs(
             let ko = stage(&k, nkv, extras.k_bias, extras.k_norm, true)?;
             let vo = stage(&v, nkv, extras.v_bias, None, false)?;
             if let Some(c) = cache {
-                crate::attention::kv_cache_append(c.k_cache, c.v_cache, &ko, &vo, c.slots, positions)?;
+                crate::attention::kv_cache_append(c.k_cache, c.v_cache, &ko, &vo, &c.slots.values()?, &positions)?;
             }
             Ok((qo, ko, vo))
         }
@@ -226,7 +234,6 @@ fn split_columns(x: &Tensor, widths: &[usize; 3]) -> Result<(Tensor, Tensor, Ten
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use crate::cuda::upload;
     use crate::cuda::{launch, Arg, LaunchCfg};
 
     /// Most head_dim the kernel takes (`AI_MAX_PAIRS` pairs per lane).
@@ -241,7 +248,7 @@ mod cuda {
         extras: &Extras,
         norm_dt: DType,
         rope: &RopeTable,
-        positions: &[u32],
+        positions: Indices,
         cache: Option<CacheAppend>,
         (t, nh, nkv, d): (usize, usize, usize, usize),
     ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -261,9 +268,11 @@ mod cuda {
         let func = format!("attention_inputs_{}_{}", name(dt), name(norm_dt));
         let es = dt.size_in_bytes();
         let ptr = |x: Option<&Tensor>| x.map(Tensor::cuda_ptr).transpose().map(|p| p.unwrap_or(0));
-        let pos_d = upload(ord, positions)?;
+        let pos_d = positions.on_device(OP, ord)?;
         let (kc, vc, slots_d, max_len) = match &cache {
-            Some(c) => (c.k_cache.cuda_ptr()?, c.v_cache.cuda_ptr()?, Some(upload(ord, c.slots)?), c.k_cache.dim(1)),
+            Some(c) => {
+                (c.k_cache.cuda_ptr()?, c.v_cache.cuda_ptr()?, Some(c.slots.on_device(OP, ord)?), c.k_cache.dim(1))
+            }
             None => (0, 0, None, 0),
         };
         let warps = t * (nh + 2 * nkv);
@@ -490,7 +499,7 @@ mod tests {
                 let run = |qkv: Qkv| {
                     let (kc, vc) = (cache(), cache());
                     drop(Tensor::full(f64::NAN, &[t * (nh + 2 * nkv) * d], dt, dev).unwrap());
-                    let to_cache = CacheAppend { k_cache: &kc, v_cache: &vc, slots: &slots };
+                    let to_cache = CacheAppend { k_cache: &kc, v_cache: &vc, slots: (&slots).into() };
                     let (q, k, v) = attention_inputs(qkv, &extras(&opt_d), &rope_d, &c.pos, Some(to_cache)).unwrap();
                     ([q, k, v], kc, vc)
                 };
@@ -617,7 +626,7 @@ mod tests {
         assert!(e.contains("k_norm is f32 but the other head norm is bf16"), "{e}");
         let slots = [0u32, 1, 1];
         let with_cache = |kc: &Tensor, vc: &Tensor, pos: &[u32]| {
-            run(&q, &k, &Extras::default(), pos, Some(CacheAppend { k_cache: kc, v_cache: vc, slots: &slots }))
+            run(&q, &k, &Extras::default(), pos, Some(CacheAppend { k_cache: kc, v_cache: vc, slots: (&slots).into() }))
         };
         let (kc, vc) = (z(&[2, 4, 1, 8]), z(&[2, 4, 1, 8]));
         let e = with_cache(&kc, &vc, &[0, 1, 4]);

@@ -568,6 +568,13 @@ impl Module {
 /// only read them): one drain of the GPU per list per step instead of one per layer.
 pub(crate) fn upload(ord: usize, v: &[u32]) -> Result<smelt_engine::Tensor> {
     const KEEP: usize = 8;
+    if device(ord)?.is_capturing() {
+        // Even a memo hit would bake this step's values into the graph.
+        return Err(Error::Cuda {
+            op: "graph capture",
+            detail: format!("a host index list ({} values) cannot be captured: pass it as a device tensor", v.len()),
+        });
+    }
     static RECENT: Mutex<Vec<(usize, Vec<u32>, smelt_engine::Tensor)>> = Mutex::new(Vec::new());
     let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(i) = recent.iter().position(|(o, list, _)| *o == ord && list == v) {
@@ -584,7 +591,7 @@ pub(crate) fn upload(ord: usize, v: &[u32]) -> Result<smelt_engine::Tensor> {
     Ok(t)
 }
 
-pub fn launch(ordinal: usize, src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
+pub fn launch(ordinal: usize, src: &'static KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
     let dev = device(ordinal)?;
     smelt_engine::cuda::profile::timed(
         &dev,
@@ -593,8 +600,18 @@ pub fn launch(ordinal: usize, src: &KernelSource, func: &str, cfg: LaunchCfg, ar
     )
 }
 
-fn launch_on(dev: &Arc<CudaDevice>, src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
+fn launch_on(
+    dev: &Arc<CudaDevice>,
+    src: &'static KernelSource,
+    func: &str,
+    cfg: LaunchCfg,
+    args: &[Arg],
+) -> Result<()> {
     if dev.is_emulated() {
+        let (f, a) = (func.to_string(), args.to_vec());
+        if dev.emu_record(|| Box::new(move || crate::emu::launch(src, &f, cfg, &a))) {
+            return Ok(());
+        }
         return crate::emu::launch(src, func, cfg, args);
     }
     let module = module(dev, src)?;
@@ -618,7 +635,7 @@ fn launch_on(dev: &Arc<CudaDevice>, src: &KernelSource, func: &str, cfg: LaunchC
             detail: format!("{}::{func} grid {g:?} block {b:?} smem {}: {}", src.name, cfg.smem, drv_msg(e)),
         }
     })?;
-    if smelt_engine::cuda::sync_after_launch() {
+    if smelt_engine::cuda::sync_after_launch() && !dev.is_capturing() {
         dev.stream()?.synchronize().map_err(|e| Error::Cuda {
             op: "kernel",
             detail: format!("{}::{func} grid {g:?} block {b:?} failed: {}", src.name, drv_msg(e)),

@@ -41,6 +41,33 @@ pub fn embedding_from_host(ids: &[u32], table: &Tensor) -> Result<Tensor> {
     gather(&Tensor::from_slice(ids, &[ids.len()], table.device())?, ids, table)
 }
 
+/// [`embedding`] of ids already on the table's CUDA device, **not range-checked** (the check
+/// would read them back, a wait a captured graph cannot hold). For ids the caller guarantees
+/// are below V, e.g. tokens its own sampler drew from this vocabulary.
+pub fn embedding_unchecked(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    check_table(table)?;
+    match table.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) if ids.device() == table.device() && ids.dtype() == DType::U32 => {
+            let h = table.dim(1);
+            let mut shape = ids.shape().to_vec();
+            shape.push(h);
+            let out = Tensor::empty(&shape, table.dtype(), table.device())?;
+            cuda::forward(ord, ids, table, &out, ids.elem_count())?;
+            Ok(out)
+        }
+        _ => Err(Error::shape(
+            "embedding_unchecked",
+            format!(
+                "u32 ids on the table's CUDA device, got {} on {} for a table on {}",
+                ids.dtype(),
+                ids.device(),
+                table.device()
+            ),
+        )),
+    }
+}
+
 /// V after checking that `table` is a 2-D float `[V, H]`.
 fn check_table(table: &Tensor) -> Result<usize> {
     if table.rank() != 2 || !table.dtype().is_float() {

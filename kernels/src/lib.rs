@@ -30,6 +30,78 @@ pub mod rope;
 pub mod sample;
 pub mod swiglu;
 
+/// A u32 index list a launcher takes (positions, cache slots, cache lengths): values on the
+/// host, checked and uploaded, or a device tensor the kernel reads at run time. The latter is
+/// what a captured graph needs (its inputs change between replays, its arguments do not); its
+/// values are not checked, since reading them would wait for the device, and launch shapes that
+/// depend on them are sized for the worst case (see each op).
+#[derive(Clone, Copy, Debug)]
+pub enum Indices<'a> {
+    Host(&'a [u32]),
+    Device(&'a smelt_engine::Tensor),
+}
+
+impl<'a> Indices<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Indices::Host(v) => v.len(),
+            Indices::Device(t) => t.elem_count(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The host values, when these are host values.
+    pub fn host(&self) -> Option<&'a [u32]> {
+        match self {
+            Indices::Host(v) => Some(v),
+            Indices::Device(_) => None,
+        }
+    }
+    /// The values on the host (a device tensor is read back: CPU paths only).
+    pub fn values(&self) -> Result<std::borrow::Cow<'a, [u32]>> {
+        match self {
+            Indices::Host(v) => Ok(std::borrow::Cow::Borrowed(v)),
+            Indices::Device(t) => Ok(std::borrow::Cow::Owned(t.to_vec::<u32>()?)),
+        }
+    }
+    /// The values as a tensor on device `ord`: the device tensor, or the host values uploaded
+    /// (through the upload memo). A device tensor must be u32 on that device.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn on_device(&self, op: &'static str, ord: usize) -> Result<smelt_engine::Tensor> {
+        match self {
+            Indices::Host(v) => cuda::upload(ord, v),
+            Indices::Device(t) => {
+                if t.dtype() != smelt_engine::DType::U32 || t.device() != smelt_engine::Device::Cuda(ord) {
+                    return Err(Error::shape(
+                        op,
+                        format!("an index list must be u32 on cuda:{ord}, got {} on {}", t.dtype(), t.device()),
+                    ));
+                }
+                Ok((*t).clone())
+            }
+        }
+    }
+}
+
+impl<'a> From<&'a [u32]> for Indices<'a> {
+    fn from(v: &'a [u32]) -> Self {
+        Indices::Host(v)
+    }
+}
+
+impl<'a> From<&'a Vec<u32>> for Indices<'a> {
+    fn from(v: &'a Vec<u32>) -> Self {
+        Indices::Host(v)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [u32; N]> for Indices<'a> {
+    fn from(v: &'a [u32; N]) -> Self {
+        Indices::Host(v)
+    }
+}
+
 /// A CUDA C source file of ours, embedded in the binary. The build prepends
 /// `cuda/common.cuh` (bf16 conversions, warp reductions) so sources include no headers.
 #[derive(Clone, Copy, Debug)]

@@ -35,6 +35,8 @@
 //!
 //! NaN logits are not supported (the token is still in range); −inf logits are fine.
 
+#[cfg(feature = "cuda")]
+use crate::Indices;
 use rayon::prelude::*;
 use smelt_engine::{bf16, DType, Device, Error, Result, Rng, Tensor};
 
@@ -198,9 +200,48 @@ pub fn sample_into(
             Ok(())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda::sample(ord, logits, cfg, seed, step, streams, out),
+        Device::Cuda(ord) => cuda::sample(ord, logits, cfg, seed, (step, None), streams.map(Indices::Host), out),
         #[cfg(not(feature = "cuda"))]
         d => Err(Error::UnsupportedDevice { op: "sample", device: d }),
+    }
+}
+
+/// [`sample_into`] on CUDA with the step and the stream list read from device memory when the
+/// kernel runs: `step` is one u64 (a `[2]` u32 tensor, low word first) and `streams` a u32 list,
+/// one per row, so a captured graph can replay it with new values. Draws exactly what
+/// [`sample_into`] draws for the same values.
+pub fn sample_into_device(
+    logits: &Tensor,
+    cfg: &SamplingConfig,
+    seed: u64,
+    step: &Tensor,
+    streams: &Tensor,
+    out: &SampleOutput,
+) -> Result<()> {
+    cfg.validate()?;
+    let (rows, _) = logits.rows_cols();
+    crate::ensure_shape!(
+        step.elem_count() == 2 && step.dtype() == DType::U32 && streams.elem_count() == rows,
+        "sample",
+        "device step {:?} {} must be [2] u32, streams {:?} one per row of logits {:?}",
+        step.shape(),
+        step.dtype(),
+        streams.shape(),
+        logits.shape()
+    );
+    match logits.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => {
+            if step.device() != logits.device() {
+                return Err(Error::DeviceMismatch { op: "sample", a: logits.device(), b: step.device() });
+            }
+            let at = step.cuda_ptr()?;
+            cuda::sample(ord, logits, cfg, seed, (0, Some(at)), Some(Indices::Device(streams)), out)
+        }
+        d => {
+            let _ = (seed, out);
+            Err(Error::UnsupportedDevice { op: "sample (device step)", device: d })
+        }
     }
 }
 
@@ -441,17 +482,18 @@ mod cuda {
     use super::*;
     use crate::cuda::{launch, Arg, LaunchCfg};
 
+    /// `step`: the value, or the device address of a u64 to read it from instead.
     pub fn sample(
         ord: usize,
         logits: &Tensor,
         cfg: &SamplingConfig,
         seed: u64,
-        step: u64,
-        streams: Option<&[u32]>,
+        (step, step_at): (u64, Option<u64>),
+        streams: Option<Indices>,
         out: &SampleOutput,
     ) -> Result<()> {
         let (rows, v) = logits.rows_cols();
-        let streams = streams.map(|s| crate::cuda::upload(ord, s)).transpose()?;
+        let streams = streams.map(|s| s.on_device("sample (cuda)", ord)).transpose()?;
         // v2's u64 masses (≤ 2^40 per token) need V < 2^24.
         let allowed: &[u32] = if v < 1 << 24 { &[1, 2] } else { &[1] };
         let func = match (logits.dtype(), crate::versions::pick("sample", allowed)?) {
@@ -480,6 +522,7 @@ mod cuda {
                 Arg::F32(cfg.top_p),
                 Arg::U64(seed),
                 Arg::U64(step),
+                Arg::Ptr(step_at.unwrap_or(0)),
                 Arg::Ptr(streams.as_ref().map_or(Ok(0), Tensor::cuda_ptr)?),
                 Arg::Ptr(out.tokens.cuda_ptr()?),
                 Arg::Ptr(out.logp.cuda_ptr()?),

@@ -75,11 +75,13 @@ fn device_nvrtc_compile_and_launch() {
     assert_close(&got.to_vec::<f32>().unwrap(), &to_f64(&want), 1e-6, 1e-6, "add on device");
     // A launch error names the kernel instead of panicking.
     let cfg = smelt_kernels::cuda::LaunchCfg { grid: (1, 1, 1), block: (2048, 1, 1), smem: 0 };
-    let src = smelt_kernels::KernelSource { name: "add", src: include_str!("../cuda/add.cu") };
-    let e = smelt_kernels::cuda::launch(ord, &src, "add_f32", cfg, &[]).unwrap_err().to_string();
+    static SRC: smelt_kernels::KernelSource =
+        smelt_kernels::KernelSource { name: "add", src: include_str!("../cuda/add.cu") };
+    let src = &SRC;
+    let e = smelt_kernels::cuda::launch(ord, src, "add_f32", cfg, &[]).unwrap_err().to_string();
     assert!(e.contains("add_f32"), "{e}");
     let e =
-        smelt_kernels::cuda::launch(ord, &src, "no_such_kernel", smelt_kernels::cuda::LaunchCfg::for_items(1, 32), &[])
+        smelt_kernels::cuda::launch(ord, src, "no_such_kernel", smelt_kernels::cuda::LaunchCfg::for_items(1, 32), &[])
             .unwrap_err()
             .to_string();
     assert!(e.contains("no_such_kernel"), "{e}");

@@ -9,6 +9,27 @@ use smelt_kernels::sample::{sample_streams, SamplingConfig};
 
 use crate::{Error, KvCache, Qwen, Result};
 
+/// Whether generation on CUDA decodes with CUDA graphs ([`crate::DecodeGraphs`]): off unless
+/// `SMELT_CUDA_GRAPHS=1` or [`set_cuda_graphs`]. Experimental: emulator-tested, not yet timed
+/// or verified on a GPU. Where a capture fails, generation warns once and decodes eagerly.
+pub fn cuda_graphs() -> bool {
+    match GRAPHS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => std::env::var("SMELT_CUDA_GRAPHS").as_deref() == Ok("1"),
+        v => v == 2,
+    }
+}
+
+/// Switches [`cuda_graphs`] for the rest of the process (overrides `SMELT_CUDA_GRAPHS`).
+pub fn set_cuda_graphs(on: bool) {
+    GRAPHS.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// 0: unset (the environment decides), 1: off, 2: on.
+static GRAPHS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Per active row: the sampled token, its log-prob and the entropy.
+type Sampled = (Vec<u32>, Vec<f32>, Vec<f32>);
+
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
@@ -102,10 +123,18 @@ pub fn generate_with_cache(
     // unfinished ones, which are the rows of `hidden`. Finished sequences leave the batch, so
     // their slots are neither computed nor read again.
     let mut active: Vec<u32> = (0..seqs.len() as u32).collect();
+    let mut graphs = Graphs::new(model, opts);
+    // A step's samples, when the graph path already drew them with its decode.
+    let mut drawn: Option<Sampled> = None;
     for step in 0..budget {
-        let logits = model.logits(&hidden)?;
-        let s = sample_streams(&logits, &opts.sampling, opts.seed, step as u64, Some(&active))?;
-        let (tokens, logp, ent) = (s.tokens.to_vec::<u32>()?, s.logp.to_vec::<f32>()?, s.entropy.to_vec::<f32>()?);
+        let (tokens, logp, ent) = match drawn.take() {
+            Some(s) => s,
+            None => {
+                let logits = model.logits(&hidden)?;
+                let s = sample_streams(&logits, &opts.sampling, opts.seed, step as u64, Some(&active))?;
+                (s.tokens.to_vec::<u32>()?, s.logp.to_vec::<f32>()?, s.entropy.to_vec::<f32>()?)
+            }
+        };
         for (r, &i) in active.iter().enumerate() {
             let g = &mut out[i as usize];
             g.ids.push(tokens[r]);
@@ -118,8 +147,59 @@ pub fn generate_with_cache(
         if step + 1 == budget || slots.is_empty() {
             break;
         }
-        hidden = model.decode_slots(&slots, &next, &mut cache)?;
+        // The first decode step runs eagerly, so every kernel is loaded before a capture.
+        let stopped: Vec<u32> = (0..out.len() as u32).filter(|&i| out[i as usize].stopped).collect();
+        match graphs.decode_sample(step > 0, model, &mut cache, &slots, &next, &stopped, step as u64 + 1) {
+            Some(s) => drawn = Some(s),
+            None => hidden = model.decode_slots(&slots, &next, &mut cache)?,
+        }
         active = slots;
     }
     Ok((out, Some(cache)))
+}
+
+/// The graph path of [`generate_with_cache`], when [`cuda_graphs`] is on and the model is on a
+/// CUDA device (and nothing is being profiled: a capture cannot hold the profiler's events).
+struct Graphs {
+    #[cfg(feature = "cuda")]
+    inner: Option<crate::DecodeGraphs>,
+}
+
+impl Graphs {
+    #[allow(unused_variables)]
+    fn new(model: &Qwen, opts: &GenerateOptions) -> Graphs {
+        #[cfg(feature = "cuda")]
+        {
+            let on = cuda_graphs() && model.device().is_cuda() && !smelt_engine::cuda::profile::enabled();
+            Graphs { inner: on.then(|| crate::DecodeGraphs::new(&opts.sampling, opts.seed)) }
+        }
+        #[cfg(not(feature = "cuda"))]
+        Graphs {}
+    }
+
+    /// One decode step and the next step's samples through a graph, or `None` for the eager
+    /// path (graphs off, not `ready`, or a failed capture, after which they stay off).
+    #[allow(clippy::too_many_arguments, unused_variables)]
+    fn decode_sample(
+        &mut self,
+        ready: bool,
+        model: &Qwen,
+        cache: &mut KvCache,
+        slots: &[u32],
+        tokens: &[u32],
+        spare: &[u32],
+        step: u64,
+    ) -> Option<Sampled> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.inner.as_mut().filter(|_| ready) {
+            match g.decode_sample(model, cache, slots, tokens, spare, step) {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    tracing::warn!("CUDA graph decoding failed, decoding eagerly from here on: {e}");
+                    self.inner = None;
+                }
+            }
+        }
+        None
+    }
 }

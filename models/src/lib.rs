@@ -16,6 +16,8 @@
 mod chat;
 mod checkpoint;
 mod config;
+#[cfg(feature = "cuda")]
+mod decode_graph;
 mod error;
 mod generate;
 mod generation_config;
@@ -29,8 +31,10 @@ mod weights;
 pub use chat::{ChatTemplate, Message, RenderOptions, CHATML_TEMPLATE};
 pub use checkpoint::Checkpoint;
 pub use config::{config_path, limits, Config, ModelType};
+#[cfg(feature = "cuda")]
+pub use decode_graph::DecodeGraphs;
 pub use error::{Error, Result};
-pub use generate::{generate, generate_with_cache, GenerateOptions, Generation};
+pub use generate::{cuda_graphs, generate, generate_with_cache, set_cuda_graphs, GenerateOptions, Generation};
 pub use generation_config::{stop_token_ids, GenerationConfig};
 pub use qwen::{Activations, HeadOutputs, KvCache, Packed, Qwen};
 pub use safetensors::save_safetensors;

@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 use smelt_engine::{DType, Device, Tensor};
 use smelt_kernels::attention_inputs::{attention_inputs, CacheAppend, Extras, Qkv};
 use smelt_kernels::rope::RopeTable;
-use smelt_kernels::{add, attention, cast, embedding, logprob_entropy as head, matmul, rmsnorm, swiglu};
+use smelt_kernels::{add, attention, cast, embedding, logprob_entropy as head, matmul, rmsnorm, swiglu, Indices};
 
 use crate::{Config, Error, LayerWeights, Result, Weights};
 
@@ -357,7 +357,7 @@ impl Qwen {
         &self,
         l: usize,
         input: Stream,
-        positions: &[u32],
+        positions: Indices,
         to_cache: CacheAppend,
         attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, Tensor)> {
@@ -592,9 +592,9 @@ impl Qwen {
         let embedded = embedding::embedding_from_host(&batch.ids, &self.weights.embed_tokens)?;
         let mut parts: Option<(Tensor, Tensor)> = None;
         for l in 0..self.weights.layers.len() {
-            let to_cache = CacheAppend { k_cache: &cache.k[l], v_cache: &cache.v[l], slots: &token_slots };
+            let to_cache = CacheAppend { k_cache: &cache.k[l], v_cache: &cache.v[l], slots: (&token_slots).into() };
             let input = Stream::after(&embedded, &parts);
-            parts = Some(self.layer_infer(l, input, &pos, to_cache, |q, k, v| {
+            parts = Some(self.layer_infer(l, input, (&pos).into(), to_cache, |q, k, v| {
                 Ok(attention::attention_forward(q, k, v, &batch.cu_seqlens, None)?.0)
             })?);
         }
@@ -669,11 +669,11 @@ impl Qwen {
             parts = Some(self.layer_infer(
                 l,
                 input,
-                &pos,
-                CacheAppend { k_cache, v_cache, slots: &token_slots },
+                (&pos).into(),
+                CacheAppend { k_cache, v_cache, slots: (&token_slots).into() },
                 |q, _, _| {
                     let q = q.reshape(&[slots.len(), n_new, q.dim(1), q.dim(2)])?;
-                    Ok(attention::attention_decode(&q, k_cache, v_cache, &lens_after, Some(slots), None)?)
+                    Ok(attention::attention_decode(&q, k_cache, v_cache, &lens_after, Some(slots.into()), None)?)
                 },
             )?);
         }
@@ -682,6 +682,39 @@ impl Qwen {
         }
         let input = Stream::after(&embedded, &parts);
         Ok(input.norm(&self.weights.norm, c.rms_norm_eps as f32)?.1)
+    }
+
+    /// One decode step whose inputs are device tensors read when the kernels run (one new token
+    /// per row): `ids` (not range-checked: tokens this model's sampler drew), `slots`,
+    /// `positions` (each slot's length before the step) and `lens` (after it), all u32 `[B]`.
+    /// Returns the final hidden states `[B, hidden]`. The cache's host lengths are the caller's
+    /// to update. What [`crate::DecodeGraphs`] captures.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn decode_step_device(
+        &self,
+        [ids, slots, positions, lens]: [&Tensor; 4],
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        let rows = ids.elem_count();
+        let embedded = embedding::embedding_unchecked(ids, &self.weights.embed_tokens)?;
+        let mut parts: Option<(Tensor, Tensor)> = None;
+        for l in 0..self.weights.layers.len() {
+            let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
+            let input = Stream::after(&embedded, &parts);
+            parts = Some(self.layer_infer(
+                l,
+                input,
+                Indices::Device(positions),
+                CacheAppend { k_cache, v_cache, slots: Indices::Device(slots) },
+                |q, _, _| {
+                    let q = q.reshape(&[rows, 1, q.dim(1), q.dim(2)])?;
+                    let (lens, slots) = (Indices::Device(lens), Some(Indices::Device(slots)));
+                    Ok(attention::attention_decode(&q, k_cache, v_cache, lens, slots, None)?)
+                },
+            )?);
+        }
+        let input = Stream::after(&embedded, &parts);
+        Ok(input.norm(&self.weights.norm, self.config.rms_norm_eps as f32)?.1)
     }
 
     /// Full logits `[B, V]` for a few rows of hidden states (decoding; training never needs them).
@@ -701,7 +734,7 @@ pub struct KvCache {
 
 impl KvCache {
     /// Whether `slots` are distinct slots of this cache, each with a length that passes `ok`.
-    fn distinct_slots(&self, slots: &[u32], ok: impl Fn(usize) -> bool) -> bool {
+    pub(crate) fn distinct_slots(&self, slots: &[u32], ok: impl Fn(usize) -> bool) -> bool {
         let mut seen = vec![false; self.lens.len()];
         slots.iter().all(|&s| {
             let s = s as usize;

@@ -32,6 +32,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Recompute each layer's activations in backward (less memory, ~1 more forward).
     pub gradient_checkpointing: bool,
+    /// Decode rollouts through CUDA graphs (`smelt_models::DecodeGraphs`; experimental, not yet
+    /// verified on a GPU). `SMELT_CUDA_GRAPHS=1` turns it on too.
+    pub cuda_graphs: bool,
     /// Continue a run from one of its `checkpoint-<step>` directories (weights, optimizer
     /// state, step, data position); `model` is then the run's starting model (the KL
     /// reference when β > 0).
@@ -264,6 +267,7 @@ impl Default for TrainConfig {
             dtype: "f32".into(),
             seed: 0,
             gradient_checkpointing: false,
+            cuda_graphs: false,
             resume_from_checkpoint: None,
             dataset: "builtin:add".into(),
             eval_dataset: None,

@@ -134,6 +134,9 @@ impl Trainer {
         let load = LoadOptions { dtype, device, check_finite: true };
         let mut model = Qwen::new(ckpt.config.clone(), ckpt.load_weights(&load)?);
         model.recompute = cfg.gradient_checkpointing;
+        if cfg.cuda_graphs {
+            smelt_models::set_cuda_graphs(true);
+        }
         let reference = if cfg.beta > 0.0 {
             // The reference is the model RL starts from: `model`, or after a supervised
             // warm-up the warmed-up model, which the run saves as checkpoint-0.

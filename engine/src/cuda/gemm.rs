@@ -138,11 +138,16 @@ impl CudaDevice {
             format!("cublas gemm {}→{} {}{}{batched}", g.ab_dtype, g.c_dtype, t(g.trans_a), t(g.trans_b))
         };
         if self.is_emulated() {
-            // SAFETY: the caller's contract, as for the cuBLAS call below.
-            super::profile::timed(self, name, || unsafe {
-                super::emu::gemm_strided_batched(g, batch, a, stride_a, b, stride_b, c, stride_c)
-            })?;
-            return super::emu::check_canary(c).map_err(|e| Error::Cuda { op: "matmul (emulator)", detail: e });
+            let g = *g;
+            let run = move || {
+                // SAFETY: the caller's contract, as for the cuBLAS call below.
+                unsafe { super::emu::gemm_strided_batched(&g, batch, a, stride_a, b, stride_b, c, stride_c) }?;
+                super::emu::check_canary(c).map_err(|e| Error::Cuda { op: "matmul (emulator)", detail: e })
+            };
+            if self.emu_record(|| Box::new(run)) {
+                return Ok(());
+            }
+            return super::profile::timed(self, name, run);
         }
         let op = |t: bool| {
             if t {

@@ -17,6 +17,7 @@
 mod alloc;
 pub mod emu;
 mod gemm;
+mod graph;
 mod probe;
 pub mod profile;
 
@@ -28,6 +29,7 @@ use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaStream};
 
 pub use alloc::{size_class, AllocStats};
 pub use gemm::Gemm;
+pub use graph::{EmuOp, Graph};
 pub use probe::{
     cublas_info, cublas_present, device_count, device_info, driver_info, nvrtc_info, nvrtc_present, nvrtc_version,
     probe, DeviceInfo, LibInfo, Probe,
@@ -45,6 +47,8 @@ pub struct CudaDevice {
     name: String,
     compute_capability: (i32, i32),
     total_mem: usize,
+    /// The capture in progress, if any ([`CudaDevice::capture`]).
+    capture: Mutex<Option<graph::Capture>>,
 }
 
 /// Device memory from the caching allocator. Dropping it returns the block to the allocator.
@@ -156,6 +160,7 @@ impl CudaDevice {
             name,
             compute_capability,
             total_mem,
+            capture: Mutex::new(None),
         })
     }
 
@@ -172,6 +177,7 @@ impl CudaDevice {
             },
             compute_capability: (9, 0),
             total_mem: emu::total_mem(),
+            capture: Mutex::new(None),
         }
     }
 
@@ -237,6 +243,7 @@ impl CudaDevice {
     /// Waits for all queued work, and reports any error an earlier asynchronous call left.
     /// (The emulator runs everything synchronously.)
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_in_capture("a synchronize")?;
         let Backend::Driver { ctx, stream, .. } = &self.backend else { return Ok(()) };
         stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))?;
         ctx.check_err().map_err(cuda_err("deferred error"))
@@ -245,7 +252,7 @@ impl CudaDevice {
     /// Synchronizes and names `op` on failure when [`sync_after_launch`] is on.
     pub fn debug_sync(&self, op: &str) -> Result<()> {
         let Backend::Driver { stream, .. } = &self.backend else { return Ok(()) };
-        if sync_after_launch() {
+        if sync_after_launch() && !self.is_capturing() {
             stream.synchronize().map_err(|e| Error::Cuda {
                 op: "synchronize after launch",
                 detail: format!("{op}: {}", driver_err(e)),
@@ -264,7 +271,22 @@ impl CudaDevice {
                 return Err(probe::CUBLAS_MISSING.to_string());
             }
             self.bind().map_err(|e| e.to_string())?;
-            CudaBlas::new(stream.clone()).map(Mutex::new).map_err(|e| format!("cublasCreate: {:?}", e.0))
+            let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cublasCreate: {:?}", e.0))?;
+            // A workspace of our own (cuBLAS's default size on sm_90), so that a GEMM queued
+            // inside a graph capture never makes cuBLAS allocate one. Held for the process.
+            const WORKSPACE: usize = 32 << 20;
+            // SAFETY: a plain allocation in the bound context, never freed.
+            let ws = unsafe { drv::malloc_sync(WORKSPACE) }
+                .map_err(|e| format!("cuMemAlloc (cuBLAS workspace): {}", driver_err(e)))?;
+            // SAFETY: the handle is live; the workspace is device memory of WORKSPACE bytes that
+            // outlives it.
+            let st = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ws as *mut std::ffi::c_void, WORKSPACE)
+            };
+            if st != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(format!("cublasSetWorkspace: {st:?}"));
+            }
+            Ok(Mutex::new(blas))
         })
         .as_ref()
         .map_err(|e| Error::CudaUnavailable(format!("cuBLAS on cuda:{}: {e}", self.ordinal)))
@@ -342,6 +364,9 @@ impl CudaDevice {
         // A poisoned lock only means another thread panicked mid-update; keep the block anyway.
         if self.is_emulated() {
             emu::untrack(ptr);
+        }
+        if self.hold_if_capturing(ptr, class) {
+            return;
         }
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.give_back(ptr, class);
@@ -422,6 +447,7 @@ impl CudaDevice {
             || "copy host→device".into(),
             || {
                 self.check_range("htod", dst, offset, src.len())?;
+                self.refuse_in_capture("a copy host→device")?;
                 if src.is_empty() {
                     return Ok(());
                 }
@@ -448,6 +474,7 @@ impl CudaDevice {
             || "copy device→host".into(),
             || {
                 self.check_range("dtoh", src, offset, out.len())?;
+                self.refuse_in_capture("a copy device→host")?;
                 if out.is_empty() {
                     return Ok(());
                 }
@@ -476,8 +503,14 @@ impl CudaDevice {
                 }
                 let Backend::Driver { stream, .. } = &self.backend else {
                     // SAFETY: as below.
-                    unsafe { emu::copy(src, dst, bytes) };
-                    return Ok(());
+                    let copy = move || {
+                        unsafe { emu::copy(src, dst, bytes) };
+                        Ok(())
+                    };
+                    if self.emu_record(|| Box::new(copy)) {
+                        return Ok(());
+                    }
+                    return copy();
                 };
                 self.bind()?;
                 // SAFETY: the caller guarantees both ranges are valid device memory of this device.
@@ -498,8 +531,14 @@ impl CudaDevice {
                 }
                 let Backend::Driver { stream, .. } = &self.backend else {
                     // SAFETY: as below.
-                    unsafe { emu::zero(ptr, bytes) };
-                    return Ok(());
+                    let fill = move || {
+                        unsafe { emu::zero(ptr, bytes) };
+                        Ok(())
+                    };
+                    if self.emu_record(|| Box::new(fill)) {
+                        return Ok(());
+                    }
+                    return fill();
                 };
                 self.bind()?;
                 // SAFETY: the caller guarantees the range is valid device memory of this device.

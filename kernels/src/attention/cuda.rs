@@ -307,8 +307,8 @@ pub fn decode(
     n_new: usize,
     k_cache: &Tensor,
     v_cache: &Tensor,
-    cache_lens: &[u32],
-    slots: Option<&[u32]>,
+    cache_lens: crate::Indices,
+    slots: Option<crate::Indices>,
     dims: Dims,
     scale: f32,
 ) -> Result<Tensor> {
@@ -317,7 +317,11 @@ pub fn decode(
     let dev = Device::Cuda(ord);
     let b = q.dim(0);
     let max_len = k_cache.dim(1);
-    let longest = cache_lens.iter().copied().max().unwrap_or(0) as usize;
+    // Device lengths may grow up to the capacity before the kernel runs (a replayed graph).
+    let longest = match cache_lens.host() {
+        Some(lens) => lens.iter().copied().max().unwrap_or(0) as usize,
+        None => max_len,
+    };
     let group = dims.n_heads / dims.n_kv_heads;
     // v2 reads K rows with 16-byte loads (q with scalar ones).
     let aligned = [k_cache.cuda_ptr()?, v_cache.cuda_ptr()?].iter().all(|p| p % 16 == 0);
@@ -346,8 +350,8 @@ pub fn decode(
     let o = Tensor::empty(q.shape(), q.dtype(), dev)?;
     // Two lists, so each can be the upload memo's hit: the slots stay the same from step to step,
     // and these lengths are the next step's positions (attention_inputs uploads those).
-    let lens_d = upload(ord, cache_lens)?;
-    let slots_d = slots.map(|s| upload(ord, s)).transpose()?;
+    let lens_d = cache_lens.on_device(OP, ord)?;
+    let slots_d = slots.map(|s| s.on_device(OP, ord)).transpose()?;
     let (lens_ptr, slots_ptr) = (lens_d.cuda_ptr()?, slots_d.as_ref().map_or(Ok(0), Tensor::cuda_ptr)?);
     let grid_z = u32::try_from(b * qg).ok().filter(|&z| z <= 65_535);
     let grid_z =

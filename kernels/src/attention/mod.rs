@@ -312,16 +312,20 @@ pub fn kv_cache_append(
 /// Decode attention of `q` (`[B, n_new, n_heads, d]` or `[B, n_heads, d]`) against the KV
 /// cache; returns o shaped like q. See the module docs for the cache layout and `cache_lens`.
 /// Batch row b reads slot `slots[b]`, or slot b when `slots` is `None` (so a batch can skip
-/// the slots of finished sequences without moving any cache).
-pub fn attention_decode(
+/// the slots of finished sequences without moving any cache). Device lists
+/// ([`crate::Indices::Device`]) are not value-checked, and on CUDA the split of the cache is
+/// then sized for its capacity (`max_len`), since the lengths may grow after the call (a
+/// captured graph).
+pub fn attention_decode<'l>(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
-    cache_lens: &[u32],
-    slots: Option<&[u32]>,
+    cache_lens: impl Into<crate::Indices<'l>>,
+    slots: Option<crate::Indices>,
     scale: Option<f32>,
 ) -> Result<Tensor> {
     const OP: &str = "attention_decode";
+    let cache_lens: crate::Indices = cache_lens.into();
     crate::ensure_shape!(
         q.rank() == 3 || q.rank() == 4,
         "attention_decode",
@@ -353,8 +357,9 @@ pub fn attention_decode(
             slots.len(),
             q.shape()
         );
-        if let Some(i) = slots.iter().position(|&s| s as usize >= n_slots) {
-            return Err(Error::shape(OP, format!("slots[{i}] = {} outside the cache's {n_slots} slots", slots[i])));
+        let host = slots.host().unwrap_or_default();
+        if let Some(i) = host.iter().position(|&s| s as usize >= n_slots) {
+            return Err(Error::shape(OP, format!("slots[{i}] = {} outside the cache's {n_slots} slots", host[i])));
         }
     }
     crate::ensure_shape!(
@@ -373,7 +378,7 @@ pub fn attention_decode(
         cache_lens.len(),
         q.shape()
     );
-    for (i, &l) in cache_lens.iter().enumerate() {
+    for (i, &l) in cache_lens.host().unwrap_or_default().iter().enumerate() {
         crate::ensure_shape!(
             (l as usize) >= n_new && (l as usize) <= max_len,
             "attention_decode",
@@ -393,8 +398,9 @@ pub fn attention_decode(
             check_cpu_head_dim(OP, d)?;
             let qv = q.to_vec_f32()?;
             let mut o = vec![0f32; qv.len()];
+            let (lens, slots) = (cache_lens.values()?, slots.map(|s| s.values()).transpose()?);
             let run = |kc: &[f32], vc: &[f32], o: &mut [f32]| {
-                cpu::decode(&qv, n_new, kc, vc, max_len, cache_lens, slots, dims, scale, o)
+                cpu::decode(&qv, n_new, kc, vc, max_len, &lens, slots.as_deref(), dims, scale, o)
             };
             match k_cache.dtype() {
                 DType::F32 => run(&k_cache.cpu_read::<f32>()?, &v_cache.cpu_read::<f32>()?, &mut o),

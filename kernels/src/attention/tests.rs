@@ -311,7 +311,7 @@ fn decode_reads_the_given_slots() {
             let q =
                 Tensor::from_slice(&pick_rows(&qv, &slots, row), &[slots.len(), n_new, nh, d], Device::Cpu).unwrap();
             let lens_now: Vec<u32> = slots.iter().map(|&s| lens[s as usize]).collect();
-            let got = attention_decode(&q, &kc, &vc, &lens_now, Some(&slots), None).unwrap();
+            let got = attention_decode(&q, &kc, &vc, &lens_now, Some((&slots).into()), None).unwrap();
             assert_eq!(got.to_vec_f32().unwrap(), pick_rows(&all, &slots, row), "slots {slots:?} n_new {n_new}");
         }
     }
@@ -386,9 +386,12 @@ fn errors_name_the_op_and_shapes() {
     let cache = z(&[2, 8, 1, 8]);
     let e = attention_decode(&z(&[2, 2, 8]), &cache, &z(&[2, 8, 1, 8]), &[3, 9], None, None).unwrap_err().to_string();
     assert!(e.contains("attention_decode") && e.contains("cache_lens[1] = 9"), "{e}");
-    let e = attention_decode(&z(&[1, 2, 8]), &cache, &cache, &[3], Some(&[2]), None).unwrap_err().to_string();
+    let e =
+        attention_decode(&z(&[1, 2, 8]), &cache, &cache, &[3], Some((&[2u32]).into()), None).unwrap_err().to_string();
     assert!(e.contains("attention_decode") && e.contains("slots[0] = 2"), "{e}");
-    let e = attention_decode(&z(&[1, 2, 8]), &cache, &cache, &[3], Some(&[0, 1]), None).unwrap_err().to_string();
+    let e = attention_decode(&z(&[1, 2, 8]), &cache, &cache, &[3], Some((&[0u32, 1]).into()), None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("attention_decode") && e.contains("2 slots for batch 1"), "{e}");
     let e =
         kv_cache_append(&cache, &z(&[2, 8, 1, 8]), &z(&[1, 1, 8]), &z(&[1, 1, 8]), &[2], &[0]).unwrap_err().to_string();
@@ -572,7 +575,8 @@ fn decode_device_matches_cpu() {
                         t.unwrap().to_dtype(dt).unwrap().to_device(dev).unwrap()
                     };
                     let lens_sub = [lens_now[3], lens_now[1]];
-                    let got = attention_decode(&sub(&qv, dev), &kd, &vd, &lens_sub, Some(&slots), None).unwrap();
+                    let got =
+                        attention_decode(&sub(&qv, dev), &kd, &vd, &lens_sub, Some((&slots).into()), None).unwrap();
                     let want_sub = sub(&want.to_vec_f32().unwrap(), Device::Cpu);
                     close_to_cpu(&got, &want_sub, dt, &format!("decode v{version} {dt} slots {slots:?} d {d}"));
                 }

@@ -658,7 +658,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                         v_bias: Some(&bv),
                         ..Default::default()
                     };
-                    let to_cache = attention_inputs::CacheAppend { k_cache: &kc, v_cache: &vc, slots: &slots };
+                    let to_cache = attention_inputs::CacheAppend { k_cache: &kc, v_cache: &vc, slots: (&slots).into() };
                     let packed = attention_inputs::Qkv::Packed { qkv: &qkv, n_heads, n_kv };
                     attention_inputs::attention_inputs(packed, &extras, &table, &pos, Some(to_cache))?;
                     Ok(())
@@ -1597,6 +1597,10 @@ pub struct GenerateArgs {
     /// sequence decoded until the longest ends
     #[arg(long)]
     pub spread: bool,
+    /// Also time the same generations decoding through CUDA graphs (`smelt_models::DecodeGraphs`,
+    /// experimental; each generation captures its own), side by side with eager decoding (CUDA only)
+    #[arg(long)]
+    pub graphs: bool,
     /// After the timed runs, prefill once more and time every kernel launch, cuBLAS call, copy and
     /// driver allocation of one decode iteration (logits, sample, token download, decode step) by
     /// CUDA events, and print (and write to the JSON) the time per operation (CUDA only)
@@ -1610,14 +1614,16 @@ pub struct GenerateArgs {
 /// sample → decode step) of `samples` sequences per prompt (`lengths.len()` in all, sharing
 /// their prompt's prefill), sequence b ending after `lengths[b]` new tokens instead of on stop
 /// tokens. With `drop_finished` a finished sequence leaves the decode batch (as in `generate`);
-/// without, every row is decoded until the longest sequence ends. Returns (time to first
-/// token, total) s.
+/// without, every row is decoded until the longest sequence ends. With `graphs`, decode steps
+/// after the first run through CUDA graphs (captured by this generation), as `generate` does
+/// with graphs on. Returns (time to first token, total) s.
 fn timed_generation(
     model: &Qwen,
     prompts: &[Vec<u32>],
     samples: usize,
     lengths: &[usize],
     drop_finished: bool,
+    graphs: bool,
 ) -> Result<(f64, f64)> {
     let dev = model.device();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -1629,10 +1635,21 @@ fn timed_generation(
     let mut hidden = model.prefill_samples(prompts, samples, &mut cache)?;
     let mut first = 0.0;
     let mut active: Vec<u32> = (0..lengths.len() as u32).collect();
+    #[cfg(feature = "cuda")]
+    let mut graphs = graphs.then(|| smelt_models::DecodeGraphs::new(&greedy, 0));
+    #[cfg(not(feature = "cuda"))]
+    if graphs {
+        bail!("--graphs needs a build with the `cuda` feature");
+    }
+    let mut drawn: Option<Vec<u32>> = None;
     for step in 0..new_tokens {
-        let logits = model.logits(&hidden)?;
-        let s = sample::sample(&logits, &greedy, 0, step as u64)?;
-        let tokens = s.tokens.to_vec::<u32>()?;
+        let tokens = match drawn.take() {
+            Some(t) => t,
+            None => {
+                let logits = model.logits(&hidden)?;
+                sample::sample(&logits, &greedy, 0, step as u64)?.tokens.to_vec::<u32>()?
+            }
+        };
         if step == 0 {
             first = t0.elapsed().as_secs_f64();
         }
@@ -1645,6 +1662,13 @@ fn timed_generation(
             .filter(|&(&b, _)| !drop_finished || lengths[b as usize] > step + 1)
             .map(|(&b, &t)| (b, t))
             .unzip();
+        #[cfg(feature = "cuda")]
+        if let Some(g) = graphs.as_mut().filter(|_| step > 0) {
+            let spare: Vec<u32> = (0..lengths.len() as u32).filter(|b| !slots.contains(b)).collect();
+            drawn = Some(g.decode_sample(model, &mut cache, &slots, &next, &spare, step as u64 + 1)?.0);
+            active = slots;
+            continue;
+        }
         hidden = model.decode_slots(&slots, &next, &mut cache)?;
         active = slots;
     }
@@ -1668,8 +1692,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
             c.max_position_embeddings
         );
     }
-    if args.profile && device.is_cpu() {
-        bail!("--profile times CUDA operations: it needs --device cuda");
+    if (args.profile || args.graphs) && device.is_cpu() {
+        bail!("--profile and --graphs are about CUDA: they need --device cuda");
     }
     let (np, ns, p, n) = (args.batch, args.samples, args.prompt_len, args.new_tokens);
     let b = np * ns;
@@ -1677,18 +1701,28 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let lengths: Vec<usize> = (0..b).map(|i| if args.spread { (n * (i + 1)).div_ceil(b) } else { n }).collect();
     reset_peak(device);
     for _ in 0..args.warmup {
-        timed_generation(&model, &prompts, ns, &vec![n.min(4); b], true)?;
+        timed_generation(&model, &prompts, ns, &vec![n.min(4); b], true, args.graphs)?;
     }
-    let timed = |drop_finished: bool| -> Result<(f64, f64)> {
+    let timed_as = |drop_finished: bool, graphs: bool| -> Result<(f64, f64)> {
         let (mut ttft, mut total) = (Vec::new(), Vec::new());
         for _ in 0..args.runs {
-            let (f, t) = timed_generation(&model, &prompts, ns, &lengths, drop_finished)?;
+            let (f, t) = timed_generation(&model, &prompts, ns, &lengths, drop_finished, graphs)?;
             ttft.push(f);
             total.push(t);
         }
         Ok((median(&ttft), median(&total)))
     };
+    let timed = |drop_finished: bool| timed_as(drop_finished, false);
     let (f, t) = timed(true)?;
+    // A failing graph path (experimental) is reported beside the eager figures, not fatal.
+    let (graphs, graphs_error) = match args.graphs.then(|| timed_as(true, true)) {
+        Some(Ok(g)) => (Some(g), None),
+        Some(Err(e)) => {
+            eprintln!("bench generate: decoding with CUDA graphs failed: {e:#}");
+            (None, Some(format!("{e:#}")))
+        }
+        None => (None, None),
+    };
     // The same lengths with no row ever leaving the batch: what dropping finished rows saves.
     let full_batch_ms = if args.spread { Some(timed(false)?.1 * 1e3) } else { None };
     // Every sample's copy of its prompt prefilled on its own: what sharing the prefill saves.
@@ -1737,6 +1771,15 @@ fn generate(args: GenerateArgs) -> Result<()> {
         (t - f) / (n - 1) as f64 * 1e3
     );
     println!("  overall  {:>10.1} new tokens/s ({:.1} ms total)", tps, t * 1e3);
+    let graphs_decode_tps = graphs.map(|(gf, gt)| (new_total - b) as f64 / (gt - gf));
+    if let (Some((gf, gt)), Some(gtps)) = (graphs, graphs_decode_tps) {
+        println!(
+            "  with CUDA graphs: decode {gtps:>10.1} tokens/s ({:.2} ms per step, {:.1} ms total): {:.2}× eager decoding",
+            (gt - gf) / (n - 1) as f64 * 1e3,
+            gt * 1e3,
+            gtps / decode_tps
+        );
+    }
     if let Some(full) = full_batch_ms {
         println!(
             "  every row decoded to the end: {full:.1} ms total ({:.1} new tokens/s); dropping finished rows: {:.2}× faster",
@@ -1758,6 +1801,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
     report["spread"] = json!(args.spread);
     report["new_tokens_total"] = json!(new_total);
     report["full_batch_total_ms"] = json!(full_batch_ms);
+    report["graphs_total_ms"] = json!(graphs.map(|g| g.1 * 1e3));
+    report["graphs_decode_tokens_per_s"] = json!(graphs_decode_tps);
+    report["graphs_error"] = json!(graphs_error);
     report["runs"] = json!(args.runs);
     report["threads"] = json!(smelt_engine::cpu::num_threads());
     report["ttft_ms"] = json!(f * 1e3);
@@ -1774,7 +1820,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
          decode = the remaining new tokens over the remaining time; tokens_per_s = all new tokens \
          over the total time; full_batch_total_ms = the same lengths with every row decoded to the end; \
          batch = prompts × samples sequences; prefill tokens/s counts each prompt once (its samples \
-         share it); unshared_prefill_ms = prefill alone of every sample's own copy of its prompt"
+         share it); unshared_prefill_ms = prefill alone of every sample's own copy of its prompt; \
+         graphs_* = the same generations with decode steps after the first replayed from CUDA graphs \
+         (captures included), graphs_error when that path failed"
     );
     write_json(&args.json, &report)
 }

@@ -1,0 +1,99 @@
+//! CUDA-graph decoding (`smelt_models::DecodeGraphs`, switched on process-wide by
+//! `set_cuda_graphs`, hence a test binary of its own) against eager decoding. Skips without a
+//! GPU or the emulator.
+#![cfg(feature = "cuda")]
+
+use smelt_engine::{DType, Device};
+use smelt_kernels::sample::SamplingConfig;
+use smelt_models::testing::fixture;
+use smelt_models::{generate, set_cuda_graphs, Config, DecodeGraphs, GenerateOptions, LoadOptions, Qwen, Weights};
+
+fn load_on(name: &str, dtype: DType, device: Device) -> Qwen {
+    let dir = fixture(name);
+    let config = Config::from_file(dir.join("config.json")).expect("config");
+    let opts = LoadOptions { dtype, device, ..LoadOptions::default() };
+    Qwen::new(config.clone(), Weights::load(&dir, &config, &opts).expect("weights"))
+}
+
+/// Sampled generation with sequences stopping at different steps (the batch shrinks, so
+/// smaller graphs are captured and padded rows decode into stopped sequences' slots): the
+/// graph path gives the eager path's tokens, log-probs and entropies, and it did replay.
+#[test]
+fn device_graph_decoding_matches_eager() {
+    let Some(dev) = smelt_kernels::testing::test_cuda_device() else { return };
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        for dtype in [DType::F32, DType::BF16] {
+            let model = load_on(name, dtype, dev);
+            let prompts = vec![vec![5u32, 77, 300, 12, 9], vec![42u32, 7], vec![3u32; 40]];
+            let mut opts = GenerateOptions {
+                max_new_tokens: 14,
+                sampling: SamplingConfig { temperature: 0.9, top_k: Some(50), top_p: 0.95 },
+                n_samples: 3,
+                seed: 11,
+                ..Default::default()
+            };
+            set_cuda_graphs(false);
+            let free = generate(&model, &prompts, &opts).unwrap();
+            // Stop on tokens the free run drew at different steps, so sequences leave the batch
+            // one by one.
+            opts.stop_ids = vec![free[0].ids[2], free[4].ids[5], free[7].ids[9]];
+            let eager = generate(&model, &prompts, &opts).unwrap();
+            assert!(eager.iter().filter(|g| g.stopped).count() >= 3, "{name} {dtype}: too few stopped");
+            set_cuda_graphs(true);
+            let before = DecodeGraphs::replays();
+            let graphs = generate(&model, &prompts, &opts).unwrap();
+            set_cuda_graphs(false);
+            // Every decode step but the first (eager) replayed a graph: none fell back.
+            let longest = graphs.iter().map(|g| g.ids.len()).max().unwrap_or(0) as u64;
+            assert_eq!(DecodeGraphs::replays() - before, longest - 2, "{name} {dtype}: graph replays");
+            for (e, g) in eager.iter().zip(&graphs) {
+                let what = format!("{name} {dtype} prompt {} sample {}", e.prompt, e.sample);
+                assert_eq!((&g.ids, g.stopped), (&e.ids, e.stopped), "{what}: tokens");
+                // The attention's cache split differs (sized for the capacity), so sums may
+                // round differently.
+                for (a, b) in g.logp.iter().zip(&e.logp).chain(g.entropy.iter().zip(&e.entropy)) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+/// What a graph cannot hold fails at capture, and the device is usable afterwards.
+#[test]
+fn device_capture_refuses_host_copies() {
+    let Some(Device::Cuda(ord)) = smelt_kernels::testing::test_cuda_device() else { return };
+    let dev = smelt_engine::cuda::device(ord).unwrap();
+    let t = smelt_engine::Tensor::zeros(&[4], DType::F32, Device::Cuda(ord)).unwrap();
+    let e = dev.capture(|| t.to_vec::<f32>()).err().expect("a device→host copy in a capture must fail");
+    assert!(e.to_string().contains("cannot be captured"), "{e}");
+    assert!(!dev.is_capturing());
+    assert_eq!(t.to_vec::<f32>().unwrap(), vec![0.0; 4]);
+}
+
+/// A block freed during a capture stays the graph's (its nodes use the address) until the graph
+/// is dropped; a replay repeats the captured work.
+#[test]
+fn device_capture_holds_freed_blocks_and_replays() {
+    let Some(device) = smelt_kernels::testing::test_cuda_device() else { return };
+    let Device::Cuda(ord) = device else { return };
+    let dev = smelt_engine::cuda::device(ord).unwrap();
+    let full = |v: f64| smelt_engine::Tensor::full(v, &[1000], DType::F32, device).unwrap();
+    let (out, one) = (full(5.0), full(1.0));
+    let (graph, freed) = dev
+        .capture(|| {
+            // out += 1 + 0, through a temporary freed before the capture ends.
+            let tmp = smelt_engine::Tensor::zeros(&[1000], DType::F32, device)?;
+            smelt_kernels::add::add_scaled_(&tmp, 1.0, &one)?;
+            smelt_kernels::add::add_scaled_(&out, 1.0, &tmp)?;
+            tmp.cuda_ptr()
+        })
+        .unwrap();
+    let after = smelt_engine::Tensor::empty(&[1000], DType::F32, device).unwrap();
+    assert_ne!(after.cuda_ptr().unwrap(), freed, "a block the graph uses was handed out again");
+    assert_eq!(out.to_vec::<f32>().unwrap()[0], 5.0, "captured work must not run before a launch");
+    graph.launch().unwrap();
+    graph.launch().unwrap();
+    assert_eq!(out.to_vec::<f32>().unwrap(), vec![7.0; 1000]);
+    drop((graph, after));
+}
