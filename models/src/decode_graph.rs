@@ -20,6 +20,7 @@ use smelt_engine::cuda::Graph;
 use smelt_engine::{DType, Device, Tensor};
 use smelt_kernels::sample::{sample_into_device, SampleOutput, SamplingConfig};
 
+use crate::generate::Sampled;
 use crate::{Error, KvCache, Qwen, Result};
 
 static REPLAYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -38,9 +39,6 @@ struct Bucket {
     out: SampleOutput,
     graph: Graph,
 }
-
-/// One decoded and sampled step: per active row, the token, its log-prob and the entropy.
-pub type Sampled = (Vec<u32>, Vec<f32>, Vec<f32>);
 
 impl DecodeGraphs {
     pub fn new(sampling: &SamplingConfig, seed: u64) -> DecodeGraphs {

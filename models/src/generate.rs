@@ -27,8 +27,8 @@ pub fn set_cuda_graphs(on: bool) {
 /// 0: unset (the environment decides), 1: off, 2: on.
 static GRAPHS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Per active row: the sampled token, its log-prob and the entropy.
-type Sampled = (Vec<u32>, Vec<f32>, Vec<f32>);
+/// One decoded and sampled step: per active row, the token, its log-prob and the entropy.
+pub type Sampled = (Vec<u32>, Vec<f32>, Vec<f32>);
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {

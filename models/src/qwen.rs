@@ -662,26 +662,41 @@ impl Qwen {
         let pos: Vec<u32> = lens_before.iter().flat_map(|&l| l..l + n_new as u32).collect();
         let token_slots: Vec<u32> = slots.iter().flat_map(|&s| std::iter::repeat_n(s, n_new)).collect();
         let embedded = embedding::embedding_from_host(tokens, &self.weights.embed_tokens)?;
-        let mut parts: Option<(Tensor, Tensor)> = None;
-        for l in 0..self.weights.layers.len() {
-            let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
-            let input = Stream::after(&embedded, &parts);
-            parts = Some(self.layer_infer(
-                l,
-                input,
-                (&pos).into(),
-                CacheAppend { k_cache, v_cache, slots: (&token_slots).into() },
-                |q, _, _| {
-                    let q = q.reshape(&[slots.len(), n_new, q.dim(1), q.dim(2)])?;
-                    Ok(attention::attention_decode(&q, k_cache, v_cache, &lens_after, Some(slots.into()), None)?)
-                },
-            )?);
-        }
+        let lists = [(&pos).into(), (&token_slots).into(), (&lens_after).into(), slots.into()];
+        let hidden = self.decode_layers(&embedded, n_new, lists, cache)?;
         for (&s, &l) in slots.iter().zip(&lens_after) {
             cache.lens[s as usize] = l;
         }
-        let input = Stream::after(&embedded, &parts);
-        Ok(input.norm(&self.weights.norm, c.rms_norm_eps as f32)?.1)
+        Ok(hidden)
+    }
+
+    /// The layers and final norm of a decode step of `n_new` tokens per row, from their
+    /// embeddings: each token's position and cache slot, each row's cache length after the step
+    /// and its slot.
+    fn decode_layers(
+        &self,
+        embedded: &Tensor,
+        n_new: usize,
+        [positions, token_slots, lens, slots]: [Indices; 4],
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        let mut parts: Option<(Tensor, Tensor)> = None;
+        for l in 0..self.weights.layers.len() {
+            let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
+            let input = Stream::after(embedded, &parts);
+            parts = Some(self.layer_infer(
+                l,
+                input,
+                positions,
+                CacheAppend { k_cache, v_cache, slots: token_slots },
+                |q, _, _| {
+                    let q = q.reshape(&[slots.len(), n_new, q.dim(1), q.dim(2)])?;
+                    Ok(attention::attention_decode(&q, k_cache, v_cache, lens, Some(slots), None)?)
+                },
+            )?);
+        }
+        let input = Stream::after(embedded, &parts);
+        Ok(input.norm(&self.weights.norm, self.config.rms_norm_eps as f32)?.1)
     }
 
     /// One decode step whose inputs are device tensors read when the kernels run (one new token
@@ -695,26 +710,9 @@ impl Qwen {
         [ids, slots, positions, lens]: [&Tensor; 4],
         cache: &KvCache,
     ) -> Result<Tensor> {
-        let rows = ids.elem_count();
         let embedded = embedding::embedding_unchecked(ids, &self.weights.embed_tokens)?;
-        let mut parts: Option<(Tensor, Tensor)> = None;
-        for l in 0..self.weights.layers.len() {
-            let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
-            let input = Stream::after(&embedded, &parts);
-            parts = Some(self.layer_infer(
-                l,
-                input,
-                Indices::Device(positions),
-                CacheAppend { k_cache, v_cache, slots: Indices::Device(slots) },
-                |q, _, _| {
-                    let q = q.reshape(&[rows, 1, q.dim(1), q.dim(2)])?;
-                    let (lens, slots) = (Indices::Device(lens), Some(Indices::Device(slots)));
-                    Ok(attention::attention_decode(&q, k_cache, v_cache, lens, slots, None)?)
-                },
-            )?);
-        }
-        let input = Stream::after(&embedded, &parts);
-        Ok(input.norm(&self.weights.norm, self.config.rms_norm_eps as f32)?.1)
+        let lists = [positions, slots, lens, slots].map(Indices::Device);
+        self.decode_layers(&embedded, 1, lists, cache)
     }
 
     /// Full logits `[B, V]` for a few rows of hidden states (decoding; training never needs them).
