@@ -177,7 +177,12 @@ pub struct PearConfig {
 pub struct DroConfig {
     /// normalized (w = σ/Σσ, ours), softmax or top_quantile.
     pub weighting: String,
+    /// softmax's temperature: w = softmax(σ/τ).
     pub tau: f32,
+    /// top_quantile's q: uniform weights over the **top fraction q** of reference tokens by σ
+    /// (the ⌈q·|y|⌉ highest; q = 0.1 keeps the 10 % most reasoning-sensitive tokens). Some write
+    /// "the top-q quantile" for 1[σ ≥ quantile_q(σ)], which keeps the top 1 − q instead; the two
+    /// agree at the default 0.5.
     pub quantile: f32,
     /// β of the length term 1 − β·| |y| − |ŷ| | / |y| (ours).
     pub length_beta: f32,
