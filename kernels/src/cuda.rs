@@ -741,6 +741,30 @@ mod tests {
         assert!(parse_ptxas_report("nvrtc: no report").is_err());
     }
 
+    /// Resident blocks per SM: each of the thread, block, register and shared-memory limits
+    /// binds in turn.
+    #[test]
+    fn blocks_per_sm_takes_the_tightest_limit() {
+        let k = |registers, smem| KernelResources {
+            kernel: "k".into(),
+            registers,
+            smem,
+            stack_frame: 0,
+            spill_stores: 0,
+            spill_loads: 0,
+        };
+        // Registers: 255 round up to 256 per thread, 4 warps take 32,768 of 65,536.
+        assert_eq!(k(255, 0).blocks_per_sm("sm_90", 128, 0), 2);
+        // Threads: 2048 per SM.
+        assert_eq!(k(16, 0).blocks_per_sm("sm_90", 1024, 0), 2);
+        // Blocks: at most 32.
+        assert_eq!(k(16, 0).blocks_per_sm("sm_90", 32, 0), 32);
+        // Shared memory (+1 KiB per block): 228 KiB on sm_90, 164 KiB on sm_80.
+        assert_eq!(k(16, 48 * 1024).blocks_per_sm("sm_90", 128, 0), 4);
+        assert_eq!(k(16, 48 * 1024).blocks_per_sm("sm_80", 128, 0), 3);
+        assert_eq!(k(16, 16 * 1024).blocks_per_sm("sm_90", 128, 40 * 1024), 4);
+    }
+
     #[test]
     fn arg_bits_are_little_endian_values() {
         assert_eq!(Arg::I32(-1).bits(), 0xffff_ffff);

@@ -424,3 +424,34 @@ pub fn launch_fill(launches: &[DryLaunch]) -> Vec<LaunchFill> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Launches group by kernel and block size; blocks and waves are reported as ranges.
+    #[test]
+    fn launch_fill_groups_launches_and_counts_waves() {
+        let res = KernelResources {
+            kernel: "k".into(),
+            registers: 255,
+            smem: 0,
+            stack_frame: 0,
+            spill_stores: 0,
+            spill_loads: 0,
+        };
+        let launch = |kernel: &str, blocks: u32, threads: u32| DryLaunch {
+            kernel: kernel.into(),
+            cfg: LaunchCfg { grid: (blocks, 2, 1), block: (threads, 1, 1), smem: 0 },
+            resources: Some(res.clone()),
+        };
+        let fill =
+            launch_fill(&[launch("a", 66, 128), launch("b", 1, 128), launch("a", 264, 128), launch("a", 1, 256)]);
+        assert_eq!(fill.len(), 3, "{fill:?}");
+        let a = &fill[0];
+        assert_eq!((a.kernel.as_str(), a.launches, a.threads, a.blocks), ("a", 2, 128, (132, 528)));
+        // 2 resident blocks per SM (255 registers × 128 threads): 264 slots on 132 SMs.
+        assert_eq!((a.blocks_per_sm, a.waves), (Some(2), Some((0.5, 2.0))));
+        assert_eq!((fill[1].kernel.as_str(), fill[2].threads), ("b", 256));
+    }
+}

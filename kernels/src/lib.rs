@@ -133,3 +133,19 @@ macro_rules! ensure_shape {
         }
     };
 }
+
+#[cfg(test)]
+mod indices_tests {
+    use super::Indices;
+
+    #[test]
+    fn host_and_device_lists_give_their_values() {
+        let v = vec![3u32, 1, 4];
+        let host: Indices = (&v).into();
+        assert_eq!((host.len(), host.host(), host.values().unwrap().as_ref()), (3, Some(&v[..]), &v[..]));
+        let t = smelt_engine::Tensor::from_slice(&v, &[3], smelt_engine::Device::Cpu).unwrap();
+        let dev = Indices::Device(&t);
+        assert_eq!((dev.len(), dev.host(), dev.values().unwrap().into_owned()), (3, None, v));
+        assert!(Indices::from(&[0u32; 0]).is_empty());
+    }
+}
