@@ -174,7 +174,6 @@ fn build(src: &KernelSource) -> Result<Lib> {
 /// What launching a source's kernels needs: its library, and its kernels' resources when known.
 struct Prepared {
     lib: Lib,
-    resources: Option<Resources>,
 }
 
 /// Built once per source per process, on first launch.
@@ -187,7 +186,7 @@ fn prepared(src: &KernelSource) -> Result<Arc<Prepared>> {
     };
     slot.get_or_init(|| {
         let lib = build(src).map_err(|e| e.to_string())?;
-        Ok(Arc::new(Prepared { lib, resources: resources(src) }))
+        Ok(Arc::new(Prepared { lib }))
     })
     .clone()
     .map_err(|detail| Error::Cuda { op: "emulator compile", detail })
@@ -294,16 +293,17 @@ pub fn launch(src: &KernelSource, func: &str, cfg: LaunchCfg, args: &[Arg]) -> R
     if cfg.smem > 0 {
         return Err(fail(format!("{}::{func}: dynamic shared memory ({} bytes) is not emulated", src.name, cfg.smem)));
     }
+    let table = checked_resources(src, func, cfg)?;
     if smelt_engine::cuda::emu::dry() {
-        return dry_launch(src, func, cfg);
+        let sm90 = table
+            .as_ref()
+            .and_then(|t| t.get(func))
+            .and_then(|rows| rows.iter().find(|(arch, _)| *arch == "sm_90").map(|(_, r)| r.clone()));
+        let mut log = DRY_LAUNCHES.lock().unwrap_or_else(|p| p.into_inner());
+        log.push(DryLaunch { kernel: format!("{}::{func}", src.name), cfg, resources: sm90 });
+        return Ok(());
     }
     let prep = prepared(src)?;
-    if let Some(table) = &prep.resources {
-        let threads = cfg.block.0 * cfg.block.1 * cfg.block.2;
-        for (arch, r) in table.get(func).into_iter().flatten() {
-            r.check_launch(arch, threads, cfg.smem).map_err(|e| fail(format!("{}::{e}", src.name)))?;
-        }
-    }
     let sym = format!("smelt_emu_launch_{func}");
     // SAFETY: every `smelt_emu_launch_*` symbol is an SMELT_EMU_EXPORT wrapper with this signature.
     let f: libloading::Symbol<LaunchFn> = unsafe { prep.lib.lib.get(sym.as_bytes()) }
@@ -352,25 +352,21 @@ pub struct DryLaunch {
 
 static DRY_LAUNCHES: Mutex<Vec<DryLaunch>> = Mutex::new(Vec::new());
 
-/// A dry run's launch: checked against the kernel's resources and logged, not run (the
-/// kernel's host library is never built; the resources come from NVRTC, cached on disk).
-fn dry_launch(src: &KernelSource, func: &str, cfg: LaunchCfg) -> Result<()> {
-    type Tables = Mutex<HashMap<&'static str, Option<Arc<Resources>>>>;
+/// The kernels' resources of `src` (once per source per process; `None` without NVRTC), after
+/// checking this launch against them. A dry run needs only these, not the host library.
+fn checked_resources(src: &KernelSource, func: &str, cfg: LaunchCfg) -> Result<Option<Arc<Resources>>> {
+    type Tables = Mutex<HashMap<(&'static str, usize), Option<Arc<Resources>>>>;
     static TABLES: OnceLock<Tables> = OnceLock::new();
     let table = {
-        let mut map = TABLES.get_or_init(Default::default).lock().map_err(|_| Error::msg("dry run lock"))?;
-        map.entry(src.name).or_insert_with(|| resources(src).map(Arc::new)).clone()
+        let mut map = TABLES.get_or_init(Default::default).lock().map_err(|_| Error::msg("emulator resources lock"))?;
+        map.entry((src.name, src.src.as_ptr() as usize)).or_insert_with(|| resources(src).map(Arc::new)).clone()
     };
-    let rows = table.as_ref().and_then(|t| t.get(func));
     let threads = cfg.block.0 * cfg.block.1 * cfg.block.2;
-    for (arch, r) in rows.into_iter().flatten() {
+    for (arch, r) in table.as_ref().and_then(|t| t.get(func)).into_iter().flatten() {
         r.check_launch(arch, threads, cfg.smem)
-            .map_err(|e| Error::Cuda { op: "kernel launch (dry run)", detail: format!("{}::{e}", src.name) })?;
+            .map_err(|e| Error::Cuda { op: "kernel launch (emulator)", detail: format!("{}::{e}", src.name) })?;
     }
-    let sm90 = rows.and_then(|rows| rows.iter().find(|(arch, _)| *arch == "sm_90").map(|(_, r)| r.clone()));
-    let mut log = DRY_LAUNCHES.lock().unwrap_or_else(|p| p.into_inner());
-    log.push(DryLaunch { kernel: format!("{}::{func}", src.name), cfg, resources: sm90 });
-    Ok(())
+    Ok(table)
 }
 
 /// The launches of the dry run since the last call, in launch order.

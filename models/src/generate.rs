@@ -148,8 +148,7 @@ pub fn generate_with_cache(
             break;
         }
         // The first decode step runs eagerly, so every kernel is loaded before a capture.
-        let stopped: Vec<u32> = (0..out.len() as u32).filter(|&i| out[i as usize].stopped).collect();
-        match graphs.decode_sample(step > 0, model, &mut cache, &slots, &next, &stopped, step as u64 + 1) {
+        match graphs.decode_sample(step > 0, model, &mut cache, &slots, &next, &out, step as u64 + 1) {
             Some(s) => drawn = Some(s),
             None => hidden = model.decode_slots(&slots, &next, &mut cache)?,
         }
@@ -187,12 +186,14 @@ impl Graphs {
         cache: &mut KvCache,
         slots: &[u32],
         tokens: &[u32],
-        spare: &[u32],
+        out: &[Generation],
         step: u64,
     ) -> Option<Sampled> {
         #[cfg(feature = "cuda")]
         if let Some(g) = self.inner.as_mut().filter(|_| ready) {
-            match g.decode_sample(model, cache, slots, tokens, spare, step) {
+            // Stopped sequences' slots take the padding rows.
+            let spare: Vec<u32> = (0..out.len() as u32).filter(|&i| out[i as usize].stopped).collect();
+            match g.decode_sample(model, cache, slots, tokens, &spare, step) {
                 Ok(s) => return Some(s),
                 Err(e) => {
                     tracing::warn!("CUDA graph decoding failed, decoding eagerly from here on: {e}");

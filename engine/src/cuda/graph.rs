@@ -61,14 +61,6 @@ impl Graph {
             Exec::Emulator(ops) => ops.iter().try_for_each(|op| op()),
         }
     }
-
-    /// Operations the emulator recorded (`None` on a GPU).
-    pub fn emulated_ops(&self) -> Option<usize> {
-        match &self.exec {
-            Exec::Driver(_) => None,
-            Exec::Emulator(ops) => Some(ops.len()),
-        }
-    }
 }
 
 impl Drop for Graph {
