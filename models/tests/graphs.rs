@@ -8,6 +8,13 @@ use smelt_kernels::sample::SamplingConfig;
 use smelt_models::testing::fixture;
 use smelt_models::{generate, set_cuda_graphs, Config, DecodeGraphs, GenerateOptions, LoadOptions, Qwen, Weights};
 
+/// A capture takes the device's one stream as a whole, so another thread's work on the device
+/// (these tests run in parallel) would land in it or be refused: the tests take turns.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn load_on(name: &str, dtype: DType, device: Device) -> Qwen {
     let dir = fixture(name);
     let config = Config::from_file(dir.join("config.json")).expect("config");
@@ -20,6 +27,7 @@ fn load_on(name: &str, dtype: DType, device: Device) -> Qwen {
 /// graph path gives the eager path's tokens, log-probs and entropies, and it did replay.
 #[test]
 fn device_graph_decoding_matches_eager() {
+    let _turn = one_at_a_time();
     let Some(dev) = smelt_kernels::testing::test_cuda_device() else { return };
     for name in ["qwen2-tiny", "qwen3-tiny"] {
         for dtype in [DType::F32, DType::BF16] {
@@ -78,6 +86,7 @@ fn device_graph_decoding_matches_eager() {
 /// What a graph cannot hold fails at capture, and the device is usable afterwards.
 #[test]
 fn device_capture_refuses_host_copies() {
+    let _turn = one_at_a_time();
     let Some(Device::Cuda(ord)) = smelt_kernels::testing::test_cuda_device() else { return };
     let dev = smelt_engine::cuda::device(ord).unwrap();
     let t = smelt_engine::Tensor::zeros(&[4], DType::F32, Device::Cuda(ord)).unwrap();
@@ -91,6 +100,7 @@ fn device_capture_refuses_host_copies() {
 /// is dropped; a replay repeats the captured work.
 #[test]
 fn device_capture_holds_freed_blocks_and_replays() {
+    let _turn = one_at_a_time();
     let Some(device) = smelt_kernels::testing::test_cuda_device() else { return };
     let Device::Cuda(ord) = device else { return };
     let dev = smelt_engine::cuda::device(ord).unwrap();

@@ -74,7 +74,9 @@ impl Drop for Graph {
 
 impl CudaDevice {
     /// Runs `f` with this device's compute stream captured into a graph, and returns the graph
-    /// with `f`'s result. Nothing `f` queues runs until [`Graph::launch`]. Fails (and leaves
+    /// with `f`'s result. Nothing `f` queues runs until [`Graph::launch`]. The device's one
+    /// stream is captured as a whole: no other thread may queue work on this device meanwhile
+    /// (its copies would be refused, its launches captured). Fails (and leaves
     /// the stream as it was) when `f` fails, when it queued what a graph cannot hold, while
     /// profiling, or when a capture is already in progress.
     pub fn capture<T>(self: &Arc<Self>, f: impl FnOnce() -> Result<T>) -> Result<(Graph, T)> {
