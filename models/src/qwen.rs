@@ -154,12 +154,15 @@ enum Stored {
     Input(Tensor),
 }
 
-/// Per-token outputs of the RL head.
+/// Per-token outputs of the RL head, one entry per row it ran on.
 pub struct HeadOutputs {
     pub logp: Tensor,
     pub entropy: Tensor,
     pub lse: Tensor,
     pub targets: Tensor,
+    /// From [`Qwen::head_at`]: the hidden-state rows the head ran on, and those rows gathered
+    /// (its input, which the backward needs). `None`: every row, in order.
+    rows: Option<(Vec<u32>, Tensor)>,
 }
 
 /// A Qwen model with its weights on one device.
@@ -410,7 +413,30 @@ impl Qwen {
     pub fn head(&self, hidden: &Tensor, targets: &[u32], temperature: f32) -> Result<HeadOutputs> {
         let targets = Tensor::from_slice(targets, &[targets.len()], hidden.device())?;
         let out = head::logprob_entropy(hidden, self.weights.lm_head(), &targets, temperature, &Default::default())?;
-        Ok(HeadOutputs { logp: out.logp, entropy: out.entropy, lse: out.lse, targets })
+        Ok(HeadOutputs { logp: out.logp, entropy: out.entropy, lse: out.lse, targets, rows: None })
+    }
+
+    /// [`Self::head`] on rows `rows` of `hidden` only (distinct, each below its row count), with
+    /// `targets[i]` the target of row `rows[i]`; [`Self::backward`] then gives the other rows no
+    /// gradient. For loss tokens that are a part of the batch (RL's completions, not its prompts):
+    /// the vocabulary projection, forward and backward, is skipped for the rest.
+    pub fn head_at(&self, hidden: &Tensor, rows: &[u32], targets: &[u32], temperature: f32) -> Result<HeadOutputs> {
+        let n = hidden.dim(0);
+        let mut seen = vec![false; n];
+        for &r in rows {
+            match seen.get_mut(r as usize) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    return Err(Error::Msg(format!(
+                        "head_at: row {r} is repeated or outside the {n} rows of hidden {:?}",
+                        hidden.shape()
+                    )))
+                }
+            }
+        }
+        let picked = embedding::embedding_from_host(rows, hidden)?;
+        let out = self.head(&picked, targets, temperature)?;
+        Ok(HeadOutputs { rows: Some((rows.to_vec(), picked)), ..out })
     }
 
     /// The fused head with the kernel's options (e.g. each target's rank, for DRO's data
@@ -438,8 +464,9 @@ impl Qwen {
         grads: &Weights,
     ) -> Result<()> {
         let d_lm_head = grads.lm_head.as_ref().unwrap_or(&grads.embed_tokens);
+        let head_in = head_out.rows.as_ref().map_or(&acts.hidden, |(_, picked)| picked);
         let dh = head::logprob_entropy_backward_acc(
-            &acts.hidden,
+            head_in,
             self.weights.lm_head(),
             &head_out.targets,
             temperature,
@@ -450,6 +477,14 @@ impl Qwen {
             d_lm_head,
             &Default::default(),
         )?;
+        let dh = match &head_out.rows {
+            None => dh,
+            Some((rows, _)) => {
+                let full = Tensor::zeros(acts.hidden.shape(), DType::F32, acts.hidden.device())?;
+                embedding::embedding_backward_from_host(rows, &dh, &full)?;
+                full
+            }
+        };
         let dh = cast::cast(&dh, acts.hidden.dtype())?;
         let (mut dx, dnorm) = rmsnorm::rmsnorm_backward(&acts.x_final, &self.weights.norm, &acts.rstd_final, &dh)?;
         accumulate(&grads.norm, &dnorm)?;

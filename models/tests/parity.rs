@@ -137,23 +137,46 @@ fn check_grads_on(model: &Qwen, name: &str, loss_tol: f64, grad_tol: f64) {
         }
     }
 
-    let reference = SafetensorsFile::open(fixture(name).join("reference/grads.safetensors")).unwrap();
-    let mine = grads.named_tensors();
-    assert_eq!(mine.len(), reference.tensors().len(), "{name}: number of gradient tensors");
-    let mut worst = (0.0f64, String::new());
-    for (pname, t) in mine {
-        let want = reference.load(&pname, Some(DType::F32), true).unwrap().to_vec::<f32>().unwrap();
-        let got = t.to_vec::<f32>().unwrap();
-        assert_eq!(got.len(), want.len(), "{name} {pname}: size");
-        let diff: f64 = got.iter().zip(&want).map(|(a, b)| ((*a - *b) as f64).powi(2)).sum::<f64>().sqrt();
-        let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
-        assert!(norm > 0.0, "{name} {pname}: reference gradient is zero");
-        assert!(diff / norm < grad_tol, "{name} {pname}: relative error {:.3e} (tolerance {grad_tol:e})", diff / norm);
-        if diff / norm > worst.0 {
-            worst = (diff / norm, pname);
-        }
+    // The head on the predicted rows only (as the training step runs it: the last token of
+    // each sequence has no target) gives the same loss and gradients.
+    let rows: Vec<u32> = (0..n as u32).filter(|&r| targets[r as usize] != u32::MAX).collect();
+    let picked: Vec<u32> = rows.iter().map(|&r| targets[r as usize]).collect();
+    let out_rows = model.head_at(&acts.hidden, &rows, &picked, 1.0).unwrap();
+    for bad in [vec![0, 0], vec![n as u32]] {
+        let e = model.head_at(&acts.hidden, &bad, &picked[..bad.len()], 1.0).err().expect("a bad row list is refused");
+        assert!(e.to_string().contains("head_at: row"), "{e}");
     }
-    eprintln!("{name} on {dev}: loss {loss:.6} vs {want_loss:.6}; worst gradient {} at {:.2e}", worst.1, worst.0);
+    let logp_rows = out_rows.logp.to_vec_f32().unwrap();
+    let loss_rows = -logp_rows.iter().map(|&l| l as f64).sum::<f64>() / n_pred as f64;
+    assert!((loss_rows - want_loss).abs() < loss_tol * want_loss.abs().max(1.0), "{name}: rows loss {loss_rows}");
+    let g_rows = Tensor::from_slice(&vec![-1.0 / n_pred as f32; rows.len()], &[rows.len()], dev).unwrap();
+    let g_ent_rows = Tensor::zeros(&[rows.len()], DType::F32, dev).unwrap();
+    let grads_rows = Weights::zeros(&model.config, DType::F32, dev).unwrap();
+    model.backward(&acts, &out_rows, 1.0, &g_rows, &g_ent_rows, &grads_rows).unwrap();
+
+    let reference = SafetensorsFile::open(fixture(name).join("reference/grads.safetensors")).unwrap();
+    for (how, grads) in [("head on every row", &grads), ("head on the predicted rows", &grads_rows)] {
+        let mine = grads.named_tensors();
+        assert_eq!(mine.len(), reference.tensors().len(), "{name}: number of gradient tensors");
+        let mut worst = (0.0f64, String::new());
+        for (pname, t) in mine {
+            let want = reference.load(&pname, Some(DType::F32), true).unwrap().to_vec::<f32>().unwrap();
+            let got = t.to_vec::<f32>().unwrap();
+            assert_eq!(got.len(), want.len(), "{name} {pname}: size");
+            let diff: f64 = got.iter().zip(&want).map(|(a, b)| ((*a - *b) as f64).powi(2)).sum::<f64>().sqrt();
+            let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(norm > 0.0, "{name} {pname}: reference gradient is zero");
+            let err = diff / norm;
+            assert!(err < grad_tol, "{name} {pname} ({how}): relative error {err:.3e} (tolerance {grad_tol:e})");
+            if err > worst.0 {
+                worst = (err, pname);
+            }
+        }
+        eprintln!(
+            "{name} on {dev} ({how}): loss {loss:.6} vs {want_loss:.6}; worst gradient {} at {:.2e}",
+            worst.1, worst.0
+        );
+    }
 }
 
 #[test]

@@ -255,28 +255,37 @@ impl PolicyStep {
         let (mut loss, mut ent_sum, mut logp_sum) = (0f64, 0f64, 0f64);
         let mut stats = GrpoStats::default();
         for (batch, mask) in micro.iter().zip(&masks) {
+            // The head, the loss and their gradients cover the loss tokens only (the rows of
+            // the others get no gradient): prompts and each sequence's last token skip the
+            // vocabulary projection, most of a small model's step. A micro-batch without loss
+            // tokens adds nothing.
+            let rows: Vec<u32> = (0..mask.len() as u32).filter(|&i| mask[i as usize] != 0.0).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let pick = |v: &[f32]| -> Vec<f32> { rows.iter().map(|&r| v[r as usize]).collect() };
             let t0 = Instant::now();
             let acts = model.forward(&batch.packed)?;
             sync(&mut ph.forward, t0)?;
 
             let t0 = Instant::now();
             let targets = batch.packed.next_token_targets();
-            let head = model.head(&acts.hidden, &targets, cfg.temperature)?;
+            let targets: Vec<u32> = rows.iter().map(|&r| targets[r as usize]).collect();
+            let head = model.head_at(&acts.hidden, &rows, &targets, cfg.temperature)?;
             sync(&mut ph.head, t0)?;
 
             let t0 = Instant::now();
-            let n = batch.packed.num_tokens();
+            let n = rows.len();
             let cu: Vec<usize> = batch.packed.cu_seqlens.iter().map(|&c| c as usize).collect();
             let mut w = aggregation_weights(&cu, mask, cfg.loss_type, cfg.max_completion_length)?;
             // Rescale this micro-batch's weights to the whole batch's denominator.
-            let micro_mask: f64 = mask.iter().map(|&m| m as f64).sum();
             let share = match cfg.loss_type {
-                LossType::Dapo => micro_mask.max(1.0) / total_mask.max(1.0),
+                LossType::Dapo => n as f64 / total_mask.max(1.0),
                 LossType::Grpo | LossType::DrGrpo => batch.packed.num_seqs() as f64 / total_seqs.max(1) as f64,
             } as f32;
             w.iter_mut().for_each(|x| *x *= share);
-            let vec = |v: &[f32]| Tensor::from_slice(v, &[n], dev);
-            let (adv, mask_t, w_t) = (vec(&batch.advantages)?, vec(mask)?, vec(&w)?);
+            let vec = |v: &[f32]| Tensor::from_slice(&pick(v), &[n], dev);
+            let (adv, mask_t, w_t) = (vec(&batch.advantages)?, Tensor::full(1.0, &[n], DType::F32, dev)?, vec(&w)?);
             let old = batch.logp_old.as_deref().map(vec).transpose()?;
             let reference = batch.logp_ref.as_deref().map(vec).transpose()?;
             let inputs = GrpoLossInputs {
@@ -298,10 +307,9 @@ impl PolicyStep {
             sync(&mut ph.backward, t0)?;
 
             loss += out.loss as f64;
-            let ent = head.entropy.to_vec::<f32>()?;
-            ent_sum += ent.iter().zip(mask).map(|(e, m)| (*e * *m) as f64).sum::<f64>();
-            let lp = head.logp.to_vec::<f32>()?;
-            logp_sum += lp.iter().zip(mask).filter(|(_, &m)| m != 0.0).map(|(l, _)| *l as f64).sum::<f64>();
+            // Every row of the head's outputs is a loss token.
+            ent_sum += head.entropy.to_vec::<f32>()?.iter().map(|&e| e as f64).sum::<f64>();
+            logp_sum += head.logp.to_vec::<f32>()?.iter().map(|&l| l as f64).sum::<f64>();
             if batch.supervised {
                 continue;
             }
@@ -843,9 +851,10 @@ mod tests {
         assert_eq!(two, five, "copies per step grow with depth:\n2 layers: {rows2:?}\n5 layers: {rows5:?}");
         assert!(two <= 20, "{two} host↔device copies in one step: {rows2:?}");
         // The gradients live in one buffer: zeroing them and their norm are one launch each,
-        // however many tensors the model has.
+        // however many tensors the model has (the other memset clears the hidden states'
+        // gradient, into which the head's rows are scattered).
         for rows in [&rows2, &rows5] {
-            assert_eq!(calls(rows, |n| n.contains("memset")), 1, "{rows:?}");
+            assert_eq!(calls(rows, |n| n.contains("memset")), 2, "{rows:?}");
             assert_eq!(calls(rows, |n| n.contains("global_norm::sumsq_f32")), 1, "{rows:?}");
         }
     }

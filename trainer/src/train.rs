@@ -878,7 +878,7 @@ impl Trainer {
         }
         let Some((cache, first)) = cached else {
             // Entry t predicts token t+1: only the entries of y's tokens are needed.
-            return self.score(&self.model, &seqs, ranks, Some(y.len()));
+            return self.score(&self.model, &seqs, ranks, &vec![y.len(); seqs.len()]);
         };
         let n = y.len() + 1;
         let mut slots = Vec::with_capacity(seqs.len());
@@ -917,34 +917,34 @@ impl Trainer {
         Ok((head.logp.to_vec()?, rank))
     }
 
-    /// Per-token log-probs (entry t = log p(token t+1)) of each sequence, and the targets'
-    /// ranks when asked, without gradient, in micro-batches. With `last = Some(k)` only the
-    /// entries that predict each sequence's final k tokens go through the head (the vocabulary
+    /// Log-probs, without gradient, of the final `last[i]` tokens of each sequence `seqs[i]`
+    /// (each predicted from the tokens before it), and their ranks when asked, in micro-batches.
+    /// Only the hidden states that predict those tokens go through the head (the vocabulary
     /// projection, most of a small model's forward cost) and come back.
-    fn score(&self, model: &Qwen, seqs: &[Vec<u32>], ranks: bool, last: Option<usize>) -> Result<Scored> {
-        if let Some((i, s)) = last.and_then(|k| seqs.iter().enumerate().find(|(_, s)| s.len() <= k)) {
-            bail!("scoring the last {} tokens of sequence {i}, which has only {}", last.unwrap_or(0), s.len());
+    fn score(&self, model: &Qwen, seqs: &[Vec<u32>], ranks: bool, last: &[usize]) -> Result<Scored> {
+        if let Some((i, s)) = seqs.iter().enumerate().find(|&(i, s)| s.len() <= last[i]) {
+            bail!("scoring the last {} tokens of sequence {i}, which has only {}", last[i], s.len());
         }
         let (mut lps, mut rks) = (Vec::with_capacity(seqs.len()), Vec::new());
-        for chunk in seqs.chunks(self.cfg.per_device_train_batch_size) {
+        let b = self.cfg.per_device_train_batch_size;
+        for (chunk, last) in seqs.chunks(b).zip(last.chunks(b)) {
             let packed = Packed::new(chunk);
-            let acts = model.forward(&packed)?;
-            let targets = packed.next_token_targets();
-            // The hidden-state rows each sequence sends through the head.
+            // Entry t predicts token t+1: the hidden-state rows each sequence sends through the head.
             let spans: Vec<std::ops::Range<usize>> = packed
                 .cu_seqlens
                 .windows(2)
-                .map(|w| match last {
-                    None => w[0] as usize..w[1] as usize,
-                    Some(k) => w[1] as usize - k - 1..w[1] as usize - 1,
-                })
+                .zip(last)
+                .map(|(w, &k)| w[1] as usize - k - 1..w[1] as usize - 1)
                 .collect();
-            let rows: Option<Vec<u32>> = last.map(|_| spans.iter().flat_map(|r| r.clone()).map(|r| r as u32).collect());
-            let targets = match &rows {
-                Some(rows) => rows.iter().map(|&r| targets[r as usize]).collect(),
-                None => targets,
+            let rows: Vec<u32> = spans.iter().flat_map(|r| r.clone()).map(|r| r as u32).collect();
+            let (lp, rk) = if rows.is_empty() {
+                (Vec::new(), Vec::new())
+            } else {
+                let acts = model.forward(&packed)?;
+                let targets = packed.next_token_targets();
+                let targets: Vec<u32> = rows.iter().map(|&r| targets[r as usize]).collect();
+                self.head_rows(model, &acts.hidden, Some(&rows), &targets, ranks)?
             };
-            let (lp, rk) = self.head_rows(model, &acts.hidden, rows.as_deref(), &targets, ranks)?;
             let mut at = 0;
             for span in spans {
                 let rows = at..at + span.len();
@@ -1035,8 +1035,19 @@ impl Trainer {
                     }
                 }
             }
+            // The reference model scores the completions only (the loss tokens are among them).
             let logp_ref = match &self.reference {
-                Some(r) if !supervised => Some(self.score(r, part, false, None)?.logp.concat()),
+                Some(r) if !supervised => {
+                    let comp: Vec<usize> = (start..end).map(|i| seqs[i].len() - prompt_lens[i]).collect();
+                    let scored = self.score(r, part, false, &comp)?;
+                    let mut full = Vec::with_capacity(a.len());
+                    for (i, lp) in (start..end).zip(scored.logp) {
+                        full.extend(std::iter::repeat_n(0.0, prompt_lens[i] - 1));
+                        full.extend(lp);
+                        full.push(0.0);
+                    }
+                    Some(full)
+                }
                 _ => None,
             };
             out.push(StepBatch {
@@ -1399,6 +1410,47 @@ impl TrainerState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With a KL penalty, each micro-batch carries the reference model's log-probs of its
+    /// completion tokens, at the entries that predict them (the reference scores those rows
+    /// only), checked against the head over every row of each sequence on its own.
+    #[test]
+    fn reference_log_probs_sit_at_the_completion_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig {
+            model: Some(smelt_models::testing::fixture("qwen2-tiny")),
+            output_dir: dir.path().to_path_buf(),
+            beta: 0.04,
+            eval_size: 2,
+            per_device_train_batch_size: 2,
+            quiet: true,
+            ..Default::default()
+        };
+        let t = Trainer::new(cfg).unwrap();
+        let seqs: Vec<Vec<u32>> =
+            (0..3).map(|i| (0..9 + 4 * i).map(|j| (7 * j + 3 * i + 1) as u32 % 50).collect()).collect();
+        let prompt_lens = [4, 1, 7];
+        let micro = t.micro_batches(&seqs, &prompt_lens, &[0.5; 3], None, &[true; 3], false).unwrap();
+        assert_eq!(micro.len(), 2);
+        let refs: Vec<f32> = micro.iter().flat_map(|b| b.logp_ref.clone().unwrap()).collect();
+        let mut at = 0;
+        for (seq, &p) in seqs.iter().zip(&prompt_lens) {
+            let packed = Packed::new(std::slice::from_ref(seq));
+            let acts = t.model.forward(&packed).unwrap();
+            let full = t.model.head(&acts.hidden, &packed.next_token_targets(), 1.0).unwrap();
+            let full: Vec<f32> = full.logp.to_vec().unwrap();
+            for (j, &want) in full.iter().enumerate() {
+                let got = refs[at + j];
+                if j + 1 >= p && j + 1 < seq.len() {
+                    assert!((got - want).abs() < 1e-5, "entry {j} of a {}-token sequence: {got} vs {want}", seq.len());
+                } else {
+                    assert_eq!(got, 0.0, "entry {j} outside the completion");
+                }
+            }
+            at += seq.len();
+        }
+        assert_eq!(at, refs.len());
+    }
 
     /// DRO's teacher forcing picks exactly the reference tokens' log-probs and ranks: checked
     /// against log-softmax and ranks of the materialised logits of each full sequence,

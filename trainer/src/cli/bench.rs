@@ -1304,6 +1304,10 @@ pub struct StepArgs {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 256)]
     pub seq: usize,
+    /// The first this many tokens of each sequence are its prompt: no loss tokens, so the head
+    /// skips them (as in RL, where only completions are trained on).
+    #[arg(long, default_value_t = 0)]
+    pub prompt_len: usize,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -1337,6 +1341,9 @@ fn step(args: StepArgs) -> Result<()> {
     if args.batch == 0 || args.seq < 2 {
         bail!("--batch must be >= 1 and --seq >= 2 (got {} and {})", args.batch, args.seq);
     }
+    if args.prompt_len + 1 >= args.seq {
+        bail!("--prompt-len {} leaves no completion in --seq {}", args.prompt_len, args.seq);
+    }
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -1362,14 +1369,11 @@ fn step(args: StepArgs) -> Result<()> {
     for _ in 0..b {
         advantages.extend(std::iter::repeat_n(rng.normal() as f32, t));
     }
-    let batch = StepBatch {
-        packed: Packed::new(&seqs),
-        advantages,
-        mask: vec![1.0; b * t],
-        logp_old: None,
-        logp_ref: None,
-        supervised: false,
-    };
+    // Entry j predicts token j+1: the completion's tokens are predicted from entry p-1 on.
+    let p = args.prompt_len;
+    let mask: Vec<f32> = (0..b * t).map(|i| if (i % t) + 1 >= p { 1.0 } else { 0.0 }).collect();
+    let batch =
+        StepBatch { packed: Packed::new(&seqs), advantages, mask, logp_old: None, logp_ref: None, supervised: false };
     let cfg = StepConfig { sync_phases: device.is_cpu() || args.phases, ..StepConfig::default() };
     let mut policy = PolicyStep::new(&model, cfg)?;
     let model_bytes: usize = model.weights.named_tensors().iter().map(|(_, t)| t.size_in_bytes()).sum();
@@ -1418,7 +1422,11 @@ fn step(args: StepArgs) -> Result<()> {
     let mfu = peak_flops.as_ref().map(|(p, _)| tflop_s / p);
     let phases_ms: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v) * 1e3)).collect();
 
-    println!("{label}: batch {b} × seq {t} on {device} ({dtype}), {} threads", smelt_engine::cpu::num_threads());
+    let prompt = if p > 0 { format!(" (prompt {p})") } else { String::new() };
+    println!(
+        "{label}: batch {b} × seq {t}{prompt} on {device} ({dtype}), {} threads",
+        smelt_engine::cpu::num_threads()
+    );
     println!(
         "  ms/step     {:>10.1}   (median of {}; all: {:?})",
         med * 1e3,
@@ -1447,6 +1455,7 @@ fn step(args: StepArgs) -> Result<()> {
     report["dtype"] = json!(dtype.name());
     report["batch"] = json!(b);
     report["seq"] = json!(t);
+    report["prompt_len"] = json!(p);
     report["tokens_per_step"] = json!(b * t);
     report["steps"] = json!(args.steps);
     report["warmup"] = json!(args.warmup);
@@ -1471,7 +1480,9 @@ fn step(args: StepArgs) -> Result<()> {
     report["grad_norm"] = json!(s.grad_norm);
     report["step_definition"] = json!(
         "forward, fused logprob+entropy head, GRPO loss (dapo aggregation, eps 0.2/0.28, on-policy), backward, \
-         global grad norm clip 1.0, AdamW (lr 1e-6, wd 0.01 except norms and biases) over all parameters"
+         global grad norm clip 1.0, AdamW (lr 1e-6, wd 0.01 except norms and biases) over all parameters; the \
+         head runs on loss tokens only (not a sequence's last token, nor its first prompt_len - 1); \
+         FLOPs count every token (6·params·tokens + attention) whatever the head skips"
     );
     write_json(&args.json, &report)
 }
