@@ -814,15 +814,14 @@ impl Trainer {
         picks: &[usize],
         rs: &mut [Rollout],
         terms: &mut BTreeMap<&'static str, f64>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Vec<bool>> {
         use crate::reward::dro::{dro_reward, length_term, r3_rewards};
         let g = self.cfg.group_size();
         let weighting = self.cfg.dro_weighting()?;
         let mut no_signal = Vec::with_capacity(picks.len());
-        for (p, chunk) in rs.chunks_mut(g).enumerate() {
-            let cached = cache.as_deref_mut().map(|c| (c, p * g));
-            let forced = self.teacher_force(picks[p], chunk, false, cached)?;
+        let forced = self.teacher_force(picks, rs, false, cache)?;
+        for (chunk, forced) in rs.chunks_mut(g).zip(forced) {
             let (y_len, logp_y) = (forced.logp[0].len(), forced.logp);
             let group = r3_rewards(&logp_y, weighting);
             no_signal.push(!group.signal);
@@ -838,66 +837,89 @@ impl Trainer {
         Ok(no_signal)
     }
 
-    /// Teacher-forces example `ex`'s reference answer y after each rollout's reasoning
-    /// (through `</think>`, appended when the rollout has none), without gradient: per
-    /// rollout, the log-probs ℓ^y_j and (when asked) the ranks of y's tokens.
+    /// Teacher-forces each example's reference answer y after the reasoning of each of its
+    /// group's rollouts (through `</think>`, appended when the rollout has none), without
+    /// gradient. `rs` holds the groups of `exs` in order, G rollouts each. Per group, per
+    /// rollout: the log-probs ℓ^y_j and (when asked) the ranks of y's tokens.
     ///
-    /// With `cached = Some((cache, first))` (the generation's cache, rollout i of the group in
-    /// slot first + i, with |y| + 1 spare positions) the prompt and reasoning are not run again:
-    /// each slot is cut back to all but the last two tokens before y, then decodes |y| + 1
-    /// tokens (those two, and y without its last token), and the outputs at the last |y| of
-    /// them predict y. Re-decoding one token more than needed keeps the count the same for the
-    /// whole group: a rollout cut off by the budget never decoded its last token into the cache.
-    /// Without a cache, a full forward pass over prompt + reasoning + y.
+    /// With `cache` (the generation's, rollout i in slot i, with max |y| + 1 spare positions)
+    /// the prompt and reasoning are not run again: each slot is cut back to all but the last two
+    /// tokens before its y, then decodes |y| + 1 tokens (those two, and y without its last
+    /// token), and the outputs at the last |y| of them predict y. Re-decoding one token more than
+    /// needed keeps the count the same for a whole group: a rollout cut off by the budget never
+    /// decoded its last token into the cache. All slots decode together, in one call: slots
+    /// whose y is shorter than the longest decode filler tokens after it, which come later in
+    /// their sequence and so change nothing before them (the cache is dropped afterwards).
+    /// Without a cache, a forward pass over prompt + reasoning + y.
     fn teacher_force(
         &self,
-        ex: usize,
-        group: &[Rollout],
+        exs: &[usize],
+        rs: &[Rollout],
         ranks: bool,
-        cached: Option<(&mut KvCache, usize)>,
-    ) -> Result<Scored> {
+        cache: Option<&mut KvCache>,
+    ) -> Result<Vec<Scored>> {
         let tok = self.ckpt.tokenizer()?;
         let think_end = self.think_end_id.context("DRO needs `</think>`")?;
-        let answer = &self.train[ex].answer;
-        let y = tok.encode(answer, false)?;
-        if y.is_empty() {
-            bail!(
-                "DRO: dataset example {ex} {}: the reference answer {answer:?} tokenizes to nothing",
-                self.train[ex].label()
-            );
+        let g = rs.len() / exs.len().max(1);
+        if g * exs.len() != rs.len() {
+            bail!("DRO teacher forcing: {} rollouts for {} groups", rs.len(), exs.len());
         }
-        let prompt = &self.train_ids[ex];
-        let mut seqs = Vec::with_capacity(group.len());
-        for r in group {
+        let mut ys = Vec::with_capacity(exs.len());
+        for &ex in exs {
+            let answer = &self.train[ex].answer;
+            let y = tok.encode(answer, false)?;
+            if y.is_empty() {
+                bail!(
+                    "DRO: dataset example {ex} {}: the reference answer {answer:?} tokenizes to nothing",
+                    self.train[ex].label()
+                );
+            }
+            ys.push(y);
+        }
+        let mut seqs = Vec::with_capacity(rs.len());
+        for (i, r) in rs.iter().enumerate() {
             let reasoning = match r.think_end {
                 Some(k) => &r.gen.ids[..=k],
                 None => &r.gen.ids[..r.len],
             };
             let close: &[u32] = if r.think_end.is_some() { &[] } else { &[think_end] };
-            seqs.push([prompt.as_slice(), reasoning, close, &y].concat());
+            seqs.push([self.train_ids[exs[i / g]].as_slice(), reasoning, close, &ys[i / g]].concat());
         }
-        let Some((cache, first)) = cached else {
-            // Entry t predicts token t+1: only the entries of y's tokens are needed.
-            return self.score(&self.model, &seqs, ranks, &vec![y.len(); seqs.len()]);
+        let y_len = |i: usize| ys[i / g].len();
+        let (logp, rank) = match cache {
+            None => {
+                // Entry t predicts token t+1: only the entries of y's tokens are needed.
+                let last: Vec<usize> = (0..seqs.len()).map(y_len).collect();
+                let scored = self.score(&self.model, &seqs, ranks, &last)?;
+                (scored.logp, scored.rank)
+            }
+            Some(cache) => {
+                let n = ys.iter().map(Vec::len).max().unwrap_or(0) + 1;
+                let mut slots = Vec::with_capacity(seqs.len());
+                let mut tokens = Vec::with_capacity(seqs.len() * n);
+                let (mut rows, mut targets) = (Vec::new(), Vec::new());
+                for (i, seq) in seqs.iter().enumerate() {
+                    let y = &ys[i / g];
+                    let start = seq.len() - y.len() - 2;
+                    cache.truncate(i, start)?;
+                    slots.push(i as u32);
+                    tokens.extend_from_slice(&seq[start..seq.len() - 1]);
+                    tokens.extend(std::iter::repeat_n(y[y.len() - 1], n - y.len() - 1));
+                    // Row 0 of each slot's block predicts y's predecessor, which is not scored.
+                    rows.extend((i * n + 1..i * n + 1 + y.len()).map(|r| r as u32));
+                    targets.extend_from_slice(y);
+                }
+                let hidden = self.model.decode_slots(&slots, &tokens, cache)?;
+                let (lp, rk) = self.head_rows(&self.model, &hidden, Some(&rows), &targets, ranks)?;
+                let lens: Vec<usize> = (0..seqs.len()).map(y_len).collect();
+                (split_into(&lp, &lens), if ranks { split_into(&rk, &lens) } else { Vec::new() })
+            }
         };
-        let n = y.len() + 1;
-        let mut slots = Vec::with_capacity(seqs.len());
-        let mut tokens = Vec::with_capacity(seqs.len() * n);
-        for (i, seq) in seqs.iter().enumerate() {
-            let start = seq.len() - y.len() - 2;
-            cache.truncate(first + i, start)?;
-            slots.push((first + i) as u32);
-            tokens.extend_from_slice(&seq[start..seq.len() - 1]);
-        }
-        let hidden = self.model.decode_slots(&slots, &tokens, cache)?;
-        // Row 0 of each slot's block predicts y's predecessor, which is not scored.
-        let rows: Vec<u32> = (0..seqs.len()).flat_map(|i| (i * n + 1..(i + 1) * n).map(|r| r as u32)).collect();
-        let targets: Vec<u32> = seqs.iter().flat_map(|_| y.iter().copied()).collect();
-        let (lp, rank) = self.head_rows(&self.model, &hidden, Some(&rows), &targets, ranks)?;
-        Ok(Scored {
-            logp: lp.chunks(y.len()).map(<[f32]>::to_vec).collect(),
-            rank: rank.chunks(y.len()).map(<[u32]>::to_vec).collect(),
-        })
+        let mut rank = rank.into_iter();
+        let mut logp = logp.into_iter();
+        Ok((0..exs.len())
+            .map(|_| Scored { logp: logp.by_ref().take(g).collect(), rank: rank.by_ref().take(g).collect() })
+            .collect())
     }
 
     /// The fused head without gradient on rows `rows` of `hidden` (every row when `None`), whose
@@ -967,14 +989,13 @@ impl Trainer {
         use crate::reward::dro::{carry_over, max_sigma, rank_filter_keep, sigma_filter, token_sigma};
         let t0 = Instant::now();
         let d = self.cfg.dro.clone();
-        let g = self.cfg.num_generations;
         let all: Vec<usize> = (0..self.train.len()).collect();
         let (mut survivors, mut sigmas) = (Vec::new(), Vec::new());
         for (c, chunk) in all.chunks(self.cfg.prompts_per_step()).enumerate() {
             let seed = mix(&[self.cfg.seed, self.step as u64, 0xf117e2, c as u64]);
             let (rs, mut cache) = self.rollout(chunk, seed, Some(self.dro_room(chunk)?))?;
-            for (p, group) in rs.chunks(g).enumerate() {
-                let forced = self.teacher_force(chunk[p], group, true, cache.as_mut().map(|c| (c, p * g)))?;
+            let forced = self.teacher_force(chunk, &rs, true, cache.as_mut())?;
+            for (p, forced) in forced.into_iter().enumerate() {
                 if rank_filter_keep(&forced.rank, d.rank_k, d.worst_frac) {
                     survivors.push(chunk[p]);
                     sigmas.push(max_sigma(&token_sigma(&forced.logp)));
@@ -1272,6 +1293,17 @@ fn solutions(
     Ok(out)
 }
 
+/// `v` cut into consecutive pieces of the given lengths.
+fn split_into<T: Clone>(v: &[T], lens: &[usize]) -> Vec<Vec<T>> {
+    let mut at = 0;
+    lens.iter()
+        .map(|&n| {
+            at += n;
+            v[at - n..at].to_vec()
+        })
+        .collect()
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
@@ -1469,21 +1501,32 @@ mod tests {
             ..Default::default()
         };
         let t = Trainer::new(cfg).unwrap();
-        let ex = 5;
-        let (mut group, cache) = t.rollout(&[ex], 11, Some(t.dro_room(&[ex]).unwrap())).unwrap();
+        // Two groups whose reference answers differ in length: they decode together, the
+        // shorter y followed by filler tokens.
+        let tok = t.ckpt.tokenizer().unwrap();
+        let y_of = |ex: usize| tok.encode(&t.train[ex].answer, false).unwrap();
+        let first = 5;
+        let other = (0..t.train.len()).find(|&e| y_of(e).len() != y_of(first).len()).expect("answers of two lengths");
+        let exs = [other, first];
+        let (mut rs, cache) = t.rollout(&exs, 11, Some(t.dro_room(&exs).unwrap())).unwrap();
         let mut cache = cache.unwrap();
-        assert_eq!(group.len(), 8);
+        assert_eq!(rs.len(), 16);
         // The tiny model never writes `</think>`: mark reasoning ends by index instead (the token
         // there is what it is), including the last token of a rollout, which the generation
         // never decoded into the cache.
-        group[0].think_end = Some(3);
-        group[1].think_end = Some(group[1].len - 1);
-        assert!(group[1].gen.ids.len() == group[1].len, "rollout 1 ran out of budget");
-        let full = t.teacher_force(ex, &group, true, None).unwrap();
-        let cached = t.teacher_force(ex, &group, true, Some((&mut cache, 0))).unwrap();
-        let y = t.ckpt.tokenizer().unwrap().encode(&t.train[ex].answer, false).unwrap();
+        for i in [0, 8] {
+            rs[i].think_end = Some(3);
+            rs[i + 1].think_end = Some(rs[i + 1].len - 1);
+            assert!(rs[i + 1].gen.ids.len() == rs[i + 1].len, "rollout {} ran out of budget", i + 1);
+        }
+        let full = t.teacher_force(&exs, &rs, true, None).unwrap();
+        let cached = t.teacher_force(&exs, &rs, true, Some(&mut cache)).unwrap();
+        assert_eq!((full.len(), cached.len()), (2, 2));
         let think_end = t.think_end_id.unwrap();
-        for ((i, r), forced) in group.iter().enumerate().flat_map(|x| [(x, &full), (x, &cached)]) {
+        let each = rs.iter().enumerate().flat_map(|(i, r)| [(i, r, &full[i / 8]), (i, r, &cached[i / 8])]);
+        for (k, r, forced) in each {
+            let (ex, i) = (exs[k / 8], k % 8);
+            let y = y_of(ex);
             let mut seq = t.train_ids[ex].clone();
             match r.think_end {
                 Some(k) => seq.extend_from_slice(&r.gen.ids[..=k]),
