@@ -607,6 +607,7 @@ fn launch_on(
     cfg: LaunchCfg,
     args: &[Arg],
 ) -> Result<()> {
+    let _turn = dev.stream_turn();
     if dev.is_emulated() {
         let (f, a) = (func.to_string(), args.to_vec());
         if dev.emu_record(|| Box::new(move || crate::emu::launch(src, &f, cfg, &a))) {

@@ -30,6 +30,10 @@ pub struct DecodeGraphs {
     sampling: SamplingConfig,
     seed: u64,
     buckets: Vec<Bucket>,
+    /// The KV cache's buffers and the model's weights the graphs were captured with: their
+    /// addresses are in the graphs, so every call must pass the same ones (and these clones
+    /// keep them alive while the graphs are).
+    bound: Option<(Vec<Tensor>, crate::Weights)>,
 }
 
 struct Bucket {
@@ -44,7 +48,7 @@ struct Bucket {
 
 impl DecodeGraphs {
     pub fn new(sampling: &SamplingConfig, seed: u64) -> DecodeGraphs {
-        DecodeGraphs { sampling: *sampling, seed, buckets: Vec::new() }
+        DecodeGraphs { sampling: *sampling, seed, buckets: Vec::new(), bound: None }
     }
 
     /// Graphs captured so far (one per batch size used).
@@ -88,6 +92,21 @@ impl DecodeGraphs {
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= model.config.vocab_size) {
             return Err(Error::Msg(format!("token id {id} is outside the vocabulary")));
         }
+        let buffers: Vec<&Tensor> = cache.buffers().collect();
+        match &self.bound {
+            None => self.bound = Some((buffers.into_iter().cloned().collect(), model.weights.clone())),
+            Some((bufs, weights)) => {
+                let same_cache =
+                    bufs.len() == buffers.len() && bufs.iter().zip(&buffers).all(|(a, b)| a.same_storage(b));
+                if !same_cache || !weights.embed_tokens.same_storage(&model.weights.embed_tokens) {
+                    return Err(Error::Msg(
+                        "decode graphs: called with another KV cache or model than they were captured with \
+                         (their addresses are in the graphs): make a new DecodeGraphs"
+                            .into(),
+                    ));
+                }
+            }
+        }
         let rows = n.next_power_of_two().min(n + spare.len());
         let pad = &spare[..rows - n];
         let all_slots: Vec<u32> = slots.iter().chain(pad).copied().collect();
@@ -130,6 +149,8 @@ impl DecodeGraphs {
         let part = |i: usize| inputs.narrow_rows(i * rows, rows);
         let (ids, slots, positions, lens) = (part(0)?, part(1)?, part(2)?, part(3)?);
         let step = inputs.narrow_rows(4 * rows, 2)?;
+        // Built on first use with an upload, which a capture cannot hold: built before.
+        model.rope()?;
         // The body's own errors come back as its result (the half-captured graph is dropped).
         let (graph, body) = dev.capture(|| {
             Ok((|| {

@@ -268,7 +268,7 @@ impl Qwen {
 
     /// The RoPE table for the weights' device (a fresh one if the weights have moved since it
     /// was built).
-    fn rope(&self) -> Result<Cow<'_, RopeTable>> {
+    pub(crate) fn rope(&self) -> Result<Cow<'_, RopeTable>> {
         let dev = self.device();
         let build = || RopeTable::new(self.config.head_dim, self.config.rope_theta as f32, dev);
         if let Some(t) = self.rope.get() {
@@ -766,6 +766,11 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Every layer's key and value buffers.
+    pub(crate) fn buffers(&self) -> impl Iterator<Item = &Tensor> {
+        self.k.iter().chain(&self.v)
+    }
+
     /// Whether `slots` are distinct slots of this cache, each with a length that passes `ok`.
     pub(crate) fn distinct_slots(&self, slots: &[u32], ok: impl Fn(usize) -> bool) -> bool {
         let mut seen = vec![false; self.lens.len()];

@@ -8,8 +8,7 @@ use smelt_kernels::sample::SamplingConfig;
 use smelt_models::testing::fixture;
 use smelt_models::{generate, set_cuda_graphs, Config, DecodeGraphs, GenerateOptions, LoadOptions, Qwen, Weights};
 
-/// A capture takes the device's one stream as a whole, so another thread's work on the device
-/// (these tests run in parallel) would land in it or be refused: the tests take turns.
+/// `set_cuda_graphs` is process-wide, and these tests run in parallel: they take turns.
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     TURN.lock().unwrap_or_else(|p| p.into_inner())
@@ -122,4 +121,22 @@ fn device_capture_holds_freed_blocks_and_replays() {
     graph.launch().unwrap();
     assert_eq!(out.to_vec::<f32>().unwrap(), vec![7.0; 1000]);
     drop((graph, after));
+}
+
+/// The graphs hold the addresses of the cache and weights they were captured with: a call with
+/// another cache is refused (the first call may capture: nothing needs an eager step first).
+#[test]
+fn device_decode_graphs_stay_with_their_cache() {
+    let _turn = one_at_a_time();
+    let Some(dev) = smelt_kernels::testing::test_cuda_device() else { return };
+    let model = load_on("qwen2-tiny", DType::F32, dev);
+    let mut graphs = DecodeGraphs::new(&SamplingConfig::default(), 3);
+    let (mut a, mut b) = (model.new_kv_cache(2, 16).unwrap(), model.new_kv_cache(2, 16).unwrap());
+    let first = graphs.decode_sample(&model, &mut a, &[0, 1], &[5, 6], &[], 0).unwrap();
+    let e = graphs.decode_sample(&model, &mut b, &[0, 1], &[5, 6], &[], 0).err().expect("another cache");
+    assert!(e.to_string().contains("another KV cache"), "{e}");
+    // The same inputs on the same cache state give the same draws.
+    a.lens = vec![0, 0];
+    assert_eq!(graphs.decode_sample(&model, &mut a, &[0, 1], &[5, 6], &[], 0).unwrap(), first);
+    assert_eq!(graphs.captured(), 1);
 }

@@ -114,6 +114,7 @@ impl CudaDevice {
         if g.m == 0 || g.n == 0 || batch == 0 {
             return Ok(());
         }
+        let _turn = self.stream_turn();
         if batch > i32::MAX as usize {
             return Err(Error::shape("matmul (cuda)", format!("batch {batch} over i32::MAX: {}", g.describe())));
         }

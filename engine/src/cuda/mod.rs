@@ -47,8 +47,9 @@ pub struct CudaDevice {
     name: String,
     compute_capability: (i32, i32),
     total_mem: usize,
-    /// The capture in progress, if any ([`CudaDevice::capture`]).
-    capture: Mutex<Option<graph::Capture>>,
+    /// The capture in progress, if any ([`CudaDevice::capture`]), and the operations in flight.
+    stream: Mutex<graph::StreamState>,
+    stream_cv: std::sync::Condvar,
 }
 
 /// Device memory from the caching allocator. Dropping it returns the block to the allocator.
@@ -160,7 +161,8 @@ impl CudaDevice {
             name,
             compute_capability,
             total_mem,
-            capture: Mutex::new(None),
+            stream: Mutex::new(Default::default()),
+            stream_cv: std::sync::Condvar::new(),
         })
     }
 
@@ -177,7 +179,8 @@ impl CudaDevice {
             },
             compute_capability: (9, 0),
             total_mem: emu::total_mem(),
-            capture: Mutex::new(None),
+            stream: Mutex::new(Default::default()),
+            stream_cv: std::sync::Condvar::new(),
         }
     }
 
@@ -243,6 +246,7 @@ impl CudaDevice {
     /// Waits for all queued work, and reports any error an earlier asynchronous call left.
     /// (The emulator runs everything synchronously.)
     pub fn synchronize(&self) -> Result<()> {
+        let _turn = self.stream_turn();
         self.refuse_in_capture("a synchronize")?;
         let Backend::Driver { ctx, stream, .. } = &self.backend else { return Ok(()) };
         stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))?;
@@ -297,36 +301,43 @@ impl CudaDevice {
     /// `bytes` of uninitialised device memory from the caching allocator.
     ///
     /// On `CUDA_ERROR_OUT_OF_MEMORY` the cache is emptied and the allocation retried once;
-    /// then it fails with [`Error::OutOfMemory`].
+    /// then it fails with [`Error::OutOfMemory`]. Inside a graph capture the cache cannot be
+    /// emptied (that waits for the stream): there it fails at once.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<CudaStorage> {
         if bytes == 0 {
             return Ok(CudaStorage { ptr: 0, len_bytes: 0, class: 0, device: self.clone() });
         }
         let class = size_class(bytes);
-        let mut pool = self.lock_pool()?;
-        if let Some(ptr) = pool.take(class) {
+        let storage = |ptr| {
             if self.is_emulated() {
                 emu::track(ptr, bytes, class);
             }
-            return Ok(CudaStorage { ptr, len_bytes: bytes, class, device: self.clone() });
+            Ok(CudaStorage { ptr, len_bytes: bytes, class, device: self.clone() })
+        };
+        if let Some(ptr) = self.reuse_in_capture(class) {
+            return storage(ptr);
         }
+        let mut pool = self.lock_pool()?;
+        if let Some(ptr) = pool.take(class) {
+            return storage(ptr);
+        }
+        let oom = |in_use| Error::OutOfMemory { op: "alloc", requested: bytes, in_use, device: self.as_device() };
         if self.is_emulated() {
             // Held to the reported capacity, so out-of-memory paths can be tested.
-            if pool.stats.in_use + pool.stats.cached + class > self.total_mem {
-                self.free_cached(&mut pool)?;
-            }
-            if pool.stats.in_use + class > self.total_mem {
-                return Err(Error::OutOfMemory {
-                    op: "alloc",
-                    requested: bytes,
-                    in_use: pool.stats.in_use,
-                    device: self.as_device(),
-                });
+            let fits = |p: &alloc::Pool| p.stats.in_use + p.stats.cached + class <= self.total_mem;
+            if !fits(&pool) {
+                drop(pool);
+                pool = match self.emptied_pool()? {
+                    Some(p) => p,
+                    None => return Err(oom(self.alloc_stats().in_use)),
+                };
+                if !fits(&pool) {
+                    return Err(oom(pool.stats.in_use));
+                }
             }
             let ptr = emu::malloc(class)?;
-            emu::track(ptr, bytes, class);
             pool.add_new(class);
-            return Ok(CudaStorage { ptr, len_bytes: bytes, class, device: self.clone() });
+            return storage(ptr);
         }
         self.bind()?;
         // SAFETY: plain allocation in the bound context.
@@ -335,25 +346,35 @@ impl CudaDevice {
         let ptr = match first {
             Ok(p) => p,
             Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-                self.free_cached(&mut pool)?;
+                drop(pool);
+                pool = match self.emptied_pool()? {
+                    Some(p) => p,
+                    None => return Err(oom(self.alloc_stats().in_use)),
+                };
                 // SAFETY: as above.
                 match unsafe { drv::malloc_sync(class) } {
                     Ok(p) => p,
-                    Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-                        return Err(Error::OutOfMemory {
-                            op: "alloc",
-                            requested: bytes,
-                            in_use: pool.stats.in_use,
-                            device: self.as_device(),
-                        })
-                    }
+                    Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => return Err(oom(pool.stats.in_use)),
                     Err(e) => return Err(cuda_err("cuMemAlloc")(e)),
                 }
             }
             Err(e) => return Err(cuda_err("cuMemAlloc")(e)),
         };
         pool.add_new(class);
-        Ok(CudaStorage { ptr, len_bytes: bytes, class, device: self.clone() })
+        storage(ptr)
+    }
+
+    /// The pool, locked, after returning its cached blocks to the driver; `None` inside a
+    /// capture of this thread, where that is impossible. Waits while another thread captures
+    /// (taking the stream's turn before the pool's lock, the order every path keeps).
+    fn emptied_pool(&self) -> Result<Option<std::sync::MutexGuard<'_, alloc::Pool>>> {
+        if self.is_capturing() {
+            return Ok(None);
+        }
+        let _turn = self.stream_turn();
+        let mut pool = self.lock_pool()?;
+        self.free_cached(&mut pool)?;
+        Ok(Some(pool))
     }
 
     fn lock_pool(&self) -> Result<std::sync::MutexGuard<'_, alloc::Pool>> {
@@ -400,6 +421,7 @@ impl CudaDevice {
 
     /// Returns every cached (free) block to the driver.
     pub fn empty_cache(&self) -> Result<()> {
+        let _turn = self.stream_turn();
         let mut pool = self.lock_pool()?;
         self.free_cached(&mut pool)
     }
@@ -446,6 +468,7 @@ impl CudaDevice {
             self,
             || "copy host→device".into(),
             || {
+                let _turn = self.stream_turn();
                 self.check_range("htod", dst, offset, src.len())?;
                 self.refuse_in_capture("a copy host→device")?;
                 if src.is_empty() {
@@ -473,6 +496,7 @@ impl CudaDevice {
             self,
             || "copy device→host".into(),
             || {
+                let _turn = self.stream_turn();
                 self.check_range("dtoh", src, offset, out.len())?;
                 self.refuse_in_capture("a copy device→host")?;
                 if out.is_empty() {
@@ -498,6 +522,7 @@ impl CudaDevice {
             self,
             || "copy device→device".into(),
             || {
+                let _turn = self.stream_turn();
                 if bytes == 0 {
                     return Ok(());
                 }
@@ -526,6 +551,7 @@ impl CudaDevice {
             self,
             || "memset".into(),
             || {
+                let _turn = self.stream_turn();
                 if bytes == 0 {
                     return Ok(());
                 }
@@ -555,8 +581,14 @@ impl std::fmt::Debug for CudaDevice {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Device tests that count the allocator's blocks, or capture, take turns.
+    pub(crate) fn device_tests_lock() -> std::sync::MutexGuard<'static, ()> {
+        static LOCK: Mutex<()> = Mutex::new(());
+        LOCK.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
     /// On a machine without a GPU every entry point must return an error, not panic; on a GPU
     /// machine the same calls succeed.
@@ -582,6 +614,7 @@ mod tests {
 
     #[test]
     fn device_smoke_alloc_copy_reuse_gemm() {
+        let _turn = device_tests_lock();
         let Ok(dev) = device(0) else {
             if std::env::var("SMELT_REQUIRE_GPU").as_deref() == Ok("1") {
                 panic!("SMELT_REQUIRE_GPU=1 but no CUDA device: {:?}", device(0).err());
