@@ -767,6 +767,7 @@ pub struct KvCache {
 
 impl KvCache {
     /// Every layer's key and value buffers.
+    #[cfg(feature = "cuda")]
     pub(crate) fn buffers(&self) -> impl Iterator<Item = &Tensor> {
         self.k.iter().chain(&self.v)
     }

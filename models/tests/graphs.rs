@@ -133,7 +133,7 @@ fn device_decode_graphs_stay_with_their_cache() {
     let mut graphs = DecodeGraphs::new(&SamplingConfig::default(), 3);
     let (mut a, mut b) = (model.new_kv_cache(2, 16).unwrap(), model.new_kv_cache(2, 16).unwrap());
     let first = graphs.decode_sample(&model, &mut a, &[0, 1], &[5, 6], &[], 0).unwrap();
-    let e = graphs.decode_sample(&model, &mut b, &[0, 1], &[5, 6], &[], 0).err().expect("another cache");
+    let e = graphs.decode_sample(&model, &mut b, &[0, 1], &[5, 6], &[], 0).expect_err("another cache");
     assert!(e.to_string().contains("another KV cache"), "{e}");
     // The same inputs on the same cache state give the same draws.
     a.lens = vec![0, 0];

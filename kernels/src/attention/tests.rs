@@ -517,10 +517,10 @@ fn backward_device_matches_cpu() {
             });
             for (version, parts) in runs {
                 let _v = crate::versions::scoped("attention_backward", version);
-                super::cuda::DKDV_PARTS.with(|p| p.set(parts));
+                set_dkdv_parts(parts);
                 poison(dev, &[(q.shape(), dt), (k.shape(), dt), (v.shape(), dt)]);
                 let (dq, dk, dv) = attention_backward(&qd, &kd, &vd, &od, &lsed, &dod, &c.cu, None).unwrap();
-                super::cuda::DKDV_PARTS.with(|p| p.set(None));
+                set_dkdv_parts(None);
                 let what = format!("bwd v{version} (parts {parts:?}) {dt} lens {lens:?} heads {nh}/{nkv} d {d}");
                 close_to_cpu(&dq, &wq, dt, &format!("dq {what}"));
                 close_to_cpu(&dk, &wk, dt, &format!("dk {what}"));
@@ -599,4 +599,12 @@ fn device_rejects_unsupported_head_dim() {
     let e =
         attention_forward(&z(&[4, 2, 40]), &z(&[4, 1, 40]), &z(&[4, 1, 40]), &[0, 4], None).unwrap_err().to_string();
     assert!(e.contains("head_dim 40"), "{e}");
+}
+
+/// Forces attention backward v4's split into `parts` (`None`: the launcher's choice).
+fn set_dkdv_parts(parts: Option<usize>) {
+    #[cfg(feature = "cuda")]
+    super::cuda::DKDV_PARTS.with(|p| p.set(parts));
+    #[cfg(not(feature = "cuda"))]
+    let _ = parts;
 }
