@@ -547,8 +547,7 @@ impl TrainConfig {
         }
         if kind.is_laser() {
             pos("laser.target_length", self.laser.target_length)?;
-        }
-        if kind == RewardKind::LaserDe {
+            // Read by every LASER mode's reward code (only LASER-DE acts on it).
             self.laser_repetition()?;
         }
         if kind == RewardKind::Dro {
@@ -793,8 +792,10 @@ mod tests {
         assert!(err("model = \"m\"\n", &["adam_epsilon=0"]).contains("adam_epsilon"));
         assert!(err("model = \"m\"\n", &["weight_decay=-1"]).contains("weight_decay"));
         assert!(err("model = \"m\"\n", &["laser.alpha=nan"]).contains("laser.alpha"));
-        let e = err("model = \"m\"\n", &["reward=\"laser_de\"", "laser.repetition=\"verl\""]);
-        assert!(e.contains("laser.repetition") && e.contains("ngram"), "{e}");
+        for reward in ["laser", "laser_de"] {
+            let e = err("model = \"m\"\n", &[&format!("reward=\"{reward}\""), "laser.repetition=\"verl\""]);
+            assert!(e.contains("laser.repetition") && e.contains("ngram"), "{e}");
+        }
         let e = err("model = \"m\"\n[rubric]\njudge_command = [\"python3\", \"j.py\"]\n", &[]);
         assert!(e.contains("rubric.judge_command") && e.contains("\"accuracy\""), "{e}");
         assert!(err("model = \"m\"\n", &["num_generations=1", "generation_batch_size=4"]).contains("num_generations"));

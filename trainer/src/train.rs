@@ -986,7 +986,7 @@ impl Trainer {
     /// the lowest max_j σ_j; `carry_over` of the previous active set is kept too. The result
     /// becomes the set RL samples prompts from. If nothing survives, the set is unchanged.
     fn dro_filter(&mut self) -> Result<()> {
-        use crate::reward::dro::{carry_over, max_sigma, rank_filter_keep, sigma_filter, token_sigma};
+        use crate::reward::dro::{max_sigma, next_active, rank_filter_keep, sigma_filter, token_sigma};
         let t0 = Instant::now();
         let d = self.cfg.dro.clone();
         let all: Vec<usize> = (0..self.train.len()).collect();
@@ -1006,19 +1006,19 @@ impl Trainer {
         let new_set: Vec<usize> = survivors.iter().zip(&keep).filter(|(_, &k)| k).map(|(&i, _)| i).collect();
         let mut previous = self.active.clone();
         data::shuffle(&mut previous, &mut Rng::new(mix(&[self.cfg.seed, self.step as u64, 0xca77])));
-        let next = carry_over(&new_set, &previous, d.carry_over);
+        let next = next_active(&new_set, &previous, d.carry_over);
         let line = json!({
             "phase": "dro_filter",
             "step": self.step,
             "candidates": all.len(),
             "stage1_kept": survivors.len(),
             "stage2_kept": new_set.len(),
-            "carried_over": next.len() - new_set.len(),
-            "active": if next.is_empty() { self.active.len() } else { next.len() },
-            "unchanged": next.is_empty(),
+            "carried_over": next.as_ref().map_or(0, |n| n.len() - new_set.len()),
+            "active": next.as_ref().map_or(self.active.len(), Vec::len),
+            "unchanged": next.is_none(),
             "filter_s": t0.elapsed().as_secs_f64(),
         });
-        if !next.is_empty() {
+        if let Some(next) = next {
             self.sampler = Sampler::new(next.len(), mix(&[self.cfg.seed, self.step as u64, 0xac71]));
             self.active = next;
         }

@@ -308,9 +308,29 @@ pub fn carry_over(new_set: &[usize], previous: &[usize], frac: f32) -> Vec<usize
     out
 }
 
+/// The prompt set after a filter round: the survivors `new_set` with the carry-over from
+/// `previous` ([`carry_over`]), or `None` (keep the set as it is) when no prompt survived —
+/// carrying over alone would shrink the set to `frac` of itself each round a weak model fails
+/// every prompt.
+pub fn next_active(new_set: &[usize], previous: &[usize], frac: f32) -> Option<Vec<usize>> {
+    if new_set.is_empty() {
+        return None;
+    }
+    Some(carry_over(new_set, previous, frac))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_without_survivors_keeps_the_set() {
+        let previous: Vec<usize> = (0..100).collect();
+        assert_eq!(next_active(&[], &previous, 0.1), None);
+        let next = next_active(&[200, 3], &previous, 0.1).unwrap();
+        assert_eq!(next.len(), 12);
+        assert_eq!(&next[..2], &[200, 3]);
+    }
 
     fn close(a: f32, b: f32) -> bool {
         (a - b).abs() <= 1e-6 * (1.0 + b.abs())
