@@ -171,6 +171,14 @@ pub struct PearConfig {
     pub format_score: f32,
 }
 
+/// Which model scores DRO's reference answers (`dro.reward_model`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DroRewardModel {
+    Policy,
+    Reference,
+    Lagged,
+}
+
 /// DRO's reasoning-reflection reward R3.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -188,6 +196,18 @@ pub struct DroConfig {
     pub length_beta: f32,
     /// λ: R = R3 + λ·r_len (ours).
     pub length_lambda: f32,
+    /// The model that teacher-forces y: `policy` (the current policy, DRO's self-contained
+    /// setting; it reuses the rollouts' KV cache), `reference` (frozen: the model RL starts
+    /// from, after the warm-up if any) or `lagged` (a copy of the policy, refreshed every
+    /// `lag_steps` steps). The data filter scores with it too.
+    pub reward_model: String,
+    /// `lagged`: steps between refreshes (ours). A resumed run refreshes the copy at once.
+    pub lag_steps: usize,
+    /// Subtract the masked-reasoning baseline from R3: y teacher-forced right after the prompt,
+    /// without any reasoning, weighted like R3 (Σ_j w_j·ℓ^base_j). R3 then says what the
+    /// reasoning adds. A constant per group, so group-centred advantages do not change; the
+    /// logged reward does (`reward_r3_baseline` logs the mean baseline).
+    pub masked_baseline: bool,
     /// Run the R3 data filter at the start and every `filter_every` steps.
     pub filter: bool,
     pub filter_every: usize,
@@ -359,6 +379,9 @@ impl Default for DroConfig {
             quantile: 0.5,
             length_beta: 0.5,
             length_lambda: 0.5,
+            reward_model: "policy".into(),
+            lag_steps: 50,
+            masked_baseline: false,
             filter: true,
             filter_every: 50,
             rank_k: 10,
@@ -552,6 +575,9 @@ impl TrainConfig {
         }
         if kind == RewardKind::Dro {
             self.dro_weighting()?;
+            if self.dro_reward_model()? == DroRewardModel::Lagged {
+                pos("dro.lag_steps", self.dro.lag_steps)?;
+            }
             if self.dro.filter {
                 pos("dro.filter_every", self.dro.filter_every)?;
             }
@@ -678,6 +704,16 @@ impl TrainConfig {
         })
     }
 
+    /// `dro.reward_model`, parsed.
+    pub fn dro_reward_model(&self) -> Result<DroRewardModel> {
+        Ok(match self.dro.reward_model.as_str() {
+            "policy" => DroRewardModel::Policy,
+            "reference" => DroRewardModel::Reference,
+            "lagged" => DroRewardModel::Lagged,
+            other => bail!("dro.reward_model = {other:?}: expected policy, reference or lagged"),
+        })
+    }
+
     /// The policy loss's knobs, checked.
     pub fn loss_config(&self) -> Result<GrpoLossConfig> {
         let kl = match self.kl_loss_type.as_str() {
@@ -792,6 +828,10 @@ mod tests {
         assert!(err("model = \"m\"\n", &["adam_epsilon=0"]).contains("adam_epsilon"));
         assert!(err("model = \"m\"\n", &["weight_decay=-1"]).contains("weight_decay"));
         assert!(err("model = \"m\"\n", &["laser.alpha=nan"]).contains("laser.alpha"));
+        let e = err("model = \"m\"\n", &["reward=\"dro\"", "dro.reward_model=\"teacher\""]);
+        assert!(e.contains("dro.reward_model") && e.contains("lagged"), "{e}");
+        let e = err("model = \"m\"\n", &["reward=\"dro\"", "dro.reward_model=\"lagged\"", "dro.lag_steps=0"]);
+        assert!(e.contains("dro.lag_steps"), "{e}");
         for reward in ["laser", "laser_de"] {
             let e = err("model = \"m\"\n", &[&format!("reward=\"{reward}\""), "laser.repetition=\"verl\""]);
             assert!(e.contains("laser.repetition") && e.contains("ngram"), "{e}");

@@ -33,7 +33,7 @@ use smelt_models::{
 };
 
 use crate::advantage::{advantages, groups_with_signal, RewardStats};
-use crate::config::{compute_dtype, parse_device, RewardKind, TrainConfig};
+use crate::config::{compute_dtype, parse_device, DroRewardModel, RewardKind, TrainConfig};
 use crate::data::{self, Example, Sampler};
 use crate::reward::correctness::{judge, CorrectnessConfig, Outcome};
 use crate::reward::laser::{adapt_targets, Difficulty, LaserTargets, MonitorResponse, TargetSearch};
@@ -89,7 +89,12 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     ckpt: Checkpoint,
     pub model: Qwen,
+    /// The frozen model RL starts from: the KL reference (β > 0) and DRO's
+    /// `dro.reward_model = "reference"`.
     reference: Option<Qwen>,
+    /// DRO's `dro.reward_model = "lagged"`: a copy of the policy, refreshed every
+    /// `dro.lag_steps` steps.
+    lagged: Option<Qwen>,
     policy: PolicyStep,
     train: Vec<Example>,
     eval: Vec<Example>,
@@ -137,7 +142,8 @@ impl Trainer {
         if cfg.cuda_graphs {
             smelt_models::set_cuda_graphs(true);
         }
-        let reference = if cfg.beta > 0.0 {
+        let dro_model = if kind == RewardKind::Dro { Some(cfg.dro_reward_model()?) } else { None };
+        let reference = if cfg.beta > 0.0 || dro_model == Some(DroRewardModel::Reference) {
             // The reference is the model RL starts from: `model`, or after a supervised
             // warm-up the warmed-up model, which the run saves as checkpoint-0.
             let base = match (&resume, cfg.sft_steps > 0) {
@@ -148,6 +154,11 @@ impl Trainer {
             Some(Qwen::new(rc.config.clone(), rc.load_weights(&load)?))
         } else {
             None
+        };
+
+        let lagged = match dro_model {
+            Some(DroRewardModel::Lagged) => Some(Qwen::new(model.config.clone(), deep_copy(&model.weights)?)),
+            _ => None,
         };
 
         let tok = ckpt.tokenizer()?;
@@ -328,6 +339,7 @@ impl Trainer {
             ckpt,
             model,
             reference,
+            lagged,
             policy,
             train: split.train,
             eval: split.eval,
@@ -357,9 +369,7 @@ impl Trainer {
             // checkpoint a resumed run can take that reference from.
             self.policy.reset_optimizer()?;
             if let Some(r) = &self.reference {
-                for ((_, dst), (_, src)) in r.weights.named_tensors().iter().zip(self.model.weights.named_tensors()) {
-                    dst.copy_from(src)?;
-                }
+                copy_weights(&r.weights, &self.model.weights)?;
             }
             summary.checkpoints.push(self.save()?);
         }
@@ -369,6 +379,11 @@ impl Trainer {
             if matches!(kind, RewardKind::LaserD | RewardKind::LaserDe) && self.step % self.cfg.laser.monitor_every == 0
             {
                 self.monitor_laser_targets()?;
+            }
+            if let Some(lagged) = &self.lagged {
+                if self.step % self.cfg.dro.lag_steps == 0 {
+                    copy_weights(&lagged.weights, &self.model.weights)?;
+                }
             }
             if kind == RewardKind::Dro && self.cfg.dro.filter && self.step % self.cfg.dro.filter_every == 0 {
                 self.dro_filter()?;
@@ -456,6 +471,20 @@ impl Trainer {
         };
         let rs = gens.into_iter().map(|g| self.judge(g, prompts)).collect::<Result<_>>()?;
         Ok((rs, cache))
+    }
+
+    /// The model that scores DRO's reference answers (`dro.reward_model`).
+    fn dro_scorer(&self) -> Result<&Qwen> {
+        Ok(match self.cfg.dro_reward_model()? {
+            DroRewardModel::Policy => &self.model,
+            DroRewardModel::Reference => self.reference.as_ref().context("DRO: the reference model is not loaded")?,
+            DroRewardModel::Lagged => self.lagged.as_ref().context("DRO: the lagged model is not loaded")?,
+        })
+    }
+
+    /// Whether DRO's teacher forcing runs on the rollouts' KV cache: only the policy made it.
+    fn dro_on_cache(&self) -> Result<bool> {
+        Ok(self.cfg.dro_reward_model()? == DroRewardModel::Policy)
     }
 
     /// Spare cache positions DRO's teacher forcing needs after the rollouts of `prompts`: the
@@ -579,7 +608,8 @@ impl Trainer {
             let seed = mix(&[self.cfg.seed, self.step as u64, round as u64]);
             // DRO teacher-forces the reference answers after the rollouts' reasoning, on top of
             // the generation's cache.
-            let room = if kind == RewardKind::Dro { Some(self.dro_room(&picks)?) } else { None };
+            let room =
+                if kind == RewardKind::Dro && self.dro_on_cache()? { Some(self.dro_room(&picks)?) } else { None };
             let (mut rs, rejected, mut cache) = self.rollout_rl(&picks, seed, room)?;
             rejected_tokens += rejected;
             let t_reward = Instant::now();
@@ -816,25 +846,43 @@ impl Trainer {
         terms: &mut BTreeMap<&'static str, f64>,
         cache: Option<&mut KvCache>,
     ) -> Result<Vec<bool>> {
-        use crate::reward::dro::{dro_reward, length_term, r3_rewards};
+        use crate::reward::dro::{baseline_shift, dro_reward, length_term, r3_rewards};
         let g = self.cfg.group_size();
         let weighting = self.cfg.dro_weighting()?;
         let mut no_signal = Vec::with_capacity(picks.len());
         let forced = self.teacher_force(picks, rs, false, cache)?;
-        for (chunk, forced) in rs.chunks_mut(g).zip(forced) {
+        let baseline = if self.cfg.dro.masked_baseline { Some(self.masked_baseline(picks)?) } else { None };
+        for (p, (chunk, forced)) in rs.chunks_mut(g).zip(forced).enumerate() {
             let (y_len, logp_y) = (forced.logp[0].len(), forced.logp);
             let group = r3_rewards(&logp_y, weighting);
             no_signal.push(!group.signal);
+            let shift = baseline.as_ref().map_or(0.0, |b| baseline_shift(&group, &b[p]));
             for (r, r3) in chunk.iter_mut().zip(&group.rewards) {
                 // No `</think>`: the whole output is reasoning and the answer is empty.
                 let answer_len = r.think_end.map_or(0, |k| r.len.saturating_sub(k + 1));
                 let r_len = length_term(y_len, answer_len, self.cfg.dro.length_beta);
-                *terms.entry("r3").or_default() += *r3 as f64;
+                *terms.entry("r3").or_default() += (*r3 - shift) as f64;
                 *terms.entry("dro_length").or_default() += r_len as f64;
-                r.reward = dro_reward(*r3, r_len, self.cfg.dro.length_lambda);
+                if baseline.is_some() {
+                    *terms.entry("r3_baseline").or_default() += shift as f64;
+                }
+                r.reward = dro_reward(*r3 - shift, r_len, self.cfg.dro.length_lambda);
             }
         }
         Ok(no_signal)
+    }
+
+    /// DRO's masked-reasoning baseline: per example, the log-probs of its reference answer y
+    /// teacher-forced right after the prompt (no reasoning), under `dro.reward_model`.
+    fn masked_baseline(&self, exs: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let tok = self.ckpt.tokenizer()?;
+        let (mut seqs, mut last) = (Vec::with_capacity(exs.len()), Vec::with_capacity(exs.len()));
+        for &ex in exs {
+            let y = tok.encode(&self.train[ex].answer, false)?;
+            last.push(y.len());
+            seqs.push([self.train_ids[ex].as_slice(), &y].concat());
+        }
+        Ok(self.score(self.dro_scorer()?, &seqs, false, &last)?.logp)
     }
 
     /// Teacher-forces each example's reference answer y after the reasoning of each of its
@@ -850,7 +898,7 @@ impl Trainer {
     /// decoded its last token into the cache. All slots decode together, in one call: slots
     /// whose y is shorter than the longest decode filler tokens after it, which come later in
     /// their sequence and so change nothing before them (the cache is dropped afterwards).
-    /// Without a cache, a forward pass over prompt + reasoning + y.
+    /// Without a cache, a forward pass of `dro.reward_model` over prompt + reasoning + y.
     fn teacher_force(
         &self,
         exs: &[usize],
@@ -890,10 +938,16 @@ impl Trainer {
             None => {
                 // Entry t predicts token t+1: only the entries of y's tokens are needed.
                 let last: Vec<usize> = (0..seqs.len()).map(y_len).collect();
-                let scored = self.score(&self.model, &seqs, ranks, &last)?;
+                let scored = self.score(self.dro_scorer()?, &seqs, ranks, &last)?;
                 (scored.logp, scored.rank)
             }
             Some(cache) => {
+                if !self.dro_on_cache()? {
+                    bail!(
+                        "internal: DRO teacher forcing on the policy's cache with dro.reward_model = {:?}",
+                        self.cfg.dro.reward_model
+                    );
+                }
                 let n = ys.iter().map(Vec::len).max().unwrap_or(0) + 1;
                 let mut slots = Vec::with_capacity(seqs.len());
                 let mut tokens = Vec::with_capacity(seqs.len() * n);
@@ -993,7 +1047,8 @@ impl Trainer {
         let (mut survivors, mut sigmas) = (Vec::new(), Vec::new());
         for (c, chunk) in all.chunks(self.cfg.prompts_per_step()).enumerate() {
             let seed = mix(&[self.cfg.seed, self.step as u64, 0xf117e2, c as u64]);
-            let (rs, mut cache) = self.rollout(chunk, seed, Some(self.dro_room(chunk)?))?;
+            let room = if self.dro_on_cache()? { Some(self.dro_room(chunk)?) } else { None };
+            let (rs, mut cache) = self.rollout(chunk, seed, room)?;
             let forced = self.teacher_force(chunk, &rs, true, cache.as_mut())?;
             for (p, forced) in forced.into_iter().enumerate() {
                 if rank_filter_keep(&forced.rank, d.rank_k, d.worst_frac) {
@@ -1291,6 +1346,23 @@ fn solutions(
         out.push(Some(ids));
     }
     Ok(out)
+}
+
+/// A copy of `w` in new buffers on its device.
+fn deep_copy(w: &smelt_models::Weights) -> Result<smelt_models::Weights> {
+    Ok(w.try_map(|_, t| {
+        let c = smelt_engine::Tensor::empty(t.shape(), t.dtype(), t.device())?;
+        c.copy_from(t)?;
+        Ok(c)
+    })?)
+}
+
+/// `dst` ← `src`, tensor by tensor (the same model).
+fn copy_weights(dst: &smelt_models::Weights, src: &smelt_models::Weights) -> Result<()> {
+    for ((_, d), (_, s)) in dst.named_tensors().iter().zip(src.named_tensors()) {
+        d.copy_from(s)?;
+    }
+    Ok(())
 }
 
 /// `v` cut into consecutive pieces of the given lengths.

@@ -144,11 +144,13 @@ fn every_reward_runs_and_logs_its_terms() {
     let rubric_data = format!("dataset={:?}", rubric_data.to_str().unwrap());
     // An external judge (here a shell loop) that fails the factual criterion and passes the other.
     let judge = r#"rubric.judge_command=["sh", "-c", "while read l; do echo '{\"passed\": [false, true]}'; done"]"#;
-    for (reward, sets, term) in [
+    for (i, (reward, sets, term)) in [
         ("laser_d", vec!["laser.target_length=6", "laser.target_interval=4", "laser.monitor_every=2"], "reward_length"),
         ("laser_de", vec!["laser.target_length=6", "laser.monitor_size=4"], "reward_length"),
         ("pear", vec![], "reward_h_think"),
         ("dro", vec![], "reward_r3"),
+        ("dro", vec!["dro.reward_model=\"reference\"", "dro.masked_baseline=true"], "reward_r3_baseline"),
+        ("dro", vec!["dro.reward_model=\"lagged\"", "dro.lag_steps=2", "dro.filter=false"], "reward_r3"),
         (
             "accuracy",
             vec!["dynamic_sampling=true", "overlong_buffer=4", "beta=0.04", "ahpo.enabled=true"],
@@ -156,9 +158,12 @@ fn every_reward_runs_and_logs_its_terms() {
         ),
         ("rubric", vec![rubric_data.as_str()], "reward_rubric"),
         ("rubric", vec![rubric_data.as_str(), judge], "reward_rubric"),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let external = sets.contains(&judge);
-        let out = dir.path().join(if external { "rubric-command" } else { reward });
+        let out = dir.path().join(format!("{i}-{reward}"));
         let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         sets.extend([
             format!("reward={reward:?}"),
@@ -185,7 +190,7 @@ fn every_reward_runs_and_logs_its_terms() {
         if reward.starts_with("laser") {
             assert!(rl.iter().all(|l| l["laser_targets"]["hard"].is_u64()), "{reward}: {}", rl[0]);
         }
-        if reward == "dro" {
+        if reward == "dro" && !sets.iter().any(|s| s == "dro.filter=false") {
             // The R3 data filter ran before the first step over every training prompt.
             let f = lines.iter().find(|l| l["phase"] == "dro_filter").expect("no dro_filter line");
             let n = |k: &str| f[k].as_u64().unwrap();

@@ -161,6 +161,21 @@ pub fn r3_rewards(logp_y: &[Vec<f32>], w: R3Weighting) -> R3Group {
     R3Group { rewards, signal, sigma, weights }
 }
 
+/// The masked-reasoning baseline's share of R3 for one group: Σ_j w_j·ℓ^base_j with the
+/// group's weights, or the mean of ℓ^base without signal (as R3 is then the mean log-prob), so
+/// R3_i − shift = the weighted (or mean) gain Σ_j w_j·(ℓ^y_{i,j} − ℓ^base_j) of the reasoning.
+/// `base` holds y's |y| log-probs teacher-forced without reasoning.
+pub fn baseline_shift(group: &R3Group, base: &[f32]) -> f32 {
+    if base.is_empty() {
+        return 0.0;
+    }
+    if group.signal {
+        group.weights.iter().zip(base).map(|(&w, &b)| w as f64 * clean_logp(b) as f64).sum::<f64>() as f32
+    } else {
+        (base.iter().map(|&b| clean_logp(b) as f64).sum::<f64>() / base.len() as f64) as f32
+    }
+}
+
 /// DRO's outcome-length term r_len = 1 − β·| |y| − |ŷ| | / |y| (paper §3, "Outcome length
 /// penalty"; β = 0.5 is ours, [`DRO_LEN_BETA`]).
 ///
@@ -322,6 +337,29 @@ pub fn next_active(new_set: &[usize], previous: &[usize], frac: f32) -> Option<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// R3 minus the baseline shift equals R3 computed on ℓ^y − ℓ^base, with and without signal.
+    #[test]
+    fn baseline_shift_is_r3_of_the_difference() {
+        let base = [-2.0f32, -0.5, -1.25];
+        let rows = vec![vec![-1.0f32, -0.2, -3.0], vec![-0.4, -0.9, -1.0], vec![-2.5, -0.1, -0.7]];
+        let flat = vec![vec![-1.0f32, -0.2, -3.0]; 3];
+        for (logp, w) in [(rows, R3Weighting::Normalized), (flat, R3Weighting::Normalized)] {
+            let g = r3_rewards(&logp, w);
+            let diff: Vec<Vec<f32>> = logp.iter().map(|r| r.iter().zip(&base).map(|(a, b)| a - b).collect()).collect();
+            let shift = baseline_shift(&g, &base);
+            for (i, r) in logp.iter().enumerate() {
+                // With signal the weights depend on σ, which the shift leaves alone.
+                let want: f32 = if g.signal {
+                    g.weights.iter().zip(&diff[i]).map(|(w, d)| w * d).sum()
+                } else {
+                    diff[i].iter().sum::<f32>() / r.len() as f32
+                };
+                assert!(close(g.rewards[i] - shift, want), "row {i}: {} vs {want}", g.rewards[i] - shift);
+            }
+        }
+        assert_eq!(baseline_shift(&r3_rewards(&[vec![], vec![]], R3Weighting::Normalized), &[]), 0.0);
+    }
 
     #[test]
     fn a_round_without_survivors_keeps_the_set() {
