@@ -16,6 +16,13 @@
 // Versions:
 //   v1 scalar grid-stride loop (any alignment)
 //   v2 4 elements per thread through vector accesses (current default where aligned)
+//
+// adamw_multi_f32: many tensors (a model's parameters) in one launch, f32 grads. A table in
+// device memory holds per tensor 8 u64 {p, m, v, g, out, n, decay?, first chunk}; each tensor
+// is cut into chunks of ADAMW_CHUNK elements, numbered across tensors (first chunk = the
+// prefix sum). Block b takes chunks b, b + gridDim.x, …; for each it finds the tensor by a
+// binary search on the first-chunk column, then its threads update the chunk's elements as v2
+// does (4 at a time when the tensor's pointers allow, else one), with the tensor's decay.
 
 struct AdamArgs {
     float beta1, beta2, eps, decay, step_size, inv_bc2_sqrt, grad_scale;
@@ -105,3 +112,59 @@ __device__ __forceinline__ void adamw_vec4(float* __restrict__ p, float* __restr
 
 SMELT_ADAMW_KERNELS(f32, float)
 SMELT_ADAMW_KERNELS(bf16, bf16_t)
+
+#define ADAMW_CHUNK 4096
+
+extern "C" __global__ void adamw_multi_f32(const u64* __restrict__ table, u32 n_tensors, u64 total_chunks,
+                                           float beta1, float beta2, float eps, float decay_on, float decay_off,
+                                           float step_size, float inv_bc2_sqrt, float grad_scale) {
+    for (u64 c = blockIdx.x; c < total_chunks; c += gridDim.x) {
+        u32 lo = 0, hi = n_tensors - 1;
+        while (lo < hi) {
+            const u32 mid = (lo + hi + 1) / 2;
+            if (table[(u64)mid * 8 + 7] <= c) lo = mid; else hi = mid - 1;
+        }
+        const u64* e = table + (u64)lo * 8;
+        float* p = reinterpret_cast<float*>(e[0]);
+        float* m = reinterpret_cast<float*>(e[1]);
+        float* v = reinterpret_cast<float*>(e[2]);
+        const float* g = reinterpret_cast<const float*>(e[3]);
+        bf16_t* out = reinterpret_cast<bf16_t*>(e[4]);
+        const u64 n = e[5];
+        const AdamArgs a = {beta1, beta2, eps, e[6] ? decay_on : decay_off, step_size, inv_bc2_sqrt, grad_scale};
+        const u64 start = (c - e[7]) * ADAMW_CHUNK;
+        const u64 end = start + ADAMW_CHUNK < n ? start + ADAMW_CHUNK : n;
+        const bool vec4 = ((e[0] | e[1] | e[2] | e[3]) & 15) == 0 && (e[4] & 7) == 0;
+        u64 i = start + threadIdx.x;
+        if (vec4) {
+            // start is a multiple of 4; the whole quads of the chunk, then its tail.
+            const u64 end4 = start + (end - start) / 4 * 4;
+            float4* p4 = reinterpret_cast<float4*>(p);
+            float4* m4 = reinterpret_cast<float4*>(m);
+            float4* v4 = reinterpret_cast<float4*>(v);
+            for (u64 q = start / 4 + threadIdx.x; q < end4 / 4; q += blockDim.x) {
+                float4 pp = p4[q], mm = m4[q], vv = v4[q];
+                float gg[4];
+                grad_ld4(g, q, gg);
+                pp.x = adamw_elem(pp.x, mm.x, vv.x, gg[0], a);
+                pp.y = adamw_elem(pp.y, mm.y, vv.y, gg[1], a);
+                pp.z = adamw_elem(pp.z, mm.z, vv.z, gg[2], a);
+                pp.w = adamw_elem(pp.w, mm.w, vv.w, gg[3], a);
+                p4[q] = pp; m4[q] = mm; v4[q] = vv;
+                if (out) {
+                    uint2 o;
+                    o.x = (u32)f32_to_bf16(pp.x) | ((u32)f32_to_bf16(pp.y) << 16);
+                    o.y = (u32)f32_to_bf16(pp.z) | ((u32)f32_to_bf16(pp.w) << 16);
+                    reinterpret_cast<uint2*>(out)[q] = o;
+                }
+            }
+            i = end4 + threadIdx.x;
+        }
+        for (; i < end; i += blockDim.x) {
+            float mi = m[i], vi = v[i];
+            const float pi = adamw_elem(p[i], mi, vi, g[i], a);
+            p[i] = pi; m[i] = mi; v[i] = vi;
+            if (out) out[i] = f32_to_bf16(pi);
+        }
+    }
+}

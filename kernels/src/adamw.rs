@@ -167,6 +167,106 @@ pub fn adamw_step_segments(
     run(params, grads, m, v, bf16_out, &runs)
 }
 
+/// One tensor's AdamW state, for [`AdamwGroup`].
+#[derive(Clone)]
+pub struct AdamwTensor {
+    /// f32 master weights, updated in place.
+    pub param: Tensor,
+    /// f32 or bf16 gradient.
+    pub grad: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
+    /// Receives bf16(updated param) when given.
+    pub bf16_out: Option<Tensor>,
+    /// Apply `AdamW::weight_decay` (false for norms and biases).
+    pub decay: bool,
+}
+
+/// Many tensors (a model's parameters) updated by one AdamW step: on CUDA with f32 gradients
+/// in a single launch (`adamw_multi_f32`) over a table of their addresses uploaded once, as
+/// PyTorch's fused optimizers and apex's multi_tensor_apply do, instead of a launch per tensor
+/// (~300 for a Qwen model, most of them for small norm and bias vectors). Elsewhere tensor by
+/// tensor. The group keeps its tensors (their addresses are in the table).
+pub struct AdamwGroup {
+    tensors: Vec<AdamwTensor>,
+    /// CUDA: the u64 table (8 per tensor, see `adamw.cu`) as u32 pairs, and the chunk count.
+    table: Option<(Tensor, u64)>,
+}
+
+/// Elements per chunk of `adamw_multi_f32` (`ADAMW_CHUNK` in adamw.cu).
+#[cfg(feature = "cuda")]
+const MULTI_CHUNK: usize = 4096;
+
+impl AdamwGroup {
+    /// Checks every tensor's state (as [`adamw_step`] does) and, on CUDA with f32 gradients,
+    /// uploads the address table. All tensors must be on one device.
+    pub fn new(tensors: Vec<AdamwTensor>) -> Result<AdamwGroup> {
+        for (i, t) in tensors.iter().enumerate() {
+            check(&t.param, &t.grad, &t.m, &t.v, t.bf16_out.as_ref())
+                .map_err(|e| Error::msg(format!("adamw group, tensor {i}: {e}")))?;
+            if t.param.device() != tensors[0].param.device() {
+                return Err(Error::DeviceMismatch {
+                    op: "adamw group",
+                    a: tensors[0].param.device(),
+                    b: t.param.device(),
+                });
+            }
+        }
+        let multi = tensors.first().is_some_and(|t| !t.param.device().is_cpu())
+            && tensors.iter().all(|t| t.grad.dtype() == DType::F32);
+        #[cfg(feature = "cuda")]
+        let table = if multi { Some(Self::table(&tensors)?) } else { None };
+        #[cfg(not(feature = "cuda"))]
+        let table = multi.then(|| unreachable!("a CUDA tensor without the cuda feature"));
+        Ok(AdamwGroup { tensors, table })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn table(tensors: &[AdamwTensor]) -> Result<(Tensor, u64)> {
+        let mut words: Vec<u32> = Vec::with_capacity(tensors.len() * 16);
+        let mut chunks = 0u64;
+        for t in tensors {
+            let n = t.param.elem_count();
+            let out = t.bf16_out.as_ref().map(|o| o.cuda_ptr()).transpose()?.unwrap_or(0);
+            let row = [
+                t.param.cuda_ptr()?,
+                t.m.cuda_ptr()?,
+                t.v.cuda_ptr()?,
+                t.grad.cuda_ptr()?,
+                out,
+                n as u64,
+                t.decay as u64,
+                chunks,
+            ];
+            words.extend(row.iter().flat_map(|&x| [x as u32, (x >> 32) as u32]));
+            chunks += n.div_ceil(MULTI_CHUNK) as u64;
+        }
+        let device = tensors[0].param.device();
+        Ok((Tensor::from_slice(&words, &[words.len()], device)?, chunks))
+    }
+
+    pub fn tensors(&self) -> &[AdamwTensor] {
+        &self.tensors
+    }
+
+    /// One AdamW step (1-based `step`) over every tensor; decayed ones use `cfg.weight_decay`.
+    pub fn step(&self, step: u64, cfg: &AdamW, grad_scale: f32) -> Result<()> {
+        let with = cfg.step_consts(step, cfg.weight_decay, grad_scale)?;
+        let without = cfg.step_consts(step, 0.0, grad_scale)?;
+        match &self.table {
+            #[cfg(feature = "cuda")]
+            Some((table, chunks)) => cuda::adamw_multi(table, self.tensors.len(), *chunks, &with, &without),
+            _ => {
+                for t in &self.tensors {
+                    let k = if t.decay { with } else { without };
+                    run(&t.param, &t.grad, &t.m, &t.v, t.bf16_out.as_ref(), &[(0, t.param.elem_count(), k)])?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 fn check(params: &Tensor, grads: &Tensor, m: &Tensor, v: &Tensor, out: Option<&Tensor>) -> Result<()> {
     for t in [params, m, v] {
         if t.dtype() != DType::F32 {
@@ -293,6 +393,35 @@ pub mod cpu {
 mod cuda {
     use super::*;
     use crate::cuda::{launch, Arg, LaunchCfg};
+
+    pub fn adamw_multi(
+        table: &Tensor,
+        tensors: usize,
+        chunks: u64,
+        with: &StepConsts,
+        without: &StepConsts,
+    ) -> Result<()> {
+        let Device::Cuda(ord) = table.device() else { unreachable!("a CUDA table") };
+        if chunks == 0 {
+            return Ok(());
+        }
+        let grid = chunks.min(132 * 8) as u32;
+        let cfg = LaunchCfg { grid: (grid, 1, 1), block: (256, 1, 1), smem: 0 };
+        let args = [
+            Arg::Ptr(table.cuda_ptr()?),
+            Arg::U32(tensors as u32),
+            Arg::U64(chunks),
+            Arg::F32(with.beta1),
+            Arg::F32(with.beta2),
+            Arg::F32(with.eps),
+            Arg::F32(with.decay),
+            Arg::F32(without.decay),
+            Arg::F32(with.step_size),
+            Arg::F32(with.inv_bc2_sqrt),
+            Arg::F32(with.grad_scale),
+        ];
+        launch(ord, &SRC, "adamw_multi_f32", cfg, &args)
+    }
 
     pub fn adamw(
         ord: usize,
@@ -553,6 +682,75 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// A group's tensors: odd sizes (several chunks, one element, exactly one chunk, empty),
+    /// decayed or not, with and without a bf16 copy, aligned and offset by one element (the
+    /// scalar path), as views into a few shared buffers. Returns them and the buffers.
+    fn group_state(rng: &mut Rng, device: Device) -> (Vec<AdamwTensor>, Vec<Tensor>) {
+        let sizes = [9000usize, 1, 4096, 0, 4101, 37];
+        let total: usize = sizes.iter().map(|n| n + 1).sum();
+        let s = state(rng, total, true);
+        let [p, m, v] = tensors(&s, device);
+        let g = Tensor::from_slice(&randn(rng, total, 1.0), &[total], device).unwrap();
+        let out = Tensor::full(-7.0, &[total], DType::BF16, device).unwrap();
+        let mut at = 0;
+        let mut ts = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let start = at + i % 2;
+            let view = |t: &Tensor| t.narrow_rows(start, n).unwrap();
+            ts.push(AdamwTensor {
+                param: view(&p),
+                grad: view(&g),
+                m: view(&m),
+                v: view(&v),
+                bf16_out: (i % 3 != 1).then(|| view(&out)),
+                decay: i % 2 == 0,
+            });
+            at += n + 1;
+        }
+        (ts, vec![p, m, v, out])
+    }
+
+    /// On CPU a group is its tensors' `adamw_step`s, bit for bit.
+    #[test]
+    fn group_equals_its_tensors_steps() {
+        let cfg = AdamW { lr: 1e-2, weight_decay: 0.1, ..AdamW::default() };
+        let (group, bufs) = group_state(&mut Rng::new(35), Device::Cpu);
+        let (each, each_bufs) = group_state(&mut Rng::new(35), Device::Cpu);
+        let group = AdamwGroup::new(group).unwrap();
+        for step in 1..=2 {
+            group.step(step, &cfg, 0.6).unwrap();
+            for t in &each {
+                let wd = if t.decay { cfg.weight_decay } else { 0.0 };
+                adamw_step(&t.param, &t.grad, &t.m, &t.v, step, &cfg, wd, 0.6, t.bf16_out.as_ref()).unwrap();
+            }
+        }
+        for (a, b) in bufs.iter().zip(&each_bufs) {
+            assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+        }
+        let bad = AdamwTensor { m: Tensor::zeros(&[3], DType::F32, Device::Cpu).unwrap(), ..each[0].clone() };
+        let e = AdamwGroup::new(vec![each[1].clone(), bad]).err().expect("mismatched sizes");
+        assert!(e.to_string().contains("tensor 1"), "{e}");
+    }
+
+    /// One launch for the whole group on CUDA (the gaps between the views stay untouched).
+    #[test]
+    fn device_group_matches_cpu() {
+        let Some(dev) = test_cuda_device() else { return };
+        let cfg = AdamW { lr: 1e-2, weight_decay: 0.1, ..AdamW::default() };
+        let (cpu, cpu_bufs) = group_state(&mut Rng::new(36), Device::Cpu);
+        let (gpu, gpu_bufs) = group_state(&mut Rng::new(36), dev);
+        let (cpu, gpu) = (AdamwGroup::new(cpu).unwrap(), AdamwGroup::new(gpu).unwrap());
+        for step in 1..=3 {
+            cpu.step(step, &cfg, 0.6).unwrap();
+            gpu.step(step, &cfg, 0.6).unwrap();
+        }
+        for ((c, d), name) in cpu_bufs.iter().zip(&gpu_bufs).zip(["p", "m", "v", "bf16 out"]) {
+            let want = to_f64(&c.to_vec_f32().unwrap());
+            let tol = if name == "bf16 out" { DType::BF16.epsilon() } else { 1e-5 };
+            assert_close(&d.to_vec_f32().unwrap(), &want, 1e-7, tol, &format!("group {name}"));
         }
     }
 }

@@ -24,7 +24,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use smelt_engine::{DType, Device, Tensor};
-use smelt_kernels::adamw::{adamw_step, AdamW};
+use smelt_kernels::adamw::{AdamW, AdamwGroup, AdamwTensor};
 use smelt_kernels::global_norm::{clip_scale, global_norm};
 use smelt_kernels::grpo_loss::{aggregation_weights, grpo_loss, GrpoLossConfig, GrpoLossInputs, GrpoStats, LossType};
 use smelt_kernels::logprob_entropy::IGNORE;
@@ -138,8 +138,9 @@ pub struct PolicyStep {
     master: Option<Weights>,
     m: Weights,
     v: Weights,
-    /// Per tensor, in `named_tensors` order: apply weight decay?
-    decay: Vec<bool>,
+    /// AdamW over every parameter (one launch on CUDA), for the model's tensors it was built
+    /// with; rebuilt when a step gets a model with other tensors.
+    optim: AdamwGroup,
     /// AdamW steps taken (1-based inside the update).
     pub step: u64,
 }
@@ -163,8 +164,8 @@ impl PolicyStep {
         } else {
             Some(model.weights.try_map(|_, t| Ok(smelt_kernels::cast::cast(t, DType::F32)?))?)
         };
-        let decay = model.weights.named_tensors().iter().map(|(n, _)| decays(n)).collect();
-        Ok(PolicyStep { config, grads, grads_flat, master, m, v, decay, step: 0 })
+        let optim = adamw_group(model, master.as_ref(), &grads, &m, &v)?;
+        Ok(PolicyStep { config, grads, grads_flat, master, m, v, optim, step: 0 })
     }
 
     /// Bytes of optimizer state this holds (gradients, moments, master copy).
@@ -335,7 +336,6 @@ impl PolicyStep {
 
         let t0 = Instant::now();
         let norm = global_norm(&[&self.grads_flat])?;
-        let grads = self.grads.named_tensors();
         let scale = cfg.max_grad_norm.map_or(1.0, |max| clip_scale(norm, max));
         // Nothing to learn from (every token masked): no AdamW step, so momentum and weight
         // decay do not move the weights either.
@@ -343,16 +343,15 @@ impl PolicyStep {
         if applied {
             self.step += 1;
             let params = model.weights.named_tensors();
-            let masters = self.master.as_ref().map(|m| m.named_tensors());
-            let (ms, vs) = (self.m.named_tensors(), self.v.named_tensors());
-            for i in 0..params.len() {
-                let wd = if self.decay[i] { cfg.optim.weight_decay } else { 0.0 };
-                let (p, out16) = match &masters {
-                    Some(ms) => (ms[i].1, Some(params[i].1)),
-                    None => (params[i].1, None),
-                };
-                adamw_step(p, grads[i].1, ms[i].1, vs[i].1, self.step, &cfg.optim, wd, scale, out16)?;
+            let ours = self.optim.tensors();
+            let same = |t: &AdamwTensor, p: &Tensor| {
+                let t = t.bf16_out.as_ref().unwrap_or(&t.param);
+                t.same_storage(p) && t.shape() == p.shape()
+            };
+            if ours.len() != params.len() || ours.iter().zip(&params).any(|(t, (_, p))| !same(t, p)) {
+                self.optim = adamw_group(model, self.master.as_ref(), &self.grads, &self.m, &self.v)?;
             }
+            self.optim.step(self.step, &cfg.optim, scale)?;
         }
         sync(&mut ph.optimizer, t0)?;
 
@@ -367,6 +366,37 @@ impl PolicyStep {
             phases: ph,
         })
     }
+}
+
+/// AdamW's state for every parameter of `model`: the master weights (or, without them, the
+/// model's own f32 tensors) updated in place, writing the model's bf16 tensors when there are
+/// masters. Norm weights and biases are not decayed.
+fn adamw_group(
+    model: &Qwen,
+    master: Option<&Weights>,
+    grads: &Weights,
+    m: &Weights,
+    v: &Weights,
+) -> Result<AdamwGroup> {
+    let params = model.weights.named_tensors();
+    let masters = master.map(|w| w.named_tensors());
+    let (gs, ms, vs) = (grads.named_tensors(), m.named_tensors(), v.named_tensors());
+    let mut tensors = Vec::with_capacity(params.len());
+    for (i, (name, p)) in params.iter().enumerate() {
+        let (param, bf16_out) = match &masters {
+            Some(ms) => (ms[i].1.clone(), Some((*p).clone())),
+            None => ((*p).clone(), None),
+        };
+        tensors.push(AdamwTensor {
+            param,
+            grad: gs[i].1.clone(),
+            m: ms[i].1.clone(),
+            v: vs[i].1.clone(),
+            bf16_out,
+            decay: decays(name),
+        });
+    }
+    Ok(AdamwGroup::new(tensors)?)
 }
 
 /// Checks a micro-batch's per-token arrays and returns its loss mask: 1 where the caller's
@@ -430,6 +460,7 @@ pub fn train_step_flops(config: &Config, seq_lens: &[usize]) -> f64 {
 mod tests {
     use super::*;
     use smelt_engine::Rng;
+    use smelt_kernels::adamw::adamw_step;
     use smelt_models::testing::qwen2_5_0_5b_config;
 
     fn tiny() -> Config {
@@ -851,11 +882,12 @@ mod tests {
         assert_eq!(two, five, "copies per step grow with depth:\n2 layers: {rows2:?}\n5 layers: {rows5:?}");
         assert!(two <= 20, "{two} host↔device copies in one step: {rows2:?}");
         // The gradients live in one buffer: zeroing them and their norm are one launch each,
-        // however many tensors the model has (the other memset clears the hidden states'
+        // and AdamW one launch over them all, however many tensors the model has (the other memset clears the hidden states'
         // gradient, into which the head's rows are scattered).
         for rows in [&rows2, &rows5] {
             assert_eq!(calls(rows, |n| n.contains("memset")), 2, "{rows:?}");
             assert_eq!(calls(rows, |n| n.contains("global_norm::sumsq_f32")), 1, "{rows:?}");
+            assert_eq!(calls(rows, |n| n.contains("adamw")), 1, "AdamW over every parameter: {rows:?}");
         }
     }
 

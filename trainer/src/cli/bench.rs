@@ -770,6 +770,38 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                         Ok(())
                     }),
                 );
+                if !device.is_cpu() {
+                    // A training step's optimizer: every tensor of 2 layers (weights, biases,
+                    // norms), a launch per tensor (v1) against one launch for all (v2, AdamwGroup).
+                    let group = std::rc::Rc::new(layer_adamw_group(ks, 2, device, seed)?);
+                    let total: usize = group.tensors().iter().map(|t| t.param.elem_count()).sum();
+                    let shape =
+                        format!("{} 2 layers, {} tensors, n={total} f32 +bf16 out", ks.name, group.tensors().len());
+                    let tn = total as f64;
+                    for ver in [1u32, 2] {
+                        let group = group.clone();
+                        let mut stepn = 0u64;
+                        push(
+                            shape.clone(),
+                            ver,
+                            tn * (7.0 * 4.0 + 2.0),
+                            12.0 * tn,
+                            Bound::Memory,
+                            Box::new(move || {
+                                stepn += 1;
+                                if ver == 2 {
+                                    return Ok(group.step(stepn, &cfg, 1.0)?);
+                                }
+                                for t in group.tensors() {
+                                    let wd = if t.decay { cfg.weight_decay } else { 0.0 };
+                                    let out = t.bf16_out.as_ref();
+                                    adamw::adamw_step(&t.param, &t.grad, &t.m, &t.v, stepn, &cfg, wd, 1.0, out)?;
+                                }
+                                Ok(())
+                            }),
+                        );
+                    }
+                }
             }
         }
         "attention_fwd" | "attention_bwd" => {
@@ -1010,6 +1042,39 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
 
 /// Ops that do not depend on the token count run once per model shape.
 /// The versions a benchmark times: every listed CUDA version, or the CPU's one (numbered 1).
+/// AdamW state (random) for every tensor of `layers` decoder layers of shape `ks`, with a bf16
+/// copy of each weight, as a training step on CUDA updates them.
+fn layer_adamw_group(ks: &KShape, layers: usize, device: Device, seed: u64) -> Result<adamw::AdamwGroup> {
+    let (h, q, kv) = (ks.hidden, ks.heads * ks.head_dim, ks.kv_heads * ks.head_dim);
+    let one: [(&[usize], bool); 12] = [
+        (&[h], false),
+        (&[q, h], true),
+        (&[q], false),
+        (&[kv, h], true),
+        (&[kv], false),
+        (&[kv, h], true),
+        (&[kv], false),
+        (&[h, q], true),
+        (&[h], false),
+        (&[ks.inter, h], true),
+        (&[ks.inter, h], true),
+        (&[h, ks.inter], true),
+    ];
+    let mut tensors = Vec::new();
+    for (i, (shape, decay)) in one.iter().cycle().take(12 * layers).enumerate() {
+        let s = seed ^ (i as u64 * 16);
+        tensors.push(adamw::AdamwTensor {
+            param: rand_tensor(shape, DType::F32, device, 0.0, 0.05, s ^ 1)?,
+            grad: rand_tensor(shape, DType::F32, device, 0.0, 1e-3, s ^ 2)?,
+            m: rand_tensor(shape, DType::F32, device, 0.0, 1e-4, s ^ 3)?,
+            v: rand_tensor(shape, DType::F32, device, 1e-6, 1e-7, s ^ 4)?,
+            bf16_out: Some(Tensor::empty(shape, DType::BF16, device)?),
+            decay: *decay,
+        });
+    }
+    Ok(adamw::AdamwGroup::new(tensors)?)
+}
+
 fn versions_on(device: Device, cuda: &'static [u32]) -> &'static [u32] {
     if device.is_cpu() {
         &[1]
