@@ -126,6 +126,15 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), ..self.clone() })
     }
 
+    /// The same bytes read as `dtype`, which must be of the same size (u32 ↔ f32 ↔ i32,
+    /// bf16 ↔ f16): a view, nothing is copied.
+    pub fn bitcast(&self, dtype: DType) -> Result<Tensor> {
+        if dtype.size_in_bytes() != self.dtype.size_in_bytes() {
+            return Err(Error::msg(format!("bitcast: {} and {dtype} differ in size ({self:?})", self.dtype)));
+        }
+        Ok(Tensor { dtype, ..self.clone() })
+    }
+
     /// A view of rows `start..start+len` along the first dimension.
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Tensor> {
         let rows = *self.shape.first().ok_or_else(|| Error::shape("narrow_rows", "scalar tensor"))?;
@@ -422,6 +431,9 @@ mod tests {
         let t = Tensor::from_slice(&data, &[3, 4], Device::Cpu).unwrap();
         assert_eq!(t.to_vec::<f32>().unwrap(), data);
         assert_eq!(t.rows_cols(), (3, 4));
+        let bits = t.narrow_rows(1, 1).unwrap().bitcast(DType::U32).unwrap().to_vec::<u32>().unwrap();
+        assert_eq!(bits, data[4..8].iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert!(t.bitcast(DType::BF16).unwrap_err().to_string().contains("differ in size"));
         let r = t.reshape(&[2, 6]).unwrap();
         assert!(r.same_storage(&t));
         assert_eq!(r.shape(), &[2, 6]);

@@ -96,14 +96,41 @@ pub struct SampleOutput {
 }
 
 impl SampleOutput {
-    /// Output tensors for `rows` rows on `device` (contents unspecified until written).
+    /// Output tensors for `rows` rows on `device` (contents unspecified until written). On a
+    /// GPU, four consecutive parts of one buffer, so [`SampleOutput::to_host`] copies them back
+    /// at once (on CPU, where a copy costs no wait, four buffers the CPU code writes together).
     pub fn empty(rows: usize, device: Device) -> Result<Self> {
+        if device.is_cpu() {
+            return Ok(SampleOutput {
+                tokens: Tensor::empty(&[rows], DType::U32, device)?,
+                logp: Tensor::empty(&[rows], DType::F32, device)?,
+                logp_truncated: Tensor::empty(&[rows], DType::F32, device)?,
+                entropy: Tensor::empty(&[rows], DType::F32, device)?,
+            });
+        }
+        let all = Tensor::empty(&[4 * rows], DType::U32, device)?;
+        let part = |i: usize, dtype: DType| all.narrow_rows(i * rows, rows)?.bitcast(dtype);
         Ok(SampleOutput {
-            tokens: Tensor::empty(&[rows], DType::U32, device)?,
-            logp: Tensor::empty(&[rows], DType::F32, device)?,
-            logp_truncated: Tensor::empty(&[rows], DType::F32, device)?,
-            entropy: Tensor::empty(&[rows], DType::F32, device)?,
+            tokens: part(0, DType::U32)?,
+            logp: part(1, DType::F32)?,
+            logp_truncated: part(2, DType::F32)?,
+            entropy: part(3, DType::F32)?,
         })
+    }
+
+    /// Tokens, log-probs and entropies on the host: one copy (one wait on a GPU) when the four
+    /// outputs are consecutive parts of one buffer, as [`SampleOutput::empty`] makes them.
+    pub fn to_host(&self) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>)> {
+        let parts = [&self.logp, &self.logp_truncated, &self.entropy].map(|t| t.bitcast(DType::U32));
+        if let [Ok(lp), Ok(lt), Ok(ent)] = &parts {
+            if let Some(all) = Tensor::rows_view(&[&self.tokens, lp, lt, ent]) {
+                let v = all.to_vec::<u32>()?;
+                let n = self.tokens.elem_count();
+                let floats = |i: usize| v[i * n..(i + 1) * n].iter().map(|&x| f32::from_bits(x)).collect();
+                return Ok((v[..n].to_vec(), floats(1), floats(3)));
+            }
+        }
+        Ok((self.tokens.to_vec()?, self.logp.to_vec()?, self.entropy.to_vec()?))
     }
 }
 
@@ -821,6 +848,28 @@ mod tests {
         let wrong = SampleOutput::empty(3, Device::Cpu).unwrap();
         let e = sample_into(&z, &SamplingConfig::default(), 0, 0, None, &wrong).unwrap_err().to_string();
         assert!(e.contains("sample") && e.contains("[2, 5]"), "{e}");
+    }
+
+    /// A sample's outputs come back in one device→host copy (one wait per decode step, not
+    /// three), with the values the separate downloads give.
+    #[test]
+    fn device_outputs_come_back_in_one_copy() {
+        let Some(dev) = test_cuda_device() else { return };
+        let Device::Cuda(ord) = dev else { return };
+        let cuda = smelt_engine::cuda::device(ord).unwrap();
+        let (b, v) = (3usize, 517usize);
+        let z = randn(&mut Rng::new(25), b * v, 2.0);
+        let logits = Tensor::from_slice(&z, &[b, v], dev).unwrap();
+        let cfg = SamplingConfig { temperature: 0.8, top_k: None, top_p: 0.9 };
+        let out = sample(&logits, &cfg, 7, 1).unwrap();
+        let (host, rows) = smelt_engine::cuda::profile::record(&cuda, || out.to_host()).unwrap();
+        let host = host.unwrap();
+        let copies: usize = rows.iter().filter(|r| r.name.starts_with("copy")).map(|r| r.calls).sum();
+        assert_eq!(copies, 1, "{rows:?}");
+        let each =
+            (out.tokens.to_vec::<u32>().unwrap(), out.logp.to_vec_f32().unwrap(), out.entropy.to_vec_f32().unwrap());
+        assert_eq!(host, each);
+        assert!(host.0.iter().all(|&t| (t as usize) < v));
     }
 
     #[test]

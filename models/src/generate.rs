@@ -131,8 +131,7 @@ pub fn generate_with_cache(
             Some(s) => s,
             None => {
                 let logits = model.logits(&hidden)?;
-                let s = sample_streams(&logits, &opts.sampling, opts.seed, step as u64, Some(&active))?;
-                (s.tokens.to_vec::<u32>()?, s.logp.to_vec::<f32>()?, s.entropy.to_vec::<f32>()?)
+                sample_streams(&logits, &opts.sampling, opts.seed, step as u64, Some(&active))?.to_host()?
             }
         };
         for (r, &i) in active.iter().enumerate() {
