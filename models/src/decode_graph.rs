@@ -40,9 +40,8 @@ struct Bucket {
     rows: usize,
     /// u32 `[4·rows + 2]`: ids, slots, positions, lengths after the step, then the step (u64).
     inputs: Tensor,
-    /// u32 `[3·rows]`: the sampled tokens, then the bits of their f32 log-probs and entropies,
-    /// copied together by the graph so a step downloads once.
-    outputs: Tensor,
+    /// The samples, parts of one buffer, so a step downloads once.
+    outputs: SampleOutput,
     graph: Graph,
 }
 
@@ -127,9 +126,9 @@ impl DecodeGraphs {
         b.inputs.copy_from(&Tensor::from_slice(&host, &[host.len()], Device::Cpu)?)?;
         b.graph.launch()?;
         REPLAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let got = b.outputs.to_vec::<u32>()?;
-        let floats = |part: usize| got[part * rows..part * rows + n].iter().map(|&x| f32::from_bits(x)).collect();
-        let out = (got[..n].to_vec(), floats(1), floats(2));
+        // The padding rows' samples are dropped.
+        let (tokens, logp, entropy) = b.outputs.to_host()?;
+        let out = (tokens[..n].to_vec(), logp[..n].to_vec(), entropy[..n].to_vec());
         for &s in slots {
             cache.lens[s as usize] += 1;
         }
@@ -145,7 +144,7 @@ impl DecodeGraphs {
     ) -> Result<Bucket> {
         let device = model.device();
         let inputs = Tensor::zeros(&[4 * rows + 2], DType::U32, device)?;
-        let outputs = Tensor::empty(&[3 * rows], DType::U32, device)?;
+        let outputs = SampleOutput::empty(rows, device)?;
         let part = |i: usize| inputs.narrow_rows(i * rows, rows);
         let (ids, slots, positions, lens) = (part(0)?, part(1)?, part(2)?, part(3)?);
         let step = inputs.narrow_rows(4 * rows, 2)?;
@@ -156,13 +155,7 @@ impl DecodeGraphs {
             Ok((|| {
                 let hidden = model.decode_step_device([&ids, &slots, &positions, &lens], cache)?;
                 let logits = model.logits(&hidden)?;
-                // Allocated and freed inside the capture, so its blocks are the graph's.
-                let out = SampleOutput::empty(rows, device)?;
-                sample_into_device(&logits, &self.sampling, self.seed, &step, &slots, &out)?;
-                let to = outputs.cuda_ptr()?;
-                for (i, t) in [&out.tokens, &out.logp, &out.entropy].into_iter().enumerate() {
-                    dev.dtod(t.cuda_ptr()?, to + (i * rows * 4) as u64, rows * 4)?;
-                }
+                sample_into_device(&logits, &self.sampling, self.seed, &step, &slots, &outputs)?;
                 Ok::<_, Error>(())
             })())
         })?;
