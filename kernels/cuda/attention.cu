@@ -1209,6 +1209,15 @@ __device__ __forceinline__ void attn_decode_write_partial(const float (*sm_m)[RR
     }
 }
 
+// Keys per split: `chunk` when it is given (> 0, from the host, which knows the lengths), else
+// (0: lengths only on the device, as in a replayed graph) the row's own length L cut into
+// nsplit whole 128-key steps, so every split of a row that has grown since has work.
+__device__ __forceinline__ int dec_chunk(int chunk, int L, int nsplit) {
+    if (chunk > 0) return chunk;
+    const int c = (L + nsplit - 1) / nsplit;
+    return max(128, (c + 127) / 128 * 128);
+}
+
 // Partial attention of ≤4 new tokens of batch row b, head h, over keys
 // [split·chunk, min((split+1)·chunk, limit)). Writes unnormalised acc and (m in log2 units, l).
 template <typename T, int D>
@@ -1228,8 +1237,9 @@ __device__ void attn_decode_partial(const T* __restrict__ q, const T* __restrict
     const int g = h / (nh / nkv);
     const int L = (int)cache_lens[b];
     const int first = L - n_new;  // position of new token 0
-    const int kbeg = split * chunk;
-    const int kend = min(kbeg + chunk, L);
+    const int ck = dec_chunk(chunk, L, nsplit);
+    const int kbeg = split * ck;
+    const int kend = min(kbeg + ck, L);
     const float sl2 = scale * ATT_LOG2E;
 
     float qf[DEC_MAXQ][E], acc[DEC_MAXQ][E], m[DEC_MAXQ], l[DEC_MAXQ];
@@ -1345,8 +1355,9 @@ __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restr
     const int R = group * min(tq, n_new - i0);
     const int L = (int)cache_lens[b];
     const int first = L - n_new;  // position of new token 0
-    const int kbeg = split * chunk;
-    const int kend = min(kbeg + chunk, L);
+    const int ck = dec_chunk(chunk, L, nsplit);
+    const int kbeg = split * ck;
+    const int kend = min(kbeg + ck, L);
     const float sl2 = scale * ATT_LOG2E;
 
     for (int x = threadIdx.x; x < R * D; x += blockDim.x) {

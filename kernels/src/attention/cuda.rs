@@ -344,6 +344,11 @@ pub fn decode(
         chunk = chunk.next_multiple_of(128);
         nsplit = longest.div_ceil(chunk).max(1);
     }
+    if cache_lens.host().is_none() {
+        // Lengths known only when the kernel runs: each row splits its own length (chunk 0),
+        // so the splits sized for the capacity all have keys once the row is long enough.
+        chunk = 0;
+    }
     let rows = b * n_new * dims.n_heads;
     let part_o = Tensor::empty(&[rows, nsplit, dims.head_dim], DType::F32, dev)?;
     let part_ml = Tensor::empty(&[rows, nsplit, 2], DType::F32, dev)?;

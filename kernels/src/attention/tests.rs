@@ -567,6 +567,17 @@ fn decode_device_matches_cpu() {
                         dt,
                         &format!("decode v{version} {dt} n_new {n_new} lens {lens_now:?} heads {nh}/{nkv} d {d}"),
                     );
+                    // Lengths on the device (a replayed graph's; bf16, as generation runs): the
+                    // splits are sized for the capacity and each row cuts its own length into them.
+                    if dt == DType::BF16 {
+                        let lens_d = Tensor::from_slice(&lens_now, &[4], dev).unwrap();
+                        poison(dev, &[(q.shape(), dt)]);
+                        let qd = q.to_device(dev).unwrap();
+                        let lens_d = crate::Indices::Device(&lens_d);
+                        let got = attention_decode(&qd, &kd, &vd, lens_d, None, None).unwrap();
+                        let what = format!("decode v{version} device lens {lens_now:?} n_new {n_new} heads {nh}/{nkv}");
+                        close_to_cpu(&got, &want, dt, &what);
+                    }
                     // Rows 3 and 1 only, through the slot list.
                     let slots = [3u32, 1];
                     let row = n_new * nh * d;
