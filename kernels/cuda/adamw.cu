@@ -61,6 +61,27 @@ __device__ __forceinline__ void adamw_scalar(float* __restrict__ p, float* __res
     }
 }
 
+// Elements 4q .. 4q+3 through 16-byte accesses of p, m, v (and out's 8 bytes).
+template <class G>
+__device__ __forceinline__ void adamw_quad(float4* __restrict__ p4, float4* __restrict__ m4, float4* __restrict__ v4,
+                                           const G* __restrict__ g, bf16_t* __restrict__ out, u64 q,
+                                           const AdamArgs& a) {
+    float4 pp = p4[q], mm = m4[q], vv = v4[q];
+    float gg[4];
+    grad_ld4(g, q, gg);
+    pp.x = adamw_elem(pp.x, mm.x, vv.x, gg[0], a);
+    pp.y = adamw_elem(pp.y, mm.y, vv.y, gg[1], a);
+    pp.z = adamw_elem(pp.z, mm.z, vv.z, gg[2], a);
+    pp.w = adamw_elem(pp.w, mm.w, vv.w, gg[3], a);
+    p4[q] = pp; m4[q] = mm; v4[q] = vv;
+    if (out) {
+        uint2 o;
+        o.x = (u32)f32_to_bf16(pp.x) | ((u32)f32_to_bf16(pp.y) << 16);
+        o.y = (u32)f32_to_bf16(pp.z) | ((u32)f32_to_bf16(pp.w) << 16);
+        reinterpret_cast<uint2*>(out)[q] = o;
+    }
+}
+
 template <class G>
 __device__ __forceinline__ void adamw_vec4(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
                                            const G* __restrict__ g, bf16_t* __restrict__ out, u64 n,
@@ -69,22 +90,7 @@ __device__ __forceinline__ void adamw_vec4(float* __restrict__ p, float* __restr
     float4* p4 = reinterpret_cast<float4*>(p);
     float4* m4 = reinterpret_cast<float4*>(m);
     float4* v4 = reinterpret_cast<float4*>(v);
-    for (u64 q = tid; q < n4; q += (u64)gridDim.x * blockDim.x) {
-        float4 pp = p4[q], mm = m4[q], vv = v4[q];
-        float gg[4];
-        grad_ld4(g, q, gg);
-        pp.x = adamw_elem(pp.x, mm.x, vv.x, gg[0], a);
-        pp.y = adamw_elem(pp.y, mm.y, vv.y, gg[1], a);
-        pp.z = adamw_elem(pp.z, mm.z, vv.z, gg[2], a);
-        pp.w = adamw_elem(pp.w, mm.w, vv.w, gg[3], a);
-        p4[q] = pp; m4[q] = mm; v4[q] = vv;
-        if (out) {
-            uint2 o;
-            o.x = (u32)f32_to_bf16(pp.x) | ((u32)f32_to_bf16(pp.y) << 16);
-            o.y = (u32)f32_to_bf16(pp.z) | ((u32)f32_to_bf16(pp.w) << 16);
-            reinterpret_cast<uint2*>(out)[q] = o;
-        }
-    }
+    for (u64 q = tid; q < n4; q += (u64)gridDim.x * blockDim.x) adamw_quad(p4, m4, v4, g, out, q, a);
     const u64 i = n4 * 4 + tid;
     if (i < n) {
         float mi = m[i], vi = v[i];
@@ -142,22 +148,7 @@ extern "C" __global__ void adamw_multi_f32(const u64* __restrict__ table, u32 n_
             float4* p4 = reinterpret_cast<float4*>(p);
             float4* m4 = reinterpret_cast<float4*>(m);
             float4* v4 = reinterpret_cast<float4*>(v);
-            for (u64 q = start / 4 + threadIdx.x; q < end4 / 4; q += blockDim.x) {
-                float4 pp = p4[q], mm = m4[q], vv = v4[q];
-                float gg[4];
-                grad_ld4(g, q, gg);
-                pp.x = adamw_elem(pp.x, mm.x, vv.x, gg[0], a);
-                pp.y = adamw_elem(pp.y, mm.y, vv.y, gg[1], a);
-                pp.z = adamw_elem(pp.z, mm.z, vv.z, gg[2], a);
-                pp.w = adamw_elem(pp.w, mm.w, vv.w, gg[3], a);
-                p4[q] = pp; m4[q] = mm; v4[q] = vv;
-                if (out) {
-                    uint2 o;
-                    o.x = (u32)f32_to_bf16(pp.x) | ((u32)f32_to_bf16(pp.y) << 16);
-                    o.y = (u32)f32_to_bf16(pp.z) | ((u32)f32_to_bf16(pp.w) << 16);
-                    reinterpret_cast<uint2*>(out)[q] = o;
-                }
-            }
+            for (u64 q = start / 4 + threadIdx.x; q < end4 / 4; q += blockDim.x) adamw_quad(p4, m4, v4, g, out, q, a);
             i = end4 + threadIdx.x;
         }
         for (; i < end; i += blockDim.x) {
