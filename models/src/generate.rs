@@ -87,9 +87,41 @@ pub fn generate_with_cache(
     opts: &GenerateOptions,
     room: usize,
 ) -> Result<(Vec<Generation>, Option<KvCache>)> {
+    let (gens, cache, _) = run(model, prompts, opts, room, None)?;
+    Ok((gens, cache))
+}
+
+/// The sequences to finish, chosen by [`generate_pruned`]'s caller from the generations so far.
+pub type Prune<'a> = &'a mut dyn FnMut(&[Generation]) -> Vec<usize>;
+
+/// [`generate_with_cache`] with pruning: once the sequences have `at` new tokens (or, when
+/// every one stops sooner, at the end), `keep` gets the generations so far and returns the
+/// indices (ascending) of those to finish. The others end there (neither stopped nor decoded
+/// further; their slots hold what they generated). A kept sequence continues in its own slot
+/// with its own random stream, so it is exactly what it would have been without pruning.
+/// Returns the kept indices too. Early rejection uses it: every sample's prefix costs one
+/// generation, and the survivors are not prefilled again.
+pub fn generate_pruned(
+    model: &Qwen,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    room: usize,
+    at: usize,
+    keep: Prune<'_>,
+) -> Result<(Vec<Generation>, Option<KvCache>, Vec<usize>)> {
+    run(model, prompts, opts, room, Some((at, keep)))
+}
+
+fn run(
+    model: &Qwen,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    room: usize,
+    mut prune: Option<(usize, Prune<'_>)>,
+) -> Result<(Vec<Generation>, Option<KvCache>, Vec<usize>)> {
     opts.sampling.validate()?;
     if prompts.is_empty() || opts.n_samples == 0 {
-        return Ok((Vec::new(), None));
+        return Ok((Vec::new(), None, Vec::new()));
     }
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(Error::Msg(format!("generate: prompt {i} is empty")));
@@ -114,8 +146,28 @@ pub fn generate_with_cache(
             stopped: false,
         })
         .collect();
+    // Asks the pruner (once) which sequences to finish; marks the others done.
+    let mut done = vec![false; out.len()];
+    let mut kept: Option<Vec<usize>> = None;
+    let mut ask = |out: &[Generation], done: &mut [bool], prune: &mut Option<(usize, Prune<'_>)>| -> Result<()> {
+        if let Some((_, keep)) = prune.take() {
+            let k = keep(out);
+            if k.windows(2).any(|w| w[0] >= w[1]) || k.last().is_some_and(|&i| i >= out.len()) {
+                return Err(Error::Msg(format!(
+                    "generate_pruned: the kept indices {k:?} must be ascending and below {}",
+                    out.len()
+                )));
+            }
+            let mut keep_it = vec![false; out.len()];
+            k.iter().for_each(|&i| keep_it[i] = true);
+            done.iter_mut().zip(&keep_it).for_each(|(d, &k)| *d |= !k);
+            kept = Some(k);
+        }
+        Ok(())
+    };
     if budget == 0 {
-        return Ok((out, None));
+        ask(&out, &mut done, &mut prune)?;
+        return Ok((out, None, kept.unwrap_or_default()));
     }
     let mut cache = model.new_kv_cache(seqs.len(), (longest + budget + room).min(max_pos))?;
     let mut hidden = model.prefill_samples(prompts, opts.n_samples, &mut cache)?;
@@ -140,20 +192,25 @@ pub fn generate_with_cache(
             g.logp.push(logp[r]);
             g.entropy.push(ent[r]);
             g.stopped = opts.stop_ids.contains(&tokens[r]);
+            done[i as usize] = g.stopped;
+        }
+        if prune.as_ref().is_some_and(|(at, _)| step + 1 == *at) {
+            ask(&out, &mut done, &mut prune)?;
         }
         let (slots, next): (Vec<u32>, Vec<u32>) =
-            active.iter().zip(&tokens).filter(|&(&i, _)| !out[i as usize].stopped).map(|(&i, &t)| (i, t)).unzip();
+            active.iter().zip(&tokens).filter(|&(&i, _)| !done[i as usize]).map(|(&i, &t)| (i, t)).unzip();
         if step + 1 == budget || slots.is_empty() {
             break;
         }
         // The first decode step runs eagerly, so every kernel is loaded before a capture.
-        match graphs.decode_sample(step > 0, model, &mut cache, &slots, &next, &out, step as u64 + 1) {
+        match graphs.decode_sample(step > 0, model, &mut cache, &slots, &next, &done, step as u64 + 1) {
             Some(s) => drawn = Some(s),
             None => hidden = model.decode_slots(&slots, &next, &mut cache)?,
         }
         active = slots;
     }
-    Ok((out, Some(cache)))
+    ask(&out, &mut done, &mut prune)?;
+    Ok((out, Some(cache), kept.unwrap_or_default()))
 }
 
 /// The graph path of [`generate_with_cache`], when [`cuda_graphs`] is on and the model is on a
@@ -185,13 +242,13 @@ impl Graphs {
         cache: &mut KvCache,
         slots: &[u32],
         tokens: &[u32],
-        out: &[Generation],
+        done: &[bool],
         step: u64,
     ) -> Option<Sampled> {
         #[cfg(feature = "cuda")]
         if let Some(g) = self.inner.as_mut().filter(|_| ready) {
-            // Stopped sequences' slots take the padding rows.
-            let spare: Vec<u32> = (0..out.len() as u32).filter(|&i| out[i as usize].stopped).collect();
+            // Finished sequences' slots take the padding rows.
+            let spare: Vec<u32> = (0..done.len() as u32).filter(|&i| done[i as usize]).collect();
             match g.decode_sample(model, cache, slots, tokens, &spare, step) {
                 Ok(s) => return Some(s),
                 Err(e) => {

@@ -34,7 +34,9 @@ pub use config::{config_path, limits, Config, ModelType};
 #[cfg(feature = "cuda")]
 pub use decode_graph::DecodeGraphs;
 pub use error::{Error, Result};
-pub use generate::{cuda_graphs, generate, generate_with_cache, set_cuda_graphs, GenerateOptions, Generation};
+pub use generate::{
+    cuda_graphs, generate, generate_pruned, generate_with_cache, set_cuda_graphs, GenerateOptions, Generation, Prune,
+};
 pub use generation_config::{stop_token_ids, GenerationConfig};
 pub use qwen::{Activations, HeadOutputs, KvCache, Packed, Qwen};
 pub use safetensors::save_safetensors;

@@ -320,6 +320,46 @@ fn finished_sequences_leave_the_batch_without_changing_the_rest() {
     }
 }
 
+/// Pruning after `at` tokens (early rejection) ends the rejected sequences there and changes
+/// nothing for the kept ones: they equal an unpruned run's, token for token, and the returned
+/// cache holds each kept sequence in its own slot. A bad kept list is an error.
+#[test]
+fn pruned_sequences_leave_the_batch_without_changing_the_rest() {
+    use smelt_models::{generate_pruned, generate_with_cache};
+    for name in ["qwen2-tiny", "qwen3-tiny"] {
+        let model = load(name, false);
+        let (prompts, opts) = sampled(12, 3, 7);
+        let (full, _) = generate_with_cache(&model, &prompts, &opts, 0).unwrap();
+        let at = 4;
+        let mut seen = 0;
+        let mut keep = |gens: &[smelt_models::Generation]| {
+            seen = gens.len();
+            assert!(gens.iter().all(|g| g.ids.len() == at || g.stopped), "asked before {at} tokens");
+            vec![1, 2, 5, 6]
+        };
+        let (pruned, cache, kept) = generate_pruned(&model, &prompts, &opts, 0, at, &mut keep).unwrap();
+        assert_eq!((seen, &kept), (full.len(), &vec![1, 2, 5, 6]));
+        for (i, (p, f)) in pruned.iter().zip(&full).enumerate() {
+            let what = format!("{name} sequence {i}");
+            if kept.contains(&i) {
+                assert_prefix(p, f, f.ids.len(), &what);
+                assert_eq!(p.stopped, f.stopped, "{what}");
+            } else {
+                assert_prefix(p, f, at.min(f.ids.len()), &what);
+            }
+        }
+        // Each kept sequence's slot holds its prompt and all its tokens but the last.
+        let cache = cache.unwrap();
+        for &i in &kept {
+            assert_eq!(cache.lens[i] as usize, prompts[i / 3].len() + pruned[i].ids.len() - 1, "{name} slot {i}");
+        }
+        let mut bad = |_: &[smelt_models::Generation]| vec![3, 1];
+        let Err(e) = generate_pruned(&model, &prompts, &opts, 0, at, &mut bad) else { panic!("a bad kept list") };
+        let e = e.to_string();
+        assert!(e.contains("ascending"), "{e}");
+    }
+}
+
 /// The samples of a prompt share one prefill (their slots get copies of its cache): the result
 /// is the one of prefilling every sample's copy of the prompt on its own.
 #[test]

@@ -1,14 +1,14 @@
 //! Early rejection of rollouts (after arXiv 2508.01969's partial-reward idea; ALGORITHMS.md
 //! "Other seed methods"): every sample of a group is generated for only τ tokens, the prefixes
 //! are scored, and only the `keep` best of each group are generated to the end and trained
-//! on. The rest stop at τ tokens, which is where the saving is when completions are long.
+//! on (`smelt_models::generate_pruned`: the same generation goes on with the survivors, each in
+//! its own cache slot). The rest stop at τ tokens, which is where the saving is when
+//! completions are long.
 //!
 //! The paper prunes beams with a process reward model's score of a partial step. smelt runs
 //! no PRM, so the prefix score is the policy's own mean token log-prob over the prefix (ours:
 //! free, recorded while sampling; a confident prefix is the cheap proxy). Groups shrink to
 //! `keep` members and the advantage statistics use the survivors only, as the notes advise.
-
-use smelt_models::Generation;
 
 /// The built-in prefix score: mean log-prob of the prefix's tokens (−∞ for an empty prefix,
 /// which cannot happen with τ ≥ 1).
@@ -35,15 +35,6 @@ pub fn survivors(scores: &[f32], g: usize, keep: usize) -> Vec<usize> {
     out
 }
 
-/// Appends a continuation (generated from prompt + `head.ids`) to `head`.
-pub fn join(mut head: Generation, tail: Generation) -> Generation {
-    head.ids.extend(tail.ids);
-    head.logp.extend(tail.logp);
-    head.entropy.extend(tail.entropy);
-    head.stopped = tail.stopped;
-    head
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,22 +52,5 @@ mod tests {
     fn prefix_score_is_the_mean_logp() {
         assert_eq!(prefix_score(&[-1.0, -2.0, -3.0]), -2.0);
         assert_eq!(prefix_score(&[]), f32::NEG_INFINITY);
-    }
-
-    #[test]
-    fn join_concatenates_and_takes_the_tails_end() {
-        let g = |ids: Vec<u32>, stopped| Generation {
-            prompt: 3,
-            sample: 1,
-            logp: ids.iter().map(|&x| -(x as f32)).collect(),
-            entropy: ids.iter().map(|&x| x as f32).collect(),
-            ids,
-            stopped,
-        };
-        let j = join(g(vec![1, 2], false), g(vec![3], true));
-        assert_eq!(
-            (j.prompt, j.sample, j.ids, j.logp, j.entropy, j.stopped),
-            (3, 1, vec![1, 2, 3], vec![-1.0, -2.0, -3.0], vec![1.0, 2.0, 3.0], true)
-        );
     }
 }

@@ -28,8 +28,8 @@ use smelt_kernels::grpo_loss::LossType;
 use smelt_kernels::logprob_entropy::LogprobEntropyOpts;
 use smelt_kernels::sample::SamplingConfig;
 use smelt_models::{
-    generate, generate_with_cache, Checkpoint, GenerateOptions, Generation, KvCache, LoadOptions, Message, Packed,
-    Qwen, RenderOptions,
+    generate, generate_pruned, generate_with_cache, Checkpoint, GenerateOptions, Generation, KvCache, LoadOptions,
+    Message, Packed, Qwen, RenderOptions,
 };
 
 use crate::advantage::{advantages, groups_with_signal, RewardStats};
@@ -498,65 +498,44 @@ impl Trainer {
         Ok(room)
     }
 
-    /// The RL step's rollouts: [`Trainer::rollout`], or with early rejection G prefixes of
-    /// `prefix_tokens` per prompt of which the `keep` best (by mean log-prob) are finished.
-    /// Also returns the tokens the rejected samples generated, and without early rejection,
-    /// given `room`, the generation's KV cache (see [`Trainer::rollout`]).
+    /// The RL step's rollouts: [`Trainer::rollout`], or with early rejection G samples per
+    /// prompt generated for `prefix_tokens`, of which the `keep` best (by mean log-prob) are
+    /// finished, in the same generation (no second prefill). Also returns the tokens the
+    /// rejected samples generated, and given `room`, the generation's KV cache (see
+    /// [`Trainer::rollout`]; with early rejection its slots still number G per prompt).
     fn rollout_rl(
         &self,
         prompts: &[usize],
         seed: u64,
         room: Option<usize>,
     ) -> Result<(Vec<Rollout>, usize, Option<KvCache>)> {
-        use crate::early_rejection::{join, prefix_score, survivors};
+        use crate::early_rejection::{prefix_score, survivors};
         let er = &self.cfg.early_rejection;
         if !er.enabled {
             let (rs, cache) = self.rollout(prompts, seed, room)?;
             return Ok((rs, 0, cache));
         }
         let ids: Vec<Vec<u32>> = prompts.iter().map(|&i| self.train_ids[i].clone()).collect();
-        let head = GenerateOptions {
-            max_new_tokens: er.prefix_tokens,
+        let opts = GenerateOptions {
+            max_new_tokens: self.cfg.max_completion_length,
             sampling: self.sampling(),
             n_samples: self.cfg.num_generations,
             seed,
             stop_ids: self.stop_ids.clone(),
         };
-        let gens = generate(&self.model, &ids, &head)?;
-        let scores: Vec<f32> = gens.iter().map(|g| prefix_score(&g.logp)).collect();
-        let keep = survivors(&scores, self.cfg.num_generations, er.keep);
+        let g = self.cfg.num_generations;
+        let mut keep = |gens: &[Generation]| {
+            let scores: Vec<f32> = gens.iter().map(|g| prefix_score(&g.logp)).collect();
+            survivors(&scores, g, er.keep)
+        };
+        let (gens, cache, kept) =
+            generate_pruned(&self.model, &ids, &opts, room.unwrap_or(0), er.prefix_tokens, &mut keep)?;
         let generated: usize = gens.iter().map(|g| g.ids.len()).sum();
         let mut gens: Vec<Option<Generation>> = gens.into_iter().map(Some).collect();
-        let kept: Vec<Generation> = keep.iter().filter_map(|&i| gens[i].take()).collect();
+        let kept: Vec<Generation> = kept.iter().filter_map(|&i| gens[i].take()).collect();
         let rejected_tokens = generated - kept.iter().map(|g| g.ids.len()).sum::<usize>();
-        // Finish the survivors that did not stop within the prefix (τ < max_completion_length,
-        // so budget remains): each continues from its prompt + prefix, one sample.
-        let open: Vec<&Generation> = kept.iter().filter(|g| !g.stopped).collect();
-        let tails = if open.is_empty() {
-            Vec::new()
-        } else {
-            let cont: Vec<Vec<u32>> = open.iter().map(|g| [ids[g.prompt].as_slice(), &g.ids].concat()).collect();
-            let tail = GenerateOptions {
-                max_new_tokens: self.cfg.max_completion_length - er.prefix_tokens,
-                n_samples: 1,
-                seed: mix(&[seed, 0xe4_1e]),
-                ..head
-            };
-            generate(&self.model, &cont, &tail)?
-        };
-        let mut tails = tails.into_iter();
-        let rollouts = kept
-            .into_iter()
-            .map(|h| {
-                let g = if h.stopped {
-                    h
-                } else {
-                    join(h, tails.next().context("early rejection: a survivor's continuation is missing")?)
-                };
-                self.judge(g, prompts)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((rollouts, rejected_tokens, None))
+        let rollouts = kept.into_iter().map(|h| self.judge(h, prompts)).collect::<Result<Vec<_>>>()?;
+        Ok((rollouts, rejected_tokens, cache.filter(|_| room.is_some())))
     }
 
     fn judge(&self, gen: Generation, prompts: &[usize]) -> Result<Rollout> {
@@ -890,7 +869,8 @@ impl Trainer {
     /// gradient. `rs` holds the groups of `exs` in order, G rollouts each. Per group, per
     /// rollout: the log-probs ℓ^y_j and (when asked) the ranks of y's tokens.
     ///
-    /// With `cache` (the generation's, rollout i in slot i, with max |y| + 1 spare positions)
+    /// With `cache` (the generation's, with max |y| + 1 spare positions; a rollout's slot is
+    /// its prompt × G + its sample, as generation lays them out)
     /// the prompt and reasoning are not run again: each slot is cut back to all but the last two
     /// tokens before its y, then decodes |y| + 1 tokens (those two, and y without its last
     /// token), and the outputs at the last |y| of them predict y. Re-decoding one token more than
@@ -955,8 +935,10 @@ impl Trainer {
                 for (i, seq) in seqs.iter().enumerate() {
                     let y = &ys[i / g];
                     let start = seq.len() - y.len() - 2;
-                    cache.truncate(i, start)?;
-                    slots.push(i as u32);
+                    // The generation's slot of this rollout (prompt-major, G samples per prompt).
+                    let slot = rs[i].gen.prompt * self.cfg.num_generations + rs[i].gen.sample;
+                    cache.truncate(slot, start)?;
+                    slots.push(slot as u32);
                     tokens.extend_from_slice(&seq[start..seq.len() - 1]);
                     tokens.extend(std::iter::repeat_n(y[y.len() - 1], n - y.len() - 1));
                     // Row 0 of each slot's block predicts y's predecessor, which is not scored.
@@ -1554,6 +1536,38 @@ mod tests {
             at += seq.len();
         }
         assert_eq!(at, refs.len());
+    }
+
+    /// With early rejection the survivors sit in their generation's slots (G per prompt, not
+    /// `keep`): teacher forcing on that cache gives what a full forward pass gives.
+    #[test]
+    fn early_rejection_survivors_teacher_force_on_their_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig {
+            model: Some(smelt_models::testing::fixture("qwen2-tiny")),
+            output_dir: dir.path().to_path_buf(),
+            reward: "dro".into(),
+            eval_size: 2,
+            max_completion_length: 12,
+            early_rejection: crate::config::EarlyRejectionConfig { enabled: true, prefix_tokens: 3, keep: 3 },
+            quiet: true,
+            ..Default::default()
+        };
+        let t = Trainer::new(cfg).unwrap();
+        let exs = [4, 9];
+        let (rs, rejected, cache) = t.rollout_rl(&exs, 5, Some(t.dro_room(&exs).unwrap())).unwrap();
+        assert_eq!(rs.len(), 6);
+        assert!(rejected > 0);
+        // Survivors come from every position of their group, not only the first `keep` slots.
+        assert!(rs.iter().any(|r| r.gen.sample >= 3), "{:?}", rs.iter().map(|r| r.gen.sample).collect::<Vec<_>>());
+        let full = t.teacher_force(&exs, &rs, true, None).unwrap();
+        let cached = t.teacher_force(&exs, &rs, true, Some(&mut cache.unwrap())).unwrap();
+        for (f, c) in full.iter().zip(&cached) {
+            assert_eq!(f.rank, c.rank);
+            for (a, b) in f.logp.iter().flatten().zip(c.logp.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
     }
 
     /// DRO's teacher forcing picks exactly the reference tokens' log-probs and ranks: checked

@@ -251,9 +251,9 @@ fn ahpo_learns_the_solutions_of_failed_groups() {
     assert!(with < without / 3.0, "solution NLL after 30 steps: with AHPO {with}, without {without}");
 }
 
-/// Early rejection: 8 prefixes of 4 tokens per prompt, the best 3 finished. The survivors are
-/// the groups (3 per prompt), and their log-probs, recorded across the two generation phases,
-/// are the model's own: the first update's ratio is 1.
+/// Early rejection: 8 prefixes of 4 tokens per prompt, the best 3 finished in the same
+/// generation. The survivors are the groups (3 per prompt), and their log-probs are the
+/// model's own: the first update's ratio is 1.
 #[test]
 fn early_rejection_finishes_the_best_prefixes() {
     let dir = tempfile::tempdir().unwrap();
