@@ -107,12 +107,13 @@ extern "C" __global__ void column_sum_partial_bf16(float* __restrict__ scratch, 
     column_sum_partial<bf16_t>(scratch, g, rows, d, per);
 }
 
-// v2 column sum, pass 2: out[j] = Σ_{c in order} scratch[c, j].
+// v2 column sum, pass 2: out[j] = Σ_{c in order} scratch[c, j], or with `add` out[j] + that sum
+// (a bias gradient accumulated in place).
 extern "C" __global__ void column_sum_reduce(float* __restrict__ out, const float* __restrict__ scratch, u32 chunks,
-                                             u32 d) {
+                                             u32 d, u32 add) {
     const u32 j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
     float s = 0.0f;
     for (u32 c = 0; c < chunks; ++c) s += scratch[(u64)c * d + j];
-    out[j] = s;
+    out[j] = add ? out[j] + s : s;
 }

@@ -382,13 +382,14 @@ extern "C" __global__ void rmsnorm_bwd_dw_partial_bf16(float* scratch, const bf1
     dw_partial<bf16_t>(scratch, x, rstd, dy, rows, d, per);
 }
 
-// dw[j] = Σ_{c in order} scratch[c, j].
-extern "C" __global__ void rmsnorm_bwd_dw_reduce(float* dw, const float* scratch, u32 chunks, u32 d) {
+// dw[j] = Σ_{c in order} scratch[c, j], or with `add` dw[j] + that sum (a gradient
+// accumulated in place).
+extern "C" __global__ void rmsnorm_bwd_dw_reduce(float* dw, const float* scratch, u32 chunks, u32 d, u32 add) {
     const u32 j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
     float acc = 0.0f;
     for (u32 c = 0; c < chunks; ++c) acc = __fadd_rn(acc, scratch[(u64)c * d + j]);
-    dw[j] = acc;
+    dw[j] = add ? __fadd_rn(dw[j], acc) : acc;
 }
 
 // ---- v3 dw: two columns per thread, rows loaded ahead -------------------------------------
@@ -454,9 +455,10 @@ extern "C" __global__ void rmsnorm_bwd_dw_partial_v3_bf16(float* scratch, const 
     dw_partial_v3<bf16_t>(scratch, x, rstd, dy, rows, d, per, chunks);
 }
 
-// dw[j] = Σ_{c in order} scratch[c, j], as rmsnorm_bwd_dw_reduce, with 16 chunks loaded ahead.
+// dw[j] = Σ_{c in order} scratch[c, j] (+ dw[j] with `add`), as rmsnorm_bwd_dw_reduce, with 16
+// chunks loaded ahead.
 extern "C" __global__ void rmsnorm_bwd_dw_reduce_v3(float* __restrict__ dw, const float* __restrict__ scratch,
-                                                    u32 chunks, u32 d) {
+                                                    u32 chunks, u32 d, u32 add) {
     const u32 j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
     float acc = 0.0f;
@@ -469,5 +471,5 @@ extern "C" __global__ void rmsnorm_bwd_dw_reduce_v3(float* __restrict__ dw, cons
         for (int q = 0; q < 16; ++q) acc = __fadd_rn(acc, v[q]);
     }
     for (; c < chunks; ++c) acc = __fadd_rn(acc, scratch[(u64)c * d + j]);
-    dw[j] = acc;
+    dw[j] = add ? __fadd_rn(dw[j], acc) : acc;
 }

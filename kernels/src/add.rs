@@ -84,9 +84,43 @@ pub fn bias_grad(dout: &Tensor) -> Result<Tensor> {
             Tensor::from_slice(&cpu::column_sum(&g, rows, d), &[d], Device::Cpu)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda_bias::bias_grad(ord, dout, rows, d),
+        Device::Cuda(ord) => {
+            let out = Tensor::empty(&[d], DType::F32, dout.device())?;
+            cuda_bias::bias_grad(ord, dout, rows, d, &out, false)?;
+            Ok(out)
+        }
         #[cfg(not(feature = "cuda"))]
         dev => Err(Error::UnsupportedDevice { op: "bias_grad", device: dev }),
+    }
+}
+
+/// `db += bias_grad(dout)` for an f32 `[D]` gradient `db` accumulated in place (on CUDA in the
+/// column sum's last pass: no separate add).
+pub fn bias_grad_into(dout: &Tensor, db: &Tensor) -> Result<()> {
+    let (rows, d) = dout.rows_cols();
+    if db.shape() != [d] || db.dtype() != DType::F32 || db.device() != dout.device() {
+        return Err(Error::shape(
+            "bias_grad_into",
+            format!(
+                "db {:?} {} on {} must be [{d}] f32 on {} for dout {:?}",
+                db.shape(),
+                db.dtype(),
+                db.device(),
+                dout.device(),
+                dout.shape()
+            ),
+        ));
+    }
+    match dout.device() {
+        Device::Cpu => {
+            let sums = cpu::column_sum(&dout.to_vec_f32()?, rows, d);
+            db.cpu_write::<f32>()?.iter_mut().zip(sums).for_each(|(a, s)| *a += s);
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => cuda_bias::bias_grad(ord, dout, rows, d, db, true),
+        #[cfg(not(feature = "cuda"))]
+        dev => Err(Error::UnsupportedDevice { op: "bias_grad_into", device: dev }),
     }
 }
 
@@ -270,10 +304,10 @@ mod cuda_bias {
         )
     }
 
-    pub fn bias_grad(ord: usize, dout: &Tensor, rows: usize, d: usize) -> Result<Tensor> {
-        let out = Tensor::empty(&[d], DType::F32, dout.device())?;
+    /// The column sums of `dout` into `out` (`add`: added to what it holds).
+    pub fn bias_grad(ord: usize, dout: &Tensor, rows: usize, d: usize, out: &Tensor, add: bool) -> Result<()> {
         if d == 0 {
-            return Ok(out);
+            return Ok(());
         }
         let func = match dout.dtype() {
             DType::F32 => "column_sum_partial_f32",
@@ -300,9 +334,14 @@ mod cuda_bias {
         ];
         launch(ord, &SRC, func, cfg, &args)?;
         let cfg = LaunchCfg { grid: (cols, 1, 1), block: (block, 1, 1), smem: 0 };
-        let args = [Arg::Ptr(out.cuda_ptr()?), Arg::Ptr(partial.cuda_ptr()?), Arg::U32(chunks as u32), Arg::U32(d32)];
-        launch(ord, &SRC, "column_sum_reduce", cfg, &args)?;
-        Ok(out)
+        let args = [
+            Arg::Ptr(out.cuda_ptr()?),
+            Arg::Ptr(partial.cuda_ptr()?),
+            Arg::U32(chunks as u32),
+            Arg::U32(d32),
+            Arg::U32(add as u32),
+        ];
+        launch(ord, &SRC, "column_sum_reduce", cfg, &args)
     }
 
     /// `(chunks, rows per chunk)` for the column sum: at most 256 chunks of at least 64 rows
@@ -385,8 +424,16 @@ mod tests {
             // L = Σ g ∘ (x + b) ⇒ dL/db = column sums of g; checked by finite differences.
             let g = randn(&mut rng, rows * d, 1.0);
             let loss = |b: &[f64]| (0..rows * d).map(|i| g[i] as f64 * (xv[i] as f64 + b[i % d])).sum::<f64>();
-            let db = bias_grad(&Tensor::from_slice(&g, &[rows, d], Device::Cpu).unwrap()).unwrap();
+            let gt = Tensor::from_slice(&g, &[rows, d], Device::Cpu).unwrap();
+            let db = bias_grad(&gt).unwrap();
             assert_close(&db.to_vec().unwrap(), &finite_diff(loss, &to_f64(&bv), 1e-4), 1e-4, 1e-5, "bias_grad");
+            // Accumulated into a gradient: what it held plus the same sums.
+            let acc = Tensor::full(2.0, &[d], DType::F32, Device::Cpu).unwrap();
+            bias_grad_into(&gt, &acc).unwrap();
+            let want: Vec<f32> = db.to_vec::<f32>().unwrap().iter().map(|x| 2.0 + x).collect();
+            assert_eq!(acc.to_vec::<f32>().unwrap(), want, "bias_grad_into");
+            let e = bias_grad_into(&gt, &Tensor::zeros(&[d + 1], DType::F32, Device::Cpu).unwrap()).unwrap_err();
+            assert!(e.to_string().contains("bias_grad_into"), "{e}");
         }
         let x = Tensor::zeros(&[2, 3], DType::F32, Device::Cpu).unwrap();
         let e = add_bias_(&x, &Tensor::zeros(&[4], DType::F32, Device::Cpu).unwrap()).unwrap_err().to_string();
@@ -458,6 +505,12 @@ mod tests {
                 // f32 sums over `rows` (fixed chunks on CUDA) against the CPU's f64 sum.
                 let atol = 1e-4 + 8e-6 * (rows as f64).sqrt();
                 assert_close(&got, &want, atol, 1e-5, &format!("bias_grad {dt} {rows}x{d}"));
+                // Accumulated in the column sum's last pass: acc + the same sums.
+                let start: Vec<f32> = (0..d).map(|j| j as f32 - 3.0).collect();
+                let acc = Tensor::from_slice(&start, &[d], dev).unwrap();
+                bias_grad_into(&g.to_device(dev).unwrap(), &acc).unwrap();
+                let sum: Vec<f32> = start.iter().zip(&got).map(|(a, b)| a + b).collect();
+                assert_eq!(acc.to_vec::<f32>().unwrap(), sum, "bias_grad_into {dt} {rows}x{d}");
             }
         }
     }

@@ -115,6 +115,30 @@ pub fn add_rmsnorm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tens
 
 /// `(dx, dw)`: `dx` like `x`; `dw` `[D]` f32, summed over rows. `rstd` is the forward's.
 pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    backward_impl(x, w, rstd, dy, None)
+}
+
+/// [`rmsnorm_backward`] adding dw into `dw_acc` (`[D]` f32, a weight's gradient accumulated
+/// over layers or micro-batches): `dw_acc += dw`, in the reduction's last pass on CUDA (no
+/// separate add, no dw buffer). Returns dx.
+pub fn rmsnorm_backward_into(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, dw_acc: &Tensor) -> Result<Tensor> {
+    let (_, d) = check("rmsnorm_backward_into", x, w)?;
+    if dw_acc.shape() != [d] || dw_acc.dtype() != DType::F32 || dw_acc.device() != x.device() {
+        return Err(Error::shape(
+            "rmsnorm_backward_into",
+            format!(
+                "dw_acc {:?} {} on {} must be [{d}] f32 on {}",
+                dw_acc.shape(),
+                dw_acc.dtype(),
+                dw_acc.device(),
+                x.device()
+            ),
+        ));
+    }
+    Ok(backward_impl(x, w, rstd, dy, Some(dw_acc))?.0)
+}
+
+fn backward_impl(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, acc: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
     let (rows, d) = check("rmsnorm_backward", x, w)?;
     if dy.shape() != x.shape() || dy.dtype() != x.dtype() {
         return Err(Error::shape(
@@ -134,7 +158,11 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> R
         }
     }
     let dx = Tensor::empty(x.shape(), x.dtype(), x.device())?;
-    let dw = Tensor::empty(&[d], DType::F32, x.device())?;
+    let dw = match acc {
+        #[cfg(feature = "cuda")]
+        Some(a) if !x.device().is_cpu() => a.clone(),
+        _ => Tensor::empty(&[d], DType::F32, x.device())?,
+    };
     match x.device() {
         Device::Cpu => {
             fn go<T: WithDType, W: WithDType>(
@@ -159,9 +187,14 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> R
             }
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda::backward(ord, x, w, rstd, dy, &dx, &dw, rows, d)?,
+        Device::Cuda(ord) => cuda::backward(ord, x, w, rstd, dy, &dx, &dw, rows, d, acc.is_some())?,
         #[cfg(not(feature = "cuda"))]
         device => return Err(Error::UnsupportedDevice { op: "rmsnorm_backward", device }),
+    }
+    if let (Some(a), Device::Cpu) = (acc, x.device()) {
+        // dw_acc + dw, as the CUDA reduction adds it.
+        let (mut av, dv) = (a.cpu_write::<f32>()?, dw.cpu_read::<f32>()?);
+        av.iter_mut().zip(dv.iter()).for_each(|(a, &d)| *a += d);
     }
     Ok((dx, dw))
 }
@@ -457,6 +490,7 @@ mod cuda {
         dw: &Tensor,
         rows: usize,
         d: usize,
+        add: bool,
     ) -> Result<()> {
         if d == 0 {
             return Ok(());
@@ -464,8 +498,10 @@ mod cuda {
         let (px, pw, pr, pdy, pdx, pdw) =
             (x.cuda_ptr()?, w.cuda_ptr()?, rstd.cuda_ptr()?, dy.cuda_ptr()?, dx.cuda_ptr()?, dw.cuda_ptr()?);
         if rows == 0 {
-            // dw of an empty batch is zero.
-            dw.copy_from(&Tensor::zeros(&[d], DType::F32, Device::Cpu)?)?;
+            // dw of an empty batch is zero (and adds nothing).
+            if !add {
+                dw.copy_from(&Tensor::zeros(&[d], DType::F32, dw.device())?)?;
+            }
             return Ok(());
         }
         let version = crate::versions::pick("rmsnorm", &allowed(x, d, &[px, pdy, pdx, pw]))?;
@@ -511,7 +547,7 @@ mod cuda {
             launch(ord, &SRC, &format!("rmsnorm_bwd_dw_partial_v3_{xdt}"), cfg, &args)?;
             let block = 128u32;
             let cfg = LaunchCfg { grid: (d.div_ceil(block as usize) as u32, 1, 1), block: (block, 1, 1), smem: 0 };
-            let args = [Arg::Ptr(pdw), Arg::Ptr(pp), Arg::U32(chunks as u32), Arg::U32(d as u32)];
+            let args = [Arg::Ptr(pdw), Arg::Ptr(pp), Arg::U32(chunks as u32), Arg::U32(d as u32), Arg::U32(add as u32)];
             return launch(ord, &SRC, "rmsnorm_bwd_dw_reduce_v3", cfg, &args);
         }
         let block = 256u32;
@@ -533,7 +569,7 @@ mod cuda {
             &SRC,
             "rmsnorm_bwd_dw_reduce",
             cfg,
-            &[Arg::Ptr(pdw), Arg::Ptr(pp), Arg::U32(chunks as u32), Arg::U32(d as u32)],
+            &[Arg::Ptr(pdw), Arg::Ptr(pp), Arg::U32(chunks as u32), Arg::U32(d as u32), Arg::U32(add as u32)],
         )
     }
 }
@@ -636,6 +672,15 @@ mod tests {
             assert_eq!(dw.dtype(), DType::F32);
             assert_close(&dx.to_vec::<f32>().unwrap(), &want_dx, 1e-5, 1e-4, &format!("dx [{rows},{d}]"));
             assert_close(&dw.to_vec::<f32>().unwrap(), &want_dw, 1e-5, 1e-4, &format!("dw [{rows},{d}]"));
+            // The accumulating form adds dw to what the gradient holds, and gives the same dx.
+            let acc = t(&vec![0.5; d], &[d]);
+            let dx2 = rmsnorm_backward_into(&xt, &wt, &rstd, &t(&g, &[rows, d]), &acc).unwrap();
+            assert_eq!(dx2.to_vec::<f32>().unwrap(), dx.to_vec::<f32>().unwrap());
+            let want: Vec<f32> = dw.to_vec::<f32>().unwrap().iter().map(|w| 0.5 + w).collect();
+            assert_eq!(acc.to_vec::<f32>().unwrap(), want, "dw accumulated [{rows},{d}]");
+            let bad = t(&vec![0.0; d + 1], &[d + 1]);
+            let e = rmsnorm_backward_into(&xt, &wt, &rstd, &t(&g, &[rows, d]), &bad).unwrap_err().to_string();
+            assert!(e.contains("rmsnorm_backward_into") && e.contains("dw_acc"), "{e}");
         }
     }
 
@@ -786,6 +831,13 @@ mod tests {
                     // Deterministic: a second run gives the same bits.
                     let (_, dwg2) = rmsnorm_backward(&xg, &wg, &rcg, &dyg).unwrap();
                     assert_eq!(dwg.to_bytes().unwrap(), dwg2.to_bytes().unwrap(), "dw deterministic {what}");
+                    // Accumulated in the reduction: acc + dw, the same dx.
+                    let start: Vec<f32> = (0..d).map(|j| j as f32 * 0.25 - 1.0).collect();
+                    let acc = Tensor::from_slice(&start, &[d], dev).unwrap();
+                    let dxi = rmsnorm_backward_into(&xg, &wg, &rcg, &dyg, &acc).unwrap();
+                    assert_eq!(dxi.to_bytes().unwrap(), dxg.to_bytes().unwrap(), "dx of the accumulating form {what}");
+                    let want: Vec<f32> = start.iter().zip(dwg.to_vec_f32().unwrap()).map(|(a, b)| a + b).collect();
+                    assert_eq!(acc.to_vec_f32().unwrap(), want, "dw accumulated {what}");
                     let bits = [yg.to_bytes().unwrap(), rg.to_bytes().unwrap(), dxg.to_bytes().unwrap()];
                     match (v, &v2_bits) {
                         (2, _) => v2_bits = Some(bits),

@@ -190,7 +190,7 @@ fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, dw: &Tensor, db: Option<
     // dW += dyᵀ·x straight into the (f32) gradient: cuBLAS accumulates with beta = 1.
     matmul::matmul_backward_into(x, w, dy, true, None, Some(dw), true)?;
     if let Some(db) = db {
-        accumulate(db, &add::bias_grad(dy)?)?;
+        add::bias_grad_into(dy, db)?;
     }
     Ok(dx)
 }
@@ -486,8 +486,8 @@ impl Qwen {
             }
         };
         let dh = cast::cast(&dh, acts.hidden.dtype())?;
-        let (mut dx, dnorm) = rmsnorm::rmsnorm_backward(&acts.x_final, &self.weights.norm, &acts.rstd_final, &dh)?;
-        accumulate(&grads.norm, &dnorm)?;
+        let mut dx =
+            rmsnorm::rmsnorm_backward_into(&acts.x_final, &self.weights.norm, &acts.rstd_final, &dh, &grads.norm)?;
         for l in (0..self.weights.layers.len()).rev() {
             let recomputed;
             let a: &LayerActs = match &acts.layers[l] {
@@ -518,8 +518,13 @@ impl Qwen {
         // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2)))
         let d_act = linear_backward(&a.act, &w.down_proj, dy, &g.down_proj, None)?;
         let dh2 = mlp_in_backward(w, g, &a.h2, &a.gate_up, &d_act)?;
-        let (dx_mid_norm, d_ln2) = rmsnorm::rmsnorm_backward(&a.x_mid, &w.post_attention_layernorm, &a.rstd2, &dh2)?;
-        accumulate(&g.post_attention_layernorm, &d_ln2)?;
+        let dx_mid_norm = rmsnorm::rmsnorm_backward_into(
+            &a.x_mid,
+            &w.post_attention_layernorm,
+            &a.rstd2,
+            &dh2,
+            &g.post_attention_layernorm,
+        )?;
         let dx_mid = add::add(dy, &dx_mid_norm)?;
         // Attention: x_mid = x + o_proj(attn(rope(norm(q)), rope(norm(k)), v))
         let d_attn = linear_backward(&a.attn, &w.o_proj, &dx_mid, &g.o_proj, g.o_bias.as_ref())?;
@@ -545,8 +550,7 @@ impl Qwen {
         let dh1 = linear_backward(&a.h1, &w.q_proj, &dq, &g.q_proj, g.q_bias.as_ref())?;
         add::add_scaled_(&dh1, 1.0, &linear_backward(&a.h1, &w.k_proj, &dk, &g.k_proj, g.k_bias.as_ref())?)?;
         add::add_scaled_(&dh1, 1.0, &linear_backward(&a.h1, &w.v_proj, &dv, &g.v_proj, g.v_bias.as_ref())?)?;
-        let (dx_norm, d_ln1) = rmsnorm::rmsnorm_backward(&a.x, &w.input_layernorm, &a.rstd1, &dh1)?;
-        accumulate(&g.input_layernorm, &d_ln1)?;
+        let dx_norm = rmsnorm::rmsnorm_backward_into(&a.x, &w.input_layernorm, &a.rstd1, &dh1, &g.input_layernorm)?;
         Ok(add::add(&dx_mid, &dx_norm)?)
     }
 
@@ -565,9 +569,8 @@ impl Qwen {
             (Some(w), Some(rstd), Some(dw)) => {
                 let d = self.config.head_dim;
                 let rows = t * cols / d;
-                let (dx, dwn) =
-                    rmsnorm::rmsnorm_backward(&x_raw.reshape(&[rows, d])?, w, rstd, &dy.reshape(&[rows, d])?)?;
-                accumulate(dw, &dwn)?;
+                let dx =
+                    rmsnorm::rmsnorm_backward_into(&x_raw.reshape(&[rows, d])?, w, rstd, &dy.reshape(&[rows, d])?, dw)?;
                 Ok(dx.reshape(&[t, cols])?)
             }
             _ => Ok(dy.reshape(&[t, cols])?),
