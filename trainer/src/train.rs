@@ -1497,21 +1497,25 @@ impl TrainerState {
 mod tests {
     use super::*;
 
+    /// A quiet run of the tiny fixture model writing into `dir`, with 12-token completions.
+    fn tiny(dir: &Path) -> TrainConfig {
+        TrainConfig {
+            model: Some(smelt_models::testing::fixture("qwen2-tiny")),
+            output_dir: dir.to_path_buf(),
+            eval_size: 2,
+            max_completion_length: 12,
+            quiet: true,
+            ..Default::default()
+        }
+    }
+
     /// With a KL penalty, each micro-batch carries the reference model's log-probs of its
     /// completion tokens, at the entries that predict them (the reference scores those rows
     /// only), checked against the head over every row of each sequence on its own.
     #[test]
     fn reference_log_probs_sit_at_the_completion_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = TrainConfig {
-            model: Some(smelt_models::testing::fixture("qwen2-tiny")),
-            output_dir: dir.path().to_path_buf(),
-            beta: 0.04,
-            eval_size: 2,
-            per_device_train_batch_size: 2,
-            quiet: true,
-            ..Default::default()
-        };
+        let cfg = TrainConfig { beta: 0.04, per_device_train_batch_size: 2, ..tiny(dir.path()) };
         let t = Trainer::new(cfg).unwrap();
         let seqs: Vec<Vec<u32>> =
             (0..3).map(|i| (0..9 + 4 * i).map(|j| (7 * j + 3 * i + 1) as u32 % 50).collect()).collect();
@@ -1543,16 +1547,8 @@ mod tests {
     #[test]
     fn early_rejection_survivors_teacher_force_on_their_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = TrainConfig {
-            model: Some(smelt_models::testing::fixture("qwen2-tiny")),
-            output_dir: dir.path().to_path_buf(),
-            reward: "dro".into(),
-            eval_size: 2,
-            max_completion_length: 12,
-            early_rejection: crate::config::EarlyRejectionConfig { enabled: true, prefix_tokens: 3, keep: 3 },
-            quiet: true,
-            ..Default::default()
-        };
+        let er = crate::config::EarlyRejectionConfig { enabled: true, prefix_tokens: 3, keep: 3 };
+        let cfg = TrainConfig { reward: "dro".into(), early_rejection: er, ..tiny(dir.path()) };
         let t = Trainer::new(cfg).unwrap();
         let exs = [4, 9];
         let (rs, rejected, cache) = t.rollout_rl(&exs, 5, Some(t.dro_room(&exs).unwrap())).unwrap();
@@ -1576,16 +1572,7 @@ mod tests {
     #[test]
     fn teacher_forcing_scores_the_reference_tokens() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = TrainConfig {
-            model: Some(smelt_models::testing::fixture("qwen2-tiny")),
-            output_dir: dir.path().to_path_buf(),
-            reward: "dro".into(),
-            eval_size: 2,
-            max_completion_length: 12,
-            per_device_train_batch_size: 3,
-            quiet: true,
-            ..Default::default()
-        };
+        let cfg = TrainConfig { reward: "dro".into(), per_device_train_batch_size: 3, ..tiny(dir.path()) };
         let t = Trainer::new(cfg).unwrap();
         // Two groups whose reference answers differ in length: they decode together, the
         // shorter y followed by filler tokens.
