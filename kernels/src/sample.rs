@@ -852,6 +852,7 @@ mod tests {
 
     /// A sample's outputs come back in one device→host copy (one wait per decode step, not
     /// three), with the values the separate downloads give.
+    #[cfg(feature = "cuda")]
     #[test]
     fn device_outputs_come_back_in_one_copy() {
         let Some(dev) = test_cuda_device() else { return };
