@@ -17,7 +17,8 @@
 //   v1 scalar grid-stride loop (any alignment)
 //   v2 4 elements per thread through vector accesses (current default where aligned)
 //
-// adamw_multi_f32: many tensors (a model's parameters) in one launch, f32 grads. A table in
+// adamw_multi_f32 ("adamw" version 2 of a tensor group; version 1 launches the kernels above per
+// tensor): many tensors (a model's parameters) in one launch, f32 grads. A table in
 // device memory holds per tensor 8 u64 {p, m, v, g, out, n, decay?, first chunk}; each tensor
 // is cut into chunks of ADAMW_CHUNK elements, numbered across tensors (first chunk = the
 // prefix sum). Block b takes chunks b, b + gridDim.x, …; for each it finds the tensor by a

@@ -254,8 +254,12 @@ impl AdamwGroup {
         let with = cfg.step_consts(step, cfg.weight_decay, grad_scale)?;
         let without = cfg.step_consts(step, 0.0, grad_scale)?;
         match &self.table {
+            // Version 2: one launch for the group; 1: a launch per tensor (`SMELT_KERNEL_VERSIONS`
+            // can cap "adamw" at 1).
             #[cfg(feature = "cuda")]
-            Some((table, chunks)) => cuda::adamw_multi(table, self.tensors.len(), *chunks, &with, &without),
+            Some((table, chunks)) if crate::versions::pick("adamw", &[1, 2])? == 2 => {
+                cuda::adamw_multi(table, self.tensors.len(), *chunks, &with, &without)
+            }
             _ => {
                 for t in &self.tensors {
                     let k = if t.decay { with } else { without };
@@ -743,8 +747,10 @@ mod tests {
         let (cpu, cpu_bufs) = group_state(&mut Rng::new(36), Device::Cpu);
         let (gpu, gpu_bufs) = group_state(&mut Rng::new(36), dev);
         let (cpu, gpu) = (AdamwGroup::new(cpu).unwrap(), AdamwGroup::new(gpu).unwrap());
+        // Steps 1 and 3 in one launch, step 2 a launch per tensor (version 1).
         for step in 1..=3 {
             cpu.step(step, &cfg, 0.6).unwrap();
+            let _v = crate::versions::scoped("adamw", if step == 2 { 1 } else { 2 });
             gpu.step(step, &cfg, 0.6).unwrap();
         }
         for ((c, d), name) in cpu_bufs.iter().zip(&gpu_bufs).zip(["p", "m", "v", "bf16 out"]) {

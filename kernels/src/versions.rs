@@ -15,7 +15,8 @@
 use std::sync::{Condvar, Mutex, OnceLock};
 
 /// The ops whose launchers pick their version here.
-pub const OPS: [&str; 9] = [
+pub const OPS: [&str; 10] = [
+    "adamw",
     "attention_backward",
     "attention_decode",
     "attention_forward",

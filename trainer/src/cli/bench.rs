@@ -789,15 +789,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                             Bound::Memory,
                             Box::new(move || {
                                 stepn += 1;
-                                if ver == 2 {
-                                    return Ok(group.step(stepn, &cfg, 1.0)?);
-                                }
-                                for t in group.tensors() {
-                                    let wd = if t.decay { cfg.weight_decay } else { 0.0 };
-                                    let out = t.bf16_out.as_ref();
-                                    adamw::adamw_step(&t.param, &t.grad, &t.m, &t.v, stepn, &cfg, wd, 1.0, out)?;
-                                }
-                                Ok(())
+                                pinned("adamw", ver, || group.step(stepn, &cfg, 1.0))
                             }),
                         );
                     }
