@@ -212,12 +212,16 @@ impl AdamwGroup {
                 });
             }
         }
-        let multi = tensors.first().is_some_and(|t| !t.param.device().is_cpu())
-            && tensors.iter().all(|t| t.grad.dtype() == DType::F32);
+        // One launch needs CUDA tensors (only the cuda feature makes any) and f32 gradients.
         #[cfg(feature = "cuda")]
-        let table = if multi { Some(Self::table(&tensors)?) } else { None };
+        let table = match tensors.first() {
+            Some(t) if !t.param.device().is_cpu() && tensors.iter().all(|t| t.grad.dtype() == DType::F32) => {
+                Some(Self::table(&tensors)?)
+            }
+            _ => None,
+        };
         #[cfg(not(feature = "cuda"))]
-        let table = multi.then(|| unreachable!("a CUDA tensor without the cuda feature"));
+        let table = None;
         Ok(AdamwGroup { tensors, table })
     }
 

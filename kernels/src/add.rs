@@ -98,19 +98,7 @@ pub fn bias_grad(dout: &Tensor) -> Result<Tensor> {
 /// column sum's last pass: no separate add).
 pub fn bias_grad_into(dout: &Tensor, db: &Tensor) -> Result<()> {
     let (rows, d) = dout.rows_cols();
-    if db.shape() != [d] || db.dtype() != DType::F32 || db.device() != dout.device() {
-        return Err(Error::shape(
-            "bias_grad_into",
-            format!(
-                "db {:?} {} on {} must be [{d}] f32 on {} for dout {:?}",
-                db.shape(),
-                db.dtype(),
-                db.device(),
-                dout.device(),
-                dout.shape()
-            ),
-        ));
-    }
+    crate::check_accumulator("bias_grad_into", "db", db, d, dout.device())?;
     match dout.device() {
         Device::Cpu => {
             let sums = cpu::column_sum(&dout.to_vec_f32()?, rows, d);

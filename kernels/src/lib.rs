@@ -30,6 +30,24 @@ pub mod rope;
 pub mod sample;
 pub mod swiglu;
 
+/// Checks that `acc`, named `name` in `op`'s errors, is an f32 `[d]` gradient on `device`: the
+/// accumulator of the ops that add a reduction into a gradient in place.
+pub(crate) fn check_accumulator(
+    op: &'static str,
+    name: &str,
+    acc: &smelt_engine::Tensor,
+    d: usize,
+    device: smelt_engine::Device,
+) -> Result<()> {
+    if acc.shape() != [d] || acc.dtype() != smelt_engine::DType::F32 || acc.device() != device {
+        return Err(Error::shape(
+            op,
+            format!("{name} {:?} {} on {} must be [{d}] f32 on {device}", acc.shape(), acc.dtype(), acc.device()),
+        ));
+    }
+    Ok(())
+}
+
 /// A u32 index list a launcher takes (positions, cache slots, cache lengths): values on the
 /// host, checked and uploaded, or a device tensor the kernel reads at run time. The latter is
 /// what a captured graph needs (its inputs change between replays, its arguments do not); its

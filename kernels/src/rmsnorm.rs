@@ -123,18 +123,7 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> R
 /// separate add, no dw buffer). Returns dx.
 pub fn rmsnorm_backward_into(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, dw_acc: &Tensor) -> Result<Tensor> {
     let (_, d) = check("rmsnorm_backward_into", x, w)?;
-    if dw_acc.shape() != [d] || dw_acc.dtype() != DType::F32 || dw_acc.device() != x.device() {
-        return Err(Error::shape(
-            "rmsnorm_backward_into",
-            format!(
-                "dw_acc {:?} {} on {} must be [{d}] f32 on {}",
-                dw_acc.shape(),
-                dw_acc.dtype(),
-                dw_acc.device(),
-                x.device()
-            ),
-        ));
-    }
+    crate::check_accumulator("rmsnorm_backward_into", "dw_acc", dw_acc, d, x.device())?;
     Ok(backward_impl(x, w, rstd, dy, Some(dw_acc))?.0)
 }
 

@@ -342,13 +342,7 @@ impl PolicyStep {
         let applied = norm.is_finite() && total_mask > 0.0;
         if applied {
             self.step += 1;
-            let params = model.weights.named_tensors();
-            let ours = self.optim.tensors();
-            let same = |t: &AdamwTensor, p: &Tensor| {
-                let t = t.bf16_out.as_ref().unwrap_or(&t.param);
-                t.same_storage(p) && t.shape() == p.shape()
-            };
-            if ours.len() != params.len() || ours.iter().zip(&params).any(|(t, (_, p))| !same(t, p)) {
+            if !updates(&self.optim, model) {
                 self.optim = adamw_group(model, self.master.as_ref(), &self.grads, &self.m, &self.v)?;
             }
             self.optim.step(self.step, &cfg.optim, scale)?;
@@ -397,6 +391,17 @@ fn adamw_group(
         });
     }
     Ok(AdamwGroup::new(tensors)?)
+}
+
+/// Whether `group` writes `model`'s own parameter tensors (a group built for this model).
+fn updates(group: &AdamwGroup, model: &Qwen) -> bool {
+    let params = model.weights.named_tensors();
+    let ours = group.tensors();
+    let same = |t: &AdamwTensor, p: &Tensor| {
+        let t = t.bf16_out.as_ref().unwrap_or(&t.param);
+        t.same_storage(p) && t.shape() == p.shape()
+    };
+    ours.len() == params.len() && ours.iter().zip(&params).all(|(t, (_, p))| same(t, p))
 }
 
 /// Checks a micro-batch's per-token arrays and returns its loss mask: 1 where the caller's
@@ -881,9 +886,9 @@ mod tests {
         let ((two, rows2), (five, rows5)) = (copies(2), copies(5));
         assert_eq!(two, five, "copies per step grow with depth:\n2 layers: {rows2:?}\n5 layers: {rows5:?}");
         assert!(two <= 20, "{two} host↔device copies in one step: {rows2:?}");
-        // The gradients live in one buffer: zeroing them and their norm are one launch each,
-        // and AdamW one launch over them all, however many tensors the model has (the other memset clears the hidden states'
-        // gradient, into which the head's rows are scattered).
+        // The gradients live in one buffer: zeroing them and their norm are one launch each, and
+        // AdamW is one launch over them all, however many tensors the model has (the other memset
+        // clears the hidden states' gradient, into which the head's rows are scattered).
         for rows in [&rows2, &rows5] {
             assert_eq!(calls(rows, |n| n.contains("memset")), 2, "{rows:?}");
             assert_eq!(calls(rows, |n| n.contains("global_norm::sumsq_f32")), 1, "{rows:?}");

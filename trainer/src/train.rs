@@ -458,19 +458,24 @@ impl Trainer {
     /// teacher-forcing tokens after the rollouts.
     fn rollout(&self, prompts: &[usize], seed: u64, room: Option<usize>) -> Result<(Vec<Rollout>, Option<KvCache>)> {
         let ids: Vec<Vec<u32>> = prompts.iter().map(|&i| self.train_ids[i].clone()).collect();
-        let opts = GenerateOptions {
-            max_new_tokens: self.cfg.max_completion_length,
-            sampling: self.sampling(),
-            n_samples: self.cfg.num_generations,
-            seed,
-            stop_ids: self.stop_ids.clone(),
-        };
+        let opts = self.rollout_options(seed);
         let (gens, cache) = match room {
             Some(r) => generate_with_cache(&self.model, &ids, &opts, r)?,
             None => (generate(&self.model, &ids, &opts)?, None),
         };
         let rs = gens.into_iter().map(|g| self.judge(g, prompts)).collect::<Result<_>>()?;
         Ok((rs, cache))
+    }
+
+    /// How rollouts are generated: G samples per prompt of up to `max_completion_length` tokens.
+    fn rollout_options(&self, seed: u64) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.cfg.max_completion_length,
+            sampling: self.sampling(),
+            n_samples: self.cfg.num_generations,
+            seed,
+            stop_ids: self.stop_ids.clone(),
+        }
     }
 
     /// The model that scores DRO's reference answers (`dro.reward_model`).
@@ -488,14 +493,30 @@ impl Trainer {
     }
 
     /// Spare cache positions DRO's teacher forcing needs after the rollouts of `prompts`: the
-    /// longest reference answer, plus one (see [`Trainer::teacher_force`]).
-    fn dro_room(&self, prompts: &[usize]) -> Result<usize> {
-        let tok = self.ckpt.tokenizer()?;
+    /// longest reference answer, plus one (see [`Trainer::teacher_force`]); `None` when it does
+    /// not run on the rollouts' cache ([`Trainer::dro_on_cache`]).
+    fn dro_room(&self, prompts: &[usize]) -> Result<Option<usize>> {
+        if !self.dro_on_cache()? {
+            return Ok(None);
+        }
         let mut room = 0;
         for &ex in prompts {
-            room = room.max(tok.encode(&self.train[ex].answer, false)?.len() + 1);
+            room = room.max(self.answer_ids(ex)?.len() + 1);
         }
-        Ok(room)
+        Ok(Some(room))
+    }
+
+    /// Example `ex`'s reference answer, tokenized (DRO's y); an error when that is empty.
+    fn answer_ids(&self, ex: usize) -> Result<Vec<u32>> {
+        let answer = &self.train[ex].answer;
+        let y = self.ckpt.tokenizer()?.encode(answer, false)?;
+        if y.is_empty() {
+            bail!(
+                "DRO: dataset example {ex} {}: the reference answer {answer:?} tokenizes to nothing",
+                self.train[ex].label()
+            );
+        }
+        Ok(y)
     }
 
     /// The RL step's rollouts: [`Trainer::rollout`], or with early rejection G samples per
@@ -516,13 +537,7 @@ impl Trainer {
             return Ok((rs, 0, cache));
         }
         let ids: Vec<Vec<u32>> = prompts.iter().map(|&i| self.train_ids[i].clone()).collect();
-        let opts = GenerateOptions {
-            max_new_tokens: self.cfg.max_completion_length,
-            sampling: self.sampling(),
-            n_samples: self.cfg.num_generations,
-            seed,
-            stop_ids: self.stop_ids.clone(),
-        };
+        let opts = self.rollout_options(seed);
         let g = self.cfg.num_generations;
         let mut keep = |gens: &[Generation]| {
             let scores: Vec<f32> = gens.iter().map(|g| prefix_score(&g.logp)).collect();
@@ -587,8 +602,7 @@ impl Trainer {
             let seed = mix(&[self.cfg.seed, self.step as u64, round as u64]);
             // DRO teacher-forces the reference answers after the rollouts' reasoning, on top of
             // the generation's cache.
-            let room =
-                if kind == RewardKind::Dro && self.dro_on_cache()? { Some(self.dro_room(&picks)?) } else { None };
+            let room = if kind == RewardKind::Dro { self.dro_room(&picks)? } else { None };
             let (mut rs, rejected, mut cache) = self.rollout_rl(&picks, seed, room)?;
             rejected_tokens += rejected;
             let t_reward = Instant::now();
@@ -854,10 +868,9 @@ impl Trainer {
     /// DRO's masked-reasoning baseline: per example, the log-probs of its reference answer y
     /// teacher-forced right after the prompt (no reasoning), under `dro.reward_model`.
     fn masked_baseline(&self, exs: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let tok = self.ckpt.tokenizer()?;
         let (mut seqs, mut last) = (Vec::with_capacity(exs.len()), Vec::with_capacity(exs.len()));
         for &ex in exs {
-            let y = tok.encode(&self.train[ex].answer, false)?;
+            let y = self.answer_ids(ex)?;
             last.push(y.len());
             seqs.push([self.train_ids[ex].as_slice(), &y].concat());
         }
@@ -886,24 +899,12 @@ impl Trainer {
         ranks: bool,
         cache: Option<&mut KvCache>,
     ) -> Result<Vec<Scored>> {
-        let tok = self.ckpt.tokenizer()?;
         let think_end = self.think_end_id.context("DRO needs `</think>`")?;
         let g = rs.len() / exs.len().max(1);
         if g * exs.len() != rs.len() {
             bail!("DRO teacher forcing: {} rollouts for {} groups", rs.len(), exs.len());
         }
-        let mut ys = Vec::with_capacity(exs.len());
-        for &ex in exs {
-            let answer = &self.train[ex].answer;
-            let y = tok.encode(answer, false)?;
-            if y.is_empty() {
-                bail!(
-                    "DRO: dataset example {ex} {}: the reference answer {answer:?} tokenizes to nothing",
-                    self.train[ex].label()
-                );
-            }
-            ys.push(y);
-        }
+        let ys = exs.iter().map(|&ex| self.answer_ids(ex)).collect::<Result<Vec<_>>>()?;
         let mut seqs = Vec::with_capacity(rs.len());
         for (i, r) in rs.iter().enumerate() {
             let reasoning = match r.think_end {
@@ -1029,8 +1030,7 @@ impl Trainer {
         let (mut survivors, mut sigmas) = (Vec::new(), Vec::new());
         for (c, chunk) in all.chunks(self.cfg.prompts_per_step()).enumerate() {
             let seed = mix(&[self.cfg.seed, self.step as u64, 0xf117e2, c as u64]);
-            let room = if self.dro_on_cache()? { Some(self.dro_room(chunk)?) } else { None };
-            let (rs, mut cache) = self.rollout(chunk, seed, room)?;
+            let (rs, mut cache) = self.rollout(chunk, seed, self.dro_room(chunk)?)?;
             let forced = self.teacher_force(chunk, &rs, true, cache.as_mut())?;
             for (p, forced) in forced.into_iter().enumerate() {
                 if rank_filter_keep(&forced.rank, d.rank_k, d.worst_frac) {
@@ -1551,7 +1551,7 @@ mod tests {
         let cfg = TrainConfig { reward: "dro".into(), early_rejection: er, ..tiny(dir.path()) };
         let t = Trainer::new(cfg).unwrap();
         let exs = [4, 9];
-        let (rs, rejected, cache) = t.rollout_rl(&exs, 5, Some(t.dro_room(&exs).unwrap())).unwrap();
+        let (rs, rejected, cache) = t.rollout_rl(&exs, 5, t.dro_room(&exs).unwrap()).unwrap();
         assert_eq!(rs.len(), 6);
         assert!(rejected > 0);
         // Survivors come from every position of their group, not only the first `keep` slots.
@@ -1581,7 +1581,7 @@ mod tests {
         let first = 5;
         let other = (0..t.train.len()).find(|&e| y_of(e).len() != y_of(first).len()).expect("answers of two lengths");
         let exs = [other, first];
-        let (mut rs, cache) = t.rollout(&exs, 11, Some(t.dro_room(&exs).unwrap())).unwrap();
+        let (mut rs, cache) = t.rollout(&exs, 11, t.dro_room(&exs).unwrap()).unwrap();
         let mut cache = cache.unwrap();
         assert_eq!(rs.len(), 16);
         // The tiny model never writes `</think>`: mark reasoning ends by index instead (the token

@@ -143,8 +143,7 @@ impl CudaDevice {
         if let Backend::Driver { stream, .. } = &self.backend {
             // Relaxed: the allocator may call cuMemAlloc (not a stream operation) mid-capture.
             if let Err(e) = stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) {
-                ending.armed = false;
-                drop(self.graph(self.end_capture_state(), Exec::Emulator(Vec::new())));
+                // `ending` clears the capture state (its end_capture fails harmlessly).
                 return Err(fail(format!("cuStreamBeginCapture: {}", driver_err(e))));
             }
         }
@@ -264,8 +263,8 @@ impl CudaDevice {
     }
 }
 
-/// Ends a capture that `f` left by panicking: the stream leaves capture mode, and the blocks it
-/// held go back to the pool.
+/// Ends a capture that did not reach its normal end (`f` panicked, or the stream never began
+/// capturing): the stream leaves capture mode, and the blocks it held go back to the pool.
 struct Ending<'a> {
     device: &'a Arc<CudaDevice>,
     armed: bool,
@@ -285,21 +284,9 @@ impl Drop for Ending<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{device_tests_lock, test_device};
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
-
-    fn test_device() -> Option<Arc<CudaDevice>> {
-        match super::super::device(0) {
-            Ok(d) => Some(d),
-            Err(e) if std::env::var("SMELT_REQUIRE_GPU").as_deref() == Ok("1") => {
-                panic!("SMELT_REQUIRE_GPU=1 but no CUDA device: {e}")
-            }
-            Err(e) => {
-                eprintln!("skipping device test: {e}");
-                None
-            }
-        }
-    }
 
     fn read(dev: &CudaDevice, s: &super::super::CudaStorage) -> Vec<u8> {
         let mut out = vec![0u8; s.len_bytes()];
@@ -311,7 +298,7 @@ mod tests {
     /// is neither captured (a replay does not repeat it) nor refused.
     #[test]
     fn device_capture_makes_other_threads_wait() {
-        let _turn = super::super::tests::device_tests_lock();
+        let _turn = device_tests_lock();
         let Some(dev) = test_device() else { return };
         let buf = Arc::new(dev.alloc(4096).unwrap());
         dev.htod(&[1u8; 4096], &buf, 0).unwrap();
@@ -339,7 +326,7 @@ mod tests {
     /// A capture that panics leaves the stream usable and returns the blocks it freed.
     #[test]
     fn device_capture_survives_a_panic() {
-        let _turn = super::super::tests::device_tests_lock();
+        let _turn = device_tests_lock();
         let Some(dev) = test_device() else { return };
         let in_use = dev.alloc_stats().in_use;
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -362,7 +349,7 @@ mod tests {
     /// graph keeps it from everything else until it is dropped.
     #[test]
     fn device_capture_reuses_its_own_blocks_and_holds_them() {
-        let _turn = super::super::tests::device_tests_lock();
+        let _turn = device_tests_lock();
         let Some(dev) = test_device() else { return };
         let n = 12_345;
         let (graph, (first, second)) = dev
@@ -390,7 +377,7 @@ mod tests {
     /// would wait for the stream, which a capture cannot. The cache is kept.
     #[test]
     fn device_out_of_memory_inside_a_capture() {
-        let _turn = super::super::tests::device_tests_lock();
+        let _turn = device_tests_lock();
         let Some(dev) = test_device() else { return };
         drop(dev.alloc(1 << 20).unwrap());
         let cached = dev.alloc_stats().cached;

@@ -327,10 +327,7 @@ impl CudaDevice {
             let fits = |p: &alloc::Pool| p.stats.in_use + p.stats.cached + class <= self.total_mem;
             if !fits(&pool) {
                 drop(pool);
-                pool = match self.emptied_pool()? {
-                    Some(p) => p,
-                    None => return Err(oom(self.alloc_stats().in_use)),
-                };
+                pool = self.emptied_pool(&oom)?;
                 if !fits(&pool) {
                     return Err(oom(pool.stats.in_use));
                 }
@@ -347,10 +344,7 @@ impl CudaDevice {
             Ok(p) => p,
             Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
                 drop(pool);
-                pool = match self.emptied_pool()? {
-                    Some(p) => p,
-                    None => return Err(oom(self.alloc_stats().in_use)),
-                };
+                pool = self.emptied_pool(&oom)?;
                 // SAFETY: as above.
                 match unsafe { drv::malloc_sync(class) } {
                     Ok(p) => p,
@@ -364,17 +358,17 @@ impl CudaDevice {
         storage(ptr)
     }
 
-    /// The pool, locked, after returning its cached blocks to the driver; `None` inside a
-    /// capture of this thread, where that is impossible. Waits while another thread captures
-    /// (taking the stream's turn before the pool's lock, the order every path keeps).
-    fn emptied_pool(&self) -> Result<Option<std::sync::MutexGuard<'_, alloc::Pool>>> {
+    /// The pool, locked, after returning its cached blocks to the driver; inside a capture of
+    /// this thread, where that is impossible, `oom(bytes in use)`. Waits while another thread
+    /// captures (taking the stream's turn before the pool's lock, the order every path keeps).
+    fn emptied_pool(&self, oom: &dyn Fn(usize) -> Error) -> Result<std::sync::MutexGuard<'_, alloc::Pool>> {
         if self.is_capturing() {
-            return Ok(None);
+            return Err(oom(self.alloc_stats().in_use));
         }
         let _turn = self.stream_turn();
         let mut pool = self.lock_pool()?;
         self.free_cached(&mut pool)?;
-        Ok(Some(pool))
+        Ok(pool)
     }
 
     fn lock_pool(&self) -> Result<std::sync::MutexGuard<'_, alloc::Pool>> {
@@ -590,6 +584,21 @@ pub(crate) mod tests {
         LOCK.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `cuda:0` (a GPU or the emulator), or `None` with a printed reason (a failure under
+    /// `SMELT_REQUIRE_GPU=1`).
+    pub(crate) fn test_device() -> Option<Arc<CudaDevice>> {
+        match device(0) {
+            Ok(d) => Some(d),
+            Err(e) if std::env::var("SMELT_REQUIRE_GPU").as_deref() == Ok("1") => {
+                panic!("SMELT_REQUIRE_GPU=1 but no CUDA device: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping device test: {e}");
+                None
+            }
+        }
+    }
+
     /// On a machine without a GPU every entry point must return an error, not panic; on a GPU
     /// machine the same calls succeed.
     #[test]
@@ -615,13 +624,7 @@ pub(crate) mod tests {
     #[test]
     fn device_smoke_alloc_copy_reuse_gemm() {
         let _turn = device_tests_lock();
-        let Ok(dev) = device(0) else {
-            if std::env::var("SMELT_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("SMELT_REQUIRE_GPU=1 but no CUDA device: {:?}", device(0).err());
-            }
-            eprintln!("skipping device test: no CUDA device");
-            return;
-        };
+        let Some(dev) = test_device() else { return };
         dev.synchronize().unwrap();
         let base = dev.bytes_in_use();
         let data: Vec<u8> = (0..10_007u32).map(|i| (i * 31 % 251) as u8).collect();
