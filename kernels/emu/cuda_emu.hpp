@@ -347,14 +347,20 @@ constexpr bool enabled = false;
 #endif
 
 #ifdef SMELT_EMU_RACECHECK
+struct FindTls {
+    ElfW(Addr) base;  // this library's load address
+    Table* t;
+};
+// Called with the loader's list lock held: it must take no loader lock itself. (dladdr here
+// deadlocked against a dlopen on another thread: glibc's dlopen holds dl_load_lock and waits for
+// the list lock, dladdr waits for dl_load_lock.)
 SMELT_RT inline int find_tls(struct dl_phdr_info* info, size_t, void* data) {
-    auto* t = static_cast<Table*>(data);
-    Dl_info self;
-    if (!dladdr(reinterpret_cast<void*>(&find_tls), &self) || info->dlpi_addr != (ElfW(Addr))self.dli_fbase) return 0;
+    auto* q = static_cast<FindTls*>(data);
+    if (info->dlpi_addr != q->base) return 0;
     for (int i = 0; i < info->dlpi_phnum; ++i)
         if (info->dlpi_phdr[i].p_type == PT_TLS && info->dlpi_tls_data) {
-            t->smem_lo = reinterpret_cast<uintptr_t>(info->dlpi_tls_data);
-            t->smem_hi = t->smem_lo + info->dlpi_phdr[i].p_memsz;
+            q->t->smem_lo = reinterpret_cast<uintptr_t>(info->dlpi_tls_data);
+            q->t->smem_hi = q->t->smem_lo + info->dlpi_phdr[i].p_memsz;
         }
     return 1;
 }
@@ -365,7 +371,11 @@ SMELT_RT inline Table* new_table() {
     t->e.resize(1 << 12);
 #ifdef SMELT_EMU_RACECHECK
     // This thread's TLS block of the library exists by now: the worker has set B and blockDim.
-    dl_iterate_phdr(find_tls, t);
+    Dl_info self;
+    if (dladdr(reinterpret_cast<void*>(&find_tls), &self)) {
+        FindTls q{(ElfW(Addr))self.dli_fbase, t};
+        dl_iterate_phdr(find_tls, &q);
+    }
     if (t->smem_hi > t->smem_lo) t->smem = static_cast<Entry*>(calloc(t->smem_hi - t->smem_lo, sizeof(Entry)));
 #endif
     return t;

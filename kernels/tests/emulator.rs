@@ -385,6 +385,76 @@ fn racecheck_reports_unordered_accesses() {
     println!("racecheck cases passed");
 }
 
+/// The race detector's first access on each worker finds the library's `__shared__` block by
+/// walking the loaded objects. It once asked the loader (dladdr) from inside that walk, which
+/// deadlocks against a dlopen on another thread (glibc takes the two loader locks in the other
+/// order there): CI hung when one test loaded a freshly built kernel library while another
+/// launched. Here a thread loads and unloads a library in a loop while racechecked launches run;
+/// the child process must finish within a minute.
+#[test]
+fn racecheck_launches_survive_libraries_loading_on_other_threads() {
+    if std::env::var_os("SMELT_EMU_RACECHECK").is_none() {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "racecheck_launches_survive_libraries_loading_on_other_threads", "--test-threads", "1"])
+            .env("SMELT_EMU_RACECHECK", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("racechecked launches with a library loading on another thread: no end after 60 s (deadlock)");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(status.success(), "the child failed: {status}");
+        return;
+    }
+    let dev = dev();
+    let dir = std::env::temp_dir().join(format!("smelt-emu-dlopen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (src, lib) = (dir.join("tiny.cpp"), dir.join("libtiny.so"));
+    std::fs::write(&src, "extern \"C\" int tiny() { return 7; }\n").unwrap();
+    let cxx = std::env::var("CXX").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "g++".into());
+    let built = std::process::Command::new(cxx).args(["-shared", "-fPIC", "-o"]).arg(&lib).arg(&src).status().unwrap();
+    assert!(built.success(), "building {}", lib.display());
+    let (xs, sums) = (on(&[1.0; 1000], dev), on(&[0.0; 4], dev));
+    // The library built for this source is loaded before the loader thread starts.
+    run(
+        "block_sums",
+        cfg(4, 256),
+        &[Arg::Ptr(xs.cuda_ptr().unwrap()), Arg::Ptr(sums.cuda_ptr().unwrap()), Arg::U32(1000)],
+    )
+    .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let loads = std::thread::scope(|s| {
+        let loader = s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: our own one-function library; no initialisers.
+                let l = unsafe { libloading::Library::new(&lib) }.unwrap();
+                drop(l);
+                n += 1;
+            }
+            n
+        });
+        for _ in 0..200 {
+            let args = [Arg::Ptr(xs.cuda_ptr().unwrap()), Arg::Ptr(sums.cuda_ptr().unwrap()), Arg::U32(1000)];
+            run("block_sums", cfg(4, 256), &args).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        loader.join().unwrap()
+    });
+    assert_eq!(sums.to_vec::<f32>().unwrap(), vec![256.0, 256.0, 256.0, 232.0]);
+    assert!(loads > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
 /// Threads interleave only at barriers: without `__syncthreads`, thread 0 reads s[63] before
 /// thread 63 has run at all, as a racing GPU may.
 #[test]
