@@ -38,7 +38,8 @@ pub struct DecodeGraphs {
 
 struct Bucket {
     rows: usize,
-    /// u32 `[4·rows + 2]`: ids, slots, positions, lengths after the step, then the step (u64).
+    /// u32 `[5·rows + 2]`: ids, slots, random streams, positions, lengths after the step, then
+    /// the step (u64).
     inputs: Tensor,
     /// The samples, parts of one buffer, so a step downloads once.
     outputs: SampleOutput,
@@ -62,14 +63,16 @@ impl DecodeGraphs {
     }
 
     /// Decodes `tokens[i]` into slot `slots[i]` (distinct slots with room for one more token),
-    /// then samples each row's next token at `step` from random stream `slots[i]`, as
-    /// [`Qwen::decode_slots`] followed by `sample_streams(…, step, Some(slots))` would. `spare`
+    /// then samples each row's next token at `step` from random stream `streams[i]`, as
+    /// [`Qwen::decode_slots`] followed by `sample_streams(…, step, Some(streams))` would. `spare`
     /// lists slots whose sequences have ended (any order), for the padding rows.
+    #[allow(clippy::too_many_arguments)]
     pub fn decode_sample(
         &mut self,
         model: &Qwen,
         cache: &mut KvCache,
         slots: &[u32],
+        streams: &[u32],
         tokens: &[u32],
         spare: &[u32],
         step: u64,
@@ -80,10 +83,13 @@ impl DecodeGraphs {
         };
         let dev = smelt_engine::cuda::device(ord)?;
         let every: Vec<u32> = slots.iter().chain(spare).copied().collect();
-        if n == 0 || tokens.len() != n || !cache.distinct_slots(&every, |len| len < cache.max_len) {
+        if n == 0 || tokens.len() != n || streams.len() != n || !cache.distinct_slots(&every, |len| len < cache.max_len)
+        {
             return Err(Error::Msg(format!(
-                "decode graphs: {} tokens for slots {slots:?} (spare {spare:?}) of a cache with lengths {:?}, max {}",
+                "decode graphs: {} tokens and {} streams for slots {slots:?} (spare {spare:?}) of a cache with \
+                 lengths {:?}, max {}",
                 tokens.len(),
+                streams.len(),
                 cache.lens,
                 cache.max_len
             )));
@@ -109,9 +115,11 @@ impl DecodeGraphs {
         let rows = n.next_power_of_two().min(n + spare.len());
         let pad = &spare[..rows - n];
         let all_slots: Vec<u32> = slots.iter().chain(pad).copied().collect();
-        let mut host = Vec::with_capacity(4 * rows + 2);
+        let mut host = Vec::with_capacity(5 * rows + 2);
         host.extend(tokens.iter().copied().chain(std::iter::repeat_n(0, rows - n)));
         host.extend(&all_slots);
+        // The padding rows' streams are theirs to waste: their samples are dropped.
+        host.extend(streams.iter().chain(pad));
         host.extend(all_slots.iter().map(|&s| cache.lens[s as usize]));
         host.extend(all_slots.iter().map(|&s| cache.lens[s as usize] + 1));
         host.extend([step as u32, (step >> 32) as u32]);
@@ -143,11 +151,11 @@ impl DecodeGraphs {
         rows: usize,
     ) -> Result<Bucket> {
         let device = model.device();
-        let inputs = Tensor::zeros(&[4 * rows + 2], DType::U32, device)?;
+        let inputs = Tensor::zeros(&[5 * rows + 2], DType::U32, device)?;
         let outputs = SampleOutput::empty(rows, device)?;
         let part = |i: usize| inputs.narrow_rows(i * rows, rows);
-        let (ids, slots, positions, lens) = (part(0)?, part(1)?, part(2)?, part(3)?);
-        let step = inputs.narrow_rows(4 * rows, 2)?;
+        let (ids, slots, streams, positions, lens) = (part(0)?, part(1)?, part(2)?, part(3)?, part(4)?);
+        let step = inputs.narrow_rows(5 * rows, 2)?;
         // Built on first use with an upload, which a capture cannot hold: built before.
         model.rope()?;
         // The body's own errors come back as its result (the half-captured graph is dropped).
@@ -155,7 +163,7 @@ impl DecodeGraphs {
             Ok((|| {
                 let hidden = model.decode_step_device([&ids, &slots, &positions, &lens], cache)?;
                 let logits = model.logits(&hidden)?;
-                sample_into_device(&logits, &self.sampling, self.seed, &step, &slots, &outputs)?;
+                sample_into_device(&logits, &self.sampling, self.seed, &step, &streams, &outputs)?;
                 Ok::<_, Error>(())
             })())
         })?;

@@ -97,10 +97,12 @@ pub type Prune<'a> = &'a mut dyn FnMut(&[Generation]) -> Vec<usize>;
 /// [`generate_with_cache`] with pruning: once the sequences have `at` new tokens (or, when
 /// every one stops sooner, at the end), `keep` gets the generations so far and returns the
 /// indices (ascending) of those to finish. The others end there (neither stopped nor decoded
-/// further; their slots hold what they generated). A kept sequence continues in its own slot
-/// with its own random stream, so it is exactly what it would have been without pruning.
-/// Returns the kept indices too. Early rejection uses it: every sample's prefix costs one
-/// generation, and the survivors are not prefilled again.
+/// further). The kept sequences then move into a cache of their own, with the room
+/// [`generate_with_cache`] gives (kept sequence j in slot j of the returned cache; until the
+/// pruning every slot had room for `at` new tokens only), and go on with their own random
+/// streams, so each is exactly what it would have been without pruning. Returns the kept
+/// indices too. Early rejection uses it: every sample's prefix costs one generation, the
+/// survivors are not prefilled again, and the rejected samples never hold full-length slots.
 pub fn generate_pruned(
     model: &Qwen,
     prompts: &[Vec<u32>],
@@ -109,6 +111,9 @@ pub fn generate_pruned(
     at: usize,
     keep: Prune<'_>,
 ) -> Result<(Vec<Generation>, Option<KvCache>, Vec<usize>)> {
+    if at == 0 {
+        return Err(Error::Msg("generate_pruned: the pruning point `at` must be at least 1 token".into()));
+    }
     run(model, prompts, opts, room, Some((at, keep)))
 }
 
@@ -146,34 +151,24 @@ fn run(
             stopped: false,
         })
         .collect();
-    // Asks the pruner (once) which sequences to finish; marks the others done.
     let mut done = vec![false; out.len()];
     let mut kept: Option<Vec<usize>> = None;
-    let mut ask = |out: &[Generation], done: &mut [bool], prune: &mut Option<(usize, Prune<'_>)>| -> Result<()> {
-        if let Some((_, keep)) = prune.take() {
-            let k = keep(out);
-            if k.windows(2).any(|w| w[0] >= w[1]) || k.last().is_some_and(|&i| i >= out.len()) {
-                return Err(Error::Msg(format!(
-                    "generate_pruned: the kept indices {k:?} must be ascending and below {}",
-                    out.len()
-                )));
-            }
-            let mut keep_it = vec![false; out.len()];
-            k.iter().for_each(|&i| keep_it[i] = true);
-            done.iter_mut().zip(&keep_it).for_each(|(d, &k)| *d |= !k);
-            kept = Some(k);
-        }
-        Ok(())
-    };
     if budget == 0 {
-        ask(&out, &mut done, &mut prune)?;
+        kept = ask(&out, &mut done, &mut prune)?;
         return Ok((out, None, kept.unwrap_or_default()));
     }
-    let mut cache = model.new_kv_cache(seqs.len(), (longest + budget + room).min(max_pos))?;
+    let full = (longest + budget + room).min(max_pos);
+    // Until the pruning, the slots need room for the prefixes only; the survivors then move
+    // into a cache of their own with room for everything, so a rejected sample never holds a
+    // full-length share of memory.
+    let first = prune.as_ref().map_or(full, |(at, _)| (longest + at).min(full));
+    let mut cache = model.new_kv_cache(seqs.len(), first)?;
     let mut hidden = model.prefill_samples(prompts, opts.n_samples, &mut cache)?;
-    // Sequence i lives in cache slot i and draws from random stream i; `active` lists the
-    // unfinished ones, which are the rows of `hidden`. Finished sequences leave the batch, so
-    // their slots are neither computed nor read again.
+    // Sequence i draws from random stream i and lives in cache slot `slot[i]` (i until the
+    // pruning, then its place among the survivors). `active` lists the unfinished sequences,
+    // which are the rows of `hidden`. Finished sequences leave the batch, so their slots are
+    // neither computed nor read again.
+    let mut slot: Vec<u32> = (0..seqs.len() as u32).collect();
     let mut active: Vec<u32> = (0..seqs.len() as u32).collect();
     let mut graphs = Graphs::new(model, opts);
     // A step's samples, when the graph path already drew them with its decode.
@@ -195,22 +190,61 @@ fn run(
             done[i as usize] = g.stopped;
         }
         if prune.as_ref().is_some_and(|(at, _)| step + 1 == *at) {
-            ask(&out, &mut done, &mut prune)?;
+            kept = ask(&out, &mut done, &mut prune)?;
+            if let Some(k) = &kept {
+                // The graphs hold the old cache's addresses: they start again.
+                graphs = Graphs::new(model, opts);
+                cache = move_survivors(&cache, k, full, &mut slot)?;
+            }
         }
-        let (slots, next): (Vec<u32>, Vec<u32>) =
+        let (going, next): (Vec<u32>, Vec<u32>) =
             active.iter().zip(&tokens).filter(|&(&i, _)| !done[i as usize]).map(|(&i, &t)| (i, t)).unzip();
-        if step + 1 == budget || slots.is_empty() {
+        if step + 1 == budget || going.is_empty() {
             break;
         }
+        let slots: Vec<u32> = going.iter().map(|&i| slot[i as usize]).collect();
+        // Slots of finished sequences, for the graph path's padding rows.
+        let spare = || (0..done.len()).filter(|&i| done[i] && slot[i] != u32::MAX).map(|i| slot[i]).collect();
         // The first decode step runs eagerly, so every kernel is loaded before a capture.
-        match graphs.decode_sample(step > 0, model, &mut cache, &slots, &next, &done, step as u64 + 1) {
+        match graphs.decode_sample(step > 0, model, &mut cache, &slots, &going, &next, spare, step as u64 + 1) {
             Some(s) => drawn = Some(s),
             None => hidden = model.decode_slots(&slots, &next, &mut cache)?,
         }
-        active = slots;
+        active = going;
     }
-    ask(&out, &mut done, &mut prune)?;
+    // Every sequence stopped before the pruning point: the pruner is asked now.
+    if let Some(k) = ask(&out, &mut done, &mut prune)? {
+        cache = move_survivors(&cache, &k, full, &mut slot)?;
+        kept = Some(k);
+    }
     Ok((out, Some(cache), kept.unwrap_or_default()))
+}
+
+/// A cache of the kept sequences `k` alone (kept sequence j in slot j), each with room for
+/// `max_len` positions; `slot` then maps each sequence to its new slot (`u32::MAX`: none).
+fn move_survivors(cache: &KvCache, k: &[usize], max_len: usize, slot: &mut [u32]) -> Result<KvCache> {
+    let from: Vec<u32> = k.iter().map(|&i| slot[i]).collect();
+    let moved = cache.gather(&from, max_len)?;
+    slot.iter_mut().for_each(|s| *s = u32::MAX);
+    k.iter().enumerate().for_each(|(j, &i)| slot[i] = j as u32);
+    Ok(moved)
+}
+
+/// Asks the pruner (once: it is taken) which sequences to finish, checks its answer and marks
+/// the others done. `None` when there is no pruner (left).
+fn ask(out: &[Generation], done: &mut [bool], prune: &mut Option<(usize, Prune<'_>)>) -> Result<Option<Vec<usize>>> {
+    let Some((_, keep)) = prune.take() else { return Ok(None) };
+    let k = keep(out);
+    if k.windows(2).any(|w| w[0] >= w[1]) || k.last().is_some_and(|&i| i >= out.len()) {
+        return Err(Error::Msg(format!(
+            "generate_pruned: the kept indices {k:?} must be ascending and below {}",
+            out.len()
+        )));
+    }
+    let mut keep_it = vec![false; out.len()];
+    k.iter().for_each(|&i| keep_it[i] = true);
+    done.iter_mut().zip(&keep_it).for_each(|(d, &k)| *d |= !k);
+    Ok(Some(k))
 }
 
 /// The graph path of [`generate_with_cache`], when [`cuda_graphs`] is on and the model is on a
@@ -233,7 +267,9 @@ impl Graphs {
     }
 
     /// One decode step and the next step's samples through a graph, or `None` for the eager
-    /// path (graphs off, not `ready`, or a failed capture, after which they stay off).
+    /// path (graphs off, not `ready`, or a failed capture, after which they stay off). Row i
+    /// decodes into slot `slots[i]` and samples from stream `streams[i]`; `spare` gives the
+    /// slots of finished sequences, for the padding rows.
     #[allow(clippy::too_many_arguments, unused_variables)]
     fn decode_sample(
         &mut self,
@@ -241,15 +277,14 @@ impl Graphs {
         model: &Qwen,
         cache: &mut KvCache,
         slots: &[u32],
+        streams: &[u32],
         tokens: &[u32],
-        done: &[bool],
+        spare: impl FnOnce() -> Vec<u32>,
         step: u64,
     ) -> Option<Sampled> {
         #[cfg(feature = "cuda")]
         if let Some(g) = self.inner.as_mut().filter(|_| ready) {
-            // Finished sequences' slots take the padding rows.
-            let spare: Vec<u32> = (0..done.len() as u32).filter(|&i| done[i as usize]).collect();
-            match g.decode_sample(model, cache, slots, tokens, &spare, step) {
+            match g.decode_sample(model, cache, slots, streams, tokens, &spare(), step) {
                 Ok(s) => return Some(s),
                 Err(e) => {
                     tracing::warn!("CUDA graph decoding failed, decoding eagerly from here on: {e}");

@@ -817,4 +817,40 @@ impl KvCache {
         }
         Ok(())
     }
+
+    /// A new cache of `slots.len()` slots with room for `max_len` positions each, whose slot j
+    /// holds a copy of this cache's slot `slots[j]` (distinct slots, each holding at most
+    /// `max_len` positions). Early rejection moves its survivors into one: the rejected samples'
+    /// slots never take a full-length share of memory. Device-side copies, 2 per layer and slot.
+    pub fn gather(&self, slots: &[u32], max_len: usize) -> Result<KvCache> {
+        let n = self.lens.len();
+        if !self.distinct_slots(slots, |len| len <= max_len) {
+            return Err(Error::Msg(format!(
+                "KV cache gather: slots {slots:?} of {n} (lengths {:?}) into slots of {max_len} positions \
+                 (distinct, each holding at most that many)",
+                self.lens
+            )));
+        }
+        let copy = |t: &Tensor| -> Result<Tensor> {
+            let mut shape = t.shape().to_vec();
+            let row = t.elem_count() / (n * self.max_len).max(1);
+            shape[0] = slots.len();
+            shape[1] = max_len;
+            let out = Tensor::zeros(&shape, t.dtype(), t.device())?;
+            // [slots · positions, n_kv_heads · head_dim]: a slot's positions are consecutive rows.
+            let (src, dst) = (t.reshape(&[n * self.max_len, row])?, out.reshape(&[slots.len() * max_len, row])?);
+            for (j, &s) in slots.iter().enumerate() {
+                let len = self.lens[s as usize] as usize;
+                let from = src.narrow_rows(s as usize * self.max_len, len)?;
+                dst.narrow_rows(j * max_len, len)?.copy_from(&from)?;
+            }
+            Ok(out)
+        };
+        Ok(KvCache {
+            k: self.k.iter().map(copy).collect::<Result<_>>()?,
+            v: self.v.iter().map(copy).collect::<Result<_>>()?,
+            lens: slots.iter().map(|&s| self.lens[s as usize]).collect(),
+            max_len,
+        })
+    }
 }

@@ -6,7 +6,10 @@
 use smelt_engine::{DType, Device};
 use smelt_kernels::sample::SamplingConfig;
 use smelt_models::testing::fixture;
-use smelt_models::{generate, set_cuda_graphs, Config, DecodeGraphs, GenerateOptions, LoadOptions, Qwen, Weights};
+use smelt_models::{
+    generate, generate_pruned, set_cuda_graphs, Config, DecodeGraphs, GenerateOptions, Generation, LoadOptions, Qwen,
+    Weights,
+};
 
 /// `set_cuda_graphs` is process-wide, and these tests run in parallel: they take turns.
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
@@ -78,6 +81,21 @@ fn device_graph_decoding_matches_eager() {
             }
             let need = if dtype == DType::F32 { 0.9 } else { 0.5 };
             assert!(compared as f64 >= need * total as f64, "{name} {dtype}: only {compared} of {total} tokens agree");
+            // Pruning (early rejection) moves the survivors into a cache of their own, where
+            // slots and random streams part ways, and the graphs start again on it: the kept
+            // sequences are still the unpruned run's.
+            if exact {
+                let mut keep = |_: &[Generation]| vec![1, 3, 4, 8];
+                set_cuda_graphs(true);
+                let before = DecodeGraphs::replays();
+                let (pruned, _, kept) = generate_pruned(&model, &prompts, &opts, 0, 4, &mut keep).unwrap();
+                set_cuda_graphs(false);
+                assert!(DecodeGraphs::replays() - before > 4, "{name} {dtype}: no replays after the pruning");
+                for i in kept {
+                    let what = format!("{name} {dtype} kept sequence {i}");
+                    assert_eq!((&pruned[i].ids, &pruned[i].logp), (&eager[i].ids, &eager[i].logp), "{what}");
+                }
+            }
         }
     }
 }
@@ -132,11 +150,11 @@ fn device_decode_graphs_stay_with_their_cache() {
     let model = load_on("qwen2-tiny", DType::F32, dev);
     let mut graphs = DecodeGraphs::new(&SamplingConfig::default(), 3);
     let (mut a, mut b) = (model.new_kv_cache(2, 16).unwrap(), model.new_kv_cache(2, 16).unwrap());
-    let first = graphs.decode_sample(&model, &mut a, &[0, 1], &[5, 6], &[], 0).unwrap();
-    let e = graphs.decode_sample(&model, &mut b, &[0, 1], &[5, 6], &[], 0).expect_err("another cache");
+    let first = graphs.decode_sample(&model, &mut a, &[0, 1], &[0, 1], &[5, 6], &[], 0).unwrap();
+    let e = graphs.decode_sample(&model, &mut b, &[0, 1], &[0, 1], &[5, 6], &[], 0).expect_err("another cache");
     assert!(e.to_string().contains("another KV cache"), "{e}");
     // The same inputs on the same cache state give the same draws.
     a.lens = vec![0, 0];
-    assert_eq!(graphs.decode_sample(&model, &mut a, &[0, 1], &[5, 6], &[], 0).unwrap(), first);
+    assert_eq!(graphs.decode_sample(&model, &mut a, &[0, 1], &[0, 1], &[5, 6], &[], 0).unwrap(), first);
     assert_eq!(graphs.captured(), 1);
 }

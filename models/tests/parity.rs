@@ -322,7 +322,7 @@ fn finished_sequences_leave_the_batch_without_changing_the_rest() {
 
 /// Pruning after `at` tokens (early rejection) ends the rejected sequences there and changes
 /// nothing for the kept ones: they equal an unpruned run's, token for token, and the returned
-/// cache holds each kept sequence in its own slot. A bad kept list is an error.
+/// cache holds only the kept sequences, one per slot. A bad kept list is an error.
 #[test]
 fn pruned_sequences_leave_the_batch_without_changing_the_rest() {
     use smelt_models::{generate_pruned, generate_with_cache};
@@ -348,10 +348,16 @@ fn pruned_sequences_leave_the_batch_without_changing_the_rest() {
                 assert_prefix(p, f, at.min(f.ids.len()), &what);
             }
         }
-        // Each kept sequence's slot holds its prompt and all its tokens but the last.
+        // The kept sequences moved into a cache of their own (slot j holds kept sequence j),
+        // each with its prompt and all its tokens but the last.
         let cache = cache.unwrap();
-        for &i in &kept {
-            assert_eq!(cache.lens[i] as usize, prompts[i / 3].len() + pruned[i].ids.len() - 1, "{name} slot {i}");
+        assert_eq!(cache.lens.len(), kept.len(), "{name}: slots of the returned cache");
+        for (j, &i) in kept.iter().enumerate() {
+            assert_eq!(cache.lens[j] as usize, prompts[i / 3].len() + pruned[i].ids.len() - 1, "{name} slot {j}");
+        }
+        for (slots, max_len) in [(vec![0u32, 0], cache.max_len), (vec![9], cache.max_len), (vec![1], 2)] {
+            let Err(e) = cache.gather(&slots, max_len) else { panic!("gathering slots {slots:?} into {max_len}") };
+            assert!(e.to_string().contains("KV cache gather"), "{e}");
         }
         let mut bad = |_: &[smelt_models::Generation]| vec![3, 1];
         let Err(e) = generate_pruned(&model, &prompts, &opts, 0, at, &mut bad) else { panic!("a bad kept list") };

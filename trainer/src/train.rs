@@ -523,7 +523,8 @@ impl Trainer {
     /// prompt generated for `prefix_tokens`, of which the `keep` best (by mean log-prob) are
     /// finished, in the same generation (no second prefill). Also returns the tokens the
     /// rejected samples generated, and given `room`, the generation's KV cache (see
-    /// [`Trainer::rollout`]; with early rejection its slots still number G per prompt).
+    /// [`Trainer::rollout`]; with early rejection it holds the survivors only, rollout i in
+    /// slot i).
     fn rollout_rl(
         &self,
         prompts: &[usize],
@@ -882,9 +883,8 @@ impl Trainer {
     /// gradient. `rs` holds the groups of `exs` in order, G rollouts each. Per group, per
     /// rollout: the log-probs ℓ^y_j and (when asked) the ranks of y's tokens.
     ///
-    /// With `cache` (the generation's, with max |y| + 1 spare positions; a rollout's slot is
-    /// its prompt × G + its sample, as generation lays them out)
-    /// the prompt and reasoning are not run again: each slot is cut back to all but the last two
+    /// With `cache` (the generation's, with max |y| + 1 spare positions; rollout i in slot i,
+    /// as [`Trainer::rollout`] and [`Trainer::rollout_rl`] return them) the prompt and reasoning are not run again: each slot is cut back to all but the last two
     /// tokens before its y, then decodes |y| + 1 tokens (those two, and y without its last
     /// token), and the outputs at the last |y| of them predict y. Re-decoding one token more than
     /// needed keeps the count the same for a whole group: a rollout cut off by the budget never
@@ -936,10 +936,9 @@ impl Trainer {
                 for (i, seq) in seqs.iter().enumerate() {
                     let y = &ys[i / g];
                     let start = seq.len() - y.len() - 2;
-                    // The generation's slot of this rollout (prompt-major, G samples per prompt).
-                    let slot = rs[i].gen.prompt * self.cfg.num_generations + rs[i].gen.sample;
-                    cache.truncate(slot, start)?;
-                    slots.push(slot as u32);
+                    // Rollout i sits in the generation's slot i.
+                    cache.truncate(i, start)?;
+                    slots.push(i as u32);
                     tokens.extend_from_slice(&seq[start..seq.len() - 1]);
                     tokens.extend(std::iter::repeat_n(y[y.len() - 1], n - y.len() - 1));
                     // Row 0 of each slot's block predicts y's predecessor, which is not scored.
@@ -1542,8 +1541,8 @@ mod tests {
         assert_eq!(at, refs.len());
     }
 
-    /// With early rejection the survivors sit in their generation's slots (G per prompt, not
-    /// `keep`): teacher forcing on that cache gives what a full forward pass gives.
+    /// With early rejection the survivors move into a cache of their own (`keep` slots per
+    /// prompt, rollout i in slot i): teacher forcing on it gives what a full forward pass gives.
     #[test]
     fn early_rejection_survivors_teacher_force_on_their_cache() {
         let dir = tempfile::tempdir().unwrap();
@@ -1556,8 +1555,10 @@ mod tests {
         assert!(rejected > 0);
         // Survivors come from every position of their group, not only the first `keep` slots.
         assert!(rs.iter().any(|r| r.gen.sample >= 3), "{:?}", rs.iter().map(|r| r.gen.sample).collect::<Vec<_>>());
+        let mut cache = cache.unwrap();
+        assert_eq!(cache.lens.len(), rs.len(), "the survivors' cache");
         let full = t.teacher_force(&exs, &rs, true, None).unwrap();
-        let cached = t.teacher_force(&exs, &rs, true, Some(&mut cache.unwrap())).unwrap();
+        let cached = t.teacher_force(&exs, &rs, true, Some(&mut cache)).unwrap();
         for (f, c) in full.iter().zip(&cached) {
             assert_eq!(f.rank, c.rank);
             for (a, b) in f.logp.iter().flatten().zip(c.logp.iter().flatten()) {

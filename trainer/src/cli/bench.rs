@@ -1733,7 +1733,7 @@ fn timed_generation(
         #[cfg(feature = "cuda")]
         if let Some(g) = graphs.as_mut().filter(|_| step > 0) {
             let spare: Vec<u32> = (0..lengths.len() as u32).filter(|b| !slots.contains(b)).collect();
-            drawn = Some(g.decode_sample(model, &mut cache, &slots, &next, &spare, step as u64 + 1)?.0);
+            drawn = Some(g.decode_sample(model, &mut cache, &slots, &slots, &next, &spare, step as u64 + 1)?.0);
             active = slots;
             continue;
         }
