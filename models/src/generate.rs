@@ -212,7 +212,7 @@ fn run(
         }
         active = going;
     }
-    // Every sequence stopped before the pruning point: the pruner is asked now.
+    // Every sequence stopped, or the budget ran out, before the pruning point: it is now.
     if let Some(k) = ask(&out, &mut done, &mut prune)? {
         cache = move_survivors(&cache, &k, full, &mut slot)?;
         kept = Some(k);
