@@ -201,7 +201,8 @@ pub struct DroConfig {
     /// from, after the warm-up if any) or `lagged` (a copy of the policy, refreshed every
     /// `lag_steps` steps). The data filter scores with it too.
     pub reward_model: String,
-    /// `lagged`: steps between refreshes (ours). A resumed run refreshes the copy at once.
+    /// `lagged`: steps between refreshes (ours). Checkpoints save the copy
+    /// (`trainer_state/dro_lagged`), and a resumed run goes on with it.
     pub lag_steps: usize,
     /// Subtract the masked-reasoning baseline from R3: y teacher-forced right after the prompt,
     /// without any reasoning, weighted like R3 (Σ_j w_j·ℓ^base_j). R3 then says what the

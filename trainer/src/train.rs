@@ -157,7 +157,24 @@ impl Trainer {
         };
 
         let lagged = match dro_model {
-            Some(DroRewardModel::Lagged) => Some(Qwen::new(model.config.clone(), deep_copy(&model.weights)?)),
+            // A resumed run takes the copy its checkpoint saved, so it scores as the run would
+            // have without the interruption; a checkpoint without one (written before it was
+            // saved, or by a run with another scorer) starts from the policy.
+            Some(DroRewardModel::Lagged) => {
+                let saved = resume.as_ref().map(|d| d.join(LAGGED_DIR)).filter(|d| d.is_dir());
+                let weights = match &saved {
+                    Some(d) => smelt_models::Weights::load(d, &model.config, &load)
+                        .with_context(|| format!("DRO's lagged model {}", d.display()))?,
+                    None => deep_copy(&model.weights)?,
+                };
+                if let (None, Some(dir), false) = (&saved, &resume, cfg.quiet) {
+                    eprintln!(
+                        "warning: {} holds no DRO lagged model; it starts as a copy of the policy",
+                        dir.display()
+                    );
+                }
+                Some(Qwen::new(model.config.clone(), weights))
+            }
             _ => None,
         };
 
@@ -1231,6 +1248,12 @@ impl Trainer {
             }
         }
         self.policy.save_state(&state_dir.join("optimizer.safetensors"))?;
+        if let Some(lagged) = &self.lagged {
+            let d = tmp.join(LAGGED_DIR);
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            lagged.weights.save(d.join("model.safetensors"))?;
+            sync_dir(&d)?;
+        }
         let state = TrainerState {
             step: self.step,
             optimizer_steps: self.policy.step,
@@ -1286,6 +1309,9 @@ impl Trainer {
         Ok(removed)
     }
 }
+
+/// Where a checkpoint keeps DRO's lagged model (`dro.reward_model = "lagged"`).
+const LAGGED_DIR: &str = "trainer_state/dro_lagged";
 
 /// Files of a model directory a checkpoint carries over unchanged (the weights are written
 /// fresh).
@@ -1539,6 +1565,34 @@ mod tests {
             at += seq.len();
         }
         assert_eq!(at, refs.len());
+    }
+
+    /// DRO's lagged scorer is saved with each checkpoint: a resumed run scores with the copy the
+    /// interrupted run had (here the policy of one step before the checkpoint), not with its
+    /// own current policy; a checkpoint without one starts it from the policy.
+    #[test]
+    fn dro_lagged_model_resumes_from_its_checkpoint() {
+        let values = |w: &smelt_models::Weights| -> Vec<Vec<f32>> {
+            w.named_tensors().iter().map(|(_, t)| t.to_vec_f32().unwrap()).collect()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = TrainConfig { reward: "dro".into(), max_steps: 3, ..tiny(dir.path()) };
+        cfg.dro.reward_model = "lagged".into();
+        cfg.dro.lag_steps = 2;
+        cfg.dro.filter = false;
+        let mut t = Trainer::new(cfg.clone()).unwrap();
+        let ck = t.run().unwrap().checkpoints.pop().unwrap();
+        let (lagged, policy) = (values(&t.lagged.as_ref().unwrap().weights), values(&t.model.weights));
+        assert_ne!(lagged, policy, "the lagged copy is the policy of step 2, the checkpoint is step 3's");
+        drop(t);
+        let resume = TrainConfig { resume_from_checkpoint: Some(ck.clone()), max_steps: 4, ..cfg };
+        let resumed = Trainer::new(resume.clone()).unwrap();
+        assert_eq!(values(&resumed.lagged.as_ref().unwrap().weights), lagged);
+        assert_eq!(values(&resumed.model.weights), policy);
+        drop(resumed);
+        std::fs::remove_dir_all(ck.join(LAGGED_DIR)).unwrap();
+        let without = Trainer::new(resume).unwrap();
+        assert_eq!(values(&without.lagged.as_ref().unwrap().weights), policy);
     }
 
     /// With early rejection the survivors move into a cache of their own (`keep` slots per
