@@ -268,7 +268,12 @@ impl Tensor {
         }
         let row = self.elem_count() / rows * self.dtype.size_in_bytes();
         let base = self.offset * self.dtype.size_in_bytes();
-        let (src, dst, bytes) = (base + from * row, base + to * row, count * row);
+        self.copy_rows_within_bytes(base + from * row, base + to * row, count * row)
+    }
+
+    /// `bytes` bytes of this tensor's buffer from byte `src` onto byte `dst` (checked by the
+    /// callers: in range, not overlapping).
+    fn copy_rows_within_bytes(&self, src: usize, dst: usize, bytes: usize) -> Result<()> {
         let mut st = self.storage.try_write().map_err(|_| Error::Busy { op: "copy_rows_within" })?;
         match &mut *st {
             Storage::Cpu(s) => s.bytes_mut().copy_within(src..src + bytes, dst),
@@ -279,6 +284,8 @@ impl Tensor {
     }
 
     /// Copies another tensor's contents into this one (same shape and dtype; any devices).
+    /// Between two tensors on one CUDA device it is a device-to-device copy queued on the
+    /// stream; otherwise the bytes go through the host.
     pub fn copy_from(&self, src: &Tensor) -> Result<()> {
         if src.shape != self.shape || src.dtype != self.dtype {
             return Err(Error::shape(
@@ -286,8 +293,25 @@ impl Tensor {
                 format!("dst {:?} {} vs src {:?} {}", self.shape, self.dtype, src.shape, src.dtype),
             ));
         }
-        let bytes = src.to_bytes()?;
         let off = self.offset * self.dtype.size_in_bytes();
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && src.device == self.device {
+            let (from, n) = (src.offset * self.dtype.size_in_bytes(), src.size_in_bytes());
+            if self.same_storage(src) {
+                // Overlapping ranges of one buffer go through the host below (a device copy
+                // between overlapping ranges is undefined).
+                if from.abs_diff(off) >= n {
+                    return self.copy_rows_within_bytes(from, off, n);
+                }
+            } else {
+                let read = src.storage()?;
+                let mut st = self.storage.try_write().map_err(|_| Error::Busy { op: "copy_from" })?;
+                if let (Storage::Cuda(a), Storage::Cuda(b)) = (&*read, &mut *st) {
+                    return b.device().dtod(a.ptr() + from as u64, b.ptr() + off as u64, n);
+                }
+            }
+        }
+        let bytes = src.to_bytes()?;
         let mut st = self.storage.try_write().map_err(|_| Error::Busy { op: "copy_from" })?;
         match &mut *st {
             Storage::Cpu(s) => s.bytes_mut()[off..off + bytes.len()].copy_from_slice(&bytes),

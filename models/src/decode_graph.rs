@@ -51,6 +51,13 @@ impl DecodeGraphs {
         DecodeGraphs { sampling: *sampling, seed, buckets: Vec::new(), bound: None }
     }
 
+    /// Drops every graph and the cache and model they were bound to: the next call captures
+    /// anew, with any cache.
+    pub fn forget(&mut self) {
+        self.buckets.clear();
+        self.bound = None;
+    }
+
     /// Graphs captured so far (one per batch size used).
     pub fn captured(&self) -> usize {
         self.buckets.len()

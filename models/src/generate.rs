@@ -1,7 +1,8 @@
 //! Batched generation: prompts of different lengths share one KV cache (one slot per sample),
 //! greedy or sampled, stopping on stop ids or at a token budget. A sequence that stops leaves
-//! the decode batch (its slot is no longer computed or read); each sequence keeps its own slot
-//! and random stream, so its tokens do not depend on when the others stop. Every sampled token's
+//! the decode batch (its slot is no longer computed or read); each sequence keeps its own
+//! random stream (and its slot, unless pruning moves the survivors into a cache of their own),
+//! so its tokens do not depend on when the others stop or are pruned. Every sampled token's
 //! log-prob and the entropy of its distribution (both under the sampling temperature, over the
 //! full vocabulary) are recorded, so rollouts carry `logp_old` and `entropy_old` at no cost.
 
@@ -193,7 +194,7 @@ fn run(
             kept = ask(&out, &mut done, &mut prune)?;
             if let Some(k) = &kept {
                 // The graphs hold the old cache's addresses: they start again.
-                graphs = Graphs::new(model, opts);
+                graphs.forget();
                 cache = move_survivors(&cache, k, full, &mut slot)?;
             }
         }
@@ -264,6 +265,15 @@ impl Graphs {
         }
         #[cfg(not(feature = "cuda"))]
         Graphs {}
+    }
+
+    /// Drops the captured graphs (they hold a cache's addresses): later steps capture anew,
+    /// unless graphs are off.
+    fn forget(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mut self.inner {
+            g.forget();
+        }
     }
 
     /// One decode step and the next step's samples through a graph, or `None` for the eager

@@ -621,6 +621,39 @@ pub(crate) mod tests {
         assert!(e.contains("CUDA is not available"), "{e}");
     }
 
+    /// `Tensor::copy_from` between tensors on one device copies device to device (no trip
+    /// through the host), views' offsets included; overlapping ranges of one buffer still
+    /// copy right (through the host).
+    #[test]
+    fn device_copy_from_stays_on_the_device() {
+        use crate::{DType, Device, Tensor};
+        let _turn = device_tests_lock();
+        let Some(dev) = test_device() else { return };
+        let on = Device::Cuda(0);
+        let vals: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let src = Tensor::from_slice(&vals, &[6, 4], Device::Cpu).unwrap().to_device(on).unwrap();
+        let dst = Tensor::zeros(&[6, 4], DType::F32, on).unwrap();
+        let (r, rows) = super::profile::record(&dev, || {
+            dst.narrow_rows(1, 3)?.copy_from(&src.narrow_rows(2, 3)?)?;
+            // One buffer, ranges apart.
+            src.narrow_rows(0, 2)?.copy_from(&src.narrow_rows(4, 2)?)
+        })
+        .unwrap();
+        r.unwrap();
+        let host: usize = rows.iter().filter(|r| r.name.contains("host")).map(|r| r.calls).sum();
+        assert_eq!(host, 0, "copies through the host: {rows:?}");
+        let mut want = vec![0.0f32; 24];
+        want[4..16].copy_from_slice(&vals[8..20]);
+        assert_eq!(dst.to_vec::<f32>().unwrap(), want);
+        let mut moved = vals.clone();
+        moved.copy_within(16..24, 0);
+        assert_eq!(src.to_vec::<f32>().unwrap(), moved);
+        // Overlapping: rows 1..4 onto rows 0..3.
+        src.narrow_rows(0, 3).unwrap().copy_from(&src.narrow_rows(1, 3).unwrap()).unwrap();
+        moved.copy_within(4..16, 0);
+        assert_eq!(src.to_vec::<f32>().unwrap(), moved);
+    }
+
     #[test]
     fn device_smoke_alloc_copy_reuse_gemm() {
         let _turn = device_tests_lock();
