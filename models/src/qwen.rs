@@ -806,8 +806,7 @@ impl KvCache {
         }
         let len = self.lens[src] as usize;
         for t in self.k.iter().chain(&self.v) {
-            // [n_slots · max_len, n_kv_heads · head_dim]: a slot's positions are consecutive rows.
-            let rows = t.reshape(&[n * self.max_len, t.elem_count() / (n * self.max_len)])?;
+            let rows = position_rows(t)?;
             for &d in dst {
                 rows.copy_rows_within(src * self.max_len, d as usize * self.max_len, len)?;
             }
@@ -833,12 +832,10 @@ impl KvCache {
         }
         let copy = |t: &Tensor| -> Result<Tensor> {
             let mut shape = t.shape().to_vec();
-            let row = t.elem_count() / (n * self.max_len).max(1);
             shape[0] = slots.len();
             shape[1] = max_len;
             let out = Tensor::zeros(&shape, t.dtype(), t.device())?;
-            // [slots · positions, n_kv_heads · head_dim]: a slot's positions are consecutive rows.
-            let (src, dst) = (t.reshape(&[n * self.max_len, row])?, out.reshape(&[slots.len() * max_len, row])?);
+            let (src, dst) = (position_rows(t)?, position_rows(&out)?);
             for (j, &s) in slots.iter().enumerate() {
                 let len = self.lens[s as usize] as usize;
                 let from = src.narrow_rows(s as usize * self.max_len, len)?;
@@ -853,4 +850,11 @@ impl KvCache {
             max_len,
         })
     }
+}
+
+/// A layer's `[slots, positions, n_kv_heads, head_dim]` cache buffer as
+/// `[slots · positions, n_kv_heads · head_dim]`: a slot's positions are consecutive rows.
+fn position_rows(t: &Tensor) -> Result<Tensor> {
+    let positions = t.shape()[..2].iter().product::<usize>();
+    Ok(t.reshape(&[positions, t.shape()[2..].iter().product()])?)
 }

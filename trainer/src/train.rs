@@ -901,8 +901,9 @@ impl Trainer {
     /// rollout: the log-probs ℓ^y_j and (when asked) the ranks of y's tokens.
     ///
     /// With `cache` (the generation's, with max |y| + 1 spare positions; rollout i in slot i,
-    /// as [`Trainer::rollout`] and [`Trainer::rollout_rl`] return them) the prompt and reasoning are not run again: each slot is cut back to all but the last two
-    /// tokens before its y, then decodes |y| + 1 tokens (those two, and y without its last
+    /// as [`Trainer::rollout`] and [`Trainer::rollout_rl`] return them) the prompt and
+    /// reasoning are not run again: each slot is cut back to all but the last two tokens
+    /// before its y, then decodes |y| + 1 tokens (those two, and y without its last
     /// token), and the outputs at the last |y| of them predict y. Re-decoding one token more than
     /// needed keeps the count the same for a whole group: a rollout cut off by the budget never
     /// decoded its last token into the cache. All slots decode together, in one call: slots
