@@ -3,8 +3,8 @@
 // `cpu::sample_row` is the reference).
 //
 // Layout: logits [B, V] row-major (f32 or bf16 storage, f32 math); streams u32 [B] or null;
-// step_at: one u64 (the step, read at run time) or null (the `step` argument); outputs tokens
-// u32 [B], logp / logp_trunc / entropy f32 [B].
+// step_at: two u32 words (the step, low word first, read at run time; 4-byte aligned) or null
+// (the `step` argument); outputs tokens u32 [B], logp / logp_trunc / entropy f32 [B].
 // Threads: one block of 1024 threads per row; every pass strides over the row (V up to 151,936
 // stays in L2 between passes). Passes, with s = z/T and e = exp(s − max):
 //   1. max + first argmax (block reduction on (value, index));
@@ -288,13 +288,17 @@ __device__ __forceinline__ void sample_row(const T* __restrict__ logits, u32 V, 
 }
 
 // step_at: null, or where to read the step from (a replayed graph's step changes between
-// replays, its arguments do not).
+// replays, its arguments do not): two u32 words, low first, read as words because the caller
+// packs them among u32 inputs, where they need not be 8-byte aligned (a u64 load there faults
+// with "misaligned address").
+__device__ __forceinline__ u64 smp_step(const u32* at) { return (u64)at[0] | ((u64)at[1] << 32); }
+
 #define SMP_KERNEL(NAME, T, IMPL)                                                                   \
     extern "C" __global__ void __launch_bounds__(SMP_THREADS)                                         \
         NAME(const T* __restrict__ logits, u32 V, float temp, u32 top_k, float top_p, u64 seed, u64 step, \
-             const u64* __restrict__ step_at, const u32* __restrict__ streams, u32* __restrict__ tokens,  \
+             const u32* __restrict__ step_at, const u32* __restrict__ streams, u32* __restrict__ tokens,  \
              float* __restrict__ logp, float* __restrict__ logp_trunc, float* __restrict__ entropy) {     \
-        IMPL<T>(logits, V, temp, top_k, top_p, seed, step_at ? *step_at : step, streams, tokens, logp,    \
+        IMPL<T>(logits, V, temp, top_k, top_p, seed, step_at ? smp_step(step_at) : step, streams, tokens, logp,    \
                 logp_trunc, entropy);                                                                   \
     }
 SMP_KERNEL(sample_f32, float, sample_row)

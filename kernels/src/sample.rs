@@ -950,6 +950,18 @@ mod tests {
                     if cfg.temperature > 0.0 {
                         assert_ne!(gs, gt, "{what}: the stream list changed nothing");
                     }
+                    // The step and streams read from device memory draw what the arguments draw.
+                    // The step sits at a 4-byte offset, as among a decode graph's u32 inputs, and
+                    // has a high word.
+                    let step = 3 + (5u64 << 32);
+                    let packed = [9, step as u32, (step >> 32) as u32];
+                    let packed = Tensor::from_slice(&packed, &[3], dev).unwrap();
+                    let (step_t, streams_t) =
+                        (packed.narrow_rows(1, 2).unwrap(), Tensor::from_slice(&streams, &[b], dev).unwrap());
+                    let from_args = sample_streams(&zd, &cfg, 77, step, Some(&streams)).unwrap();
+                    let from_memory = poisoned(b);
+                    sample_into_device(&zd, &cfg, 77, &step_t, &streams_t, &from_memory).unwrap();
+                    assert_eq!(from_memory.to_host().unwrap(), from_args.to_host().unwrap(), "{what}: device step");
                 }
             }
         }

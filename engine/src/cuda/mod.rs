@@ -654,6 +654,44 @@ pub(crate) mod tests {
         assert_eq!(src.to_vec::<f32>().unwrap(), moved);
     }
 
+    /// A recording holds what its own thread queued while it ran, not what another thread
+    /// queued meanwhile (tests record side by side on one device).
+    #[test]
+    fn device_profile_records_its_own_thread_only() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+        let _turn = device_tests_lock();
+        let Some(dev) = test_device() else { return };
+        let (stop, uploads) = (AtomicBool::new(false), AtomicUsize::new(0));
+        let mine = dev.alloc(256).unwrap();
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let theirs = dev.alloc(256).unwrap();
+                while !stop.load(Relaxed) {
+                    dev.htod(&[7u8; 256], &theirs, 0).unwrap();
+                    uploads.fetch_add(1, Relaxed);
+                }
+            });
+            while uploads.load(Relaxed) == 0 {
+                std::thread::yield_now();
+            }
+            let (_, rows) = super::profile::record(&dev, || {
+                let mut back = [0u8; 256];
+                for _ in 0..20 {
+                    dev.dtoh(&mine, 0, &mut back).unwrap();
+                }
+                // The other thread uploads while this one records.
+                let at = uploads.load(Relaxed);
+                while uploads.load(Relaxed) < at + 5 {
+                    std::thread::yield_now();
+                }
+            })
+            .unwrap();
+            stop.store(true, Relaxed);
+            let names: Vec<(&str, usize)> = rows.iter().map(|r| (r.name.as_str(), r.calls)).collect();
+            assert_eq!(names, [("copy device→host", 20)]);
+        });
+    }
+
     #[test]
     fn device_smoke_alloc_copy_reuse_gemm() {
         let _turn = device_tests_lock();

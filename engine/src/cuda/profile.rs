@@ -13,12 +13,18 @@
 //! host-bound stretch shows as many short operations whose GPU times barely exceed their host
 //! times.
 //!
+//! [`record`] profiles what one thread queues, and only that: tests that record run beside
+//! others on one device, and a global switch would mix their operations into each other's
+//! profiles (and one test's "off" would end another's recording).
+//!
 //! On the CUDA emulator there are no events: spans record host time only, which there is also
 //! the time the (synchronous) operation took.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::thread::{self, ThreadId};
 use std::time::Instant;
 
 use cudarc::driver::sys::CUevent_flags;
@@ -30,10 +36,16 @@ use crate::{Error, Result};
 static ON: AtomicBool = AtomicBool::new(false);
 static SPANS: Mutex<Vec<Finished>> = Mutex::new(Vec::new());
 
+thread_local! {
+    /// This thread is inside [`record`].
+    static RECORDING: Cell<bool> = const { Cell::new(false) };
+}
+
 struct Finished {
     name: String,
     events: Option<(CudaEvent, CudaEvent)>,
     host_s: f64,
+    thread: ThreadId,
 }
 
 /// Switches profiling on or off for the whole process (all devices). Spans already finished
@@ -42,9 +54,9 @@ pub fn enable(on: bool) {
     ON.store(on, Ordering::Relaxed);
 }
 
-/// Whether operations are being profiled.
+/// Whether operations this thread queues are being profiled.
 pub fn enabled() -> bool {
-    ON.load(Ordering::Relaxed)
+    ON.load(Ordering::Relaxed) || RECORDING.with(Cell::get)
 }
 
 /// One operation being timed; [`Span::finish`] after queueing it.
@@ -82,7 +94,7 @@ impl Span {
             Some((start, end))
         });
         let mut spans = SPANS.lock().unwrap_or_else(|p| p.into_inner());
-        spans.push(Finished { name: self.name, events, host_s });
+        spans.push(Finished { name: self.name, events, host_s, thread: thread::current().id() });
     }
 }
 
@@ -97,14 +109,25 @@ pub fn timed<T>(dev: &CudaDevice, name: impl FnOnce() -> String, f: impl FnOnce(
     r
 }
 
-/// Runs `f` with profiling on and returns its result with the operations it queued on `dev`
-/// (spans finished before the call are dropped first).
+/// Runs `f` with profiling on for this thread and returns its result with the operations this
+/// thread queued on `dev` meanwhile; other threads' operations are neither recorded nor taken.
 pub fn record<T>(dev: &CudaDevice, f: impl FnOnce() -> T) -> Result<(T, Vec<ProfileRow>)> {
-    take(dev)?;
-    enable(true);
+    let me = thread::current().id();
+    // Spans this thread finished before (with profiling switched on globally) are not f's.
+    drop(spans_where(|s| s.thread == me)?);
+    let was = RECORDING.replace(true);
     let r = f();
-    enable(false);
-    Ok((r, take(dev)?))
+    RECORDING.set(was);
+    dev.synchronize()?;
+    Ok((r, summed(spans_where(|s| s.thread == me)?)?))
+}
+
+/// Removes and returns the finished spans that `keep` selects.
+fn spans_where(keep: impl Fn(&Finished) -> bool) -> Result<Vec<Finished>> {
+    let mut all = SPANS.lock().map_err(|_| Error::msg("profile: span list poisoned"))?;
+    let (taken, left) = std::mem::take(&mut *all).into_iter().partition(keep);
+    *all = left;
+    Ok(taken)
 }
 
 /// One operation name's totals.
@@ -123,7 +146,11 @@ pub struct ProfileRow {
 /// most GPU time first (host time where there is none).
 pub fn take(dev: &CudaDevice) -> Result<Vec<ProfileRow>> {
     dev.synchronize()?;
-    let spans = std::mem::take(&mut *SPANS.lock().map_err(|_| Error::msg("profile: span list poisoned"))?);
+    summed(spans_where(|_| true)?)
+}
+
+/// Finished spans summed per name, most GPU time first (host time where there is none).
+fn summed(spans: Vec<Finished>) -> Result<Vec<ProfileRow>> {
     let mut rows: HashMap<String, ProfileRow> = HashMap::new();
     for s in spans {
         let ms = match &s.events {
