@@ -103,9 +103,21 @@ fn env_caps() -> &'static Result<Vec<(String, u32)>, String> {
 /// take this call's shapes), else an error naming the op; without a forced version, the newest
 /// of `allowed` (launchers list them oldest first) not above the op's `SMELT_KERNEL_VERSIONS` cap.
 pub fn pick(op: &'static str, allowed: &[u32]) -> smelt_engine::Result<u32> {
+    pick_up_to(op, allowed, u32::MAX)
+}
+
+/// [`pick`] for a call where a newer version measured slower than `best` (the launcher says
+/// where): unless forced, the newest of `allowed` not above `best` nor the cap. A forced version
+/// may still be any of `allowed`, so benchmarks time them all.
+pub fn pick_up_to(op: &'static str, allowed: &[u32], best: u32) -> smelt_engine::Result<u32> {
     let caps = env_caps().as_ref().map_err(|m| smelt_engine::Error::msg(format!("{op}: {m}")))?;
     let cap = caps.iter().find(|(o, _)| o == op).map(|&(_, v)| v);
-    pick_from(op, allowed, forced(op), cap)
+    let below_best: Vec<u32> = allowed.iter().copied().filter(|&v| v <= best).collect();
+    match forced(op) {
+        Some(v) => pick_from(op, allowed, Some(v), cap),
+        None if below_best.is_empty() => pick_from(op, allowed, None, cap),
+        None => pick_from(op, &below_best, None, cap),
+    }
 }
 
 fn pick_from(op: &'static str, allowed: &[u32], forced: Option<u32>, cap: Option<u32>) -> smelt_engine::Result<u32> {
@@ -141,6 +153,12 @@ mod tests {
         assert_eq!(forced("versions_test_op"), None);
         assert_eq!(pick("versions_test_op", &[1]).unwrap(), 1);
         assert!(pick("versions_test_op", &[]).is_err());
+        // Up to the best measured version, unless forced.
+        assert_eq!(pick_up_to("versions_test_op", &[1, 2, 3], 2).unwrap(), 2);
+        assert_eq!(pick_up_to("versions_test_op", &[3], 2).unwrap(), 3);
+        force("versions_test_op", Some(3));
+        assert_eq!(pick_up_to("versions_test_op", &[1, 2, 3], 2).unwrap(), 3);
+        force("versions_test_op", None);
     }
 
     #[test]
