@@ -47,6 +47,14 @@ def best_of(runs, key, higher=True):
     return pick(runs, key=lambda r: r[key])
 
 
+def runs_by_default(report, op):
+    """The `smelt bench kernels` row of `op` that a call without a forced version runs (its
+    `default` flag); reports written before the flag existed: the newest version."""
+    rows = [r for r in report["rows"] if r["op"] == op]
+    marked = [r for r in rows if r.get("default")]
+    return marked[0] if marked else max(rows, key=lambda r: r["version"])
+
+
 def machine_slug(device, threads):
     if device.startswith("cuda"):
         try:
@@ -158,9 +166,8 @@ def main():
                 *common_peer]
 
         def head_ratios(s, q):
-            rows = {r["op"]: r for r in s["rows"]}
-            f = rows["logprob_entropy_fused_fwd"]["median_ms"]
-            b = rows["logprob_entropy_fused_bwd"]["median_ms"]
+            f = runs_by_default(s, "logprob_entropy_fused_fwd")["median_ms"]
+            b = runs_by_default(s, "logprob_entropy_fused_bwd")["median_ms"]
             return {"speedup_fwd": ratio(q["fwd_ms"], f), "speedup_fwd_bwd": ratio(q["fwd_bwd_ms"], f + b),
                     "smelt_fwd_ms": f, "smelt_fwd_bwd_ms": f + b, "peer_logits_bytes": q["logits_bytes"]}
 
@@ -175,10 +182,7 @@ def main():
                 "--head-dim", "64", *common_peer]
 
         def attn_ratios(s, q):
-            # The latest version of each kernel: the one smelt runs by default.
-            def latest(op):
-                return max((r for r in s["rows"] if r["op"] == op), key=lambda r: r["version"])
-            f, b = latest("attention_fwd"), latest("attention_bwd")
+            f, b = runs_by_default(s, "attention_fwd"), runs_by_default(s, "attention_bwd")
             return {"speedup_fwd": ratio(q["fwd_ms"], f["median_ms"]), "speedup_bwd": ratio(q["bwd_ms"], b["median_ms"]),
                     "smelt_fwd_ms": f["median_ms"], "smelt_bwd_ms": b["median_ms"],
                     "smelt_fwd_version": f["version"], "smelt_bwd_version": b["version"]}

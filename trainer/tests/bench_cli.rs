@@ -68,6 +68,8 @@ fn bench_kernels_add_quick_writes_rows_and_ceilings() {
     assert!(!rows.is_empty());
     for r in rows {
         assert_eq!(r["op"], "add");
+        // One version: each shape's row is the one an unforced call runs.
+        assert_eq!(r["default"], true, "{r}");
         for k in ["median_ms", "min_ms", "bytes", "gb_s", "pct_of_ceiling", "runs"] {
             positive(r, k);
         }

@@ -126,11 +126,9 @@ pub fn forward(
     let cu_d = upload(ord, cu)?;
     let (pq, pk, pv, po) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, o.cuda_ptr()?);
     let tensor_cores = tensor_cores_fit(dims, &[q, k, v, &o])?;
-    // At d 64, v3 (255 registers with a spill, 128 rows per block) measured slower than v2 on an
-    // H200: 0.48 against 0.33 ms at 1×4096 (14/2 heads), 81.7 against 80.3 ms per 0.5B training
-    // step at 8×1024; at d 128 v3 is the faster (kernels/cuda/attention.md).
-    let best = if dims.head_dim == 64 { 2 } else { 3 };
-    let version = crate::versions::pick_up_to("attention_forward", if tensor_cores { &[1, 2, 3] } else { &[1] }, best)?;
+    let allowed: &[u32] = if tensor_cores { &[1, 2, 3] } else { &[1] };
+    let version =
+        crate::versions::pick_up_to("attention_forward", allowed, super::forward_version_limit(dims.head_dim))?;
     let (nh, nkv) = (i32_arg(OP, dims.n_heads)?, i32_arg(OP, dims.n_kv_heads)?);
     // v1: one block per 4 query rows, finding each row's sequence in cu; v2/v3: one block per
     // (sequence, query tile) of a host-made list.

@@ -64,6 +64,18 @@ pub(crate) const SRC: crate::KernelSource =
 /// Largest head dim the CPU path accepts.
 pub const MAX_HEAD_DIM_CPU: usize = 256;
 
+/// The newest CUDA forward version worth running at `head_dim` when the shapes allow more: at
+/// d 64, v3 (255 registers with a spill, 128 rows per block) measured slower than v2 on an
+/// H200 (0.48 against 0.33 ms at 1×4096, 14/2 heads; 81.7 against 80.3 ms per Qwen2.5-0.5B
+/// training step at 8×1024); at d 128 v3 is the faster (`kernels/cuda/attention.md`).
+pub fn forward_version_limit(head_dim: usize) -> u32 {
+    if head_dim == 64 {
+        2
+    } else {
+        3
+    }
+}
+
 /// `1/sqrt(head_dim)`, the default scale.
 pub fn default_scale(head_dim: usize) -> f32 {
     1.0 / (head_dim as f32).sqrt()

@@ -421,6 +421,8 @@ struct Case {
     flops: f64,
     bound: Bound,
     run: Box<dyn FnMut() -> Result<()>>,
+    /// What a call without a forced version runs (see [`mark_defaults`]).
+    default: bool,
 }
 
 struct Ceilings {
@@ -549,7 +551,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
     let mut cases = Vec::new();
     let mut push =
         |shape: String, version: u32, bytes: f64, flops: f64, bound: Bound, run: Box<dyn FnMut() -> Result<()>>| {
-            cases.push(Case { op, shape, version, dtype: dt, bytes, flops, bound, run })
+            cases.push(Case { op, shape, version, dtype: dt, bytes, flops, bound, run, default: false })
         };
     match op {
         "matmul" => {
@@ -1029,7 +1031,28 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
         }
         other => bail!("internal: no benchmark for op {other}"),
     }
+    mark_defaults(&mut cases, ks.head_dim, device);
     Ok(cases)
+}
+
+/// Marks the rows an unforced call runs, so reports compare those with peers: per shape, the
+/// newest version (on CUDA the attention forward's up to its measured limit), at the op's own
+/// tiling (not the fused head's L2 row-tile variant).
+fn mark_defaults(cases: &mut [Case], head_dim: usize, device: Device) {
+    let limit = match cases.first().map(|c| c.op) {
+        Some("attention_fwd") if !device.is_cpu() => attention::forward_version_limit(head_dim),
+        _ => u32::MAX,
+    };
+    let runs: Vec<u32> = cases
+        .iter()
+        .map(|c| {
+            let same = cases.iter().filter(|o| o.shape == c.shape).map(|o| o.version);
+            same.clone().filter(|&v| v <= limit).max().or(same.max()).unwrap_or(c.version)
+        })
+        .collect();
+    for (c, runs) in cases.iter_mut().zip(runs) {
+        c.default = c.version == runs && !c.shape.contains(" row tile ");
+    }
 }
 
 /// Ops that do not depend on the token count run once per model shape.
@@ -1178,6 +1201,7 @@ fn kernels(args: KernelsArgs) -> Result<()> {
                         "model_shape": ks.name,
                         "tokens": t,
                         "version": c.version,
+                        "default": c.default,
                         "dtype": c.dtype.name(),
                         "bound": if c.bound == Bound::Memory { "memory" } else { "compute" },
                         "median_ms": s * 1e3,
@@ -1893,4 +1917,37 @@ fn generate(args: GenerateArgs) -> Result<()> {
          (captures included), graphs_error when that path failed"
     );
     write_json(&args.json, &report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rows marked default are what an unforced call runs: per shape the newest version,
+    /// the attention forward at d 64 on CUDA its v2, never the head's row-tile variant.
+    #[test]
+    fn defaults_are_what_unforced_calls_run() {
+        let case = |op: &'static str, shape: &str, version: u32| Case {
+            op,
+            shape: shape.into(),
+            version,
+            dtype: DType::BF16,
+            bytes: 0.0,
+            flops: 0.0,
+            bound: Bound::Compute,
+            run: Box::new(|| Ok(())),
+            default: false,
+        };
+        let marked = |mut cases: Vec<Case>, d: usize, device: Device| {
+            mark_defaults(&mut cases, d, device);
+            cases.iter().map(|c| c.default).collect::<Vec<_>>()
+        };
+        let attn = || (1..=3).map(|v| case("attention_fwd", "x", v)).collect::<Vec<_>>();
+        assert_eq!(marked(attn(), 64, Device::Cuda(0)), [false, true, false]);
+        assert_eq!(marked(attn(), 128, Device::Cuda(0)), [false, false, true]);
+        let head = vec![case("h", "a", 3), case("h", "a", 4), case("h", "a row tile 1024", 4)];
+        assert_eq!(marked(head, 64, Device::Cuda(0)), [false, true, false]);
+        let adamw = vec![case("adamw", "one", 1), case("adamw", "group", 1), case("adamw", "group", 2)];
+        assert_eq!(marked(adamw, 64, Device::Cpu), [true, false, true]);
+    }
 }
