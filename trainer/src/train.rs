@@ -139,9 +139,7 @@ impl Trainer {
         let load = LoadOptions { dtype, device, check_finite: true };
         let mut model = Qwen::new(ckpt.config.clone(), ckpt.load_weights(&load)?);
         model.recompute = cfg.gradient_checkpointing;
-        if cfg.cuda_graphs {
-            smelt_models::set_cuda_graphs(true);
-        }
+        smelt_models::set_cuda_graphs(cfg.cuda_graphs);
         let dro_model = if kind == RewardKind::Dro { Some(cfg.dro_reward_model()?) } else { None };
         let reference = if cfg.beta > 0.0 || dro_model == Some(DroRewardModel::Reference) {
             // The reference is the model RL starts from: `model`, or after a supervised
