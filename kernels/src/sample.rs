@@ -509,7 +509,7 @@ mod cuda {
     use super::*;
     use crate::cuda::{launch, Arg, LaunchCfg};
 
-    /// `step`: the value, or the device address of a u64 to read it from instead.
+    /// `step`: the value, or the device address of two u32 words (low first) to read it from instead.
     pub fn sample(
         ord: usize,
         logits: &Tensor,

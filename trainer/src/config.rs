@@ -34,7 +34,8 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     /// Decode rollouts on CUDA through CUDA graphs (`smelt_models::DecodeGraphs`): on by default
     /// (2.17× eager decoding for 16 prompts × 8 samples at the Qwen2.5-0.5B shape on an H200);
-    /// `false` decodes eagerly. A capture that fails warns and decodes eagerly.
+    /// `false` decodes eagerly. A capture that fails warns and decodes eagerly. The setting is
+    /// process-wide (`smelt_models::set_cuda_graphs`) and wins over `SMELT_CUDA_GRAPHS`.
     pub cuda_graphs: bool,
     /// Continue a run from one of its `checkpoint-<step>` directories (weights, optimizer
     /// state, step, data position); `model` is then the run's starting model (the KL

@@ -664,29 +664,37 @@ pub(crate) mod tests {
         let (stop, uploads) = (AtomicBool::new(false), AtomicUsize::new(0));
         let mine = dev.alloc(256).unwrap();
         std::thread::scope(|sc| {
-            sc.spawn(|| {
-                let theirs = dev.alloc(256).unwrap();
+            let other = sc.spawn(|| {
+                let theirs = dev.alloc(256)?;
                 while !stop.load(Relaxed) {
-                    dev.htod(&[7u8; 256], &theirs, 0).unwrap();
+                    dev.htod(&[7u8; 256], &theirs, 0)?;
                     uploads.fetch_add(1, Relaxed);
                 }
+                Ok::<_, crate::Error>(())
             });
-            while uploads.load(Relaxed) == 0 {
-                std::thread::yield_now();
-            }
+            // Waits for the other thread's uploads, failing the test (not hanging) if it stopped.
+            let wait_for = |n: usize| {
+                let t0 = std::time::Instant::now();
+                while uploads.load(Relaxed) < n {
+                    if other.is_finished() || t0.elapsed().as_secs() > 60 {
+                        stop.store(true, Relaxed);
+                        panic!("the uploading thread stopped or stalled");
+                    }
+                    std::thread::yield_now();
+                }
+            };
+            wait_for(1);
             let (_, rows) = super::profile::record(&dev, || {
                 let mut back = [0u8; 256];
                 for _ in 0..20 {
                     dev.dtoh(&mine, 0, &mut back).unwrap();
                 }
                 // The other thread uploads while this one records.
-                let at = uploads.load(Relaxed);
-                while uploads.load(Relaxed) < at + 5 {
-                    std::thread::yield_now();
-                }
+                wait_for(uploads.load(Relaxed) + 5);
             })
             .unwrap();
             stop.store(true, Relaxed);
+            other.join().unwrap().unwrap();
             let names: Vec<(&str, usize)> = rows.iter().map(|r| (r.name.as_str(), r.calls)).collect();
             assert_eq!(names, [("copy device→host", 20)]);
         });

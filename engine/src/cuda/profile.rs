@@ -101,6 +101,12 @@ impl Span {
 /// Runs `f`, the queueing of one operation on `dev`, inside a span named `name` (just `f()`
 /// when profiling is off).
 pub fn timed<T>(dev: &CudaDevice, name: impl FnOnce() -> String, f: impl FnOnce() -> T) -> T {
+    if !enabled() {
+        return f();
+    }
+    // A turn on the stream from the start event to the end event: a capture on another thread
+    // cannot begin between them and take this span's events into its graph.
+    let _turn = dev.stream_turn();
     let span = span(dev, name);
     let r = f();
     if let Some(s) = span {
@@ -115,9 +121,16 @@ pub fn record<T>(dev: &CudaDevice, f: impl FnOnce() -> T) -> Result<(T, Vec<Prof
     let me = thread::current().id();
     // Spans this thread finished before (with profiling switched on globally) are not f's.
     drop(spans_where(|s| s.thread == me)?);
-    let was = RECORDING.replace(true);
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            RECORDING.set(self.0);
+        }
+    }
+    // Restored also when `f` panics, so the thread does not go on profiling.
+    let restore = Restore(RECORDING.replace(true));
     let r = f();
-    RECORDING.set(was);
+    drop(restore);
     dev.synchronize()?;
     Ok((r, summed(spans_where(|s| s.thread == me)?)?))
 }

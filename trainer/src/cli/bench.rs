@@ -1037,7 +1037,8 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
 
 /// Marks the rows an unforced call runs, so reports compare those with peers: per shape, the
 /// newest version (on CUDA the attention forward's up to its measured limit), at the op's own
-/// tiling (not the fused head's L2 row-tile variant).
+/// tiling (not the fused head's L2 row-tile variant). A `SMELT_KERNEL_VERSIONS` cap is not
+/// taken into account.
 fn mark_defaults(cases: &mut [Case], head_dim: usize, device: Device) {
     let limit = match cases.first().map(|c| c.op) {
         Some("attention_fwd") if !device.is_cpu() => attention::forward_version_limit(head_dim),
