@@ -339,7 +339,7 @@ impl CudaDevice {
         self.bind()?;
         // SAFETY: plain allocation in the bound context.
         let first =
-            profile::timed(self, || "cuMemAlloc (allocator cache miss)".into(), || unsafe { drv::malloc_sync(class) });
+            profile::timed_host(|| "cuMemAlloc (allocator cache miss)".into(), || unsafe { drv::malloc_sync(class) });
         let ptr = match first {
             Ok(p) => p,
             Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
@@ -392,8 +392,7 @@ impl CudaDevice {
         if blocks.is_empty() {
             return Ok(());
         }
-        profile::timed(
-            self,
+        profile::timed_host(
             || "cuMemFree (allocator cache emptied)".into(),
             || {
                 // Work queued on the stream may still use a cached block's previous contents.

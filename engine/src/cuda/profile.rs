@@ -4,8 +4,8 @@
 //! CUDA events each) until [`take`], so profile a bounded stretch of work, then take.
 //!
 //! While on, every kernel launch, cuBLAS call, copy, memset, driver allocation and free is a
-//! [`Span`]: two CUDA events around it on the compute stream (GPU time) and the host time spent
-//! in the call (for a copy to or from the host that includes waiting for the stream, which is
+//! [`Span`]: two CUDA events around it on the compute stream (GPU time; not for allocations and
+//! frees, which queue nothing on it) and the host time spent in the call (for a copy to or from the host that includes waiting for the stream, which is
 //! exactly what makes such a copy expensive). [`take`] waits for the stream and sums the spans
 //! per name. Creating and recording two events costs the host a few microseconds per
 //! operation, so a profiled step runs a little slower than an unprofiled one. Where the GPU has
@@ -112,6 +112,19 @@ pub fn timed<T>(dev: &CudaDevice, name: impl FnOnce() -> String, f: impl FnOnce(
     if let Some(s) = span {
         s.finish();
     }
+    r
+}
+
+/// [`timed`] for a driver call that queues nothing on the stream (an allocation or a free, made
+/// under the allocator's lock): host time only, with no events and so no turn on the stream,
+/// which could wait for another thread's capture while that capture waits for the allocator.
+pub fn timed_host<T>(name: impl FnOnce() -> String, f: impl FnOnce() -> T) -> T {
+    if !enabled() {
+        return f();
+    }
+    let span = Span { name: name(), t0: Instant::now(), start: None };
+    let r = f();
+    span.finish();
     r
 }
 
