@@ -83,9 +83,10 @@ fn device_graph_decoding_matches_eager() {
             assert!(compared as f64 >= need * total as f64, "{name} {dtype}: only {compared} of {total} tokens agree");
             // Pruning (early rejection) moves the survivors into a cache of their own, where
             // slots and random streams part ways, and the graphs start again on it: the kept
-            // sequences are still the unpruned run's.
+            // sequences are still the unpruned run's. Three survivors make a graph of 3 rows,
+            // whose sampling step sits at a 4-byte offset among its u32 inputs.
             if exact {
-                let mut keep = |_: &[Generation]| vec![1, 3, 4, 8];
+                let mut keep = |_: &[Generation]| vec![1, 4, 8];
                 set_cuda_graphs(true);
                 let before = DecodeGraphs::replays();
                 let (pruned, _, kept) = generate_pruned(&model, &prompts, &opts, 0, 4, &mut keep).unwrap();
