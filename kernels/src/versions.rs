@@ -112,12 +112,10 @@ pub fn pick(op: &'static str, allowed: &[u32]) -> smelt_engine::Result<u32> {
 pub fn pick_up_to(op: &'static str, allowed: &[u32], best: u32) -> smelt_engine::Result<u32> {
     let caps = env_caps().as_ref().map_err(|m| smelt_engine::Error::msg(format!("{op}: {m}")))?;
     let cap = caps.iter().find(|(o, _)| o == op).map(|&(_, v)| v);
+    let forced = forced(op);
     let below_best: Vec<u32> = allowed.iter().copied().filter(|&v| v <= best).collect();
-    match forced(op) {
-        Some(v) => pick_from(op, allowed, Some(v), cap),
-        None if below_best.is_empty() => pick_from(op, allowed, None, cap),
-        None => pick_from(op, &below_best, None, cap),
-    }
+    let choices = if forced.is_some() || below_best.is_empty() { allowed } else { &below_best };
+    pick_from(op, choices, forced, cap)
 }
 
 fn pick_from(op: &'static str, allowed: &[u32], forced: Option<u32>, cap: Option<u32>) -> smelt_engine::Result<u32> {

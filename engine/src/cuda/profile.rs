@@ -5,8 +5,9 @@
 //!
 //! While on, every kernel launch, cuBLAS call, copy, memset, driver allocation and free is a
 //! [`Span`]: two CUDA events around it on the compute stream (GPU time; not for allocations and
-//! frees, which queue nothing on it) and the host time spent in the call (for a copy to or from the host that includes waiting for the stream, which is
-//! exactly what makes such a copy expensive). [`take`] waits for the stream and sums the spans
+//! frees, which queue nothing on it) and the host time spent in the call (for a copy to or from
+//! the host that includes waiting for the stream, which is exactly what makes such a copy
+//! expensive). [`take`] waits for the stream and sums the spans
 //! per name. Creating and recording two events costs the host a few microseconds per
 //! operation, so a profiled step runs a little slower than an unprofiled one. Where the GPU has
 //! caught up with the host, an operation's GPU time also holds the wait for its own launch, so a

@@ -535,6 +535,8 @@ fn causal_pairs(cu: &[u32]) -> f64 {
 /// Head row tile whose f32 logits chunk (× the default 4096 columns) fits a quarter of an
 /// H100's L2 (see the fused head's cases).
 const L2_ROW_TILE: usize = 1024;
+/// Marks the shape of the fused head's L2 row-tile variant (not what a call runs by default).
+const ROW_TILE_TAG: &str = " row tile ";
 
 /// Builds the benchmark for one op at one model shape and token count.
 fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: bool, exact: bool) -> Result<Vec<Case>> {
@@ -883,7 +885,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let tilings: Vec<(head::LogprobEntropyOpts, String)> = if device.is_cpu() || n <= L2_ROW_TILE {
                 vec![(opts, desc.clone())]
             } else {
-                vec![(opts, desc.clone()), (l2_tile, format!("{desc} row tile {L2_ROW_TILE}"))]
+                vec![(opts, desc.clone()), (l2_tile, format!("{desc}{ROW_TILE_TAG}{L2_ROW_TILE}"))]
             };
             if op == "logprob_entropy_fused_fwd" {
                 // The forward scan's versions (logprob_entropy.cu: v3 per element, v4 grouped).
@@ -1052,7 +1054,7 @@ fn mark_defaults(cases: &mut [Case], head_dim: usize, device: Device) {
         })
         .collect();
     for (c, runs) in cases.iter_mut().zip(runs) {
-        c.default = c.version == runs && !c.shape.contains(" row tile ");
+        c.default = c.version == runs && !c.shape.contains(ROW_TILE_TAG);
     }
 }
 
