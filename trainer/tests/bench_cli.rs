@@ -92,10 +92,21 @@ fn bench_generate_tiny_and_bad_flags() {
             "4",
             "--runs",
             "1",
+            "--samples",
+            "2",
+            "--spread",
         ],
         "generate",
     );
-    for k in ["prefill_tokens_per_s", "decode_tokens_per_s", "tokens_per_s", "peak_bytes"] {
+    for k in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "tokens_per_s",
+        "peak_bytes",
+        "full_batch_total_ms",
+        "first_run_total_ms",
+        "unshared_prefill_ms",
+    ] {
         positive(&v, k);
     }
     for bad in [

@@ -1676,7 +1676,8 @@ pub struct GenerateArgs {
     /// Timed runs (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Untimed runs first.
+    /// Untimed runs of every timed mode first, on the same lengths (the first is reported on its
+    /// own: it meets every batch size first)
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
@@ -1795,8 +1796,21 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let prompts: Vec<Vec<u32>> = (0..np).map(|i| rand_ids(p, c.vocab_size, args.seed * 1000 + i as u64)).collect();
     let lengths: Vec<usize> = (0..b).map(|i| if args.spread { (n * (i + 1)).div_ceil(b) } else { n }).collect();
     reset_peak(device);
+    // Every mode timed below is first run untimed on the same lengths: the first run to meet a
+    // batch size pays for its allocator size classes, cuBLAS's choice of kernels and the kernel
+    // modules, and with --spread every step has a batch size of its own. The first of these
+    // runs is reported on its own (`first_run_total_ms`).
+    let mut first_run_ms = None;
     for _ in 0..args.warmup {
-        timed_generation(&model, &prompts, ns, &vec![n.min(4); b], true, args.graphs)?;
+        let t = timed_generation(&model, &prompts, ns, &lengths, true, false)?.1;
+        first_run_ms.get_or_insert(t * 1e3);
+        if args.spread {
+            timed_generation(&model, &prompts, ns, &lengths, false, false)?;
+        }
+        // A failing graph path is reported by the timed run below.
+        if args.graphs {
+            timed_generation(&model, &prompts, ns, &lengths, true, true).ok();
+        }
     }
     let timed_as = |drop_finished: bool, graphs: bool| -> Result<(f64, f64)> {
         let (mut ttft, mut total) = (Vec::new(), Vec::new());
@@ -1882,6 +1896,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
             full / (t * 1e3)
         );
     }
+    if let Some(ms) = first_run_ms {
+        println!("  first (untimed) run {ms:.1} ms: {:.2}× the median run's time", ms / (t * 1e3));
+    }
     println!("  peak memory {} ({peak_src})", peak.map(|p| gib(p as f64)).unwrap_or_else(|| "n/a".into()));
     let mut report = report_header("smelt-bench-generate", device);
     report["model"] = json!(label);
@@ -1896,6 +1913,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
     report["spread"] = json!(args.spread);
     report["new_tokens_total"] = json!(new_total);
     report["full_batch_total_ms"] = json!(full_batch_ms);
+    report["first_run_total_ms"] = json!(first_run_ms);
+    report["warmup"] = json!(args.warmup);
     report["graphs_total_ms"] = json!(graphs.map(|g| g.1 * 1e3));
     report["graphs_decode_tokens_per_s"] = json!(graphs_decode_tps);
     report["graphs_error"] = json!(graphs_error);
@@ -1914,6 +1933,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
          tokens and leaves the batch); prefill = time to first token (prefill + lm_head + sample); \
          decode = the remaining new tokens over the remaining time; tokens_per_s = all new tokens \
          over the total time; full_batch_total_ms = the same lengths with every row decoded to the end; \
+         every mode is run `warmup` times untimed first, and first_run_total_ms is the first of \
+         them (eager, rows leaving): the run that meets each batch size first; \
          batch = prompts × samples sequences; prefill tokens/s counts each prompt once (its samples \
          share it); unshared_prefill_ms = prefill alone of every sample's own copy of its prompt; \
          graphs_* = the same generations with decode steps after the first replayed from CUDA graphs \
