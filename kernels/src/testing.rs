@@ -103,6 +103,15 @@ pub fn emulated(dev: Device) -> bool {
     false
 }
 
+/// `SMELT_TEST_REDUCED=1`: the device tests with the largest tables (attention backward,
+/// sampling at V = 151,936) run a reduced one. `scripts/gpu-check` sets it for compute-sanitizer's
+/// racecheck, which checks every shared-memory access and so runs those tables past its per-test
+/// limit; the full tables run in the plain device-test step of the same visit. The reduced tables
+/// keep every kernel version and several tiles per block, where a missing barrier would show.
+pub fn reduced_tables() -> bool {
+    std::env::var("SMELT_TEST_REDUCED").as_deref() == Ok("1")
+}
+
 /// For tests that need NVRTC and find none: prints why and returns (the test passes), unless
 /// `SMELT_REQUIRE_NVRTC=1` (CI), where it panics.
 pub fn skip_without_nvrtc(test: &str, why: impl std::fmt::Display) {
