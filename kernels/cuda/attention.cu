@@ -27,6 +27,8 @@
 //     lands during S(j) and the softmax, K(j+1) during P·V(j)), B fragments by ldmatrix(.trans).
 //     Budget per block: 128 threads; smem as v2 (one K and one V tile); registers (sm_90) 255
 //     with 4 B spilled at D=64, 230 at D=128.
+//   fwd v4 (attn_fwd_v4_bf16_d64): v3 with MT = 1 at D=64 (v2's 64-row tiles, 16 rows per warp):
+//     v3's staging at v2's 128 registers, no spill (sm_80 and sm_90). D=64 only.
 //   bwd: delta kernel (one warp per (row, head): D = rowsum(dO∘O)); dK/dV kernel: one block per
 //     (32-key tile, KV head), K/V tile in smem, loops over the group's query heads and the query
 //     rows ≥ tile start in steps of 8, recomputing P from lse; dQ kernel: one block per (8-row
@@ -315,16 +317,16 @@ __device__ void attn_fwd_v2(const bf16_t* __restrict__ q, const bf16_t* __restri
     }
 }
 
-// Forward tensor-core kernel of version V (2, 3) at head dim D; the rest are attn_fwd_vV's
-// template arguments.
-#define ATT_FWD_TC(V, D, ...)                                                                           \
+// Forward tensor-core kernel of version V (2, 3, 4) at head dim D, running device function F;
+// the rest are F's template arguments.
+#define ATT_FWD_TC(V, F, D, ...)                                                                        \
     extern "C" __global__ void __launch_bounds__(128) attn_fwd_v##V##_bf16_d##D(                        \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* tiles, const u32* cu, int ntok,   \
         int nh, int nkv, float scale, bf16_t* o, float* lse) {                                          \
-        attn_fwd_v##V<__VA_ARGS__>(q, k, v, tiles, cu, ntok, nh, nkv, scale, o, lse);                   \
+        F<__VA_ARGS__>(q, k, v, tiles, cu, ntok, nh, nkv, scale, o, lse);                               \
     }
-ATT_FWD_TC(2, 64, 64)
-ATT_FWD_TC(2, 128, 128)
+ATT_FWD_TC(2, attn_fwd_v2, 64, 64)
+ATT_FWD_TC(2, attn_fwd_v2, 128, 128)
 
 // ---------------------------------------------------------------- backward v1 (tiled FMA)
 // delta[h, t] = Σ_d dO[t,h,d]·O[t,h,d]; one warp per (t, h).
@@ -968,8 +970,12 @@ __device__ void attn_fwd_v3(const bf16_t* __restrict__ q, const bf16_t* __restri
     }
 }
 
-ATT_FWD_TC(3, 64, 64, 2)
-ATT_FWD_TC(3, 128, 128, 1)
+ATT_FWD_TC(3, attn_fwd_v3, 64, 64, 2)
+ATT_FWD_TC(3, attn_fwd_v3, 128, 128, 1)
+// v4: v3 with one m-tile per warp at head dim 64 too (64-row query tiles, as v2), for v3's
+// staging without its second set of Q fragments and accumulators (255 registers and a spill at
+// d 64). At d 128 v3 already has one m-tile: there v4 is v3's kernel.
+ATT_FWD_TC(4, attn_fwd_v3, 64, 64, 1)
 
 // ---------------------------------------------------------------- backward v3 (cp.async, ldmatrix)
 // v2's two passes with forward v3's operand path: smem tiles staged by cp.async, every B

@@ -3,11 +3,10 @@
 use super::*;
 use crate::cuda::{launch, upload, Arg, LaunchCfg};
 
-/// Forward query-tile rows of v2 (must match `BR` in the kernel).
-const FWD_V2_BR: usize = 64;
-/// Forward query-tile rows of v3 at a head dim (must match `BR` = 64·MT in the kernel).
-fn fwd_v3_br(head_dim: usize) -> usize {
-    if head_dim == 64 {
+/// Forward query-tile rows of the tensor-core versions (must match `BR` in the kernels: 64 for
+/// v2, 64·MT for v3 and v4, whose MT is 2 for v3 at head dim 64, else 1).
+fn fwd_tile_rows(version: u32, head_dim: usize) -> usize {
+    if version == 3 && head_dim == 64 {
         128
     } else {
         64
@@ -126,17 +125,22 @@ pub fn forward(
     let cu_d = upload(ord, cu)?;
     let (pq, pk, pv, po) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, o.cuda_ptr()?);
     let tensor_cores = tensor_cores_fit(dims, &[q, k, v, &o])?;
-    let allowed: &[u32] = if tensor_cores { &[1, 2, 3] } else { &[1] };
+    // v4 is v3 with one m-tile per warp at head dim 64; at 128 v3 already is that kernel.
+    let allowed: &[u32] = match (tensor_cores, dims.head_dim) {
+        (false, _) => &[1],
+        (true, 64) => &[1, 2, 3, 4],
+        (true, _) => &[1, 2, 3],
+    };
     let version =
         crate::versions::pick_up_to("attention_forward", allowed, super::forward_version_limit(dims.head_dim))?;
     let (nh, nkv) = (i32_arg(OP, dims.n_heads)?, i32_arg(OP, dims.n_kv_heads)?);
-    // v1: one block per 4 query rows, finding each row's sequence in cu; v2/v3: one block per
+    // v1: one block per 4 query rows, finding each row's sequence in cu; v2–v4: one block per
     // (sequence, query tile) of a host-made list.
     let tile_list;
     let (blocks, index_args) = if version == 1 {
         (t.div_ceil(4), [Arg::Ptr(cu_d.cuda_ptr()?), i32_arg(OP, cu.len() - 1)?])
     } else {
-        let tl = tiles(cu, if version == 2 { FWD_V2_BR } else { fwd_v3_br(dims.head_dim) });
+        let tl = tiles(cu, fwd_tile_rows(version, dims.head_dim));
         tile_list = upload(ord, &tl)?;
         (tl.len() / 2, [Arg::Ptr(tile_list.cuda_ptr()?), Arg::Ptr(cu_d.cuda_ptr()?)])
     };

@@ -36,7 +36,8 @@
 //! See `kernels/cuda/attention.cu` and `kernels/cuda/attention.md`.
 //! - Forward: v1 naive (one warp per query row); v2 flash-tiled with `mma.sync` bf16 tensor
 //!   cores; v3 the same with cp.async K/V staging overlapped with compute, `ldmatrix` operand
-//!   loads and 32 query rows per warp at head_dim 64.
+//!   loads and 32 query rows per warp at head_dim 64; v4 (head_dim 64 only) v3 with 16 rows per
+//!   warp, as v2, which keeps it at v2's 128 registers.
 //! - Backward: v1 tiled two-pass (dK/dV per KV tile, then dQ per Q tile; no atomics); v2 the same
 //!   two passes on `mma.sync` bf16 tensor cores; v3 those with cp.async staging (double-buffered
 //!   in dK/dV) and `ldmatrix` operands; v4 is v3 with a KV group's query heads split over more
@@ -67,7 +68,8 @@ pub const MAX_HEAD_DIM_CPU: usize = 256;
 /// The newest CUDA forward version worth running at `head_dim` when the shapes allow more: at
 /// d 64, v3 (255 registers with a spill, 128 rows per block) measured slower than v2 on an
 /// H200 (0.48 against 0.33 ms at 1×4096, 14/2 heads; 81.7 against 80.3 ms per Qwen2.5-0.5B
-/// training step at 8×1024); at d 128 v3 is the faster (`kernels/cuda/attention.md`).
+/// training step at 8×1024); at d 128 v3 is the faster (`kernels/cuda/attention.md`). v4 (v3's
+/// staging at v2's registers, d 64) is not measured yet, so it runs only when pinned.
 pub fn forward_version_limit(head_dim: usize) -> u32 {
     if head_dim == 64 {
         2
