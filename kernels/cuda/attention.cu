@@ -63,11 +63,15 @@
 //     once per query head; a warp takes 32 keys, lane j scores key j for every row from a
 //     whole K row (16-byte loads), then lanes split D over the 32 V rows. Splits are multiples
 //     of 128 keys. smem (8·D + 4·8·32 + 4·8·D)·4 B + 256 B = 24.8 KiB (D=128) static.
+//   decode v3 (bf16): v2's blocks, with each lane's slice of the warp's 32 V rows loaded into
+//     registers (32·D/64 words) before the scores, so a warp has all 64 K/V rows in flight at
+//     once. Registers (sm_90) 144 at D=64, 168 at D=128 (48 B spilled).
 // Versions:
 //   fwd v1 naive warp-per-row, f32 and bf16 (correctness baseline)
 //   fwd v2 flash-tiled, mma.sync bf16 tensor cores, 64×64 tiles (bf16 only; f32 runs v1)
 //   fwd v3 v2 + cp.async staging overlapped with compute, ldmatrix operands, 32 rows per warp at
 //     D=64 (bf16, D 64/128)
+//   fwd v4 v3 with 16 rows per warp at D=64 (bf16, D 64 only)
 //   bwd v1 tiled FMA, two passes (dK/dV per KV tile, then dQ per Q tile), f32 and bf16
 //   bwd v2 the same passes on mma.sync bf16 tensor cores, 64-row tiles (bf16, D 64/128 only)
 //   bwd v3 v2 + cp.async staging overlapped with compute (double-buffered in dK/dV), ldmatrix
@@ -77,6 +81,7 @@
 //   decode v1 split-K partial + combine, f32 and bf16
 //   decode v2 the same split-K with a KV group per block, key-parallel scores (D 64/128, ≤ 8
 //     query heads per KV head; others run v1)
+//   decode v3 v2 with the V rows loaded together with the K rows (bf16 only)
 
 // Instantiates kernel family M for every head dim the launchers accept (CUDA_HEAD_DIMS in
 // kernels/src/attention/cuda.rs): M(<dtype>_d<D>, T, D).
@@ -1341,7 +1346,20 @@ ATT_FOR_EACH_DIM(ATT_DEC, bf16_t, bf16)
 // against the queries in shared memory, the warp updates the R online softmaxes, then lanes
 // split D and stream the 32 V rows (coalesced) into acc. Writes v1's partial layout, so v1's
 // combine kernel finishes the job.
-template <typename T, int D>
+// VPRE (v3, bf16 only): each lane loads its slice of all 32 V rows into registers before the
+// scores are computed, so the V loads are in flight together with the K loads; v2 issues them
+// four rows at a time after the softmax, which leaves the memory system mostly idle.
+template <int W>
+__device__ __forceinline__ void dec_ldw(const bf16_t* p, u32 (&w)[W]) {
+    if constexpr (W == 1) {
+        w[0] = *reinterpret_cast<const u32*>(p);
+    } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        w[0] = v.x;
+        w[1] = v.y;
+    }
+}
+template <typename T, int D, bool VPRE>
 __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
                                        const u32* __restrict__ cache_lens, const u32* __restrict__ slots, int n_new,
                                        int nh, int nkv, int max_len, int chunk, int nsplit, float scale, int tq,
@@ -1384,8 +1402,16 @@ __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restr
     const size_t slot = slots ? slots[b] : (u32)b;
     const T* kb = kc + (slot * max_len * nkv + g) * D;
     const T* vb = vc + (slot * max_len * nkv + g) * D + lane * E;
+    constexpr int VW = VPRE ? E / 2 : 1;  // 32-bit words of a lane's V slice (bf16 pairs)
     for (int j0 = kbeg + 32 * warp; j0 < kend; j0 += 128) {
         const int j = j0 + lane;
+        const int nj = min(32, kend - j0);
+        u32 vw[VPRE ? 32 : 1][VW];
+        if constexpr (VPRE) {
+            #pragma unroll
+            for (int jj = 0; jj < 32; ++jj)
+                if (jj < nj) dec_ldw<VW>(reinterpret_cast<const bf16_t*>(vb) + (size_t)(j0 + jj) * stride, vw[jj]);
+        }
         float s[DEC2_R];
         #pragma unroll
         for (int r = 0; r < DEC2_R; ++r) s[r] = 0.f;
@@ -1423,19 +1449,39 @@ __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restr
             sp[warp][r][lane] = p;
         }
         __syncwarp();
-        const int nj = min(32, kend - j0);
-        #pragma unroll 4
-        for (int jj = 0; jj < nj; ++jj) {
-            const T* vr = vb + (size_t)(j0 + jj) * stride;
-            float vf[E];
+        if constexpr (VPRE) {
             #pragma unroll
-            for (int e = 0; e < E; ++e) vf[e] = att_ld(vr + e);
-            #pragma unroll
-            for (int r = 0; r < DEC2_R; ++r) {
-                if (r < R) {
-                    const float pr = sp[warp][r][jj];
-                    #pragma unroll
-                    for (int e = 0; e < E; ++e) acc[r][e] += pr * vf[e];
+            for (int jj = 0; jj < 32; ++jj) {
+                if (jj >= nj) break;
+                float vf[E];
+                #pragma unroll
+                for (int w = 0; w < VW; ++w) {
+                    vf[2 * w] = bf16_to_f32((bf16_t)(vw[jj][w] & 0xffffu));
+                    vf[2 * w + 1] = bf16_to_f32((bf16_t)(vw[jj][w] >> 16));
+                }
+                #pragma unroll
+                for (int r = 0; r < DEC2_R; ++r) {
+                    if (r < R) {
+                        const float pr = sp[warp][r][jj];
+                        #pragma unroll
+                        for (int e = 0; e < E; ++e) acc[r][e] += pr * vf[e];
+                    }
+                }
+            }
+        } else {
+            #pragma unroll 4
+            for (int jj = 0; jj < nj; ++jj) {
+                const T* vr = vb + (size_t)(j0 + jj) * stride;
+                float vf[E];
+                #pragma unroll
+                for (int e = 0; e < E; ++e) vf[e] = att_ld(vr + e);
+                #pragma unroll
+                for (int r = 0; r < DEC2_R; ++r) {
+                    if (r < R) {
+                        const float pr = sp[warp][r][jj];
+                        #pragma unroll
+                        for (int e = 0; e < E; ++e) acc[r][e] += pr * vf[e];
+                    }
                 }
             }
         }
@@ -1455,17 +1501,19 @@ __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restr
                                              split, nsplit, part_o, part_ml);
 }
 
-#define ATT_DEC_V2(SUF, T, D)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) attn_decode_v2_partial_##SUF(                    \
+#define ATT_DEC_V2(V, SUF, T, D, VPRE)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) attn_decode_v##V##_partial_##SUF(                \
         const T* q, const T* kc, const T* vc, const u32* cache_lens, const u32* slots, int n_new, int nh, \
         int nkv, int max_len, int chunk, int nsplit, float scale, int tq, float* part_o, float* part_ml) { \
-        attn_decode_v2_partial<T, D>(q, kc, vc, cache_lens, slots, n_new, nh, nkv, max_len, chunk,     \
-                                     nsplit, scale, tq, part_o, part_ml);                              \
+        attn_decode_v2_partial<T, D, VPRE>(q, kc, vc, cache_lens, slots, n_new, nh, nkv, max_len, chunk, \
+                                           nsplit, scale, tq, part_o, part_ml);                        \
     }
-ATT_DEC_V2(f32_d64, float, 64)
-ATT_DEC_V2(f32_d128, float, 128)
-ATT_DEC_V2(bf16_d64, bf16_t, 64)
-ATT_DEC_V2(bf16_d128, bf16_t, 128)
+ATT_DEC_V2(2, f32_d64, float, 64, false)
+ATT_DEC_V2(2, f32_d128, float, 128, false)
+ATT_DEC_V2(2, bf16_d64, bf16_t, 64, false)
+ATT_DEC_V2(2, bf16_d128, bf16_t, 128, false)
+ATT_DEC_V2(3, bf16_d64, bf16_t, 64, true)
+ATT_DEC_V2(3, bf16_d128, bf16_t, 128, true)
 
 // ---------------------------------------------------------------- KV cache append
 // Row r of new [N, row] goes to cache[(slots[r]·max_len + positions[r])·row ...].

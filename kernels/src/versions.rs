@@ -9,7 +9,9 @@
 //!
 //! Without code, `SMELT_KERNEL_VERSIONS="sample=1,rmsnorm=2"` caps ops at a version: each call
 //! runs the newest version it can take that is not above the cap — the way back to an older
-//! kernel if a newer one misbehaves on some GPU. Op names: [`OPS`]. A malformed value or an
+//! kernel if a newer one misbehaves on some GPU, and the way to run a version newer than the
+//! default of an op whose launcher holds new versions back until they are measured
+//! ([`pick_up_to`]; e.g. `attention_decode=3`). Op names: [`OPS`]. A malformed value or an
 //! unknown op name makes every launch of a versioned op fail with an error that quotes the variable.
 
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -106,15 +108,26 @@ pub fn pick(op: &'static str, allowed: &[u32]) -> smelt_engine::Result<u32> {
     pick_up_to(op, allowed, u32::MAX)
 }
 
-/// [`pick`] for a call where a newer version measured slower than `best` (the launcher says
-/// where): unless forced, the newest of `allowed` not above `best` nor the cap. A forced version
-/// may still be any of `allowed`, so benchmarks time them all.
+/// [`pick`] for a call where versions newer than `best` measured slower or are not measured yet
+/// (the launcher says which): the newest of `allowed` not above `best`, unless a version is
+/// forced or `SMELT_KERNEL_VERSIONS` names the op. Both may pick any of `allowed`: benchmarks
+/// time every version, and a setting above `best` (`attention_decode=3`) tries a newer kernel
+/// in a whole run without code.
 pub fn pick_up_to(op: &'static str, allowed: &[u32], best: u32) -> smelt_engine::Result<u32> {
     let caps = env_caps().as_ref().map_err(|m| smelt_engine::Error::msg(format!("{op}: {m}")))?;
     let cap = caps.iter().find(|(o, _)| o == op).map(|&(_, v)| v);
-    let forced = forced(op);
+    choose(op, allowed, best, forced(op), cap)
+}
+
+fn choose(
+    op: &'static str,
+    allowed: &[u32],
+    best: u32,
+    forced: Option<u32>,
+    cap: Option<u32>,
+) -> smelt_engine::Result<u32> {
     let below_best: Vec<u32> = allowed.iter().copied().filter(|&v| v <= best).collect();
-    let choices = if forced.is_some() || below_best.is_empty() { allowed } else { &below_best };
+    let choices = if forced.is_some() || cap.is_some() || below_best.is_empty() { allowed } else { &below_best };
     pick_from(op, choices, forced, cap)
 }
 
@@ -178,6 +191,11 @@ mod tests {
         assert_eq!(pick_from("op", &[1, 2, 3], Some(3), Some(1)).unwrap(), 3);
         let e = pick_from("op", &[2, 3], None, Some(1)).unwrap_err().to_string();
         assert!(e.contains("caps it at version 1") && e.contains("[2, 3]"), "{e}");
+        // Past a launcher's best version only when the variable asks (or a version is forced).
+        assert_eq!(choose("op", &[1, 2, 3, 4], 2, None, None).unwrap(), 2);
+        assert_eq!(choose("op", &[1, 2, 3, 4], 2, None, Some(3)).unwrap(), 3);
+        assert_eq!(choose("op", &[1, 2, 3, 4], 2, None, Some(9)).unwrap(), 4);
+        assert_eq!(choose("op", &[1, 2, 3, 4], 2, None, Some(1)).unwrap(), 1);
     }
 
     #[test]

@@ -332,10 +332,15 @@ pub fn decode(
     // v2 reads K rows with 16-byte loads (q with scalar ones).
     let aligned = [k_cache.cuda_ptr()?, v_cache.cuda_ptr()?].iter().all(|p| p % 16 == 0);
     let v2_fits = matches!(dims.head_dim, 64 | 128) && group <= DEC_V2_ROWS && aligned;
-    let version = crate::versions::pick("attention_decode", if v2_fits { &[1, 2] } else { &[1] })?;
-    // Blocks per (batch row, KV head or query head): v2 takes a KV group's heads for `tq` new
-    // tokens together, v1 one query head for DEC_MAXQ new tokens.
-    let (tq, per_row) = if version == 2 {
+    let allowed: &[u32] = match (v2_fits, q.dtype()) {
+        (false, _) => &[1],
+        (true, DType::BF16) => &[1, 2, 3],
+        (true, _) => &[1, 2],
+    };
+    let version = crate::versions::pick_up_to("attention_decode", allowed, super::DECODE_VERSION_LIMIT)?;
+    // Blocks per (batch row, KV head or query head): v2 and v3 take a KV group's heads for `tq`
+    // new tokens together, v1 one query head for DEC_MAXQ new tokens.
+    let (tq, per_row) = if version >= 2 {
         let tq = (DEC_V2_ROWS / group).min(n_new).max(1);
         (tq, dims.n_kv_heads)
     } else {
@@ -345,7 +350,7 @@ pub fn decode(
     let base_blocks = b * per_row * qg;
     let mut nsplit = DEC_TARGET_BLOCKS.div_ceil(base_blocks.max(1)).min(longest.div_ceil(DEC_MIN_CHUNK)).max(1);
     let mut chunk = longest.div_ceil(nsplit).max(1);
-    if version == 2 {
+    if version >= 2 {
         // Whole 128-key steps of the block's 4 warps.
         chunk = chunk.next_multiple_of(128);
         nsplit = longest.div_ceil(chunk).max(1);
@@ -382,9 +387,9 @@ pub fn decode(
         i32_arg(OP, nsplit)?,
         Arg::F32(scale),
     ];
-    let func = if version == 2 {
+    let func = if version >= 2 {
         args.push(i32_arg(OP, tq)?);
-        format!("attn_decode_v2_partial_{suf}")
+        format!("attn_decode_v{version}_partial_{suf}")
     } else {
         format!("attn_decode_partial_{suf}")
     };

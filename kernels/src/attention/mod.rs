@@ -44,7 +44,8 @@
 //!   dK/dV blocks when (key tile, KV head) blocks alone would not fill the GPU (f32 partials,
 //!   summed by a second kernel in a fixed order).
 //! - Decode: v1 split-K (flash-decoding) with a combine kernel; v2 the same split with all query
-//!   heads of a KV group in one block, so each cache row is read once (≤ 8 query heads per KV head).
+//!   heads of a KV group in one block, so each cache row is read once (≤ 8 query heads per KV head);
+//!   v3 (bf16) v2 with a warp's 32 V rows loaded into registers together with its K rows.
 //!
 //! The tensor-core versions take bf16 at head_dim 64/128 (16-byte aligned); other calls run v1.
 //! Each call runs the newest version its shapes allow, unless [`crate::versions`] pins or caps it
@@ -77,6 +78,10 @@ pub fn forward_version_limit(head_dim: usize) -> u32 {
         3
     }
 }
+
+/// The newest CUDA decode version a call runs unless pinned: v3 (v2 with each warp's 32 V rows
+/// loaded with its K rows) is not measured on a GPU yet.
+pub const DECODE_VERSION_LIMIT: u32 = 2;
 
 /// `1/sqrt(head_dim)`, the default scale.
 pub fn default_scale(head_dim: usize) -> f32 {

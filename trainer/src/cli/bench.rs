@@ -854,7 +854,8 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let vc = rt(&[b, t, nkv, d], 3)?;
             let lens = vec![t as u32; b];
             let kv_bytes = 2.0 * (b * t * nkv * d) as f64 * es;
-            let vers = versions_on(device, &[1, 2]);
+            // v3 is bf16 only.
+            let vers = versions_on(device, if dt == DType::BF16 { &[1, 2, 3] } else { &[1, 2] });
             for &ver in vers {
                 let (q, kc, vc, lens) = (q.clone(), kc.clone(), vc.clone(), lens.clone());
                 push(
@@ -1046,6 +1047,7 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
 fn mark_defaults(cases: &mut [Case], head_dim: usize, device: Device) {
     let limit = match cases.first().map(|c| c.op) {
         Some("attention_fwd") if !device.is_cpu() => attention::forward_version_limit(head_dim),
+        Some("attention_decode") if !device.is_cpu() => attention::DECODE_VERSION_LIMIT,
         _ => u32::MAX,
     };
     let runs: Vec<u32> = cases
