@@ -195,6 +195,23 @@ fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, dw: &Tensor, db: Option<
     Ok(dx)
 }
 
+/// [`linear_backward`] that adds dx into `dx_sum` inside the GEMM (beta = 1) instead of
+/// returning it: the k and v projections' share of dh1 costs no separate add.
+fn linear_backward_add(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    dw: &Tensor,
+    db: Option<&Tensor>,
+    dx_sum: &Tensor,
+) -> Result<()> {
+    matmul::matmul_backward_into(x, w, dy, true, Some(dx_sum), Some(dw), true)?;
+    if let Some(db) = db {
+        add::bias_grad_into(dy, db)?;
+    }
+    Ok(())
+}
+
 /// `dst += src`, `src` cast on its device to `dst`'s dtype (f32 gradients of bf16 weights).
 fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
     Ok(add::add_scaled_(dst, 1.0, &cast::cast(src, dst.dtype())?)?)
@@ -548,8 +565,8 @@ impl Qwen {
         )?;
         let dv = dv.reshape(&[t, c.kv_dim()])?;
         let dh1 = linear_backward(&a.h1, &w.q_proj, &dq, &g.q_proj, g.q_bias.as_ref())?;
-        add::add_scaled_(&dh1, 1.0, &linear_backward(&a.h1, &w.k_proj, &dk, &g.k_proj, g.k_bias.as_ref())?)?;
-        add::add_scaled_(&dh1, 1.0, &linear_backward(&a.h1, &w.v_proj, &dv, &g.v_proj, g.v_bias.as_ref())?)?;
+        linear_backward_add(&a.h1, &w.k_proj, &dk, &g.k_proj, g.k_bias.as_ref(), &dh1)?;
+        linear_backward_add(&a.h1, &w.v_proj, &dv, &g.v_proj, g.v_bias.as_ref(), &dh1)?;
         let dx_norm = rmsnorm::rmsnorm_backward_into(&a.x, &w.input_layernorm, &a.rstd1, &dh1, &g.input_layernorm)?;
         Ok(add::add(&dx_mid, &dx_norm)?)
     }
