@@ -24,7 +24,16 @@
 // (i, i + d/2) for i = l, l + 32, … < d/2 (d ≤ 256, so at most 4 pairs), loaded as scalars: the
 // rows are short and the kernel moves a few bytes per token, so launch count, not bandwidth,
 // is what it saves. The head norm's sum of squares is one warp_sum.
-// Versions: v1 only.
+// v2 (no head norms; rows of whole 16-byte chunks, 16-byte aligned; what Qwen2/2.5 prefill and
+// training run): one warp per token, grid-stride over tokens. L = h/N lanes own a head's h/N
+// chunks of N elements (N = 16 bytes of T: 8 bf16 or 4 f32), lane l chunk (l mod L), for both
+// halves of the rotate-half pair; the warp's 32/L lane groups take the token's heads in turn
+// (group g: heads g, g + 32/L, …). A lane's chunk is the same for every head, so it computes
+// its N cos/sin once per token. Same expressions per element as v1: the same bits.
+// Versions:
+//   v1 warp per (token, head), scalar loads, any head_dim ≤ 256, head norms
+//   v2 warp per token, 16-byte loads, cos/sin once per token (no head norms; L a power of two;
+//      the launcher checks alignment; default where it fits)
 
 #define AI_MAX_PAIRS 4  // pairs per lane: d/2 ≤ 32·AI_MAX_PAIRS, so head_dim ≤ 256
 
@@ -137,3 +146,90 @@ ATTENTION_INPUTS_KERNEL(attention_inputs_f32_f32, float, float)
 ATTENTION_INPUTS_KERNEL(attention_inputs_f32_bf16, float, bf16_t)
 ATTENTION_INPUTS_KERNEL(attention_inputs_bf16_f32, bf16_t, float)
 ATTENTION_INPUTS_KERNEL(attention_inputs_bf16_bf16, bf16_t, bf16_t)
+
+template <typename T, int N>
+__device__ __forceinline__ void attention_inputs_v2_impl(T* q_out, T* k_out, T* v_out, T* k_cache, T* v_cache,
+                                                         const T* q, const T* k, const T* v, const T* bq,
+                                                         const T* bk, const T* bv, const u32* __restrict__ pos,
+                                                         const u32* __restrict__ slot,
+                                                         const float* __restrict__ inv_freq, u64 tokens, u32 nh,
+                                                         u32 nkv, u32 h, u32 max_len, u64 sq, u64 sk, u64 sv) {
+    const u32 lane = threadIdx.x & 31;
+    const u32 L = h / N, G = 32 / L;  // lanes per head, heads per pass of the warp
+    const u32 c = (lane % L) * N;     // this lane's chunk of either half
+    const u32 heads = nh + 2 * nkv, d = 2 * h;
+    float f[N];
+    #pragma unroll
+    for (int e = 0; e < N; ++e) f[e] = inv_freq[c + e];
+    for (u64 t = blockIdx.x * (u64)(blockDim.x >> 5) + (threadIdx.x >> 5); t < tokens;
+         t += (u64)gridDim.x * (blockDim.x >> 5)) {
+        float cs[N], sn[N];
+        rope_cos_sin<T, N>(cs, sn, (float)pos[t], f, 1.0f, q);
+        const u64 cache_row = k_cache ? ((u64)slot[t] * max_len + pos[t]) * nkv : 0;
+        for (u32 hd = lane / L; hd < heads; hd += G) {
+            const T *src, *bias;
+            T *dst, *cdst = nullptr;
+            bool rotate = true;
+            if (hd < nh) {
+                src = q + t * sq + (u64)hd * d;
+                dst = q_out + (t * nh + hd) * d;
+                bias = bq ? bq + (u64)hd * d : nullptr;
+            } else if (hd < nh + nkv) {
+                const u32 kh = hd - nh;
+                src = k + t * sk + (u64)kh * d;
+                dst = k_out + (t * nkv + kh) * d;
+                bias = bk ? bk + (u64)kh * d : nullptr;
+                if (k_cache) cdst = k_cache + (cache_row + kh) * d;
+            } else {
+                const u32 vh = hd - nh - nkv;
+                src = v + t * sv + (u64)vh * d;
+                dst = v_out + (t * nkv + vh) * d;
+                bias = bv ? bv + (u64)vh * d : nullptr;
+                rotate = false;
+                if (v_cache) cdst = v_cache + (cache_row + vh) * d;
+            }
+            float a[N], b[N];
+            ldn<T, N>(src + c, a);
+            ldn<T, N>(src + h + c, b);
+            if (bias) {
+                // add_bias_: the sum rounded to T.
+                float ba[N], bb[N];
+                ldn<T, N>(bias + c, ba);
+                ldn<T, N>(bias + h + c, bb);
+                #pragma unroll
+                for (int e = 0; e < N; ++e) {
+                    a[e] = round_to(__fadd_rn(a[e], ba[e]), src);
+                    b[e] = round_to(__fadd_rn(b[e], bb[e]), src);
+                }
+            }
+            float lo[N], hi[N];
+            if (rotate) {
+                rope_rotate<T, N>(lo, hi, a, b, cs, sn, src);
+            } else {
+                #pragma unroll
+                for (int e = 0; e < N; ++e) {
+                    lo[e] = a[e];
+                    hi[e] = b[e];
+                }
+            }
+            stn<T, N>(dst + c, lo);
+            stn<T, N>(dst + h + c, hi);
+            if (cdst) {
+                stn<T, N>(cdst + c, lo);
+                stn<T, N>(cdst + h + c, hi);
+            }
+        }
+    }
+}
+
+#define ATTENTION_INPUTS_V2_KERNEL(NAME, T, N)                                                          \
+    extern "C" __global__ void NAME(T* q_out, T* k_out, T* v_out, T* k_cache, T* v_cache, const T* q,  \
+                                    const T* k, const T* v, const T* bq, const T* bk, const T* bv,      \
+                                    const u32* pos, const u32* slot, const float* inv_freq, u64 tokens, \
+                                    u32 nh, u32 nkv, u32 h, u32 max_len, u64 sq, u64 sk, u64 sv) {      \
+        attention_inputs_v2_impl<T, N>(q_out, k_out, v_out, k_cache, v_cache, q, k, v, bq, bk, bv, pos,  \
+                                       slot, inv_freq, tokens, nh, nkv, h, max_len, sq, sk, sv);        \
+    }
+
+ATTENTION_INPUTS_V2_KERNEL(attention_inputs_v2_f32, float, 4)
+ATTENTION_INPUTS_V2_KERNEL(attention_inputs_v2_bf16, bf16_t, 8)

@@ -265,9 +265,11 @@ mod cuda {
             return Ok((qo, ko, vo));
         }
         let name = |t: DType| if t == DType::F32 { "f32" } else { "bf16" };
-        let func = format!("attention_inputs_{}_{}", name(dt), name(norm_dt));
         let es = dt.size_in_bytes();
         let ptr = |x: Option<&Tensor>| x.map(Tensor::cuda_ptr).transpose().map(|p| p.unwrap_or(0));
+        // v2: no head norms, whole 16-byte chunks of n elements per half-row (h/n lanes per head,
+        // a power of two ≤ 32) and every row 16-byte aligned.
+        let (n, h) = (16 / es, d / 2);
         let pos_d = positions.on_device(OP, ord)?;
         let (kc, vc, slots_d, max_len) = match &cache {
             Some(c) => {
@@ -275,39 +277,48 @@ mod cuda {
             }
             None => (0, 0, None, 0),
         };
-        let warps = t * (nh + 2 * nkv);
+        let [pq, pk, pv] =
+            [(q, offs[0]), (k, offs[1]), (v, offs[2])].map(|(x, o)| x.cuda_ptr().map(|p| p + (o * es) as u64));
+        let [bq, bk, bv] = [extras.q_bias, extras.k_bias, extras.v_bias].map(ptr);
+        let ins = [pq?, pk?, pv?, bq?, bk?, bv?];
+        let outs = [qo.cuda_ptr()?, ko.cuda_ptr()?, vo.cuda_ptr()?, kc, vc];
+        let v2_fits = extras.q_norm.is_none()
+            && extras.k_norm.is_none()
+            && h % n == 0
+            && (h / n).is_power_of_two()
+            && h / n <= 32
+            && strides.iter().all(|s| s % n == 0)
+            && ins.iter().chain(&outs).all(|p| p % 16 == 0);
+        let version = crate::versions::pick("attention_inputs", if v2_fits { &[1, 2] } else { &[1] })?;
+        let func = match version {
+            2 => format!("attention_inputs_v2_{}", name(dt)),
+            _ => format!("attention_inputs_{}_{}", name(dt), name(norm_dt)),
+        };
+        // v1: a warp per (token, head); v2: a warp per token.
+        let warps = if version == 2 { t } else { t * (nh + 2 * nkv) };
         let grid = warps.div_ceil(4).clamp(1, 132 * 16) as u32;
         let cfg = LaunchCfg { grid: (grid, 1, 1), block: (128, 1, 1), smem: 0 };
         let u32_arg = |n: usize, what: &str| {
             u32::try_from(n).map(Arg::U32).map_err(|_| Error::shape(OP, format!("{what} {n} exceeds u32")))
         };
-        let args = [
-            Arg::Ptr(qo.cuda_ptr()?),
-            Arg::Ptr(ko.cuda_ptr()?),
-            Arg::Ptr(vo.cuda_ptr()?),
-            Arg::Ptr(kc),
-            Arg::Ptr(vc),
-            Arg::Ptr(q.cuda_ptr()? + (offs[0] * es) as u64),
-            Arg::Ptr(k.cuda_ptr()? + (offs[1] * es) as u64),
-            Arg::Ptr(v.cuda_ptr()? + (offs[2] * es) as u64),
-            Arg::Ptr(ptr(extras.q_bias)?),
-            Arg::Ptr(ptr(extras.k_bias)?),
-            Arg::Ptr(ptr(extras.v_bias)?),
-            Arg::Ptr(ptr(extras.q_norm)?),
-            Arg::Ptr(ptr(extras.k_norm)?),
+        let mut args: Vec<Arg> = outs.iter().chain(&ins).map(|&p| Arg::Ptr(p)).collect();
+        if version == 1 {
+            args.extend([Arg::Ptr(ptr(extras.q_norm)?), Arg::Ptr(ptr(extras.k_norm)?)]);
+        }
+        args.extend([
             Arg::Ptr(pos_d.cuda_ptr()?),
             Arg::Ptr(ptr(slots_d.as_ref())?),
             Arg::Ptr(rope.inv_freq().cuda_ptr()?),
             Arg::U64(t as u64),
             u32_arg(nh, "n_heads")?,
             u32_arg(nkv, "n_kv_heads")?,
-            Arg::U32((d / 2) as u32),
+            Arg::U32(h as u32),
             u32_arg(max_len, "max_len")?,
-            Arg::F32(extras.eps),
-            Arg::U64(strides[0] as u64),
-            Arg::U64(strides[1] as u64),
-            Arg::U64(strides[2] as u64),
-        ];
+        ]);
+        if version == 1 {
+            args.push(Arg::F32(extras.eps));
+        }
+        args.extend(strides.map(|s| Arg::U64(s as u64)));
         launch(ord, &SRC, &func, cfg, &args)?;
         Ok((qo, ko, vo))
     }
@@ -453,9 +464,13 @@ mod tests {
                 continue;
             }
             // The last case has head-norm weights of the other float dtype.
-            for (bias, norm, mixed) in
-                [(true, false, false), (false, true, false), (true, true, false), (false, true, true)]
-            {
+            for (bias, norm, mixed) in [
+                (true, false, false),
+                (false, false, false),
+                (false, true, false),
+                (true, true, false),
+                (false, true, true),
+            ] {
                 let c = Case::new(&mut rng, shape, bias, norm);
                 let (t, nh, nkv, d) = shape;
                 let norm_dt = match (mixed, dt) {
@@ -504,6 +519,18 @@ mod tests {
                     ([q, k, v], kc, vc)
                 };
                 let (got, kc, vc) = run(Qkv::Separate(&main_d[0], &main_d[1], &main_d[2]));
+                // Without head norms CUDA runs v2 where the rows allow (head_dim 64 and 128
+                // here): v1's expressions per element, so v1's bits.
+                if dev.is_cuda() && !norm {
+                    let _v1 = crate::versions::scoped("attention_inputs", 1);
+                    let (got1, kc1, vc1) = run(Qkv::Separate(&main_d[0], &main_d[1], &main_d[2]));
+                    for (name, (a, b)) in ["q", "k", "v", "k cache", "v cache"]
+                        .iter()
+                        .zip(got.iter().chain([&kc, &vc]).zip(got1.iter().chain([&kc1, &vc1])))
+                    {
+                        assert_eq!(a.to_bytes().unwrap(), b.to_bytes().unwrap(), "v1 against default: {name} {what}");
+                    }
+                }
                 // The same projections as the column blocks of one fused output: the same bits.
                 let packed = {
                     let (qv, kv, vv) =

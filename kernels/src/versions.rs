@@ -17,11 +17,12 @@
 use std::sync::{Condvar, Mutex, OnceLock};
 
 /// The ops whose launchers pick their version here.
-pub const OPS: [&str; 10] = [
+pub const OPS: [&str; 11] = [
     "adamw",
     "attention_backward",
     "attention_decode",
     "attention_forward",
+    "attention_inputs",
     "embedding",
     "embedding_backward",
     "logprob_entropy",

@@ -637,37 +637,53 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             }
         }
         "attention_inputs" => {
-            // A prefill of t tokens into t cache slots, with Qwen2's biases.
+            // A prefill of t tokens with Qwen2's biases, into the KV cache.
             let (qd, kvd) = (ks.heads * ks.head_dim, ks.kv_heads * ks.head_dim);
             // The fused [q | k | v] projection's output, as the model runs it.
             let qkv = rt(&[t, qd + 2 * kvd], 1)?;
             let (n_heads, n_kv) = (ks.heads, ks.kv_heads);
             let (bq, bk, bv) = (rt(&[qd], 4)?, rt(&[kvd], 5)?, rt(&[kvd], 6)?);
-            let cache = || Tensor::zeros(&[t, 1, ks.kv_heads, ks.head_dim], dt, device);
+            // Sequences of 4,096 tokens (the last one shorter), one cache slot each.
+            let cache = || Tensor::zeros(&[t.div_ceil(4096), 4096, ks.kv_heads, ks.head_dim], dt, device);
             let (kc, vc) = (cache()?, cache()?);
             let table = rope::RopeTable::new(ks.head_dim, 1e6, device)?;
-            let slots: Vec<u32> = (0..t as u32).collect();
-            let pos = vec![0u32; t];
+            let slots: Vec<u32> = (0..t as u32).map(|i| i / 4096).collect();
+            let pos: Vec<u32> = (0..t as u32).map(|i| i % 4096).collect();
             let n = tf * (qd + 2 * kvd) as f64;
-            push(
-                shape_name(format!("qkv[{t},{}] + bias, rope, cache", qd + 2 * kvd)),
-                1,
-                2.0 * n * es + 2.0 * tf * kvd as f64 * es + (qd + 2 * kvd) as f64 * es + tf * 8.0,
-                4.0 * n,
-                Bound::Memory,
-                Box::new(move || {
-                    let extras = attention_inputs::Extras {
-                        q_bias: Some(&bq),
-                        k_bias: Some(&bk),
-                        v_bias: Some(&bv),
-                        ..Default::default()
-                    };
-                    let to_cache = attention_inputs::CacheAppend { k_cache: &kc, v_cache: &vc, slots: (&slots).into() };
-                    let packed = attention_inputs::Qkv::Packed { qkv: &qkv, n_heads, n_kv };
-                    attention_inputs::attention_inputs(packed, &extras, &table, &pos, Some(to_cache))?;
-                    Ok(())
-                }),
-            );
+            for &ver in versions_on(device, &[1, 2]) {
+                let (qkv, bq, bk, bv, kc, vc, table, slots, pos) = (
+                    qkv.clone(),
+                    bq.clone(),
+                    bk.clone(),
+                    bv.clone(),
+                    kc.clone(),
+                    vc.clone(),
+                    table.clone(),
+                    slots.clone(),
+                    pos.clone(),
+                );
+                push(
+                    shape_name(format!("qkv[{t},{}] + bias, rope, cache", qd + 2 * kvd)),
+                    ver,
+                    2.0 * n * es + 2.0 * tf * kvd as f64 * es + (qd + 2 * kvd) as f64 * es + tf * 8.0,
+                    4.0 * n,
+                    Bound::Memory,
+                    Box::new(move || {
+                        let extras = attention_inputs::Extras {
+                            q_bias: Some(&bq),
+                            k_bias: Some(&bk),
+                            v_bias: Some(&bv),
+                            ..Default::default()
+                        };
+                        let to_cache =
+                            attention_inputs::CacheAppend { k_cache: &kc, v_cache: &vc, slots: (&slots).into() };
+                        let packed = attention_inputs::Qkv::Packed { qkv: &qkv, n_heads, n_kv };
+                        pinned("attention_inputs", ver, || {
+                            attention_inputs::attention_inputs(packed, &extras, &table, &pos, Some(to_cache))
+                        })
+                    }),
+                );
+            }
         }
         "rope" => {
             let x = rt(&[t, ks.heads, ks.head_dim], 1)?;
