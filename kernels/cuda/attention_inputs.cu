@@ -1,5 +1,5 @@
-// attention_inputs.cu — inference's path from the q/k/v projections to attention's inputs in one
-// pass, for prefill and decode with a KV cache. Per token t and head:
+// attention_inputs.cu — the path from the q/k/v projections to attention's inputs in one pass,
+// for prefill and decode with a KV cache, and for training. Per token t and head:
 //   q, k, v  += their bias                                   (Qwen2; skipped without one)
 //   q, k      = w ∘ round_T(x · rstd) per head over head_dim  (Qwen3's q_norm / k_norm; skipped
 //               without), rstd = 1/sqrt(mean(x²) + eps) in f32
@@ -9,9 +9,9 @@
 // Each stage rounds to T where the unfused ops store their result (add_bias_, rmsnorm, rope),
 // and uses the same expressions, so this kernel gives the bits of those ops in sequence wherever
 // their reductions agree (the head norm's sum of squares is a warp_sum here, as in rmsnorm.cu).
-// Training does not use it: its backward needs the intermediate q/k, so the model keeps the
-// separate ops there; inference replaces 7 launches per layer (3 bias adds, 2 ropes, 2 appends)
-// by this one.
+// Inference replaces 7 launches per layer (3 bias adds, 2 ropes, 2 appends) by this one;
+// training (no cache) uses it for models without head norms, whose backward needs nothing
+// between the projections and the rotation (with head norms it keeps the separate ops).
 //
 // Layout: q [T, nh, d], k and v [T, nkv, d] (the projections' outputs), rows sq, sk, sv elements
 // apart — nh·d and nkv·d for separate projections, (nh + 2·nkv)·d for the column blocks of one

@@ -20,7 +20,8 @@
 //! (`add_rmsnorm`); q/k/v and gate/up are one GEMM each when [`Qwen::new`] has fused their
 //! weights (gate/up in training too); and inference (prefill, decode) turns the q/k/v projection
 //! into attention's inputs and the KV-cache rows with one `attention_inputs` kernel. Training
-//! keeps the separate bias, head-norm and RoPE ops, whose intermediates its backward needs.
+//! does the same for models without head norms (Qwen2/2.5); with them (Qwen3) it keeps the
+//! separate bias, head-norm and RoPE ops, whose intermediates its backward needs.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -112,7 +113,8 @@ struct LayerActs {
     x: Tensor,
     h1: Tensor,
     rstd1: Tensor,
-    /// q and k before the per-head norm (Qwen3) — what the norm's backward reads.
+    /// q and k before the per-head norm (Qwen3) — what the norm's backward reads; without head
+    /// norms, only their shapes are read (then they are q and k, reshaped).
     q_raw: Tensor,
     k_raw: Tensor,
     rstd_q: Option<Tensor>,
@@ -348,14 +350,36 @@ impl Qwen {
         let eps = c.rms_norm_eps as f32;
         let (x, h1, rstd1) = input.norm(&w.input_layernorm, eps)?;
         let t = x.dim(0);
-        let q_raw = linear(&h1, &w.q_proj, w.q_bias.as_ref())?;
-        let k_raw = linear(&h1, &w.k_proj, w.k_bias.as_ref())?;
-        let v = linear(&h1, &w.v_proj, w.v_bias.as_ref())?.reshape(&[t, c.num_key_value_heads, c.head_dim])?;
-        let (q_n, rstd_q) = self.head_norm(&q_raw, w.q_norm.as_ref(), c.num_attention_heads)?;
-        let (k_n, rstd_k) = self.head_norm(&k_raw, w.k_norm.as_ref(), c.num_key_value_heads)?;
         let rope = self.rope()?;
-        let q = rope.forward(&q_n, positions)?;
-        let k = rope.forward(&k_n, positions)?;
+        let (q_raw, k_raw, rstd_q, rstd_k, q, k, v) = match (w.qkv(), &w.q_norm, &w.k_norm) {
+            // Without head norms the backward needs nothing between the projections and the
+            // rotation, so training runs what inference runs: one GEMM for q, k and v, and one
+            // kernel for the biases and the rotation. q_raw and k_raw are then q and k (their
+            // shapes are all the backward reads of them).
+            (Some(w_qkv), None, None) => {
+                let qkv = linear(&h1, &w_qkv, None)?;
+                let extras = Extras {
+                    q_bias: w.q_bias.as_ref(),
+                    k_bias: w.k_bias.as_ref(),
+                    v_bias: w.v_bias.as_ref(),
+                    eps,
+                    ..Default::default()
+                };
+                let packed = Qkv::Packed { qkv: &qkv, n_heads: c.num_attention_heads, n_kv: c.num_key_value_heads };
+                let (q, k, v) = attention_inputs(packed, &extras, &rope, Indices::Device(positions), None)?;
+                (q.reshape(&[t, c.q_dim()])?, k.reshape(&[t, c.kv_dim()])?, None, None, q, k, v)
+            }
+            _ => {
+                let q_raw = linear(&h1, &w.q_proj, w.q_bias.as_ref())?;
+                let k_raw = linear(&h1, &w.k_proj, w.k_bias.as_ref())?;
+                let v = linear(&h1, &w.v_proj, w.v_bias.as_ref())?.reshape(&[t, c.num_key_value_heads, c.head_dim])?;
+                let (q_n, rstd_q) = self.head_norm(&q_raw, w.q_norm.as_ref(), c.num_attention_heads)?;
+                let (k_n, rstd_k) = self.head_norm(&k_raw, w.k_norm.as_ref(), c.num_key_value_heads)?;
+                let q = rope.forward(&q_n, positions)?;
+                let k = rope.forward(&k_n, positions)?;
+                (q_raw, k_raw, rstd_q, rstd_k, q, k, v)
+            }
+        };
         let (attn, lse) = attention::attention_forward(&q, &k, &v, cu, None)?;
         let attn = attn.reshape(&[t, c.q_dim()])?;
         let o = linear(&attn, &w.o_proj, w.o_bias.as_ref())?;
