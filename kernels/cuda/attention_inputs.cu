@@ -15,7 +15,10 @@
 //
 // Layout: q [T, nh, d], k and v [T, nkv, d] (the projections' outputs), rows sq, sk, sv elements
 // apart — nh·d and nkv·d for separate projections, (nh + 2·nkv)·d for the column blocks of one
-// fused [q | k | v] projection; the outputs are contiguous. Biases [nh·d] /
+// fused [q | k | v] projection; output rows oq, ok, ov elements apart (contiguous forward).
+// Backward (attention_inputs_backward, no bias, norm or cache): the same kernels with sign = −1
+// (the inverse rotation) take the gradients of q, k, v (contiguous) and write the gradient of
+// the fused projection (output rows (nh + 2·nkv)·d apart). Biases [nh·d] /
 // [nkv·d]; norm weights [d]; caches [n_slots, max_len, nkv, d]; pos and slot [T] u32; inv_freq
 // [d/2] f32. T = f32 or bf16 for the activations, the biases and the caches; W = f32 or bf16 for
 // the norm weights (as rmsnorm takes any mix). Null pointers mean "no bias", "no norm", "no cache".
@@ -44,7 +47,7 @@ __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_o
                                                       const u32* __restrict__ pos, const u32* __restrict__ slot,
                                                       const float* __restrict__ inv_freq, u64 tokens, u32 nh,
                                                       u32 nkv, u32 h, u32 max_len, float eps, u64 sq, u64 sk,
-                                                      u64 sv) {
+                                                      u64 sv, u64 oq, u64 ok, u64 ov, float sign) {
     const u32 lane = threadIdx.x & 31;
     const u32 heads = nh + 2 * nkv, d = 2 * h;
     const u64 warps = tokens * heads;
@@ -60,20 +63,20 @@ __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_o
         if (k_cache) cache_row = ((u64)slot[t] * max_len + pos[t]) * nkv;
         if (hd < nh) {
             src = q + t * sq + (u64)hd * d;
-            dst = q_out + (t * nh + hd) * d;
+            dst = q_out + t * oq + (u64)hd * d;
             bias = bq ? bq + (u64)hd * d : nullptr;
             nw = wq;
         } else if (hd < nh + nkv) {
             const u32 kh = hd - nh;
             src = k + t * sk + (u64)kh * d;
-            dst = k_out + (t * nkv + kh) * d;
+            dst = k_out + t * ok + (u64)kh * d;
             bias = bk ? bk + (u64)kh * d : nullptr;
             nw = wk;
             if (k_cache) cdst = k_cache + (cache_row + kh) * d;
         } else {
             const u32 vh = hd - nh - nkv;
             src = v + t * sv + (u64)vh * d;
-            dst = v_out + (t * nkv + vh) * d;
+            dst = v_out + t * ov + (u64)vh * d;
             bias = bv ? bv + (u64)vh * d : nullptr;
             nw = nullptr;
             rotate = false;
@@ -118,7 +121,7 @@ __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_o
             float lo = a[j], hi = b[j];
             if (rotate) {
                 float cs, sn;
-                rope_cos_sin<T, 1>(&cs, &sn, p, inv_freq + i, 1.0f, src);
+                rope_cos_sin<T, 1>(&cs, &sn, p, inv_freq + i, sign, src);
                 rope_rotate<T, 1>(&lo, &hi, &a[j], &b[j], &cs, &sn, src);
             }
             st1(dst + i, lo);
@@ -136,9 +139,11 @@ __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_o
                                     const T* k, const T* v, const T* bq, const T* bk, const T* bv,      \
                                     const W* wq, const W* wk, const u32* pos, const u32* slot,          \
                                     const float* inv_freq, u64 tokens, u32 nh, u32 nkv, u32 h,          \
-                                    u32 max_len, float eps, u64 sq, u64 sk, u64 sv) {                   \
+                                    u32 max_len, float eps, u64 sq, u64 sk, u64 sv, u64 oq, u64 ok,     \
+                                    u64 ov, float sign) {                                               \
         attention_inputs_impl<T, W>(q_out, k_out, v_out, k_cache, v_cache, q, k, v, bq, bk, bv, wq, wk,   \
-                                 pos, slot, inv_freq, tokens, nh, nkv, h, max_len, eps, sq, sk, sv);    \
+                                 pos, slot, inv_freq, tokens, nh, nkv, h, max_len, eps, sq, sk, sv, oq, \
+                                 ok, ov, sign);                                                         \
     }
 
 // attention_inputs_<x>_<norm weights>
@@ -153,7 +158,8 @@ __device__ __forceinline__ void attention_inputs_v2_impl(T* q_out, T* k_out, T* 
                                                          const T* bk, const T* bv, const u32* __restrict__ pos,
                                                          const u32* __restrict__ slot,
                                                          const float* __restrict__ inv_freq, u64 tokens, u32 nh,
-                                                         u32 nkv, u32 h, u32 max_len, u64 sq, u64 sk, u64 sv) {
+                                                         u32 nkv, u32 h, u32 max_len, u64 sq, u64 sk, u64 sv,
+                                                         u64 oq, u64 ok, u64 ov, float sign) {
     const u32 lane = threadIdx.x & 31;
     const u32 L = h / N, G = 32 / L;  // lanes per head, heads per pass of the warp
     const u32 c = (lane % L) * N;     // this lane's chunk of either half
@@ -164,7 +170,7 @@ __device__ __forceinline__ void attention_inputs_v2_impl(T* q_out, T* k_out, T* 
     for (u64 t = blockIdx.x * (u64)(blockDim.x >> 5) + (threadIdx.x >> 5); t < tokens;
          t += (u64)gridDim.x * (blockDim.x >> 5)) {
         float cs[N], sn[N];
-        rope_cos_sin<T, N>(cs, sn, (float)pos[t], f, 1.0f, q);
+        rope_cos_sin<T, N>(cs, sn, (float)pos[t], f, sign, q);
         const u64 cache_row = k_cache ? ((u64)slot[t] * max_len + pos[t]) * nkv : 0;
         for (u32 hd = lane / L; hd < heads; hd += G) {
             const T *src, *bias;
@@ -172,18 +178,18 @@ __device__ __forceinline__ void attention_inputs_v2_impl(T* q_out, T* k_out, T* 
             bool rotate = true;
             if (hd < nh) {
                 src = q + t * sq + (u64)hd * d;
-                dst = q_out + (t * nh + hd) * d;
+                dst = q_out + t * oq + (u64)hd * d;
                 bias = bq ? bq + (u64)hd * d : nullptr;
             } else if (hd < nh + nkv) {
                 const u32 kh = hd - nh;
                 src = k + t * sk + (u64)kh * d;
-                dst = k_out + (t * nkv + kh) * d;
+                dst = k_out + t * ok + (u64)kh * d;
                 bias = bk ? bk + (u64)kh * d : nullptr;
                 if (k_cache) cdst = k_cache + (cache_row + kh) * d;
             } else {
                 const u32 vh = hd - nh - nkv;
                 src = v + t * sv + (u64)vh * d;
-                dst = v_out + (t * nkv + vh) * d;
+                dst = v_out + t * ov + (u64)vh * d;
                 bias = bv ? bv + (u64)vh * d : nullptr;
                 rotate = false;
                 if (v_cache) cdst = v_cache + (cache_row + vh) * d;
@@ -226,9 +232,11 @@ __device__ __forceinline__ void attention_inputs_v2_impl(T* q_out, T* k_out, T* 
     extern "C" __global__ void NAME(T* q_out, T* k_out, T* v_out, T* k_cache, T* v_cache, const T* q,  \
                                     const T* k, const T* v, const T* bq, const T* bk, const T* bv,      \
                                     const u32* pos, const u32* slot, const float* inv_freq, u64 tokens, \
-                                    u32 nh, u32 nkv, u32 h, u32 max_len, u64 sq, u64 sk, u64 sv) {      \
+                                    u32 nh, u32 nkv, u32 h, u32 max_len, u64 sq, u64 sk, u64 sv,        \
+                                    u64 oq, u64 ok, u64 ov, float sign) {                               \
         attention_inputs_v2_impl<T, N>(q_out, k_out, v_out, k_cache, v_cache, q, k, v, bq, bk, bv, pos,  \
-                                       slot, inv_freq, tokens, nh, nkv, h, max_len, sq, sk, sv);        \
+                                       slot, inv_freq, tokens, nh, nkv, h, max_len, sq, sk, sv, oq, ok, \
+                                       ov, sign);                                                       \
     }
 
 ATTENTION_INPUTS_V2_KERNEL(attention_inputs_v2_f32, float, 4)

@@ -198,11 +198,110 @@ pub fn attention_inputs<'p>(
             } else {
                 ([0; 3], [q_cols, kv_cols, kv_cols])
             };
-            let dims = (t, nh, nkv, d);
-            cuda::attention_inputs(ord, [q, k, v], offs, strides, extras, norm_dt, rope, positions, cache, dims)
+            let qo = Tensor::empty(&[t, nh, d], dt, q.device())?;
+            let ko = Tensor::empty(&[t, nkv, d], dt, q.device())?;
+            let vo = Tensor::empty(&[t, nkv, d], dt, q.device())?;
+            let io = cuda::Io {
+                ins: [(q, offs[0]), (k, offs[1]), (v, offs[2])],
+                in_strides: strides,
+                outs: [(&qo, 0), (&ko, 0), (&vo, 0)],
+                out_strides: [q_cols, kv_cols, kv_cols],
+            };
+            cuda::launch_inputs(ord, io, extras, norm_dt, rope, positions, cache, (t, nh, nkv, d), 1.0)?;
+            Ok((qo, ko, vo))
         }
         #[cfg(not(feature = "cuda"))]
         device => Err(Error::UnsupportedDevice { op: OP, device }),
+    }
+}
+
+/// Backward of [`attention_inputs`] from one fused projection without head norms (Qwen2/2.5
+/// training): from the gradients of attention's inputs — `dq [T, n_heads, d]` and `dk`, `dv
+/// [T, n_kv, d]`, q and k after the rotation — the gradient of the packed projection output,
+/// `[T, (n_heads + 2·n_kv)·d]`: q and k rotated back to `positions`, v as it is, side by side as
+/// the projection's column blocks. The biases' gradient is its column sum. The same bits as
+/// [`RopeTable::backward`] on dq and dk.
+pub fn attention_inputs_backward<'p>(
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    rope: &RopeTable,
+    positions: impl Into<Indices<'p>>,
+) -> Result<Tensor> {
+    const OP: &str = "attention_inputs_backward";
+    let positions: Indices = positions.into();
+    let d = rope.head_dim();
+    let dim = |x: &Tensor, i: usize| x.shape().get(i).copied().unwrap_or(0);
+    let (t, nh, nkv) = (dim(dq, 0), dim(dq, 1), dim(dk, 1));
+    crate::ensure_shape!(
+        dq.rank() == 3 && dq.dim(2) == d && dk.shape() == [t, nkv, d] && dv.shape() == dk.shape() && nh > 0 && nkv > 0,
+        "attention_inputs_backward",
+        "dq {:?}, dk {:?}, dv {:?} must be [T, n_heads, {d}], [T, n_kv, {d}], [T, n_kv, {d}]",
+        dq.shape(),
+        dk.shape(),
+        dv.shape()
+    );
+    let dt = dq.dtype();
+    if !matches!(dt, DType::F32 | DType::BF16) {
+        return Err(Error::UnsupportedDType { op: OP, dtype: dt });
+    }
+    for (name, x) in [("dk", dk), ("dv", dv)] {
+        if x.dtype() != dt {
+            return Err(Error::shape(OP, format!("{name} is {} but dq is {dt}", x.dtype())));
+        }
+    }
+    for x in [dk, dv, rope.inv_freq()] {
+        if x.device() != dq.device() {
+            return Err(Error::DeviceMismatch { op: OP, a: dq.device(), b: x.device() });
+        }
+    }
+    crate::ensure_shape!(
+        positions.len() == t,
+        "attention_inputs_backward",
+        "{} positions for {t} tokens",
+        positions.len()
+    );
+    let (q_cols, kv_cols) = (nh * d, nkv * d);
+    let width = q_cols + 2 * kv_cols;
+    match dq.device() {
+        Device::Cpu => {
+            let pos = Tensor::from_slice(&positions.values()?, &[t], Device::Cpu)?;
+            let (gq, gk) = (rope.backward(dq, &pos)?, rope.backward(dk, &pos)?);
+            concat_columns([&gq, &gk, dv], t, [q_cols, kv_cols, kv_cols])
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => {
+            let packed = Tensor::empty(&[t, width], dt, dq.device())?;
+            let io = cuda::Io {
+                ins: [(dq, 0), (dk, 0), (dv, 0)],
+                in_strides: [q_cols, kv_cols, kv_cols],
+                outs: [(&packed, 0), (&packed, q_cols), (&packed, q_cols + kv_cols)],
+                out_strides: [width; 3],
+            };
+            let none = Extras::default();
+            cuda::launch_inputs(ord, io, &none, dt, rope, positions, None, (t, nh, nkv, d), -1.0)?;
+            Ok(packed)
+        }
+        #[cfg(not(feature = "cuda"))]
+        device => Err(Error::UnsupportedDevice { op: OP, device }),
+    }
+}
+
+/// Three CPU tensors of `t` rows each, side by side: `[t, Σ widths]`.
+fn concat_columns(parts: [&Tensor; 3], t: usize, widths: [usize; 3]) -> Result<Tensor> {
+    fn go<T: WithDType>(parts: [&Tensor; 3], t: usize, widths: [usize; 3]) -> Result<Tensor> {
+        let reads = [parts[0].cpu_read::<T>()?, parts[1].cpu_read::<T>()?, parts[2].cpu_read::<T>()?];
+        let mut out = Vec::with_capacity(t * widths.iter().sum::<usize>());
+        for r in 0..t {
+            for (v, &w) in reads.iter().zip(&widths) {
+                out.extend_from_slice(&v[r * w..(r + 1) * w]);
+            }
+        }
+        Tensor::from_slice(&out, &[t, widths.iter().sum()], Device::Cpu)
+    }
+    match parts[0].dtype() {
+        DType::F32 => go::<f32>(parts, t, widths),
+        _ => go::<bf16>(parts, t, widths),
     }
 }
 
@@ -239,31 +338,36 @@ mod cuda {
     /// Most head_dim the kernel takes (`AI_MAX_PAIRS` pairs per lane).
     const MAX_HEAD_DIM: usize = 256;
 
+    /// Where the kernel reads and writes: three (tensor, element offset) inputs and outputs,
+    /// and the elements between consecutive rows of each.
+    pub struct Io<'a> {
+        pub ins: [(&'a Tensor, usize); 3],
+        pub in_strides: [usize; 3],
+        pub outs: [(&'a Tensor, usize); 3],
+        pub out_strides: [usize; 3],
+    }
+
+    /// Runs the attention_inputs kernel (rotation sign `sign`: −1 for the backward).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_inputs(
+    pub fn launch_inputs(
         ord: usize,
-        [q, k, v]: [&Tensor; 3],
-        offs: [usize; 3],
-        strides: [usize; 3],
+        io: Io,
         extras: &Extras,
         norm_dt: DType,
         rope: &RopeTable,
         positions: Indices,
         cache: Option<CacheAppend>,
         (t, nh, nkv, d): (usize, usize, usize, usize),
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        sign: f32,
+    ) -> Result<()> {
         const OP: &str = "attention_inputs (cuda)";
         if d > MAX_HEAD_DIM {
             return Err(Error::shape(OP, format!("head_dim {d}: the CUDA kernel takes head_dim <= {MAX_HEAD_DIM}")));
         }
-        let dev = q.device();
-        let dt = q.dtype();
-        let qo = Tensor::empty(&[t, nh, d], dt, dev)?;
-        let ko = Tensor::empty(&[t, nkv, d], dt, dev)?;
-        let vo = Tensor::empty(&[t, nkv, d], dt, dev)?;
         if t == 0 {
-            return Ok((qo, ko, vo));
+            return Ok(());
         }
+        let dt = io.ins[0].0.dtype();
         let name = |t: DType| if t == DType::F32 { "f32" } else { "bf16" };
         let es = dt.size_in_bytes();
         let ptr = |x: Option<&Tensor>| x.map(Tensor::cuda_ptr).transpose().map(|p| p.unwrap_or(0));
@@ -277,17 +381,19 @@ mod cuda {
             }
             None => (0, 0, None, 0),
         };
-        let [pq, pk, pv] =
-            [(q, offs[0]), (k, offs[1]), (v, offs[2])].map(|(x, o)| x.cuda_ptr().map(|p| p + (o * es) as u64));
+        let at = |(x, o): (&Tensor, usize)| x.cuda_ptr().map(|p| p + (o * es) as u64);
+        let [pq, pk, pv] = io.ins.map(at);
+        let [oq, ok, ov] = io.outs.map(at);
         let [bq, bk, bv] = [extras.q_bias, extras.k_bias, extras.v_bias].map(ptr);
         let ins = [pq?, pk?, pv?, bq?, bk?, bv?];
-        let outs = [qo.cuda_ptr()?, ko.cuda_ptr()?, vo.cuda_ptr()?, kc, vc];
+        let outs = [oq?, ok?, ov?, kc, vc];
+        let strides = io.in_strides;
         let v2_fits = extras.q_norm.is_none()
             && extras.k_norm.is_none()
             && h % n == 0
             && (h / n).is_power_of_two()
             && h / n <= 32
-            && strides.iter().all(|s| s % n == 0)
+            && strides.iter().chain(&io.out_strides).all(|s| s % n == 0)
             && ins.iter().chain(&outs).all(|p| p % 16 == 0);
         let version = crate::versions::pick("attention_inputs", if v2_fits { &[1, 2] } else { &[1] })?;
         let func = match version {
@@ -318,9 +424,9 @@ mod cuda {
         if version == 1 {
             args.push(Arg::F32(extras.eps));
         }
-        args.extend(strides.map(|s| Arg::U64(s as u64)));
-        launch(ord, &SRC, &func, cfg, &args)?;
-        Ok((qo, ko, vo))
+        args.extend(strides.iter().chain(&io.out_strides).map(|&s| Arg::U64(s as u64)));
+        args.push(Arg::F32(sign));
+        launch(ord, &SRC, &func, cfg, &args)
     }
 }
 
@@ -624,6 +730,67 @@ mod tests {
         }
     }
 
+    /// Without biases the forward is linear in the packed projection, so its backward must be
+    /// its transpose: ⟨forward(x), g⟩ = ⟨x, backward(g)⟩ for random x and g (in f64).
+    #[test]
+    fn backward_is_the_forwards_transpose() {
+        let mut rng = Rng::new(73);
+        for (t, nh, nkv, d) in [(5, 14, 2, 64), (3, 7, 1, 200), (9, 4, 2, 40), (1, 1, 1, 2)] {
+            let width = (nh + 2 * nkv) * d;
+            let x = randn(&mut rng, t * width, 1.0);
+            let pos: Vec<u32> = (0..t as u32).map(|i| (i * 37 + 5) % 4000).collect();
+            let rope = RopeTable::new(d, 1e6, Device::Cpu).unwrap();
+            let xt = Tensor::from_slice(&x, &[t, width], Device::Cpu).unwrap();
+            let packed = Qkv::Packed { qkv: &xt, n_heads: nh, n_kv: nkv };
+            let (q, k, v) = attention_inputs(packed, &Extras::default(), &rope, &pos, None).unwrap();
+            let g: [Vec<f32>; 3] = [nh, nkv, nkv].map(|h| randn(&mut rng, t * h * d, 1.0));
+            let gt = |i: usize, h: usize| Tensor::from_slice(&g[i], &[t, h, d], Device::Cpu).unwrap();
+            let back = attention_inputs_backward(&gt(0, nh), &gt(1, nkv), &gt(2, nkv), &rope, &pos).unwrap();
+            assert_eq!(back.shape(), &[t, width]);
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+            let lhs: f64 = [q, k, v].iter().zip(&g).map(|(y, g)| dot(&y.to_vec_f32().unwrap(), g)).sum();
+            let rhs = dot(&x, &back.to_vec_f32().unwrap());
+            let scale = (t * width) as f64;
+            assert!((lhs - rhs).abs() <= 1e-5 * scale.sqrt() * 4.0, "{t}x{nh}/{nkv}x{d}: {lhs} vs {rhs}");
+        }
+    }
+
+    /// CUDA against the CPU, v1 and v2 (where the rows allow it) alike, bf16 and f32.
+    #[test]
+    fn backward_device_matches_cpu() {
+        let Some(dev) = test_cuda_device() else { return };
+        let mut rng = Rng::new(74);
+        for (t, nh, nkv, d) in [(5, 14, 2, 64), (17, 16, 8, 128), (9, 4, 2, 40), (6, 4, 2, 16)] {
+            let pos: Vec<u32> = (0..t as u32).map(|i| (i * 37 + 5) % 4000).collect();
+            for dt in [DType::F32, DType::BF16] {
+                let host = [nh, nkv, nkv].map(|h| {
+                    let v = randn(&mut rng, t * h * d, 1.0);
+                    Tensor::from_slice(&v, &[t, h, d], Device::Cpu).unwrap().to_dtype(dt).unwrap()
+                });
+                let on_dev = host.clone().map(|x| x.to_device(dev).unwrap());
+                let rope = RopeTable::new(d, 1e6, Device::Cpu).unwrap();
+                let want = attention_inputs_backward(&host[0], &host[1], &host[2], &rope, &pos).unwrap();
+                let rope_d = RopeTable::new(d, 1e6, dev).unwrap();
+                let run = || {
+                    drop(Tensor::full(f64::NAN, &[t * (nh + 2 * nkv) * d], dt, dev).unwrap());
+                    attention_inputs_backward(&on_dev[0], &on_dev[1], &on_dev[2], &rope_d, &pos).unwrap()
+                };
+                let got = run();
+                let what = format!("{dt} {t}x{nh}/{nkv}x{d}");
+                let (gv, wv) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
+                // sincosf against the CPU's sin_cos: a last-bit difference can move a bf16 cos or
+                // sin across a rounding boundary (as in rope's device test).
+                let tol = if dt == DType::F32 { 1e-5 } else { 4.0 / 256.0 };
+                let scale = wv.iter().fold(1f32, |m, x| m.max(x.abs())) as f64;
+                for (i, (&a, &b)) in gv.iter().zip(&wv).enumerate() {
+                    assert!(((a - b) as f64).abs() <= tol * scale, "{what}: element {i}: got {a}, want {b}");
+                }
+                let _v1 = crate::versions::scoped("attention_inputs", 1);
+                assert_eq!(run().to_bytes().unwrap(), got.to_bytes().unwrap(), "v1 against default: {what}");
+            }
+        }
+    }
+
     #[test]
     fn attention_inputs_errors_name_op_and_shapes() {
         let dev = Device::Cpu;
@@ -637,6 +804,11 @@ mod tests {
         assert!(e.contains("attention_inputs") && e.contains("[3, 12]") && e.contains("n_heads·8"), "{e}");
         let e = run(&q, &z(&[2, 8]), &Extras::default(), &[0, 1, 2], None);
         assert!(e.contains("k [2, 8]"), "{e}");
+        let (g2, g1) = (z(&[3, 2, 8]), z(&[3, 1, 8]));
+        let e = attention_inputs_backward(&g2, &g1, &z(&[2, 1, 8]), &rope, &[0, 1, 2]).unwrap_err().to_string();
+        assert!(e.contains("attention_inputs_backward") && e.contains("dv [2, 1, 8]"), "{e}");
+        let e = attention_inputs_backward(&g2, &g1, &g1, &rope, &[0, 1]).unwrap_err().to_string();
+        assert!(e.contains("2 positions for 3 tokens"), "{e}");
         let packed = Qkv::Packed { qkv: &q, n_heads: 1, n_kv: 1 };
         let e = attention_inputs(packed, &Extras::default(), &rope, &[0, 1, 2], None).unwrap_err().to_string();
         assert!(e.contains("packed qkv [3, 16] must be [T, (1 + 2·1)·8]"), "{e}");
