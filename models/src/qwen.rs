@@ -27,7 +27,7 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use smelt_engine::{DType, Device, Tensor};
-use smelt_kernels::attention_inputs::{attention_inputs, CacheAppend, Extras, Qkv};
+use smelt_kernels::attention_inputs::{attention_inputs, attention_inputs_backward, CacheAppend, Extras, Qkv};
 use smelt_kernels::rope::RopeTable;
 use smelt_kernels::{add, attention, cast, embedding, logprob_entropy as head, matmul, rmsnorm, swiglu, Indices};
 
@@ -212,6 +212,38 @@ fn linear_backward_add(
         add::bias_grad_into(dy, db)?;
     }
     Ok(())
+}
+
+/// Backward of the fused q/k/v projection (`w_qkv`, biases included when the layer has them)
+/// from the gradient of its output: returns dh1; adds dW and db into the q/k/v gradients. One
+/// GEMM and one column sum when those gradients sit back to back ([`Weights::zeros_flat`], the
+/// trainer's), else through a scratch split into the three.
+fn qkv_backward(h1: &Tensor, w_qkv: &Tensor, d_qkv: &Tensor, g: &LayerWeights) -> Result<Tensor> {
+    let biases = match (&g.q_bias, &g.k_bias, &g.v_bias) {
+        (Some(q), Some(k), Some(v)) => Some([q, k, v]),
+        _ => None,
+    };
+    let db = biases.map(|b| Tensor::rows_view(&b));
+    match (g.qkv(), db) {
+        (Some(dw), None) => return linear_backward(h1, w_qkv, d_qkv, &dw, None),
+        (Some(dw), Some(Some(db))) => return linear_backward(h1, w_qkv, d_qkv, &dw, Some(&db)),
+        _ => {}
+    }
+    let dh1 = matmul::matmul(d_qkv, w_qkv, false, false)?;
+    let dw = Tensor::empty(w_qkv.shape(), g.q_proj.dtype(), h1.device())?;
+    matmul::matmul_backward_into(h1, w_qkv, d_qkv, true, None, Some(&dw), false)?;
+    let (qr, kr) = (g.q_proj.dim(0), g.k_proj.dim(0));
+    accumulate(&g.q_proj, &dw.narrow_rows(0, qr)?)?;
+    accumulate(&g.k_proj, &dw.narrow_rows(qr, kr)?)?;
+    accumulate(&g.v_proj, &dw.narrow_rows(qr + kr, kr)?)?;
+    if let Some([q, k, v]) = biases {
+        let db = Tensor::zeros(&[w_qkv.dim(0)], q.dtype(), h1.device())?;
+        add::bias_grad_into(d_qkv, &db)?;
+        accumulate(q, &db.narrow_rows(0, qr)?)?;
+        accumulate(k, &db.narrow_rows(qr, kr)?)?;
+        accumulate(v, &db.narrow_rows(qr + kr, kr)?)?;
+    }
+    Ok(dh1)
 }
 
 /// `dst += src`, `src` cast on its device to `dst`'s dtype (f32 gradients of bf16 weights).
@@ -573,24 +605,35 @@ impl Qwen {
         let o = a.attn.reshape(&[t, c.num_attention_heads, c.head_dim])?;
         let (dq, dk, dv) = attention::attention_backward(&a.q, &a.k, &a.v, &o, &a.lse, &d_attn, cu, None)?;
         let rope = self.rope()?;
-        let dq = self.head_norm_backward(
-            &a.q_raw,
-            w.q_norm.as_ref(),
-            a.rstd_q.as_ref(),
-            &rope.backward(&dq, positions)?,
-            g.q_norm.as_ref(),
-        )?;
-        let dk = self.head_norm_backward(
-            &a.k_raw,
-            w.k_norm.as_ref(),
-            a.rstd_k.as_ref(),
-            &rope.backward(&dk, positions)?,
-            g.k_norm.as_ref(),
-        )?;
-        let dv = dv.reshape(&[t, c.kv_dim()])?;
-        let dh1 = linear_backward(&a.h1, &w.q_proj, &dq, &g.q_proj, g.q_bias.as_ref())?;
-        linear_backward_add(&a.h1, &w.k_proj, &dk, &g.k_proj, g.k_bias.as_ref(), &dh1)?;
-        linear_backward_add(&a.h1, &w.v_proj, &dv, &g.v_proj, g.v_bias.as_ref(), &dh1)?;
+        let dh1 = match (w.qkv(), &w.q_norm, &w.k_norm) {
+            // As the forward: without head norms, one kernel turns dq, dk, dv into the fused
+            // projection's gradient, and one GEMM per gradient takes it from there.
+            (Some(w_qkv), None, None) => {
+                let d_qkv = attention_inputs_backward(&dq, &dk, &dv, &rope, Indices::Device(positions))?;
+                qkv_backward(&a.h1, &w_qkv, &d_qkv, g)?
+            }
+            _ => {
+                let dq = self.head_norm_backward(
+                    &a.q_raw,
+                    w.q_norm.as_ref(),
+                    a.rstd_q.as_ref(),
+                    &rope.backward(&dq, positions)?,
+                    g.q_norm.as_ref(),
+                )?;
+                let dk = self.head_norm_backward(
+                    &a.k_raw,
+                    w.k_norm.as_ref(),
+                    a.rstd_k.as_ref(),
+                    &rope.backward(&dk, positions)?,
+                    g.k_norm.as_ref(),
+                )?;
+                let dv = dv.reshape(&[t, c.kv_dim()])?;
+                let dh1 = linear_backward(&a.h1, &w.q_proj, &dq, &g.q_proj, g.q_bias.as_ref())?;
+                linear_backward_add(&a.h1, &w.k_proj, &dk, &g.k_proj, g.k_bias.as_ref(), &dh1)?;
+                linear_backward_add(&a.h1, &w.v_proj, &dv, &g.v_proj, g.v_bias.as_ref(), &dh1)?;
+                dh1
+            }
+        };
         let dx_norm = rmsnorm::rmsnorm_backward_into(&a.x, &w.input_layernorm, &a.rstd1, &dh1, &g.input_layernorm)?;
         Ok(add::add(&dx_mid, &dx_norm)?)
     }

@@ -207,22 +207,42 @@ impl Weights {
     /// [`Weights::zeros`] as views into one flat buffer, which is returned too: an op over the
     /// whole model (zeroing gradients, their global norm) is then one launch instead of one per
     /// tensor. Each view starts 256-byte aligned (the padding between views stays zero), so
-    /// vectorised kernels and cuBLAS see aligned rows.
+    /// vectorised kernels and cuBLAS see aligned rows — except that a layer's q/k/v weights, and
+    /// its q/k/v biases, follow each other without a gap (the group starts aligned): the fused
+    /// projection's gradient is then one view of each ([`LayerWeights::qkv`] on the result).
     pub fn zeros_flat(config: &Config, dtype: DType, device: Device) -> Result<(Weights, Tensor)> {
         const ALIGN: usize = 256;
         let per = (ALIGN / dtype.size_in_bytes()).max(1);
-        let padded = |shape: &[usize]| shape.iter().product::<usize>().div_ceil(per) * per;
-        let total: usize = config.expected_tensors().iter().map(|(_, s)| padded(s)).sum();
-        let flat = Tensor::zeros(&[total.max(1)], dtype, device)?;
+        let expected = config.expected_tensors();
+        let size: HashMap<&str, usize> = expected.iter().map(|(n, s)| (n.as_str(), s.iter().product())).collect();
+        // Offsets in file order; q_proj's weight (or bias) places k's and v's right after it.
+        let mut offset: HashMap<String, usize> = HashMap::new();
         let mut at = 0usize;
+        for (name, _) in &expected {
+            if offset.contains_key(name) {
+                continue;
+            }
+            let group: Vec<String> = match name.split_once("self_attn.q_proj.") {
+                Some((layer, kind)) => {
+                    ["q", "k", "v"].iter().map(|p| format!("{layer}self_attn.{p}_proj.{kind}")).collect()
+                }
+                None => vec![name.clone()],
+            };
+            for member in group {
+                let n = *size.get(member.as_str()).ok_or_else(|| Error::Msg(format!("internal: no {member}")))?;
+                offset.insert(member, at);
+                at += n;
+            }
+            at = at.div_ceil(per) * per;
+        }
+        let total = at;
+        let flat = Tensor::zeros(&[total.max(1)], dtype, device)?;
         let weights = assemble(config, |name, shape| {
             let n: usize = shape.iter().product();
-            if at + n > total {
-                return Err(Error::Msg(format!("internal: zeros_flat has no room for {name}")));
+            match offset.get(name) {
+                Some(&o) if o + n <= total => Ok(flat.narrow_rows(o, n)?.reshape(shape)?),
+                _ => Err(Error::Msg(format!("internal: zeros_flat has no room for {name}"))),
             }
-            let view = flat.narrow_rows(at, n)?.reshape(shape)?;
-            at += padded(shape);
-            Ok(view)
         })?;
         Ok((weights, flat))
     }

@@ -155,20 +155,30 @@ fn weights_containers_zeros_map_from_named() {
     let e = Weights::from_named(&c, named[1..].to_vec()).unwrap_err().to_string();
     assert!(e.contains("missing: model.embed_tokens.weight"), "{e}");
 
-    // zeros_flat: the same names and shapes as zeros, as aligned, disjoint views of one buffer.
+    // zeros_flat: the same names and shapes as zeros, as disjoint views of one buffer, each
+    // 256-byte aligned but k's and v's projection weights and biases, which follow q's: the
+    // fused q/k/v projection's gradient is one view (and its bias gradient another).
     let (f, flat) = Weights::zeros_flat(&c, DType::F32, Device::Cpu).unwrap();
     let (fz, zz) = (f.named_tensors(), z.named_tensors());
     assert_eq!(
         fz.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect::<Vec<_>>(),
         zz.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect::<Vec<_>>()
     );
+    let mut by_offset: Vec<_> = fz.iter().collect();
+    by_offset.sort_by_key(|(_, t)| t.offset());
     let mut end = 0;
-    for (n, t) in &fz {
+    for (n, t) in by_offset {
         assert!(t.same_storage(&flat), "{n}");
-        assert!(t.offset() >= end && t.offset() * 4 % 256 == 0, "{n} at element {}", t.offset());
+        let grouped = n.contains("k_proj.") || n.contains("v_proj.");
+        assert!(t.offset() >= end && (grouped || t.offset() * 4 % 256 == 0), "{n} at element {}", t.offset());
         end = t.offset() + t.elem_count();
     }
     assert!(end <= flat.elem_count());
+    for l in &f.layers {
+        assert!(l.qkv().is_some(), "q/k/v weight gradients in one view");
+        let biases = [&l.q_bias, &l.k_bias, &l.v_bias].map(|b| b.as_ref().unwrap());
+        assert!(smelt_engine::Tensor::rows_view(&biases).is_some(), "q/k/v bias gradients in one view");
+    }
     // Writing one view shows in the buffer at its offset and nowhere else.
     let (name, last) = fz.last().unwrap();
     last.copy_from(&smelt_engine::Tensor::full(2.0, last.shape(), DType::F32, Device::Cpu).unwrap()).unwrap();
