@@ -4,7 +4,9 @@
 // dx = rstd·(dy·w) − x·(rstd³·Σ(dy·w·x)/D), dw = Σ_rows dy·(x·rstd).
 //
 // Layout: x, y, dy, dx row-major [rows, D] (T = f32 or bf16); w [D] (W = f32 or bf16, any mix);
-// rstd [rows] f32; dw [D] f32; dw scratch [chunks, D] f32.
+// rstd [rows] f32; dw [D] f32; dw scratch [chunks, D] f32. The dx kernels optionally add a
+// residual gradient res [rows, D] (T) to dx as they store it (null: none), which saves the
+// decoder layer's backward a separate add per norm.
 // Threads:
 //   forward / dx, v1 and v2: one warp per row, 8 rows (warps) per 256-thread block. A lane
 //     handles N consecutive elements per step (N = 16 bytes of T through one 16-byte load when
@@ -87,9 +89,20 @@ __device__ __forceinline__ void rmsnorm_fwd(T* y, float* rstd, const T* x, const
     }
 }
 
+// dx + residual (res non-null: the gradient reaching the norm's input from the residual
+// stream): dx rounded to T first, then the sum in f32, rounded again by the store — the bits of
+// add.cu's add(res, dx) after the plain backward.
+template <typename T, int N>
+__device__ __forceinline__ void add_residual(float* o, const T* res) {
+    float r[N];
+    ldn<T, N>(res, r);
+    #pragma unroll
+    for (int k = 0; k < N; ++k) o[k] = __fadd_rn(r[k], round_to(o[k], res));
+}
+
 template <typename T, typename W, int N>
 __device__ __forceinline__ void rmsnorm_bwd_dx(T* dx, const T* x, const W* w, const float* rstd, const T* dy,
-                                               u64 rows, u32 d) {
+                                               const T* res, u64 rows, u32 d) {
     const u32 lane = threadIdx.x & 31;
     const u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
@@ -115,6 +128,7 @@ __device__ __forceinline__ void rmsnorm_bwd_dx(T* dx, const T* x, const W* w, co
         ldw<W, T, N>(w + c, wv);
         #pragma unroll
         for (int k = 0; k < N; ++k) o[k] = __fsub_rn(__fmul_rn(rs, __fmul_rn(g[k], wv[k])), __fmul_rn(v[k], kk));
+        if (res) add_residual<T, N>(o, res + row * d + c);
         stn<T, N>(dxr + c, o);
     }
 }
@@ -125,9 +139,9 @@ __device__ __forceinline__ void rmsnorm_bwd_dx(T* dx, const T* x, const W* w, co
         rmsnorm_fwd<T, W, N>(y, rstd, x, w, eps, rows, d);                                         \
     }                                                                                              \
     extern "C" __global__ void rmsnorm_bwd_dx_##SFX(T* dx, const T* x, const W* w,                 \
-                                                    const float* rstd, const T* dy, u64 rows,      \
-                                                    u32 d) {                                       \
-        rmsnorm_bwd_dx<T, W, N>(dx, x, w, rstd, dy, rows, d);                                      \
+                                                    const float* rstd, const T* dy, const T* res,  \
+                                                    u64 rows, u32 d) {                             \
+        rmsnorm_bwd_dx<T, W, N>(dx, x, w, rstd, dy, res, rows, d);                                 \
     }
 
 // v1 (scalar) and v2 (16-byte vectors) for each (x, w) dtype pair.
@@ -269,7 +283,7 @@ __device__ __forceinline__ void rmsnorm_fwd_v3(T* y, float* rstd, const T* x, co
 
 template <typename T, typename W, int L, int C>
 __device__ __forceinline__ void rmsnorm_bwd_dx_v3(T* dx, const T* x, const W* w, const float* rstd, const T* dy,
-                                                  u64 rows, u32 d) {
+                                                  const T* res, u64 rows, u32 d) {
     constexpr int N = 16 / sizeof(T);
     u32 g;
     const u64 row = v3_row<L>(g);
@@ -314,6 +328,7 @@ __device__ __forceinline__ void rmsnorm_bwd_dx_v3(T* dx, const T* x, const W* w,
             ldw<W, T, N>(w + c, wv);
             #pragma unroll
             for (int k = 0; k < N; ++k) o[k] = __fsub_rn(__fmul_rn(rs, __fmul_rn(gv[k], wv[k])), __fmul_rn(v[k], kk));
+            if (res) add_residual<T, N>(o, res + off + c);
             st16(dxr + c, o);
         }
     }
@@ -327,8 +342,9 @@ __device__ __forceinline__ void rmsnorm_bwd_dx_v3(T* dx, const T* x, const W* w,
         rmsnorm_fwd_v3<T, W, L, C>(y, rstd, x, w, eps, rows, d);                                   \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_dx_##SFX##_v3_##L##x##C(        \
-        T* dx, const T* x, const W* w, const float* rstd, const T* dy, u64 rows, u32 d) {          \
-        rmsnorm_bwd_dx_v3<T, W, L, C>(dx, x, w, rstd, dy, rows, d);                                \
+        T* dx, const T* x, const W* w, const float* rstd, const T* dy, const T* res, u64 rows,     \
+        u32 d) {                                                                                   \
+        rmsnorm_bwd_dx_v3<T, W, L, C>(dx, x, w, rstd, dy, res, rows, d);                           \
     }
 #define RMSNORM_V3_KERNELS(SFX, T, W)                                                              \
     RMSNORM_V3_KERNELS_LC(SFX, T, W, 8, 1)                                                         \

@@ -115,7 +115,7 @@ pub fn add_rmsnorm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tens
 
 /// `(dx, dw)`: `dx` like `x`; `dw` `[D]` f32, summed over rows. `rstd` is the forward's.
 pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-    backward_impl(x, w, rstd, dy, None)
+    backward_impl(x, w, rstd, dy, None, None)
 }
 
 /// [`rmsnorm_backward`] adding dw into `dw_acc` (`[D]` f32, a weight's gradient accumulated
@@ -124,10 +124,48 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> R
 pub fn rmsnorm_backward_into(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, dw_acc: &Tensor) -> Result<Tensor> {
     let (_, d) = check("rmsnorm_backward_into", x, w)?;
     crate::check_accumulator("rmsnorm_backward_into", "dw_acc", dw_acc, d, x.device())?;
-    Ok(backward_impl(x, w, rstd, dy, Some(dw_acc))?.0)
+    Ok(backward_impl(x, w, rstd, dy, Some(dw_acc), None)?.0)
 }
 
-fn backward_impl(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, acc: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+/// [`rmsnorm_backward_into`] returning `residual + dx`: the gradient of a decoder layer's
+/// input, which reaches it through the norm and along the residual stream. On CUDA the dx
+/// kernel adds it as it stores dx (no separate add); the bits of `add(residual, dx)` either way.
+pub fn rmsnorm_backward_add_into(
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    dw_acc: &Tensor,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "rmsnorm_backward_add_into";
+    let (_, d) = check(OP, x, w)?;
+    crate::check_accumulator(OP, "dw_acc", dw_acc, d, x.device())?;
+    if residual.shape() != x.shape() || residual.dtype() != x.dtype() || residual.device() != x.device() {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "residual {:?} {} on {} must match x {:?} {} on {}",
+                residual.shape(),
+                residual.dtype(),
+                residual.device(),
+                x.shape(),
+                x.dtype(),
+                x.device()
+            ),
+        ));
+    }
+    Ok(backward_impl(x, w, rstd, dy, Some(dw_acc), Some(residual))?.0)
+}
+
+fn backward_impl(
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    acc: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let (rows, d) = check("rmsnorm_backward", x, w)?;
     if dy.shape() != x.shape() || dy.dtype() != x.dtype() {
         return Err(Error::shape(
@@ -176,7 +214,7 @@ fn backward_impl(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, acc: Option
             }
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ord) => cuda::backward(ord, x, w, rstd, dy, &dx, &dw, rows, d, acc.is_some())?,
+        Device::Cuda(ord) => cuda::backward(ord, x, w, rstd, dy, residual, &dx, &dw, rows, d, acc.is_some())?,
         #[cfg(not(feature = "cuda"))]
         device => return Err(Error::UnsupportedDevice { op: "rmsnorm_backward", device }),
     }
@@ -184,6 +222,9 @@ fn backward_impl(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, acc: Option
         // dw_acc + dw, as the CUDA reduction adds it.
         let (mut av, dv) = (a.cpu_write::<f32>()?, dw.cpu_read::<f32>()?);
         av.iter_mut().zip(dv.iter()).for_each(|(a, &d)| *a += d);
+    }
+    if let (Some(r), Device::Cpu) = (residual, x.device()) {
+        crate::add::add_scaled_(&dx, 1.0, r)?;
     }
     Ok((dx, dw))
 }
@@ -475,6 +516,7 @@ mod cuda {
         w: &Tensor,
         rstd: &Tensor,
         dy: &Tensor,
+        residual: Option<&Tensor>,
         dx: &Tensor,
         dw: &Tensor,
         rows: usize,
@@ -493,7 +535,8 @@ mod cuda {
             }
             return Ok(());
         }
-        let version = crate::versions::pick("rmsnorm", &allowed(x, d, &[px, pdy, pdx, pw]))?;
+        let pres = residual.map_or(Ok(0), Tensor::cuda_ptr)?;
+        let version = crate::versions::pick("rmsnorm", &allowed(x, d, &[px, pdy, pdx, pw, pres]))?;
         let (func, cfg) = row_kernel("bwd_dx", version, x, w, rows, d);
         let args = [
             Arg::Ptr(pdx),
@@ -501,6 +544,7 @@ mod cuda {
             Arg::Ptr(pw),
             Arg::Ptr(pr),
             Arg::Ptr(pdy),
+            Arg::Ptr(pres),
             Arg::U64(rows as u64),
             Arg::U32(d as u32),
         ];
@@ -667,6 +711,17 @@ mod tests {
             assert_eq!(dx2.to_vec::<f32>().unwrap(), dx.to_vec::<f32>().unwrap());
             let want: Vec<f32> = dw.to_vec::<f32>().unwrap().iter().map(|w| 0.5 + w).collect();
             assert_eq!(acc.to_vec::<f32>().unwrap(), want, "dw accumulated [{rows},{d}]");
+            // With a residual gradient: residual + dx, in f64 against the finite differences.
+            let res = randn(&mut rng, rows * d, 1.0);
+            let acc = t(&vec![0.0; d], &[d]);
+            let dxr =
+                rmsnorm_backward_add_into(&xt, &wt, &rstd, &t(&g, &[rows, d]), &acc, &t(&res, &[rows, d])).unwrap();
+            let want_r: Vec<f64> = want_dx.iter().zip(&res).map(|(a, &b)| a + b as f64).collect();
+            assert_close(&dxr.to_vec::<f32>().unwrap(), &want_r, 1e-5, 1e-4, &format!("dx + residual [{rows},{d}]"));
+            let e = rmsnorm_backward_add_into(&xt, &wt, &rstd, &t(&g, &[rows, d]), &acc, &t(&res, &[rows * d]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("rmsnorm_backward_add_into") && e.contains("residual"), "{e}");
             let bad = t(&vec![0.0; d + 1], &[d + 1]);
             let e = rmsnorm_backward_into(&xt, &wt, &rstd, &t(&g, &[rows, d]), &bad).unwrap_err().to_string();
             assert!(e.contains("rmsnorm_backward_into") && e.contains("dw_acc"), "{e}");
@@ -827,6 +882,15 @@ mod tests {
                     assert_eq!(dxi.to_bytes().unwrap(), dxg.to_bytes().unwrap(), "dx of the accumulating form {what}");
                     let want: Vec<f32> = start.iter().zip(dwg.to_vec_f32().unwrap()).map(|(a, b)| a + b).collect();
                     assert_eq!(acc.to_vec_f32().unwrap(), want, "dw accumulated {what}");
+                    // With a residual gradient: add(residual, dx)'s bits, dw as before.
+                    let res =
+                        t(&randn(&mut rng, rows * d, 1.0), &[rows, d]).to_dtype(xdt).unwrap().to_device(dev).unwrap();
+                    let acc2 = Tensor::zeros(&[d], DType::F32, dev).unwrap();
+                    poison(&[(&[rows, d], xdt)]);
+                    let dxr = rmsnorm_backward_add_into(&xg, &wg, &rcg, &dyg, &acc2, &res).unwrap();
+                    let sum = crate::add::add(&res, &dxg).unwrap();
+                    assert_eq!(dxr.to_bytes().unwrap(), sum.to_bytes().unwrap(), "dx + residual {what}");
+                    assert_eq!(acc2.to_bytes().unwrap(), dwg.to_bytes().unwrap(), "dw with a residual {what}");
                     let bits = [yg.to_bytes().unwrap(), rg.to_bytes().unwrap(), dxg.to_bytes().unwrap()];
                     match (v, &v2_bits) {
                         (2, _) => v2_bits = Some(bits),

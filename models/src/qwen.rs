@@ -591,14 +591,15 @@ impl Qwen {
         // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2)))
         let d_act = linear_backward(&a.act, &w.down_proj, dy, &g.down_proj, None)?;
         let dh2 = mlp_in_backward(w, g, &a.h2, &a.gate_up, &d_act)?;
-        let dx_mid_norm = rmsnorm::rmsnorm_backward_into(
+        // The residual stream's gradient is added by the norm's dx kernel.
+        let dx_mid = rmsnorm::rmsnorm_backward_add_into(
             &a.x_mid,
             &w.post_attention_layernorm,
             &a.rstd2,
             &dh2,
             &g.post_attention_layernorm,
+            dy,
         )?;
-        let dx_mid = add::add(dy, &dx_mid_norm)?;
         // Attention: x_mid = x + o_proj(attn(rope(norm(q)), rope(norm(k)), v))
         let d_attn = linear_backward(&a.attn, &w.o_proj, &dx_mid, &g.o_proj, g.o_bias.as_ref())?;
         let d_attn = d_attn.reshape(&[t, c.num_attention_heads, c.head_dim])?;
@@ -634,8 +635,7 @@ impl Qwen {
                 dh1
             }
         };
-        let dx_norm = rmsnorm::rmsnorm_backward_into(&a.x, &w.input_layernorm, &a.rstd1, &dh1, &g.input_layernorm)?;
-        Ok(add::add(&dx_mid, &dx_norm)?)
+        Ok(rmsnorm::rmsnorm_backward_add_into(&a.x, &w.input_layernorm, &a.rstd1, &dh1, &g.input_layernorm, &dx_mid)?)
     }
 
     /// Backward of [`Self::head_norm`]: `dy` is `[T, heads, head_dim]`; returns `[T, heads·head_dim]`.
