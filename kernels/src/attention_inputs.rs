@@ -1,4 +1,4 @@
-//! Inference's path from the q/k/v projections to attention's inputs, fused: the projection
+//! The path from the q/k/v projections to attention's inputs, fused: the projection
 //! biases (Qwen2), Qwen3's per-head `q_norm` / `k_norm`, RoPE on q and k, and the KV-cache
 //! append — one launch per layer where the separate ops take seven (three bias adds, two ropes,
 //! two appends; nine with the head norms). Decoding a token is a few hundred launches of tiny
@@ -9,14 +9,17 @@
 //! [`crate::attention::kv_cache_append`] — with the same rounding to the storage dtype after each
 //! stage. The CPU implementation *is* that sequence, and the CUDA kernel is tested against it.
 //!
-//! Inference only: training's backward needs the intermediate q/k (before the norm and the
-//! rotation), so the model's training forward keeps the separate ops; there is no backward
-//! here (the backward of each stage lives with its op).
+//! Training uses it too for models without head norms, whose backward needs nothing between the
+//! projections and the rotation: [`attention_inputs_backward`] turns the gradients of q, k, v
+//! into the fused projection's (the inverse rotation, packed as its column blocks). With head
+//! norms the backward needs the intermediate q/k, so the model keeps the separate ops there.
 //!
 //! Dtypes: f32, or bf16 storage with f32 math; biases in the activations' dtype, head-norm weights
 //! in f32 or bf16 (as [`crate::rmsnorm::rmsnorm`] takes them).
-//! CUDA: head_dim ≤ 256 (any even head_dim on CPU). One kernel version (thread mapping in
-//! `attention_inputs.cu`).
+//! CUDA: head_dim ≤ 256 (any even head_dim on CPU). Versions (op `attention_inputs`, thread
+//! mappings in `attention_inputs.cu`): v1 a warp per (token, head) with scalar loads, any shape;
+//! v2 a warp per token with 16-byte loads and cos/sin once per token, without head norms and
+//! with 16-byte rows (the default where it fits). Both give the same bits.
 
 use crate::Indices;
 use smelt_engine::{bf16, DType, Device, Error, Result, Tensor, WithDType};
