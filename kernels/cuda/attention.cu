@@ -1359,6 +1359,19 @@ __device__ __forceinline__ void dec_ldw(const bf16_t* p, u32 (&w)[W]) {
         w[1] = v.y;
     }
 }
+// acc[r] += p[r][jj]·v for the block's R rows: key jj's V row v (a lane's E elements).
+template <int E>
+__device__ __forceinline__ void dec_accumulate(float (&acc)[DEC2_R][E], const float (&p)[DEC2_R][32], int jj,
+                                               const float (&v)[E], int R) {
+    #pragma unroll
+    for (int r = 0; r < DEC2_R; ++r) {
+        if (r < R) {
+            const float pr = p[r][jj];
+            #pragma unroll
+            for (int e = 0; e < E; ++e) acc[r][e] += pr * v[e];
+        }
+    }
+}
 template <typename T, int D, bool VPRE>
 __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
                                        const u32* __restrict__ cache_lens, const u32* __restrict__ slots, int n_new,
@@ -1459,14 +1472,7 @@ __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restr
                     vf[2 * w] = bf16_to_f32((bf16_t)(vw[jj][w] & 0xffffu));
                     vf[2 * w + 1] = bf16_to_f32((bf16_t)(vw[jj][w] >> 16));
                 }
-                #pragma unroll
-                for (int r = 0; r < DEC2_R; ++r) {
-                    if (r < R) {
-                        const float pr = sp[warp][r][jj];
-                        #pragma unroll
-                        for (int e = 0; e < E; ++e) acc[r][e] += pr * vf[e];
-                    }
-                }
+                dec_accumulate<E>(acc, sp[warp], jj, vf, R);
             }
         } else {
             #pragma unroll 4
@@ -1475,14 +1481,7 @@ __device__ void attn_decode_v2_partial(const T* __restrict__ q, const T* __restr
                 float vf[E];
                 #pragma unroll
                 for (int e = 0; e < E; ++e) vf[e] = att_ld(vr + e);
-                #pragma unroll
-                for (int r = 0; r < DEC2_R; ++r) {
-                    if (r < R) {
-                        const float pr = sp[warp][r][jj];
-                        #pragma unroll
-                        for (int e = 0; e < E; ++e) acc[r][e] += pr * vf[e];
-                    }
-                }
+                dec_accumulate<E>(acc, sp[warp], jj, vf, R);
             }
         }
         __syncwarp();  // sp is rewritten by the next 32 keys

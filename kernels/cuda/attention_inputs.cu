@@ -40,6 +40,40 @@
 
 #define AI_MAX_PAIRS 4  // pairs per lane: d/2 ≤ 32·AI_MAX_PAIRS, so head_dim ≤ 256
 
+// The rows both versions read and write, and the strides between tokens.
+template <typename T>
+struct AiRows {
+    const T *q, *k, *v, *bq, *bk, *bv;
+    T *q_out, *k_out, *v_out, *k_cache, *v_cache;
+    u64 sq, sk, sv, oq, ok, ov;
+    u32 nh, nkv, d;
+};
+
+// Head hd of token t (q heads, then k, then v): its source row and bias, its output row, its
+// cache row (k and v, with a cache at row `cache_row` of the token) and which kind it is.
+template <typename T>
+struct AiHead {
+    const T *src, *bias;
+    T *dst, *cdst;
+    int kind;  // 0 q, 1 k, 2 v
+};
+template <typename T>
+__device__ __forceinline__ AiHead<T> ai_head(const AiRows<T>& a, u64 t, u32 hd, u64 cache_row) {
+    const u32 d = a.d;
+    if (hd < a.nh) {
+        return {a.q + t * a.sq + (u64)hd * d, a.bq ? a.bq + (u64)hd * d : nullptr, a.q_out + t * a.oq + (u64)hd * d,
+                nullptr, 0};
+    }
+    if (hd < a.nh + a.nkv) {
+        const u32 kh = hd - a.nh;
+        return {a.k + t * a.sk + (u64)kh * d, a.bk ? a.bk + (u64)kh * d : nullptr, a.k_out + t * a.ok + (u64)kh * d,
+                a.k_cache ? a.k_cache + (cache_row + kh) * d : nullptr, 1};
+    }
+    const u32 vh = hd - a.nh - a.nkv;
+    return {a.v + t * a.sv + (u64)vh * d, a.bv ? a.bv + (u64)vh * d : nullptr, a.v_out + t * a.ov + (u64)vh * d,
+            a.v_cache ? a.v_cache + (cache_row + vh) * d : nullptr, 2};
+}
+
 template <typename T, typename W>
 __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_out, T* k_cache, T* v_cache,
                                                       const T* q, const T* k, const T* v, const T* bq,
@@ -51,37 +85,18 @@ __device__ __forceinline__ void attention_inputs_impl(T* q_out, T* k_out, T* v_o
     const u32 lane = threadIdx.x & 31;
     const u32 heads = nh + 2 * nkv, d = 2 * h;
     const u64 warps = tokens * heads;
+    const AiRows<T> rows{q, k, v, bq, bk, bv, q_out, k_out, v_out, k_cache, v_cache, sq, sk, sv, oq, ok, ov,
+                         nh, nkv, d};
     for (u64 w = blockIdx.x * (u64)(blockDim.x >> 5) + (threadIdx.x >> 5); w < warps;
          w += (u64)gridDim.x * (blockDim.x >> 5)) {
         const u64 t = w / heads;
         const u32 hd = (u32)(w - t * heads);
-        const T *src, *bias;
-        const W* nw;
-        T *dst, *cdst = nullptr;
-        bool rotate = true;
-        u64 cache_row = 0;
-        if (k_cache) cache_row = ((u64)slot[t] * max_len + pos[t]) * nkv;
-        if (hd < nh) {
-            src = q + t * sq + (u64)hd * d;
-            dst = q_out + t * oq + (u64)hd * d;
-            bias = bq ? bq + (u64)hd * d : nullptr;
-            nw = wq;
-        } else if (hd < nh + nkv) {
-            const u32 kh = hd - nh;
-            src = k + t * sk + (u64)kh * d;
-            dst = k_out + t * ok + (u64)kh * d;
-            bias = bk ? bk + (u64)kh * d : nullptr;
-            nw = wk;
-            if (k_cache) cdst = k_cache + (cache_row + kh) * d;
-        } else {
-            const u32 vh = hd - nh - nkv;
-            src = v + t * sv + (u64)vh * d;
-            dst = v_out + t * ov + (u64)vh * d;
-            bias = bv ? bv + (u64)vh * d : nullptr;
-            nw = nullptr;
-            rotate = false;
-            if (v_cache) cdst = v_cache + (cache_row + vh) * d;
-        }
+        const u64 cache_row = k_cache ? ((u64)slot[t] * max_len + pos[t]) * nkv : 0;
+        const AiHead<T> x = ai_head(rows, t, hd, cache_row);
+        const T *src = x.src, *bias = x.bias;
+        T *dst = x.dst, *cdst = x.cdst;
+        const W* nw = x.kind == 0 ? wq : x.kind == 1 ? wk : nullptr;
+        const bool rotate = x.kind != 2;
         float a[AI_MAX_PAIRS], b[AI_MAX_PAIRS];
         float ss = 0.0f;
         #pragma unroll
@@ -163,7 +178,9 @@ __device__ __forceinline__ void attention_inputs_v2_impl(T* q_out, T* k_out, T* 
     const u32 lane = threadIdx.x & 31;
     const u32 L = h / N, G = 32 / L;  // lanes per head, heads per pass of the warp
     const u32 c = (lane % L) * N;     // this lane's chunk of either half
-    const u32 heads = nh + 2 * nkv, d = 2 * h;
+    const u32 heads = nh + 2 * nkv;
+    const AiRows<T> rows{q, k, v, bq, bk, bv, q_out, k_out, v_out, k_cache, v_cache, sq, sk, sv, oq, ok, ov,
+                         nh, nkv, 2 * h};
     float f[N];
     #pragma unroll
     for (int e = 0; e < N; ++e) f[e] = inv_freq[c + e];
@@ -173,27 +190,10 @@ __device__ __forceinline__ void attention_inputs_v2_impl(T* q_out, T* k_out, T* 
         rope_cos_sin<T, N>(cs, sn, (float)pos[t], f, sign, q);
         const u64 cache_row = k_cache ? ((u64)slot[t] * max_len + pos[t]) * nkv : 0;
         for (u32 hd = lane / L; hd < heads; hd += G) {
-            const T *src, *bias;
-            T *dst, *cdst = nullptr;
-            bool rotate = true;
-            if (hd < nh) {
-                src = q + t * sq + (u64)hd * d;
-                dst = q_out + t * oq + (u64)hd * d;
-                bias = bq ? bq + (u64)hd * d : nullptr;
-            } else if (hd < nh + nkv) {
-                const u32 kh = hd - nh;
-                src = k + t * sk + (u64)kh * d;
-                dst = k_out + t * ok + (u64)kh * d;
-                bias = bk ? bk + (u64)kh * d : nullptr;
-                if (k_cache) cdst = k_cache + (cache_row + kh) * d;
-            } else {
-                const u32 vh = hd - nh - nkv;
-                src = v + t * sv + (u64)vh * d;
-                dst = v_out + t * ov + (u64)vh * d;
-                bias = bv ? bv + (u64)vh * d : nullptr;
-                rotate = false;
-                if (v_cache) cdst = v_cache + (cache_row + vh) * d;
-            }
+            const AiHead<T> x = ai_head(rows, t, hd, cache_row);
+            const T *src = x.src, *bias = x.bias;
+            T *dst = x.dst, *cdst = x.cdst;
+            const bool rotate = x.kind != 2;
             float a[N], b[N];
             ldn<T, N>(src + c, a);
             ldn<T, N>(src + h + c, b);

@@ -265,7 +265,6 @@ pub fn attention_inputs_backward<'p>(
         positions.len()
     );
     let (q_cols, kv_cols) = (nh * d, nkv * d);
-    let width = q_cols + 2 * kv_cols;
     match dq.device() {
         Device::Cpu => {
             let pos = Tensor::from_slice(&positions.values()?, &[t], Device::Cpu)?;
@@ -274,6 +273,7 @@ pub fn attention_inputs_backward<'p>(
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ord) => {
+            let width = q_cols + 2 * kv_cols;
             let packed = Tensor::empty(&[t, width], dt, dq.device())?;
             let io = cuda::Io {
                 ins: [(dq, 0), (dk, 0), (dv, 0)],
