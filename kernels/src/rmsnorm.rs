@@ -122,9 +122,7 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> R
 /// over layers or micro-batches): `dw_acc += dw`, in the reduction's last pass on CUDA (no
 /// separate add, no dw buffer). Returns dx.
 pub fn rmsnorm_backward_into(x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, dw_acc: &Tensor) -> Result<Tensor> {
-    let (_, d) = check("rmsnorm_backward_into", x, w)?;
-    crate::check_accumulator("rmsnorm_backward_into", "dw_acc", dw_acc, d, x.device())?;
-    Ok(backward_impl(x, w, rstd, dy, Some(dw_acc), None)?.0)
+    backward_into("rmsnorm_backward_into", x, w, rstd, dy, dw_acc, None)
 }
 
 /// [`rmsnorm_backward_into`] returning `residual + dx`: the gradient of a decoder layer's
@@ -138,24 +136,35 @@ pub fn rmsnorm_backward_add_into(
     dw_acc: &Tensor,
     residual: &Tensor,
 ) -> Result<Tensor> {
-    const OP: &str = "rmsnorm_backward_add_into";
-    let (_, d) = check(OP, x, w)?;
-    crate::check_accumulator(OP, "dw_acc", dw_acc, d, x.device())?;
-    if residual.shape() != x.shape() || residual.dtype() != x.dtype() || residual.device() != x.device() {
+    backward_into("rmsnorm_backward_add_into", x, w, rstd, dy, dw_acc, Some(residual))
+}
+
+fn backward_into(
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    dw_acc: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (_, d) = check(op, x, w)?;
+    crate::check_accumulator(op, "dw_acc", dw_acc, d, x.device())?;
+    if let Some(r) = residual.filter(|r| r.shape() != x.shape() || r.dtype() != x.dtype() || r.device() != x.device()) {
         return Err(Error::shape(
-            OP,
+            op,
             format!(
                 "residual {:?} {} on {} must match x {:?} {} on {}",
-                residual.shape(),
-                residual.dtype(),
-                residual.device(),
+                r.shape(),
+                r.dtype(),
+                r.device(),
                 x.shape(),
                 x.dtype(),
                 x.device()
             ),
         ));
     }
-    Ok(backward_impl(x, w, rstd, dy, Some(dw_acc), Some(residual))?.0)
+    Ok(backward_impl(x, w, rstd, dy, Some(dw_acc), residual)?.0)
 }
 
 fn backward_impl(

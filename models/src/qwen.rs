@@ -214,36 +214,52 @@ fn linear_backward_add(
     Ok(())
 }
 
-/// Backward of the fused q/k/v projection (`w_qkv`, biases included when the layer has them)
-/// from the gradient of its output: returns dh1; adds dW and db into the q/k/v gradients. One
-/// GEMM and one column sum when those gradients sit back to back ([`Weights::zeros_flat`], the
-/// trainer's), else through a scratch split into the three.
-fn qkv_backward(h1: &Tensor, w_qkv: &Tensor, d_qkv: &Tensor, g: &LayerWeights) -> Result<Tensor> {
-    let biases = match (&g.q_bias, &g.k_bias, &g.v_bias) {
-        (Some(q), Some(k), Some(v)) => Some([q, k, v]),
-        _ => None,
-    };
-    let db = biases.map(|b| Tensor::rows_view(&b));
-    match (g.qkv(), db) {
-        (Some(dw), None) => return linear_backward(h1, w_qkv, d_qkv, &dw, None),
-        (Some(dw), Some(Some(db))) => return linear_backward(h1, w_qkv, d_qkv, &dw, Some(&db)),
+/// Backward of a fused projection `y = x·wᵀ (+ b)` whose weight (and bias) are the row blocks
+/// of several layer weights: returns dx; adds dW (and db) into those weights' gradients `dws`
+/// (`dbs`). One GEMM (and one column sum) straight into the gradients when they sit back to back
+/// (PolicyStep's flat buffer, [`Weights::zeros_flat`]), else through a scratch split into them.
+fn fused_linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    dws: &[&Tensor],
+    dbs: Option<&[&Tensor]>,
+) -> Result<Tensor> {
+    match (Tensor::rows_view(dws), dbs.map(Tensor::rows_view)) {
+        (Some(dw), None) => return linear_backward(x, w, dy, &dw, None),
+        (Some(dw), Some(Some(db))) => return linear_backward(x, w, dy, &dw, Some(&db)),
         _ => {}
     }
-    let dh1 = matmul::matmul(d_qkv, w_qkv, false, false)?;
-    let dw = Tensor::empty(w_qkv.shape(), g.q_proj.dtype(), h1.device())?;
-    matmul::matmul_backward_into(h1, w_qkv, d_qkv, true, None, Some(&dw), false)?;
-    let (qr, kr) = (g.q_proj.dim(0), g.k_proj.dim(0));
-    accumulate(&g.q_proj, &dw.narrow_rows(0, qr)?)?;
-    accumulate(&g.k_proj, &dw.narrow_rows(qr, kr)?)?;
-    accumulate(&g.v_proj, &dw.narrow_rows(qr + kr, kr)?)?;
-    if let Some([q, k, v]) = biases {
-        let db = Tensor::zeros(&[w_qkv.dim(0)], q.dtype(), h1.device())?;
-        add::bias_grad_into(d_qkv, &db)?;
-        accumulate(q, &db.narrow_rows(0, qr)?)?;
-        accumulate(k, &db.narrow_rows(qr, kr)?)?;
-        accumulate(v, &db.narrow_rows(qr + kr, kr)?)?;
+    let dx = matmul::matmul(dy, w, false, false)?;
+    let dw = Tensor::empty(w.shape(), dws[0].dtype(), x.device())?;
+    matmul::matmul_backward_into(x, w, dy, true, None, Some(&dw), false)?;
+    let db = match dbs {
+        Some(dbs) => {
+            let db = Tensor::zeros(&[w.dim(0)], dbs[0].dtype(), x.device())?;
+            add::bias_grad_into(dy, &db)?;
+            Some((db, dbs))
+        }
+        None => None,
+    };
+    let mut row = 0;
+    for (i, g) in dws.iter().enumerate() {
+        let rows = g.dim(0);
+        accumulate(g, &dw.narrow_rows(row, rows)?)?;
+        if let Some((db, dbs)) = &db {
+            accumulate(dbs[i], &db.narrow_rows(row, rows)?)?;
+        }
+        row += rows;
     }
-    Ok(dh1)
+    Ok(dx)
+}
+
+/// The fused q/k/v weight of a layer without head norms: the layers that train through
+/// `attention_inputs` (forward) and `attention_inputs_backward`.
+fn qkv_without_head_norms(w: &LayerWeights) -> Option<Tensor> {
+    if w.q_norm.is_some() || w.k_norm.is_some() {
+        return None;
+    }
+    w.qkv()
 }
 
 /// `dst += src`, `src` cast on its device to `dst`'s dtype (f32 gradients of bf16 weights).
@@ -275,20 +291,7 @@ fn mlp_in_backward(w: &LayerWeights, g: &LayerWeights, h2: &Tensor, gate_up: &Ml
             let d_gate_up = swiglu::swiglu_fused_backward(gate_up, d_act)?;
             let w_gate_up =
                 w.gate_up().ok_or_else(|| Error::Msg("gate/up weights unfused after a fused forward".into()))?;
-            // One GEMM each for dh2 and dW; dW straight into the gradients when they are
-            // adjacent too (PolicyStep's flat gradient buffer), else through a scratch.
-            match Tensor::rows_view(&[&g.gate_proj, &g.up_proj]) {
-                Some(dw) => linear_backward(h2, &w_gate_up, &d_gate_up, &dw, None),
-                None => {
-                    let dh2 = matmul::matmul(&d_gate_up, &w_gate_up, false, false)?;
-                    let dw = Tensor::empty(w_gate_up.shape(), g.gate_proj.dtype(), h2.device())?;
-                    matmul::matmul_backward_into(h2, &w_gate_up, &d_gate_up, true, None, Some(&dw), false)?;
-                    let i = g.gate_proj.dim(0);
-                    accumulate(&g.gate_proj, &dw.narrow_rows(0, i)?)?;
-                    accumulate(&g.up_proj, &dw.narrow_rows(i, i)?)?;
-                    Ok(dh2)
-                }
-            }
+            fused_linear_backward(h2, &w_gate_up, &d_gate_up, &[&g.gate_proj, &g.up_proj], None)
         }
         MlpIn::Separate(gate, up) => {
             let (d_gate, d_up) = swiglu::swiglu_backward(gate, up, d_act)?;
@@ -383,12 +386,12 @@ impl Qwen {
         let (x, h1, rstd1) = input.norm(&w.input_layernorm, eps)?;
         let t = x.dim(0);
         let rope = self.rope()?;
-        let (q_raw, k_raw, rstd_q, rstd_k, q, k, v) = match (w.qkv(), &w.q_norm, &w.k_norm) {
+        let (q_raw, k_raw, rstd_q, rstd_k, q, k, v) = match qkv_without_head_norms(w) {
             // Without head norms the backward needs nothing between the projections and the
             // rotation, so training runs what inference runs: one GEMM for q, k and v, and one
             // kernel for the biases and the rotation. q_raw and k_raw are then q and k (their
             // shapes are all the backward reads of them).
-            (Some(w_qkv), None, None) => {
+            Some(w_qkv) => {
                 let qkv = linear(&h1, &w_qkv, None)?;
                 let extras = Extras {
                     q_bias: w.q_bias.as_ref(),
@@ -401,7 +404,7 @@ impl Qwen {
                 let (q, k, v) = attention_inputs(packed, &extras, &rope, Indices::Device(positions), None)?;
                 (q.reshape(&[t, c.q_dim()])?, k.reshape(&[t, c.kv_dim()])?, None, None, q, k, v)
             }
-            _ => {
+            None => {
                 let q_raw = linear(&h1, &w.q_proj, w.q_bias.as_ref())?;
                 let k_raw = linear(&h1, &w.k_proj, w.k_bias.as_ref())?;
                 let v = linear(&h1, &w.v_proj, w.v_bias.as_ref())?.reshape(&[t, c.num_key_value_heads, c.head_dim])?;
@@ -606,14 +609,19 @@ impl Qwen {
         let o = a.attn.reshape(&[t, c.num_attention_heads, c.head_dim])?;
         let (dq, dk, dv) = attention::attention_backward(&a.q, &a.k, &a.v, &o, &a.lse, &d_attn, cu, None)?;
         let rope = self.rope()?;
-        let dh1 = match (w.qkv(), &w.q_norm, &w.k_norm) {
+        let dh1 = match qkv_without_head_norms(w) {
             // As the forward: without head norms, one kernel turns dq, dk, dv into the fused
             // projection's gradient, and one GEMM per gradient takes it from there.
-            (Some(w_qkv), None, None) => {
+            Some(w_qkv) => {
                 let d_qkv = attention_inputs_backward(&dq, &dk, &dv, &rope, Indices::Device(positions))?;
-                qkv_backward(&a.h1, &w_qkv, &d_qkv, g)?
+                let biases = match (&g.q_bias, &g.k_bias, &g.v_bias) {
+                    (Some(q), Some(k), Some(v)) => Some([q, k, v]),
+                    _ => None,
+                };
+                let dws = [&g.q_proj, &g.k_proj, &g.v_proj];
+                fused_linear_backward(&a.h1, &w_qkv, &d_qkv, &dws, biases.as_ref().map(|b| &b[..]))?
             }
-            _ => {
+            None => {
                 let dq = self.head_norm_backward(
                     &a.q_raw,
                     w.q_norm.as_ref(),
