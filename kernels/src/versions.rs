@@ -115,9 +115,20 @@ pub fn pick(op: &'static str, allowed: &[u32]) -> smelt_engine::Result<u32> {
 /// time every version, and a setting above `best` (`attention_decode=3`) tries a newer kernel
 /// in a whole run without code.
 pub fn pick_up_to(op: &'static str, allowed: &[u32], best: u32) -> smelt_engine::Result<u32> {
+    choose(op, allowed, best, forced(op), env_cap(op)?)
+}
+
+/// The version a call without a forced version runs: [`pick_up_to`] as if nothing were forced
+/// (the `SMELT_KERNEL_VERSIONS` cap still counts). Benchmarks, which pin every version in
+/// turn, mark with it the row that a training or generation run gets.
+pub fn unforced(op: &'static str, allowed: &[u32], best: u32) -> smelt_engine::Result<u32> {
+    choose(op, allowed, best, None, env_cap(op)?)
+}
+
+/// `op`'s `SMELT_KERNEL_VERSIONS` cap, if it has one.
+fn env_cap(op: &str) -> smelt_engine::Result<Option<u32>> {
     let caps = env_caps().as_ref().map_err(|m| smelt_engine::Error::msg(format!("{op}: {m}")))?;
-    let cap = caps.iter().find(|(o, _)| o == op).map(|&(_, v)| v);
-    choose(op, allowed, best, forced(op), cap)
+    Ok(caps.iter().find(|(o, _)| o == op).map(|&(_, v)| v))
 }
 
 fn choose(
@@ -170,6 +181,9 @@ mod tests {
         assert_eq!(pick_up_to("versions_test_op", &[3], 2).unwrap(), 3);
         force("versions_test_op", Some(3));
         assert_eq!(pick_up_to("versions_test_op", &[1, 2, 3], 2).unwrap(), 3);
+        // What an unforced call would run, whatever is pinned now.
+        assert_eq!(unforced("versions_test_op", &[1, 2, 3], 2).unwrap(), 2);
+        assert_eq!(unforced("versions_test_op", &[1, 2, 3], u32::MAX).unwrap(), 3);
         force("versions_test_op", None);
     }
 

@@ -60,14 +60,21 @@ fn bench_step_tiny_writes_positive_figures() {
 
 #[test]
 fn bench_kernels_add_quick_writes_rows_and_ceilings() {
-    let v = run_json(&["bench", "kernels", "--op", "add", "--quick"], "kernels");
+    let v = run_json(&["bench", "kernels", "--op", "add", "--quick", "--flush", "read,write"], "kernels");
     header_ok(&v);
     positive(&v["ceilings"], "copy_gb_s");
     positive(&v["ceilings"], "matmul_tflop_s");
     let rows = v["rows"].as_array().expect("rows");
     assert!(!rows.is_empty());
+    // A memory-bound op: each shape timed after a read flush, then after a write flush.
+    assert_eq!(rows.len() % 2, 0, "{rows:?}");
+    for pair in rows.chunks(2) {
+        assert_eq!((pair[0]["flush"].as_str(), pair[1]["flush"].as_str()), (Some("read"), Some("write")));
+        assert_eq!(pair[0]["shape"], pair[1]["shape"]);
+    }
     for r in rows {
         assert_eq!(r["op"], "add");
+        assert_eq!(r["bound"], "memory");
         // One version: each shape's row is the one an unforced call runs.
         assert_eq!(r["default"], true, "{r}");
         for k in ["median_ms", "min_ms", "bytes", "gb_s", "pct_of_ceiling", "runs"] {

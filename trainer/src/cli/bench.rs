@@ -3,9 +3,10 @@
 //! (`--json`) that `benches/compare/compare.py` puts side by side with PyTorch.
 //!
 //! Timing: warm-up, then the median of many runs. On CUDA each run sits between two CUDA
-//! events on the compute stream, and memory-bound kernels get the L2 flushed before each run
-//! (a 64 MiB memset); on CPU each run is wall-clock timed (every CPU op is synchronous) and
-//! memory-bound kernels get a 64 MiB buffer written before each run, to evict the caches.
+//! events on the compute stream; on CPU each run is wall-clock timed (every CPU op is
+//! synchronous). Memory-bound kernels get the caches emptied before each run, by reading a
+//! buffer larger than them (the default) or by writing one (`--flush write`, which leaves
+//! dirty lines for the timed kernel to write back: see [`Flush`]).
 //!
 //! Ceilings are measured by the same command at start: on CPU a large parallel memcpy (GB/s,
 //! bytes read + written) and the `gemm` crate's f32 matmul (TFLOP/s); on CUDA a large
@@ -216,14 +217,46 @@ fn gib(b: f64) -> String {
     format!("{:.2} GiB", b / (1u64 << 30) as f64)
 }
 
+/// How caches are emptied before a run of a memory-bound kernel (`--flush`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Flush {
+    /// Read a buffer twice the size of the largest L2 (CUDA: a column sum over 128 MiB, writing
+    /// only 2 MiB of partial sums; CPU: a sum over 64 MiB). The caches end up holding clean
+    /// lines, so the timed kernel's loads evict nothing that must be written back.
+    Read,
+    /// Write a 64 MiB buffer (CUDA: a memset), as reports before 2026-11-29 did. The caches then
+    /// hold dirty lines, and the timed kernel pays for writing them back to memory as its own
+    /// loads evict them: up to ~50 MB of extra writes, as much as a 4k-token kernel moves.
+    Write,
+}
+
+impl Flush {
+    fn name(self) -> &'static str {
+        match self {
+            Flush::Read => "read",
+            Flush::Write => "write",
+        }
+    }
+}
+
 /// Times runs of a closure on one device: CUDA events around each run on the compute stream,
 /// or the wall clock on CPU; optionally evicting caches first.
 struct Timer {
     device: Device,
-    /// CPU: a 64 MiB buffer written before memory-bound runs.
-    flush_cpu: Vec<u8>,
+    /// CPU: a 64 MiB buffer written or read before memory-bound runs.
+    flush_cpu: Vec<u64>,
     #[cfg(feature = "cuda")]
-    cuda: Option<(std::sync::Arc<smelt_engine::cuda::CudaDevice>, Tensor)>,
+    cuda: Option<CudaFlush>,
+}
+
+/// The CUDA device and its flush buffers: `write` (64 MiB) for memsets, `read` (128 MiB f32,
+/// `[8192, 4096]`) whose column sums accumulate into `sums` (`[4096]` f32).
+#[cfg(feature = "cuda")]
+struct CudaFlush {
+    dev: std::sync::Arc<smelt_engine::cuda::CudaDevice>,
+    write: Tensor,
+    read: Tensor,
+    sums: Tensor,
 }
 
 const FLUSH_BYTES: usize = 64 << 20;
@@ -232,14 +265,15 @@ impl Timer {
     fn new(device: Device) -> Result<Timer> {
         #[cfg(feature = "cuda")]
         let cuda = match device {
-            Device::Cuda(i) => {
-                let d = smelt_engine::cuda::device(i)?;
-                let buf = Tensor::empty(&[FLUSH_BYTES / 4], DType::U32, device)?;
-                Some((d, buf))
-            }
+            Device::Cuda(i) => Some(CudaFlush {
+                dev: smelt_engine::cuda::device(i)?,
+                write: Tensor::empty(&[FLUSH_BYTES / 4], DType::U32, device)?,
+                read: Tensor::zeros(&[8192, 4096], DType::F32, device)?,
+                sums: Tensor::zeros(&[4096], DType::F32, device)?,
+            }),
             Device::Cpu => None,
         };
-        let flush_cpu = if device.is_cpu() { vec![0u8; FLUSH_BYTES] } else { Vec::new() };
+        let flush_cpu = if device.is_cpu() { vec![0u64; FLUSH_BYTES / 8] } else { Vec::new() };
         Ok(Timer {
             device,
             flush_cpu,
@@ -248,25 +282,36 @@ impl Timer {
         })
     }
 
-    fn flush(&mut self, k: u8) -> Result<()> {
+    fn flush(&mut self, how: Flush, k: u8) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if let Some((d, buf)) = &self.cuda {
-            d.memset_zero(buf.cuda_ptr()?, FLUSH_BYTES)?;
+        if let Some(c) = &self.cuda {
+            match how {
+                Flush::Write => c.dev.memset_zero(c.write.cuda_ptr()?, FLUSH_BYTES)?,
+                // The emulator would interpret 32 M additions: it has no cache to empty.
+                Flush::Read if c.dev.is_emulated() => {}
+                Flush::Read => add::bias_grad_into(&c.read, &c.sums)?,
+            }
             return Ok(());
         }
-        self.flush_cpu.fill(k);
+        match how {
+            Flush::Write => self.flush_cpu.fill(u64::from(k)),
+            Flush::Read => {
+                let sum = self.flush_cpu.iter().fold(0u64, |a, &x| a.wrapping_add(x));
+                std::hint::black_box(sum);
+            }
+        }
         std::hint::black_box(&self.flush_cpu);
         Ok(())
     }
 
-    /// Seconds one run of `f` takes.
-    fn time(&mut self, f: &mut dyn FnMut() -> Result<()>, flush: bool, k: u8) -> Result<f64> {
-        if flush {
-            self.flush(k)?;
+    /// Seconds one run of `f` takes, after emptying the caches if `flush` says how.
+    fn time(&mut self, f: &mut dyn FnMut() -> Result<()>, flush: Option<Flush>, k: u8) -> Result<f64> {
+        if let Some(how) = flush {
+            self.flush(how, k)?;
         }
         #[cfg(feature = "cuda")]
         // (The CUDA emulator has no events; it runs synchronously and is timed by the host clock.)
-        if let Some((d, _)) = self.cuda.as_ref().filter(|(d, _)| !d.is_emulated()) {
+        if let Some(d) = self.cuda.as_ref().map(|c| &c.dev).filter(|d| !d.is_emulated()) {
             use cudarc::driver::sys::CUevent_flags;
             let (ctx, stream) = (d.context()?, d.stream()?);
             let ev = |what: &str| {
@@ -304,7 +349,7 @@ struct Timing {
     runs: usize,
 }
 
-fn measure(timer: &mut Timer, f: &mut dyn FnMut() -> Result<()>, flush: bool, b: Budget) -> Result<Timing> {
+fn measure(timer: &mut Timer, f: &mut dyn FnMut() -> Result<()>, flush: Option<Flush>, b: Budget) -> Result<Timing> {
     // Warm-up: at least one run (compiles CUDA modules, fills allocator caches).
     let t0 = Instant::now();
     let mut k = 1u8;
@@ -354,6 +399,10 @@ pub struct KernelsArgs {
     /// Fewer shapes, tokens and runs (about a minute on 2 CPU cores).
     #[arg(long)]
     pub quick: bool,
+    /// How caches are emptied before each run of a memory-bound kernel; several (`read,write`)
+    /// time each such kernel once per way, in that order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "read")]
+    pub flush: Vec<Flush>,
 }
 
 /// Attention/MLP/vocab dimensions of one model, for the kernel shapes.
@@ -449,7 +498,7 @@ fn cpu_ceilings(quick: bool) -> Result<Ceilings> {
             std::hint::black_box(&dst);
             Ok(())
         },
-        false,
+        None,
         budget,
     )?;
     let copy_gb_s = 2.0 * bytes as f64 / t.median_s / 1e9;
@@ -461,7 +510,7 @@ fn cpu_ceilings(quick: bool) -> Result<Ceilings> {
     let t = measure(
         &mut timer,
         &mut || Ok(smelt_engine::cpu::matmul_f32(&a, &b, &mut c, n, n, n, false, false, false)?),
-        false,
+        None,
         budget,
     )?;
     let matmul_tflop_s = 2.0 * (n as f64).powi(3) / t.median_s / 1e12;
@@ -485,7 +534,7 @@ fn cuda_ceilings(device: Device, quick: bool) -> Result<Ceilings> {
     let src = rand_tensor(&[bytes / 2], DType::BF16, device, 0.0, 1.0, 3)?;
     let dst = Tensor::empty(&[bytes / 2], DType::BF16, device)?;
     let (sp, dp) = (src.cuda_ptr()?, dst.cuda_ptr()?);
-    let t = measure(&mut timer, &mut || Ok(d.dtod(sp, dp, bytes)?), false, budget)?;
+    let t = measure(&mut timer, &mut || Ok(d.dtod(sp, dp, bytes)?), None, budget)?;
     let copy_gb_s = 2.0 * bytes as f64 / t.median_s / 1e9;
     drop((src, dst));
     let n = if quick { 4096 } else { 8192 };
@@ -494,7 +543,7 @@ fn cuda_ceilings(device: Device, quick: bool) -> Result<Ceilings> {
     let c = Tensor::empty(&[n, n], DType::BF16, device)?;
     let g = Gemm::new(n, n, n, DType::BF16, DType::BF16).trans(false, true);
     let (ap, bp, cp) = (a.cuda_ptr()?, b.cuda_ptr()?, c.cuda_ptr()?);
-    let t = measure(&mut timer, &mut || Ok(d.gemm(&g, ap, bp, cp)?), false, budget)?;
+    let t = measure(&mut timer, &mut || Ok(d.gemm(&g, ap, bp, cp)?), None, budget)?;
     let matmul_tflop_s = 2.0 * (n as f64).powi(3) / t.median_s / 1e12;
     Ok(Ceilings {
         copy_gb_s,
@@ -689,18 +738,21 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let x = rt(&[t, ks.heads, ks.head_dim], 1)?;
             let pos: Vec<u32> = (0..t as u32).map(|p| p % 4096).collect();
             let pos = Tensor::from_slice(&pos, &[t], device)?;
+            // Built once, as the model keeps it: `rope::rope` builds and uploads one per call, a
+            // stream sync that would be timed with the kernel.
+            let table = rope::RopeTable::new(ks.head_dim, 1e6, device)?;
             let n = tf * (ks.heads * ks.head_dim) as f64;
             // Every CUDA version (rope.cu), each pinned only while it runs (CPU ignores it).
             let vers = versions_on(device, &[1, 2, 3]);
             for &ver in vers {
-                let (x, pos) = (x.clone(), pos.clone());
+                let (x, pos, table) = (x.clone(), pos.clone(), table.clone());
                 push(
                     shape_name(format!("q[{t},{},{}]", ks.heads, ks.head_dim)),
                     ver,
                     2.0 * n * es + tf * 4.0,
                     3.0 * n,
                     Bound::Memory,
-                    Box::new(move || pinned("rope", ver, || rope::rope(&x, &pos, 1e6))),
+                    Box::new(move || pinned("rope", ver, || table.forward(&x, &pos))),
                 );
             }
         }
@@ -723,7 +775,9 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             let table = rand_tensor(&[ks.vocab, h], dt, device, 0.0, 0.05, seed ^ 1)?;
             let ids = Tensor::from_slice(&rand_ids(t, ks.vocab, seed), &[t], device)?;
             // Every CUDA forward version (embedding.cu: v1-v3 grid-stride with 2/4/16-byte
-            // units, v4 2-D), each pinned only while it runs (CPU ignores it).
+            // units, v4 2-D), each pinned only while it runs (CPU ignores it). The kernel alone:
+            // `embedding` would read device ids back for its range check (a stream sync timed
+            // with the kernel); the model checks its ids on the host (`embedding_from_host`).
             let vers = versions_on(device, &[1, 2, 3, 4]);
             for &ver in vers {
                 let (ids, table) = (ids.clone(), table.clone());
@@ -733,7 +787,12 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                     2.0 * tf * h as f64 * es + tf * 4.0,
                     0.0,
                     Bound::Memory,
-                    Box::new(move || pinned("embedding", ver, || embedding::embedding(&ids, &table))),
+                    Box::new(move || {
+                        pinned("embedding", ver, || match device {
+                            Device::Cpu => embedding::embedding(&ids, &table),
+                            Device::Cuda(_) => embedding::embedding_unchecked(&ids, &table),
+                        })
+                    }),
                 );
             }
         }
@@ -1056,26 +1115,45 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
     Ok(cases)
 }
 
-/// Marks the rows an unforced call runs, so reports compare those with peers: per shape, the
-/// newest version (on CUDA the attention forward's up to its measured limit), at the op's own
-/// tiling (not the fused head's L2 row-tile variant). A `SMELT_KERNEL_VERSIONS` cap is not
-/// taken into account.
+/// Marks the rows an unforced call runs, so reports compare those with peers: per shape, what
+/// the op's launcher picks without a pinned version (`versions::unforced`: the newest version,
+/// on CUDA the attention forward and decode up to their measured limits, and under a
+/// `SMELT_KERNEL_VERSIONS` cap the newest version not above it), at the op's own tiling (not
+/// the fused head's L2 row-tile variant).
 fn mark_defaults(cases: &mut [Case], head_dim: usize, device: Device) {
-    let limit = match cases.first().map(|c| c.op) {
-        Some("attention_fwd") if !device.is_cpu() => attention::forward_version_limit(head_dim),
-        Some("attention_decode") if !device.is_cpu() => attention::DECODE_VERSION_LIMIT,
+    let Some(op) = cases.first().map(|c| c.op) else { return };
+    let best = match op {
+        "attention_fwd" if !device.is_cpu() => attention::forward_version_limit(head_dim),
+        "attention_decode" if !device.is_cpu() => attention::DECODE_VERSION_LIMIT,
         _ => u32::MAX,
     };
-    let runs: Vec<u32> = cases
+    let kernel = versioned_op(op).filter(|_| !device.is_cpu());
+    let runs: Vec<Option<u32>> = cases
         .iter()
         .map(|c| {
-            let same = cases.iter().filter(|o| o.shape == c.shape).map(|o| o.version);
-            same.clone().filter(|&v| v <= limit).max().or(same.max()).unwrap_or(c.version)
+            let mut same: Vec<u32> = cases.iter().filter(|o| o.shape == c.shape).map(|o| o.version).collect();
+            same.sort_unstable();
+            same.dedup();
+            match kernel {
+                Some(k) => versions::unforced(k, &same, best).ok(),
+                None => same.last().copied(),
+            }
         })
         .collect();
     for (c, runs) in cases.iter_mut().zip(runs) {
-        c.default = c.version == runs && !c.shape.contains(ROW_TILE_TAG);
+        c.default = Some(c.version) == runs && !c.shape.contains(ROW_TILE_TAG);
     }
+}
+
+/// The `versions` op whose kernel a benchmark times (the name its cases pin), if it has versions.
+fn versioned_op(op: &str) -> Option<&'static str> {
+    Some(match op {
+        "rmsnorm_fwd" | "rmsnorm_bwd" | "rmsnorm_add_fwd" => "rmsnorm",
+        "attention_fwd" => "attention_forward",
+        "attention_bwd" => "attention_backward",
+        "logprob_entropy_fused_fwd" | "logprob_entropy_logits_fwd" => "logprob_entropy",
+        other => return versions::OPS.iter().copied().find(|&o| o == other),
+    })
 }
 
 /// Ops that do not depend on the token count run once per model shape.
@@ -1184,8 +1262,8 @@ fn kernels(args: KernelsArgs) -> Result<()> {
     println!("ceiling copy:   {:>9.1} GB/s     ({})", ceil.copy_gb_s, ceil.copy_desc);
     println!("ceiling matmul: {:>9.3} TFLOP/s  ({})", ceil.matmul_tflop_s, ceil.matmul_desc);
     println!(
-        "{:<27} {:<58} {:>3} {:>11} {:>10} {:>9} {:>7}",
-        "op", "shape", "ver", "median ms", "GB/s", "TFLOP/s", "%ceil"
+        "{:<27} {:<58} {:>3} {:>5} {:>11} {:>10} {:>9} {:>7}",
+        "op", "shape", "ver", "flush", "median ms", "GB/s", "TFLOP/s", "%ceil"
     );
     let mut timer = Timer::new(device)?;
     let mut rows = Vec::new();
@@ -1199,44 +1277,16 @@ fn kernels(args: KernelsArgs) -> Result<()> {
                     if args.version.is_some_and(|v| v != c.version) {
                         continue;
                     }
-                    let timing = measure(&mut timer, &mut *c.run, c.bound == Bound::Memory, budget)
-                        .with_context(|| format!("{} at {}", c.op, c.shape))?;
-                    let s = timing.median_s;
-                    let gb_s = c.bytes / s / 1e9;
-                    let tflop_s = c.flops / s / 1e12;
-                    let pct = match c.bound {
-                        Bound::Memory => 100.0 * gb_s / ceil.copy_gb_s,
-                        Bound::Compute => 100.0 * tflop_s / ceil.matmul_tflop_s,
+                    let flushes: Vec<Option<Flush>> = if c.bound == Bound::Memory {
+                        args.flush.iter().copied().map(Some).collect()
+                    } else {
+                        vec![None]
                     };
-                    println!(
-                        "{:<27} {:<58} {:>3} {:>11.4} {:>10.1} {:>9.3} {:>6.1}%",
-                        c.op,
-                        c.shape,
-                        c.version,
-                        s * 1e3,
-                        gb_s,
-                        tflop_s,
-                        pct
-                    );
-                    rows.push(json!({
-                        "op": c.op,
-                        "shape": c.shape,
-                        "model_shape": ks.name,
-                        "tokens": t,
-                        "version": c.version,
-                        "default": c.default,
-                        "dtype": c.dtype.name(),
-                        "bound": if c.bound == Bound::Memory { "memory" } else { "compute" },
-                        "median_ms": s * 1e3,
-                        "min_ms": timing.min_s * 1e3,
-                        "runs": timing.runs,
-                        "bytes": c.bytes,
-                        "flops": c.flops,
-                        "gb_s": gb_s,
-                        "tflop_s": tflop_s,
-                        "pct_of_ceiling": pct,
-                        "l2_flushed": c.bound == Bound::Memory,
-                    }));
+                    for flush in flushes {
+                        let timing = measure(&mut timer, &mut *c.run, flush, budget)
+                            .with_context(|| format!("{} at {}", c.op, c.shape))?;
+                        rows.push(kernel_row(&c, ks, t, flush, &timing, &ceil));
+                    }
                 }
             }
         }
@@ -1249,13 +1299,60 @@ fn kernels(args: KernelsArgs) -> Result<()> {
         "matmul_tflop_s": ceil.matmul_tflop_s,
         "matmul": ceil.matmul_desc,
     });
-    report["timing"] = json!(if device.is_cpu() {
-        "wall clock per run, median; 64 MiB buffer written before memory-bound runs"
-    } else {
-        "CUDA events around each run, median; 64 MiB memset (L2 flush) before memory-bound runs"
-    });
+    report["timing"] = json!(format!(
+        "{}, median; before each run of a memory-bound kernel, caches emptied as its row's `flush` says ({})",
+        if device.is_cpu() { "wall clock per run" } else { "CUDA events around each run" },
+        if device.is_cpu() {
+            "read: a sum over 64 MiB; write: 64 MiB written"
+        } else {
+            "read: column sums over 128 MiB; write: a 64 MiB memset"
+        }
+    ));
     report["rows"] = Value::Array(rows);
     write_json(&args.json, &report)
+}
+
+/// Prints one timed case and returns its JSON row.
+fn kernel_row(c: &Case, ks: &KShape, t: usize, flush: Option<Flush>, timing: &Timing, ceil: &Ceilings) -> Value {
+    let s = timing.median_s;
+    let gb_s = c.bytes / s / 1e9;
+    let tflop_s = c.flops / s / 1e12;
+    let pct = match c.bound {
+        Bound::Memory => 100.0 * gb_s / ceil.copy_gb_s,
+        Bound::Compute => 100.0 * tflop_s / ceil.matmul_tflop_s,
+    };
+    let flush_name = flush.map_or("none", Flush::name);
+    println!(
+        "{:<27} {:<58} {:>3} {:>5} {:>11.4} {:>10.1} {:>9.3} {:>6.1}%",
+        c.op,
+        c.shape,
+        c.version,
+        flush_name,
+        s * 1e3,
+        gb_s,
+        tflop_s,
+        pct
+    );
+    json!({
+        "op": c.op,
+        "shape": c.shape,
+        "model_shape": ks.name,
+        "tokens": t,
+        "version": c.version,
+        "default": c.default,
+        "dtype": c.dtype.name(),
+        "bound": if c.bound == Bound::Memory { "memory" } else { "compute" },
+        "median_ms": s * 1e3,
+        "min_ms": timing.min_s * 1e3,
+        "runs": timing.runs,
+        "bytes": c.bytes,
+        "flops": c.flops,
+        "gb_s": gb_s,
+        "tflop_s": tflop_s,
+        "pct_of_ceiling": pct,
+        "l2_flushed": flush.is_some(),
+        "flush": flush_name,
+    })
 }
 
 // ---- step and generate: model shapes ------------------------------------------------------
@@ -1993,5 +2090,12 @@ mod tests {
         assert_eq!(marked(head, 64, Device::Cuda(0)), [false, true, false]);
         let adamw = vec![case("adamw", "one", 1), case("adamw", "group", 1), case("adamw", "group", 2)];
         assert_eq!(marked(adamw, 64, Device::Cpu), [true, false, true]);
+        let decode = (1..=3).map(|v| case("attention_decode", "x", v)).collect::<Vec<_>>();
+        let want: Vec<bool> = (1..=3).map(|v| v == attention::DECODE_VERSION_LIMIT).collect();
+        assert_eq!(marked(decode, 64, Device::Cuda(0)), want);
+        // A pinned version (as while a case runs) does not move the mark.
+        let _pin = versions::scoped("rmsnorm", 1);
+        let norm = (1..=3).map(|v| case("rmsnorm_bwd", "x", v)).collect::<Vec<_>>();
+        assert_eq!(marked(norm, 64, Device::Cuda(0)), [false, false, true]);
     }
 }
