@@ -423,8 +423,9 @@ const KSHAPES: [KShape; 3] = [
     KShape { name: "qwen2.5-7b", hidden: 3584, heads: 28, kv_heads: 4, head_dim: 128, inter: 18_944, vocab: 152_064 },
 ];
 
-const OPS: [&str; 21] = [
+const OPS: [&str; 22] = [
     "matmul",
+    "matmul_decode",
     "add",
     "rmsnorm_fwd",
     "rmsnorm_bwd",
@@ -620,6 +621,35 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                     Ok(())
                 }),
             );
+        }
+        "matmul_decode" => {
+            // A decode step's projections at an RL batch of rows: each weight is read once for
+            // few rows, so these are bound by reading the weights (GB/s; L2 flushed, as a step
+            // streams ~1 GB of weights through it) unless the GEMM leaves SMs idle.
+            let (q, kv) = (ks.heads * ks.head_dim, ks.kv_heads * ks.head_dim);
+            let weights = [
+                ("q|k|v", q + 2 * kv, h),
+                ("o", h, q),
+                ("gate|up", 2 * ks.inter, h),
+                ("down", h, ks.inter),
+                ("lm_head", ks.vocab, h),
+            ];
+            let b = decode_batch;
+            for (i, (name, n, k)) in weights.into_iter().enumerate() {
+                let x = rt(&[b, k], 10 + i as u64)?;
+                let w = rand_tensor(&[n, k], dt, device, 0.0, 0.05, seed ^ (20 + i as u64))?;
+                push(
+                    format!("{} x[{b},{k}]·W[{n},{k}]ᵀ ({name})", ks.name),
+                    1,
+                    ((n * k) + b * k + b * n) as f64 * es,
+                    2.0 * (b * n * k) as f64,
+                    Bound::Memory,
+                    Box::new(move || {
+                        matmul::matmul(&x, &w, false, true)?;
+                        Ok(())
+                    }),
+                );
+            }
         }
         "add" => {
             let (a, b) = (rt(&[t, h], 1)?, rt(&[t, h], 2)?);
@@ -1207,7 +1237,7 @@ fn pinned<T>(op: &'static str, ver: u32, f: impl FnOnce() -> smelt_engine::Resul
 }
 
 fn token_independent(op: &str) -> bool {
-    matches!(op, "adamw" | "global_norm" | "sample")
+    matches!(op, "adamw" | "global_norm" | "sample" | "matmul_decode")
 }
 
 fn kernels(args: KernelsArgs) -> Result<()> {
