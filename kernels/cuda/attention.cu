@@ -163,18 +163,6 @@ ATT_FOR_EACH_DIM(ATT_FWD_V1, float, f32)
 ATT_FOR_EACH_DIM(ATT_FWD_V1, bf16_t, bf16)
 
 // ---------------------------------------------------------------- forward v2 (mma.sync bf16)
-__device__ __forceinline__ void att_mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
-#ifdef SMELT_EMU
-    smelt_emu_mma_m16n8k16_bf16(c, a, b0, b1);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
 __device__ __forceinline__ u32 att_pack_bf16(float lo, float hi) {
     return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
 }
@@ -245,7 +233,7 @@ __device__ void attn_fwd_v2(const bf16_t* __restrict__ q, const bf16_t* __restri
             for (int kc = 0; kc < KC; ++kc) {
                 const u32 b0 = *(const u32*)(kr + kc * 16);
                 const u32 b1 = *(const u32*)(kr + kc * 16 + 8);
-                att_mma_bf16(sc[nt], qa[kc], b0, b1);
+                mma_bf16_16816(sc[nt], qa[kc], b0, b1);
             }
         }
         // Scale, causal and sequence-end mask, row max over the quad.
@@ -298,7 +286,7 @@ __device__ void attn_fwd_v2(const bf16_t* __restrict__ q, const bf16_t* __restri
                 const bf16_t* vp = v0 + dt * 8;
                 const u32 b0 = (u32)vp[0] | ((u32)vp[KS] << 16);
                 const u32 b1 = (u32)vp[8 * KS] | ((u32)vp[9 * KS] << 16);
-                att_mma_bf16(acc[dt], pa, b0, b1);
+                mma_bf16_16816(acc[dt], pa, b0, b1);
             }
         }
     }
@@ -529,7 +517,7 @@ ATT_FOR_EACH_DIM(ATT_BWD, bf16_t, bf16)
 
 // ---------------------------------------------------------------- backward v2 (mma.sync bf16)
 // The same FlashAttention-2 products as v1 on tensor cores, with the fragment layouts of the v2
-// forward (see att_mma_bf16). P and dS are rounded to bf16 as mma operands (as FlashAttention
+// forward (see mma_bf16_16816). P and dS are rounded to bf16 as mma operands (as FlashAttention
 // does); every sum is f32.
 
 // Loads rows r0..r0+ROWS of one head of a [T, heads, D] bf16 tensor (sequence offset s0) into a
@@ -573,7 +561,7 @@ __device__ __forceinline__ void att_mma_abt(float (*acc)[4], const u32 (*a)[4], 
         const bf16_t* r = tile + (nt * 8 + gid) * S + tig * 2;
         #pragma unroll
         for (int kc = 0; kc < D / 16; ++kc)
-            att_mma_bf16(acc[nt], a[kc], *(const u32*)(r + kc * 16), *(const u32*)(r + kc * 16 + 8));
+            mma_bf16_16816(acc[nt], a[kc], *(const u32*)(r + kc * 16), *(const u32*)(r + kc * 16 + 8));
     }
 }
 
@@ -593,7 +581,7 @@ __device__ __forceinline__ void att_mma_ab(float (*out)[4], float (*x)[4], const
         #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
             const bf16_t* tp = t0 + dt * 8;
-            att_mma_bf16(out[dt], xa, (u32)tp[0] | ((u32)tp[S] << 16), (u32)tp[8 * S] | ((u32)tp[9 * S] << 16));
+            mma_bf16_16816(out[dt], xa, (u32)tp[0] | ((u32)tp[S] << 16), (u32)tp[8 * S] | ((u32)tp[9 * S] << 16));
         }
     }
 }
@@ -787,8 +775,8 @@ __device__ __forceinline__ void att_ldm_abt(float (&acc)[MT][NT][4], const u32 (
             ldmatrix_x4(b, r + kc2 * 32);
             #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                att_mma_bf16(acc[mt][nt], a[mt][2 * kc2], b[0], b[1]);
-                att_mma_bf16(acc[mt][nt], a[mt][2 * kc2 + 1], b[2], b[3]);
+                mma_bf16_16816(acc[mt][nt], a[mt][2 * kc2], b[0], b[1]);
+                mma_bf16_16816(acc[mt][nt], a[mt][2 * kc2 + 1], b[2], b[3]);
             }
         }
     }
@@ -811,8 +799,8 @@ __device__ __forceinline__ void att_ldm_ab(float (&out)[MT][D / 8][4], const u32
             ldmatrix_x4_trans(b, t + dt2 * 16);
             #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                att_mma_bf16(out[mt][2 * dt2], x[mt][kc], b[0], b[1]);
-                att_mma_bf16(out[mt][2 * dt2 + 1], x[mt][kc], b[2], b[3]);
+                mma_bf16_16816(out[mt][2 * dt2], x[mt][kc], b[0], b[1]);
+                mma_bf16_16816(out[mt][2 * dt2 + 1], x[mt][kc], b[2], b[3]);
             }
         }
     }

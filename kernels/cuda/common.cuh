@@ -2,8 +2,8 @@
 // toolkit headers, so a GPU machine needs only the driver and libnvrtc).
 //
 // Provides: bf16 as raw 16-bit values with round-to-nearest-even conversion (NaN kept quiet),
-// f16 conversions via the PTX cvt instruction, warp and block reductions, and fixed-width
-// integer names.
+// f16 conversions via the PTX cvt instruction, warp and block reductions, fixed-width integer
+// names, and the bf16 tensor-core mma (sm_80+) that attention and matmul share.
 
 typedef unsigned short bf16_t;   // raw bfloat16 bits
 typedef unsigned short f16_t;    // raw IEEE half bits
@@ -210,3 +210,18 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 #endif
+
+// c += a·b on tensor cores: mma.sync m16n8k16, bf16 operands, f32 accumulators (sm_80+).
+// Fragments (lane = 4·gid + tig): A regs {row gid | gid+8} × {cols 2tig,2tig+1 | +8}; B regs:
+// k = 2tig,2tig+1 (+8), n = gid; C: rows gid / gid+8, cols 2tig, 2tig+1.
+__device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, u32 b0, u32 b1) {
+#ifdef SMELT_EMU
+    smelt_emu_mma_m16n8k16_bf16(c, a, b0, b1);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}

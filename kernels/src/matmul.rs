@@ -10,7 +10,13 @@
 //! Dtypes: f32; bf16 and f16 inputs are multiplied with f32 accumulation (on the CPU through
 //! an f32 copy, on CUDA by cuBLAS with `CUBLAS_COMPUTE_32F`). The output of [`matmul`] has the
 //! inputs' dtype; [`matmul_into`] may write f32 from 16-bit inputs (e.g. fp32 logits or
-//! gradient accumulation). There is no handwritten CUDA source: CUDA goes through cuBLAS.
+//! gradient accumulation).
+//!
+//! CUDA versions (op `"matmul"` of `crate::versions`): v1 cuBLAS, every call and the default;
+//! v2 `matmul.cu`'s kernel for `y = x·Wᵀ` with at most 64 rows of x, bf16 (a decode step's
+//! linear layers, bound by reading W), held back until measured against cuBLAS: it runs when
+//! pinned (`versions::force`, `smelt bench kernels --op matmul_decode`) or under
+//! `SMELT_KERNEL_VERSIONS=matmul=2`.
 
 use smelt_engine::{bf16, f16, DType, Device, Error, Result, Tensor};
 
@@ -239,10 +245,47 @@ pub mod cpu {
     }
 }
 
+crate::kernel_source!("matmul");
+
+/// Rows of x that `matmul.cu`'s few-rows kernel takes (4 m-tiles of 16).
+pub const FEW_ROWS_MAX: usize = 64;
+
+/// The newest CUDA version an unforced call runs: cuBLAS until the few-rows kernel (v2) is
+/// measured faster on a GPU.
+pub const VERSION_LIMIT: u32 = 1;
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
+    use crate::cuda::{launch, Arg, LaunchCfg};
     use smelt_engine::cuda::{device, Gemm};
+
+    /// Versions that can take this call: the few-rows kernel (v2) for a bf16 `x·Wᵀ` into a fresh
+    /// bf16 output with at most [`FEW_ROWS_MAX`] rows, K a multiple of 8 and 16-byte aligned
+    /// operands (see `matmul.cu`), cuBLAS (v1) for everything.
+    #[allow(clippy::too_many_arguments)]
+    fn versions_for(
+        a: &Tensor,
+        b: &Tensor,
+        ta: bool,
+        tb: bool,
+        out: &Tensor,
+        acc: bool,
+        m: usize,
+        k: usize,
+    ) -> Result<&'static [u32]> {
+        let few_rows = !ta
+            && tb
+            && !acc
+            && (1..=FEW_ROWS_MAX).contains(&m)
+            && k % 8 == 0
+            && k <= i32::MAX as usize
+            && b.dim(0) <= i32::MAX as usize
+            && [a.dtype(), b.dtype(), out.dtype()].iter().all(|&d| d == DType::BF16)
+            && a.cuda_ptr()? % 16 == 0
+            && b.cuda_ptr()? % 16 == 0;
+        Ok(if few_rows { &[1, 2] } else { &[1] })
+    }
 
     #[allow(clippy::too_many_arguments)]
     pub fn run(
@@ -261,6 +304,19 @@ mod cuda {
         let g = Gemm::new(m, n, k, a.dtype(), out.dtype()).trans(ta, tb).accumulate(acc);
         if m == 0 || n == 0 {
             return Ok(());
+        }
+        if crate::versions::pick_up_to("matmul", versions_for(a, b, ta, tb, out, acc, m, k)?, VERSION_LIMIT)? == 2 {
+            let mt = m.div_ceil(16);
+            let cfg = LaunchCfg { grid: (n.div_ceil(16) as u32, 1, 1), block: (256, 1, 1), smem: 0 };
+            let args = [
+                Arg::Ptr(a.cuda_ptr()?),
+                Arg::Ptr(b.cuda_ptr()?),
+                Arg::Ptr(out.cuda_ptr()?),
+                Arg::I32(m as i32),
+                Arg::I32(n as i32),
+                Arg::I32(k as i32),
+            ];
+            return launch(ord, &SRC, &format!("matmul_few_rows_bf16_m{mt}"), cfg, &args);
         }
         let (pa, pb, pc) = (a.cuda_ptr()?, b.cuda_ptr()?, out.cuda_ptr()?);
         dev.gemm(&g, pa, pb, pc)
@@ -476,5 +532,34 @@ mod tests {
         assert_eq!(dxd.shape(), &[2, 3, 40]);
         assert_close(&dxd.to_vec().unwrap(), &to_f64(&dx.to_vec().unwrap()), 1e-4, 1e-5, "dx device");
         assert_close(&dwd.to_vec().unwrap(), &to_f64(&dw.to_vec().unwrap()), 1e-4, 1e-5, "dw device");
+    }
+
+    /// v2, the few-rows kernel (pinned: it is held back by default), against the CPU from the same
+    /// bf16 inputs: row counts across 1–4 m-tiles and their edges, N not a multiple of 16, K with
+    /// a partial last 64-column chunk and K below one chunk; the output poisoned first. Calls it
+    /// cannot take are refused while it is pinned.
+    #[test]
+    fn few_rows_device_matches_cpu() {
+        let Some(dev) = test_cuda_device() else { return };
+        let mut rng = Rng::new(17);
+        let shapes =
+            [(1, 16, 64), (7, 40, 200), (16, 13, 8), (17, 1000, 72), (32, 96, 896), (33, 24, 136), (64, 31, 520)];
+        let _v2 = crate::versions::scoped("matmul", 2);
+        for (m, n, k) in shapes {
+            let x = t(&randn(&mut rng, m * k, 1.0), &[m, k]).to_dtype(DType::BF16).unwrap();
+            let w = t(&randn(&mut rng, n * k, 1.0), &[n, k]).to_dtype(DType::BF16).unwrap();
+            let c32 = Tensor::zeros(&[m, n], DType::F32, Device::Cpu).unwrap();
+            matmul_into(&x, &w, false, true, &c32, false).unwrap();
+            let want = to_f64(&c32.to_vec().unwrap());
+            let (xd, wd) = (x.to_device(dev).unwrap(), w.to_device(dev).unwrap());
+            let out = Tensor::full(f64::NAN, &[m, n], DType::BF16, dev).unwrap();
+            matmul_into(&xd, &wd, false, true, &out, false).unwrap();
+            let tol = 1e-5 * (k as f64).sqrt();
+            assert_close(&out.to_vec_f32().unwrap(), &want, tol, DType::BF16.epsilon(), &format!("v2 m{m} n{n} k{k}"));
+        }
+        let (x, w) =
+            (Tensor::zeros(&[65, 64], DType::BF16, dev).unwrap(), Tensor::zeros(&[16, 64], DType::BF16, dev).unwrap());
+        let e = matmul(&x, &w, false, true).unwrap_err().to_string();
+        assert!(e.contains("matmul") && e.contains("version 2"), "{e}");
     }
 }

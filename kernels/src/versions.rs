@@ -17,7 +17,7 @@
 use std::sync::{Condvar, Mutex, OnceLock};
 
 /// The ops whose launchers pick their version here.
-pub const OPS: [&str; 11] = [
+pub const OPS: [&str; 12] = [
     "adamw",
     "attention_backward",
     "attention_decode",
@@ -26,6 +26,7 @@ pub const OPS: [&str; 11] = [
     "embedding",
     "embedding_backward",
     "logprob_entropy",
+    "matmul",
     "rmsnorm",
     "rope",
     "sample",

@@ -634,21 +634,22 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
                 ("down", h, ks.inter),
                 ("lm_head", ks.vocab, h),
             ];
+            // CUDA: v1 cuBLAS, v2 matmul.cu's few-rows kernel (held back until measured).
             let b = decode_batch;
             for (i, (name, n, k)) in weights.into_iter().enumerate() {
                 let x = rt(&[b, k], 10 + i as u64)?;
                 let w = rand_tensor(&[n, k], dt, device, 0.0, 0.05, seed ^ (20 + i as u64))?;
-                push(
-                    format!("{} x[{b},{k}]·W[{n},{k}]ᵀ ({name})", ks.name),
-                    1,
-                    ((n * k) + b * k + b * n) as f64 * es,
-                    2.0 * (b * n * k) as f64,
-                    Bound::Memory,
-                    Box::new(move || {
-                        matmul::matmul(&x, &w, false, true)?;
-                        Ok(())
-                    }),
-                );
+                for &ver in versions_on(device, &[1, 2]) {
+                    let (x, w) = (x.clone(), w.clone());
+                    push(
+                        format!("{} x[{b},{k}]·W[{n},{k}]ᵀ ({name})", ks.name),
+                        ver,
+                        ((n * k) + b * k + b * n) as f64 * es,
+                        2.0 * (b * n * k) as f64,
+                        Bound::Memory,
+                        Box::new(move || pinned("matmul", ver, || matmul::matmul(&x, &w, false, true))),
+                    );
+                }
             }
         }
         "add" => {
@@ -1155,6 +1156,7 @@ fn mark_defaults(cases: &mut [Case], head_dim: usize, device: Device) {
     let best = match op {
         "attention_fwd" if !device.is_cpu() => attention::forward_version_limit(head_dim),
         "attention_decode" if !device.is_cpu() => attention::DECODE_VERSION_LIMIT,
+        "matmul_decode" if !device.is_cpu() => matmul::VERSION_LIMIT,
         _ => u32::MAX,
     };
     let kernel = versioned_op(op).filter(|_| !device.is_cpu());
@@ -1181,6 +1183,7 @@ fn versioned_op(op: &str) -> Option<&'static str> {
         "rmsnorm_fwd" | "rmsnorm_bwd" | "rmsnorm_add_fwd" => "rmsnorm",
         "attention_fwd" => "attention_forward",
         "attention_bwd" => "attention_backward",
+        "matmul_decode" => "matmul",
         "logprob_entropy_fused_fwd" | "logprob_entropy_logits_fwd" => "logprob_entropy",
         other => return versions::OPS.iter().copied().find(|&o| o == other),
     })

@@ -1,0 +1,139 @@
+// matmul.cu — y = x·Wᵀ for a few rows of x: the linear layers of a decode step.
+//
+// x [M, K] bf16 (M ≤ 64: one new token per sequence of a batch), W [N, K] bf16 (a Linear
+// weight, row-major), y [M, N] bf16; f32 accumulation on tensor cores (mma.sync m16n8k16).
+// Everything else (and every matmul of training and prefill) runs on cuBLAS.
+//
+// Why: with few rows each weight element is used M times, so the product is bound by reading W
+// once (e.g. 1 GB per decode step of Qwen2.5-0.5B). cuBLAS tiles M in 64 or 128 rows, and at
+// small N (896 columns: 14 tiles of 64) its grid leaves most SMs idle.
+//
+// Work mapping (block = 8 warps; grid = ⌈N/16⌉ blocks): a block owns 16 output columns (two
+// 8-column mma n-tiles, i.e. 16 rows of W) for all M rows; its warps split K in 64-column chunks
+// (warp w takes chunks w, w+8, …). Per chunk, lane = 4·g + t loads 32 contiguous bytes of W row
+// n0 + 8j + g (columns 16t..16t+15 of the chunk) for each n-tile j, so the 4 lanes of a row read
+// its whole 128-byte line; and the same 32 bytes of x rows g and g+8 of each 16-row m-tile.
+// The chunk's k order inside the mma is permuted so that these registers are the fragments as
+// loaded: mma step s (of 4) takes, in lane t, physical columns 16t+4s .. 16t+4s+3 as the logical
+// k = 2t, 2t+1, 2t+8, 2t+9 (B regs b0, b1; A regs a0/a1 rows g/g+8, a2/a3 the same rows' +8
+// columns). A dot product does not depend on the order of its terms, only its rounding does, and
+// f32 accumulation keeps that within the tolerance of bf16 outputs. The next chunk's registers
+// are loaded before this chunk's mma (double buffer), so each warp has 2 chunks in flight.
+// The 8 warps' partial sums meet in shared memory and are added in warp order (deterministic),
+// rounded to bf16 once.
+//
+// Requirements (the launcher checks, else cuBLAS): K % 8 == 0 (a 16-byte piece of a row is then
+// wholly inside or outside K; outside pieces are zeros in both operands), x, W 16-byte aligned,
+// y contiguous. Rows m ≥ M and n ≥ N load zeros and store nothing.
+//
+// Versions (op "matmul"): v1 cuBLAS (every matmul; the default), v2 this kernel for
+// y = x·Wᵀ with M ≤ 64, bf16 — held back until measured against cuBLAS (`smelt bench kernels
+// --op matmul_decode` times both).
+
+#define MM_WARPS 8
+#define MM_NT 2  // 8-column n-tiles per block
+
+// 16 bytes of a row at column `col`, or zeros when the row or the piece is outside the matrix.
+__device__ __forceinline__ uint4 mm_ld16(const bf16_t* __restrict__ base, int row, int rows, int col, int K) {
+    if (row < rows && col + 8 <= K) return *reinterpret_cast<const uint4*>(base + (u64)row * K + col);
+    return make_uint4(0u, 0u, 0u, 0u);
+}
+
+// One chunk's operands: W columns for MM_NT n-tiles and x columns for MT m-tiles × 2 rows, each
+// 32 bytes (8 u32) per lane.
+template <int MT>
+struct MmChunk {
+    u32 w[MM_NT][8];
+    u32 x[MT][2][8];
+};
+
+template <int MT>
+__device__ __forceinline__ void mm_load(MmChunk<MT>& c, const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
+                                        int M, int N, int K, int n0, int k0, int g, int t) {
+    const int col = k0 + 16 * t;
+    #pragma unroll
+    for (int j = 0; j < MM_NT; ++j) {
+        const int n = n0 + 8 * j + g;
+        const uint4 a = mm_ld16(w, n, N, col, K), b = mm_ld16(w, n, N, col + 8, K);
+        c.w[j][0] = a.x; c.w[j][1] = a.y; c.w[j][2] = a.z; c.w[j][3] = a.w;
+        c.w[j][4] = b.x; c.w[j][5] = b.y; c.w[j][6] = b.z; c.w[j][7] = b.w;
+    }
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = 16 * mt + 8 * h + g;
+            const uint4 a = mm_ld16(x, m, M, col, K), b = mm_ld16(x, m, M, col + 8, K);
+            c.x[mt][h][0] = a.x; c.x[mt][h][1] = a.y; c.x[mt][h][2] = a.z; c.x[mt][h][3] = a.w;
+            c.x[mt][h][4] = b.x; c.x[mt][h][5] = b.y; c.x[mt][h][6] = b.z; c.x[mt][h][7] = b.w;
+        }
+    }
+}
+
+template <int MT>
+__device__ __forceinline__ void mm_compute(float (*acc)[MM_NT][4], const MmChunk<MT>& c) {
+    #pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const u32 a[4] = {c.x[mt][0][2 * s], c.x[mt][1][2 * s], c.x[mt][0][2 * s + 1], c.x[mt][1][2 * s + 1]};
+            #pragma unroll
+            for (int j = 0; j < MM_NT; ++j) mma_bf16_16816(acc[mt][j], a, c.w[j][2 * s], c.w[j][2 * s + 1]);
+        }
+    }
+}
+
+template <int MT>
+__device__ void matmul_few_rows(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, bf16_t* __restrict__ y,
+                                int M, int N, int K) {
+    // Partial sums of every warp: [warp][row (MT·16)][column (MM_NT·8)].
+    __shared__ float part[MM_WARPS][MT * 16][MM_NT * 8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * (MM_NT * 8);
+    const int chunks = (K + 63) / 64;
+
+    float acc[MT][MM_NT][4];
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int j = 0; j < MM_NT; ++j)
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.0f;
+
+    MmChunk<MT> cur, next;
+    int c = warp;
+    if (c < chunks) mm_load<MT>(cur, x, w, M, N, K, n0, 64 * c, g, t);
+    while (c < chunks) {
+        const int cn = c + MM_WARPS;
+        if (cn < chunks) mm_load<MT>(next, x, w, M, N, K, n0, 64 * cn, g, t);
+        mm_compute<MT>(acc, cur);
+        if (cn < chunks) cur = next;
+        c = cn;
+    }
+
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int j = 0; j < MM_NT; ++j)
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) part[warp][16 * mt + g + 8 * (i >> 1)][8 * j + 2 * t + (i & 1)] = acc[mt][j][i];
+    __syncthreads();
+    for (int e = threadIdx.x; e < MT * 16 * MM_NT * 8; e += blockDim.x) {
+        const int r = e / (MM_NT * 8), col = e % (MM_NT * 8), n = n0 + col;
+        if (r >= M || n >= N) continue;
+        float sum = 0.0f;
+        #pragma unroll
+        for (int v = 0; v < MM_WARPS; ++v) sum += part[v][r][col];
+        y[(u64)r * N + n] = f32_to_bf16(sum);
+    }
+}
+
+#define MATMUL_FEW_ROWS(MT)                                                                               \
+    extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)                                           \
+        matmul_few_rows_bf16_m##MT(const bf16_t* x, const bf16_t* w, bf16_t* y, int M, int N, int K) {    \
+        matmul_few_rows<MT>(x, w, y, M, N, K);                                                            \
+    }
+MATMUL_FEW_ROWS(1)
+MATMUL_FEW_ROWS(2)
+MATMUL_FEW_ROWS(3)
+MATMUL_FEW_ROWS(4)
