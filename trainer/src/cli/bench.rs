@@ -380,9 +380,10 @@ pub struct KernelsArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Only ops whose name is NAME or starts with NAME_ (e.g. `rmsnorm`, `attention_fwd`).
-    #[arg(long)]
-    pub op: Option<String>,
+    /// Only ops whose name is NAME or starts with NAME_ (e.g. `rmsnorm`, `attention_fwd`);
+    /// several names, comma-separated, select each one's ops.
+    #[arg(long, value_delimiter = ',')]
+    pub op: Vec<String>,
     /// Only this kernel version, numbered as in the op's `.cu` header (on CUDA every version of an
     /// op is timed, each pinned with `versions::scoped`; CPU rows and single-version ops are 1).
     #[arg(long)]
@@ -448,11 +449,9 @@ const OPS: [&str; 22] = [
     "sample",
 ];
 
-fn op_selected(op: &str, filter: &Option<String>) -> bool {
-    match filter {
-        None => true,
-        Some(f) => op == f || op.strip_prefix(f.as_str()).is_some_and(|r| r.starts_with('_')),
-    }
+/// Whether `op` is NAME or starts with NAME_ for a NAME of `names` (no names: every op).
+fn op_selected(op: &str, names: &[String]) -> bool {
+    names.is_empty() || names.iter().any(|f| op == f || op.strip_prefix(f.as_str()).is_some_and(|r| r.starts_with('_')))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1244,10 +1243,8 @@ fn token_independent(op: &str) -> bool {
 }
 
 fn kernels(args: KernelsArgs) -> Result<()> {
-    if let Some(f) = &args.op {
-        if !OPS.iter().any(|op| op_selected(op, &args.op)) {
-            bail!("--op {f:?}: no such op; ops are {}", OPS.join(", "));
-        }
+    if let Some(f) = args.op.iter().find(|f| !OPS.iter().any(|op| op_selected(op, std::slice::from_ref(f)))) {
+        bail!("--op {f:?}: no such op; ops are {}", OPS.join(", "));
     }
     let shapes: Vec<KShape> = match &args.shape {
         None => KSHAPES.to_vec(),
