@@ -264,7 +264,7 @@ mod cuda {
     /// bf16 output with at most [`FEW_ROWS_MAX`] rows, K a multiple of 8 and 16-byte aligned
     /// operands (see `matmul.cu`), cuBLAS (v1) for everything.
     #[allow(clippy::too_many_arguments)]
-    fn versions_for(
+    pub(super) fn versions_for(
         a: &Tensor,
         b: &Tensor,
         ta: bool,
@@ -279,7 +279,7 @@ mod cuda {
             && !acc
             && (1..=FEW_ROWS_MAX).contains(&m)
             && k % 8 == 0
-            && k <= i32::MAX as usize
+            && k <= i32::MAX as usize - 128
             && b.dim(0) <= i32::MAX as usize
             && [a.dtype(), b.dtype(), out.dtype()].iter().all(|&d| d == DType::BF16)
             && a.cuda_ptr()? % 16 == 0
@@ -306,20 +306,32 @@ mod cuda {
             return Ok(());
         }
         if crate::versions::pick_up_to("matmul", versions_for(a, b, ta, tb, out, acc, m, k)?, VERSION_LIMIT)? == 2 {
-            let mt = m.div_ceil(16);
-            let cfg = LaunchCfg { grid: (n.div_ceil(16) as u32, 1, 1), block: (256, 1, 1), smem: 0 };
-            let args = [
-                Arg::Ptr(a.cuda_ptr()?),
-                Arg::Ptr(b.cuda_ptr()?),
-                Arg::Ptr(out.cuda_ptr()?),
-                Arg::I32(m as i32),
-                Arg::I32(n as i32),
-                Arg::I32(k as i32),
-            ];
-            return launch(ord, &SRC, &format!("matmul_few_rows_bf16_m{mt}"), cfg, &args);
+            return few_rows(ord, a, b, out, m, n, k);
         }
         let (pa, pb, pc) = (a.cuda_ptr()?, b.cuda_ptr()?, out.cuda_ptr()?);
         dev.gemm(&g, pa, pb, pc)
+    }
+
+    /// `out = a·bᵀ` by `matmul.cu`'s few-rows kernel, for a call [`versions_for`] lets it take.
+    pub(super) fn few_rows(
+        ord: usize,
+        a: &Tensor,
+        b: &Tensor,
+        out: &Tensor,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let cfg = LaunchCfg { grid: (n.div_ceil(16) as u32, 1, 1), block: (256, 1, 1), smem: 0 };
+        let args = [
+            Arg::Ptr(a.cuda_ptr()?),
+            Arg::Ptr(b.cuda_ptr()?),
+            Arg::Ptr(out.cuda_ptr()?),
+            Arg::I32(m as i32),
+            Arg::I32(n as i32),
+            Arg::I32(k as i32),
+        ];
+        launch(ord, &SRC, &format!("matmul_few_rows_bf16_m{}", m.div_ceil(16)), cfg, &args)
     }
 }
 
@@ -534,17 +546,19 @@ mod tests {
         assert_close(&dwd.to_vec().unwrap(), &to_f64(&dw.to_vec().unwrap()), 1e-4, 1e-5, "dw device");
     }
 
-    /// v2, the few-rows kernel (pinned: it is held back by default), against the CPU from the same
-    /// bf16 inputs: row counts across 1–4 m-tiles and their edges, N not a multiple of 16, K with
-    /// a partial last 64-column chunk and K below one chunk; the output poisoned first. Calls it
-    /// cannot take are refused while it is pinned.
+    /// v2, the few-rows kernel, against the CPU from the same bf16 inputs: row counts across 1–4
+    /// m-tiles and their edges, N not a multiple of 16, K with a partial last 64-column chunk and
+    /// K below one chunk; the output poisoned first. The kernel is called directly: pinning
+    /// version 2 (process-wide) would make parallel tests' other matmuls fail. Which calls it may
+    /// take is checked apart.
+    #[cfg(feature = "cuda")]
     #[test]
     fn few_rows_device_matches_cpu() {
         let Some(dev) = test_cuda_device() else { return };
+        let Device::Cuda(ord) = dev else { return };
         let mut rng = Rng::new(17);
         let shapes =
             [(1, 16, 64), (7, 40, 200), (16, 13, 8), (17, 1000, 72), (32, 96, 896), (33, 24, 136), (64, 31, 520)];
-        let _v2 = crate::versions::scoped("matmul", 2);
         for (m, n, k) in shapes {
             let x = t(&randn(&mut rng, m * k, 1.0), &[m, k]).to_dtype(DType::BF16).unwrap();
             let w = t(&randn(&mut rng, n * k, 1.0), &[n, k]).to_dtype(DType::BF16).unwrap();
@@ -553,13 +567,27 @@ mod tests {
             let want = to_f64(&c32.to_vec().unwrap());
             let (xd, wd) = (x.to_device(dev).unwrap(), w.to_device(dev).unwrap());
             let out = Tensor::full(f64::NAN, &[m, n], DType::BF16, dev).unwrap();
-            matmul_into(&xd, &wd, false, true, &out, false).unwrap();
+            assert_eq!(cuda::versions_for(&xd, &wd, false, true, &out, false, m, k).unwrap(), &[1, 2]);
+            cuda::few_rows(ord, &xd, &wd, &out, m, n, k).unwrap();
             let tol = 1e-5 * (k as f64).sqrt();
             assert_close(&out.to_vec_f32().unwrap(), &want, tol, DType::BF16.epsilon(), &format!("v2 m{m} n{n} k{k}"));
         }
-        let (x, w) =
-            (Tensor::zeros(&[65, 64], DType::BF16, dev).unwrap(), Tensor::zeros(&[16, 64], DType::BF16, dev).unwrap());
-        let e = matmul(&x, &w, false, true).unwrap_err().to_string();
-        assert!(e.contains("matmul") && e.contains("version 2"), "{e}");
+        // What it cannot take: 65 rows, K not a multiple of 8, f32, accumulation, x at an
+        // offset that is not 16-byte aligned.
+        let z = |shape: &[usize], dt| Tensor::zeros(shape, dt, dev).unwrap();
+        let (w, out) = (z(&[16, 64], DType::BF16), z(&[65, 16], DType::BF16));
+        let only_cublas: &[u32] = &[1];
+        let vf = |x: &Tensor, w: &Tensor, out: &Tensor, acc, m, k| {
+            cuda::versions_for(x, w, false, true, out, acc, m, k).unwrap()
+        };
+        assert_eq!(vf(&z(&[65, 64], DType::BF16), &w, &out, false, 65, 64), only_cublas);
+        assert_eq!(vf(&z(&[2, 12], DType::BF16), &z(&[16, 12], DType::BF16), &out, false, 2, 12), only_cublas);
+        assert_eq!(
+            vf(&z(&[2, 64], DType::F32), &z(&[16, 64], DType::F32), &z(&[2, 16], DType::F32), false, 2, 64),
+            only_cublas
+        );
+        assert_eq!(vf(&z(&[2, 64], DType::BF16), &w, &out, true, 2, 64), only_cublas);
+        let shifted = z(&[3 * 64 + 1], DType::BF16).narrow_rows(1, 3 * 64).unwrap().reshape(&[3, 64]).unwrap();
+        assert_eq!(vf(&shifted, &w, &out, false, 3, 64), only_cublas);
     }
 }

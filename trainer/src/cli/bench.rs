@@ -273,7 +273,9 @@ impl Timer {
             }),
             Device::Cpu => None,
         };
-        let flush_cpu = if device.is_cpu() { vec![0u64; FLUSH_BYTES / 8] } else { Vec::new() };
+        // Written once: a fresh zeroed allocation maps the kernel's one zero page, and reading
+        // it would flush nothing.
+        let flush_cpu = if device.is_cpu() { vec![1u64; FLUSH_BYTES / 8] } else { Vec::new() };
         Ok(Timer {
             device,
             flush_cpu,
