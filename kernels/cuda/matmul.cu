@@ -5,14 +5,18 @@
 // Everything else (and every matmul of training and prefill) runs on cuBLAS.
 //
 // Why: with few rows each weight element is used M times, so the product is bound by reading W
-// once (e.g. 1 GB per decode step of Qwen2.5-0.5B). cuBLAS tiles M in 64 or 128 rows, and at
-// small N (896 columns: 14 tiles of 64) its grid leaves most SMs idle.
+// once (e.g. 1 GB per decode step of Qwen2.5-0.5B). Whether cuBLAS, whose tiles are made for many
+// rows, reaches that bound at these shapes is what `smelt bench kernels --op matmul_decode`
+// measures (not yet on a GPU); this kernel is built for the bound.
 //
-// Work mapping (block = 8 warps; grid = ⌈N/16⌉ blocks): a block owns 16 output columns (two
-// 8-column mma n-tiles, i.e. 16 rows of W) for all M rows; its warps split K in 64-column chunks
-// (warp w takes chunks w, w+8, …). Per chunk, lane = 4·g + t loads 32 contiguous bytes of W row
-// n0 + 8j + g (columns 16t..16t+15 of the chunk) for each n-tile j, so the 4 lanes of a row read
-// its whole 128-byte line; and the same 32 bytes of x rows g and g+8 of each 16-row m-tile.
+// Work mapping (block = 8 warps; grid = ⌈N/(8·NT)⌉ blocks): a block owns 8·NT output columns
+// (NT 8-column mma n-tiles, i.e. 8·NT rows of W) for all M rows; its warps split K in 64-column
+// chunks (warp w takes chunks w, w+8, …). Per chunk, lane = 4·g + t loads 32 contiguous bytes of
+// W row n0 + 8j + g (columns 16t..16t+15 of the chunk) for each n-tile j, so the 4 lanes of a row
+// read its whole 128-byte line; and the same 32 bytes of x rows g and g+8 of each 16-row m-tile.
+// x is small and shared by every block (L1/L2 hits); each x fragment feeds NT n-tiles, so the
+// launcher takes NT = 4 where N leaves enough blocks (x traffic per W byte halves against NT = 2),
+// and NT = 1 where N is small (twice the blocks of NT = 2, more SMs reading W).
 // The chunk's k order inside the mma is permuted so that these registers are the fragments as
 // loaded: mma step s (of 4) takes, in lane t, physical columns 16t+4s .. 16t+4s+3 as the logical
 // k = 2t, 2t+1, 2t+8, 2t+9 (B regs b0, b1; A regs a0/a1 rows g/g+8, a2/a3 the same rows' +8
@@ -28,10 +32,10 @@
 //
 // Versions (op "matmul"): v1 cuBLAS (every matmul; the default), v2 this kernel for
 // y = x·Wᵀ with M ≤ 64, bf16 — held back until measured against cuBLAS (`smelt bench kernels
-// --op matmul_decode` times both).
+// --op matmul_decode` times both). ptxas (NVRTC 13.0, sm_80 and sm_90, no spills): registers
+// m1..m4 × n1: 94–96/100/144/178, × n2: 80/124/170/204, × n4: 124/172 (m1/m2).
 
 #define MM_WARPS 8
-#define MM_NT 2  // 8-column n-tiles per block
 
 // 16 bytes of a row at column `col`, or zeros when the row or the piece is outside the matrix.
 __device__ __forceinline__ uint4 mm_ld16(const bf16_t* __restrict__ base, int row, int rows, int col, int K) {
@@ -39,20 +43,20 @@ __device__ __forceinline__ uint4 mm_ld16(const bf16_t* __restrict__ base, int ro
     return make_uint4(0u, 0u, 0u, 0u);
 }
 
-// One chunk's operands: W columns for MM_NT n-tiles and x columns for MT m-tiles × 2 rows, each
+// One chunk's operands: W columns for NT n-tiles and x columns for MT m-tiles × 2 rows, each
 // 32 bytes (8 u32) per lane.
-template <int MT>
+template <int MT, int NT>
 struct MmChunk {
-    u32 w[MM_NT][8];
+    u32 w[NT][8];
     u32 x[MT][2][8];
 };
 
-template <int MT>
-__device__ __forceinline__ void mm_load(MmChunk<MT>& c, const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
+template <int MT, int NT>
+__device__ __forceinline__ void mm_load(MmChunk<MT, NT>& c, const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
                                         int M, int N, int K, int n0, int k0, int g, int t) {
     const int col = k0 + 16 * t;
     #pragma unroll
-    for (int j = 0; j < MM_NT; ++j) {
+    for (int j = 0; j < NT; ++j) {
         const int n = n0 + 8 * j + g;
         const uint4 a = mm_ld16(w, n, N, col, K), b = mm_ld16(w, n, N, col + 8, K);
         c.w[j][0] = a.x; c.w[j][1] = a.y; c.w[j][2] = a.z; c.w[j][3] = a.w;
@@ -70,43 +74,43 @@ __device__ __forceinline__ void mm_load(MmChunk<MT>& c, const bf16_t* __restrict
     }
 }
 
-template <int MT>
-__device__ __forceinline__ void mm_compute(float (*acc)[MM_NT][4], const MmChunk<MT>& c) {
+template <int MT, int NT>
+__device__ __forceinline__ void mm_compute(float (*acc)[NT][4], const MmChunk<MT, NT>& c) {
     #pragma unroll
     for (int s = 0; s < 4; ++s) {
         #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
             const u32 a[4] = {c.x[mt][0][2 * s], c.x[mt][1][2 * s], c.x[mt][0][2 * s + 1], c.x[mt][1][2 * s + 1]};
             #pragma unroll
-            for (int j = 0; j < MM_NT; ++j) mma_bf16_16816(acc[mt][j], a, c.w[j][2 * s], c.w[j][2 * s + 1]);
+            for (int j = 0; j < NT; ++j) mma_bf16_16816(acc[mt][j], a, c.w[j][2 * s], c.w[j][2 * s + 1]);
         }
     }
 }
 
-template <int MT>
+template <int MT, int NT>
 __device__ void matmul_few_rows(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, bf16_t* __restrict__ y,
                                 int M, int N, int K) {
-    // Partial sums of every warp: [warp][row (MT·16)][column (MM_NT·8)].
-    __shared__ float part[MM_WARPS][MT * 16][MM_NT * 8];
+    // Partial sums of every warp: [warp][row (MT·16)][column (NT·8)].
+    __shared__ float part[MM_WARPS][MT * 16][NT * 8];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * (MM_NT * 8);
+    const int n0 = blockIdx.x * (NT * 8);
     const int chunks = (K + 63) / 64;
 
-    float acc[MT][MM_NT][4];
+    float acc[MT][NT][4];
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int j = 0; j < MM_NT; ++j)
+        for (int j = 0; j < NT; ++j)
             #pragma unroll
             for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.0f;
 
-    MmChunk<MT> cur, next;
+    MmChunk<MT, NT> cur, next;
     int c = warp;
-    if (c < chunks) mm_load<MT>(cur, x, w, M, N, K, n0, 64 * c, g, t);
+    if (c < chunks) mm_load<MT, NT>(cur, x, w, M, N, K, n0, 64 * c, g, t);
     while (c < chunks) {
         const int cn = c + MM_WARPS;
-        if (cn < chunks) mm_load<MT>(next, x, w, M, N, K, n0, 64 * cn, g, t);
-        mm_compute<MT>(acc, cur);
+        if (cn < chunks) mm_load<MT, NT>(next, x, w, M, N, K, n0, 64 * cn, g, t);
+        mm_compute<MT, NT>(acc, cur);
         if (cn < chunks) cur = next;
         c = cn;
     }
@@ -114,12 +118,12 @@ __device__ void matmul_few_rows(const bf16_t* __restrict__ x, const bf16_t* __re
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int j = 0; j < MM_NT; ++j)
+        for (int j = 0; j < NT; ++j)
             #pragma unroll
             for (int i = 0; i < 4; ++i) part[warp][16 * mt + g + 8 * (i >> 1)][8 * j + 2 * t + (i & 1)] = acc[mt][j][i];
     __syncthreads();
-    for (int e = threadIdx.x; e < MT * 16 * MM_NT * 8; e += blockDim.x) {
-        const int r = e / (MM_NT * 8), col = e % (MM_NT * 8), n = n0 + col;
+    for (int e = threadIdx.x; e < MT * 16 * NT * 8; e += blockDim.x) {
+        const int r = e / (NT * 8), col = e % (NT * 8), n = n0 + col;
         if (r >= M || n >= N) continue;
         float sum = 0.0f;
         #pragma unroll
@@ -128,12 +132,20 @@ __device__ void matmul_few_rows(const bf16_t* __restrict__ x, const bf16_t* __re
     }
 }
 
-#define MATMUL_FEW_ROWS(MT)                                                                               \
+// matmul_few_rows_bf16_m<MT>_n<NT>: MT 16-row m-tiles (M ≤ 16·MT), NT n-tiles per block; NT = 4
+// only up to MT = 2 (its double-buffered fragments and accumulators would spill at MT 3-4).
+#define MATMUL_FEW_ROWS(MT, NT)                                                                           \
     extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)                                           \
-        matmul_few_rows_bf16_m##MT(const bf16_t* x, const bf16_t* w, bf16_t* y, int M, int N, int K) {    \
-        matmul_few_rows<MT>(x, w, y, M, N, K);                                                            \
+        matmul_few_rows_bf16_m##MT##_n##NT(const bf16_t* x, const bf16_t* w, bf16_t* y, int M, int N, int K) { \
+        matmul_few_rows<MT, NT>(x, w, y, M, N, K);                                                        \
     }
-MATMUL_FEW_ROWS(1)
-MATMUL_FEW_ROWS(2)
-MATMUL_FEW_ROWS(3)
-MATMUL_FEW_ROWS(4)
+MATMUL_FEW_ROWS(1, 1)
+MATMUL_FEW_ROWS(2, 1)
+MATMUL_FEW_ROWS(3, 1)
+MATMUL_FEW_ROWS(4, 1)
+MATMUL_FEW_ROWS(1, 2)
+MATMUL_FEW_ROWS(2, 2)
+MATMUL_FEW_ROWS(3, 2)
+MATMUL_FEW_ROWS(4, 2)
+MATMUL_FEW_ROWS(1, 4)
+MATMUL_FEW_ROWS(2, 4)

@@ -322,7 +322,8 @@ mod cuda {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        let cfg = LaunchCfg { grid: (n.div_ceil(16) as u32, 1, 1), block: (256, 1, 1), smem: 0 };
+        let (mt, nt) = (m.div_ceil(16), few_rows_n_tiles(m, n));
+        let cfg = LaunchCfg { grid: (n.div_ceil(8 * nt) as u32, 1, 1), block: (256, 1, 1), smem: 0 };
         let args = [
             Arg::Ptr(a.cuda_ptr()?),
             Arg::Ptr(b.cuda_ptr()?),
@@ -331,7 +332,14 @@ mod cuda {
             Arg::I32(n as i32),
             Arg::I32(k as i32),
         ];
-        launch(ord, &SRC, &format!("matmul_few_rows_bf16_m{}", m.div_ceil(16)), cfg, &args)
+        launch(ord, &SRC, &format!("matmul_few_rows_bf16_m{mt}_n{nt}"), cfg, &args)
+    }
+
+    /// 8-column n-tiles per block: the most (4 up to 32 rows, else 2) that still leave two blocks
+    /// per SM of a 132-SM GPU, at least 1.
+    pub(super) fn few_rows_n_tiles(m: usize, n: usize) -> usize {
+        let most = if m <= 32 { 4 } else { 2 };
+        [4, 2, 1].into_iter().find(|&nt| nt <= most && n.div_ceil(8 * nt) >= 264).unwrap_or(1)
     }
 }
 
@@ -557,8 +565,23 @@ mod tests {
         let Some(dev) = test_cuda_device() else { return };
         let Device::Cuda(ord) = dev else { return };
         let mut rng = Rng::new(17);
-        let shapes =
-            [(1, 16, 64), (7, 40, 200), (16, 13, 8), (17, 1000, 72), (32, 96, 896), (33, 24, 136), (64, 31, 520)];
+        // n-tiles per block: 4 at (1, 8500) and (32, 8450), 2 at (5, 5000) and (40, 4300)
+        // (33+ rows take at most 2), 1 elsewhere.
+        let shapes = [
+            (1, 16, 64),
+            (7, 40, 200),
+            (16, 13, 8),
+            (17, 1000, 72),
+            (32, 96, 896),
+            (33, 24, 136),
+            (64, 31, 520),
+            (1, 8500, 16),
+            (32, 8450, 16),
+            (5, 5000, 8),
+            (40, 4300, 24),
+        ];
+        let tiles: Vec<usize> = shapes.iter().map(|&(m, n, _)| cuda::few_rows_n_tiles(m, n)).collect();
+        assert_eq!(tiles, [1, 1, 1, 1, 1, 1, 1, 4, 4, 2, 2]);
         for (m, n, k) in shapes {
             let x = t(&randn(&mut rng, m * k, 1.0), &[m, k]).to_dtype(DType::BF16).unwrap();
             let w = t(&randn(&mut rng, n * k, 1.0), &[n, k]).to_dtype(DType::BF16).unwrap();
