@@ -224,9 +224,10 @@ pub enum Flush {
     /// only 2 MiB of partial sums; CPU: a sum over 64 MiB). The caches end up holding clean
     /// lines, so the timed kernel's loads evict nothing that must be written back.
     Read,
-    /// Write a 64 MiB buffer (CUDA: a memset), as reports before 2026-11-29 did. The caches then
-    /// hold dirty lines, and the timed kernel pays for writing them back to memory as its own
-    /// loads evict them: up to ~50 MB of extra writes, as much as a 4k-token kernel moves.
+    /// Write a 64 MiB buffer (CUDA: a memset), as every report through the 2026-11-28 GPU visit
+    /// did. The caches then hold dirty lines, and the timed kernel pays for writing them back to
+    /// memory as its own loads evict them: up to ~50 MB of extra writes, as much as a 4k-token
+    /// kernel moves.
     Write,
 }
 
