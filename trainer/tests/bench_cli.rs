@@ -113,6 +113,10 @@ fn bench_generate_tiny_and_bad_flags() {
         "full_batch_total_ms",
         "first_run_total_ms",
         "unshared_prefill_ms",
+        "decode_bound_bytes",
+        "copy_gb_s",
+        "decode_bound_ms",
+        "decode_pct_of_bound",
     ] {
         positive(&v, k);
     }

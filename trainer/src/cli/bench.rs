@@ -484,86 +484,102 @@ struct Ceilings {
     matmul_desc: String,
 }
 
-fn cpu_ceilings(quick: bool) -> Result<Ceilings> {
-    let mut timer = Timer::new(Device::Cpu)?;
-    let bytes = if quick { 128 << 20 } else { 512 << 20 };
-    let src: Vec<u8> = (0..bytes).map(|i| (i * 7 + 3) as u8).collect();
-    let mut dst = vec![0u8; bytes];
-    let threads = smelt_engine::cpu::num_threads();
-    let chunk = bytes.div_ceil(threads * 4).max(1 << 16);
-    let budget = Budget { warmup_s: 0.0, min_runs: 5, max_runs: 10, seconds: 0.5 };
-    let t = measure(
-        &mut timer,
-        &mut || {
-            smelt_engine::cpu::pool().install(|| {
-                dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s))
-            });
-            std::hint::black_box(&dst);
-            Ok(())
-        },
-        None,
-        budget,
-    )?;
-    let copy_gb_s = 2.0 * bytes as f64 / t.median_s / 1e9;
-    drop((src, dst));
-    let n = if quick { 1024 } else { 2048 };
-    let a = rand_vec(n * n, 0.0, 1.0, 1);
-    let b = rand_vec(n * n, 0.0, 1.0, 2);
-    let mut c = vec![0f32; n * n];
-    let t = measure(
-        &mut timer,
-        &mut || Ok(smelt_engine::cpu::matmul_f32(&a, &b, &mut c, n, n, n, false, false, false)?),
-        None,
-        budget,
-    )?;
-    let matmul_tflop_s = 2.0 * (n as f64).powi(3) / t.median_s / 1e12;
-    Ok(Ceilings {
-        copy_gb_s,
-        copy_desc: format!("parallel memcpy of {} (read + write counted)", gib(bytes as f64)),
-        matmul_tflop_s,
-        matmul_desc: format!("gemm crate f32 matmul {n}x{n}x{n}, {threads} threads"),
-    })
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_ceilings(device: Device, quick: bool) -> Result<Ceilings> {
-    use smelt_engine::cuda::Gemm;
-    let Device::Cuda(i) = device else { bail!("cuda_ceilings on {device}") };
-    let d = smelt_engine::cuda::device(i)?;
+/// The copy ceiling: a large parallel memcpy on CPU, a device-to-device copy on CUDA (GB/s,
+/// bytes read + written), and how it was measured.
+fn copy_ceiling(device: Device, quick: bool) -> Result<(f64, String)> {
     let mut timer = Timer::new(device)?;
-    let budget = Budget { warmup_s: 0.05, min_runs: 10, max_runs: 50, seconds: 0.5 };
-    let bytes: usize = if quick { 256 << 20 } else { 1 << 30 };
-    // Random contents: never time on zeros.
-    let src = rand_tensor(&[bytes / 2], DType::BF16, device, 0.0, 1.0, 3)?;
-    let dst = Tensor::empty(&[bytes / 2], DType::BF16, device)?;
-    let (sp, dp) = (src.cuda_ptr()?, dst.cuda_ptr()?);
-    let t = measure(&mut timer, &mut || Ok(d.dtod(sp, dp, bytes)?), None, budget)?;
-    let copy_gb_s = 2.0 * bytes as f64 / t.median_s / 1e9;
-    drop((src, dst));
-    let n = if quick { 4096 } else { 8192 };
-    let a = rand_tensor(&[n, n], DType::BF16, device, 0.0, 1.0, 4)?;
-    let b = rand_tensor(&[n, n], DType::BF16, device, 0.0, 1.0, 5)?;
-    let c = Tensor::empty(&[n, n], DType::BF16, device)?;
-    let g = Gemm::new(n, n, n, DType::BF16, DType::BF16).trans(false, true);
-    let (ap, bp, cp) = (a.cuda_ptr()?, b.cuda_ptr()?, c.cuda_ptr()?);
-    let t = measure(&mut timer, &mut || Ok(d.gemm(&g, ap, bp, cp)?), None, budget)?;
-    let matmul_tflop_s = 2.0 * (n as f64).powi(3) / t.median_s / 1e12;
-    Ok(Ceilings {
-        copy_gb_s,
-        copy_desc: format!("device-to-device copy of {} (read + write counted)", gib(bytes as f64)),
-        matmul_tflop_s,
-        matmul_desc: format!("cuBLAS bf16 matmul {n}x{n}x{n} (x·Wᵀ), fp32 accumulation"),
-    })
-}
-
-fn ceilings(device: Device, quick: bool) -> Result<Ceilings> {
     match device {
-        Device::Cpu => cpu_ceilings(quick),
+        Device::Cpu => {
+            let bytes = if quick { 128 << 20 } else { 512 << 20 };
+            let src: Vec<u8> = (0..bytes).map(|i| (i * 7 + 3) as u8).collect();
+            let mut dst = vec![0u8; bytes];
+            let threads = smelt_engine::cpu::num_threads();
+            let chunk = bytes.div_ceil(threads * 4).max(1 << 16);
+            let budget = Budget { warmup_s: 0.0, min_runs: 5, max_runs: 10, seconds: 0.5 };
+            let t = measure(
+                &mut timer,
+                &mut || {
+                    smelt_engine::cpu::pool().install(|| {
+                        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s))
+                    });
+                    std::hint::black_box(&dst);
+                    Ok(())
+                },
+                None,
+                budget,
+            )?;
+            Ok((
+                2.0 * bytes as f64 / t.median_s / 1e9,
+                format!("parallel memcpy of {} (read + write counted)", gib(bytes as f64)),
+            ))
+        }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda_ceilings(device, quick),
+        Device::Cuda(i) => {
+            let d = smelt_engine::cuda::device(i)?;
+            let budget = Budget { warmup_s: 0.05, min_runs: 10, max_runs: 50, seconds: 0.5 };
+            let bytes: usize = if quick { 256 << 20 } else { 1 << 30 };
+            // Random contents: never time on zeros.
+            let src = rand_tensor(&[bytes / 2], DType::BF16, device, 0.0, 1.0, 3)?;
+            let dst = Tensor::empty(&[bytes / 2], DType::BF16, device)?;
+            let (sp, dp) = (src.cuda_ptr()?, dst.cuda_ptr()?);
+            let t = measure(&mut timer, &mut || Ok(d.dtod(sp, dp, bytes)?), None, budget)?;
+            let desc = format!("device-to-device copy of {} (read + write counted)", gib(bytes as f64));
+            Ok((2.0 * bytes as f64 / t.median_s / 1e9, desc))
+        }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => bail!("built without CUDA"),
     }
+}
+
+/// The matmul ceiling: the gemm crate's f32 matmul on CPU, a bf16 cuBLAS matmul on CUDA
+/// (TFLOP/s), and how it was measured.
+fn matmul_ceiling(device: Device, quick: bool) -> Result<(f64, String)> {
+    let mut timer = Timer::new(device)?;
+    match device {
+        Device::Cpu => {
+            let budget = Budget { warmup_s: 0.0, min_runs: 5, max_runs: 10, seconds: 0.5 };
+            let n = if quick { 1024 } else { 2048 };
+            let a = rand_vec(n * n, 0.0, 1.0, 1);
+            let b = rand_vec(n * n, 0.0, 1.0, 2);
+            let mut c = vec![0f32; n * n];
+            let t = measure(
+                &mut timer,
+                &mut || Ok(smelt_engine::cpu::matmul_f32(&a, &b, &mut c, n, n, n, false, false, false)?),
+                None,
+                budget,
+            )?;
+            let threads = smelt_engine::cpu::num_threads();
+            Ok((
+                2.0 * (n as f64).powi(3) / t.median_s / 1e12,
+                format!("gemm crate f32 matmul {n}x{n}x{n}, {threads} threads"),
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => {
+            use smelt_engine::cuda::Gemm;
+            let d = smelt_engine::cuda::device(i)?;
+            let budget = Budget { warmup_s: 0.05, min_runs: 10, max_runs: 50, seconds: 0.5 };
+            let n = if quick { 4096 } else { 8192 };
+            let a = rand_tensor(&[n, n], DType::BF16, device, 0.0, 1.0, 4)?;
+            let b = rand_tensor(&[n, n], DType::BF16, device, 0.0, 1.0, 5)?;
+            let c = Tensor::empty(&[n, n], DType::BF16, device)?;
+            let g = Gemm::new(n, n, n, DType::BF16, DType::BF16).trans(false, true);
+            let (ap, bp, cp) = (a.cuda_ptr()?, b.cuda_ptr()?, c.cuda_ptr()?);
+            let t = measure(&mut timer, &mut || Ok(d.gemm(&g, ap, bp, cp)?), None, budget)?;
+            Ok((
+                2.0 * (n as f64).powi(3) / t.median_s / 1e12,
+                format!("cuBLAS bf16 matmul {n}x{n}x{n} (x·Wᵀ), fp32 accumulation"),
+            ))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => bail!("built without CUDA"),
+    }
+}
+
+fn ceilings(device: Device, quick: bool) -> Result<Ceilings> {
+    let (copy_gb_s, copy_desc) = copy_ceiling(device, quick)?;
+    let (matmul_tflop_s, matmul_desc) = matmul_ceiling(device, quick)?;
+    Ok(Ceilings { copy_gb_s, copy_desc, matmul_tflop_s, matmul_desc })
 }
 
 /// Sequence lengths of a packed batch of `t` tokens: sequences of up to 4096 tokens (the
@@ -1863,6 +1879,20 @@ pub struct GenerateArgs {
 /// without, every row is decoded until the longest sequence ends. With `graphs`, decode steps
 /// after the first run through CUDA graphs (captured by this generation), as `generate` does
 /// with graphs on. Returns (time to first token, total) s.
+/// Bytes a generation's decode steps must read at least: every weight once per step (the
+/// lm_head is the embedding table when tied; a separate table is read only by its rows, not
+/// counted), and each active row's K/V cache including the position it appends. Row i (of
+/// `lengths[i]` new tokens, the first from the prefill) decodes its steps 1..lengths[i], at
+/// step s with `prompt + s` cached positions.
+fn decode_bytes(c: &Config, dtype_bytes: usize, prompt: usize, lengths: &[usize]) -> f64 {
+    let untied_table = if c.tie_word_embeddings { 0 } else { c.vocab_size * c.hidden_size };
+    let weights = (c.num_parameters() - untied_table) as f64;
+    let steps = lengths.iter().max().map_or(0, |l| l.saturating_sub(1)) as f64;
+    let kv_per_position = (2 * c.kv_dim() * c.num_hidden_layers) as f64;
+    let positions: f64 = lengths.iter().map(|&l| (1..l).map(|s| (prompt + s) as f64).sum::<f64>()).sum();
+    (weights * steps + kv_per_position * positions) * dtype_bytes as f64
+}
+
 fn timed_generation(
     model: &Qwen,
     prompts: &[Vec<u32>],
@@ -2013,6 +2043,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
     } else {
         None
     };
+    // The decode's physical bound: the bytes its steps must read, at the copy bandwidth measured
+    // here (after the timed runs, so they ran on a device nothing else had touched).
+    let (copy_gb_s, copy_desc) = copy_ceiling(device, true)?;
+    let bound_bytes = decode_bytes(&c, dtype.size_in_bytes(), p, &lengths);
+    let bound_ms = bound_bytes / copy_gb_s / 1e6;
     let new_total: usize = lengths.iter().sum();
     let prefill_tps = (np * p) as f64 / f;
     let decode_tps = (new_total - b) as f64 / (t - f);
@@ -2039,6 +2074,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
             gtps / decode_tps
         );
     }
+    let pct_of_bound = |decode_s: f64| 100.0 * bound_ms / (decode_s * 1e3);
+    let graphs_pct = graphs.map(|(gf, gt)| pct_of_bound(gt - gf));
+    println!(
+        "  decode bound: {} of weights and K/V read over the {} decode steps, {bound_ms:.2} ms at the copy \
+         ceiling {copy_gb_s:.1} GB/s ({copy_desc}): eager at {:.1} %{}",
+        gib(bound_bytes),
+        lengths.iter().max().map_or(0, |l| l - 1),
+        pct_of_bound(t - f),
+        graphs_pct.map(|g| format!(", graphs at {g:.1} %")).unwrap_or_default()
+    );
     if let Some(full) = full_batch_ms {
         println!(
             "  every row decoded to the end: {full:.1} ms total ({:.1} new tokens/s); dropping finished rows: {:.2}× faster",
@@ -2075,6 +2120,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
     report["prefill_tokens_per_s"] = json!(prefill_tps);
     report["decode_tokens_per_s"] = json!(decode_tps);
     report["tokens_per_s"] = json!(tps);
+    report["decode_bound_bytes"] = json!(bound_bytes);
+    report["copy_gb_s"] = json!(copy_gb_s);
+    report["decode_bound_ms"] = json!(bound_ms);
+    report["decode_pct_of_bound"] = json!(pct_of_bound(t - f));
+    report["graphs_decode_pct_of_bound"] = json!(graphs_pct);
     report["peak_bytes"] = json!(peak);
     report["peak_bytes_source"] = json!(peak_src);
     report["profile"] = json!(profile);
@@ -2088,7 +2138,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
          batch = prompts × samples sequences; prefill tokens/s counts each prompt once (its samples \
          share it); unshared_prefill_ms = prefill alone of every sample's own copy of its prompt; \
          graphs_* = the same generations with decode steps after the first replayed from CUDA graphs \
-         (captures included), graphs_error when that path failed"
+         (captures included), graphs_error when that path failed; decode_bound_bytes = what the \
+         decode steps must read at least (every weight once per step, the lm_head included and a \
+         separate embedding table's rows not counted, plus each active row's K/V cache), \
+         decode_bound_ms = that over copy_gb_s (a device copy measured in the same run), \
+         decode_pct_of_bound = decode_bound_ms over the decode time (eager; graphs_ for graphs)"
     );
     write_json(&args.json, &report)
 }
@@ -2096,6 +2150,24 @@ fn generate(args: GenerateArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The decode bound counts every weight once per step (a tied table once, as the lm_head; an
+    /// untied table's rows not at all) and each row's cache positions at each of its steps.
+    #[test]
+    fn decode_bytes_counts_weights_per_step_and_each_rows_cache() {
+        let mut c = shape_config("tiny").expect("tiny");
+        assert!(c.tie_word_embeddings);
+        let kv = (2 * c.kv_dim() * c.num_hidden_layers) as f64;
+        // Two rows of 3 and 1 new tokens after a 5-token prompt: 2 decode steps, row 0 at 6 and
+        // 7 cached positions, row 1 none (its only token came from the prefill).
+        let want = (2.0 * c.num_parameters() as f64 + kv * 13.0) * 2.0;
+        assert_eq!(decode_bytes(&c, 2, 5, &[3, 1]), want);
+        let tied = decode_bytes(&c, 4, 5, &[3, 3]);
+        c.tie_word_embeddings = false;
+        // Untied: the lm_head is its own tensor, the table's rows are not counted: the same bytes.
+        assert_eq!(decode_bytes(&c, 4, 5, &[3, 3]), tied);
+        assert_eq!(decode_bytes(&c, 4, 5, &[1]), 0.0);
+    }
 
     /// The rows marked default are what an unforced call runs: per shape the newest version,
     /// the attention forward at d 64 on CUDA its v2, never the head's row-tile variant.
