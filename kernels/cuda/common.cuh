@@ -3,7 +3,8 @@
 //
 // Provides: bf16 as raw 16-bit values with round-to-nearest-even conversion (NaN kept quiet),
 // f16 conversions via the PTX cvt instruction, warp and block reductions, fixed-width integer
-// names, and the bf16 tensor-core mma (sm_80+) that attention and matmul share.
+// names, the bf16 tensor-core mma (sm_80+) that attention and matmul share, and silu (swiglu
+// and matmul's GLU epilogue).
 
 typedef unsigned short bf16_t;   // raw bfloat16 bits
 typedef unsigned short f16_t;    // raw IEEE half bits
@@ -225,3 +226,7 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, u32 b0, u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
 }
+
+// silu(g) = g / (1 + e^-g): the same formula as PyTorch's f32 silu (accurate expf, IEEE
+// division), for swiglu.cu and matmul.cu's GLU epilogue alike (their bits must agree).
+__device__ __forceinline__ float silu(float g) { return __fdiv_rn(g, 1.0f + expf(-g)); }

@@ -26,6 +26,12 @@
 // The 8 warps' partial sums meet in shared memory and are added in warp order (deterministic),
 // rounded to bf16 once.
 //
+// GLU form (matmul_few_rows_glu_*, for `matmul::linear_swiglu`): W = [gate; up] ([2N, K]), y =
+// silu(x·W_gateᵀ)·(x·W_upᵀ) [M, N]. A block's first NT/2 n-tiles read gate rows, the others the
+// matching up rows, so both products of an output column meet in its shared memory and the
+// SwiGLU runs in the epilogue, rounding as the GEMM and swiglu.cu would (the [M, 2N] product is
+// never stored, and a decode step has one launch fewer per layer).
+//
 // Requirements (the launcher checks, else cuBLAS): K % 8 == 0 (a 16-byte piece of a row is then
 // wholly inside or outside K; outside pieces are zeros in both operands), x, W 16-byte aligned,
 // y contiguous. Rows m ≥ M and n ≥ N load zeros and store nothing.
@@ -33,13 +39,15 @@
 // Versions (op "matmul"): v1 cuBLAS (every matmul; the default), v2 this kernel for
 // y = x·Wᵀ with M ≤ 64, bf16 — held back until measured against cuBLAS (`smelt bench kernels
 // --op matmul_decode` times both). ptxas (NVRTC 13.0, sm_80 and sm_90, no spills): registers
-// m1..m4 × n1: 94–96/100/144/178, × n2: 80/124/170/204, × n4: 124/172 (m1/m2).
+// m1..m4 × n1: 94–96/100/144/178, × n2: 80/124/170/204, × n4: 124/172 (m1/m2); the GLU forms
+// as their plain n2/n4 kernels.
 
 #define MM_WARPS 8
 
-// 16 bytes of a row at column `col`, or zeros when the row or the piece is outside the matrix.
-__device__ __forceinline__ uint4 mm_ld16(const bf16_t* __restrict__ base, int row, int rows, int col, int K) {
-    if (row < rows && col + 8 <= K) return *reinterpret_cast<const uint4*>(base + (u64)row * K + col);
+// 16 bytes of a row at column `col`, or zeros when the row (`in` false) or the piece is outside
+// the matrix.
+__device__ __forceinline__ uint4 mm_ld16(const bf16_t* __restrict__ base, int row, bool in, int col, int K) {
+    if (in && col + 8 <= K) return *reinterpret_cast<const uint4*>(base + (u64)row * K + col);
     return make_uint4(0u, 0u, 0u, 0u);
 }
 
@@ -51,14 +59,16 @@ struct MmChunk {
     u32 x[MT][2][8];
 };
 
-template <int MT, int NT>
+// GLU: n-tiles j < NT/2 take gate rows n0 + 8j + g of W, the others the matching up rows N + …
+// (W is [2N, K], gate rows then up rows; y has N columns).
+template <int MT, int NT, bool GLU>
 __device__ __forceinline__ void mm_load(MmChunk<MT, NT>& c, const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
                                         int M, int N, int K, int n0, int k0, int g, int t) {
     const int col = k0 + 16 * t;
     #pragma unroll
     for (int j = 0; j < NT; ++j) {
-        const int n = n0 + 8 * j + g;
-        const uint4 a = mm_ld16(w, n, N, col, K), b = mm_ld16(w, n, N, col + 8, K);
+        const int up = GLU && j >= NT / 2, n = n0 + 8 * (up ? j - NT / 2 : j) + g, row = up ? N + n : n;
+        const uint4 a = mm_ld16(w, row, n < N, col, K), b = mm_ld16(w, row, n < N, col + 8, K);
         c.w[j][0] = a.x; c.w[j][1] = a.y; c.w[j][2] = a.z; c.w[j][3] = a.w;
         c.w[j][4] = b.x; c.w[j][5] = b.y; c.w[j][6] = b.z; c.w[j][7] = b.w;
     }
@@ -67,7 +77,7 @@ __device__ __forceinline__ void mm_load(MmChunk<MT, NT>& c, const bf16_t* __rest
         #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int m = 16 * mt + 8 * h + g;
-            const uint4 a = mm_ld16(x, m, M, col, K), b = mm_ld16(x, m, M, col + 8, K);
+            const uint4 a = mm_ld16(x, m, m < M, col, K), b = mm_ld16(x, m, m < M, col + 8, K);
             c.x[mt][h][0] = a.x; c.x[mt][h][1] = a.y; c.x[mt][h][2] = a.z; c.x[mt][h][3] = a.w;
             c.x[mt][h][4] = b.x; c.x[mt][h][5] = b.y; c.x[mt][h][6] = b.z; c.x[mt][h][7] = b.w;
         }
@@ -87,13 +97,17 @@ __device__ __forceinline__ void mm_compute(float (*acc)[NT][4], const MmChunk<MT
     }
 }
 
-template <int MT, int NT>
+// GLU: y = silu(x·W_gateᵀ)·(x·W_upᵀ) with the bits of the GEMM followed by swiglu.cu (both
+// products rounded to bf16, silu rounded to bf16, the product rounded once more); a block owns
+// 4·NT output columns, its first NT/2 n-tiles the gate rows and the rest the up rows.
+template <int MT, int NT, bool GLU>
 __device__ void matmul_few_rows(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, bf16_t* __restrict__ y,
                                 int M, int N, int K) {
     // Partial sums of every warp: [warp][row (MT·16)][column (NT·8)].
     __shared__ float part[MM_WARPS][MT * 16][NT * 8];
+    constexpr int OUT = GLU ? NT * 4 : NT * 8;  // output columns per block
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * (NT * 8);
+    const int n0 = blockIdx.x * OUT;
     const int chunks = (K + 63) / 64;
 
     float acc[MT][NT][4];
@@ -106,10 +120,10 @@ __device__ void matmul_few_rows(const bf16_t* __restrict__ x, const bf16_t* __re
 
     MmChunk<MT, NT> cur, next;
     int c = warp;
-    if (c < chunks) mm_load<MT, NT>(cur, x, w, M, N, K, n0, 64 * c, g, t);
+    if (c < chunks) mm_load<MT, NT, GLU>(cur, x, w, M, N, K, n0, 64 * c, g, t);
     while (c < chunks) {
         const int cn = c + MM_WARPS;
-        if (cn < chunks) mm_load<MT, NT>(next, x, w, M, N, K, n0, 64 * cn, g, t);
+        if (cn < chunks) mm_load<MT, NT, GLU>(next, x, w, M, N, K, n0, 64 * cn, g, t);
         mm_compute<MT, NT>(acc, cur);
         if (cn < chunks) cur = next;
         c = cn;
@@ -122,22 +136,35 @@ __device__ void matmul_few_rows(const bf16_t* __restrict__ x, const bf16_t* __re
             #pragma unroll
             for (int i = 0; i < 4; ++i) part[warp][16 * mt + g + 8 * (i >> 1)][8 * j + 2 * t + (i & 1)] = acc[mt][j][i];
     __syncthreads();
-    for (int e = threadIdx.x; e < MT * 16 * NT * 8; e += blockDim.x) {
-        const int r = e / (NT * 8), col = e % (NT * 8), n = n0 + col;
+    for (int e = threadIdx.x; e < MT * 16 * OUT; e += blockDim.x) {
+        const int r = e / OUT, col = e % OUT, n = n0 + col;
         if (r >= M || n >= N) continue;
         float sum = 0.0f;
         #pragma unroll
         for (int v = 0; v < MM_WARPS; ++v) sum += part[v][r][col];
+        if constexpr (GLU) {
+            float up = 0.0f;
+            #pragma unroll
+            for (int v = 0; v < MM_WARPS; ++v) up += part[v][r][OUT + col];
+            const float gate = bf16_to_f32(f32_to_bf16(sum));
+            sum = __fmul_rn(round_to(silu(gate), y), bf16_to_f32(f32_to_bf16(up)));
+        }
         y[(u64)r * N + n] = f32_to_bf16(sum);
     }
 }
 
 // matmul_few_rows_bf16_m<MT>_n<NT>: MT 16-row m-tiles (M ≤ 16·MT), NT n-tiles per block; NT = 4
 // only up to MT = 2 (its double-buffered fragments and accumulators would spill at MT 3-4).
+// matmul_few_rows_glu_bf16_m<MT>_n<NT>: the GLU form, NT = 2 or 4 (half gate, half up).
 #define MATMUL_FEW_ROWS(MT, NT)                                                                           \
     extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)                                           \
         matmul_few_rows_bf16_m##MT##_n##NT(const bf16_t* x, const bf16_t* w, bf16_t* y, int M, int N, int K) { \
-        matmul_few_rows<MT, NT>(x, w, y, M, N, K);                                                        \
+        matmul_few_rows<MT, NT, false>(x, w, y, M, N, K);                                                 \
+    }
+#define MATMUL_FEW_ROWS_GLU(MT, NT)                                                                       \
+    extern "C" __global__ void __launch_bounds__(MM_WARPS * 32) matmul_few_rows_glu_bf16_m##MT##_n##NT(  \
+        const bf16_t* x, const bf16_t* w, bf16_t* y, int M, int N, int K) {                             \
+        matmul_few_rows<MT, NT, true>(x, w, y, M, N, K);                                                  \
     }
 MATMUL_FEW_ROWS(1, 1)
 MATMUL_FEW_ROWS(2, 1)
@@ -149,3 +176,9 @@ MATMUL_FEW_ROWS(3, 2)
 MATMUL_FEW_ROWS(4, 2)
 MATMUL_FEW_ROWS(1, 4)
 MATMUL_FEW_ROWS(2, 4)
+MATMUL_FEW_ROWS_GLU(1, 2)
+MATMUL_FEW_ROWS_GLU(2, 2)
+MATMUL_FEW_ROWS_GLU(3, 2)
+MATMUL_FEW_ROWS_GLU(4, 2)
+MATMUL_FEW_ROWS_GLU(1, 4)
+MATMUL_FEW_ROWS_GLU(2, 4)

@@ -14,8 +14,7 @@
 //   v2 16-byte vector loads, N elements per thread per step (default where aligned)
 
 
-// Same formula as PyTorch's f32 silu (accurate expf, IEEE division).
-__device__ __forceinline__ float silu(float g) { return __fdiv_rn(g, 1.0f + expf(-g)); }
+// silu (common.cuh): PyTorch's f32 formula, shared with matmul.cu's GLU epilogue.
 
 template <typename T, int N>
 __device__ __forceinline__ void swiglu_fwd(T* out, const T* gate, const T* up, u64 rows, u64 cols,

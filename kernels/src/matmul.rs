@@ -16,7 +16,8 @@
 //! v2 `matmul.cu`'s kernel for `y = x·Wᵀ` with at most 64 rows of x, bf16 (a decode step's
 //! linear layers, bound by reading W), held back until measured against cuBLAS: it runs when
 //! pinned (`versions::force`, `smelt bench kernels --op matmul_decode`) or under
-//! `SMELT_KERNEL_VERSIONS=matmul=2`.
+//! `SMELT_KERNEL_VERSIONS=matmul=2`. With v2, [`linear_swiglu`] (the MLP's `silu(gate)·up` from
+//! a fused `[gate; up]` weight) runs the SwiGLU in the kernel's epilogue.
 
 use smelt_engine::{bf16, f16, DType, Device, Error, Result, Tensor};
 
@@ -32,6 +33,33 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
 /// `y = x·Wᵀ` for a `Linear` weight `w` of shape `[out_features, in_features]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     matmul(x, w, false, true)
+}
+
+/// `silu(x·W_gateᵀ)·(x·W_upᵀ)` for a fused `[gate; up]` weight `w` `[2·I, K]` (gate rows, then
+/// up rows): the MLP's activation, `[.., I]` in x's dtype. It is `swiglu::swiglu_fused` of
+/// `linear(x, w)`, with the same bits; on CUDA when the few-rows kernel (matmul v2) takes the
+/// call, the SwiGLU runs in its epilogue, so the `[.., 2I]` product is never stored.
+pub fn linear_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let d = dims(x, w, false, true)?;
+    if d.n % 2 != 0 {
+        return Err(Error::shape(
+            "linear_swiglu",
+            format!("w {:?} must hold gate and up rows (an even count) for x {:?}", w.shape(), x.shape()),
+        ));
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(ord) = x.device() {
+        if d.m > 0 && cuda::uses_few_rows(x, w, false, true, x.dtype(), false, d.m, d.k)? {
+            let mut shape = d.out_shape.clone();
+            if let Some(last) = shape.last_mut() {
+                *last = d.n / 2;
+            }
+            let out = Tensor::empty(&shape, x.dtype(), x.device())?;
+            cuda::few_rows(ord, x, w, &out, d.m, d.n / 2, d.k, true)?;
+            return Ok(out);
+        }
+    }
+    crate::swiglu::swiglu_fused(&linear(x, w)?)
 }
 
 /// Writes `op(A)·op(B)` into `out` (or adds it to `out` when `accumulate`). `out` must have
@@ -269,7 +297,7 @@ mod cuda {
         b: &Tensor,
         ta: bool,
         tb: bool,
-        out: &Tensor,
+        out: DType,
         acc: bool,
         m: usize,
         k: usize,
@@ -281,7 +309,7 @@ mod cuda {
             && k % 8 == 0
             && k <= i32::MAX as usize - 128
             && b.dim(0) <= i32::MAX as usize
-            && [a.dtype(), b.dtype(), out.dtype()].iter().all(|&d| d == DType::BF16)
+            && [a.dtype(), b.dtype(), out].iter().all(|&d| d == DType::BF16)
             && a.cuda_ptr()? % 16 == 0
             && b.cuda_ptr()? % 16 == 0;
         Ok(if few_rows { &[1, 2] } else { &[1] })
@@ -305,14 +333,31 @@ mod cuda {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if crate::versions::pick_up_to("matmul", versions_for(a, b, ta, tb, out, acc, m, k)?, VERSION_LIMIT)? == 2 {
-            return few_rows(ord, a, b, out, m, n, k);
+        if uses_few_rows(a, b, ta, tb, out.dtype(), acc, m, k)? {
+            return few_rows(ord, a, b, out, m, n, k, false);
         }
         let (pa, pb, pc) = (a.cuda_ptr()?, b.cuda_ptr()?, out.cuda_ptr()?);
         dev.gemm(&g, pa, pb, pc)
     }
 
-    /// `out = a·bᵀ` by `matmul.cu`'s few-rows kernel, for a call [`versions_for`] lets it take.
+    /// Whether this call runs the few-rows kernel (v2): it can, and the version picked is 2.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn uses_few_rows(
+        a: &Tensor,
+        b: &Tensor,
+        ta: bool,
+        tb: bool,
+        out: DType,
+        acc: bool,
+        m: usize,
+        k: usize,
+    ) -> Result<bool> {
+        Ok(crate::versions::pick_up_to("matmul", versions_for(a, b, ta, tb, out, acc, m, k)?, VERSION_LIMIT)? == 2)
+    }
+
+    /// `out = a·bᵀ` by `matmul.cu`'s few-rows kernel, for a call [`versions_for`] lets it take;
+    /// with `glu`, `out = swiglu(a·bᵀ)` (`b` holds `2n` rows, gate then up).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn few_rows(
         ord: usize,
         a: &Tensor,
@@ -321,9 +366,11 @@ mod cuda {
         m: usize,
         n: usize,
         k: usize,
+        glu: bool,
     ) -> Result<()> {
-        let (mt, nt) = (m.div_ceil(16), few_rows_n_tiles(m, n));
-        let cfg = LaunchCfg { grid: (n.div_ceil(8 * nt) as u32, 1, 1), block: (256, 1, 1), smem: 0 };
+        let (mt, nt) = (m.div_ceil(16), few_rows_n_tiles(m, n, glu));
+        let per_block = if glu { 4 * nt } else { 8 * nt };
+        let cfg = LaunchCfg { grid: (n.div_ceil(per_block) as u32, 1, 1), block: (256, 1, 1), smem: 0 };
         let args = [
             Arg::Ptr(a.cuda_ptr()?),
             Arg::Ptr(b.cuda_ptr()?),
@@ -332,14 +379,17 @@ mod cuda {
             Arg::I32(n as i32),
             Arg::I32(k as i32),
         ];
-        launch(ord, &SRC, &format!("matmul_few_rows_bf16_m{mt}_n{nt}"), cfg, &args)
+        let glu_tag = if glu { "glu_" } else { "" };
+        launch(ord, &SRC, &format!("matmul_few_rows_{glu_tag}bf16_m{mt}_n{nt}"), cfg, &args)
     }
 
     /// 8-column n-tiles per block: the most (4 up to 32 rows, else 2) that still leave two blocks
-    /// per SM of a 132-SM GPU, at least 1.
-    pub(super) fn few_rows_n_tiles(m: usize, n: usize) -> usize {
-        let most = if m <= 32 { 4 } else { 2 };
-        [4, 2, 1].into_iter().find(|&nt| nt <= most && n.div_ceil(8 * nt) >= 264).unwrap_or(1)
+    /// per SM of a 132-SM GPU, at least 1 (2 with `glu`: a gate and an up tile); `n` output
+    /// columns.
+    pub(super) fn few_rows_n_tiles(m: usize, n: usize, glu: bool) -> usize {
+        let (most, least) = (if m <= 32 { 4 } else { 2 }, if glu { 2 } else { 1 });
+        let cols = |nt: usize| if glu { 4 * nt } else { 8 * nt };
+        [4, 2, 1].into_iter().find(|&nt| nt <= most && nt >= least && n.div_ceil(cols(nt)) >= 264).unwrap_or(least)
     }
 }
 
@@ -580,7 +630,7 @@ mod tests {
             (5, 5000, 8),
             (40, 4300, 24),
         ];
-        let tiles: Vec<usize> = shapes.iter().map(|&(m, n, _)| cuda::few_rows_n_tiles(m, n)).collect();
+        let tiles: Vec<usize> = shapes.iter().map(|&(m, n, _)| cuda::few_rows_n_tiles(m, n, false)).collect();
         assert_eq!(tiles, [1, 1, 1, 1, 1, 1, 1, 4, 4, 2, 2]);
         for (m, n, k) in shapes {
             let x = t(&randn(&mut rng, m * k, 1.0), &[m, k]).to_dtype(DType::BF16).unwrap();
@@ -590,27 +640,76 @@ mod tests {
             let want = to_f64(&c32.to_vec().unwrap());
             let (xd, wd) = (x.to_device(dev).unwrap(), w.to_device(dev).unwrap());
             let out = Tensor::full(f64::NAN, &[m, n], DType::BF16, dev).unwrap();
-            assert_eq!(cuda::versions_for(&xd, &wd, false, true, &out, false, m, k).unwrap(), &[1, 2]);
-            cuda::few_rows(ord, &xd, &wd, &out, m, n, k).unwrap();
+            assert_eq!(cuda::versions_for(&xd, &wd, false, true, DType::BF16, false, m, k).unwrap(), &[1, 2]);
+            cuda::few_rows(ord, &xd, &wd, &out, m, n, k, false).unwrap();
             let tol = 1e-5 * (k as f64).sqrt();
             assert_close(&out.to_vec_f32().unwrap(), &want, tol, DType::BF16.epsilon(), &format!("v2 m{m} n{n} k{k}"));
         }
-        // What it cannot take: 65 rows, K not a multiple of 8, f32, accumulation, x at an
-        // offset that is not 16-byte aligned.
+        // What it cannot take: 65 rows, K not a multiple of 8, f32 out or in, accumulation, x at
+        // an offset that is not 16-byte aligned.
         let z = |shape: &[usize], dt| Tensor::zeros(shape, dt, dev).unwrap();
-        let (w, out) = (z(&[16, 64], DType::BF16), z(&[65, 16], DType::BF16));
+        let w = z(&[16, 64], DType::BF16);
         let only_cublas: &[u32] = &[1];
-        let vf = |x: &Tensor, w: &Tensor, out: &Tensor, acc, m, k| {
-            cuda::versions_for(x, w, false, true, out, acc, m, k).unwrap()
-        };
-        assert_eq!(vf(&z(&[65, 64], DType::BF16), &w, &out, false, 65, 64), only_cublas);
-        assert_eq!(vf(&z(&[2, 12], DType::BF16), &z(&[16, 12], DType::BF16), &out, false, 2, 12), only_cublas);
-        assert_eq!(
-            vf(&z(&[2, 64], DType::F32), &z(&[16, 64], DType::F32), &z(&[2, 16], DType::F32), false, 2, 64),
-            only_cublas
-        );
-        assert_eq!(vf(&z(&[2, 64], DType::BF16), &w, &out, true, 2, 64), only_cublas);
+        let vf =
+            |x: &Tensor, w: &Tensor, out, acc, m, k| cuda::versions_for(x, w, false, true, out, acc, m, k).unwrap();
+        assert_eq!(vf(&z(&[65, 64], DType::BF16), &w, DType::BF16, false, 65, 64), only_cublas);
+        assert_eq!(vf(&z(&[2, 12], DType::BF16), &z(&[16, 12], DType::BF16), DType::BF16, false, 2, 12), only_cublas);
+        assert_eq!(vf(&z(&[2, 64], DType::BF16), &w, DType::F32, false, 2, 64), only_cublas);
+        assert_eq!(vf(&z(&[2, 64], DType::F32), &z(&[16, 64], DType::F32), DType::F32, false, 2, 64), only_cublas);
+        assert_eq!(vf(&z(&[2, 64], DType::BF16), &w, DType::BF16, true, 2, 64), only_cublas);
         let shifted = z(&[3 * 64 + 1], DType::BF16).narrow_rows(1, 3 * 64).unwrap().reshape(&[3, 64]).unwrap();
-        assert_eq!(vf(&shifted, &w, &out, false, 3, 64), only_cublas);
+        assert_eq!(vf(&shifted, &w, DType::BF16, false, 3, 64), only_cublas);
+    }
+
+    /// `linear_swiglu` is `swiglu_fused ∘ linear`, bit for bit, and refuses an odd row count.
+    #[test]
+    fn linear_swiglu_is_swiglu_of_linear() {
+        let mut rng = Rng::new(18);
+        for dt in [DType::F32, DType::BF16] {
+            let x = t(&randn(&mut rng, 3 * 2 * 24, 1.0), &[3, 2, 24]).to_dtype(dt).unwrap();
+            let w = t(&randn(&mut rng, 2 * 10 * 24, 1.0), &[20, 24]).to_dtype(dt).unwrap();
+            let got = linear_swiglu(&x, &w).unwrap();
+            assert_eq!(got.shape(), &[3, 2, 10]);
+            let want = crate::swiglu::swiglu_fused(&linear(&x, &w).unwrap()).unwrap();
+            assert_eq!(got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap(), "{dt}");
+        }
+        let x = t(&randn(&mut rng, 24, 1.0), &[1, 24]);
+        let e = linear_swiglu(&x, &t(&randn(&mut rng, 9 * 24, 1.0), &[9, 24])).unwrap_err().to_string();
+        assert!(e.contains("linear_swiglu") && e.contains("[9, 24]"), "{e}");
+    }
+
+    /// The few-rows kernel's GLU form gives the bits of its plain form followed by
+    /// `swiglu_fused` on the device (so the epilogue rounds as the two ops do), at m-tile and
+    /// n-tile edges, 2 and 4 n-tiles per block, and a ragged I.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn few_rows_glu_device_is_gemm_then_swiglu() {
+        let Some(dev) = test_cuda_device() else { return };
+        let Device::Cuda(ord) = dev else { return };
+        let mut rng = Rng::new(19);
+        // (m, I, k): 2 n-tiles per block except (3, 4300, 16) and (32, 4400, 8), which take 4.
+        let shapes = [
+            (1, 8, 64),
+            (5, 37, 136),
+            (16, 100, 8),
+            (17, 64, 200),
+            (33, 50, 72),
+            (64, 29, 520),
+            (3, 4300, 16),
+            (32, 4400, 8),
+        ];
+        let tiles: Vec<usize> = shapes.iter().map(|&(m, i, _)| cuda::few_rows_n_tiles(m, i, true)).collect();
+        assert_eq!(tiles, [2, 2, 2, 2, 2, 2, 4, 4]);
+        for (m, i, k) in shapes {
+            let x = t(&randn(&mut rng, m * k, 1.0), &[m, k]).to_dtype(DType::BF16).unwrap().to_device(dev).unwrap();
+            let w =
+                t(&randn(&mut rng, 2 * i * k, 1.0), &[2 * i, k]).to_dtype(DType::BF16).unwrap().to_device(dev).unwrap();
+            let gate_up = Tensor::full(f64::NAN, &[m, 2 * i], DType::BF16, dev).unwrap();
+            cuda::few_rows(ord, &x, &w, &gate_up, m, 2 * i, k, false).unwrap();
+            let want = crate::swiglu::swiglu_fused(&gate_up).unwrap().to_vec_f32().unwrap();
+            let got = Tensor::full(f64::NAN, &[m, i], DType::BF16, dev).unwrap();
+            cuda::few_rows(ord, &x, &w, &got, m, i, k, true).unwrap();
+            assert_eq!(got.to_vec_f32().unwrap(), want, "glu m{m} i{i} k{k}");
+        }
     }
 }

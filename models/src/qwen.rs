@@ -468,7 +468,12 @@ impl Qwen {
         let o = attend(&q, &k, &v)?.reshape(&[x.dim(0), c.q_dim()])?;
         let o = linear(&o, &w.o_proj, w.o_bias.as_ref())?;
         let (x_mid, h2, _) = rmsnorm::add_rmsnorm(&x, &o, &w.post_attention_layernorm, eps)?;
-        let (_, act) = mlp_in(w, &h2)?;
+        // Nothing is kept for a backward: with fused weights, silu(gate)·up comes from one call
+        // (on CUDA at decode batch sizes, possibly the GEMM's epilogue; see matmul::linear_swiglu).
+        let act = match w.gate_up() {
+            Some(w_gate_up) => matmul::linear_swiglu(&h2, &w_gate_up)?,
+            None => mlp_in(w, &h2)?.1,
+        };
         Ok((x_mid, linear(&act, &w.down_proj, None)?))
     }
 

@@ -645,27 +645,35 @@ fn build_cases(op: &'static str, ks: &KShape, t: usize, device: Device, quick: b
             // few rows, so these are bound by reading the weights (GB/s; L2 flushed, as a step
             // streams ~1 GB of weights through it) unless the GEMM leaves SMs idle.
             let (q, kv) = (ks.heads * ks.head_dim, ks.kv_heads * ks.head_dim);
+            // gate|up as the model runs it: the product and its SwiGLU (`linear_swiglu`: v1 a
+            // cuBLAS GEMM then the swiglu kernel, v2 the SwiGLU in the kernel's epilogue).
             let weights = [
-                ("q|k|v", q + 2 * kv, h),
-                ("o", h, q),
-                ("gate|up", 2 * ks.inter, h),
-                ("down", h, ks.inter),
-                ("lm_head", ks.vocab, h),
+                ("q|k|v", q + 2 * kv, h, false),
+                ("o", h, q, false),
+                ("gate|up + swiglu", 2 * ks.inter, h, true),
+                ("down", h, ks.inter, false),
+                ("lm_head", ks.vocab, h, false),
             ];
             // CUDA: v1 cuBLAS, v2 matmul.cu's few-rows kernel (held back until measured).
             let b = decode_batch;
-            for (i, (name, n, k)) in weights.into_iter().enumerate() {
+            for (i, (name, n, k, glu)) in weights.into_iter().enumerate() {
                 let x = rt(&[b, k], 10 + i as u64)?;
                 let w = rand_tensor(&[n, k], dt, device, 0.0, 0.05, seed ^ (20 + i as u64))?;
+                let out_cols = if glu { n / 2 } else { n };
                 for &ver in versions_on(device, &[1, 2]) {
                     let (x, w) = (x.clone(), w.clone());
                     push(
                         format!("{} x[{b},{k}]·W[{n},{k}]ᵀ ({name})", ks.name),
                         ver,
-                        ((n * k) + b * k + b * n) as f64 * es,
+                        ((n * k) + b * k + b * out_cols) as f64 * es,
                         2.0 * (b * n * k) as f64,
                         Bound::Memory,
-                        Box::new(move || pinned("matmul", ver, || matmul::matmul(&x, &w, false, true))),
+                        Box::new(move || {
+                            pinned("matmul", ver, || match glu {
+                                true => matmul::linear_swiglu(&x, &w),
+                                false => matmul::matmul(&x, &w, false, true),
+                            })
+                        }),
                     );
                 }
             }
