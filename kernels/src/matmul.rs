@@ -604,6 +604,12 @@ mod tests {
         assert_close(&dwd.to_vec().unwrap(), &to_f64(&dw.to_vec().unwrap()), 1e-4, 1e-5, "dw device");
     }
 
+    /// A random normal bf16 tensor on the CPU.
+    #[cfg(feature = "cuda")]
+    fn rand_bf16(rng: &mut Rng, shape: &[usize]) -> Tensor {
+        t(&randn(rng, shape.iter().product(), 1.0), shape).to_dtype(DType::BF16).unwrap()
+    }
+
     /// v2, the few-rows kernel, against the CPU from the same bf16 inputs: row counts across 1–4
     /// m-tiles and their edges, N not a multiple of 16, K with a partial last 64-column chunk and
     /// K below one chunk; the output poisoned first. The kernel is called directly: pinning
@@ -633,8 +639,7 @@ mod tests {
         let tiles: Vec<usize> = shapes.iter().map(|&(m, n, _)| cuda::few_rows_n_tiles(m, n, false)).collect();
         assert_eq!(tiles, [1, 1, 1, 1, 1, 1, 1, 4, 4, 2, 2]);
         for (m, n, k) in shapes {
-            let x = t(&randn(&mut rng, m * k, 1.0), &[m, k]).to_dtype(DType::BF16).unwrap();
-            let w = t(&randn(&mut rng, n * k, 1.0), &[n, k]).to_dtype(DType::BF16).unwrap();
+            let (x, w) = (rand_bf16(&mut rng, &[m, k]), rand_bf16(&mut rng, &[n, k]));
             let c32 = Tensor::zeros(&[m, n], DType::F32, Device::Cpu).unwrap();
             matmul_into(&x, &w, false, true, &c32, false).unwrap();
             let want = to_f64(&c32.to_vec().unwrap());
@@ -701,9 +706,8 @@ mod tests {
         let tiles: Vec<usize> = shapes.iter().map(|&(m, i, _)| cuda::few_rows_n_tiles(m, i, true)).collect();
         assert_eq!(tiles, [2, 2, 2, 2, 2, 2, 4, 4]);
         for (m, i, k) in shapes {
-            let x = t(&randn(&mut rng, m * k, 1.0), &[m, k]).to_dtype(DType::BF16).unwrap().to_device(dev).unwrap();
-            let w =
-                t(&randn(&mut rng, 2 * i * k, 1.0), &[2 * i, k]).to_dtype(DType::BF16).unwrap().to_device(dev).unwrap();
+            let x = rand_bf16(&mut rng, &[m, k]).to_device(dev).unwrap();
+            let w = rand_bf16(&mut rng, &[2 * i, k]).to_device(dev).unwrap();
             let gate_up = Tensor::full(f64::NAN, &[m, 2 * i], DType::BF16, dev).unwrap();
             cuda::few_rows(ord, &x, &w, &gate_up, m, 2 * i, k, false).unwrap();
             let want = crate::swiglu::swiglu_fused(&gate_up).unwrap().to_vec_f32().unwrap();

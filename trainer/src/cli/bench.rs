@@ -244,17 +244,19 @@ impl Flush {
 /// or the wall clock on CPU; optionally evicting caches first.
 struct Timer {
     device: Device,
-    /// CPU: a 64 MiB buffer written or read before memory-bound runs.
+    /// CPU: a 64 MiB buffer written or read before memory-bound runs (allocated at the first flush).
     flush_cpu: Vec<u64>,
     #[cfg(feature = "cuda")]
-    cuda: Option<CudaFlush>,
+    cuda: Option<std::sync::Arc<smelt_engine::cuda::CudaDevice>>,
+    /// CUDA flush buffers, allocated at the first flush (ceilings never flush).
+    #[cfg(feature = "cuda")]
+    cuda_flush: Option<CudaFlush>,
 }
 
-/// The CUDA device and its flush buffers: `write` (64 MiB) for memsets, `read` (128 MiB f32,
-/// `[8192, 4096]`) whose column sums accumulate into `sums` (`[4096]` f32).
+/// CUDA flush buffers: `write` (64 MiB) for memsets, `read` (128 MiB f32, `[8192, 4096]`)
+/// whose column sums accumulate into `sums` (`[4096]` f32).
 #[cfg(feature = "cuda")]
 struct CudaFlush {
-    dev: std::sync::Arc<smelt_engine::cuda::CudaDevice>,
     write: Tensor,
     read: Tensor,
     sums: Tensor,
@@ -264,37 +266,44 @@ const FLUSH_BYTES: usize = 64 << 20;
 
 impl Timer {
     fn new(device: Device) -> Result<Timer> {
-        #[cfg(feature = "cuda")]
-        let cuda = match device {
-            Device::Cuda(i) => Some(CudaFlush {
-                dev: smelt_engine::cuda::device(i)?,
-                write: Tensor::empty(&[FLUSH_BYTES / 4], DType::U32, device)?,
-                read: Tensor::zeros(&[8192, 4096], DType::F32, device)?,
-                sums: Tensor::zeros(&[4096], DType::F32, device)?,
-            }),
-            Device::Cpu => None,
-        };
-        // Written once: a fresh zeroed allocation maps the kernel's one zero page, and reading
-        // it would flush nothing.
-        let flush_cpu = if device.is_cpu() { vec![1u64; FLUSH_BYTES / 8] } else { Vec::new() };
         Ok(Timer {
             device,
-            flush_cpu,
+            flush_cpu: Vec::new(),
             #[cfg(feature = "cuda")]
-            cuda,
+            cuda: match device {
+                Device::Cuda(i) => Some(smelt_engine::cuda::device(i)?),
+                Device::Cpu => None,
+            },
+            #[cfg(feature = "cuda")]
+            cuda_flush: None,
         })
     }
 
     fn flush(&mut self, how: Flush, k: u8) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if let Some(c) = &self.cuda {
+        if let Some(dev) = &self.cuda {
+            // The emulator would interpret 32 M additions: it has no cache to empty.
+            if how == Flush::Read && dev.is_emulated() {
+                return Ok(());
+            }
+            let c = match &mut self.cuda_flush {
+                Some(c) => c,
+                none => none.insert(CudaFlush {
+                    write: Tensor::empty(&[FLUSH_BYTES / 4], DType::U32, self.device)?,
+                    read: Tensor::zeros(&[8192, 4096], DType::F32, self.device)?,
+                    sums: Tensor::zeros(&[4096], DType::F32, self.device)?,
+                }),
+            };
             match how {
-                Flush::Write => c.dev.memset_zero(c.write.cuda_ptr()?, FLUSH_BYTES)?,
-                // The emulator would interpret 32 M additions: it has no cache to empty.
-                Flush::Read if c.dev.is_emulated() => {}
+                Flush::Write => dev.memset_zero(c.write.cuda_ptr()?, FLUSH_BYTES)?,
                 Flush::Read => add::bias_grad_into(&c.read, &c.sums)?,
             }
             return Ok(());
+        }
+        if self.flush_cpu.is_empty() {
+            // Written once: a fresh zeroed allocation maps the kernel's one zero page, and
+            // reading it would flush nothing.
+            self.flush_cpu = vec![1u64; FLUSH_BYTES / 8];
         }
         match how {
             Flush::Write => self.flush_cpu.fill(u64::from(k)),
@@ -314,7 +323,7 @@ impl Timer {
         }
         #[cfg(feature = "cuda")]
         // (The CUDA emulator has no events; it runs synchronously and is timed by the host clock.)
-        if let Some(d) = self.cuda.as_ref().map(|c| &c.dev).filter(|d| !d.is_emulated()) {
+        if let Some(d) = self.cuda.as_ref().filter(|d| !d.is_emulated()) {
             use cudarc::driver::sys::CUevent_flags;
             let (ctx, stream) = (d.context()?, d.stream()?);
             let ev = |what: &str| {
